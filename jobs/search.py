@@ -1,0 +1,6 @@
+"""`ray job submit --working-dir . -- python jobs/search.py --config <yaml>`; same as `mess-ray search`."""
+
+from _entry import run_verb
+
+if __name__ == "__main__":
+    run_verb("search")

@@ -1,0 +1,262 @@
+"""One typed configuration schema for every stage and job.
+
+A config is a YAML file validated by :class:`MessRayConfig`. Every job reads the same
+schema, so a single file describes a whole deployment (storage, audio framing, model,
+training, index and serving). Unknown keys are errors: a typo must not silently fall back
+to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_SOUNDFONT = "/usr/share/sounds/sf2/FluidR3_GM.sf2"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(_Section):
+    root: str = Field("./mess-ray-data", description="Local folder or s3://bucket/prefix (any fsspec URL).")
+    s3_endpoint_url: str | None = Field(None, description="Endpoint for S3-compatible stores (MinIO, moto...).")
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="Cluster address; None starts an embedded local Ray.")
+    num_cpus: int | None = Field(None, description="Logical CPUs of the embedded local Ray.")
+
+
+class AudioConfig(_Section):
+    sample_rate: int = Field(16000, ge=8000, le=192000)
+    window_s: float = Field(4.0, gt=0)
+    hop_s: float = Field(2.0, gt=0)
+    min_duration_s: float = Field(1.0, ge=0, description="Shorter recordings are rejected.")
+
+    @model_validator(mode="after")
+    def _hop_not_above_window(self) -> "AudioConfig":
+        if self.hop_s > self.window_s:
+            raise ValueError("audio.hop_s must not exceed audio.window_s (gaps would lose audio)")
+        return self
+
+
+class StyleSpec(_Section):
+    """An expressive profile applied to a score before synthesis (see mess_ray.render.expressive)."""
+
+    name: str
+    tempo_scale: float = Field(1.0, gt=0.1, le=4.0, description="Global tempo factor (>1 faster).")
+    rubato: float = Field(0.0, ge=0, le=1, description="Depth of phrase-arch tempo curves.")
+    tempo_jitter: float = Field(0.0, ge=0, le=0.5, description="Random-walk tempo deviation.")
+    velocity: int = Field(80, ge=1, le=127, description="Mean MIDI velocity.")
+    velocity_range: int = Field(10, ge=0, le=63, description="Spread of dynamics around the mean.")
+    dynamics_arc: Literal["flat", "crescendo", "diminuendo", "hairpin"] = "flat"
+    accent_every: int = Field(0, ge=0, description="Accent every n-th beat (0: none).")
+    articulation: float = Field(1.0, gt=0.05, le=2.0, description="Note length ratio: <1 staccato, >1 legato overlap.")
+    pedal: bool = False
+    program: int = Field(0, ge=0, le=127, description="General MIDI program (timbre).")
+    brightness: int = Field(64, ge=0, le=127, description="CC74 brightness.")
+    phrase_bars: int = Field(4, ge=1, le=32, description="Bars per phrase for the rubato arch.")
+    pedal_mode: Literal["bar", "harmony"] = Field("bar", description="Re-pedal at each bar or at bass changes.")
+
+    @model_validator(mode="after")
+    def _name_is_slug(self) -> "StyleSpec":
+        # The name becomes part of track ids and file names.
+        import re
+
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_\-]*", self.name) or "__" in self.name:
+            raise ValueError(f"style name {self.name!r} must be a lowercase slug ([a-z0-9_-], no '__')")
+        return self
+
+
+def default_styles() -> list[StyleSpec]:
+    return [
+        StyleSpec(name="romantic", tempo_scale=0.8, rubato=0.6, velocity=70, velocity_range=30,
+                  dynamics_arc="hairpin", articulation=1.2, pedal=True),
+        StyleSpec(name="baroque_crisp", tempo_scale=1.25, velocity=85, velocity_range=6,
+                  accent_every=4, articulation=0.45, brightness=100),
+        StyleSpec(name="soft_legato", tempo_scale=0.95, rubato=0.2, velocity=40, velocity_range=8,
+                  articulation=1.05, pedal=True, brightness=30),
+        StyleSpec(name="march_marcato", tempo_scale=1.1, velocity=110, velocity_range=12,
+                  dynamics_arc="crescendo", accent_every=2, articulation=0.7, program=1),
+    ]
+
+
+class RenderConfig(_Section):
+    source: Literal["music21", "midi_folder", "asap"] = "music21"
+    source_path: str | None = Field(None, description="Folder for midi_folder/asap sources.")
+    pieces: list[str] = Field(default_factory=list, description="music21 corpus paths; empty: the default list.")
+    num_pieces: int = Field(8, ge=1)
+    styles: list[StyleSpec] = Field(default_factory=default_styles)
+    max_duration_s: float = Field(24.0, gt=0)
+    soundfont: str = DEFAULT_SOUNDFONT
+    seed: int = 0
+    sample_rate: int = Field(22050, ge=8000, le=96000, description="Synthesis rate (ingest resamples later).")
+    channels: Literal[1, 2] = Field(1, description="WAV channels written (FluidSynth renders stereo).")
+    gain: float = Field(0.5, gt=0, lt=10, description="FluidSynth master gain.")
+    tail_s: float = Field(1.5, ge=0, description="Reverb/release kept after the last note-off at most.")
+    silence_db: float = Field(-60.0, lt=0, description="Level below which the trailing tail is cut.")
+    synth_timeout_s: float = Field(300.0, gt=0, description="Kill a FluidSynth run after this long.")
+
+
+class IngestConfig(_Section):
+    source: str | None = Field(None, description="Audio folder/URL or manifest; None: the latest render output.")
+    catalog: Literal["auto", "folder", "manifest", "render"] = "auto"
+    read_block_s: float = Field(30.0, gt=0, description="Seconds decoded per read: bounds memory per worker.")
+    max_files: int | None = None
+    incremental: bool = Field(True, description="Reuse segments of unchanged files from the previous version.")
+    cpus_per_task: float = Field(0.5, gt=0, le=1, description="Ray CPUs per decode task (<= 0.5 on 2 cores).")
+
+
+class ModelConfig(_Section):
+    size: Literal["tiny", "small", "base"] = "tiny"
+    pretrained: str | None = Field(None, description="Path or hub name of a checkpoint to start from.")
+    trust_remote_code: bool = Field(False, description="Explicit opt-in for checkpoints with custom code (MERT).")
+    embedding_dim: int = Field(128, ge=8)
+    pooling: Literal["mean", "attentive"] = "attentive"
+    seed: int = Field(0, description="Seed of randomly initialised encoders (the 'random' baseline).")
+    ssl_layer: int | None = Field(
+        None, description="Hidden state mean-pooled by 'pretrain'/'random' embedders (0 = conv features, "
+                          "-1 = last layer); None: the middle layer.")
+    inference_batch_size: int = Field(16, ge=1, description="Rows per forward pass in Embedder.embed.")
+
+
+class TrainConfig(_Section):
+    """Settings shared by pretraining and fine-tuning (both run on Ray Train)."""
+
+    run_name: str = "default"
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0)
+    steps: int = Field(20, ge=1)
+    batch_size: int = Field(8, ge=1, description="Per worker.")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    warmup_steps: int = Field(2, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    checkpoint_every: int = Field(10, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
+    seed: int = 0
+
+
+class PretrainConfig(TrainConfig):
+    run_name: str = "pretrain"
+    num_clusters: int = Field(32, ge=2, description="k-means codebook size for masked-prediction targets.")
+    kmeans_sample_frames: int = Field(20000, ge=100)
+    mask_prob: float = Field(0.65, gt=0, lt=1)
+    mask_length: int = Field(5, ge=1)
+    n_mels: int = Field(64, ge=8, description="Log-mel bands of the k-means target features.")
+    kmeans_iterations: int = Field(20, ge=1)
+
+
+class FinetuneConfig(TrainConfig):
+    run_name: str = "finetune"
+    lr: float = Field(3e-4, gt=0)
+    loss: Literal["infonce", "triplet"] = "infonce"
+    temperature: float = Field(0.1, gt=0)
+    learn_temperature: bool = False
+    margin: float = Field(0.2, gt=0)
+    freeze_encoder: bool = False
+    freeze_layers: int = Field(0, ge=0)
+    init_from: Literal["auto", "pretrain", "pretrained", "random"] = Field(
+        "auto", description="Encoder start: auto = latest pretrain artifact, else model.pretrained, else random.")
+
+
+class IndexConfig(_Section):
+    type: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
+    batch_size: int = Field(16, ge=1)
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(2, ge=1)
+    cpus_per_actor: float = Field(0.5, gt=0)
+    shards: int = Field(2, ge=1)
+    ivf_above: int = Field(100_000, ge=1, description="auto: IVF instead of exact search from this many vectors.")
+    ivfpq_above: int = Field(1_000_000, ge=1, description="ivf: IVF-PQ with exact re-ranking from this many vectors.")
+    nprobe: int = Field(16, ge=1, description="IVF lists probed per query.")
+    hnsw_m: int = Field(32, ge=4)
+    ef_search: int = Field(64, ge=1)
+
+
+class ServeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_upload_mb: float = Field(20.0, gt=0)
+    max_query_s: float = Field(30.0, gt=0)
+    default_k: int = Field(10, ge=1, le=1000)
+    num_replicas: int = Field(1, ge=1)
+    cpus_per_replica: float = Field(0.5, gt=0)
+    index_version: str | None = Field(None, description="Index version to serve; None: the latest.")
+
+
+class EvalConfig(_Section):
+    holdout_fraction: float = Field(0.34, gt=0, lt=1)
+    seed: int = 0
+    batch_size: int = Field(16, ge=1, description="Segments per embedding batch.")
+    ray_data_min_segments: int = Field(
+        256, ge=0, description="Embed with a Ray Data actor pool from this many held-out segments; fewer: driver-side.")
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(2, ge=1)
+    cpus_per_actor: float = Field(0.5, gt=0)
+    recall_ks: list[int] = Field(default_factory=lambda: [1, 10], description="k values of recall@k.")
+    ndcg_k: int = Field(10, ge=1)
+    triplet_margin: float = Field(0.2, ge=0)
+    max_plot_points: int = Field(2000, ge=10, description="Embeddings drawn in the PCA map (subsampled, seeded).")
+
+
+class MessRayConfig(_Section):
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    audio: AudioConfig = Field(default_factory=AudioConfig)
+    render: RenderConfig = Field(default_factory=RenderConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def digest(self) -> str:
+        """Short stable hash of the config, recorded in artifact manifests."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"cannot set {dotted!r}: {key!r} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> MessRayConfig:
+    """Read a YAML config (or the defaults) and apply ``key.sub=value`` overrides.
+
+    Override values are parsed as YAML, so ``train.steps=5`` gives an int and
+    ``storage.root=s3://b/p`` a string.
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a config must be a mapping of sections")
+        tree = loaded
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return MessRayConfig.model_validate(tree)
+
+
+def dump_config(cfg: MessRayConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

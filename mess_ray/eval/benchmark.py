@@ -1,0 +1,284 @@
+"""The style-retrieval benchmark on held-out pieces (``run_evaluate``).
+
+Protocol: every held-out segment with a known style and piece is a query; candidates are
+held-out segments of *other tracks*; a candidate is relevant when it has the query's style
+but comes from a different piece (so a system must match how music is played, not what is
+played); hard negatives are the same piece played in another style. Each model ref, the
+descriptor baseline and a random-init encoder embed the same segments; cosine similarity
+ranks candidates; :mod:`mess_ray.eval.metrics` scores the rankings.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mess_ray.config import MessRayConfig
+from mess_ray.eval import metrics
+from mess_ray.eval.descriptors import descriptor_embeddings
+from mess_ray.segments import METADATA_COLUMNS, decode_audio, fit_length, segments_dataset, split_pieces
+from mess_ray.storage import Storage, new_version
+
+log = logging.getLogger(__name__)
+
+DESCRIPTORS = "descriptors"
+RANDOM = "random"
+
+
+@dataclass
+class HeldOutSet:
+    """Held-out segments in segment_id order: metadata arrays plus fixed-length audio."""
+
+    segment_ids: np.ndarray      # int64 [N]
+    track_ids: np.ndarray        # object [N]
+    piece_ids: np.ndarray        # object [N]
+    styles: np.ndarray           # object [N]
+    audio: np.ndarray            # float32 [N, window_samples]
+    holdout_pieces: list[str]
+    train_pieces: list[str]
+    excluded: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.segment_ids.size)
+
+
+@dataclass
+class Protocol:
+    """The masks that define the benchmark over a held-out set ([N, N] booleans)."""
+
+    candidates: np.ndarray       # other track
+    relevant: np.ndarray         # candidate, same style, other piece
+    hard_negatives: np.ndarray   # candidate, same piece, other style
+    negatives: np.ndarray        # candidate, other style
+
+
+# -- pure functions -----------------------------------------------------------------------------
+def build_protocol(track_ids, piece_ids, styles) -> Protocol:
+    """Candidate / relevance / negative masks from per-segment labels."""
+    track_ids, piece_ids, styles = (np.asarray(x, dtype=object) for x in (track_ids, piece_ids, styles))
+    if not (track_ids.shape == piece_ids.shape == styles.shape) or track_ids.ndim != 1:
+        raise ValueError("track_ids, piece_ids and styles must be 1-D and of equal length")
+    same_track = track_ids[:, None] == track_ids[None, :]
+    same_piece = piece_ids[:, None] == piece_ids[None, :]
+    same_style = styles[:, None] == styles[None, :]
+    candidates = ~same_track
+    return Protocol(candidates=candidates,
+                    relevant=candidates & same_style & ~same_piece,
+                    hard_negatives=candidates & same_piece & ~same_style,
+                    negatives=candidates & ~same_style)
+
+
+def score_system(embeddings: np.ndarray, protocol: Protocol, recall_ks=(1, 10), ndcg_k: int = 10,
+                 margin: float = 0.2) -> tuple[dict[str, float], np.ndarray]:
+    """Every metric of one system, and its cosine similarity matrix."""
+    embeddings = np.asarray(embeddings, dtype=np.float64)
+    if embeddings.ndim != 2 or embeddings.shape[0] != protocol.candidates.shape[0]:
+        raise ValueError(f"embeddings shape {embeddings.shape} does not match "
+                         f"{protocol.candidates.shape[0]} segments")
+    if not np.all(np.isfinite(embeddings)):
+        raise ValueError("embeddings contain NaN or infinite values")
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    unit = embeddings / np.where(norms > 1e-12, norms, 1.0)
+    similarity = unit @ unit.T
+    summary = metrics.retrieval_summary(similarity, protocol.relevant, protocol.candidates,
+                                        recall_ks=recall_ks, ndcg_k=ndcg_k)
+    loss, accuracy, count = metrics.triplet_margin_loss(similarity, protocol.relevant,
+                                                        protocol.hard_negatives, margin=margin)
+    summary.update({
+        "cos_positive": metrics.mean_pair_similarity(similarity, protocol.relevant),
+        "cos_hard_negative": metrics.mean_pair_similarity(similarity, protocol.hard_negatives),
+        "cos_negative": metrics.mean_pair_similarity(similarity, protocol.negatives),
+        "triplet_loss": loss,
+        "triplet_accuracy": accuracy,
+        "triplets": count,
+    })
+    return summary, similarity
+
+
+def headline(system_metrics: dict[str, dict[str, float]], num_pieces: int) -> str:
+    """One line: mAP of every system side by side, with the chance level."""
+    parts = [f"{name} {m['map']:.2f}" for name, m in system_metrics.items()]
+    chance = next(iter(system_metrics.values()))["chance"] if system_metrics else float("nan")
+    return (f"style retrieval mAP on {num_pieces} held-out pieces: " + " vs ".join(parts)
+            + f" (chance {chance:.2f})")
+
+
+def system_order(model_refs: list[str]) -> list[str]:
+    """Model refs as given (deduplicated), then the descriptor baseline, then random."""
+    ordered: list[str] = []
+    for ref in [*model_refs, DESCRIPTORS, RANDOM]:
+        if not isinstance(ref, str) or not ref:
+            raise ValueError(f"model refs must be non-empty strings, got {ref!r}")
+        if ref not in ordered:
+            ordered.append(ref)
+    return ordered
+
+
+# -- data ---------------------------------------------------------------------------------------
+def load_held_out(cfg: MessRayConfig, storage: Storage, version: str) -> HeldOutSet:
+    """Held-out segments with a style and a piece, audio cropped/padded to the model window."""
+    dataset = segments_dataset(storage, version)
+    meta = dataset.to_table(columns=["piece_id", "style"])
+    if meta.num_rows == 0:
+        raise ValueError(f"ingest artifact {version} has no segments")
+    all_pieces = [p for p in pc.unique(meta["piece_id"]).to_pylist() if p]
+    if len(all_pieces) < 2:
+        raise ValueError(f"ingest artifact {version} has {len(all_pieces)} known piece(s); "
+                         "style retrieval across pieces needs at least 2")
+    train_pieces, holdout_pieces = split_pieces(all_pieces, cfg.eval.holdout_fraction, cfg.eval.seed)
+    is_holdout = pc.is_in(meta["piece_id"], value_set=pa.array(holdout_pieces, pa.string()))
+    excluded = {
+        "train_piece_segments": int(pc.sum(pc.and_(pc.invert(is_holdout),
+                                                   pc.not_equal(meta["piece_id"], ""))).as_py() or 0),
+        "unknown_piece_segments": int(pc.sum(pc.equal(meta["piece_id"], "")).as_py() or 0),
+        "unknown_style_segments": int(pc.sum(pc.and_(is_holdout, pc.equal(meta["style"], ""))).as_py() or 0),
+    }
+    # Read audio only for the rows that are evaluated (the filter is pushed into the scan).
+    row_filter = pc.field("piece_id").isin(holdout_pieces) & (pc.field("style") != "")
+    table = dataset.to_table(columns=[*METADATA_COLUMNS, "audio"], filter=row_filter).sort_by("segment_id")
+    if table.num_rows == 0:
+        raise ValueError(f"no held-out segment with a style label in ingest {version} "
+                         f"(held-out pieces: {holdout_pieces})")
+    rates = set(pc.unique(table["sample_rate"]).to_pylist())
+    if rates != {cfg.audio.sample_rate}:
+        raise ValueError(f"segments are at {sorted(rates)} Hz but audio.sample_rate is {cfg.audio.sample_rate}")
+    window = round(cfg.audio.window_s * cfg.audio.sample_rate)
+    audio = np.stack([fit_length(decode_audio(blob), window) for blob in table["audio"].to_pylist()])
+    return HeldOutSet(
+        segment_ids=np.asarray(table["segment_id"].to_numpy(), dtype=np.int64),
+        track_ids=np.asarray(table["track_id"].to_pylist(), dtype=object),
+        piece_ids=np.asarray(table["piece_id"].to_pylist(), dtype=object),
+        styles=np.asarray(table["style"].to_pylist(), dtype=object),
+        audio=audio.astype(np.float32, copy=False),
+        holdout_pieces=holdout_pieces, train_pieces=train_pieces, excluded=excluded)
+
+
+# -- embedding ----------------------------------------------------------------------------------
+class _EmbedActor:
+    """Ray Data actor: rebuilds the exact embedder described by ``info`` once, then embeds batches."""
+
+    def __init__(self, cfg_json: dict, storage_root: str, s3_endpoint_url: str | None, info: dict) -> None:
+        from mess_ray.config import MessRayConfig as _Config
+        from mess_ray.models import Embedder
+
+        cfg = _Config.model_validate(cfg_json)
+        self.embedder = Embedder.from_info(cfg, Storage(storage_root, s3_endpoint_url), info)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        audio = np.stack([np.asarray(a, dtype=np.float32) for a in batch["audio"]])
+        return {"segment_id": batch["segment_id"], "embedding": self.embedder.embed(audio)}
+
+
+def embed_with_ray(cfg: MessRayConfig, storage: Storage, info: dict, held_out: HeldOutSet) -> np.ndarray:
+    """Embed on a Ray Data actor pool; rows come back in segment_id order."""
+    import ray
+
+    from mess_ray.raylocal import ensure_ray
+
+    ensure_ray(cfg.ray)
+    source = ray.data.from_items([{"segment_id": int(s), "audio": a}
+                                  for s, a in zip(held_out.segment_ids, held_out.audio)])
+    embedded = source.map_batches(
+        _EmbedActor, fn_constructor_args=(cfg.model_dump(mode="json"), storage.root, storage.s3_endpoint_url, info),
+        batch_size=cfg.eval.batch_size, batch_format="numpy", num_cpus=cfg.eval.cpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.eval.min_actors, max_size=cfg.eval.max_actors))
+    rows = embedded.take_all()
+    by_id = {int(r["segment_id"]): np.asarray(r["embedding"], dtype=np.float32) for r in rows}
+    if len(by_id) != len(held_out):
+        raise RuntimeError(f"Ray Data returned {len(by_id)} embeddings for {len(held_out)} segments")
+    return np.stack([by_id[int(s)] for s in held_out.segment_ids])
+
+
+def embed_on_driver(embedder, held_out: HeldOutSet, batch_size: int) -> np.ndarray:
+    from tqdm.auto import tqdm
+
+    chunks = [embedder.embed(held_out.audio[i:i + batch_size])
+              for i in tqdm(range(0, len(held_out), batch_size), desc=f"embed {embedder.info.get('ref')}")]
+    return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def embed_system(cfg: MessRayConfig, storage: Storage, ref: str,
+                 held_out: HeldOutSet) -> tuple[np.ndarray, dict[str, Any]]:
+    """Embeddings [N, D] of one system and what produced them (raises FileNotFoundError when a
+    model artifact does not exist)."""
+    if ref == DESCRIPTORS:
+        return (descriptor_embeddings(list(held_out.audio), cfg.audio.sample_rate, progress=True),
+                {"ref": DESCRIPTORS, "kind": "descriptors"})
+    from mess_ray.models import Embedder
+
+    embedder = Embedder.from_ref(cfg, storage, ref)
+    if len(held_out) >= cfg.eval.ray_data_min_segments:
+        vectors = embed_with_ray(cfg, storage, embedder.info, held_out)
+    else:
+        vectors = embed_on_driver(embedder, held_out, cfg.eval.batch_size)
+    return vectors, dict(embedder.info)
+
+
+# -- entry point --------------------------------------------------------------------------------
+def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str]) -> dict:
+    """Benchmark ``model_refs`` plus the descriptor and random baselines; publish "eval"."""
+    from mess_ray.eval.report import SystemResult, write_report
+
+    if isinstance(model_refs, str):
+        raise ValueError("model_refs must be a list of refs, e.g. ['finetune', 'pretrain']")
+    systems = system_order(list(model_refs))
+    ingest_version = storage.require_latest("ingest")
+    held_out = load_held_out(cfg, storage, ingest_version)
+    protocol = build_protocol(held_out.track_ids, held_out.piece_ids, held_out.styles)
+    if not protocol.relevant.any():
+        raise ValueError(
+            f"no held-out query has a relevant candidate (same style, other piece): held-out pieces "
+            f"{held_out.holdout_pieces} with styles {sorted(set(held_out.styles))}; raise "
+            "eval.holdout_fraction or render more pieces per style")
+    log.info("evaluating %s on %d segments of %d held-out pieces", systems, len(held_out),
+             len(held_out.holdout_pieces))
+
+    results: list[SystemResult] = []
+    skipped: dict[str, str] = {}
+    for ref in systems:
+        try:
+            vectors, info = embed_system(cfg, storage, ref, held_out)
+        except FileNotFoundError as err:
+            log.warning("skipping %s: %s", ref, err)
+            skipped[ref] = str(err)
+            continue
+        summary, similarity = score_system(vectors, protocol, recall_ks=tuple(cfg.eval.recall_ks),
+                                           ndcg_k=cfg.eval.ndcg_k, margin=cfg.eval.triplet_margin)
+        results.append(SystemResult(name=ref, info=info, metrics=summary, embeddings=vectors,
+                                    similarity=similarity))
+
+    version = new_version()
+    counts = {
+        "segments": len(held_out),
+        "tracks": int(len(set(held_out.track_ids))),
+        "held_out_pieces": len(held_out.holdout_pieces),
+        "train_pieces": len(held_out.train_pieces),
+        "styles": int(len(set(held_out.styles))),
+        "queries": len(held_out),
+        "queries_with_relevant": int(protocol.relevant.any(axis=1).sum()),
+        "relevant_pairs": int(protocol.relevant.sum()),
+        "hard_negative_pairs": int(protocol.hard_negatives.sum()),
+        **{f"excluded_{k}": v for k, v in held_out.excluded.items()},
+    }
+    line = headline({r.name: r.metrics for r in results}, len(held_out.holdout_pieces))
+    model_versions = {r.name: r.info.get("version") for r in results}
+    manifest = {
+        "inputs": {"ingest": ingest_version, "models": model_versions},
+        "counts": counts,
+        "headline": line,
+        "systems": [r.name for r in results],
+        "skipped": skipped,
+        "metrics": {r.name: r.metrics for r in results},
+        "settings": {"config_digest": cfg.digest(), **cfg.eval.model_dump(mode="json"),
+                     "window_s": cfg.audio.window_s, "sample_rate": cfg.audio.sample_rate},
+        "held_out_pieces": held_out.holdout_pieces,
+    }
+    manifest["files"] = write_report(storage, version, manifest, results, held_out, protocol,
+                                     max_plot_points=cfg.eval.max_plot_points, seed=cfg.eval.seed)
+    log.info(line)
+    return storage.publish("eval", version, manifest)

@@ -1,0 +1,209 @@
+"""The index job: embed every ingested segment on a Ray Data actor pool, build a FAISS index
+from sharded Ray tasks, and publish it as a versioned, checksummed ``index`` artifact.
+
+Artifact ``index/<version>/``: ``vectors/*.parquet`` (segment_id, embedding), ``index.faiss``,
+``metadata.parquet`` (segment metadata without audio) and ``manifest.json``. LATEST moves only
+after every file is written and its checksum re-read and verified.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import posixpath
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mess_ray.config import MessRayConfig
+from mess_ray.index.embed import SegmentEmbedder, table_to_vectors
+from mess_ray.index.faiss_index import (IndexSpec, build_sharded_index_ray, choose_index_spec,
+                                        create_empty_index, index_to_bytes, sha256_bytes,
+                                        training_points_needed)
+from mess_ray.segments import read_segment_table, read_segments_ray
+from mess_ray.storage import Storage, new_version
+
+log = logging.getLogger(__name__)
+
+STAGE = "index"
+INDEX_FILE = "index.faiss"
+METADATA_FILE = "metadata.parquet"
+VECTORS_DIR = "vectors"
+# The segment table without audio, as search results and playback need it.
+INDEX_METADATA_COLUMNS = ["segment_id", "track_id", "piece_id", "style", "start_s", "end_s",
+                          "sample_rate", "source_uri", "metadata_json"]
+
+
+class IndexIntegrityError(RuntimeError):
+    """The embedded vectors do not reconcile with the segment table."""
+
+
+def reconcile_ids(expected_ids: np.ndarray, vector_ids: np.ndarray) -> dict[str, int]:
+    """Check that every segment has exactly one vector and no vector lacks a segment."""
+    expected = np.asarray(expected_ids, dtype=np.int64)
+    got = np.asarray(vector_ids, dtype=np.int64)
+    unique_got, counts = np.unique(got, return_counts=True)
+    duplicated = unique_got[counts > 1]
+    missing = np.setdiff1d(expected, unique_got)
+    unexpected = np.setdiff1d(unique_got, expected)
+    if len(np.unique(expected)) != len(expected):
+        raise IndexIntegrityError("the segment table itself has duplicate segment ids")
+    if len(duplicated) or len(missing) or len(unexpected):
+        raise IndexIntegrityError(
+            f"vectors do not reconcile with the segment table: {len(expected)} segments, {len(got)} vectors, "
+            f"{len(missing)} missing (e.g. {missing[:3].tolist()}), {len(duplicated)} duplicated "
+            f"(e.g. {duplicated[:3].tolist()}), {len(unexpected)} unknown (e.g. {unexpected[:3].tolist()})")
+    return {"segments": int(len(expected)), "vectors": int(len(got))}
+
+
+@dataclass
+class VectorShardLoader:
+    """Reads one shard's vectors: its files, optionally only ids with ``id % modulo == residue``."""
+
+    storage_root: str
+    s3_endpoint_url: str | None
+    files: list[str]
+    modulo: int = 1
+    residue: int = 0
+
+    def __call__(self) -> tuple[np.ndarray, np.ndarray]:
+        storage = Storage(self.storage_root, self.s3_endpoint_url)
+        tables = [pq.read_table(f, filesystem=storage.pyarrow_fs()) for f in self.files]
+        if not tables:
+            return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+        vectors, ids = table_to_vectors(pa.concat_tables(tables))
+        if self.modulo > 1:
+            keep = ids % self.modulo == self.residue
+            vectors, ids = vectors[keep], ids[keep]
+        return vectors, ids
+
+
+def shard_loaders(storage: Storage, files: list[str], shards: int) -> list[VectorShardLoader]:
+    """Split the vector files over ``shards`` loaders (by id when there are fewer files than shards)."""
+    if shards < 1:
+        raise ValueError("index.shards must be at least 1")
+    if len(files) >= shards:
+        return [VectorShardLoader(storage.root, storage.s3_endpoint_url, files[i::shards]) for i in range(shards)]
+    return [VectorShardLoader(storage.root, storage.s3_endpoint_url, files, shards, i) for i in range(shards)]
+
+
+def sample_training_vectors(storage: Storage, files: list[str], count: int, seed: int = 0) -> np.ndarray:
+    """Up to ``count`` vectors from randomly chosen files (the coarse quantizer is trained once)."""
+    rng = random.Random(seed)
+    order = files[:]
+    rng.shuffle(order)
+    parts: list[np.ndarray] = []
+    total = 0
+    for path in order:
+        vectors, _ = table_to_vectors(pq.read_table(path, filesystem=storage.pyarrow_fs()))
+        parts.append(vectors)
+        total += len(vectors)
+        if total >= count:
+            break
+    sample = np.concatenate(parts)
+    if len(sample) > count:
+        sample = sample[np.random.default_rng(seed).choice(len(sample), count, replace=False)]
+    return sample
+
+
+def vector_files(storage: Storage, rel: str) -> list[str]:
+    return sorted(storage.path(rel, name) for name in storage.listdir(rel) if name.endswith(".parquet"))
+
+
+def read_vector_ids(storage: Storage, files: list[str]) -> np.ndarray:
+    ids = [pq.read_table(f, columns=["segment_id"], filesystem=storage.pyarrow_fs()).column("segment_id")
+           .to_numpy() for f in files]
+    return np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64)
+
+
+def embed_segments(cfg: MessRayConfig, storage: Storage, ingest_version: str, embedder_info: dict[str, Any],
+                   out_rel: str) -> None:
+    """Ray Data: segment rows -> actor pool of Embedders -> Parquet vector shards under ``out_rel``."""
+    import ray.data
+
+    if cfg.index.min_actors > cfg.index.max_actors:
+        raise ValueError(f"index.min_actors ({cfg.index.min_actors}) exceeds index.max_actors ({cfg.index.max_actors})")
+    dataset = read_segments_ray(storage, ingest_version, columns=["segment_id", "sample_rate", "audio"])
+    vectors = dataset.map_batches(
+        SegmentEmbedder,
+        fn_constructor_kwargs={"cfg_json": cfg.model_dump(mode="json"), "embedder_info": embedder_info},
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.index.min_actors, max_size=cfg.index.max_actors),
+        num_cpus=cfg.index.cpus_per_actor,
+        batch_size=cfg.index.batch_size,
+        batch_format="numpy",
+    )
+    vectors.write_parquet(storage.path(out_rel), filesystem=storage.pyarrow_fs())
+
+
+def write_verified(storage: Storage, rel: str, data: bytes) -> str:
+    """Write bytes and re-read them: the checksum in the manifest is of what is actually stored."""
+    storage.write_bytes(rel, data)
+    digest = sha256_bytes(storage.read_bytes(rel))
+    if digest != sha256_bytes(data):
+        raise IndexIntegrityError(f"{storage.url(rel)} reads back different bytes than were written")
+    return digest
+
+
+def run_index(cfg: MessRayConfig, storage: Storage, model_ref: str = "finetune") -> dict[str, Any]:
+    """Embed the latest ingest artifact with ``model_ref`` and publish an ``index`` artifact."""
+    from mess_ray.models import Embedder
+    from mess_ray.raylocal import ensure_ray
+
+    ensure_ray(cfg.ray)
+    ingest_version = storage.require_latest("ingest")
+    segments = read_segment_table(storage, ingest_version)
+    if segments.num_rows == 0:
+        raise ValueError(f"ingest artifact {ingest_version} has no segments: nothing to index")
+    embedder = Embedder.from_ref(cfg, storage, model_ref)
+    version = new_version()
+    vectors_rel = posixpath.join(STAGE, version, VECTORS_DIR)
+    log.info("embedding %d segments of ingest %s with %s", segments.num_rows, ingest_version, model_ref)
+
+    embed_segments(cfg, storage, ingest_version, embedder.info, vectors_rel)
+    files = vector_files(storage, vectors_rel)
+    counts = reconcile_ids(segments.column("segment_id").to_numpy(), read_vector_ids(storage, files))
+
+    spec = choose_index_spec(counts["vectors"], int(embedder.dim), cfg.index.type,
+                             ivf_above=cfg.index.ivf_above, ivfpq_above=cfg.index.ivfpq_above,
+                             nprobe=cfg.index.nprobe, hnsw_m=cfg.index.hnsw_m, ef_search=cfg.index.ef_search)
+    train = None
+    if training_points_needed(spec):
+        train = sample_training_vectors(storage, files, min(training_points_needed(spec), counts["vectors"]))
+    index = build_sharded_index_ray(spec, create_empty_index(spec, train),
+                                    shard_loaders(storage, files, cfg.index.shards), num_cpus=0.5)
+    if index.ntotal != counts["vectors"]:
+        raise IndexIntegrityError(f"merged index holds {index.ntotal} vectors, expected {counts['vectors']}")
+
+    counts.update({"vector_files": len(files), "shards": cfg.index.shards})
+    return write_index_artifact(cfg, storage, version, index, spec, segments, embedder.info, counts,
+                                {"ingest": ingest_version, "model_ref": model_ref})
+
+
+def write_index_artifact(cfg: MessRayConfig, storage: Storage, version: str, index: Any, spec: IndexSpec,
+                         segments: pa.Table, embedder_info: dict[str, Any], counts: dict[str, int],
+                         inputs: dict[str, Any]) -> dict[str, Any]:
+    """Write index.faiss and metadata.parquet, verify their checksums, then publish the manifest."""
+    base = posixpath.join(STAGE, version)
+    if index.ntotal != segments.num_rows:
+        raise IndexIntegrityError(f"index holds {index.ntotal} vectors but the segment table {segments.num_rows} rows")
+    index_sha = write_verified(storage, posixpath.join(base, INDEX_FILE), index_to_bytes(index))
+    buffer = io.BytesIO()
+    pq.write_table(segments.select(INDEX_METADATA_COLUMNS), buffer)
+    metadata_sha = write_verified(storage, posixpath.join(base, METADATA_FILE), buffer.getvalue())
+    manifest = {
+        "inputs": inputs,
+        "model": embedder_info,
+        "dim": int(index.d),
+        "count": int(index.ntotal),
+        "counts": {**counts, "tracks": len(set(segments.column("track_id").to_pylist()))},
+        "index": spec.to_dict(),
+        "files": {"index": INDEX_FILE, "metadata": METADATA_FILE, "vectors": VECTORS_DIR},
+        "checksums": {INDEX_FILE: index_sha, METADATA_FILE: metadata_sha},
+        "config_digest": cfg.digest(),
+        "audio": {"sample_rate": cfg.audio.sample_rate, "window_s": cfg.audio.window_s, "hop_s": cfg.audio.hop_s},
+    }
+    return storage.publish(STAGE, version, manifest)

@@ -1,0 +1,272 @@
+"""Query a published index (pure: FAISS + pyarrow, no Ray).
+
+:class:`SearchIndex` loads ``index.faiss`` and ``metadata.parquet`` of an index artifact
+(checksums verified against the manifest) and answers: nearest passages to a query vector,
+passages like a stored segment or a track time span (segment vectors averaged through
+``reconstruct``), and track listings. Unknown ids raise ``KeyError`` (HTTP 404 upstream);
+invalid arguments raise ``ValueError`` (HTTP 422).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mess_ray.index.embed import table_to_vectors
+from mess_ray.index.faiss_index import IndexSpec, configure_for_search, load_index, sha256_bytes
+from mess_ray.storage import Storage
+
+STAGE = "index"
+
+
+@dataclass
+class Hit:
+    """One result passage."""
+
+    rank: int
+    segment_id: int
+    track_id: str
+    piece_id: str
+    style: str
+    start_s: float
+    end_s: float
+    similarity: float
+    source_uri: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def normalize(vectors: np.ndarray) -> np.ndarray:
+    """L2-normalise rows (queries must live on the same sphere as the indexed vectors)."""
+    arr = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(arr, axis=-1, keepdims=True)
+    if np.any(norms == 0) or not np.all(np.isfinite(arr)):
+        raise ValueError("query vector is zero or not finite")
+    return np.ascontiguousarray(arr / norms)
+
+
+def select_hits(candidates: Iterable[tuple[int, float]], rows: dict[int, int], track_ids: list[str],
+                start_s: list[float], k: int, exclude_track: str | None = None,
+                exclude_segments: set[int] | None = None, min_gap_s: float = 0.0) -> list[tuple[int, float]]:
+    """Greedy filtering of (segment_id, similarity) candidates in similarity order.
+
+    Drops ids FAISS pads with (-1), the excluded track and segments, and hits closer than
+    ``min_gap_s`` (start to start) to a better hit of the same track.
+    """
+    exclude_segments = exclude_segments or set()
+    kept: list[tuple[int, float]] = []
+    kept_starts: dict[str, list[float]] = {}
+    for sid, score in candidates:
+        if sid < 0 or sid in exclude_segments or sid not in rows:
+            continue
+        row = rows[sid]
+        track = track_ids[row]
+        if exclude_track is not None and track == exclude_track:
+            continue
+        start = start_s[row]
+        if min_gap_s > 0 and any(abs(start - s) < min_gap_s for s in kept_starts.get(track, ())):
+            continue
+        kept.append((sid, score))
+        kept_starts.setdefault(track, []).append(start)
+        if len(kept) == k:
+            break
+    return kept
+
+
+class SearchIndex:
+    """An index artifact loaded for querying."""
+
+    def __init__(self, index: faiss.Index, metadata: pa.Table, spec: IndexSpec,
+                 manifest: dict[str, Any] | None = None, rerank_vectors: dict[int, np.ndarray] | None = None) -> None:
+        if index.ntotal != metadata.num_rows:
+            raise ValueError(f"index holds {index.ntotal} vectors but metadata has {metadata.num_rows} rows")
+        self.index = configure_for_search(index, spec)
+        self.spec = spec
+        self.manifest = manifest or {}
+        self.version: str | None = self.manifest.get("version")
+        self.dim = int(index.d)
+        metadata = metadata.sort_by([("track_id", "ascending"), ("start_s", "ascending")])
+        self._cols = {name: metadata.column(name).to_pylist() for name in metadata.column_names}
+        self._rows = {int(sid): i for i, sid in enumerate(self._cols["segment_id"])}
+        if len(self._rows) != metadata.num_rows:
+            raise ValueError("metadata has duplicate segment ids")
+        self._track_rows: dict[str, list[int]] = {}
+        for i, track in enumerate(self._cols["track_id"]):
+            self._track_rows.setdefault(track, []).append(i)
+        self._rerank = rerank_vectors
+
+    # -- loading -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, storage: Storage, version: str | None = None) -> "SearchIndex":
+        """The published index ``version`` (default: LATEST), checksums verified."""
+        manifest = storage.manifest(STAGE, version)
+        base = posixpath.join(STAGE, manifest["version"])
+        files = manifest.get("files", {})
+        checksums = manifest.get("checksums", {})
+        index_file = files.get("index", "index.faiss")
+        metadata_file = files.get("metadata", "metadata.parquet")
+        index = load_index(storage, posixpath.join(base, index_file), checksums.get(index_file))
+        blob = storage.read_bytes(posixpath.join(base, metadata_file))
+        if metadata_file in checksums and sha256_bytes(blob) != checksums[metadata_file]:
+            raise ValueError(f"checksum mismatch for {metadata_file} of index {manifest['version']}")
+        metadata = pq.read_table(io.BytesIO(blob))
+        spec = IndexSpec.from_dict(manifest["index"])
+        rerank = None
+        if spec.rerank:
+            rerank = _load_vectors(storage, posixpath.join(base, files.get("vectors", "vectors")))
+        return cls(index, metadata, spec, manifest, rerank)
+
+    # -- lookups -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def segment(self, segment_id: int) -> dict[str, Any]:
+        row = self._row(segment_id)
+        return self._row_dict(row)
+
+    def vector(self, segment_id: int) -> np.ndarray:
+        """The stored vector of a segment."""
+        self._row(segment_id)
+        if self._rerank is not None:
+            return self._rerank[int(segment_id)].copy()
+        return self.index.reconstruct(int(segment_id))
+
+    def tracks(self) -> list[dict[str, Any]]:
+        return [self._track_summary(t) for t in sorted(self._track_rows)]
+
+    def track(self, track_id: str) -> dict[str, Any]:
+        """A track's summary plus its segments."""
+        summary = self._track_summary(track_id)
+        summary["segments"] = [{"segment_id": int(self._cols["segment_id"][r]), "start_s": self._cols["start_s"][r],
+                                "end_s": self._cols["end_s"][r]} for r in self._track_rows[track_id]]
+        return summary
+
+    def segments_in_span(self, track_id: str, start_s: float, end_s: float | None = None) -> list[int]:
+        """Segments overlapping [start_s, end_s]; without end_s the one segment best covering start_s."""
+        rows = self._rows_of_track(track_id)
+        if start_s < 0:
+            raise ValueError(f"start_s must be >= 0, got {start_s}")
+        if end_s is not None and end_s <= start_s:
+            raise ValueError(f"end_s ({end_s}) must be greater than start_s ({start_s})")
+        starts, ends = self._cols["start_s"], self._cols["end_s"]
+        duration = max(ends[r] for r in rows)
+        if start_s >= duration:
+            raise ValueError(f"start_s {start_s} is past the end of track {track_id!r} ({duration:.2f} s)")
+        if end_s is None:
+            covering = [r for r in rows if starts[r] <= start_s < ends[r]]
+            if not covering:
+                raise ValueError(f"no segment of track {track_id!r} covers {start_s} s")
+            # With overlapping windows several cover the instant: take the one starting closest to it.
+            best = min(covering, key=lambda r: start_s - starts[r])
+            return [int(self._cols["segment_id"][best])]
+        return [int(self._cols["segment_id"][r]) for r in rows if starts[r] < end_s and ends[r] > start_s]
+
+    def span_vector(self, track_id: str, start_s: float, end_s: float | None = None) -> tuple[np.ndarray, list[int]]:
+        """Mean of the vectors of the segments in the span, re-normalised; and those segments."""
+        ids = self.segments_in_span(track_id, start_s, end_s)
+        vectors = np.stack([self.vector(sid) for sid in ids])
+        return normalize(vectors.mean(axis=0)), ids
+
+    # -- search --------------------------------------------------------------------------
+    def search(self, query: np.ndarray, k: int = 10, exclude_track: str | None = None, min_gap_s: float = 0.0,
+               exclude_segments: Iterable[int] = ()) -> list[Hit]:
+        """Nearest passages to one query vector, best first."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if min_gap_s < 0:
+            raise ValueError(f"min_gap_s must be >= 0, got {min_gap_s}")
+        q = normalize(np.asarray(query, dtype=np.float32).reshape(1, -1))
+        if q.shape[1] != self.dim:
+            raise ValueError(f"query has dimension {q.shape[1]}, the index {self.dim}")
+        excluded = {int(s) for s in exclude_segments}
+        total = self.index.ntotal
+        fetch = min(total, max(4 * k, k + len(excluded)) * (4 if self._rerank is not None else 1))
+        while True:
+            candidates = self._candidates(q, fetch)
+            kept = select_hits(candidates, self._rows, self._cols["track_id"], self._cols["start_s"], k,
+                               exclude_track, excluded, min_gap_s)
+            # Filters can eat candidates: widen the search until k survive or the corpus is exhausted.
+            if len(kept) >= k or fetch >= total:
+                break
+            fetch = min(total, fetch * 4)
+        return [self._hit(rank, sid, score) for rank, (sid, score) in enumerate(kept, start=1)]
+
+    def search_by_segment(self, segment_id: int, k: int = 10, exclude_track: str | None = None,
+                          min_gap_s: float = 0.0) -> list[Hit]:
+        """Passages like a stored segment (the segment itself excluded)."""
+        return self.search(self.vector(segment_id), k, exclude_track, min_gap_s, exclude_segments=[segment_id])
+
+    def search_by_track(self, track_id: str, start_s: float, end_s: float | None = None, k: int = 10,
+                        exclude_track: str | None = None, min_gap_s: float = 0.0) -> tuple[list[int], list[Hit]]:
+        """Passages like a time span of a track; the query's own segments are excluded."""
+        vector, ids = self.span_vector(track_id, start_s, end_s)
+        return ids, self.search(vector, k, exclude_track, min_gap_s, exclude_segments=ids)
+
+    # -- internals -----------------------------------------------------------------------
+    def _candidates(self, q: np.ndarray, fetch: int) -> list[tuple[int, float]]:
+        scores, ids = self.index.search(q, fetch)
+        pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+        if self._rerank is not None:
+            # IVF-PQ scores are approximate: re-score candidates exactly with the raw vectors.
+            pairs = sorted(((i, float(self._rerank[i] @ q[0])) for i, _ in pairs), key=lambda p: -p[1])
+        return pairs
+
+    def _row(self, segment_id: int) -> int:
+        try:
+            return self._rows[int(segment_id)]
+        except (KeyError, ValueError, TypeError):
+            raise KeyError(f"unknown segment id {segment_id!r}") from None
+
+    def _rows_of_track(self, track_id: str) -> list[int]:
+        rows = self._track_rows.get(track_id)
+        if rows is None:
+            raise KeyError(f"unknown track {track_id!r}")
+        return rows
+
+    def _row_dict(self, row: int) -> dict[str, Any]:
+        out = {name: values[row] for name, values in self._cols.items() if name != "metadata_json"}
+        out["segment_id"] = int(out["segment_id"])
+        out["metadata"] = _parse_metadata(self._cols["metadata_json"][row]) if "metadata_json" in self._cols else {}
+        return out
+
+    def _track_summary(self, track_id: str) -> dict[str, Any]:
+        rows = self._rows_of_track(track_id)
+        first = self._row_dict(rows[0])
+        return {"track_id": track_id, "piece_id": first["piece_id"], "style": first["style"],
+                "source_uri": first["source_uri"], "num_segments": len(rows),
+                "duration_s": float(max(self._cols["end_s"][r] for r in rows)), "metadata": first["metadata"]}
+
+    def _hit(self, rank: int, segment_id: int, similarity: float) -> Hit:
+        d = self._row_dict(self._rows[segment_id])
+        return Hit(rank=rank, segment_id=segment_id, track_id=d["track_id"], piece_id=d["piece_id"],
+                   style=d["style"], start_s=float(d["start_s"]), end_s=float(d["end_s"]),
+                   similarity=similarity, source_uri=d["source_uri"], metadata=d["metadata"])
+
+
+def _parse_metadata(raw: str | None) -> dict[str, Any]:
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        return {"raw": raw}
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def _load_vectors(storage: Storage, rel: str) -> dict[int, np.ndarray]:
+    files = sorted(storage.path(rel, n) for n in storage.listdir(rel) if n.endswith(".parquet"))
+    out: dict[int, np.ndarray] = {}
+    for path in files:
+        vectors, ids = table_to_vectors(pq.read_table(path, filesystem=storage.pyarrow_fs()))
+        out.update(zip(ids.tolist(), vectors))
+    return out

@@ -1,0 +1,166 @@
+"""Embedder: the one way every later stage turns audio into vectors.
+
+``Embedder.from_ref(cfg, storage, ref)`` where ref is
+
+- ``"finetune"``: the latest fine-tuned :class:`EmbeddingModel` (``finetune/<version>/model/``);
+- ``"pretrain"``: the latest SSL encoder (``pretrain/<version>/model/``), mean-pooled hidden
+  states of ``cfg.model.ssl_layer`` (middle layer by default), no projection head;
+- ``"random"``: a randomly initialised encoder of ``cfg.model.size`` seeded with
+  ``cfg.model.seed`` (deterministic: the same config gives the same vectors);
+- a local folder or remote URL of either kind of model folder (an artifact folder holding
+  ``model/`` works too).
+
+``.info`` records what was loaded (ref, kind, stage, version, path, layer) so that a server or
+evaluator can rebuild exactly the same embedder with ``Embedder.from_info``.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mess_ray.config import MessRayConfig
+from mess_ray.models.embedding import EmbeddingModel, is_embedding_model_dir
+from mess_ray.models.encoder import build_encoder, load_encoder, normalize_waveform
+from mess_ray.segments import fit_length
+from mess_ray.storage import Storage
+
+MODEL_SUBDIR = "model"
+STAGE_REFS = ("finetune", "pretrain")
+
+
+def resolve_layer(num_layers: int, layer: int | None) -> int:
+    """Index into ``hidden_states`` (length num_layers + 1); None picks the middle layer."""
+    num_states = num_layers + 1
+    if layer is None:
+        return num_states // 2
+    index = layer if layer >= 0 else num_states + layer
+    if not 0 <= index < num_states:
+        raise ValueError(f"ssl_layer={layer} out of range for an encoder with {num_layers} layers")
+    return index
+
+
+class MeanPooledEncoder(nn.Module):
+    """Encoder without a head: one hidden layer averaged over time, L2-normalised."""
+
+    def __init__(self, encoder: nn.Module, layer: int | None = None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.layer = resolve_layer(int(encoder.config.num_hidden_layers), layer)
+        self.embedding_dim = int(encoder.config.hidden_size)
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        out = self.encoder(normalize_waveform(waveform), output_hidden_states=True)
+        return F.normalize(out.hidden_states[self.layer].mean(dim=1).float(), dim=-1)
+
+
+class Embedder:
+    """Batched no-grad inference: float32 [B, T] at cfg.audio.sample_rate -> float32 [B, D]."""
+
+    def __init__(self, model: nn.Module, dim: int, info: dict[str, Any], window_samples: int,
+                 batch_size: int = 16) -> None:
+        self.model = model.eval()
+        self.dim = int(dim)
+        self.info = info
+        self.window_samples = int(window_samples)
+        self.batch_size = int(batch_size)
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.asarray(batch, dtype=np.float32)
+        if batch.ndim == 1:
+            raise ValueError("embed expects a batch [B, T]; wrap a single clip as batch[None, :]")
+        if batch.ndim != 2:
+            raise ValueError(f"embed expects a 2-D float array [B, T], got shape {batch.shape}")
+        if batch.shape[0] == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        if not np.isfinite(batch).all():
+            raise ValueError("audio contains NaN or infinite samples")
+        if batch.shape[1] != self.window_samples:
+            batch = np.stack([fit_length(row, self.window_samples) for row in batch])
+        outputs = []
+        with torch.inference_mode():
+            for start in range(0, len(batch), self.batch_size):
+                chunk = torch.from_numpy(np.ascontiguousarray(batch[start:start + self.batch_size]))
+                outputs.append(self.model(chunk).cpu().numpy())
+        return np.concatenate(outputs).astype(np.float32, copy=False)
+
+    __call__ = embed
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_ref(cls, cfg: MessRayConfig, storage: Storage, ref: str) -> "Embedder":
+        if not ref:
+            raise ValueError("model ref must be 'finetune', 'pretrain', 'random' or a folder path")
+        if ref == "random":
+            return cls.from_info(cfg, storage, {"ref": "random", "kind": "random",
+                                                "size": cfg.model.size, "seed": cfg.model.seed})
+        if ref in STAGE_REFS:
+            version = storage.require_latest(ref)
+            return cls.from_info(cfg, storage, {"ref": ref, "stage": ref, "version": version,
+                                                "path": storage.url(ref, version, MODEL_SUBDIR)})
+        return cls.from_info(cfg, storage, {"ref": ref, "path": ref})
+
+    @classmethod
+    def from_info(cls, cfg: MessRayConfig, storage: Storage, info: dict[str, Any]) -> "Embedder":
+        """Rebuild the embedder described by ``info`` (from a manifest), same version and weights."""
+        window = round(cfg.audio.window_s * cfg.audio.sample_rate)
+        if info.get("kind") == "random":
+            size, seed = info.get("size", cfg.model.size), int(info.get("seed", cfg.model.seed))
+            model = MeanPooledEncoder(build_encoder(size, seed=seed), cfg.model.ssl_layer)
+            full = {"ref": info.get("ref", "random"), "kind": "random", "size": size, "seed": seed,
+                    "version": None, "path": None, "layer": model.layer,
+                    "sample_rate": cfg.audio.sample_rate}
+            return cls(model, model.embedding_dim, full, window, cfg.model.inference_batch_size)
+        if info.get("stage"):
+            rel = posixpath.join(info["stage"], info["version"], MODEL_SUBDIR)
+            if not storage.exists(rel):
+                raise FileNotFoundError(f"{storage.url(rel)} does not exist: was the "
+                                        f"'{info['stage']}' artifact {info['version']} deleted?")
+            with storage.local_dir(rel) as local:
+                model, kind = _load_model_folder(cfg, local)
+        elif info.get("path"):
+            model, kind = _load_from_path(cfg, str(info["path"]))
+        else:
+            raise ValueError(f"embedder info needs kind='random', a stage+version or a path: {info}")
+        full = {"ref": info.get("ref"), "kind": kind, "stage": info.get("stage"),
+                "version": info.get("version"), "path": info.get("path"),
+                "layer": getattr(model, "layer", None), "sample_rate": cfg.audio.sample_rate}
+        return cls(model, model.embedding_dim, full, window, cfg.model.inference_batch_size)
+
+
+def _load_model_folder(cfg: MessRayConfig, folder: Path) -> tuple[nn.Module, str]:
+    """An EmbeddingModel folder, or a save_pretrained encoder folder (mean pooled)."""
+    folder = Path(folder)
+    if (folder / MODEL_SUBDIR).is_dir():  # an artifact folder rather than its model/
+        folder = folder / MODEL_SUBDIR
+    if is_embedding_model_dir(folder):
+        model = EmbeddingModel.load(folder, trust_remote_code=cfg.model.trust_remote_code)
+        trained_rate = model.options.get("sample_rate")
+        if trained_rate and int(trained_rate) != cfg.audio.sample_rate:
+            raise ValueError(f"model in {folder} was trained at {trained_rate} Hz but "
+                             f"audio.sample_rate is {cfg.audio.sample_rate}")
+        return model, "embedding_model"
+    if (folder / "config.json").exists():
+        encoder = load_encoder(folder, trust_remote_code=cfg.model.trust_remote_code)
+        return MeanPooledEncoder(encoder, cfg.model.ssl_layer), "encoder"
+    raise ValueError(f"{folder} holds neither an EmbeddingModel nor a save_pretrained encoder")
+
+
+def _load_from_path(cfg: MessRayConfig, path: str) -> tuple[nn.Module, str]:
+    if "://" in path and not path.startswith("file://"):
+        remote = Storage(path, cfg.storage.s3_endpoint_url)
+        if not remote.fs.exists(remote.base):
+            raise FileNotFoundError(f"model folder {path} does not exist")
+        with remote.local_dir("") as local:
+            return _load_model_folder(cfg, local)
+    local = Path(path.removeprefix("file://")).expanduser()
+    if not local.is_dir():
+        raise FileNotFoundError(f"model ref {path!r} is neither 'finetune', 'pretrain', 'random' "
+                                "nor an existing folder")
+    return _load_model_folder(cfg, local)

@@ -1,0 +1,55 @@
+"""Connect to a Ray cluster, or start an embedded local one bound to loopback."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+from mess_ray.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+# Environment every process of an embedded cluster must share: bind Ray to loopback and
+# turn off token auth (there is no network to defend on one machine).
+LOCAL_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # also set by mess_ray/__init__ before ray is imported
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_V2_ENABLED": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+# Forwarded to workers so they reach the same object store as the driver.
+FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+                 "AWS_ENDPOINT_URL", "AWS_EC2_METADATA_DISABLED")
+
+
+def ensure_ray(cfg: RayConfig | None = None) -> None:
+    """Initialise Ray once per process: the configured cluster, or a local one."""
+    if ray.is_initialized():
+        return
+    cfg = cfg or RayConfig()
+    for key, value in LOCAL_ENV.items():
+        os.environ.setdefault(key, value)
+    env_vars = {k: os.environ[k] for k in (*FORWARDED_ENV, *LOCAL_ENV) if k in os.environ}
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        # A cluster needs routable node addresses even if this process set loopback mode.
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = True
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+        return
+    # Several logical CPUs per core: stages use fractional CPUs and Ray Train's controller,
+    # Ray Data's operators and Serve's proxy must all fit at once on a 2-core machine.
+    num_cpus = cfg.num_cpus or max(4, 2 * (os.cpu_count() or 1))
+    log.info("starting embedded local Ray with %d logical CPUs", num_cpus)
+    ray.init(num_cpus=num_cpus, include_dashboard=False,
+             runtime_env={"env_vars": env_vars}, logging_level=logging.WARNING,
+             configure_logging=True, log_to_driver=True)
+
+
+def shutdown_ray() -> None:
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,115 @@
+"""The segment table: the contract between ingest and every later stage.
+
+Ingest writes ``ingest/<version>/segments/*.parquet`` with :data:`SEGMENT_SCHEMA` and
+``ingest/<version>/rejects.parquet`` with :data:`REJECT_SCHEMA`. Segment audio lives in the
+table itself (``audio``: mono float32 little-endian PCM at ``sample_rate``), so training and
+embedding stream rows with Ray Data without reopening source files; the metadata columns
+are read on their own (``columns=``) when the audio is not needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from mess_ray.storage import Storage
+
+SEGMENT_SCHEMA = pa.schema([
+    ("segment_id", pa.int64()),        # stable: hash of (track_id, start_sample)
+    ("track_id", pa.string()),
+    ("piece_id", pa.string()),         # the musical work ("" if unknown); splits are by piece
+    ("style", pa.string()),            # expressive profile label ("" if unknown)
+    ("start_s", pa.float64()),
+    ("end_s", pa.float64()),
+    ("start_sample", pa.int64()),
+    ("num_samples", pa.int64()),
+    ("sample_rate", pa.int32()),
+    ("source_uri", pa.string()),       # where the recording lives, for playback
+    ("metadata_json", pa.string()),    # catalog metadata carried through to search results
+    ("audio", pa.binary()),            # float32 LE mono PCM
+])
+METADATA_COLUMNS = [f.name for f in SEGMENT_SCHEMA if f.name != "audio"]
+
+REJECT_SCHEMA = pa.schema([
+    ("source_uri", pa.string()),
+    ("track_id", pa.string()),
+    ("reason", pa.string()),           # unreadable | truncated | zero_length | not_audio | too_short | decode_error
+    ("detail", pa.string()),
+])
+
+
+def segment_id(track_id: str, start_sample: int) -> int:
+    """Stable positive 63-bit id: the same track and start always give the same id."""
+    digest = hashlib.blake2b(f"{track_id}\x00{start_sample}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def encode_audio(samples: np.ndarray) -> bytes:
+    return np.ascontiguousarray(samples, dtype="<f4").tobytes()
+
+
+def decode_audio(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, dtype="<f4")
+
+
+def fit_length(samples: np.ndarray, length: int) -> np.ndarray:
+    """Crop or zero-pad to ``length`` samples (the last segment of a track can be short)."""
+    if len(samples) >= length:
+        return samples[:length]
+    return np.pad(samples, (0, length - len(samples)))
+
+
+def segments_dir(version: str) -> str:
+    return posixpath.join("ingest", version, "segments")
+
+
+def segments_dataset(storage: Storage, version: str | None = None) -> pads.Dataset:
+    version = version or storage.require_latest("ingest")
+    return pads.dataset(storage.path(segments_dir(version)), format="parquet",
+                        filesystem=storage.pyarrow_fs(), schema=SEGMENT_SCHEMA)
+
+
+def read_segment_table(storage: Storage, version: str | None = None,
+                       columns: list[str] | None = None) -> pa.Table:
+    """The segment table (metadata only unless ``columns`` asks for audio), sorted by id."""
+    table = segments_dataset(storage, version).to_table(columns=columns or METADATA_COLUMNS)
+    if "segment_id" in table.column_names:
+        table = table.sort_by("segment_id")
+    return table
+
+
+def read_segments_ray(storage: Storage, version: str | None = None, columns: list[str] | None = None):
+    """The segment table as a Ray Dataset (streams; used by training and embedding)."""
+    import ray.data
+
+    version = version or storage.require_latest("ingest")
+    return ray.data.read_parquet(storage.path(segments_dir(version)), filesystem=storage.pyarrow_fs(),
+                                 columns=columns, schema=SEGMENT_SCHEMA)
+
+
+def is_holdout_piece(piece_id: str, fraction: float, seed: int = 0) -> bool:
+    """Deterministic split by piece: no piece is on both sides of train/evaluation.
+
+    Hash-based rather than sampled so that adding recordings never moves an existing piece
+    across the split.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+    digest = hashlib.blake2b(f"{seed}\x00{piece_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
+def split_pieces(piece_ids, fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(train, holdout) piece lists; guarantees both sides are non-empty when >= 2 pieces."""
+    pieces = sorted(set(piece_ids))
+    holdout = [p for p in pieces if is_holdout_piece(p, fraction, seed)]
+    train = [p for p in pieces if p not in set(holdout)]
+    if len(pieces) >= 2 and not holdout:
+        holdout, train = train[-1:], train[:-1]
+    elif len(pieces) >= 2 and not train:
+        train, holdout = holdout[:1], holdout[1:]
+    return train, holdout

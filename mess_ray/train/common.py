@@ -1,0 +1,282 @@
+"""Shared Ray Train machinery for pretraining and fine-tuning: one training loop style.
+
+A stage supplies a :class:`TrainTask` (how to build the model, turn a Ray Data batch into
+tensors, compute the loss, and save the final model). :func:`fit` builds the
+``TorchTrainer`` (scaling, storage, checkpoints, failures), :func:`train_loop` is the
+per-worker loop (AdamW, warmup + cosine, gradient accumulation, bf16 autocast on GPU, DDP,
+metrics every step, checkpoints every N steps, resume), and :func:`finish` writes the final
+model to ``<stage>/<run_name>/model/`` and publishes the artifact.
+
+Resume: Ray Train V2 keeps a checkpoint-manager snapshot in ``<storage_path>/<run_name>/``;
+re-running with the same ``run_name`` restores it, so ``ray.train.get_checkpoint()`` returns
+the latest checkpoint and the step counter continues (tests/test_train_ray.py checks this).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import posixpath
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from mess_ray.config import MessRayConfig, TrainConfig
+from mess_ray.segments import decode_audio, fit_length
+from mess_ray.storage import Storage
+
+STATE_FILE = "state.pt"
+HISTORY_FILE = "train_state.json"
+MODEL_SUBDIR = "model"
+
+
+# -- pure helpers --------------------------------------------------------------------------
+def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> float:
+    """Linear warmup to ``base_lr`` then cosine decay to ``min_ratio * base_lr`` (step is 0-based)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return base_lr * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def decode_audio_column(blobs, window_samples: int) -> torch.Tensor:
+    """The ``audio`` bytes column -> float32 [B, window_samples] (cropped or zero-padded)."""
+    rows = [fit_length(decode_audio(bytes(b)), window_samples) for b in blobs]
+    if not rows:
+        return torch.zeros((0, window_samples), dtype=torch.float32)
+    return torch.from_numpy(np.stack(rows).astype(np.float32, copy=False))
+
+
+def window_samples(cfg: MessRayConfig) -> int:
+    return round(cfg.audio.window_s * cfg.audio.sample_rate)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel (state dicts are saved without the prefix)."""
+    return model.module if hasattr(model, "module") else model
+
+
+# -- task interface ------------------------------------------------------------------------
+@dataclass
+class TrainTask:
+    """What differs between pretraining and fine-tuning; everything here must pickle."""
+
+    stage: str
+    build_model: Callable[[dict], nn.Module]                  # loop config -> fresh model
+    collate: Callable[[dict, dict], dict[str, torch.Tensor]]  # (numpy batch, loop config) -> tensors
+    loss: Callable[[nn.Module, dict, dict], tuple[torch.Tensor, dict[str, float]]]
+    save_model: Callable[[nn.Module, Path, dict], None]       # (unwrapped model, folder, loop config)
+
+
+def _endless_batches(shard, batch_size: int, collate, loop_config: dict, seed: int) -> Iterator[tuple[int, dict]]:
+    """(epoch, batch) forever; each epoch re-iterates the shard with a fresh shuffle buffer."""
+    epoch = 0
+    while True:
+        count = 0
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=4 * batch_size,
+                                        local_shuffle_seed=seed + epoch):
+            count += 1
+            yield epoch, collate(batch, loop_config)
+        if count == 0:
+            raise ValueError(f"training shard has fewer than batch_size={batch_size} rows: "
+                             "lower batch_size/num_workers or ingest more audio")
+        epoch += 1
+
+
+def _all_reduce_mean(value: float) -> float:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item() / dist.get_world_size())
+    return value
+
+
+def train_loop(loop_config: dict) -> None:
+    """The per-worker training loop (runs under Ray Train on every worker)."""
+    import ray.train
+    import ray.train.torch
+
+    task: TrainTask = loop_config["task"]
+    tcfg: dict = loop_config["train"]
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    torch.manual_seed(tcfg["seed"] + rank)
+    use_gpu = bool(tcfg["use_gpu"])
+    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+    if not use_gpu:
+        # Fractional CPUs per worker: one intra-op thread each keeps workers from thrashing.
+        torch.set_num_threads(max(1, int(tcfg["cpus_per_worker"])))
+
+    model = task.build_model(loop_config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: every parameter is frozen")
+    optimizer = torch.optim.AdamW(params, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
+    start_step, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+            history = json.loads((Path(folder) / HISTORY_FILE).read_text())["losses"]
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = int(state["step"])
+    model = ray.train.torch.prepare_model(model, move_to_device=device if use_gpu else True)
+
+    shard = ray.train.get_dataset_shard("train")
+    batches = _endless_batches(shard, tcfg["batch_size"], task.collate, loop_config, tcfg["seed"] + rank)
+    total_steps, accum = tcfg["steps"], tcfg["grad_accum"]
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_gpu else contextlib.nullcontext())
+
+    for step in range(start_step, total_steps):
+        started = time.perf_counter()
+        lr = lr_at(step, tcfg["lr"], tcfg["warmup_steps"], total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        step_loss, extra, epoch = 0.0, {}, 0
+        for micro in range(accum):
+            epoch, batch = next(batches)
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            # Gradients are all-reduced once per step, on the last micro-batch only.
+            sync = micro == accum - 1 or not hasattr(model, "no_sync")
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                loss, extra = task.loss(model, batch, loop_config)
+                (loss / accum).backward()
+            step_loss += float(loss.detach()) / accum
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        mean_loss = _all_reduce_mean(step_loss)
+        history.append(mean_loss)
+        metrics = {"step": done, "loss": mean_loss, "lr": lr, "epoch": epoch, "grad_norm": grad_norm,
+                   "step_time_s": time.perf_counter() - started, **extra}
+        if done % tcfg["checkpoint_every"] == 0 or done == total_steps:
+            with tempfile.TemporaryDirectory() as folder:
+                ckpt = None
+                if rank == 0:
+                    torch.save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                                "step": done}, Path(folder) / STATE_FILE)
+                    (Path(folder) / HISTORY_FILE).write_text(json.dumps({"step": done, "losses": history}))
+                    ckpt = ray.train.Checkpoint.from_directory(folder)
+                ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{done:07d}")
+        else:
+            ray.train.report(metrics)
+
+
+# -- driver side ---------------------------------------------------------------------------
+def train_settings(tcfg: TrainConfig) -> dict[str, Any]:
+    return tcfg.model_dump(mode="json")
+
+
+def fit(cfg: MessRayConfig, storage: Storage, task: TrainTask, tcfg: TrainConfig, dataset,
+        loop_config: dict[str, Any]):
+    """Run ``train_loop`` on ``tcfg.num_workers`` Ray Train workers; returns the Result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from mess_ray.raylocal import ensure_ray
+
+    ensure_ray(cfg.ray)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={**loop_config, "task": task, "train": train_settings(tcfg)},
+        scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
+                                     resources_per_worker={"CPU": tcfg.cpus_per_worker}),
+        run_config=RunConfig(
+            name=tcfg.run_name,
+            storage_path=storage.url(task.stage, "runs"),
+            storage_filesystem=storage.pyarrow_fs() if storage.protocol != "file" else None,
+            checkpoint_config=CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=tcfg.max_failures),
+        ),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"{task.stage} training failed: {result.error}") from result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"{task.stage} training reported no checkpoint")
+    return result
+
+
+def finish(cfg: MessRayConfig, storage: Storage, task: TrainTask, tcfg: TrainConfig, result,
+           loop_config: dict[str, Any], inputs: dict[str, Any], counts: dict[str, Any],
+           extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Rebuild the model from the final checkpoint, save it under the artifact, publish."""
+    model = task.build_model({**loop_config, "train": train_settings(tcfg)})
+    with result.checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+        history = json.loads((Path(folder) / HISTORY_FILE).read_text())["losses"]
+    model.load_state_dict(state["model"])
+    version = tcfg.run_name
+    rel = posixpath.join(task.stage, version, MODEL_SUBDIR)
+    with tempfile.TemporaryDirectory(prefix="mess-ray-model-") as tmp:
+        task.save_model(model.eval(), Path(tmp), loop_config)
+        storage.put_dir(tmp, rel)
+    manifest = {
+        "inputs": inputs,
+        "counts": {**counts, "steps": int(state["step"]), "parameters": sum(p.numel() for p in model.parameters())},
+        "losses": {"first": history[0] if history else None, "last": history[-1] if history else None,
+                   "history": history},
+        "model_path": storage.url(rel),
+        "run_path": storage.url(task.stage, "runs", tcfg.run_name),
+        "checkpoint": result.checkpoint.path,
+        "sample_rate": cfg.audio.sample_rate,
+        "window_s": cfg.audio.window_s,
+        "config": {"model": cfg.model.model_dump(mode="json"), task.stage: train_settings(tcfg),
+                   "audio": cfg.audio.model_dump(mode="json")},
+        "config_digest": cfg.digest(),
+        **(extra or {}),
+    }
+    return storage.publish(task.stage, version, manifest)
+
+
+def resolve_init(cfg: MessRayConfig, storage: Storage, init_from: str = "auto") -> dict[str, Any]:
+    """Where the encoder weights come from (a picklable description, loaded on each worker).
+
+    ``auto``: the latest pretrain artifact, else ``model.pretrained``, else a seeded random init.
+    """
+    if init_from not in ("auto", "pretrain", "pretrained", "random"):
+        raise ValueError(f"unknown init_from {init_from!r}")
+    version = storage.latest("pretrain") if init_from in ("auto", "pretrain") else None
+    if init_from == "pretrain" and version is None:
+        storage.require_latest("pretrain")  # raises a clear FileNotFoundError
+    if version is not None:
+        return {"kind": "artifact", "stage": "pretrain", "version": version,
+                "storage": storage.config().model_dump(), "rel": posixpath.join("pretrain", version, MODEL_SUBDIR)}
+    if init_from == "pretrained" and not cfg.model.pretrained:
+        raise ValueError("init_from='pretrained' needs model.pretrained (a folder or hub name)")
+    if init_from in ("auto", "pretrained") and cfg.model.pretrained:
+        return {"kind": "pretrained", "name": cfg.model.pretrained, "trust_remote_code": cfg.model.trust_remote_code}
+    return {"kind": "random", "size": cfg.model.size, "seed": cfg.model.seed}
+
+
+def load_init_encoder(init: dict[str, Any]):
+    """The encoder described by :func:`resolve_init` (runs on workers and on the driver)."""
+    from mess_ray.config import StorageConfig
+    from mess_ray.models.encoder import build_encoder, load_encoder
+
+    if init["kind"] == "random":
+        return build_encoder(init["size"], seed=init["seed"])
+    if init["kind"] == "pretrained":
+        return load_encoder(init["name"], trust_remote_code=init["trust_remote_code"])
+    if init["kind"] == "artifact":
+        storage = Storage.from_config(StorageConfig(**init["storage"]))
+        with storage.local_dir(init["rel"]) as local:
+            return load_encoder(local)
+    raise ValueError(f"unknown encoder init {init}")
+

@@ -1,0 +1,99 @@
+"""Shared fixtures: one embedded local Ray per test session, a real S3 endpoint on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+# Before anything imports ray: loopback only, no auth, no usage reporting.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.pop("RAY_ADDRESS", None)
+# Dummy credentials: the S3 endpoint is moto on 127.0.0.1, never AWS.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+
+import pytest
+
+from mess_ray.config import MessRayConfig, load_config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray for the whole session (starting Ray costs seconds)."""
+    import ray
+
+    from mess_ray.raylocal import ensure_ray
+
+    ensure_ray()
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's ThreadedMotoServer on 127.0.0.1: a real S3 protocol endpoint (as s3fs tests do)."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    previous = os.environ.get("AWS_ENDPOINT_URL")
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    yield endpoint
+    if previous is None:
+        os.environ.pop("AWS_ENDPOINT_URL", None)
+    else:
+        os.environ["AWS_ENDPOINT_URL"] = previous
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A fresh bucket on the moto endpoint; yields its s3:// URL."""
+    import uuid
+
+    import boto3
+
+    name = f"mess-ray-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    yield f"s3://{name}"
+
+
+def tiny_config(root: str, **sections) -> MessRayConfig:
+    """The smallest config that still exercises every stage (used by integration tests)."""
+    overrides = [
+        f"storage.root={root}",
+        "audio.window_s=2.0", "audio.hop_s=1.0",
+        "render.num_pieces=4", "render.max_duration_s=8",
+        "pretrain.steps=4", "pretrain.batch_size=4", "pretrain.num_clusters=8",
+        "pretrain.checkpoint_every=2", "pretrain.kmeans_sample_frames=2000",
+        "finetune.steps=6", "finetune.batch_size=8", "finetune.checkpoint_every=3",
+        "index.shards=2",
+    ]
+    cfg = load_config(None, overrides)
+    for section, values in sections.items():
+        for key, value in values.items():
+            setattr(getattr(cfg, section), key, value)
+    return cfg
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path) -> MessRayConfig:
+    return tiny_config(str(tmp_path / "store"))

@@ -1,0 +1,279 @@
+"""Unit tests of the index stage's pure parts: FAISS build/merge, publish, searcher."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mess_ray.index.embed import segment_audio_matrix, table_to_vectors, vectors_table
+from mess_ray.config import MessRayConfig
+from mess_ray.index.faiss_index import (IndexSpec, build_index, choose_index_spec, create_empty_index,
+                                        index_to_bytes, load_index, save_index, sha256_bytes,
+                                        training_points_needed)
+from mess_ray.index.job import (INDEX_METADATA_COLUMNS, IndexIntegrityError, reconcile_ids, shard_loaders,
+                                write_index_artifact)
+from mess_ray.index.searcher import SearchIndex, select_hits
+from mess_ray.segments import encode_audio, segment_id
+from mess_ray.storage import Storage, new_version
+
+
+def unit_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def big_ids(n: int) -> np.ndarray:
+    """Ids above 2**32, as real segment ids are, to catch truncation."""
+    return np.array([segment_id(f"t{i}", i * 7) for i in range(n)], dtype=np.int64)
+
+
+def brute_force(x: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    scores = q @ x.T
+    return ids[np.argsort(-scores, axis=1, kind="stable")[:, :k]]
+
+
+# -- faiss_index -----------------------------------------------------------------------
+def test_choose_index_spec_by_size():
+    assert choose_index_spec(500, 64).type == "flat"
+    assert choose_index_spec(200_000, 64).type == "ivf"
+    assert choose_index_spec(2_000_000, 64, "ivf").type == "ivfpq"
+    assert choose_index_spec(2_000_000, 64, "ivf").rerank
+    hnsw = choose_index_spec(10, 8, "hnsw")
+    assert hnsw.type == "hnsw" and not hnsw.mergeable
+    small_ivf = choose_index_spec(100, 8, "ivf")
+    assert 1 <= small_ivf.nlist <= 100 // 39 + 1 and small_ivf.nprobe <= small_ivf.nlist
+    with pytest.raises(ValueError):
+        choose_index_spec(0, 8)
+    with pytest.raises(ValueError):
+        choose_index_spec(10, 8, "lsh")
+    assert IndexSpec.from_dict(hnsw.to_dict()) == hnsw
+
+
+def test_merged_flat_shards_equal_brute_force():
+    x, ids = unit_vectors(1000, 32), big_ids(1000)
+    spec = choose_index_spec(len(x), 32, "flat")
+    parts = [(x[i::3], ids[i::3]) for i in range(3)]
+    index = build_index(spec, parts)
+    assert index.ntotal == 1000
+    q = unit_vectors(20, 32, seed=1)
+    _, found = index.search(q, 10)
+    np.testing.assert_array_equal(found, brute_force(x, ids, q, 10))
+    # 64-bit ids survive and reconstruct by id returns the stored vector
+    np.testing.assert_allclose(index.reconstruct(int(ids[123])), x[123], atol=1e-6)
+
+
+def test_merged_ivf_shards_keep_ids_and_are_exact_with_all_lists_probed():
+    x, ids = unit_vectors(2000, 16), big_ids(2000)
+    spec = choose_index_spec(len(x), 16, "ivf")
+    train = x[: training_points_needed(spec)]
+    index = build_index(spec, [(x[:700], ids[:700]), (x[700:], ids[700:])], train_vectors=train)
+    assert index.ntotal == 2000
+    index.nprobe = spec.nlist  # probing every list makes IVF-Flat exact
+    q = unit_vectors(10, 16, seed=2)
+    _, found = index.search(q, 5)
+    np.testing.assert_array_equal(found, brute_force(x, ids, q, 5))
+
+
+def test_create_empty_ivf_needs_training_data():
+    spec = choose_index_spec(5000, 8, "ivf")
+    with pytest.raises(ValueError, match="training"):
+        create_empty_index(spec, None)
+
+
+def test_add_rejects_bad_shapes_and_nan():
+    index = create_empty_index(IndexSpec(type="flat", dim=4))
+    with pytest.raises(ValueError, match="shape"):
+        build_index(IndexSpec(type="flat", dim=4), [(np.zeros((3, 5), np.float32), np.arange(3))])
+    bad = np.full((2, 4), np.nan, np.float32)
+    with pytest.raises(ValueError, match="NaN"):
+        build_index(IndexSpec(type="flat", dim=4), [(bad, np.arange(2))])
+    assert index.ntotal == 0
+
+
+def test_save_load_roundtrip_with_checksum(tmp_path):
+    storage = Storage(str(tmp_path))
+    x, ids = unit_vectors(50, 8), big_ids(50)
+    index = build_index(IndexSpec(type="flat", dim=8), [(x, ids)])
+    digest = save_index(storage, "a/index.faiss", index)
+    assert digest == sha256_bytes(storage.read_bytes("a/index.faiss"))
+    loaded = load_index(storage, "a/index.faiss", digest)
+    assert loaded.ntotal == 50
+    storage.write_bytes("a/index.faiss", index_to_bytes(build_index(IndexSpec(type="flat", dim=8), [(x[:3], ids[:3])])))
+    with pytest.raises(ValueError, match="checksum"):
+        load_index(storage, "a/index.faiss", digest)
+
+
+def test_index_bytes_roundtrip_on_s3(s3_bucket):
+    storage = Storage(f"{s3_bucket}/root")
+    x, ids = unit_vectors(20, 8), big_ids(20)
+    digest = save_index(storage, "idx/index.faiss", build_index(IndexSpec(type="flat", dim=8), [(x, ids)]))
+    loaded = load_index(storage, "idx/index.faiss", digest)
+    _, found = loaded.search(x[:1], 1)
+    assert found[0, 0] == ids[0]
+
+
+# -- embed helpers / job helpers -------------------------------------------------------
+def test_segment_audio_matrix_pads_crops_and_checks_rate():
+    blobs = [encode_audio(np.ones(5, np.float32)), encode_audio(np.ones(20, np.float32))]
+    m = segment_audio_matrix(blobs, np.array([16000, 16000]), 16000, 10)
+    assert m.shape == (2, 10) and m[0, 5:].sum() == 0 and m[1].sum() == 10
+    with pytest.raises(ValueError, match="sample rate"):
+        segment_audio_matrix(blobs, np.array([16000, 22050]), 16000, 10)
+
+
+def test_vectors_table_roundtrip():
+    x, ids = unit_vectors(7, 5), big_ids(7)
+    table = vectors_table(ids, x)
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 5)
+    back, back_ids = table_to_vectors(table)
+    np.testing.assert_array_equal(back, x)
+    np.testing.assert_array_equal(back_ids, ids)
+    with pytest.raises(ValueError, match="NaN"):
+        vectors_table(ids[:1], np.full((1, 5), np.nan))
+
+
+def test_reconcile_ids_fails_loudly():
+    ids = big_ids(10)
+    assert reconcile_ids(ids, ids[::-1]) == {"segments": 10, "vectors": 10}
+    with pytest.raises(IndexIntegrityError, match="1 missing"):
+        reconcile_ids(ids, ids[:-1])
+    with pytest.raises(IndexIntegrityError, match="1 duplicated"):
+        reconcile_ids(ids, np.concatenate([ids, ids[:1]]))
+    with pytest.raises(IndexIntegrityError, match="1 unknown"):
+        reconcile_ids(ids[:-1], ids)
+
+
+def test_shard_loaders_cover_every_vector_once(tmp_path):
+    storage = Storage(str(tmp_path))
+    x, ids = unit_vectors(30, 4), big_ids(30)
+    pq.write_table(vectors_table(ids, x), storage.path("v.parquet"))
+    loaders = shard_loaders(storage, [storage.path("v.parquet")], 3)  # fewer files than shards: split by id
+    got = np.concatenate([loader()[1] for loader in loaders])
+    assert sorted(got.tolist()) == sorted(ids.tolist())
+    with pytest.raises(ValueError):
+        shard_loaders(storage, [], 0)
+
+
+# -- searcher --------------------------------------------------------------------------
+def make_search_index(n_tracks: int = 3, per_track: int = 6, dim: int = 8) -> tuple[SearchIndex, dict]:
+    rows = {c: [] for c in INDEX_METADATA_COLUMNS}
+    for t in range(n_tracks):
+        for s in range(per_track):
+            start = float(s)  # window 2 s, hop 1 s
+            rows["segment_id"].append(segment_id(f"track{t}", s * 16000))
+            rows["track_id"].append(f"track{t}")
+            rows["piece_id"].append(f"piece{t % 2}")
+            rows["style"].append("romantic")
+            rows["start_s"].append(start)
+            rows["end_s"].append(start + 2.0)
+            rows["sample_rate"].append(16000)
+            rows["source_uri"].append(f"/audio/track{t}.wav")
+            rows["metadata_json"].append(json.dumps({"n": t}))
+    table = pa.table(rows)
+    ids = np.array(rows["segment_id"], dtype=np.int64)
+    x = unit_vectors(len(ids), dim, seed=3)
+    index = build_index(IndexSpec(type="flat", dim=dim), [(x, ids)])
+    return SearchIndex(index, table, IndexSpec(type="flat", dim=dim)), {"ids": ids, "x": x, "rows": rows}
+
+
+def test_search_returns_self_first_with_metadata():
+    si, data = make_search_index()
+    hits = si.search(data["x"][4], k=3)
+    assert hits[0].segment_id == data["ids"][4] and hits[0].rank == 1
+    assert hits[0].similarity == pytest.approx(1.0, abs=1e-5)
+    assert hits[0].track_id == "track0" and hits[0].start_s == 4.0 and hits[0].metadata == {"n": 0}
+    assert [h.similarity for h in hits] == sorted((h.similarity for h in hits), reverse=True)
+
+
+def test_search_exclusions_and_min_gap():
+    si, data = make_search_index()
+    hits = si.search(data["x"][0], k=20, exclude_track="track0")
+    assert hits and all(h.track_id != "track0" for h in hits)
+    assert len(hits) == 12  # widened until the other two tracks are exhausted
+    gapped = si.search(data["x"][0], k=20, min_gap_s=2.5)
+    for track in {h.track_id for h in gapped}:
+        starts = sorted(h.start_s for h in gapped if h.track_id == track)
+        assert all(b - a >= 2.5 for a, b in zip(starts, starts[1:]))
+    with pytest.raises(ValueError):
+        si.search(data["x"][0], k=0)
+    with pytest.raises(ValueError, match="dimension"):
+        si.search(np.ones(3), k=1)
+
+
+def test_select_hits_skips_padding_ids():
+    rows = {10: 0, 11: 1}
+    kept = select_hits([(-1, 0.0), (10, 0.9), (11, 0.8)], rows, ["a", "a"], [0.0, 1.0], k=5)
+    assert kept == [(10, 0.9), (11, 0.8)]
+
+
+def test_track_time_lookup_and_span_average():
+    si, data = make_search_index()
+    assert si.segments_in_span("track1", 3.5) == [int(data["ids"][6 + 3])]
+    span = si.segments_in_span("track1", 1.0, 3.0)
+    assert span == [int(i) for i in data["ids"][6:9]]  # starts 0,1,2 overlap (1, 3)
+    vector, ids = si.span_vector("track1", 1.0, 3.0)
+    expected = data["x"][6:9].mean(axis=0)
+    np.testing.assert_allclose(vector, expected / np.linalg.norm(expected), atol=1e-5)
+    query_ids, hits = si.search_by_track("track1", 1.0, 3.0, k=5)
+    assert query_ids == ids and not set(ids) & {h.segment_id for h in hits}
+    with pytest.raises(KeyError):
+        si.segments_in_span("nope", 0.0)
+    with pytest.raises(ValueError, match="past the end"):
+        si.segments_in_span("track1", 99.0)
+    with pytest.raises(ValueError):
+        si.segments_in_span("track1", 2.0, 1.0)
+
+
+def test_tracks_listing_and_unknown_ids():
+    si, data = make_search_index()
+    tracks = si.tracks()
+    assert [t["track_id"] for t in tracks] == ["track0", "track1", "track2"]
+    assert tracks[0]["num_segments"] == 6 and tracks[0]["duration_s"] == 7.0
+    assert len(si.track("track2")["segments"]) == 6
+    hits = si.search_by_segment(int(data["ids"][0]), k=4)
+    assert int(data["ids"][0]) not in {h.segment_id for h in hits}
+    with pytest.raises(KeyError):
+        si.track("missing")
+    with pytest.raises(KeyError):
+        si.segment(12345)
+    with pytest.raises(KeyError):
+        si.vector(12345)
+
+
+def test_searcher_rejects_mismatched_metadata():
+    si, data = make_search_index()
+    table = pa.table({c: v[:-1] for c, v in data["rows"].items()})
+    with pytest.raises(ValueError, match="metadata"):
+        SearchIndex(si.index, table, si.spec)
+
+
+def test_publish_writes_checksummed_manifest_and_latest(tmp_path):
+    storage = Storage(str(tmp_path / "store"))
+    si, data = make_search_index()
+    table = pa.table(data["rows"])
+    version = new_version()
+    manifest = write_index_artifact(MessRayConfig(), storage, version, si.index, si.spec, table,
+                                    {"ref": "random", "kind": "random"}, {"segments": 18, "vectors": 18},
+                                    {"ingest": "v0"})
+    assert storage.latest("index") == version
+    on_disk = storage.manifest("index")
+    assert on_disk == json.loads(json.dumps(manifest, default=str))
+    assert on_disk["checksums"]["index.faiss"] == sha256_bytes(storage.read_bytes(f"index/{version}/index.faiss"))
+    assert on_disk["checksums"]["metadata.parquet"] == sha256_bytes(
+        storage.read_bytes(f"index/{version}/metadata.parquet"))
+    assert on_disk["count"] == 18 and on_disk["dim"] == 8 and on_disk["model"]["ref"] == "random"
+    assert pq.read_table(storage.path("index", version, "metadata.parquet")).column_names == INDEX_METADATA_COLUMNS
+    loaded = SearchIndex.load(storage)
+    assert loaded.version == version and len(loaded) == 18
+    assert loaded.search(data["x"][5], k=1)[0].segment_id == data["ids"][5]
+    # a replaced file is caught by the checksum
+    storage.write_bytes(f"index/{version}/metadata.parquet", b"garbage")
+    with pytest.raises(ValueError, match="checksum"):
+        SearchIndex.load(storage, version)
+    with pytest.raises(IndexIntegrityError):
+        write_index_artifact(MessRayConfig(), storage, new_version(), si.index, si.spec, table.slice(0, 3),
+                             {}, {}, {})

@@ -1,0 +1,162 @@
+"""Encoders, EmbeddingModel and Embedder (no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mess_ray.config import load_config
+from mess_ray.models import Embedder, EmbeddingModel, build_encoder, count_parameters, encoder_config, load_encoder
+from mess_ray.models.embedder import resolve_layer
+from mess_ray.models.encoder import conv_stride, num_frames
+from mess_ray.storage import Storage
+
+SR = 16000
+
+
+def _cfg(root, *extra):
+    return load_config(None, [f"storage.root={root}", "audio.window_s=2.0", "audio.hop_s=1.0", *extra])
+
+
+def test_sizes_build_with_expected_geometry():
+    tiny = build_encoder("tiny", seed=0)
+    assert tiny.config.layerdrop == 0.0 and tiny.config.hidden_size == 64 and tiny.config.num_hidden_layers == 2
+    assert conv_stride(tiny) == 320  # one frame per 20 ms at 16 kHz, the hop of the k-means features
+    assert num_frames(tiny, 2 * SR) in (99, 100)
+    for size in ("tiny", "small", "base"):
+        config = encoder_config(size)
+        assert config.layerdrop == 0.0 and int(np.prod(config.conv_stride)) == 320
+    assert count_parameters("tiny") < 500_000
+    assert 1_000_000 < count_parameters("small") < 20_000_000
+    assert 90_000_000 < count_parameters("base") < 100_000_000  # MERT-v1-95M / HuBERT-base geometry
+    with pytest.raises(ValueError, match="unknown encoder size"):
+        encoder_config("huge")
+
+
+def test_random_encoder_is_seeded():
+    a, b, c = build_encoder("tiny", seed=3), build_encoder("tiny", seed=3), build_encoder("tiny", seed=4)
+    pa_, pb, pc_ = (torch.cat([p.flatten() for p in m.parameters()]) for m in (a, b, c))
+    assert torch.equal(pa_, pb) and not torch.equal(pa_, pc_)
+
+
+def test_encoder_save_load_round_trip(tmp_path):
+    encoder = build_encoder("tiny", seed=0).eval()
+    encoder.save_pretrained(tmp_path / "enc")
+    loaded = load_encoder(tmp_path / "enc").eval()
+    x = torch.randn(2, SR)
+    with torch.no_grad():
+        assert torch.allclose(encoder(x).last_hidden_state, loaded(x).last_hidden_state, atol=1e-6)
+
+
+def test_load_encoder_errors_are_clear(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    # Offline like this machine at run time, without waiting on connection retries.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="without config.json"):
+        load_encoder(tmp_path / "empty")
+    with pytest.raises(ValueError, match="cannot load encoder"):
+        load_encoder("no-such-org/no-such-model-xyz")
+
+
+def test_embedding_model_shape_norm_and_save_load(tmp_path):
+    torch.manual_seed(0)
+    model = EmbeddingModel(build_encoder("tiny", seed=0), embedding_dim=24, pooling="attentive").eval()
+    x = torch.randn(3, 2 * SR)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (3, 24)
+    assert torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(model.layer_weights().sum(), torch.tensor(1.0))
+    model.save(tmp_path / "m")
+    loaded = EmbeddingModel.load(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), out, atol=1e-5)
+    with pytest.raises(ValueError, match="shape"):
+        model(torch.randn(2 * SR))
+
+
+def test_freezing_options():
+    model = EmbeddingModel(build_encoder("tiny", seed=0), embedding_dim=16, pooling="mean", freeze_encoder=True)
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    assert all(p.requires_grad for p in model.projection.parameters()) and model.layer_logits.requires_grad
+    model.set_frozen(False, freeze_layers=1)
+    assert not any(p.requires_grad for p in model.encoder.encoder.layers[0].parameters())
+    assert all(p.requires_grad for p in model.encoder.encoder.layers[1].parameters())
+    assert not any(p.requires_grad for p in model.encoder.feature_extractor.parameters())
+    with pytest.raises(ValueError, match="exceeds"):
+        model.set_frozen(False, freeze_layers=5)
+
+
+def test_resolve_layer():
+    assert resolve_layer(12, None) == 6 and resolve_layer(12, -1) == 12 and resolve_layer(2, 0) == 0
+    with pytest.raises(ValueError):
+        resolve_layer(2, 3)
+
+
+def test_random_embedder_deterministic_and_normalised(tmp_path):
+    cfg, storage = _cfg(tmp_path), Storage(str(tmp_path))
+    embedder = Embedder.from_ref(cfg, storage, "random")
+    rng = np.random.default_rng(0)
+    batch = rng.standard_normal((5, 2 * SR)).astype(np.float32)
+    vectors = embedder.embed(batch)
+    assert vectors.shape == (5, embedder.dim) and vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    again = Embedder.from_info(cfg, storage, embedder.info).embed(batch)
+    assert np.allclose(vectors, again, atol=1e-6)
+    # Inputs of another length are fit to the window (a short clip is zero-padded).
+    short = embedder.embed(batch[:, : SR])
+    padded = embedder.embed(np.pad(batch[:, :SR], ((0, 0), (0, SR))))
+    assert np.allclose(short, padded, atol=1e-6)
+    with pytest.raises(ValueError, match="2-D|batch"):
+        embedder.embed(batch[0])
+    with pytest.raises(ValueError, match="NaN"):
+        embedder.embed(np.full((1, 2 * SR), np.nan, dtype=np.float32))
+    assert embedder.embed(np.zeros((0, 2 * SR), np.float32)).shape == (0, embedder.dim)
+
+
+def test_embedder_from_folders_and_stage_refs(tmp_path):
+    cfg, storage = _cfg(tmp_path / "store"), Storage(str(tmp_path / "store"))
+    with pytest.raises(FileNotFoundError, match="finetune"):
+        Embedder.from_ref(cfg, storage, "finetune")
+    with pytest.raises(FileNotFoundError):
+        Embedder.from_ref(cfg, storage, str(tmp_path / "missing"))
+    model = EmbeddingModel(build_encoder("tiny", seed=1), embedding_dim=32, pooling="mean").eval()
+    model.save(tmp_path / "store" / "finetune" / "v1" / "model")
+    storage.publish("finetune", "v1", {"inputs": {}})
+    build_encoder("tiny", seed=2).save_pretrained(tmp_path / "store" / "pretrain" / "p1" / "model")
+    storage.publish("pretrain", "p1", {"inputs": {}})
+
+    batch = np.random.default_rng(1).standard_normal((2, 2 * SR)).astype(np.float32)
+    finetuned = Embedder.from_ref(cfg, storage, "finetune")
+    assert finetuned.dim == 32 and finetuned.info["version"] == "v1" and finetuned.info["kind"] == "embedding_model"
+    with torch.no_grad():
+        expected = model(torch.from_numpy(batch)).numpy()
+    assert np.allclose(finetuned.embed(batch), expected, atol=1e-5)
+    pretrained = Embedder.from_ref(cfg, storage, "pretrain")
+    assert pretrained.dim == 64 and pretrained.info["kind"] == "encoder"
+    by_path = Embedder.from_ref(cfg, storage, str(tmp_path / "store" / "finetune" / "v1"))
+    assert np.allclose(by_path.embed(batch), expected, atol=1e-5)
+    rebuilt = Embedder.from_info(cfg, storage, finetuned.info)
+    assert np.allclose(rebuilt.embed(batch), expected, atol=1e-5)
+    wrong_rate = _cfg(tmp_path / "store", "audio.sample_rate=24000")
+    with pytest.raises(ValueError, match="Hz"):
+        Embedder.from_ref(wrong_rate, storage, "finetune")
+
+
+def test_embedder_loads_from_s3(s3_bucket, tmp_path):
+    root = f"{s3_bucket}/store"
+    cfg, storage = _cfg(root), Storage(root)
+    model = EmbeddingModel(build_encoder("tiny", seed=1), embedding_dim=16, pooling="attentive").eval()
+    model.save(tmp_path / "m")
+    storage.put_dir(tmp_path / "m", "finetune/v1/model")
+    storage.publish("finetune", "v1", {"inputs": {}})
+    batch = np.random.default_rng(2).standard_normal((2, 2 * SR)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(batch)).numpy()
+    assert np.allclose(Embedder.from_ref(cfg, storage, "finetune").embed(batch), expected, atol=1e-5)
+    assert np.allclose(Embedder.from_ref(cfg, storage, storage.url("finetune", "v1", "model")).embed(batch),
+                       expected, atol=1e-5)
