@@ -129,7 +129,9 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     """Settings shared by pretraining and fine-tuning (both run on Ray Train)."""
 
-    run_name: str = "default"
+    run_name: str | None = Field(
+        None, description="Checkpoints and artifact version. None: derived from the inputs and settings, so "
+                          "re-running the same job resumes it and new data or settings start a new run.")
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0)
@@ -142,11 +144,12 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
+    shuffle_buffer: int = Field(256, ge=1, description="Rows in each worker's local shuffle buffer "
+                                "(mixes tracks and styles within batches).")
     seed: int = 0
 
 
 class PretrainConfig(TrainConfig):
-    run_name: str = "pretrain"
     num_clusters: int = Field(32, ge=2, description="k-means codebook size for masked-prediction targets.")
     kmeans_sample_frames: int = Field(20000, ge=100)
     mask_prob: float = Field(0.65, gt=0, lt=1)
@@ -156,7 +159,6 @@ class PretrainConfig(TrainConfig):
 
 
 class FinetuneConfig(TrainConfig):
-    run_name: str = "finetune"
     lr: float = Field(3e-4, gt=0)
     loss: Literal["infonce", "triplet"] = "infonce"
     temperature: float = Field(0.1, gt=0)

@@ -17,7 +17,7 @@ import numpy as np
 
 from mess_ray.config import MessRayConfig
 from mess_ray.raylocal import ensure_ray, shutdown_ray
-from mess_ray.storage import Storage
+from mess_ray.storage import Storage, resolve_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ def run_stage(name: str, cfg: MessRayConfig, storage: Storage | None = None, **k
     """Run one batch stage on the configured Ray cluster; returns its published manifest."""
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; expected one of {', '.join(STAGES)}")
+    cfg = with_storage_resolved(cfg)
     ensure_ray(cfg.ray)
     storage = storage or Storage.from_config(cfg.storage)
     if name == "render":
@@ -55,6 +56,11 @@ def run_stage(name: str, cfg: MessRayConfig, storage: Storage | None = None, **k
     return run_evaluate(cfg, storage, **kwargs)
 
 
+def with_storage_resolved(cfg: MessRayConfig) -> MessRayConfig:
+    """A copy of ``cfg`` whose storage section names its S3 endpoint explicitly (for workers)."""
+    return cfg.model_copy(update={"storage": resolve_endpoint(cfg.storage)})
+
+
 def service_url(cfg: MessRayConfig) -> str:
     return f"http://{cfg.serve.host}:{cfg.serve.port}"
 
@@ -63,7 +69,7 @@ def serve_forever(cfg: MessRayConfig) -> None:
     from mess_ray.serve import run_service
 
     ensure_ray(cfg.ray)
-    run_service(cfg, blocking=True)
+    run_service(with_storage_resolved(cfg), blocking=True)
 
 
 def search_cli(cfg: MessRayConfig, args: argparse.Namespace) -> dict:
@@ -111,6 +117,7 @@ def run_demo(cfg: MessRayConfig, shutdown: bool = True) -> dict:
 
     started = time.monotonic()
     timings: dict[str, float] = {}
+    cfg = with_storage_resolved(cfg)
     ensure_ray(cfg.ray)
     storage = Storage.from_config(cfg.storage)
     print(f"mess-ray demo: storage root {storage.url()}")

@@ -30,23 +30,26 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     if ray.is_initialized():
         return
     cfg = cfg or RayConfig()
-    for key, value in LOCAL_ENV.items():
-        os.environ.setdefault(key, value)
-    env_vars = {k: os.environ[k] for k in (*FORWARDED_ENV, *LOCAL_ENV) if k in os.environ}
+    forwarded = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        # A cluster needs routable node addresses even if this process set loopback mode.
+        # A cluster needs routable node addresses: undo the loopback default that importing
+        # mess_ray set (an explicit RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER from the user is kept).
+        import mess_ray
         from ray._private import ray_constants
 
-        ray_constants.ENABLE_RAY_CLUSTER = True
-        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+        if mess_ray.LOOPBACK_DEFAULTED:
+            ray_constants.ENABLE_RAY_CLUSTER = True
+        ray.init(address=address, runtime_env={"env_vars": forwarded}, log_to_driver=True)
         return
+    for key, value in LOCAL_ENV.items():
+        os.environ.setdefault(key, value)
     # Several logical CPUs per core: stages use fractional CPUs and Ray Train's controller,
     # Ray Data's operators and Serve's proxy must all fit at once on a 2-core machine.
     num_cpus = cfg.num_cpus or max(4, 2 * (os.cpu_count() or 1))
     log.info("starting embedded local Ray with %d logical CPUs", num_cpus)
-    ray.init(num_cpus=num_cpus, include_dashboard=False,
-             runtime_env={"env_vars": env_vars}, logging_level=logging.WARNING,
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+             runtime_env={"env_vars": {**forwarded, **{k: os.environ[k] for k in LOCAL_ENV}}},
              configure_logging=True, log_to_driver=True)
 
 

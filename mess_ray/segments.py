@@ -91,25 +91,26 @@ def read_segments_ray(storage: Storage, version: str | None = None, columns: lis
                                  columns=columns, schema=SEGMENT_SCHEMA)
 
 
-def is_holdout_piece(piece_id: str, fraction: float, seed: int = 0) -> bool:
-    """Deterministic split by piece: no piece is on both sides of train/evaluation.
-
-    Hash-based rather than sampled so that adding recordings never moves an existing piece
-    across the split.
-    """
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+def _piece_score(piece_id: str, seed: int) -> float:
     digest = hashlib.blake2b(f"{seed}\x00{piece_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64 < fraction
+    return int.from_bytes(digest, "little") / 2**64
 
 
 def split_pieces(piece_ids, fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
-    """(train, holdout) piece lists; guarantees both sides are non-empty when >= 2 pieces."""
-    pieces = sorted(set(piece_ids))
-    holdout = [p for p in pieces if is_holdout_piece(p, fraction, seed)]
-    train = [p for p in pieces if p not in set(holdout)]
-    if len(pieces) >= 2 and not holdout:
-        holdout, train = train[-1:], train[:-1]
-    elif len(pieces) >= 2 and not train:
-        train, holdout = holdout[:1], holdout[1:]
-    return train, holdout
+    """Deterministic (train, holdout) split by piece: no piece is on both sides.
+
+    A piece is held out when its seeded hash score is below ``fraction``, so adding pieces
+    never moves an existing piece across the split. Small corpora are clamped so that each
+    side keeps at least two pieces (one when there are fewer than four): retrieval "across
+    different pieces" needs two pieces on the evaluated side.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+    pieces = sorted(set(piece_ids), key=lambda p: (_piece_score(p, seed), p))
+    n = len(pieces)
+    if n < 2:
+        return pieces, []
+    floor = 2 if n >= 4 else 1
+    n_holdout = sum(_piece_score(p, seed) < fraction for p in pieces)
+    n_holdout = min(max(n_holdout, floor), n - floor)
+    return sorted(pieces[n_holdout:]), sorted(pieces[:n_holdout])

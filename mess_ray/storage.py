@@ -53,6 +53,18 @@ def make_filesystem(url: str, s3_endpoint_url: str | None = None) -> tuple[fsspe
     return fs, path
 
 
+def resolve_endpoint(cfg: StorageConfig) -> StorageConfig:
+    """``cfg`` with the S3 endpoint made explicit (from AWS_ENDPOINT_URL) for s3:// roots.
+
+    Configs travel to Ray workers, whose environment may predate the driver's: an explicit
+    endpoint in the config reaches every worker, an environment variable may not.
+    """
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if cfg.s3_endpoint_url or not endpoint or not cfg.root.startswith(("s3://", "s3a://")):
+        return cfg
+    return cfg.model_copy(update={"s3_endpoint_url": endpoint})
+
+
 @dataclass
 class Storage:
     """A storage root: helpers to read and write files and artifacts under it."""

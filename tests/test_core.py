@@ -93,7 +93,9 @@ def test_split_pieces_is_disjoint_and_stable():
     # Adding pieces never moves an existing piece across the split.
     train2, holdout2 = split_pieces(pieces + ["new1", "new2"], 0.3, seed=1)
     assert set(holdout) <= set(holdout2)
-    assert split_pieces(["a", "b"], 0.01) [1] != []
+    assert len(split_pieces(["a", "b"], 0.01)[1]) == 1
+    assert [len(side) for side in split_pieces("abcd", 0.01)] == [2, 2]
+    assert [len(side) for side in split_pieces("abcd", 0.99)] == [2, 2]
 
 
 def test_cli_every_verb_has_help(capsys):

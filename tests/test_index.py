@@ -277,3 +277,21 @@ def test_publish_writes_checksummed_manifest_and_latest(tmp_path):
     with pytest.raises(IndexIntegrityError):
         write_index_artifact(MessRayConfig(), storage, new_version(), si.index, si.spec, table.slice(0, 3),
                              {}, {}, {})
+
+
+def test_ivfpq_candidates_are_reranked_exactly():
+    x, ids = unit_vectors(3000, 16, seed=5), big_ids(3000)
+    spec = choose_index_spec(len(x), 16, "ivf", ivfpq_above=1000, nprobe=64)
+    assert spec.type == "ivfpq" and spec.rerank
+    index = build_index(spec, [(x[:1500], ids[:1500]), (x[1500:], ids[1500:])],
+                        train_vectors=x[: training_points_needed(spec)])
+    rows = {c: [] for c in INDEX_METADATA_COLUMNS}
+    for i, sid in enumerate(ids):
+        for c, v in zip(INDEX_METADATA_COLUMNS, [int(sid), f"t{i % 50}", "p", "s", float(i), i + 2.0, 16000, "", "{}"]):
+            rows[c].append(v)
+    si = SearchIndex(index, pa.table(rows), spec, rerank_vectors=dict(zip(ids.tolist(), x)))
+    for i in (0, 777, 2999):
+        hits = si.search(x[i], k=5)
+        assert hits[0].segment_id == ids[i] and hits[0].similarity == pytest.approx(1.0, abs=1e-5)
+        exact = brute_force(x, ids, x[i:i + 1], 5)[0]
+        assert hits[1].segment_id in exact  # exact scores, not PQ approximations

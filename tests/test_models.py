@@ -137,7 +137,12 @@ def test_embedder_from_folders_and_stage_refs(tmp_path):
         expected = model(torch.from_numpy(batch)).numpy()
     assert np.allclose(finetuned.embed(batch), expected, atol=1e-5)
     pretrained = Embedder.from_ref(cfg, storage, "pretrain")
-    assert pretrained.dim == 64 and pretrained.info["kind"] == "encoder"
+    assert pretrained.dim == 64 and pretrained.info["kind"] == "encoder" and pretrained.info["layer"] == 1
+    # The recorded layer is rebuilt even if the config now names another one.
+    other_layer = _cfg(tmp_path / "store", "model.ssl_layer=-1")
+    assert Embedder.from_ref(other_layer, storage, "pretrain").info["layer"] == 2
+    same = Embedder.from_info(other_layer, storage, pretrained.info)
+    assert same.info["layer"] == 1 and np.allclose(same.embed(batch), pretrained.embed(batch), atol=1e-6)
     by_path = Embedder.from_ref(cfg, storage, str(tmp_path / "store" / "finetune" / "v1"))
     assert np.allclose(by_path.embed(batch), expected, atol=1e-5)
     rebuilt = Embedder.from_info(cfg, storage, finetuned.info)

@@ -72,4 +72,5 @@ def test_serve_run_over_http(ray_local, tmp_path):
             assert err.status == 404
         assert np.isfinite(result["took_ms"])
     finally:
-        serve.delete(APP_NAME)
+        # Shut Serve down (not only the app) so later tests can start a proxy on their own port.
+        serve.shutdown()

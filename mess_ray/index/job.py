@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from mess_ray.config import MessRayConfig
 from mess_ray.index.embed import SegmentEmbedder, table_to_vectors
@@ -116,7 +117,7 @@ def vector_files(storage: Storage, rel: str) -> list[str]:
 
 def read_vector_ids(storage: Storage, files: list[str]) -> np.ndarray:
     ids = [pq.read_table(f, columns=["segment_id"], filesystem=storage.pyarrow_fs()).column("segment_id")
-           .to_numpy() for f in files]
+           .to_numpy() for f in tqdm(files, desc="reconcile vector ids", unit="file", disable=len(files) < 8)]
     return np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64)
 
 

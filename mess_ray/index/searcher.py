@@ -19,6 +19,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from mess_ray.index.embed import table_to_vectors
 from mess_ray.index.faiss_index import IndexSpec, configure_for_search, load_index, sha256_bytes
@@ -266,7 +267,7 @@ def _parse_metadata(raw: str | None) -> dict[str, Any]:
 def _load_vectors(storage: Storage, rel: str) -> dict[int, np.ndarray]:
     files = sorted(storage.path(rel, n) for n in storage.listdir(rel) if n.endswith(".parquet"))
     out: dict[int, np.ndarray] = {}
-    for path in files:
+    for path in tqdm(files, desc="load re-ranking vectors", unit="file", disable=len(files) < 8):
         vectors, ids = table_to_vectors(pq.read_table(path, filesystem=storage.pyarrow_fs()))
         out.update(zip(ids.tolist(), vectors))
     return out

@@ -112,20 +112,22 @@ class Embedder:
         window = round(cfg.audio.window_s * cfg.audio.sample_rate)
         if info.get("kind") == "random":
             size, seed = info.get("size", cfg.model.size), int(info.get("seed", cfg.model.seed))
-            model = MeanPooledEncoder(build_encoder(size, seed=seed), cfg.model.ssl_layer)
+            model = MeanPooledEncoder(build_encoder(size, seed=seed), info.get("layer", cfg.model.ssl_layer))
             full = {"ref": info.get("ref", "random"), "kind": "random", "size": size, "seed": seed,
                     "version": None, "path": None, "layer": model.layer,
                     "sample_rate": cfg.audio.sample_rate}
             return cls(model, model.embedding_dim, full, window, cfg.model.inference_batch_size)
+        # The recorded layer wins over the config: from_info must rebuild the same vectors.
+        layer = info.get("layer", cfg.model.ssl_layer)
         if info.get("stage"):
             rel = posixpath.join(info["stage"], info["version"], MODEL_SUBDIR)
             if not storage.exists(rel):
                 raise FileNotFoundError(f"{storage.url(rel)} does not exist: was the "
                                         f"'{info['stage']}' artifact {info['version']} deleted?")
             with storage.local_dir(rel) as local:
-                model, kind = _load_model_folder(cfg, local)
+                model, kind = _load_model_folder(cfg, local, layer)
         elif info.get("path"):
-            model, kind = _load_from_path(cfg, str(info["path"]))
+            model, kind = _load_from_path(cfg, str(info["path"]), layer)
         else:
             raise ValueError(f"embedder info needs kind='random', a stage+version or a path: {info}")
         full = {"ref": info.get("ref"), "kind": kind, "stage": info.get("stage"),
@@ -134,7 +136,7 @@ class Embedder:
         return cls(model, model.embedding_dim, full, window, cfg.model.inference_batch_size)
 
 
-def _load_model_folder(cfg: MessRayConfig, folder: Path) -> tuple[nn.Module, str]:
+def _load_model_folder(cfg: MessRayConfig, folder: Path, layer: int | None) -> tuple[nn.Module, str]:
     """An EmbeddingModel folder, or a save_pretrained encoder folder (mean pooled)."""
     folder = Path(folder)
     if (folder / MODEL_SUBDIR).is_dir():  # an artifact folder rather than its model/
@@ -148,19 +150,19 @@ def _load_model_folder(cfg: MessRayConfig, folder: Path) -> tuple[nn.Module, str
         return model, "embedding_model"
     if (folder / "config.json").exists():
         encoder = load_encoder(folder, trust_remote_code=cfg.model.trust_remote_code)
-        return MeanPooledEncoder(encoder, cfg.model.ssl_layer), "encoder"
+        return MeanPooledEncoder(encoder, layer), "encoder"
     raise ValueError(f"{folder} holds neither an EmbeddingModel nor a save_pretrained encoder")
 
 
-def _load_from_path(cfg: MessRayConfig, path: str) -> tuple[nn.Module, str]:
+def _load_from_path(cfg: MessRayConfig, path: str, layer: int | None) -> tuple[nn.Module, str]:
     if "://" in path and not path.startswith("file://"):
         remote = Storage(path, cfg.storage.s3_endpoint_url)
         if not remote.fs.exists(remote.base):
             raise FileNotFoundError(f"model folder {path} does not exist")
         with remote.local_dir("") as local:
-            return _load_model_folder(cfg, local)
+            return _load_model_folder(cfg, local, layer)
     local = Path(path.removeprefix("file://")).expanduser()
     if not local.is_dir():
         raise FileNotFoundError(f"model ref {path!r} is neither 'finetune', 'pretrain', 'random' "
                                 "nor an existing folder")
-    return _load_model_folder(cfg, local)
+    return _load_model_folder(cfg, local, layer)

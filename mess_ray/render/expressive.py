@@ -42,11 +42,11 @@ def note_count(midi: pretty_midi.PrettyMIDI) -> int:
 
 
 def last_note_end(midi: pretty_midi.PrettyMIDI) -> float:
-    return max((n.end for inst in midi.instruments for n in inst.notes), default=0.0)
+    return float(max((n.end for inst in midi.instruments for n in inst.notes), default=0.0))
 
 
 def first_note_start(midi: pretty_midi.PrettyMIDI) -> float:
-    return min((n.start for inst in midi.instruments for n in inst.notes), default=0.0)
+    return float(min((n.start for inst in midi.instruments for n in inst.notes), default=0.0))
 
 
 # -- timing ---------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ def truncate(midi: pretty_midi.PrettyMIDI, max_duration_s: float) -> tuple[prett
     if max_duration_s <= 0:
         raise ValueError("max_duration_s must be positive")
     out = copy.deepcopy(midi)
-    cut = last_note_end(out) > max_duration_s
+    cut = bool(last_note_end(out) > max_duration_s)
     for inst in out.instruments:
         inst.notes = [n for n in inst.notes if n.start < max_duration_s - MIN_NOTE_S]
         for n in inst.notes:

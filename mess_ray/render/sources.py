@@ -173,7 +173,7 @@ def _midi_folder_refs(source_path: str) -> list[ScoreRef]:
             source="midi_folder",
             locator=_join_url(source_path, rel)))
     _require_unique_ids(refs)
-    return refs
+    return sorted(refs, key=lambda r: r.piece_id)
 
 
 def _join_url(root: str, rel: str) -> str:

@@ -18,6 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from mess_ray.config import MessRayConfig
+from mess_ray.index.searcher import Hit
 from mess_ray.serve.service import PayloadTooLarge, SearchService, UnsupportedMedia
 
 log = logging.getLogger(__name__)
@@ -25,22 +26,9 @@ APP_NAME = "mess-ray"
 
 
 # -- response models -------------------------------------------------------------------
-class HitModel(BaseModel):
-    rank: int
-    segment_id: int
-    track_id: str
-    piece_id: str
-    style: str
-    start_s: float
-    end_s: float
-    similarity: float = Field(description="Cosine similarity of the passage to the query.")
-    source_uri: str
-    metadata: dict[str, Any] = Field(default_factory=dict)
-
-
 class SearchResponse(BaseModel):
     query: dict[str, Any] = Field(description="What was searched (upload info or track span).")
-    hits: list[HitModel]
+    hits: list[Hit]  # the searcher's own dataclass: one definition of a hit
     index_version: str | None
     took_ms: float
 
@@ -91,30 +79,22 @@ def _message(err: BaseException) -> str:
     return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
 
 
+def _json_error(status: int):
+    async def handler(_: Request, err: Exception) -> JSONResponse:
+        return JSONResponse({"detail": _message(err)}, status_code=status)
+
+    return handler
+
+
 def create_app(service: SearchService) -> FastAPI:
     """The FastAPI app serving ``service``."""
     app = FastAPI(title="mess-ray", version="0.1.0",
                   description="Expressive music similarity search: find passages played alike.")
 
-    @app.exception_handler(PayloadTooLarge)
-    async def _too_large(_: Request, err: PayloadTooLarge) -> JSONResponse:
-        return JSONResponse({"detail": str(err)}, status_code=413)
-
-    @app.exception_handler(UnsupportedMedia)
-    async def _unsupported(_: Request, err: UnsupportedMedia) -> JSONResponse:
-        return JSONResponse({"detail": str(err)}, status_code=415)
-
-    @app.exception_handler(ValueError)
-    async def _bad_value(_: Request, err: ValueError) -> JSONResponse:
-        return JSONResponse({"detail": str(err)}, status_code=422)
-
-    @app.exception_handler(KeyError)
-    async def _unknown(_: Request, err: KeyError) -> JSONResponse:
-        return JSONResponse({"detail": _message(err)}, status_code=404)
-
-    @app.exception_handler(FileNotFoundError)
-    async def _missing(_: Request, err: FileNotFoundError) -> JSONResponse:
-        return JSONResponse({"detail": str(err)}, status_code=404)
+    # Domain errors to HTTP statuses; the most specific class first (the first two subclass ValueError).
+    for error, status in ((PayloadTooLarge, 413), (UnsupportedMedia, 415), (ValueError, 422),
+                          (KeyError, 404), (FileNotFoundError, 404)):
+        app.add_exception_handler(error, _json_error(status))
 
     @app.middleware("http")
     async def _reject_oversize(request: Request, call_next):
@@ -217,3 +197,16 @@ def run_service(cfg: MessRayConfig, blocking: bool = True):
     handle = serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=blocking)
     log.info("mess-ray search service on http://%s:%d/", cfg.serve.host, cfg.serve.port)
     return handle
+
+
+def app_builder(args: dict[str, Any]):
+    """Application builder for `serve deploy serve_config.yaml` / `serve run`.
+
+    ``args`` come from the Serve config: ``config`` (a mess-ray YAML path) and ``set`` (a list
+    of ``section.key=value`` overrides). Replicas, autoscaling and resources are left to the
+    Serve config file, which is where operators tune them.
+    """
+    from mess_ray.config import load_config
+
+    cfg = load_config(args.get("config"), list(args.get("set") or []))
+    return _deployment_class().bind(cfg.model_dump(mode="json"))

@@ -35,6 +35,24 @@ def _params(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+def wait_ready(base_url: str, timeout_s: float = 120.0, poll_s: float = 0.5) -> dict[str, Any]:
+    """Poll ``/readyz`` until the service has loaded its index and model."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{base_url}/readyz", timeout=5.0)
+            if response.status_code == 200:
+                return response.json()
+            last = f"{response.status_code} {response.text[:200]}"
+        except httpx.HTTPError as err:  # proxy not listening yet
+            last = repr(err)
+        time.sleep(poll_s)
+    raise TimeoutError(f"search service at {base_url} not ready after {timeout_s} s: {last}")
+
+
 def search_file(base_url: str, path_or_bytes: str | Path | bytes, k: int = 10, *, exclude_track: str | None = None,
                 min_gap_s: float | None = None, filename: str | None = None,
                 timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:

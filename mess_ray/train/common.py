@@ -15,6 +15,7 @@ the latest checkpoint and the step counter continues (tests/test_train_ray.py ch
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import posixpath
@@ -64,6 +65,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def check_resume_inputs(saved: dict | None, current: dict, run_name: str) -> None:
+    """Resuming is only valid on the same data and starting weights as the checkpoint."""
+    if saved is not None and saved != current:
+        raise ValueError(f"run_name {run_name!r} has checkpoints trained on {saved}, but this run's inputs are "
+                         f"{current}: choose a new run_name (or delete the old run folder) to train afresh")
+
+
 # -- task interface ------------------------------------------------------------------------
 @dataclass
 class TrainTask:
@@ -76,13 +84,14 @@ class TrainTask:
     save_model: Callable[[nn.Module, Path, dict], None]       # (unwrapped model, folder, loop config)
 
 
-def _endless_batches(shard, batch_size: int, collate, loop_config: dict, seed: int) -> Iterator[tuple[int, dict]]:
-    """(epoch, batch) forever; each epoch re-iterates the shard with a fresh shuffle buffer."""
+def _endless_batches(shard, batch_size: int, shuffle_buffer: int, collate, loop_config: dict,
+                     seed: int) -> Iterator[tuple[int, dict]]:
+    """(epoch, batch) forever; each epoch re-iterates the shard through a local shuffle buffer."""
     epoch = 0
     while True:
         count = 0
         for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
-                                        local_shuffle_buffer_size=4 * batch_size,
+                                        local_shuffle_buffer_size=max(shuffle_buffer, batch_size),
                                         local_shuffle_seed=seed + epoch):
             count += 1
             yield epoch, collate(batch, loop_config)
@@ -129,13 +138,15 @@ def train_loop(loop_config: dict) -> None:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
             history = json.loads((Path(folder) / HISTORY_FILE).read_text())["losses"]
+        check_resume_inputs(state.get("inputs"), loop_config["inputs"], tcfg["run_name"])
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step = int(state["step"])
     model = ray.train.torch.prepare_model(model, move_to_device=device if use_gpu else True)
 
     shard = ray.train.get_dataset_shard("train")
-    batches = _endless_batches(shard, tcfg["batch_size"], task.collate, loop_config, tcfg["seed"] + rank)
+    batches = _endless_batches(shard, tcfg["batch_size"], tcfg["shuffle_buffer"], task.collate, loop_config,
+                               tcfg["seed"] + rank)
     total_steps, accum = tcfg["steps"], tcfg["grad_accum"]
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_gpu else contextlib.nullcontext())
 
@@ -169,8 +180,9 @@ def train_loop(loop_config: dict) -> None:
                 ckpt = None
                 if rank == 0:
                     torch.save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                                "step": done}, Path(folder) / STATE_FILE)
-                    (Path(folder) / HISTORY_FILE).write_text(json.dumps({"step": done, "losses": history}))
+                                "step": done, "inputs": loop_config["inputs"]}, Path(folder) / STATE_FILE)
+                    (Path(folder) / HISTORY_FILE).write_text(
+                        json.dumps({"step": done, "losses": history, "inputs": loop_config["inputs"]}))
                     ckpt = ray.train.Checkpoint.from_directory(folder)
                 ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{done:07d}")
         else:
@@ -178,6 +190,21 @@ def train_loop(loop_config: dict) -> None:
 
 
 # -- driver side ---------------------------------------------------------------------------
+def with_run_name(cfg: MessRayConfig, stage: str, tcfg: TrainConfig, inputs: dict[str, Any]) -> TrainConfig:
+    """``tcfg`` with its run name resolved: the configured one, or one derived from the inputs.
+
+    A derived name hashes the inputs (ingest version, starting weights) and every setting that
+    shapes the model, so re-submitting the same job resumes its run, while new data or new
+    settings train a new run instead of clashing with an old one.
+    """
+    if tcfg.run_name:
+        return tcfg
+    key = {"inputs": inputs, "train": {k: v for k, v in train_settings(tcfg).items() if k != "run_name"},
+           "model": cfg.model.model_dump(mode="json"), "audio": cfg.audio.model_dump(mode="json")}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return tcfg.model_copy(update={"run_name": f"{stage}-{digest}"})
+
+
 def train_settings(tcfg: TrainConfig) -> dict[str, Any]:
     return tcfg.model_dump(mode="json")
 
@@ -190,6 +217,9 @@ def fit(cfg: MessRayConfig, storage: Storage, task: TrainTask, tcfg: TrainConfig
 
     from mess_ray.raylocal import ensure_ray
 
+    # Fail fast (before Ray retries a worker error max_failures times) on an invalid resume.
+    check_resume_inputs(previous_run_inputs(storage, task.stage, tcfg.run_name), loop_config["inputs"],
+                        tcfg.run_name)
     ensure_ray(cfg.ray)
     trainer = TorchTrainer(
         train_loop,
@@ -198,8 +228,9 @@ def fit(cfg: MessRayConfig, storage: Storage, task: TrainTask, tcfg: TrainConfig
                                      resources_per_worker={"CPU": tcfg.cpus_per_worker}),
         run_config=RunConfig(
             name=tcfg.run_name,
-            storage_path=storage.url(task.stage, "runs"),
-            storage_filesystem=storage.pyarrow_fs() if storage.protocol != "file" else None,
+            # With an explicit filesystem, Ray wants the path inside it (no "s3://" prefix).
+            storage_path=storage.path(task.stage, "runs"),
+            storage_filesystem=storage.pyarrow_fs(),
             checkpoint_config=CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=tcfg.max_failures),
         ),
@@ -213,9 +244,19 @@ def fit(cfg: MessRayConfig, storage: Storage, task: TrainTask, tcfg: TrainConfig
     return result
 
 
+def previous_run_inputs(storage: Storage, stage: str, run_name: str) -> dict | None:
+    """Inputs recorded in the newest checkpoint of an earlier run with this name, if any."""
+    run = posixpath.join(stage, "runs", run_name)
+    checkpoints = [name for name in storage.listdir(run) if name.startswith("checkpoint_")]
+    for name in sorted(checkpoints, reverse=True):
+        rel = posixpath.join(run, name, HISTORY_FILE)
+        if storage.exists(rel):
+            return storage.read_json(rel).get("inputs")
+    return None
+
+
 def finish(cfg: MessRayConfig, storage: Storage, task: TrainTask, tcfg: TrainConfig, result,
-           loop_config: dict[str, Any], inputs: dict[str, Any], counts: dict[str, Any],
-           extra: dict[str, Any] | None = None) -> dict[str, Any]:
+           loop_config: dict[str, Any], counts: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Rebuild the model from the final checkpoint, save it under the artifact, publish."""
     model = task.build_model({**loop_config, "train": train_settings(tcfg)})
     with result.checkpoint.as_directory() as folder:
@@ -228,13 +269,13 @@ def finish(cfg: MessRayConfig, storage: Storage, task: TrainTask, tcfg: TrainCon
         task.save_model(model.eval(), Path(tmp), loop_config)
         storage.put_dir(tmp, rel)
     manifest = {
-        "inputs": inputs,
+        "inputs": loop_config["inputs"],
         "counts": {**counts, "steps": int(state["step"]), "parameters": sum(p.numel() for p in model.parameters())},
         "losses": {"first": history[0] if history else None, "last": history[-1] if history else None,
                    "history": history},
         "model_path": storage.url(rel),
         "run_path": storage.url(task.stage, "runs", tcfg.run_name),
-        "checkpoint": result.checkpoint.path,
+        "checkpoint": storage.url(posixpath.relpath(result.checkpoint.path, storage.path())),
         "sample_rate": cfg.audio.sample_rate,
         "window_s": cfg.audio.window_s,
         "config": {"model": cfg.model.model_dump(mode="json"), task.stage: train_settings(tcfg),

@@ -13,7 +13,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -24,7 +23,7 @@ from mess_ray.config import MessRayConfig
 from mess_ray.models.embedding import EmbeddingModel
 from mess_ray.segments import read_segment_table, read_segments_ray, split_pieces
 from mess_ray.storage import Storage
-from mess_ray.train.common import (TrainTask, decode_audio_column, finish, fit, load_init_encoder, resolve_init,
+from mess_ray.train.common import (TrainTask, with_run_name, decode_audio_column, finish, fit, load_init_encoder, resolve_init,
                                    window_samples)
 
 
@@ -34,7 +33,8 @@ def _positive_mask(labels: torch.Tensor) -> torch.Tensor:
     return same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
 
 
-def multi_positive_infonce(embeddings: torch.Tensor, labels: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
+def multi_positive_infonce(embeddings: torch.Tensor, labels: torch.Tensor,
+                           temperature: torch.Tensor | float) -> torch.Tensor:
     """Supervised NT-Xent: each anchor against all others, averaged over its positives.
 
     ``embeddings`` are L2-normalised [B, D]; anchors without any positive in the batch are
@@ -155,8 +155,11 @@ def run_finetune(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
         raise ValueError(f"{train_rows} labelled training segments cannot fill batch_size={ft.batch_size} "
                          f"on {ft.num_workers} workers")
     init = resolve_init(cfg, storage, ft.init_from)
+    inputs = {"ingest": ingest_version, "init": {k: v for k, v in init.items() if k != "storage"}}
+    if init["kind"] == "artifact":
+        inputs["pretrain"] = init["version"]
     loop_config = {
-        "init": init, "styles": styles, "window_samples": window_samples(cfg),
+        "init": init, "inputs": inputs, "styles": styles, "window_samples": window_samples(cfg),
         "loss": ft.loss, "temperature": ft.temperature, "learn_temperature": ft.learn_temperature,
         "margin": ft.margin,
         "embedding": {"embedding_dim": cfg.model.embedding_dim, "pooling": cfg.model.pooling,
@@ -166,13 +169,12 @@ def run_finetune(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
     dataset = (read_segments_ray(storage, ingest_version, columns=["audio", "style", "piece_id"])
                .map_batches(_filter_training_rows, fn_kwargs={"train_pieces": train_pieces},
                             batch_format="pyarrow", num_cpus=0.25)
-               # Blocks arrive in file order (one piece at a time): shuffle so batches mix styles.
-               .random_shuffle(seed=ft.seed))
+               # Files hold one track or piece each: visit them in random order, and each
+               # worker's local shuffle buffer (train.shuffle_buffer) mixes styles within batches.
+               .randomize_block_order(seed=ft.seed))
+    ft = with_run_name(cfg, "finetune", ft, inputs)
     result = fit(cfg, storage, FINETUNE_TASK, ft, dataset, loop_config)
-    inputs = {"ingest": ingest_version, "init": {k: v for k, v in init.items() if k != "storage"}}
-    if init["kind"] == "artifact":
-        inputs["pretrain"] = init["version"]
-    return finish(cfg, storage, FINETUNE_TASK, ft, result, loop_config, inputs=inputs,
+    return finish(cfg, storage, FINETUNE_TASK, ft, result, loop_config,
                   counts={"train_segments": train_rows, "train_pieces": len(train_pieces), "styles": len(styles),
                           "segments": metadata.num_rows},
                   extra={"train_pieces": train_pieces, "styles": styles, "loss_type": ft.loss})

@@ -24,13 +24,14 @@ from tqdm import tqdm
 from transformers.models.hubert.modeling_hubert import _compute_mask_indices
 
 from mess_ray.config import MessRayConfig
-from mess_ray.models.encoder import conv_stride, normalize_waveform, num_frames
+from mess_ray.models.encoder import conv_stride, encoder_config, normalize_waveform, num_frames
 from mess_ray.segments import read_segments_ray, segments_dataset
 from mess_ray.storage import Storage
-from mess_ray.train.common import (TrainTask, decode_audio_column, finish, fit, load_init_encoder, resolve_init,
+from mess_ray.train.common import (TrainTask, with_run_name, decode_audio_column, finish, fit, load_init_encoder, resolve_init,
                                    window_samples)
 
 log = logging.getLogger(__name__)
+CODEBOOK_FILE = "kmeans_codebook.npz"
 
 
 # -- targets -------------------------------------------------------------------------------
@@ -63,7 +64,8 @@ def fit_codebook(frames: np.ndarray, num_clusters: int, iterations: int = 20, se
             "std": std.astype(np.float32)}
 
 
-def assign_targets(frames: torch.Tensor, centroids: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def assign_targets(frames: torch.Tensor, centroids: torch.Tensor, mean: torch.Tensor,
+                   std: torch.Tensor) -> torch.Tensor:
     """Nearest centroid per frame: [B, T, D] -> [B, T] cluster ids."""
     standard = (frames - mean) / std
     flat = standard.reshape(-1, standard.shape[-1])
@@ -87,7 +89,8 @@ def span_mask(batch_size: int, frames: int, mask_prob: float, mask_length: int) 
     return torch.from_numpy(mask)
 
 
-def masked_prediction_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
+def masked_prediction_loss(logits: torch.Tensor, targets: torch.Tensor,
+                           mask: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Cross-entropy on masked frames only; also returns the masked-frame accuracy."""
     if not mask.any():
         raise ValueError("no frame is masked: mask_prob too small for the window")
@@ -116,8 +119,10 @@ class HubertPretrainModel(nn.Module):
 
     def forward(self, waveform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         frames = num_frames(self.encoder, waveform.shape[1])
-        with torch.no_grad():
-            targets = align_targets(assign_targets(self.features(waveform), self.centroids, self.mean, self.std), frames)
+        # Targets in float32 even under bf16 autocast: they must match the driver's codebook.
+        with torch.no_grad(), torch.autocast(device_type=waveform.device.type, enabled=False):
+            codes = assign_targets(self.features(waveform), self.centroids, self.mean, self.std)
+        targets = align_targets(codes, frames)
         mask = span_mask(waveform.shape[0], frames, self.mask_prob, self.mask_length).to(waveform.device)
         hidden = self.encoder(normalize_waveform(waveform), mask_time_indices=mask).last_hidden_state
         return self.head(hidden), targets, mask
@@ -142,6 +147,9 @@ def pretrain_loss(model: nn.Module, batch: dict, loop_config: dict) -> tuple[tor
 
 def save_encoder(model: nn.Module, folder: Path, loop_config: dict) -> None:
     model.encoder.save_pretrained(folder)
+    # The codebook the targets came from (inspection, or continuing pretraining elsewhere).
+    np.savez(folder / CODEBOOK_FILE, centroids=model.centroids.numpy(), mean=model.mean.numpy(),
+             std=model.std.numpy())
 
 
 PRETRAIN_TASK = TrainTask(stage="pretrain", build_model=build_pretrain_model, collate=collate_audio,
@@ -177,21 +185,20 @@ def run_pretrain(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
     """Fit the k-means codebook, pretrain on every segment, publish ``pretrain/<run_name>``."""
     ingest_version = storage.require_latest("ingest")
     init = resolve_init(cfg, storage, "pretrained" if cfg.model.pretrained else "random")
-    hop = conv_stride(load_init_encoder(init)) if init["kind"] != "random" else _random_stride(cfg)
+    # Targets need one frame per encoder frame: the mel hop is the encoder's conv stride.
+    hop = (int(np.prod(encoder_config(init["size"]).conv_stride)) if init["kind"] == "random"
+           else conv_stride(load_init_encoder(init)))
     frames = sample_frames(cfg, storage, ingest_version, hop)
     codebook = fit_codebook(frames, cfg.pretrain.num_clusters, cfg.pretrain.kmeans_iterations, cfg.pretrain.seed)
-    loop_config = {"init": init, "codebook": codebook, "sample_rate": cfg.audio.sample_rate,
+    log.info("k-means codebook: %d clusters over %d log-mel frames", cfg.pretrain.num_clusters, len(frames))
+    inputs = {"ingest": ingest_version, "init": {k: v for k, v in init.items() if k != "storage"}}
+    loop_config = {"init": init, "inputs": inputs, "codebook": codebook, "sample_rate": cfg.audio.sample_rate,
                    "n_mels": cfg.pretrain.n_mels, "mask_prob": cfg.pretrain.mask_prob,
                    "mask_length": cfg.pretrain.mask_length, "window_samples": window_samples(cfg)}
-    dataset = read_segments_ray(storage, ingest_version, columns=["audio"])
-    result = fit(cfg, storage, PRETRAIN_TASK, cfg.pretrain, dataset, loop_config)
-    return finish(cfg, storage, PRETRAIN_TASK, cfg.pretrain, result, loop_config,
-                  inputs={"ingest": ingest_version, "init": {k: v for k, v in init.items() if k != "storage"}},
+    dataset = (read_segments_ray(storage, ingest_version, columns=["audio"])
+               .randomize_block_order(seed=cfg.pretrain.seed))
+    tcfg = with_run_name(cfg, "pretrain", cfg.pretrain, inputs)
+    result = fit(cfg, storage, PRETRAIN_TASK, tcfg, dataset, loop_config)
+    return finish(cfg, storage, PRETRAIN_TASK, tcfg, result, loop_config,
                   counts={"kmeans_frames": int(len(frames)), "num_clusters": cfg.pretrain.num_clusters,
                           "segments": int(segments_dataset(storage, ingest_version).count_rows())})
-
-
-def _random_stride(cfg: MessRayConfig) -> int:
-    from mess_ray.models.encoder import encoder_config
-
-    return int(np.prod(encoder_config(cfg.model.size).conv_stride))

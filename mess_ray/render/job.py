@@ -1,0 +1,203 @@
+"""The render job: every (piece, style) pair becomes a WAV in a versioned artifact.
+
+Layout written under the storage root::
+
+    render/<version>/audio/<track_id>.wav
+    render/<version>/catalog.parquet      one row per track (CATALOG_SCHEMA)
+    render/<version>/manifest.json        inputs, counts, seconds of audio
+    render/LATEST
+
+Each piece is parsed once by a Ray task; its styles are rendered by one task each, which
+synthesizes to a local temp file and uploads it through :class:`Storage` (so an s3:// root
+works the same as a folder). Failures are per track: a piece that cannot be parsed or
+rendered is logged, counted and listed in the manifest, and the other tracks still publish.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import tempfile
+import traceback
+import zlib
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from tqdm import tqdm
+
+from mess_ray.config import MessRayConfig, RenderConfig, StorageConfig, StyleSpec
+from mess_ray.render.expressive import apply_style, as_played
+from mess_ray.render.sources import Score, ScoreRef, list_score_refs, load_score
+from mess_ray.render.synth import check_soundfont, fluidsynth_binary, render_to_wav
+from mess_ray.storage import Storage, new_version
+
+log = logging.getLogger(__name__)
+
+STAGE = "render"
+TASK_CPUS = 0.5
+CATALOG_FILE = "catalog.parquet"
+CATALOG_SCHEMA = pa.schema([
+    ("track_id", pa.string()),
+    ("path", pa.string()),            # relative to render/<version>/
+    ("piece_id", pa.string()),
+    ("composer", pa.string()),
+    ("title", pa.string()),
+    ("style", pa.string()),           # "" for performances rendered as played
+    ("style_params_json", pa.string()),
+    ("seed", pa.int64()),
+    ("duration_s", pa.float64()),
+    ("sample_rate", pa.int32()),
+    ("source", pa.string()),
+])
+MAX_LISTED_FAILURES = 50
+
+
+def track_id(piece_id: str, label: str) -> str:
+    """``<piece_id>__<style>`` (for ASAP performances the label is the performer tag)."""
+    if not piece_id or not label:
+        raise ValueError("track ids need a piece id and a style/variant label")
+    return f"{piece_id}__{label}"
+
+
+def track_seed(base_seed: int, tid: str) -> int:
+    """Per-track seed that depends only on the track id: adding pieces changes no other track."""
+    return (base_seed * 1_000_003 + zlib.crc32(tid.encode())) % (2**31)
+
+
+def plan_tracks(refs: list[ScoreRef], styles: list[StyleSpec]) -> list[tuple[ScoreRef, StyleSpec | None, str]]:
+    """All (piece, style, track id) triples; performances (a ``variant``) play unstyled."""
+    names = [s.name for s in styles]
+    if len(set(names)) != len(names):
+        raise ValueError(f"render.styles has duplicate names: {names}")
+    plan: list[tuple[ScoreRef, StyleSpec | None, str]] = []
+    for ref in refs:
+        if ref.variant:
+            plan.append((ref, None, track_id(ref.piece_id, ref.variant)))
+        else:
+            if not styles:
+                raise ValueError("render.styles is empty: nothing to render scores with")
+            plan.extend((ref, style, track_id(ref.piece_id, style.name)) for style in styles)
+    return plan
+
+
+def render_track(score: Score, ref: ScoreRef, style: StyleSpec | None, tid: str, cfg: RenderConfig,
+                 storage: Storage, version: str) -> dict[str, Any]:
+    """Perform, synthesize and upload one track; returns its catalog row."""
+    seed = track_seed(cfg.seed, tid)
+    if style is None:
+        midi, params = as_played(score.midi, cfg.max_duration_s)
+        params.update(ref.extra)
+    else:
+        midi, params = apply_style(score.midi, style, seed, cfg.max_duration_s)
+    rel = posixpath.join("audio", f"{tid}.wav")
+    with tempfile.TemporaryDirectory(prefix="mess-ray-render-") as tmp:
+        local = os.path.join(tmp, f"{tid}.wav")
+        duration = render_to_wav(midi, cfg, local)
+        storage.put_file(local, posixpath.join(STAGE, version, rel))
+    return {
+        "track_id": tid, "path": rel, "piece_id": score.piece_id, "composer": score.composer,
+        "title": score.title, "style": style.name if style else "",
+        "style_params_json": json.dumps(params, sort_keys=True), "seed": seed,
+        "duration_s": round(duration, 4), "sample_rate": cfg.sample_rate, "source": ref.source,
+    }
+
+
+@ray.remote(num_cpus=TASK_CPUS)
+def _load_task(ref: ScoreRef) -> Score | str:
+    """The parsed score, or the error text (so dependent tasks can report, not crash)."""
+    try:
+        return load_score(ref)
+    except Exception as exc:  # any parse failure skips the piece
+        return f"{type(exc).__name__}: {exc}"
+
+
+@ray.remote(num_cpus=TASK_CPUS)
+def _render_task(score: Score | str, ref: ScoreRef, style: StyleSpec | None, tid: str, cfg: RenderConfig,
+                 storage_cfg: StorageConfig, version: str) -> dict[str, Any]:
+    if isinstance(score, str):
+        return {"error": score, "track_id": tid, "piece_id": ref.piece_id}
+    try:
+        return render_track(score, ref, style, tid, cfg, Storage.from_config(storage_cfg), version)
+    except Exception as exc:
+        log.debug("render of %s failed:\n%s", tid, traceback.format_exc())
+        return {"error": f"{type(exc).__name__}: {exc}", "track_id": tid, "piece_id": ref.piece_id}
+
+
+def _worker_storage_config(storage: Storage) -> StorageConfig:
+    """Storage settings for workers: pin the S3 endpoint the driver uses right now."""
+    endpoint = storage.s3_endpoint_url
+    if endpoint is None and storage.protocol in ("s3", "s3a"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    return StorageConfig(root=storage.root, s3_endpoint_url=endpoint)
+
+
+def write_catalog(storage: Storage, version: str, rows: list[dict[str, Any]]) -> None:
+    table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["track_id"]), schema=CATALOG_SCHEMA)
+    with storage.open(posixpath.join(STAGE, version, CATALOG_FILE), "wb") as f:
+        pq.write_table(table, f)
+
+
+def read_catalog(storage: Storage, version: str | None = None) -> pa.Table:
+    """The catalog of a render version (default: the latest published one)."""
+    version = version or storage.require_latest(STAGE)
+    with storage.open(posixpath.join(STAGE, version, CATALOG_FILE), "rb") as f:
+        return pq.read_table(f)
+
+
+def run_render(cfg: MessRayConfig, storage: Storage) -> dict:
+    """Render every (piece, style) pair of ``cfg.render`` and publish the "render" artifact."""
+    from mess_ray.raylocal import ensure_ray
+
+    rcfg = cfg.render
+    check_soundfont(rcfg.soundfont)  # fail before starting any task
+    fluidsynth_binary()
+    refs = list_score_refs(rcfg)
+    plan = plan_tracks(refs, rcfg.styles)
+    version = new_version()
+    log.info("render %s: %d pieces, %d tracks", version, len({r.piece_id for r in refs}), len(plan))
+
+    ensure_ray(cfg.ray)
+    storage_cfg = _worker_storage_config(storage)
+    # One parse per source file, shared by all of its style tasks through the object store.
+    loaded = {(ref.piece_id, ref.variant): _load_task.remote(ref) for ref in refs}
+    pending = [_render_task.remote(loaded[(ref.piece_id, ref.variant)], ref, style, tid, rcfg, storage_cfg, version)
+               for ref, style, tid in plan]
+    rows: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    with tqdm(total=len(pending), desc="render", unit="track") as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            result = ray.get(done[0])
+            if "error" in result:
+                log.warning("skipping track %s: %s", result["track_id"], result["error"])
+                failures.append(result)
+            else:
+                rows.append(result)
+            bar.update(1)
+    if not rows:
+        raise RuntimeError(f"render produced no tracks ({len(failures)} failed); first error: "
+                           f"{failures[0]['error'] if failures else 'nothing planned'}")
+
+    write_catalog(storage, version, rows)
+    rendered_pieces = {r["piece_id"] for r in rows}
+    failed_pieces = sorted({f["piece_id"] for f in failures})
+    manifest = {
+        "inputs": {
+            "source": rcfg.source, "source_path": rcfg.source_path,
+            "pieces": sorted({r.piece_id for r in refs}), "styles": [s.name for s in rcfg.styles],
+            "soundfont": rcfg.soundfont, "config_digest": cfg.digest(),
+        },
+        "counts": {
+            "pieces": len(rendered_pieces), "styles": len({r["style"] for r in rows}),
+            "tracks": len(rows), "failed": len(failures), "failed_pieces": len(failed_pieces),
+        },
+        "seconds_of_audio": round(sum(r["duration_s"] for r in rows), 3),
+        "sample_rate": rcfg.sample_rate,
+        "catalog": CATALOG_FILE,
+        "failures": [{k: f[k] for k in ("track_id", "error")} for f in failures[:MAX_LISTED_FAILURES]],
+    }
+    return storage.publish(STAGE, version, manifest)

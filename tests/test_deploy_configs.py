@@ -1,0 +1,50 @@
+"""cluster.yaml, serve_config.yaml and configs/*.yaml are valid for the tools that read them."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from mess_ray.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_cluster_yaml_matches_ray_cluster_launcher_schema():
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    jsonschema.validate(cluster, schema)
+    assert cluster["head_node_type"] in cluster["available_node_types"]
+    assert "ray-ml" not in cluster["docker"]["image"]
+    kinds = cluster["available_node_types"]
+    assert any("gpu" in name for name in kinds) and any("cpu" in name for name in kinds)
+
+
+def test_serve_config_is_a_valid_serve_deploy_config():
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    app = schema.applications[0]
+    module_name, attr = app.import_path.split(":")
+    builder = getattr(importlib.import_module(module_name), attr)
+    deployment_names = {d.name for d in app.deployments}
+    # The builder turns the config's args into a Serve application with that deployment.
+    args = dict(app.args)
+    args["config"] = str(REPO / args["config"])
+    application = builder(args)
+    assert application._bound_deployment.name in deployment_names
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(REPO / "configs")))
+def test_shipped_configs_load(name):
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.storage.root
