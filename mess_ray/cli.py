@@ -20,6 +20,7 @@ STAGE_HELP = {
     "pretrain": "Self-supervised pretraining of the audio encoder (Ray Train).",
     "finetune": "Contrastive fine-tuning for expressive similarity (Ray Train).",
     "index": "Embed every segment on an actor pool and publish a versioned FAISS index.",
+    "reindex": "Update the latest index: embed only new segments, drop removed ones, publish a new version.",
     "serve": "Run the search service and web page (Ray Serve + FastAPI).",
     "search": "Query a running search service by audio file or by track and time.",
     "evaluate": "Score retrieval on held-out pieces against baselines; write a report.",
@@ -43,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "index":
             sub.add_argument("--model", default="finetune",
                              help="model to embed with: finetune | pretrain | random | a model folder")
+        if verb == "reindex":
+            sub.add_argument("--model", default=None,
+                             help="optional check that the index was built with this model (default: its own)")
         if verb == "evaluate":
             sub.add_argument("--models", nargs="*", default=["pretrain", "finetune"],
                              help="model refs to compare (baselines 'descriptors' and 'random' always run)")
@@ -67,6 +71,7 @@ def _stage_runner(verb: str) -> Callable[[MessRayConfig, argparse.Namespace], ob
         "pretrain": lambda cfg, a: pipeline.run_stage("pretrain", cfg),
         "finetune": lambda cfg, a: pipeline.run_stage("finetune", cfg),
         "index": lambda cfg, a: pipeline.run_stage("index", cfg, model_ref=a.model),
+        "reindex": lambda cfg, a: pipeline.run_stage("reindex", cfg, model_ref=a.model),
         "evaluate": lambda cfg, a: pipeline.run_stage("evaluate", cfg, model_refs=a.models),
         "serve": lambda cfg, a: pipeline.serve_forever(cfg),
         "search": lambda cfg, a: pipeline.search_cli(cfg, a),

@@ -106,7 +106,9 @@ class RenderConfig(_Section):
 
 class IngestConfig(_Section):
     source: str | None = Field(None, description="Audio folder/URL or manifest; None: the latest render output.")
-    catalog: Literal["auto", "folder", "manifest", "render"] = "auto"
+    catalog: Literal["auto", "folder", "manifest", "render", "maestro", "asap"] = Field(
+        "auto", description="auto: render if no source, MAESTRO/ASAP layouts by their metadata file, "
+                            ".csv/.parquet: manifest, else folder.")
     read_block_s: float = Field(30.0, gt=0, description="Seconds decoded per read: bounds memory per worker.")
     max_files: int | None = None
     incremental: bool = Field(True, description="Reuse segments of unchanged files from the previous version.")
@@ -141,7 +143,9 @@ class TrainConfig(_Section):
     lr: float = Field(5e-4, gt=0)
     warmup_steps: int = Field(2, ge=0)
     weight_decay: float = Field(0.01, ge=0)
-    checkpoint_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    report_every: int = Field(10, ge=1, description="Steps between Ray Train metric reports (each step's "
+                                                    "loss is always kept in the run's history).")
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
     shuffle_buffer: int = Field(256, ge=1, description="Rows in each worker's local shuffle buffer "
@@ -150,6 +154,7 @@ class TrainConfig(_Section):
 
 
 class PretrainConfig(TrainConfig):
+    steps: int = Field(100, ge=1)
     num_clusters: int = Field(32, ge=2, description="k-means codebook size for masked-prediction targets.")
     kmeans_sample_frames: int = Field(20000, ge=100)
     mask_prob: float = Field(0.65, gt=0, lt=1)
@@ -159,6 +164,7 @@ class PretrainConfig(TrainConfig):
 
 
 class FinetuneConfig(TrainConfig):
+    steps: int = Field(150, ge=1)
     lr: float = Field(3e-4, gt=0)
     loss: Literal["infonce", "triplet"] = "infonce"
     temperature: float = Field(0.1, gt=0)
@@ -177,9 +183,13 @@ class IndexConfig(_Section):
     max_actors: int = Field(2, ge=1)
     cpus_per_actor: float = Field(0.5, gt=0)
     shards: int = Field(2, ge=1)
-    ivf_above: int = Field(100_000, ge=1, description="auto: IVF instead of exact search from this many vectors.")
+    ivf_above: int = Field(50_000, ge=1, description="auto: IVF instead of exact search from this many vectors "
+                           "(benchmarks/index_search.py: exact p99 passes 5 ms on 2 cores near 1e5).")
     ivfpq_above: int = Field(1_000_000, ge=1, description="ivf: IVF-PQ with exact re-ranking from this many vectors.")
-    nprobe: int = Field(16, ge=1, description="IVF lists probed per query.")
+    memory_budget_mb: float = Field(8192, gt=0, description="ivf: IVF-PQ codes instead of full vectors when an "
+                                    "IVF-Flat index would exceed this many MiB.")
+    nprobe: int = Field(16, ge=1, description="IVF lists probed per query (recall@10 >= 0.99 at 1e5 and 1e6 "
+                        "clustered vectors in benchmarks/index_search.py; 4 is too few at 1e5).")
     hnsw_m: int = Field(32, ge=4)
     ef_search: int = Field(64, ge=1)
 

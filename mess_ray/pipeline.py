@@ -21,7 +21,7 @@ from mess_ray.storage import Storage, resolve_endpoint
 
 log = logging.getLogger(__name__)
 
-STAGES = ("render", "ingest", "pretrain", "finetune", "index", "evaluate")
+STAGES = ("render", "ingest", "pretrain", "finetune", "index", "reindex", "evaluate")
 
 
 def run_stage(name: str, cfg: MessRayConfig, storage: Storage | None = None, **kwargs: Any) -> dict:
@@ -51,6 +51,10 @@ def run_stage(name: str, cfg: MessRayConfig, storage: Storage | None = None, **k
         from mess_ray.index import run_index
 
         return run_index(cfg, storage, **kwargs)
+    if name == "reindex":
+        from mess_ray.index import run_reindex
+
+        return run_reindex(cfg, storage, **kwargs)
     from mess_ray.eval import run_evaluate
 
     return run_evaluate(cfg, storage, **kwargs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import ray
 
@@ -30,6 +31,11 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     if ray.is_initialized():
         return
     cfg = cfg or RayConfig()
+    # Ray Data redraws its progress bars many times a second: on a terminal that is a live
+    # display, in a log file (CI, `ray job logs`) thousands of lines. Keep them for terminals.
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
     forwarded = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:

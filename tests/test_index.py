@@ -295,3 +295,17 @@ def test_ivfpq_candidates_are_reranked_exactly():
         assert hits[0].segment_id == ids[i] and hits[0].similarity == pytest.approx(1.0, abs=1e-5)
         exact = brute_force(x, ids, x[i:i + 1], 5)[0]
         assert hits[1].segment_id in exact  # exact scores, not PQ approximations
+
+
+def test_choose_index_spec_tuned_defaults_and_memory_budget():
+    # thresholds from benchmarks/index_search.py: exact up to 5e4, IVF-Flat (2 sqrt(n) lists, nprobe 16) above
+    assert choose_index_spec(49_999, 128).type == "flat"
+    ivf = choose_index_spec(1_000_000, 128)
+    assert (ivf.type, ivf.nlist, ivf.nprobe) == ("ivf", 2000, 16)
+    # IVF-Flat of 1e6 x 128 needs ~500 MiB: a smaller budget switches to IVF-PQ with re-ranking
+    pq = choose_index_spec(1_000_000, 128, memory_budget_mb=256)
+    assert pq.type == "ivfpq" and pq.rerank and pq.pq_bits == 8
+    assert choose_index_spec(1_000_000, 128, memory_budget_mb=1024).type == "ivf"
+    # tiny forced IVF-PQ corpora get codebooks they can train
+    small = choose_index_spec(2000, 64, "ivf", ivfpq_above=0)
+    assert small.type == "ivfpq" and 2 ** small.pq_bits * 39 <= 2000

@@ -121,14 +121,27 @@ def read_vector_ids(storage: Storage, files: list[str]) -> np.ndarray:
     return np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64)
 
 
+def keep_segment_ids(batch: dict[str, np.ndarray], wanted: np.ndarray) -> dict[str, np.ndarray]:
+    """The rows of a segment batch whose id is in ``wanted`` (a sorted int64 array)."""
+    mask = np.isin(np.asarray(batch["segment_id"], dtype=np.int64), wanted, assume_unique=False)
+    return {name: np.asarray(column)[mask] for name, column in batch.items()}
+
+
 def embed_segments(cfg: MessRayConfig, storage: Storage, ingest_version: str, embedder_info: dict[str, Any],
-                   out_rel: str) -> None:
-    """Ray Data: segment rows -> actor pool of Embedders -> Parquet vector shards under ``out_rel``."""
+                   out_rel: str, only_ids: np.ndarray | None = None) -> None:
+    """Ray Data: segment rows -> actor pool of Embedders -> Parquet vector shards under ``out_rel``.
+
+    ``only_ids``: embed just these segments (reindex), filtered in Ray tasks before the actors.
+    """
     import ray.data
 
     if cfg.index.min_actors > cfg.index.max_actors:
         raise ValueError(f"index.min_actors ({cfg.index.min_actors}) exceeds index.max_actors ({cfg.index.max_actors})")
     dataset = read_segments_ray(storage, ingest_version, columns=["segment_id", "sample_rate", "audio"])
+    if only_ids is not None:
+        wanted = np.unique(np.asarray(only_ids, dtype=np.int64))
+        dataset = dataset.map_batches(keep_segment_ids, fn_kwargs={"wanted": wanted}, batch_format="numpy",
+                                      num_cpus=0.5)
     vectors = dataset.map_batches(
         SegmentEmbedder,
         fn_constructor_kwargs={"cfg_json": cfg.model_dump(mode="json"), "embedder_info": embedder_info},
@@ -170,7 +183,8 @@ def run_index(cfg: MessRayConfig, storage: Storage, model_ref: str = "finetune")
 
     spec = choose_index_spec(counts["vectors"], int(embedder.dim), cfg.index.type,
                              ivf_above=cfg.index.ivf_above, ivfpq_above=cfg.index.ivfpq_above,
-                             nprobe=cfg.index.nprobe, hnsw_m=cfg.index.hnsw_m, ef_search=cfg.index.ef_search)
+                             nprobe=cfg.index.nprobe, hnsw_m=cfg.index.hnsw_m, ef_search=cfg.index.ef_search,
+                             memory_budget_mb=cfg.index.memory_budget_mb)
     train = None
     if training_points_needed(spec):
         train = sample_training_vectors(storage, files, min(training_points_needed(spec), counts["vectors"]))
@@ -184,9 +198,26 @@ def run_index(cfg: MessRayConfig, storage: Storage, model_ref: str = "finetune")
                                 {"ingest": ingest_version, "model_ref": model_ref})
 
 
+def model_provenance(storage: Storage, embedder_info: dict[str, Any]) -> dict[str, Any]:
+    """Encoder checkpoint and the config hash that trained it, for the index manifest's model info."""
+    if embedder_info.get("kind") == "random":
+        return {"checkpoint": None, "trained_config_digest": None}
+    out: dict[str, Any] = {"checkpoint": embedder_info.get("path"), "trained_config_digest": None}
+    stage, version = embedder_info.get("stage"), embedder_info.get("version")
+    if stage and version:
+        try:
+            trained = storage.manifest(stage, version)
+        except FileNotFoundError:  # a model folder without its training manifest: path only
+            return out
+        out.update({"checkpoint": trained.get("checkpoint") or trained.get("model_path") or embedder_info.get("path"),
+                    "model_path": trained.get("model_path", embedder_info.get("path")),
+                    "trained_config_digest": trained.get("config_digest")})
+    return out
+
+
 def write_index_artifact(cfg: MessRayConfig, storage: Storage, version: str, index: Any, spec: IndexSpec,
                          segments: pa.Table, embedder_info: dict[str, Any], counts: dict[str, int],
-                         inputs: dict[str, Any]) -> dict[str, Any]:
+                         inputs: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write index.faiss and metadata.parquet, verify their checksums, then publish the manifest."""
     base = posixpath.join(STAGE, version)
     if index.ntotal != segments.num_rows:
@@ -195,16 +226,22 @@ def write_index_artifact(cfg: MessRayConfig, storage: Storage, version: str, ind
     buffer = io.BytesIO()
     pq.write_table(segments.select(INDEX_METADATA_COLUMNS), buffer)
     metadata_sha = write_verified(storage, posixpath.join(base, METADATA_FILE), buffer.getvalue())
+    vector_checksums = {name: sha256_bytes(storage.read_bytes(posixpath.join(base, VECTORS_DIR, name)))
+                        for name in storage.listdir(posixpath.join(base, VECTORS_DIR)) if name.endswith(".parquet")}
     manifest = {
         "inputs": inputs,
-        "model": embedder_info,
+        # Enough to rebuild the embedder (Embedder.from_info) plus its provenance.
+        "model": {**embedder_info, **model_provenance(storage, embedder_info), "index_config_digest": cfg.digest()},
         "dim": int(index.d),
         "count": int(index.ntotal),
         "counts": {**counts, "tracks": len(set(segments.column("track_id").to_pylist()))},
         "index": spec.to_dict(),
         "files": {"index": INDEX_FILE, "metadata": METADATA_FILE, "vectors": VECTORS_DIR},
         "checksums": {INDEX_FILE: index_sha, METADATA_FILE: metadata_sha},
+        # Vector shards (re-ranking, reindex reuse): checked by SearchIndex when it loads them.
+        "vector_checksums": vector_checksums,
         "config_digest": cfg.digest(),
         "audio": {"sample_rate": cfg.audio.sample_rate, "window_s": cfg.audio.window_s, "hop_s": cfg.audio.hop_s},
+        **(extra or {}),
     }
     return storage.publish(STAGE, version, manifest)

@@ -124,7 +124,8 @@ class SearchIndex:
         spec = IndexSpec.from_dict(manifest["index"])
         rerank = None
         if spec.rerank:
-            rerank = _load_vectors(storage, posixpath.join(base, files.get("vectors", "vectors")))
+            rerank = _load_vectors(storage, posixpath.join(base, files.get("vectors", "vectors")),
+                                   manifest.get("vector_checksums"))
         return cls(index, metadata, spec, manifest, rerank)
 
     # -- lookups -------------------------------------------------------------------------
@@ -264,10 +265,15 @@ def _parse_metadata(raw: str | None) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"value": value}
 
 
-def _load_vectors(storage: Storage, rel: str) -> dict[int, np.ndarray]:
-    files = sorted(storage.path(rel, n) for n in storage.listdir(rel) if n.endswith(".parquet"))
+def _load_vectors(storage: Storage, rel: str, checksums: dict[str, str] | None = None) -> dict[int, np.ndarray]:
+    names = sorted(n for n in storage.listdir(rel) if n.endswith(".parquet"))
+    if checksums is not None and set(names) != set(checksums):
+        raise ValueError(f"vector files under {storage.url(rel)} differ from those the manifest lists")
     out: dict[int, np.ndarray] = {}
-    for path in tqdm(files, desc="load re-ranking vectors", unit="file", disable=len(files) < 8):
-        vectors, ids = table_to_vectors(pq.read_table(path, filesystem=storage.pyarrow_fs()))
+    for name in tqdm(names, desc="load re-ranking vectors", unit="file", disable=len(names) < 8):
+        blob = storage.read_bytes(posixpath.join(rel, name))
+        if checksums is not None and sha256_bytes(blob) != checksums[name]:
+            raise ValueError(f"checksum mismatch for {storage.url(rel, name)}")
+        vectors, ids = table_to_vectors(pq.read_table(pa.BufferReader(blob)))
         out.update(zip(ids.tolist(), vectors))
     return out

@@ -1,9 +1,10 @@
 """Catalogs: which recordings to ingest, one row per input file.
 
-A catalog row is ``{source_uri, track_id, piece_id, style, metadata_json, size}``. Three
-sources are supported: the latest ``render`` artifact (its ``catalog.parquet``), a folder
-(local or any fsspec URL such as ``s3://``) listed recursively, and a manifest file (CSV or
-Parquet with a ``path`` column). Every file found is catalogued, audio-looking or not, so
+A catalog row is ``{source_uri, track_id, piece_id, style, metadata_json, size}``. Sources:
+the latest ``render`` artifact (its ``catalog.parquet``), a folder (local or any fsspec URL
+such as ``s3://``) listed recursively, a manifest file (CSV or Parquet with a ``path``
+column), and the MAESTRO and ASAP layouts (:mod:`mess_ray.ingest.corpora`, detected by
+``catalog="auto"``). Every file found is catalogued, audio-looking or not, so
 that the ingest job can account for each one (segmented or rejected with a reason).
 """
 
@@ -179,7 +180,11 @@ def catalog_from_manifest(url: str, s3_endpoint_url: str | None = None) -> list[
 
 def build_catalog(cfg: MessRayConfig, storage: Storage) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Catalog rows (sorted by track id, cut to ``max_files``) and a description of the source."""
+    from mess_ray.ingest.corpora import catalog_from_asap, catalog_from_maestro, detect_corpus
+
     kind = resolve_catalog_kind(cfg.ingest.source, cfg.ingest.catalog)
+    if cfg.ingest.catalog == "auto" and cfg.ingest.source is not None:
+        kind = detect_corpus(cfg.ingest.source, cfg.storage.s3_endpoint_url) or kind
     if kind == "render":
         rows, version = catalog_from_render(storage)
         source = {"kind": "render", "render": version, "key": f"render:{storage.root}"}
@@ -189,6 +194,10 @@ def build_catalog(cfg: MessRayConfig, storage: Storage) -> tuple[list[dict[str, 
     elif kind == "manifest":
         rows = catalog_from_manifest(cfg.ingest.source, cfg.storage.s3_endpoint_url)
         source = {"kind": "manifest", "url": cfg.ingest.source, "key": f"manifest:{cfg.ingest.source}"}
+    elif kind in ("maestro", "asap"):
+        reader = catalog_from_maestro if kind == "maestro" else catalog_from_asap
+        rows = reader(cfg.ingest.source, cfg.storage.s3_endpoint_url)
+        source = {"kind": kind, "url": cfg.ingest.source, "key": f"{kind}:{cfg.ingest.source}"}
     else:  # pragma: no cover - guarded by the config's Literal
         raise ValueError(f"unknown catalog kind {kind!r}")
     rows.sort(key=lambda r: r["track_id"])

@@ -156,9 +156,11 @@ def train_loop(loop_config: dict) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
-        step_loss, extra, epoch = 0.0, {}, 0
+        step_loss, extra, epoch, data_s = 0.0, {}, 0, 0.0
         for micro in range(accum):
+            waited = time.perf_counter()
             epoch, batch = next(batches)
+            data_s += time.perf_counter() - waited
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             # Gradients are all-reduced once per step, on the last micro-batch only.
             sync = micro == accum - 1 or not hasattr(model, "no_sync")
@@ -174,7 +176,7 @@ def train_loop(loop_config: dict) -> None:
         mean_loss = _all_reduce_mean(step_loss)
         history.append(mean_loss)
         metrics = {"step": done, "loss": mean_loss, "lr": lr, "epoch": epoch, "grad_norm": grad_norm,
-                   "step_time_s": time.perf_counter() - started, **extra}
+                   "step_time_s": time.perf_counter() - started, "data_wait_s": data_s, **extra}
         if done % tcfg["checkpoint_every"] == 0 or done == total_steps:
             with tempfile.TemporaryDirectory() as folder:
                 ckpt = None
@@ -185,8 +187,12 @@ def train_loop(loop_config: dict) -> None:
                         json.dumps({"step": done, "losses": history, "inputs": loop_config["inputs"]}))
                     ckpt = ray.train.Checkpoint.from_directory(folder)
                 ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{done:07d}")
-        else:
-            ray.train.report(metrics)
+        elif done % tcfg["report_every"] == 0:
+            # Every step's loss is kept in `history` (checkpoint and manifest); a Ray Train
+            # report is a synchronous round trip through the controller (about 1 s on 2 cores
+            # here), so it happens every `report_every` steps, with the window's mean loss.
+            window = history[-tcfg["report_every"]:]
+            ray.train.report({**metrics, "loss_window_mean": sum(window) / len(window)})
 
 
 # -- driver side ---------------------------------------------------------------------------

@@ -1,0 +1,265 @@
+"""Ingest throughput (seconds of audio per second per core) and peak memory vs file length.
+
+Prints one JSON line per figure:
+
+- ``throughput``: the real Ray ingest (:func:`mess_ray.ingest.run_ingest`) over a generated
+  corpus, from a local folder and from a moto S3 server on 127.0.0.1 (source and storage root
+  both on S3), against naive baselines measured in the same run: ``librosa.load`` of whole
+  files (local, and after fetching each whole object from S3) and the streaming decoder in a
+  single process without Ray. Throughput per core = audio seconds / wall seconds / cores used
+  (the Ray runs use every core of the machine; the single-process ones one core). Each line
+  also gives the CPU seconds the process tree consumed and audio seconds per CPU second, which
+  stay meaningful when other work loads the machine (``load_avg_1m``). Ray's start-up and a
+  first small ingest (one worker per concurrent task) are timed apart, as fixed costs.
+- ``peak_memory``: peak RSS and tracemalloc peak of ingesting one file in a fresh process, for
+  each file length (default 5 and 60 minutes of 44.1 kHz stereo), streaming vs whole-file.
+
+Default run: a 24-minute mixed corpus (WAV/FLAC, 22.05-48 kHz, mono/stereo) plus the 5- and
+60-minute files, about 2-3 minutes on 2 cores. ``--big`` ingests 40 x 10 minutes instead.
+
+    python benchmarks/ingest_throughput.py [--files 8 --minutes 3] [--big] [--memory-minutes 5,60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Before ray is imported: loopback only; dummy credentials for the local moto endpoint.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mess_ray  # noqa: E402,F401 - sets the loopback Ray environment
+from mess_ray.config import MessRayConfig  # noqa: E402
+from mess_ray.ingest.job import ingest_file  # noqa: E402
+from mess_ray.ingest.memory import measure_peak_memory, write_long_wav  # noqa: E402
+from mess_ray.storage import Storage  # noqa: E402
+
+# (extension, sample rate, channels) cycled over the corpus files.
+FORMATS = [(".wav", 44100, 2), (".flac", 48000, 2), (".wav", 22050, 1), (".flac", 44100, 1)]
+SAMPLE_RATE = 16000
+
+
+def emit(**figure) -> None:
+    print(json.dumps(figure), flush=True)
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def make_corpus(folder: Path, files: int, minutes: float) -> float:
+    """Generated recordings in mixed formats; returns their total duration in seconds."""
+    import soundfile as sf
+
+    total = 0.0
+    for i in range(files):
+        ext, rate, channels = FORMATS[i % len(FORMATS)]
+        wav = write_long_wav(folder / f"piece_{i:03d}.wav", minutes * 60, rate=rate, channels=channels, seed=i)
+        if ext != ".wav":  # re-encode block by block, keeping memory small
+            with sf.SoundFile(str(wav)) as src, sf.SoundFile(str(wav.with_suffix(ext)), "w", rate, channels,
+                                                             format=ext[1:].upper()) as dst:
+                for block in src.blocks(blocksize=rate * 10, dtype="float32"):
+                    dst.write(block)
+            wav.unlink()
+        total += minutes * 60
+    return total
+
+
+def config(root: str, source: str, read_block_s: float) -> MessRayConfig:
+    return MessRayConfig.model_validate({
+        "storage": {"root": root},
+        "audio": {"sample_rate": SAMPLE_RATE, "window_s": 4.0, "hop_s": 2.0, "min_duration_s": 1.0},
+        "ingest": {"source": source, "read_block_s": read_block_s, "incremental": False},
+    })
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and all its descendants (the embedded Ray's raylet and workers),
+    including descendants that already exited and were reaped (``children_*`` of their parent)."""
+    import psutil
+
+    total = 0.0
+    for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system + times.children_user + times.children_system
+        except psutil.Error:  # a process that exited meanwhile
+            pass
+    return total
+
+
+def throughput(path: str, seconds: float, wall: float, used_cores: int, cpu: float, **extra) -> None:
+    """Wall-based per-core throughput, plus audio seconds per CPU second actually consumed (the
+    latter is robust to other load on the machine, reported as load_avg_1m)."""
+    emit(figure="throughput", path=path, seconds_audio=round(seconds, 1), wall_s=round(wall, 2),
+         cores=used_cores, x_realtime_per_core=round(seconds / wall / used_cores, 1),
+         cpu_s=round(cpu, 2), x_realtime_per_cpu_s=round(seconds / cpu, 1) if cpu > 0 else None,
+         load_avg_1m=round(os.getloadavg()[0], 2), **extra)
+
+
+def timed(fn, *args, **kwargs):
+    """(result, wall seconds, CPU seconds of this process tree)."""
+    cpu, began = cpu_seconds(), time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - began, cpu_seconds() - cpu
+
+
+def ray_ingest(root: str, source: str, read_block_s: float) -> dict:
+    from mess_ray.ingest import run_ingest
+
+    return run_ingest(config(root, source, read_block_s), Storage(root))
+
+
+def _tiny_wav() -> bytes:
+    import numpy as np
+    import soundfile as sf
+
+    buffer = io.BytesIO()
+    sf.write(buffer, np.zeros((44100, 2), np.float32), 44100, format="WAV")
+    return buffer.getvalue()
+
+
+_WARMUP_WAV = _tiny_wav()
+
+
+def naive_librosa(paths: list[str], fetch=None) -> tuple[float, float]:
+    """librosa.load of each whole file (optionally fetched whole from S3 first): (audio s, wall s)."""
+    import librosa
+
+    librosa.load(io.BytesIO(_WARMUP_WAV), sr=SAMPLE_RATE, mono=True)  # imports and JIT, not timed
+    began, seconds = time.perf_counter(), 0.0
+    for path in paths:
+        source = io.BytesIO(fetch(path)) if fetch else path
+        audio, _ = librosa.load(source, sr=SAMPLE_RATE, mono=True)
+        seconds += len(audio) / SAMPLE_RATE
+    return seconds, time.perf_counter() - began
+
+
+def single_process_stream(paths: list[str], read_block_s: float) -> tuple[float, float]:
+    """The worker code path (decode, resample, segment, batch) in this process, without Ray."""
+    settings = {"sample_rate": SAMPLE_RATE, "window_s": 4.0, "hop_s": 2.0, "min_duration_s": 1.0}
+    began, seconds = time.perf_counter(), 0.0
+    for i, path in enumerate(paths):
+        row = {"source_uri": path, "track_id": str(i), "piece_id": "", "style": "", "metadata_json": "{}",
+               "size": -1, "fingerprint": ""}
+        for table in ingest_file(row, settings, read_block_s, None):
+            seconds += sum(d for k, d in zip(table["kind"].to_pylist(), table["duration_s"].to_pylist())
+                           if k == "file")
+    return seconds, time.perf_counter() - began
+
+
+def start_moto() -> tuple[object, str]:
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ["AWS_ENDPOINT_URL"] = endpoint  # before Ray starts, so workers inherit it
+    return server, endpoint
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--files", type=int, default=8)
+    parser.add_argument("--minutes", type=float, default=3.0, help="Length of each corpus file.")
+    parser.add_argument("--big", action="store_true", help="40 files x 10 minutes (overrides --files/--minutes).")
+    parser.add_argument("--memory-minutes", default="5,60", help="File lengths of the peak-memory figures.")
+    parser.add_argument("--read-block-s", type=float, default=30.0)
+    parser.add_argument("--skip-s3", action="store_true")
+    parser.add_argument("--warmup-files", type=int, default=8, help="Untimed first ingest (worker start-up).")
+    parser.add_argument("--workdir", default=None, help="Scratch folder (default: a temporary one, removed).")
+    args = parser.parse_args(argv)
+    if args.big:
+        args.files, args.minutes = 40, 10.0
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ingest_bench_"))
+    n_cores = cores()
+    server = None
+    try:
+        corpus = workdir / "corpus"
+        corpus_seconds = make_corpus(corpus, args.files, args.minutes)
+        paths = sorted(str(p) for p in corpus.iterdir())
+        emit(figure="corpus", files=len(paths), seconds_audio=corpus_seconds,
+             bytes=sum(os.path.getsize(p) for p in paths), cores=n_cores)
+
+        # -- peak memory vs file length (fresh process per file) ------------------------------
+        for minutes in [float(m) for m in args.memory_minutes.split(",") if m]:
+            path = write_long_wav(workdir / f"long_{minutes:g}min.wav", minutes * 60)
+            for mode in ("stream", "whole_file"):
+                stats = measure_peak_memory(str(path), mode=mode, sample_rate=SAMPLE_RATE,
+                                            read_block_s=args.read_block_s)
+                emit(figure="peak_memory", file_minutes=minutes, format="wav 44.1 kHz stereo pcm16",
+                     file_mib=round(path.stat().st_size / 2**20, 1), **stats)
+            path.unlink()
+
+        # -- baselines in this process (one core) -------------------------------------------
+        (seconds, _), wall, cpu = timed(naive_librosa, paths)
+        throughput("naive_librosa_load_local", seconds, wall, 1, cpu)
+        (seconds, _), wall, cpu = timed(single_process_stream, paths, args.read_block_s)
+        throughput("stream_decode_segment_single_process_local", seconds, wall, 1, cpu)
+
+        if not args.skip_s3:
+            import boto3
+            import fsspec
+
+            server, endpoint = start_moto()
+            bucket = "ingest-bench"
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+            fs = fsspec.filesystem("s3", use_listings_cache=False, client_kwargs={"endpoint_url": endpoint})
+            fs.put(str(corpus) + "/", f"{bucket}/corpus/", recursive=True)
+            s3_paths = sorted(f"s3://{p}" for p in fs.ls(f"{bucket}/corpus"))
+            (seconds, _), wall, cpu = timed(naive_librosa, s3_paths, fetch=fs.cat_file)
+            throughput("naive_librosa_load_s3", seconds, wall, 1, cpu,
+                       note="whole object fetched, then loaded; cpu_s includes the moto server")
+
+        # -- the real Ray ingest -------------------------------------------------------------
+        from mess_ray.raylocal import ensure_ray
+
+        _, wall, cpu = timed(ensure_ray)
+        emit(figure="ray_start", wall_s=round(wall, 2))
+        # Start-up of Ray Data and of one worker per concurrent task: a fixed cost, reported
+        # apart from the throughput (it is amortised over a real corpus).
+        warm = workdir / "warm"
+        for i in range(args.warmup_files):
+            write_long_wav(warm / f"w{i}.wav", 5.0, rate=44100, seed=100 + i)
+        _, wall, cpu = timed(ray_ingest, str(workdir / "warm_store"), str(warm), args.read_block_s)
+        emit(figure="ray_ingest_warmup", files=args.warmup_files, wall_s=round(wall, 2), cpu_s=round(cpu, 2))
+
+        manifest, wall, cpu = timed(ray_ingest, str(workdir / "store"), str(corpus), args.read_block_s)
+        counts = manifest["counts"]
+        throughput("ray_ingest_local", counts["seconds_audio"], wall, n_cores, cpu,
+                   files=counts["files_segmented"], segments=counts["segments"])
+        if not args.skip_s3:
+            manifest, wall, cpu = timed(ray_ingest, f"s3://{bucket}/store", f"s3://{bucket}/corpus",
+                                        args.read_block_s)
+            counts = manifest["counts"]
+            throughput("ray_ingest_s3", counts["seconds_audio"], wall, n_cores, cpu,
+                       files=counts["files_segmented"], segments=counts["segments"],
+                       note="source and storage root on moto S3; cpu_s includes the moto server")
+    finally:
+        if server is not None:
+            server.stop()
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
