@@ -221,9 +221,7 @@ def sweep(dataset: str, x: np.ndarray, queries: np.ndarray, args: argparse.Names
     ivf_spec = choose_index_spec(n, dim, "ivf", ivfpq_above=10**12)
     ivf, cost = build(ivf_spec, x)
     builds.append(("ivf", {"nlist": ivf_spec.nlist}, cost))
-    for nprobe in args.nprobes:
-        if nprobe > ivf_spec.nlist:
-            continue
+    for nprobe in sorted({min(p, ivf_spec.nlist) for p in args.nprobes}):  # small corpora: few lists
         configure_for_search(ivf, IndexSpec(**{**ivf_spec.to_dict(), "nprobe": nprobe}))
         found, times = single_query_latencies(faiss_search(ivf), lat_q)
         record("ivf", {"nlist": ivf_spec.nlist, "nprobe": nprobe}, found, times, cost)
@@ -232,9 +230,7 @@ def sweep(dataset: str, x: np.ndarray, queries: np.ndarray, args: argparse.Names
     pq_spec = choose_index_spec(n, dim, "ivf", ivfpq_above=0)
     ivfpq, cost = build(pq_spec, x)
     builds.append(("ivfpq", {"nlist": pq_spec.nlist, "pq_m": pq_spec.pq_m}, cost))
-    for nprobe in args.pq_nprobes:
-        if nprobe > pq_spec.nlist:
-            continue
+    for nprobe in sorted({min(p, pq_spec.nlist) for p in args.pq_nprobes}):
         configure_for_search(ivfpq, IndexSpec(**{**pq_spec.to_dict(), "nprobe": nprobe}))
         found, times = single_query_latencies(reranked_search(ivfpq, x), lat_q)
         record("ivfpq+rerank", {"nlist": pq_spec.nlist, "pq_m": pq_spec.pq_m, "nprobe": nprobe,

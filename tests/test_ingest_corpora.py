@@ -166,8 +166,11 @@ def test_auto_detection_in_build_catalog(tmp_path):
     make_asap(tmp_path / "asap")
     write_tone(tmp_path / "plain" / "x.wav", 1.0)
     (tmp_path / "plain" / "metadata.csv").write_text("path,who\nx.wav,me\n")  # not ASAP: no midi_performance
+    (tmp_path / "plain" / "list.csv").write_text("path,midi_performance\nx.wav,x.mid\n")
+    assert detect_corpus(str(tmp_path / "plain" / "list.csv")) is None  # has 'path': a user manifest
     storage = Storage(str(tmp_path / "store"))
-    for folder, kind in [("maestro", "maestro"), ("asap", "asap"), ("plain", "folder")]:
+    for folder, kind in [("maestro", "maestro"), ("asap", "asap"), ("plain", "folder"),
+                         ("plain/list.csv", "manifest")]:
         rows, source = build_catalog(cfg_for(storage.root, str(tmp_path / folder)), storage)
         assert source["kind"] == kind and rows
     # Explicit kinds override detection, and a layout mismatch is a clear error.

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import soundfile as sf
 import pytest
+import soundfile as sf
 
 from mess_ray.ingest.memory import measure_peak_memory, run_in_process, write_long_wav
 

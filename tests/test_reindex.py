@@ -189,16 +189,22 @@ def test_reindex_adds_removes_noops_and_resumes(ray_local, tmp_path, monkeypatch
     some_old = int(table.column("segment_id")[0].as_py())
     np.testing.assert_array_equal(index.vector(some_old), old_index.vector(some_old))
 
-    # a track removed: its vectors are dropped, nothing is embedded
+    # a track removed: its vectors are dropped, nothing is embedded; the configured index type
+    # changed meanwhile (flat -> ivf), so the index is rebuilt from the reused vectors
     gone = track_ids(table, "track1")
     table = publish_ingest(cfg, storage, [0, 2, 3])
+    cfg.index.type = "ivf"
     removed = run_reindex(cfg, storage)
     assert removed["reindex"] == {"added": 0, "removed": len(gone), "kept": table.num_rows, "reused_pending": 0,
-                                  "build": "in_place"}
+                                  "build": "rebuild"}
+    assert removed["index"]["type"] == "ivf"
     assert removed["previous_version"] == added["version"] and removed["inputs"]["previous_index"] == added["version"]
     index = SearchIndex.load(storage)
     assert len(index) == table.num_rows and "track1" not in {t["track_id"] for t in index.tracks()}
     assert set(index._rows) == set(table.column("segment_id").to_pylist())
+    kept_id = min(track_ids(table, "track3"))
+    assert index.search_by_segment(kept_id, k=2)[0].segment_id != kept_id  # searchable, itself excluded
+    np.testing.assert_array_equal(index.vector(kept_id), SearchIndex.load(storage, added["version"]).vector(kept_id))
 
     # a different model cannot be mixed into this index
     with pytest.raises(ValueError, match="full rebuild"):

@@ -30,7 +30,6 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from mess_ray.config import MessRayConfig
-from mess_ray.index.embed import table_to_vectors
 from mess_ray.index.faiss_index import (IndexSpec, build_sharded_index_ray, choose_index_spec,
                                         create_empty_index, index_from_bytes, index_to_bytes, load_index,
                                         merge_indexes, sha256_bytes, training_points_needed)

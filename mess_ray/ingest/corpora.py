@@ -206,6 +206,8 @@ def detect_corpus(url: str, s3_endpoint_url: str | None = None) -> str | None:
     if not path.lower().endswith((".csv", ".json")):
         return None
     columns = _columns(read_metadata_records(fs, path)[:1])
+    if "path" in columns:
+        return None  # a user manifest (its 'path' column names the recordings)
     if set(MAESTRO_REQUIRED) <= columns:
         return "maestro"
     if "midi_performance" in columns:
