@@ -237,13 +237,14 @@ def sweep(dataset: str, x: np.ndarray, queries: np.ndarray, args: argparse.Names
                                 "rerank_candidates": RERANK_CANDIDATES}, found, times, cost)
     del ivfpq
 
-    hnsw_spec = choose_index_spec(n, dim, "hnsw", hnsw_m=args.hnsw_m)
+    hnsw_spec = choose_index_spec(n, dim, "hnsw", hnsw_m=args.hnsw_m, ef_construction=args.hnsw_ef_construction)
     hnsw, cost = build(hnsw_spec, x)
-    builds.append(("hnsw", {"hnsw_m": hnsw_spec.hnsw_m}, cost))
+    builds.append(("hnsw", {"hnsw_m": hnsw_spec.hnsw_m, "ef_construction": hnsw_spec.ef_construction}, cost))
     for ef in args.ef_searches:
         configure_for_search(hnsw, IndexSpec(**{**hnsw_spec.to_dict(), "ef_search": ef}))
         found, times = single_query_latencies(faiss_search(hnsw), lat_q)
-        record("hnsw", {"hnsw_m": hnsw_spec.hnsw_m, "ef_search": ef}, found, times, cost)
+        record("hnsw", {"hnsw_m": hnsw_spec.hnsw_m, "ef_construction": hnsw_spec.ef_construction, "ef_search": ef},
+               found, times, cost)
     del hnsw
 
     if build_figures:
@@ -308,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pq-nprobes", type=lambda s: [int(v) for v in s.split(",")], default=[8, 16, 32])
     parser.add_argument("--ef-searches", type=lambda s: [int(v) for v in s.split(",")], default=[16, 32, 64, 128])
     parser.add_argument("--hnsw-m", type=int, default=32)
+    parser.add_argument("--hnsw-ef-construction", type=int, default=40,
+                        help="HNSW build beam (index.hnsw_ef_construction; 128: better recall, ~5x slower build)")
     parser.add_argument("--storage", default=None, help="storage root whose latest index's vectors are the real embeddings")
     parser.add_argument("--skip-real", action="store_true", help="clustered synthetic vectors only")
     parser.add_argument("--real-only", action="store_true", help="real embeddings only (no synthetic sizes)")

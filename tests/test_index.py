@@ -309,3 +309,13 @@ def test_choose_index_spec_tuned_defaults_and_memory_budget():
     # tiny forced IVF-PQ corpora get codebooks they can train
     small = choose_index_spec(2000, 64, "ivf", ivfpq_above=0)
     assert small.type == "ivfpq" and 2 ** small.pq_bits * 39 <= 2000
+
+
+def test_hnsw_ef_construction_reaches_faiss_and_old_specs_still_load():
+    spec = choose_index_spec(10, 8, "hnsw", ef_construction=96)
+    index = create_empty_index(spec)
+    import faiss
+
+    assert faiss.downcast_index(index.index).hnsw.efConstruction == 96
+    old = {k: v for k, v in spec.to_dict().items() if k != "ef_construction"}  # a manifest from before the field
+    assert IndexSpec.from_dict(old).ef_construction == 40

@@ -43,6 +43,8 @@ def test_same_embedder_and_pending_key():
     a = {"ref": "finetune", "kind": "embedding_model", "stage": "finetune", "version": "f1", "path": "/m", "layer": None}
     provenance = {**a, "checkpoint": "/runs/ckpt", "trained_config_digest": "abc"}
     assert same_embedder(a, provenance)
+    assert same_embedder(a, {**a, "path": "/copied/store/finetune/f1/model"})  # a moved store
+    assert not same_embedder({"kind": "encoder", "path": "/a"}, {"kind": "encoder", "path": "/b"})
     assert not same_embedder(a, {**a, "version": "f2"})
     assert not same_embedder({"kind": "random", "seed": 0, "size": "tiny"}, {"kind": "random", "seed": 1, "size": "tiny"})
     ids = np.array([3, 1, 2])

@@ -39,6 +39,7 @@ class IndexSpec:
     pq_bits: int = 8
     hnsw_m: int = 32
     ef_search: int = 64
+    ef_construction: int = 40      # HNSW build-time beam (FAISS default)
     rerank: bool = False           # exact re-ranking of candidates with the raw vectors
     mergeable: bool = True         # shards can be built separately and merged
     params: dict[str, Any] = field(default_factory=dict)
@@ -53,7 +54,8 @@ class IndexSpec:
 
 def choose_index_spec(count: int, dim: int, requested: str = "auto", *, ivf_above: int = 50_000,
                       ivfpq_above: int = 1_000_000, nprobe: int = 16, hnsw_m: int = 32,
-                      ef_search: int = 64, memory_budget_mb: float | None = None) -> IndexSpec:
+                      ef_search: int = 64, memory_budget_mb: float | None = None,
+                      ef_construction: int = 40) -> IndexSpec:
     """Pick the index type and its parameters for ``count`` vectors of ``dim`` dimensions.
 
     Defaults are tuned with ``benchmarks/index_search.py`` (2 cores, dim 128): exact search
@@ -73,7 +75,8 @@ def choose_index_spec(count: int, dim: int, requested: str = "auto", *, ivf_abov
     if kind == "flat":
         return IndexSpec(type="flat", dim=dim)
     if kind == "hnsw":
-        return IndexSpec(type="hnsw", dim=dim, hnsw_m=hnsw_m, ef_search=ef_search, mergeable=False)
+        return IndexSpec(type="hnsw", dim=dim, hnsw_m=hnsw_m, ef_search=ef_search, ef_construction=ef_construction,
+                         mergeable=False)
     # IVF: FAISS's rule of thumb is 4..16 sqrt(n) lists; measured at 1e6 x 128 on 2 cores,
     # 2 sqrt(n) lists train 4x faster (k-means cost ~ nlist^2) with the same recall@10 at
     # nprobe 16 and p99 well under 5 ms. At least 39 training points per list, so tiny
@@ -108,7 +111,9 @@ def create_empty_index(spec: IndexSpec, train_vectors: np.ndarray | None = None)
     if spec.type == "flat":
         return faiss.IndexIDMap2(faiss.IndexFlatIP(d))
     if spec.type == "hnsw":
-        return faiss.IndexIDMap2(faiss.IndexHNSWFlat(d, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT))
+        hnsw = faiss.IndexHNSWFlat(d, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = spec.ef_construction
+        return faiss.IndexIDMap2(hnsw)
     if spec.type in ("ivf", "ivfpq"):
         quantizer = faiss.IndexFlatIP(d)
         if spec.type == "ivf":

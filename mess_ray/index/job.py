@@ -184,7 +184,8 @@ def run_index(cfg: MessRayConfig, storage: Storage, model_ref: str = "finetune")
     spec = choose_index_spec(counts["vectors"], int(embedder.dim), cfg.index.type,
                              ivf_above=cfg.index.ivf_above, ivfpq_above=cfg.index.ivfpq_above,
                              nprobe=cfg.index.nprobe, hnsw_m=cfg.index.hnsw_m, ef_search=cfg.index.ef_search,
-                             memory_budget_mb=cfg.index.memory_budget_mb)
+                             memory_budget_mb=cfg.index.memory_budget_mb,
+                             ef_construction=cfg.index.hnsw_ef_construction)
     train = None
     if training_points_needed(spec):
         train = sample_training_vectors(storage, files, min(training_points_needed(spec), counts["vectors"]))

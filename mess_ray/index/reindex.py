@@ -58,7 +58,10 @@ def diff_segment_ids(current_ids: np.ndarray, indexed_ids: np.ndarray) -> tuple[
 
 
 def embedder_identity(info: dict[str, Any]) -> dict[str, Any]:
-    return {key: info.get(key) for key in EMBEDDER_IDENTITY_KEYS if info.get(key) is not None}
+    identity = {key: info.get(key) for key in EMBEDDER_IDENTITY_KEYS if info.get(key) is not None}
+    if identity.get("stage"):  # a stage artifact is found by stage + version under the storage root
+        identity.pop("path", None)  # (its absolute path changes when the store is moved or copied)
+    return identity
 
 
 def same_embedder(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -206,7 +209,8 @@ def run_reindex(cfg: MessRayConfig, storage: Storage, model_ref: str | None = No
     new_spec = choose_index_spec(counts["vectors"], int(embedder.dim), cfg.index.type,
                                  ivf_above=cfg.index.ivf_above, ivfpq_above=cfg.index.ivfpq_above,
                                  nprobe=cfg.index.nprobe, hnsw_m=cfg.index.hnsw_m, ef_search=cfg.index.ef_search,
-                                 memory_budget_mb=cfg.index.memory_budget_mb)
+                                 memory_budget_mb=cfg.index.memory_budget_mb,
+                                 ef_construction=cfg.index.hnsw_ef_construction)
     if can_update_in_place(old_spec, new_spec):
         spec = replace(old_spec, nprobe=min(new_spec.nprobe, old_spec.nlist) if old_spec.nlist else 0)
         index = load_index(storage, posixpath.join(STAGE, previous_version, INDEX_FILE),
