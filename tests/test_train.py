@@ -196,3 +196,36 @@ def test_derived_run_name_is_stable_and_tracks_inputs():
     # An explicit run name is kept as given.
     named = cfg.pretrain.model_copy(update={"run_name": "mine"})
     assert with_run_name(cfg, "pretrain", named, inputs).run_name == "mine"
+
+
+def _fail_in_child(storage_root: str) -> None:
+    import os
+
+    from mess_ray.train.common import maybe_inject_test_failure
+
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0"  # no wait for a controller poll here
+    maybe_inject_test_failure({"test_fail_at_step": 3, "run_name": "r"}, {"root": storage_root}, "pretrain",
+                              step=3, rank=1, world_size=2)
+
+
+def test_injected_test_failure_kills_once(tmp_path):
+    import multiprocessing
+
+    from mess_ray.train.common import TEST_FAILURE_MARKER, maybe_inject_test_failure
+
+    storage = Storage(str(tmp_path / "store"))
+    tcfg = {"test_fail_at_step": 3, "run_name": "r"}
+    # Not configured, another step or another rank: nothing happens (this process survives).
+    for kwargs in ({"step": 2, "rank": 1}, {"step": 3, "rank": 0}):
+        maybe_inject_test_failure(tcfg, {"root": storage.root}, "pretrain", world_size=2, **kwargs)
+    maybe_inject_test_failure({"test_fail_at_step": None, "run_name": "r"}, {"root": storage.root}, "pretrain",
+                              step=3, rank=1, world_size=2)
+    assert not storage.exists(f"pretrain/runs/r/{TEST_FAILURE_MARKER}")
+    # The configured step on the last rank: the process exits abruptly, leaving the marker...
+    child = multiprocessing.get_context("spawn").Process(target=_fail_in_child, args=(storage.root,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 1
+    assert storage.read_json(f"pretrain/runs/r/{TEST_FAILURE_MARKER}")["step"] == 3
+    # ...so the restarted worker passes the same step without failing again.
+    maybe_inject_test_failure(tcfg, {"root": storage.root}, "pretrain", step=3, rank=1, world_size=2)

@@ -126,3 +126,31 @@ def test_finetune_on_s3_storage(ray_local, s3_bucket):
     embedder = Embedder.from_ref(cfg, storage, "finetune")
     assert embedder.info["version"] == "s3run"
     assert embedder.embed(np.stack([_clip(1, "legato", 0)])).shape == (1, cfg.model.embedding_dim)
+
+
+def test_pretrain_survives_a_killed_worker(ray_local, tiny_store):
+    """A worker dies mid-run: Ray Train restarts the group, which resumes from the last checkpoint."""
+    import time
+
+    from mess_ray.train import run_pretrain
+    from mess_ray.train.common import CHECKPOINT_SCORE, TEST_FAILURE_MARKER
+
+    cfg = tiny_config(tiny_store.root, pretrain={"steps": 6, "checkpoint_every": 2, "keep_checkpoints": 1,
+                                                 "num_workers": 2, "max_failures": 1, "test_fail_at_step": 3,
+                                                 "run_name": "killed"})
+    started = time.perf_counter()
+    manifest = run_pretrain(cfg, tiny_store)
+    # The last-rank worker os._exit'ed after step 3 (the marker proves the failure happened).
+    assert tiny_store.read_json(f"pretrain/runs/killed/{TEST_FAILURE_MARKER}")["step"] == 3
+    # The restarted group continued from the step-2 checkpoint, not from 0, and lost only step 3.
+    assert manifest["resumed_from_steps"] == [2]
+    assert manifest["counts"]["steps"] == 6
+    assert manifest["losses"]["steps"] == [1, 2, 3, 4, 5, 6]  # no step trained twice in the history
+    assert len(manifest["losses"]["history"]) == 6 and all(np.isfinite(manifest["losses"]["history"]))
+    # Keep-best-1 plus the latest: the published model is the final step's checkpoint.
+    assert manifest["checkpoint"].endswith("checkpoint_0000006")
+    kept = manifest["kept_checkpoints"]
+    assert 1 <= len(kept) <= 2 and all(c[CHECKPOINT_SCORE] is not None for c in kept)
+    on_disk = sorted(n for n in tiny_store.listdir("pretrain/runs/killed") if n.startswith("checkpoint_0"))
+    assert "checkpoint_0000006" in on_disk and len(on_disk) <= 2
+    assert time.perf_counter() - started < 90

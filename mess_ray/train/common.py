@@ -10,6 +10,14 @@ model to ``<stage>/<run_name>/model/`` and publishes the artifact.
 Resume: Ray Train V2 keeps a checkpoint-manager snapshot in ``<storage_path>/<run_name>/``;
 re-running with the same ``run_name`` restores it, so ``ray.train.get_checkpoint()`` returns
 the latest checkpoint and the step counter continues (tests/test_train_ray.py checks this).
+
+Checkpoints: every ``checkpoint_every`` steps; Ray keeps the best ``keep_checkpoints`` by
+``CHECKPOINT_SCORE`` (mean loss since the previous checkpoint, mode "min") and always the
+latest too, which is what a restarted worker group or a re-run resumes from.
+
+Fault tolerance: ``FailureConfig(max_failures)`` restarts the whole worker group when a worker
+dies; the new group resumes from the latest checkpoint. ``test_fail_at_step`` injects such a
+death once (tests only, see :func:`maybe_inject_test_failure`).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import posixpath
 import tempfile
 import time
@@ -36,6 +45,11 @@ from mess_ray.storage import Storage
 STATE_FILE = "state.pt"
 HISTORY_FILE = "train_state.json"
 MODEL_SUBDIR = "model"
+# Metric that ranks checkpoints for "keep the best K": the mean training loss over the steps
+# since the previous checkpoint (one step's loss is too noisy to rank by). Every report that
+# carries a checkpoint carries it.
+CHECKPOINT_SCORE = "checkpoint_loss"
+TEST_FAILURE_MARKER = "TEST_FAILURE_INJECTED"
 
 
 # -- pure helpers --------------------------------------------------------------------------
@@ -70,6 +84,33 @@ def check_resume_inputs(saved: dict | None, current: dict, run_name: str) -> Non
     if saved is not None and saved != current:
         raise ValueError(f"run_name {run_name!r} has checkpoints trained on {saved}, but this run's inputs are "
                          f"{current}: choose a new run_name (or delete the old run folder) to train afresh")
+
+
+def maybe_inject_test_failure(tcfg: dict, storage_cfg: dict | None, stage: str, step: int, rank: int,
+                              world_size: int) -> None:
+    """TEST ONLY: kill this worker process after step ``tcfg["test_fail_at_step"]``, once per run.
+
+    Simulates a node loss for the fault-tolerance test: the last-rank worker ``os._exit``s (no
+    cleanup, no exception, like a killed process) so Ray Train restarts the worker group from the
+    latest checkpoint. A marker file in the run folder records that the failure happened, so the
+    restarted group, which passes the same step again, does not fail a second time.
+    """
+    fail_at = tcfg.get("test_fail_at_step")
+    if fail_at is None or step != fail_at or rank != world_size - 1 or storage_cfg is None:
+        return
+    from mess_ray.config import StorageConfig
+
+    storage = Storage.from_config(StorageConfig(**storage_cfg))
+    marker = posixpath.join(stage, "runs", tcfg["run_name"], TEST_FAILURE_MARKER)
+    if storage.exists(marker):
+        return
+    storage.write_json(marker, {"step": step, "rank": rank, "pid": os.getpid()})
+    # The controller collects reports when it polls the workers (every
+    # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default); a worker that dies before that poll
+    # loses its last report, and with it the checkpoint. Recovery would still be correct (from
+    # the previous checkpoint), but the test expects the checkpoint just made, so wait two polls.
+    time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")) + 0.5)
+    os._exit(1)
 
 
 # -- task interface ------------------------------------------------------------------------
@@ -132,16 +173,23 @@ def train_loop(loop_config: dict) -> None:
     if not params:
         raise ValueError("nothing to train: every parameter is frozen")
     optimizer = torch.optim.AdamW(params, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
-    start_step, history = 0, []
+    # history: every step's mean loss and its step number; resumes: the step each restored
+    # attempt continued from (a worker-group restart or a re-run with the same run name).
+    # timings: per step [step_time_s, data_wait_s, unix end time] (throughput benchmarks).
+    start_step, history, history_steps, resumes, timings = 0, [], [], [], []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
-            history = json.loads((Path(folder) / HISTORY_FILE).read_text())["losses"]
+            saved = json.loads((Path(folder) / HISTORY_FILE).read_text())
         check_resume_inputs(state.get("inputs"), loop_config["inputs"], tcfg["run_name"])
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step = int(state["step"])
+        history = saved["losses"]
+        history_steps = saved.get("steps", list(range(1, len(history) + 1)))
+        resumes = saved.get("resumes", []) + ([start_step] if start_step < tcfg["steps"] else [])
+        timings = saved.get("timings", [])
     model = ray.train.torch.prepare_model(model, move_to_device=device if use_gpu else True)
 
     shard = ray.train.get_dataset_shard("train")
@@ -175,24 +223,32 @@ def train_loop(loop_config: dict) -> None:
         done = step + 1
         mean_loss = _all_reduce_mean(step_loss)
         history.append(mean_loss)
+        history_steps.append(done)
+        timings.append([round(time.perf_counter() - started, 5), round(data_s, 5), round(time.time(), 4)])
         metrics = {"step": done, "loss": mean_loss, "lr": lr, "epoch": epoch, "grad_norm": grad_norm,
                    "step_time_s": time.perf_counter() - started, "data_wait_s": data_s, **extra}
         if done % tcfg["checkpoint_every"] == 0 or done == total_steps:
+            previous_checkpoint = (done - 1) // tcfg["checkpoint_every"] * tcfg["checkpoint_every"]
+            since_last = history[previous_checkpoint - done:]
             with tempfile.TemporaryDirectory() as folder:
                 ckpt = None
                 if rank == 0:
                     torch.save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                                 "step": done, "inputs": loop_config["inputs"]}, Path(folder) / STATE_FILE)
                     (Path(folder) / HISTORY_FILE).write_text(
-                        json.dumps({"step": done, "losses": history, "inputs": loop_config["inputs"]}))
+                        json.dumps({"step": done, "losses": history, "steps": history_steps, "resumes": resumes,
+                                    "timings": timings, "inputs": loop_config["inputs"]}))
                     ckpt = ray.train.Checkpoint.from_directory(folder)
-                ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{done:07d}")
+                ray.train.report({**metrics, CHECKPOINT_SCORE: sum(since_last) / len(since_last)},
+                                 checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{done:07d}")
         elif done % tcfg["report_every"] == 0:
             # Every step's loss is kept in `history` (checkpoint and manifest); a Ray Train
             # report is a synchronous round trip through the controller (about 1 s on 2 cores
             # here), so it happens every `report_every` steps, with the window's mean loss.
             window = history[-tcfg["report_every"]:]
             ray.train.report({**metrics, "loss_window_mean": sum(window) / len(window)})
+        maybe_inject_test_failure(tcfg, loop_config.get("storage"), task.stage, done, rank,
+                                  context.get_world_size())
 
 
 # -- driver side ---------------------------------------------------------------------------
@@ -205,7 +261,8 @@ def with_run_name(cfg: MessRayConfig, stage: str, tcfg: TrainConfig, inputs: dic
     """
     if tcfg.run_name:
         return tcfg
-    key = {"inputs": inputs, "train": {k: v for k, v in train_settings(tcfg).items() if k != "run_name"},
+    key = {"inputs": inputs,
+           "train": {k: v for k, v in train_settings(tcfg).items() if k not in ("run_name", "test_fail_at_step")},
            "model": cfg.model.model_dump(mode="json"), "audio": cfg.audio.model_dump(mode="json")}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return tcfg.model_copy(update={"run_name": f"{stage}-{digest}"})
@@ -229,7 +286,8 @@ def fit(cfg: MessRayConfig, storage: Storage, task: TrainTask, tcfg: TrainConfig
     ensure_ray(cfg.ray)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={**loop_config, "task": task, "train": train_settings(tcfg)},
+        train_loop_config={**loop_config, "task": task, "train": train_settings(tcfg),
+                           "storage": storage.config().model_dump()},
         scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
                                      resources_per_worker={"CPU": tcfg.cpus_per_worker}),
         run_config=RunConfig(
@@ -237,7 +295,11 @@ def fit(cfg: MessRayConfig, storage: Storage, task: TrainTask, tcfg: TrainConfig
             # With an explicit filesystem, Ray wants the path inside it (no "s3://" prefix).
             storage_path=storage.path(task.stage, "runs"),
             storage_filesystem=storage.pyarrow_fs(),
-            checkpoint_config=CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
+            # Best K by CHECKPOINT_SCORE; Ray never deletes the latest one, so resume still
+            # continues from the newest step.
+            checkpoint_config=CheckpointConfig(num_to_keep=tcfg.keep_checkpoints,
+                                               checkpoint_score_attribute=CHECKPOINT_SCORE,
+                                               checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=tcfg.max_failures),
         ),
         datasets={"train": dataset},
@@ -263,11 +325,21 @@ def previous_run_inputs(storage: Storage, stage: str, run_name: str) -> dict | N
 
 def finish(cfg: MessRayConfig, storage: Storage, task: TrainTask, tcfg: TrainConfig, result,
            loop_config: dict[str, Any], counts: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Rebuild the model from the final checkpoint, save it under the artifact, publish."""
+    """Rebuild the model from the final checkpoint, save it under the artifact, publish.
+
+    The published model is the *last* checkpoint (``result.checkpoint``, step == ``steps``), not
+    the best-scored one: the score is a training loss on masked targets (SSL) or on in-batch
+    pairs (fine-tuning), noisy and not a validation metric, and the end of the cosine schedule
+    is the intended model; the kept best-K are listed in the manifest for rollback/inspection.
+    """
     model = task.build_model({**loop_config, "train": train_settings(tcfg)})
     with result.checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
-        history = json.loads((Path(folder) / HISTORY_FILE).read_text())["losses"]
+        saved = json.loads((Path(folder) / HISTORY_FILE).read_text())
+    history = saved["losses"]
+    best = [{"checkpoint": storage.url(posixpath.relpath(ckpt.path, storage.path())),
+             "step": metrics.get("step"), CHECKPOINT_SCORE: metrics.get(CHECKPOINT_SCORE)}
+            for ckpt, metrics in (result.best_checkpoints or [])]
     model.load_state_dict(state["model"])
     version = tcfg.run_name
     rel = posixpath.join(task.stage, version, MODEL_SUBDIR)
@@ -278,7 +350,11 @@ def finish(cfg: MessRayConfig, storage: Storage, task: TrainTask, tcfg: TrainCon
         "inputs": loop_config["inputs"],
         "counts": {**counts, "steps": int(state["step"]), "parameters": sum(p.numel() for p in model.parameters())},
         "losses": {"first": history[0] if history else None, "last": history[-1] if history else None,
-                   "history": history},
+                   "history": history, "steps": saved.get("steps", list(range(1, len(history) + 1)))},
+        "resumed_from_steps": saved.get("resumes", []),
+        # Rank 0's [step_time_s, data_wait_s, unix end time] per step (benchmarks/train_throughput.py).
+        "step_timings": saved.get("timings", []),
+        "kept_checkpoints": sorted(best, key=lambda c: (c[CHECKPOINT_SCORE] is None, c[CHECKPOINT_SCORE])),
         "model_path": storage.url(rel),
         "run_path": storage.url(task.stage, "runs", tcfg.run_name),
         "checkpoint": storage.url(posixpath.relpath(result.checkpoint.path, storage.path())),
