@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +34,7 @@ def test_job_scripts_show_help(job):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
+def ray_cluster():
     """A separate `ray start --head --block` cluster on loopback with a job server.
 
     It runs in its own process group and is stopped by signalling that group: `ray stop`
@@ -42,7 +44,8 @@ def ray_cluster(tmp_path_factory):
            "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     gcs_port, dashboard_port = _free_port(), _free_port()
-    temp_dir = tmp_path_factory.mktemp("ray-cluster")
+    # Short path: Ray's unix sockets live under it and AF_UNIX paths are capped at 107 bytes.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rayc-", dir="/tmp"))
     log = open(temp_dir / "ray-start.log", "w")
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
@@ -69,6 +72,7 @@ def ray_cluster(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_render_and_ingest(ray_cluster, tmp_path):

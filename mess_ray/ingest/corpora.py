@@ -129,13 +129,19 @@ def _sizes(fs, root: str) -> dict[str, int]:
             for p, info in fs.find(root, detail=True).items() if info.get("type", "file") != "directory"}
 
 
+def _open_layout(url: str, s3_endpoint_url: str | None, find_metadata, required, corpus: str):
+    """(fs, root, metadata records, error-message prefix, file sizes) of a corpus layout."""
+    fs, root, meta_path = _root_and_metadata(url, s3_endpoint_url, find_metadata)
+    records = read_metadata_records(fs, meta_path)
+    where = f"{corpus} metadata {meta_path!r}"
+    _require(records, required, where)
+    return fs, root, records, where, _sizes(fs, root)
+
+
 def catalog_from_maestro(url: str, s3_endpoint_url: str | None = None) -> list[dict[str, Any]]:
     """Rows for a MAESTRO layout: ``url`` is its root folder or its metadata CSV/JSON."""
-    fs, root, meta_path = _root_and_metadata(url, s3_endpoint_url, find_maestro_metadata)
-    records = read_metadata_records(fs, meta_path)
-    where = f"MAESTRO metadata {meta_path!r}"
-    _require(records, MAESTRO_REQUIRED, where)
-    sizes = _sizes(fs, root)
+    fs, root, records, where, sizes = _open_layout(url, s3_endpoint_url, find_maestro_metadata,
+                                                   MAESTRO_REQUIRED, "MAESTRO")
     rows = []
     for i, rec in enumerate(records):
         audio = str(rec.get("audio_filename") or "")
@@ -169,11 +175,8 @@ def _asap_audio(rec: dict[str, Any], sizes: dict[str, int]) -> str:
 
 def catalog_from_asap(url: str, s3_endpoint_url: str | None = None) -> list[dict[str, Any]]:
     """Rows for an ASAP-style layout: ``url`` is its root folder or its ``metadata.csv``."""
-    fs, root, meta_path = _root_and_metadata(url, s3_endpoint_url, find_asap_metadata)
-    records = read_metadata_records(fs, meta_path)
-    where = f"ASAP metadata {meta_path!r}"
-    _require(records, ASAP_REQUIRED, where)
-    sizes = _sizes(fs, root)
+    fs, root, records, where, sizes = _open_layout(url, s3_endpoint_url, find_asap_metadata,
+                                                   ASAP_REQUIRED, "ASAP")
     rows = []
     for i, rec in enumerate(records):
         midi = str(rec.get("midi_performance") or "")
