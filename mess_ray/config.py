@@ -14,9 +14,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_SOUNDFONT = "/usr/share/sounds/sf2/FluidR3_GM.sf2"
+
+
+def pin_local_path(value: str | None) -> str | None:
+    """Absolute form of a local path (URLs unchanged): relative paths mean "from where the
+    command ran", and Ray workers run in other working directories."""
+    if value is None or ("://" in value and not value.startswith("file://")):
+        return value
+    if not value.strip():
+        raise ValueError("a path must not be empty")
+    return str(Path(value.removeprefix("file://")).expanduser().resolve())
 
 
 class _Section(BaseModel):
@@ -24,8 +34,11 @@ class _Section(BaseModel):
 
 
 class StorageConfig(_Section):
-    root: str = Field("./mess-ray-data", description="Local folder or s3://bucket/prefix (any fsspec URL).")
+    root: str = Field("./mess-ray-data", validate_default=True,
+                      description="Local folder or s3://bucket/prefix (any fsspec URL).")
     s3_endpoint_url: str | None = Field(None, description="Endpoint for S3-compatible stores (MinIO, moto...).")
+
+    _pin_root = field_validator("root")(pin_local_path)
 
 
 class RayConfig(_Section):
@@ -90,6 +103,7 @@ def default_styles() -> list[StyleSpec]:
 class RenderConfig(_Section):
     source: Literal["music21", "midi_folder", "asap"] = "music21"
     source_path: str | None = Field(None, description="Folder for midi_folder/asap sources.")
+    _pin_paths = field_validator("source_path", "soundfont")(pin_local_path)
     pieces: list[str] = Field(default_factory=list, description="music21 corpus paths; empty: the default list.")
     num_pieces: int = Field(8, ge=1)
     styles: list[StyleSpec] = Field(default_factory=default_styles)
@@ -106,6 +120,7 @@ class RenderConfig(_Section):
 
 class IngestConfig(_Section):
     source: str | None = Field(None, description="Audio folder/URL or manifest; None: the latest render output.")
+    _pin_source = field_validator("source")(pin_local_path)
     catalog: Literal["auto", "folder", "manifest", "render", "maestro", "asap"] = Field(
         "auto", description="auto: render if no source, MAESTRO/ASAP layouts by their metadata file, "
                             ".csv/.parquet: manifest, else folder.")

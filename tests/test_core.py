@@ -116,3 +116,14 @@ def test_default_config_matches_demo_yaml():
 
     demo = load_config(Path(__file__).parent.parent / "configs" / "demo.yaml")
     assert demo == MessRayConfig()
+
+
+def test_relative_storage_root_is_pinned_to_the_launch_directory(tmp_path, monkeypatch):
+    # Ray workers run elsewhere (Ray Train's run folder): a relative root must not follow them.
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["storage.root=./data"])
+    assert cfg.storage.root == str(tmp_path / "data")
+    assert MessRayConfig().storage.root == str(tmp_path / "mess-ray-data")
+    assert load_config(None, ["storage.root=s3://b/p"]).storage.root == "s3://b/p"
+    with pytest.raises(ValidationError):
+        load_config(None, ["storage.root=' '"])
