@@ -75,6 +75,19 @@ def ray_cluster():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def submit(address: str, env: dict, job: str, config: Path) -> subprocess.CompletedProcess:
+    """`ray job submit`, retried while the new head's dashboard agent is still registering."""
+    deadline = time.monotonic() + 120
+    while True:
+        proc = subprocess.run(
+            [RAY, "job", "submit", f"--address={address}", "--working-dir", str(REPO), "--",
+             "python", f"jobs/{job}.py", "--config", str(config)],
+            env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent" not in proc.stderr + proc.stdout or time.monotonic() > deadline:
+            return proc
+        time.sleep(3)
+
+
 def test_ray_job_submit_runs_render_and_ingest(ray_cluster, tmp_path):
     address, env = ray_cluster
     root = tmp_path / "store"
@@ -82,10 +95,7 @@ def test_ray_job_submit_runs_render_and_ingest(ray_cluster, tmp_path):
     config.write_text(f"storage:\n  root: {root}\nrender:\n  num_pieces: 2\n  max_duration_s: 4\n"
                       "audio:\n  window_s: 2.0\n  hop_s: 1.0\n")
     for job in ("render", "ingest"):
-        proc = subprocess.run(
-            [RAY, "job", "submit", f"--address={address}", "--working-dir", str(REPO), "--",
-             "python", f"jobs/{job}.py", "--config", str(config)],
-            env=env, capture_output=True, text=True, timeout=600)
+        proc = submit(address, env, job, config)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "succeeded" in proc.stdout
     latest = (root / "ingest" / "LATEST").read_text()
