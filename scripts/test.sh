@@ -3,4 +3,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# Tests only: ffmpeg writes MP3 fixtures with a Xing header (declared length), which
+# libsndfile cannot; the package itself never calls ffmpeg.
+if ! command -v ffmpeg >/dev/null; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null
+fi
 exec .venv/bin/python -m pytest -q "$@"

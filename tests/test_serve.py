@@ -152,7 +152,6 @@ def test_search_upload_finds_its_track(client, fmt, rate, channels):
     assert "track1" in format_hits(result) and "similarity" in format_hits(result)
 
 
-@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg generates the MP3 fixture")
 def test_search_upload_mp3(client, tmp_path):
     wav = tmp_path / "q.wav"
     sf.write(wav, track_audio(2, 16000)[:32000], 16000)
