@@ -50,7 +50,10 @@ def ray_cluster():
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=4",
-         "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+         # Ports with fixed defaults, taken already by the test session's own embedded Ray.
+         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
