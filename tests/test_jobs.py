@@ -43,6 +43,9 @@ def ray_cluster():
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
            "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
+    # The job's `python` must be this environment's, as on a cluster node with the project
+    # installed (CI runs .venv/bin/python without activating the venv).
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     gcs_port, dashboard_port = _free_port(), _free_port()
     # Short path: Ray's unix sockets live under it and AF_UNIX paths are capped at 107 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="rayc-", dir="/tmp"))
