@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import socket
-import time
 
 import httpx
 import numpy as np
 
 from mess_ray.serve import run_service
 from mess_ray.serve.app import APP_NAME
-from mess_ray.serve.client import ServiceError, format_hits, list_tracks, search_by_track, search_file
+from mess_ray.serve.client import (ServiceError, format_hits, list_tracks, search_by_track, search_file,
+                                   wait_ready)
 
 from conftest import tiny_config
 from test_serve import publish_audio_index, track_audio, wav_bytes
@@ -20,20 +20,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_ready(base_url: str, timeout_s: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            response = httpx.get(f"{base_url}/readyz", timeout=5)
-            if response.status_code == 200:
-                return response.json()
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{base_url} not ready after {timeout_s} s")
-        time.sleep(0.5)
 
 
 def test_serve_run_over_http(ray_local, tmp_path):
