@@ -1,0 +1,124 @@
+"""Facets of expression and the layout of a faceted embedding (the contract between stages).
+
+A model with facet heads embeds a segment as the concatenation of unit-norm *parts*: an
+``overall`` part (trained for expressive similarity as a whole) then one part per facet
+(tempo/rubato, dynamics, articulation, timbre), the whole scaled by ``1/sqrt(num_parts)``
+so it is itself unit-norm. The inner product of two such vectors is therefore the *mean*
+of the per-part cosines, and the index needs nothing special: a weighted search only scales
+the query's parts (``weighted_query``), and FAISS inner-product search then ranks by
+``sum_p w_p * cos_p`` exactly.
+
+The layout travels as ``{"overall": [0, 64], "tempo": [64, 80], ...}`` (half-open ranges)
+in the model's embedding config, the embedder info, and the index manifest. Models
+without facet heads have no layout; callers must then refuse facet weights clearly.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+OVERALL = "overall"
+FACETS: tuple[str, ...] = ("tempo", "dynamics", "articulation", "timbre")
+FACET_LABELS: dict[str, str] = {
+    "tempo": "tempo and rubato",
+    "dynamics": "dynamics",
+    "articulation": "articulation",
+    "timbre": "timbre",
+}
+
+Layout = dict[str, tuple[int, int]]
+
+
+def make_layout(overall_dim: int, facet_dim: int, facets: tuple[str, ...] = FACETS) -> Layout:
+    """Contiguous ranges: ``overall`` first, then each facet."""
+    if overall_dim < 1 or facet_dim < 1:
+        raise ValueError(f"part sizes must be >= 1, got overall_dim={overall_dim}, facet_dim={facet_dim}")
+    layout: Layout = {OVERALL: (0, overall_dim)}
+    start = overall_dim
+    for name in facets:
+        layout[name] = (start, start + facet_dim)
+        start += facet_dim
+    return layout
+
+
+def parse_layout(raw: Mapping[str, object] | None) -> Layout | None:
+    """A layout read from JSON (lists) checked to be contiguous from 0 with ``overall`` first."""
+    if raw is None:
+        return None
+    layout: Layout = {}
+    expected_start = 0
+    for name, span in raw.items():
+        try:
+            start, end = (int(x) for x in span)  # type: ignore[union-attr]
+        except (TypeError, ValueError):
+            raise ValueError(f"facet layout entry {name!r} must be [start, end], got {span!r}") from None
+        if start != expected_start or end <= start:
+            raise ValueError(f"facet layout is not contiguous at {name!r}: {span!r}")
+        layout[str(name)] = (start, end)
+        expected_start = end
+    if next(iter(layout), None) != OVERALL:
+        raise ValueError(f"facet layout must start with {OVERALL!r}, got {list(layout)}")
+    return layout
+
+
+def layout_dim(layout: Layout) -> int:
+    return max(end for _, end in layout.values())
+
+
+def compose(parts: Mapping[str, np.ndarray], layout: Layout) -> np.ndarray:
+    """[B, D] faceted embedding from per-part vectors [B, d_p] (each L2-normalised here)."""
+    blocks = []
+    for name, (start, end) in layout.items():
+        block = np.asarray(parts[name], dtype=np.float32)
+        if block.shape[-1] != end - start:
+            raise ValueError(f"part {name!r} has dim {block.shape[-1]}, layout says {end - start}")
+        norms = np.linalg.norm(block, axis=-1, keepdims=True)
+        blocks.append(block / np.where(norms > 1e-12, norms, 1.0))
+    return np.concatenate(blocks, axis=-1) / np.sqrt(len(layout), dtype=np.float32)
+
+
+def normalize_weights(weights: Mapping[str, float] | None, layout: Layout) -> dict[str, float]:
+    """Per-part weights summing to 1. Unnamed parts get 0 when any weight is given; no
+    weights at all means equal weights (the plain embedding). Unknown names and negative or
+    all-zero weights are errors that name the problem."""
+    if not weights:
+        return {name: 1.0 / len(layout) for name in layout}
+    unknown = sorted(set(weights) - set(layout))
+    if unknown:
+        raise ValueError(f"unknown facet(s) {unknown}; this index has {list(layout)}")
+    bad = {k: v for k, v in weights.items() if not np.isfinite(v) or v < 0}
+    if bad:
+        raise ValueError(f"facet weights must be finite and >= 0, got {bad}")
+    total = float(sum(weights.values()))
+    if total <= 0:
+        raise ValueError("at least one facet weight must be > 0")
+    return {name: float(weights.get(name, 0.0)) / total for name in layout}
+
+
+def weighted_query(query: np.ndarray, layout: Layout, weights: Mapping[str, float] | None) -> np.ndarray:
+    """Scale the query's parts so that ``<q_w, e> = sum_p w_p * cos_p(q, e)`` for any
+    faceted embedding ``e`` (inner-product search then ranks by the weighted facet score)."""
+    q = np.array(query, dtype=np.float32, copy=True)
+    if q.shape[-1] != layout_dim(layout):
+        raise ValueError(f"query has dim {q.shape[-1]}, the facet layout {layout_dim(layout)}")
+    w = normalize_weights(weights, layout)
+    n_parts = len(layout)
+    for name, (start, end) in layout.items():
+        # e_p = u_p / sqrt(n) and q_p = v_p / sqrt(n): scaling q_p by n * w_p gives w_p * <u_p, v_p>.
+        q[..., start:end] *= n_parts * w[name]
+    return q
+
+
+def part_similarities(query: np.ndarray, vectors: np.ndarray, layout: Layout) -> dict[str, np.ndarray]:
+    """Cosine per part between one query [D] and vectors [N, D] (parts re-normalised)."""
+    q = np.asarray(query, dtype=np.float32).reshape(-1)
+    v = np.asarray(vectors, dtype=np.float32).reshape(-1, q.size)
+    out = {}
+    for name, (start, end) in layout.items():
+        qa, va = q[start:end], v[:, start:end]
+        qn = np.linalg.norm(qa)
+        vn = np.linalg.norm(va, axis=1)
+        out[name] = (va @ qa) / np.maximum(vn * qn, 1e-12)
+    return out
