@@ -26,6 +26,15 @@ DESCRIPTOR_NAMES: tuple[str, ...] = (
     "flux_mean",
 )
 
+# Which audio descriptors speak for which facet of expression (mess_ray.facets.FACETS):
+# facet heads are supervised with these groups, and search explanations compare them.
+FACET_DESCRIPTORS: dict[str, tuple[str, ...]] = {
+    "tempo": ("onset_rate_hz", "ioi_cv"),
+    "dynamics": ("loudness_mean_db", "loudness_std_db", "loudness_range_db", "loudness_slope_db_per_s"),
+    "articulation": ("flux_mean",),
+    "timbre": ("centroid_mean_hz", "centroid_std_hz"),
+}
+
 FLOOR_DB = -100.0          # RMS of digital silence is clamped here (avoids -inf)
 ACTIVE_BELOW_PEAK_DB = 50  # frames quieter than peak - 50 dB are silence for timbre stats
 FRAME_S = 0.032            # analysis window (short: onsets of fast passages stay apart)
