@@ -113,3 +113,80 @@ def test_zscore_and_baseline_embeddings():
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, rtol=1e-5)
     # The two slow quiet passages are closer to each other than to the fast loud one.
     assert emb[0] @ emb[2] > emb[0] @ emb[1]
+
+
+def held_notes(hold_fraction: float, rate_hz: float = 2.0, seconds: float = 4.0) -> np.ndarray:
+    """Organ-like notes at a steady rate, each sounding for ``hold_fraction`` of the
+    inter-onset interval (0.2: staccato, 1.0: legato), with a 10 ms attack and a 40 ms damper release."""
+    out = np.zeros(int((seconds + 1) * SR))
+    ioi = 1 / rate_hz
+    for j, start in enumerate(np.arange(0.05, seconds, ioi)):
+        length = int(hold_fraction * ioi * SR)
+        t = np.arange(length + int(0.4 * SR)) / SR
+        env = np.minimum(t / 0.01, 1) * np.where(t < length / SR, 1.0, np.exp(-(t - length / SR) / 0.04))
+        f0 = 262 * 2 ** ((j % 5) * 2 / 12)
+        i = int(start * SR)
+        out[i:i + t.size] += 0.2 * env * sum(np.sin(2 * np.pi * f0 * h * t) / h for h in range(1, 4))
+    return out[: int(seconds * SR)]
+
+
+def test_sustain_ratio_orders_staccato_below_legato():
+    ratios = [describe(held_notes(f), SR)["sustain_ratio"] for f in (0.15, 0.4, 0.7, 1.0)]
+    assert ratios == sorted(ratios) and len(set(ratios)) == 4
+    assert ratios[0] < 0.35 and ratios[-1] > 0.85
+    # the held fraction plus the ~0.05 s the 40 ms release takes to fall 10 dB (0.1 of a 0.5 s IOI)
+    assert ratios[1] == pytest.approx(0.4 + 0.1, abs=0.06)
+
+
+def test_sustain_ratio_of_a_held_tone_is_one_and_of_silence_defined():
+    t = np.arange(2 * SR) / SR
+    assert describe(0.3 * np.sin(2 * np.pi * 440 * t), SR)["sustain_ratio"] == pytest.approx(1.0)
+    assert np.isfinite(describe(np.zeros(SR), SR)["sustain_ratio"])
+
+
+def test_sustain_ratio_from_a_hand_made_envelope():
+    from mess_ray.eval.descriptors import sustain_ratio
+
+    # 100 frames/s; onsets at 0 and 50; first note holds 0 dB for 20 frames then drops to -40 dB,
+    # the second holds for all of its 50 frames (the last note is followed to the end).
+    env = np.full(100, -40.0)
+    env[:20] = 0.0
+    env[50:] = -3.0
+    assert sustain_ratio(env, np.array([0, 50]), 100.0) == pytest.approx((20 / 50 + 1.0) / 2)
+    with pytest.raises(ValueError):
+        sustain_ratio(np.zeros(0), np.array([0]), 100.0)
+
+
+def test_facet_descriptors_name_known_descriptors_for_every_facet():
+    from mess_ray.eval.descriptors import FACET_DESCRIPTORS
+    from mess_ray.facets import FACETS
+
+    assert set(FACET_DESCRIPTORS) == set(FACETS)
+    for names in FACET_DESCRIPTORS.values():
+        assert names and set(names) <= set(DESCRIPTOR_NAMES)
+    assert "sustain_ratio" in FACET_DESCRIPTORS["articulation"]
+
+
+def test_sustain_ratio_orders_fluidsynth_piano_renderings_by_articulation():
+    """The real thing: the same two-voice score played staccato to legato on the GM piano."""
+    import pretty_midi
+
+    from mess_ray.config import RenderConfig
+    from mess_ray.render.expressive import apply_articulation
+    from mess_ray.render.synth import render_midi
+
+    score = pretty_midi.PrettyMIDI(initial_tempo=90)
+    melody, bass = pretty_midi.Instrument(program=0), pretty_midi.Instrument(program=0)
+    beat = 60 / 90
+    for i in range(12):
+        melody.notes.append(pretty_midi.Note(80, 60 + (i * 7) % 12, i * beat, (i + 1) * beat))
+    for i in range(6):
+        bass.notes.append(pretty_midi.Note(70, 36 + (i * 5) % 12, 2 * i * beat, 2 * (i + 1) * beat))
+    score.instruments += [melody, bass]
+    cfg = RenderConfig(sample_rate=SR)
+    ratios = []
+    for articulation in (0.25, 0.5, 1.0):
+        audio = render_midi(apply_articulation(score, articulation), cfg)
+        audio = audio if audio.ndim == 1 else audio.mean(axis=1)
+        ratios.append(describe(audio[: 6 * SR], SR)["sustain_ratio"])
+    assert ratios[0] < ratios[1] - 0.1 and ratios[1] < ratios[2] - 0.1

@@ -2,8 +2,10 @@
 
 Per segment (mono float32 at any sample rate) we measure what a listener hears as
 "played alike": how often notes start (onset rate), how steady the timing is (CV of
-inter-onset intervals), dynamics (RMS loudness contour: mean, spread, range, slope) and
-timbre/brightness (spectral centroid, spectral flux). The baseline embeds a segment as its
+inter-onset intervals: the audio measure of tempo stability), dynamics (RMS loudness
+contour: mean, spread, range, slope), articulation (how long the sound stays near each
+onset's peak before the next onset: staccato low, legato/pedal high) and timbre/brightness
+(spectral centroid, spectral flux). The baseline embeds a segment as its
 descriptor vector z-scored over the evaluated set, so every descriptor weighs the same.
 """
 
@@ -24,6 +26,7 @@ DESCRIPTOR_NAMES: tuple[str, ...] = (
     "centroid_mean_hz",
     "centroid_std_hz",
     "flux_mean",
+    "sustain_ratio",
 )
 
 # Which audio descriptors speak for which facet of expression (mess_ray.facets.FACETS):
@@ -31,7 +34,7 @@ DESCRIPTOR_NAMES: tuple[str, ...] = (
 FACET_DESCRIPTORS: dict[str, tuple[str, ...]] = {
     "tempo": ("onset_rate_hz", "ioi_cv"),
     "dynamics": ("loudness_mean_db", "loudness_std_db", "loudness_range_db", "loudness_slope_db_per_s"),
-    "articulation": ("flux_mean",),
+    "articulation": ("sustain_ratio", "flux_mean"),
     "timbre": ("centroid_mean_hz", "centroid_std_hz"),
 }
 
@@ -42,6 +45,9 @@ HOP_S = 0.010              # analysis hop (100 frames per second)
 MIN_ONSET_GAP_S = 0.05     # two onsets closer than this are one note
 ONSET_DELTA = 0.1          # peak must exceed the local median flux by this fraction of the max...
 ONSET_RATIO = 1.5          # ...and be this many times the local median (steady noise has no onsets)
+SUSTAIN_WITHIN_DB = 10.0  # a note "sustains" while the level stays within this of its onset peak
+PEAK_SEARCH_S = 0.05      # the onset's peak level is the loudest frame this soon after the onset
+MAX_NOTE_SPAN_S = 1.0     # the last onset (no successor) is followed at most this long
 MIN_ONSET_FLUX = 0.05      # absolute floor (mean log-magnitude rise per bin): window-phase ripple of
                            # a steady tone stays below ~0.01, a note attack at amplitude 0.02 reaches ~0.3
 
@@ -85,6 +91,39 @@ def onset_times(flux: np.ndarray, frame_rate: float) -> np.ndarray:
     return peaks / frame_rate
 
 
+def sustain_ratio(loudness_db: np.ndarray, onset_frames: np.ndarray, frame_rate: float) -> float:
+    """Articulation from the loudness envelope: for each onset, the fraction of the time to the
+    next onset during which the level stays within :data:`SUSTAIN_WITHIN_DB` of the onset's peak,
+    averaged over onsets. Detached notes (staccato) fall silent early, so the ratio is low;
+    legato and pedalled notes keep sounding until the next one, so it is near 1.
+
+    Without onsets the whole segment counts as one note from its loudest frame (a held tone: 1).
+    """
+    loudness_db = np.asarray(loudness_db, dtype=np.float64)
+    n = loudness_db.size
+    if n == 0:
+        raise ValueError("sustain_ratio needs a non-empty loudness envelope")
+    starts = np.unique(np.clip(np.asarray(onset_frames, dtype=np.int64), 0, n - 1))
+    if starts.size == 0:
+        peak = int(np.argmax(loudness_db))
+        spans = [(peak, n)]
+    else:
+        search = max(1, int(round(PEAK_SEARCH_S * frame_rate)))
+        longest = max(1, int(round(MAX_NOTE_SPAN_S * frame_rate)))
+        ends = np.append(starts[1:], min(n, starts[-1] + longest))
+        spans = []
+        for start, end in zip(starts, ends):
+            peak = start + int(np.argmax(loudness_db[start:min(start + search, end)]))
+            spans.append((peak, end))
+    ratios = []
+    for peak, end in spans:
+        if end - peak < 2:
+            continue  # too close to the next onset to say how the note was held
+        level = loudness_db[peak:end]
+        ratios.append(float(np.mean(level >= loudness_db[peak] - SUSTAIN_WITHIN_DB)))
+    return float(np.mean(ratios)) if ratios else 1.0
+
+
 def describe(audio: np.ndarray, sr: int) -> dict[str, float]:
     """Named expressive descriptors of one segment (see :data:`DESCRIPTOR_NAMES`)."""
     audio = _validate(audio, sr)
@@ -123,6 +162,7 @@ def describe(audio: np.ndarray, sr: int) -> dict[str, float]:
         "centroid_mean_hz": float(centroids.mean()) if centroids.size else 0.0,
         "centroid_std_hz": float(centroids.std()) if centroids.size else 0.0,
         "flux_mean": float(flux.mean()),
+        "sustain_ratio": sustain_ratio(loudness_db, np.round(onsets * frame_rate).astype(np.int64), frame_rate),
     }
 
 
