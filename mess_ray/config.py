@@ -225,6 +225,13 @@ class ServeConfig(_Section):
     num_replicas: int = Field(1, ge=1)
     cpus_per_replica: float = Field(0.5, gt=0)
     index_version: str | None = Field(None, description="Index version to serve; None: the latest.")
+    reload_interval_s: float = Field(
+        30.0, ge=0, description="Replicas poll the index LATEST pointer this often and swap to a new version; "
+                                "0 disables (a pinned index_version never reloads).")
+    batch_max_size: int = Field(8, ge=1, description="Uploads embedded together in one model call (@serve.batch).")
+    batch_wait_s: float = Field(0.01, ge=0, description="How long a batch waits for more uploads.")
+    descriptor_cache_size: int = Field(4096, ge=1, description="Hit passages whose descriptors are kept (LRU).")
+    mmr_pool: int = Field(50, ge=1, le=10000, description="Candidates re-ranked when diversity (MMR) is asked for.")
 
 
 class EvalConfig(_Section):

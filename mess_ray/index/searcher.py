@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from mess_ray.facets import Layout, parse_layout, part_similarities, weighted_query
 from mess_ray.index.embed import table_to_vectors
 from mess_ray.index.faiss_index import IndexSpec, configure_for_search, load_index, sha256_bytes
 from mess_ray.storage import Storage
@@ -42,6 +43,8 @@ class Hit:
     similarity: float
     source_uri: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Cosine of each part of a faceted embedding (overall, tempo, ...); empty without a facet layout.
+    facet_similarities: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,6 +87,39 @@ def select_hits(candidates: Iterable[tuple[int, float]], rows: dict[int, int], t
     return kept
 
 
+# Columns of the metadata table that filters match exactly; any other field is looked up in
+# metadata_json (composer, title, catalog numbers, ...) and matched case-insensitively as a substring.
+EXACT_FILTER_COLUMNS = ("track_id", "piece_id", "style")
+
+
+def mmr_select(candidates: list[tuple[int, float]], vectors: dict[int, np.ndarray], k: int,
+               lambda_: float) -> list[tuple[int, float]]:
+    """Maximal marginal relevance: greedily pick the candidate maximising
+    ``lambda * relevance - (1 - lambda) * max similarity to the already picked``.
+
+    ``candidates`` are (segment_id, relevance) best first; ``vectors`` their unit vectors.
+    lambda 1 keeps the relevance order; lower values trade relevance for variety.
+    """
+    if not 0 <= lambda_ <= 1:
+        raise ValueError(f"mmr lambda must be in [0, 1], got {lambda_}")
+    if not candidates:
+        return []
+    ids = [sid for sid, _ in candidates]
+    relevance = np.array([score for _, score in candidates], dtype=np.float64)
+    mat = np.stack([vectors[sid] for sid in ids]).astype(np.float64)
+    redundancy = np.full(len(ids), -np.inf)
+    chosen: list[int] = []
+    remaining = np.ones(len(ids), dtype=bool)
+    while len(chosen) < min(k, len(ids)):
+        penalty = np.where(np.isfinite(redundancy), redundancy, 0.0)
+        score = np.where(remaining, lambda_ * relevance - (1 - lambda_) * penalty, -np.inf)
+        best = int(np.argmax(score))
+        chosen.append(best)
+        remaining[best] = False
+        redundancy = np.maximum(redundancy, mat @ mat[best])
+    return [candidates[i] for i in chosen]
+
+
 class SearchIndex:
     """An index artifact loaded for querying."""
 
@@ -105,6 +141,14 @@ class SearchIndex:
         for i, track in enumerate(self._cols["track_id"]):
             self._track_rows.setdefault(track, []).append(i)
         self._rerank = rerank_vectors
+        self._metadata = [_parse_metadata(raw) for raw in self._cols["metadata_json"]] \
+            if "metadata_json" in self._cols else [{} for _ in range(metadata.num_rows)]
+        # Faceted embeddings carry their part layout in the manifest (top level, or with the model info).
+        raw_layout = self.manifest.get("facet_layout") or self.manifest.get("model", {}).get("facet_layout")
+        self.facet_layout: Layout | None = parse_layout(raw_layout)
+        if self.facet_layout is not None and max(e for _, e in self.facet_layout.values()) != self.dim:
+            raise ValueError(f"facet layout covers {max(e for _, e in self.facet_layout.values())} dims, "
+                             f"the index has {self.dim}")
 
     # -- loading -------------------------------------------------------------------------
     @classmethod
@@ -180,39 +224,100 @@ class SearchIndex:
         return normalize(vectors.mean(axis=0)), ids
 
     # -- search --------------------------------------------------------------------------
+    def filter_fields(self) -> list[str]:
+        """Fields usable in metadata filters: the exact columns plus every metadata_json key."""
+        keys = {key for meta in self._metadata for key in meta}
+        return sorted(set(EXACT_FILTER_COLUMNS) | keys)
+
+    def filter_rows(self, filters: dict[str, str] | None) -> set[int] | None:
+        """Segment ids passing all ``filters`` (None: no filter). Unknown fields are errors."""
+        filters = {k: v for k, v in (filters or {}).items() if v is not None and str(v).strip() != ""}
+        if not filters:
+            return None
+        fields = self.filter_fields()
+        unknown = sorted(set(filters) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown filter field(s) {unknown}; this index has {fields}")
+        keep = np.ones(len(self._rows), dtype=bool)
+        for name, wanted in filters.items():
+            wanted_s = str(wanted).strip()
+            if name in EXACT_FILTER_COLUMNS:
+                column = self._cols[name]
+                keep &= np.array([str(v) == wanted_s for v in column], dtype=bool)
+            else:
+                needle = wanted_s.casefold()
+                keep &= np.array([name in m and needle in str(m[name]).casefold() for m in self._metadata],
+                                 dtype=bool)
+        ids = self._cols["segment_id"]
+        return {int(ids[r]) for r in np.flatnonzero(keep)}
+
     def search(self, query: np.ndarray, k: int = 10, exclude_track: str | None = None, min_gap_s: float = 0.0,
-               exclude_segments: Iterable[int] = ()) -> list[Hit]:
-        """Nearest passages to one query vector, best first."""
+               exclude_segments: Iterable[int] = (), *, facet_weights: dict[str, float] | None = None,
+               filters: dict[str, str] | None = None, mmr_lambda: float | None = None,
+               mmr_pool: int = 50) -> list[Hit]:
+        """Nearest passages to one query vector, best first.
+
+        ``facet_weights`` (needs a faceted index) rank by ``sum_p w_p cos_p``; ``filters`` keep
+        only passages whose metadata match; ``mmr_lambda`` < 1 re-ranks a pool of
+        ``max(mmr_pool, 4k)`` filtered candidates for diversity (maximal marginal relevance).
+        """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if min_gap_s < 0:
             raise ValueError(f"min_gap_s must be >= 0, got {min_gap_s}")
+        if mmr_lambda is not None and not 0 <= mmr_lambda <= 1:
+            raise ValueError(f"mmr_lambda must be in [0, 1], got {mmr_lambda}")
         q = normalize(np.asarray(query, dtype=np.float32).reshape(1, -1))
         if q.shape[1] != self.dim:
             raise ValueError(f"query has dimension {q.shape[1]}, the index {self.dim}")
+        plain = q
+        if facet_weights:
+            if self.facet_layout is None:
+                raise ValueError("facet weights need a faceted index: this index's model has no facet heads "
+                                 "(no facet_layout in its manifest); search without facet weights")
+            q = np.ascontiguousarray(weighted_query(q, self.facet_layout, facet_weights), dtype=np.float32)
+        allowed = self.filter_rows(filters)
+        if allowed is not None and not allowed:
+            return []
         excluded = {int(s) for s in exclude_segments}
+        diverse = mmr_lambda is not None and mmr_lambda < 1
+        want = max(mmr_pool, 4 * k) if diverse else k
         total = self.index.ntotal
-        fetch = min(total, max(4 * k, k + len(excluded)) * (4 if self._rerank is not None else 1))
+        fetch = min(total, max(4 * want, want + len(excluded)) * (4 if self._rerank is not None else 1))
+        if allowed is not None and len(allowed) < total:
+            # A selective filter: look deeper at once rather than widening step by step.
+            fetch = min(total, max(fetch, want * total // max(1, len(allowed))))
         while True:
             candidates = self._candidates(q, fetch)
-            kept = select_hits(candidates, self._rows, self._cols["track_id"], self._cols["start_s"], k,
+            if allowed is not None:
+                candidates = [(sid, score) for sid, score in candidates if sid in allowed]
+            kept = select_hits(candidates, self._rows, self._cols["track_id"], self._cols["start_s"], want,
                                exclude_track, excluded, min_gap_s)
-            # Filters can eat candidates: widen the search until k survive or the corpus is exhausted.
-            if len(kept) >= k or fetch >= total:
+            # Filters can eat candidates: widen the search until enough survive or the corpus is exhausted.
+            if len(kept) >= want or fetch >= total:
                 break
             fetch = min(total, fetch * 4)
-        return [self._hit(rank, sid, score) for rank, (sid, score) in enumerate(kept, start=1)]
+        if diverse:
+            kept = mmr_select(kept, {sid: self.vector(sid) for sid, _ in kept}, k, float(mmr_lambda))
+        hits = [self._hit(rank, sid, score) for rank, (sid, score) in enumerate(kept, start=1)]
+        if self.facet_layout is not None and hits:
+            parts = part_similarities(plain[0], np.stack([self.vector(h.segment_id) for h in hits]), self.facet_layout)
+            for i, hit in enumerate(hits):
+                hit.facet_similarities = {name: round(float(v[i]), 6) for name, v in parts.items()}
+        return hits
 
     def search_by_segment(self, segment_id: int, k: int = 10, exclude_track: str | None = None,
-                          min_gap_s: float = 0.0) -> list[Hit]:
-        """Passages like a stored segment (the segment itself excluded)."""
-        return self.search(self.vector(segment_id), k, exclude_track, min_gap_s, exclude_segments=[segment_id])
+                          min_gap_s: float = 0.0, **options: Any) -> list[Hit]:
+        """Passages like a stored segment (the segment itself excluded); ``options`` as in :meth:`search`."""
+        return self.search(self.vector(segment_id), k, exclude_track, min_gap_s, exclude_segments=[segment_id],
+                           **options)
 
     def search_by_track(self, track_id: str, start_s: float, end_s: float | None = None, k: int = 10,
-                        exclude_track: str | None = None, min_gap_s: float = 0.0) -> tuple[list[int], list[Hit]]:
+                        exclude_track: str | None = None, min_gap_s: float = 0.0,
+                        **options: Any) -> tuple[list[int], list[Hit]]:
         """Passages like a time span of a track; the query's own segments are excluded."""
         vector, ids = self.span_vector(track_id, start_s, end_s)
-        return ids, self.search(vector, k, exclude_track, min_gap_s, exclude_segments=ids)
+        return ids, self.search(vector, k, exclude_track, min_gap_s, exclude_segments=ids, **options)
 
     # -- internals -----------------------------------------------------------------------
     def _candidates(self, q: np.ndarray, fetch: int) -> list[tuple[int, float]]:
@@ -238,7 +343,7 @@ class SearchIndex:
     def _row_dict(self, row: int) -> dict[str, Any]:
         out = {name: values[row] for name, values in self._cols.items() if name != "metadata_json"}
         out["segment_id"] = int(out["segment_id"])
-        out["metadata"] = _parse_metadata(self._cols["metadata_json"][row]) if "metadata_json" in self._cols else {}
+        out["metadata"] = dict(self._metadata[row])
         return out
 
     def _track_summary(self, track_id: str) -> dict[str, Any]:

@@ -3,32 +3,68 @@
 :func:`create_app` builds the FastAPI app around a :class:`SearchService` (testable with
 FastAPI's TestClient, no Ray). :class:`SearchDeployment` is the Ray Serve ingress: each
 replica loads the index and Embedder in its constructor and then builds the same app
-(``__serve_build_asgi_app__``, Serve's late-bound ingress). Errors map to 404 (unknown ids,
-missing source audio), 413 (oversize upload), 415 (not audio) and 422 (bad parameters).
+(``__serve_build_asgi_app__``, Serve's late-bound ingress), embeds uploads in batches across
+concurrent requests (:class:`BatchedEmbedder`, ``@serve.batch``; decoding stays outside the
+batch) and polls the index LATEST pointer to swap to new versions. Errors map to 404 (unknown
+ids, missing source audio), 413 (oversize upload), 415 (not audio), 416 (bad byte range) and
+422 (bad parameters).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
+import time
 from importlib import resources
-from typing import Any
+from typing import Any, Awaitable, Callable
 
-from fastapi import FastAPI, File, Path, Query, Request, UploadFile
+import numpy as np
+from fastapi import Depends, FastAPI, File, Path, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
+from ray import serve
 
 from mess_ray.config import MessRayConfig
-from mess_ray.index.searcher import Hit
-from mess_ray.serve.service import PayloadTooLarge, SearchService, UnsupportedMedia
+from mess_ray.serve.service import (IndexState, PayloadTooLarge, SearchOptions, SearchService,
+                                    UnsupportedMedia)
 
 log = logging.getLogger(__name__)
 APP_NAME = "mess-ray"
 
 
 # -- response models -------------------------------------------------------------------
+class FacetExplanation(BaseModel):
+    facet: str
+    label: str
+    query: dict[str, float] = Field(description="The query passage's descriptors of this facet.")
+    hit: dict[str, float] = Field(description="The hit passage's descriptors of this facet.")
+    closeness: float = Field(description="exp(-|difference| / scale) averaged over the facet's descriptors, 0..1.")
+    embedding_similarity: float | None = Field(description="Cosine of this facet's part of a faceted embedding.")
+    text: str = Field(description='E.g. "tempo and rubato: onsets 4.1 vs 4.3/s, timing variability 0.12 vs 0.15".')
+
+
+class HitModel(BaseModel):
+    rank: int
+    segment_id: int
+    track_id: str
+    piece_id: str
+    style: str
+    start_s: float
+    end_s: float
+    similarity: float = Field(description="Inner product with the (facet-weighted) query; cosine without weights.")
+    source_uri: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    facet_similarities: dict[str, float] = Field(default_factory=dict)
+    explanation: list[FacetExplanation] | None = Field(
+        None, description="Per-facet descriptor comparison with the query, most alike first (None: not asked "
+                          "for, or the audio is unavailable).")
+
+
 class SearchResponse(BaseModel):
     query: dict[str, Any] = Field(description="What was searched (upload info or track span).")
-    hits: list[Hit]  # the searcher's own dataclass: one definition of a hit
+    hits: list[HitModel]
     index_version: str | None
     took_ms: float
 
@@ -53,17 +89,31 @@ class TrackDetail(TrackModel):
     segments: list[SegmentModel]
 
 
+class WaveformModel(BaseModel):
+    track_id: str
+    duration_s: float
+    points: int
+    min: list[float]
+    max: list[float]
+
+
 class HealthModel(BaseModel):
     status: str
 
 
-class ReadyModel(BaseModel):
-    status: str
+class InfoModel(BaseModel):
     index_version: str | None
     count: int
     dim: int
     index_type: str
     model: dict[str, Any]
+    facet_layout: dict[str, list[int]] | None = Field(description="Parts of a faceted embedding; None: no facets.")
+    filter_fields: list[str]
+    stats: dict[str, Any]
+
+
+class ReadyModel(InfoModel):
+    status: str
 
 
 class ErrorModel(BaseModel):
@@ -72,6 +122,8 @@ class ErrorModel(BaseModel):
 
 ERRORS = {404: {"model": ErrorModel}, 413: {"model": ErrorModel}, 415: {"model": ErrorModel},
           422: {"model": ErrorModel}}
+
+FILTER_PATTERN = re.compile(r"^([A-Za-z0-9_.\-]+)=(.*)$", re.S)
 
 
 def _message(err: BaseException) -> str:
@@ -86,10 +138,85 @@ def _json_error(status: int):
     return handler
 
 
-def create_app(service: SearchService) -> FastAPI:
-    """The FastAPI app serving ``service``."""
+def search_options(
+        k: int | None = Query(None, ge=1, le=1000, description="Number of hits (default: serve.default_k)"),
+        exclude_track: str | None = Query(None, description="Drop hits from this track (e.g. the query's own)"),
+        min_gap_s: float = Query(0.0, ge=0, le=1e6, description="Min distance between hits of one track (s)"),
+        mmr_lambda: float | None = Query(None, ge=0, le=1, description="Diversity: 1 = pure similarity, lower "
+                                                                        "values prefer hits unlike those above"),
+        w_overall: float | None = Query(None, ge=0, le=1e6, description="Facet weight: overall expression"),
+        w_tempo: float | None = Query(None, ge=0, le=1e6, description="Facet weight: tempo and rubato"),
+        w_dynamics: float | None = Query(None, ge=0, le=1e6, description="Facet weight: dynamics"),
+        w_articulation: float | None = Query(None, ge=0, le=1e6, description="Facet weight: articulation"),
+        w_timbre: float | None = Query(None, ge=0, le=1e6, description="Facet weight: timbre"),
+        composer: str | None = Query(None, max_length=200, description="Metadata filter (substring, any case)"),
+        title: str | None = Query(None, max_length=200, description="Metadata filter (substring, any case)"),
+        piece_id: str | None = Query(None, max_length=200, description="Only this piece"),
+        style: str | None = Query(None, max_length=200, description="Only this style"),
+        filter: list[str] = Query([], description="More metadata filters as field=value (any metadata_json "
+                                                  "field, e.g. catalog=BWV 846)"),
+        explain: bool = Query(True, description="Compare audio descriptors of the query and each hit per facet"),
+) -> SearchOptions:
+    """The search options shared by both search endpoints."""
+    weights = {name: value for name, value in (("overall", w_overall), ("tempo", w_tempo), ("dynamics", w_dynamics),
+                                               ("articulation", w_articulation), ("timbre", w_timbre))
+               if value is not None}
+    filters = {name: value for name, value in (("composer", composer), ("title", title), ("piece_id", piece_id),
+                                               ("style", style)) if value}
+    for item in filter:
+        match = FILTER_PATTERN.match(item)
+        if not match:
+            raise ValueError(f"filter {item!r} must be field=value")
+        filters[match.group(1)] = match.group(2)
+    return SearchOptions(k=k, exclude_track=exclude_track, min_gap_s=min_gap_s, facet_weights=weights or None,
+                         filters=filters or None, mmr_lambda=mmr_lambda, explain=explain)
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """The byte span [first, last] of a single-range ``Range`` header; None when unsatisfiable."""
+    match = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    if not match or (not match.group(1) and not match.group(2)):
+        return None
+    if not match.group(1):  # suffix range: the last N bytes
+        n = int(match.group(2))
+        return (max(0, size - n), size - 1) if n > 0 and size > 0 else None
+    first = int(match.group(1))
+    last = min(int(match.group(2)), size - 1) if match.group(2) else size - 1
+    return (first, last) if first <= last and first < size else None
+
+
+Embed = Callable[[np.ndarray], Awaitable[tuple[np.ndarray, IndexState]]]
+
+
+class BatchedEmbedder:
+    """Embeds uploads of concurrent requests in one model call (``@serve.batch``).
+
+    Requests decode their own upload first (in the thread pool); only the model call is
+    batched. The batch runs in a worker thread so the replica's event loop keeps serving.
+    """
+
+    def __init__(self, service: SearchService) -> None:
+        self.service = service
+        self.embed.set_max_batch_size(service.cfg.serve.batch_max_size)
+        self.embed.set_batch_wait_timeout_s(service.cfg.serve.batch_wait_s)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def embed(self, clips: list[np.ndarray]) -> list[tuple[np.ndarray, IndexState]]:
+        vectors, state = await asyncio.to_thread(self.service.embed_clips, clips)
+        return [(vector, state) for vector in vectors]
+
+
+def create_app(service: SearchService, embed: Embed | None = None) -> FastAPI:
+    """The FastAPI app serving ``service``; ``embed`` turns decoded uploads into query vectors
+    (default: one model call per request in the thread pool; the Serve replica batches)."""
     app = FastAPI(title="mess-ray", version="0.1.0",
                   description="Expressive music similarity search: find passages played alike.")
+
+    async def embed_alone(samples: np.ndarray) -> tuple[np.ndarray, IndexState]:
+        vectors, state = await run_in_threadpool(service.embed_clips, [samples])
+        return vectors[0], state
+
+    embed_upload = embed or embed_alone
 
     # Domain errors to HTTP statuses; the most specific class first (the first two subclass ValueError).
     for error, status in ((PayloadTooLarge, 413), (UnsupportedMedia, 415), (ValueError, 422),
@@ -97,31 +224,37 @@ def create_app(service: SearchService) -> FastAPI:
         app.add_exception_handler(error, _json_error(status))
 
     @app.middleware("http")
-    async def _reject_oversize(request: Request, call_next):
+    async def _reject_oversize_and_measure(request: Request, call_next):
+        started = time.perf_counter()
         # Refuse before the multipart body is parsed and spooled when the client declares its size.
         length = request.headers.get("content-length")
         if request.url.path == "/search" and length and length.isdigit() and int(length) > service.max_upload_bytes + 2**16:
-            return JSONResponse({"detail": f"upload exceeds the {service.cfg.serve.max_upload_mb} MiB limit"},
-                                status_code=413)
-        return await call_next(request)
+            response = JSONResponse({"detail": f"upload exceeds the {service.cfg.serve.max_upload_mb} MiB limit"},
+                                    status_code=413)
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        service.metrics.record_request(getattr(route, "path", "unmatched"), response.status_code,
+                                       1000 * (time.perf_counter() - started))
+        return response
 
     @app.post("/search", response_model=SearchResponse, responses=ERRORS, summary="Search with an audio clip")
-    def search(file: UploadFile = File(..., description="WAV, FLAC, MP3 or OGG at any sample rate"),
-               k: int | None = Query(None, ge=1, le=1000, description="Number of hits (default: serve.default_k)"),
-               exclude_track: str | None = Query(None, description="Drop hits from this track"),
-               min_gap_s: float = Query(0.0, ge=0, description="Min distance between hits of one track")) -> dict:
-        data = file.file.read(service.max_upload_bytes + 1)
-        return service.search_upload(data, k, exclude_track, min_gap_s)
+    async def search(file: UploadFile = File(..., description="WAV, FLAC, MP3 or OGG at any sample rate"),
+                     options: SearchOptions = Depends(search_options)) -> dict:
+        started = time.perf_counter()
+        data = await file.read(service.max_upload_bytes + 1)
+        samples, info = await run_in_threadpool(service.prepare_upload, data)
+        vector, state = await embed_upload(samples)
+        return await run_in_threadpool(service.search_vector, vector, state, options, {"kind": "upload", **info},
+                                       samples, started)
 
     @app.get("/search/by-track", response_model=SearchResponse, responses=ERRORS,
              summary="Search with a passage of an indexed track")
     def search_by_track(track_id: str = Query(..., min_length=1),
-                        start_s: float = Query(..., ge=0),
-                        end_s: float | None = Query(None, gt=0),
-                        k: int | None = Query(None, ge=1, le=1000),
-                        exclude_track: str | None = Query(None),
-                        min_gap_s: float = Query(0.0, ge=0)) -> dict:
-        return service.search_by_track(track_id, start_s, end_s, k, exclude_track, min_gap_s)
+                        start_s: float = Query(..., ge=0, le=1e7),
+                        end_s: float | None = Query(None, gt=0, le=1e7),
+                        options: SearchOptions = Depends(search_options)) -> dict:
+        return service.search_by_track(track_id, start_s, end_s, options)
 
     @app.get("/tracks", response_model=list[TrackModel], summary="Indexed tracks")
     def tracks() -> list[dict]:
@@ -131,21 +264,44 @@ def create_app(service: SearchService) -> FastAPI:
     def track(track_id: str = Path(...)) -> dict:
         return service.index.track(track_id)
 
-    @app.get("/audio/{track_id}", responses={200: {"content": {"audio/wav": {}}}, **ERRORS},
-             response_class=Response, summary="WAV of a passage of a track, for playback")
-    def audio(track_id: str = Path(...), start_s: float = Query(0.0, ge=0),
-              end_s: float | None = Query(None, gt=0)) -> Response:
-        return Response(service.audio(track_id, start_s, end_s), media_type="audio/wav")
+    @app.get("/tracks/{track_id}/waveform", response_model=WaveformModel, responses=ERRORS,
+             summary="Min/max peaks of a track, for drawing its waveform")
+    def waveform(track_id: str = Path(...), points: int = Query(800, ge=16, le=4000)) -> dict:
+        return service.waveform(track_id, points)
+
+    @app.get("/audio/{track_id}",
+             responses={200: {"content": {"audio/wav": {}}}, 206: {"description": "Partial content (Range)"},
+                        416: {"model": ErrorModel}, **ERRORS},
+             response_class=Response, summary="WAV of a passage of a track, for playback (HTTP range requests)")
+    def audio(request: Request, track_id: str = Path(...), start_s: float = Query(0.0, ge=0, le=1e7),
+              end_s: float | None = Query(None, gt=0, le=1e7)) -> Response:
+        data = service.audio(track_id, start_s, end_s)
+        headers = {"Accept-Ranges": "bytes"}
+        requested = request.headers.get("range")
+        if requested is None:
+            return Response(data, media_type="audio/wav", headers=headers)
+        span = parse_range(requested, len(data))
+        if span is None:
+            return JSONResponse({"detail": f"range {requested!r} not satisfiable for {len(data)} bytes"},
+                                status_code=416, headers={"Content-Range": f"bytes */{len(data)}"})
+        first, last = span
+        return Response(data[first:last + 1], status_code=206, media_type="audio/wav",
+                        headers={**headers, "Content-Range": f"bytes {first}-{last}/{len(data)}"})
 
     @app.get("/healthz", response_model=HealthModel, summary="Liveness")
     def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz", response_model=ReadyModel, summary="Readiness: index and model loaded")
+    @app.get("/readyz", response_model=ReadyModel, responses={503: {"model": ErrorModel}},
+             summary="Readiness: index and model loaded (with the served version and counters)")
     def readyz() -> Any:
         if len(service.index) == 0:
             return JSONResponse({"detail": "index is empty"}, status_code=503)
         return {"status": "ready", **service.describe()}
+
+    @app.get("/info", response_model=InfoModel, summary="Served index, model, facets and filter fields")
+    def info() -> dict:
+        return service.describe()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
@@ -156,8 +312,6 @@ def create_app(service: SearchService) -> FastAPI:
 
 # -- Ray Serve -------------------------------------------------------------------------
 def _deployment_class():
-    from ray import serve
-
     @serve.deployment(name="SearchDeployment")
     @serve.ingress()
     class SearchDeployment:
@@ -165,9 +319,14 @@ def _deployment_class():
 
         def __init__(self, cfg_json: dict[str, Any]) -> None:
             self.service = SearchService.from_config(MessRayConfig.model_validate(cfg_json))
+            self.embedder = BatchedEmbedder(self.service)
+            self.service.start_reloader()  # serve.reload_interval_s; 0 or a pinned version: off
 
         def __serve_build_asgi_app__(self) -> FastAPI:
-            return create_app(self.service)
+            return create_app(self.service, self.embedder.embed)
+
+        def __del__(self) -> None:
+            self.service.stop_reloader()
 
         def check_health(self) -> None:
             if len(self.service.index) == 0:
@@ -188,8 +347,6 @@ def run_service(cfg: MessRayConfig, blocking: bool = True):
 
     Returns the deployment handle when ``blocking`` is False; otherwise serves until interrupted.
     """
-    from ray import serve
-
     from mess_ray.raylocal import ensure_ray
 
     ensure_ray(cfg.ray)
