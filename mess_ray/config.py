@@ -134,8 +134,14 @@ class ModelConfig(_Section):
     size: Literal["tiny", "small", "base"] = "tiny"
     pretrained: str | None = Field(None, description="Path or hub name of a checkpoint to start from.")
     trust_remote_code: bool = Field(False, description="Explicit opt-in for checkpoints with custom code (MERT).")
-    embedding_dim: int = Field(128, ge=8)
-    pooling: Literal["mean", "attentive"] = "attentive"
+    embedding_dim: int = Field(128, ge=8, description="Size of the overall part of the fine-tuned embedding.")
+    pooling: Literal["mean", "attentive", "stats"] = Field(
+        "attentive", description="Pooling over time: mean, attentive (learned frame weights), or stats "
+                                 "(mean and standard deviation: keeps how much things vary within a passage).")
+    facet_dim: int = Field(0, ge=0, description="Size of each facet part (tempo, dynamics, articulation, timbre) "
+                           "of the fine-tuned embedding; 0: no facet heads, a plain embedding.")
+    level_channel: bool = Field(False, description="Feed the raw audio's log-RMS level per frame to the heads "
+                                "(the encoder only sees loudness-normalised audio).")
     seed: int = Field(0, description="Seed of randomly initialised encoders (the 'random' baseline).")
     ssl_layer: int | None = Field(
         None, description="Hidden state mean-pooled by 'pretrain'/'random' embedders (0 = conv features, "
@@ -193,6 +199,23 @@ class FinetuneConfig(TrainConfig):
     freeze_layers: int = Field(0, ge=0)
     init_from: Literal["auto", "pretrain", "pretrained", "random"] = Field(
         "auto", description="Encoder start: auto = latest pretrain artifact, else model.pretrained, else random.")
+    hard_negative_weight: float = Field(
+        1.0, gt=0, description="infonce: same-piece-other-style negatives count this many times in the denominator.")
+    contrastive_target: Literal["full", "overall"] = Field(
+        "full", description="With facet heads: the contrastive loss acts on the whole faceted vector, or only on "
+                            "its overall part.")
+    facet_weight: float = Field(1.0, ge=0, description="Weight of the facet-descriptor loss (model.facet_dim > 0).")
+    facet_temperature: float = Field(0.1, gt=0, description="Temperature of facet cosines in the facet loss.")
+    facet_target_temperature: float = Field(
+        0.5, gt=0, description="Sharpness of the descriptor-neighbour targets (times the batch's median distance).")
+    descriptor_sample: int = Field(256, ge=8, description="Training segments whose descriptors fix the z-scoring "
+                                   "of facet targets.")
+    augment_views: int = Field(0, ge=0, le=2, description="Augmented views of each row added as positives "
+                               "(EQ tilt, noise, reverb; never time-stretch).")
+    augment_eq_tilt_db: float = Field(2.0, ge=0, description="Max EQ tilt, dB per octave around 1 kHz.")
+    augment_noise_snr_db: float = Field(30.0, ge=0, description="Lowest SNR of added noise (0: no noise).")
+    augment_reverb_prob: float = Field(0.5, ge=0, le=1)
+    augment_reverb_max_s: float = Field(0.4, ge=0, description="Longest synthetic reverb RT60.")
 
 
 class IndexConfig(_Section):

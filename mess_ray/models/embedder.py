@@ -10,7 +10,8 @@
 - a local folder or remote URL of either kind of model folder (an artifact folder holding
   ``model/`` works too).
 
-``.info`` records what was loaded (ref, kind, stage, version, path, layer) so that a server or
+``.info`` records what was loaded (ref, kind, stage, version, path, layer, and ``facet_layout``:
+the faceted embedding's part ranges as JSON lists, None without facet heads) so that a server or
 evaluator can rebuild exactly the same embedder with ``Embedder.from_info``.
 """
 
@@ -115,7 +116,7 @@ class Embedder:
             model = MeanPooledEncoder(build_encoder(size, seed=seed), info.get("layer", cfg.model.ssl_layer))
             full = {"ref": info.get("ref", "random"), "kind": "random", "size": size, "seed": seed,
                     "version": None, "path": None, "layer": model.layer,
-                    "sample_rate": cfg.audio.sample_rate}
+                    "sample_rate": cfg.audio.sample_rate, "facet_layout": None}
             return cls(model, model.embedding_dim, full, window, cfg.model.inference_batch_size)
         # The recorded layer wins over the config: from_info must rebuild the same vectors.
         layer = info.get("layer", cfg.model.ssl_layer)
@@ -132,8 +133,16 @@ class Embedder:
             raise ValueError(f"embedder info needs kind='random', a stage+version or a path: {info}")
         full = {"ref": info.get("ref"), "kind": kind, "stage": info.get("stage"),
                 "version": info.get("version"), "path": info.get("path"),
-                "layer": getattr(model, "layer", None), "sample_rate": cfg.audio.sample_rate}
+                "layer": getattr(model, "layer", None), "sample_rate": cfg.audio.sample_rate,
+                "facet_layout": facet_layout_json(model)}
         return cls(model, model.embedding_dim, full, window, cfg.model.inference_batch_size)
+
+
+def facet_layout_json(model: nn.Module) -> dict[str, list[int]] | None:
+    """The model's facet layout as JSON lists (``mess_ray.facets.parse_layout`` reads it back);
+    None for models without facet heads (callers must then refuse facet weights)."""
+    layout = getattr(model, "facet_layout", None)
+    return {name: [int(start), int(end)] for name, (start, end) in layout.items()} if layout else None
 
 
 def _load_model_folder(cfg: MessRayConfig, folder: Path, layer: int | None) -> tuple[nn.Module, str]:

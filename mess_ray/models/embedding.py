@@ -1,15 +1,18 @@
-"""EmbeddingModel: encoder + layer weighting + temporal pooling + projection, L2-normalised.
+"""EmbeddingModel: encoder + layer weighting + temporal pooling + projection, L2-normalised,
+optionally with facet heads (tempo, dynamics, articulation, timbre; see mess_ray.facets).
 
 Saved as a folder::
 
     <dir>/encoder/                 save_pretrained of the encoder
     <dir>/head.pt                  layer weights, pooling and projection parameters
-    <dir>/embedding_config.json    sizes and options needed to rebuild the module
+    <dir>/embedding_config.json    sizes and options needed to rebuild the module, and the
+                                   facet layout (``facet_layout``, half-open ranges) if any
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from mess_ray.facets import FACETS, OVERALL, Layout, layout_dim, make_layout, parse_layout
 from mess_ray.models.encoder import disable_layerdrop, load_encoder, normalize_waveform
 
 EMBEDDING_CONFIG = "embedding_config.json"
@@ -47,31 +51,104 @@ def mean_pool(frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.T
     return (frames * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
 
+def stats_pool(frames: torch.Tensor) -> torch.Tensor:
+    """Mean and standard deviation over time, concatenated: [B, T, H] -> [B, 2H].
+
+    The spread over time is what carries dynamics range, rubato and articulation contrast,
+    which a (weighted) mean alone averages away.
+    """
+    return torch.cat([frames.mean(dim=1), frames.std(dim=1, unbiased=False)], dim=-1)
+
+
+def level_contour(waveform: torch.Tensor, hop: int, num_frames: int) -> torch.Tensor:
+    """Log-RMS level of the *raw* waveform per encoder frame, [B, num_frames, 1] in units of 20 dB.
+
+    The encoder sees each example normalised to unit variance (``normalize_waveform``), so
+    absolute loudness, the first thing a dynamics facet needs, never reaches it; this side
+    channel gives it back.
+    """
+    usable = (waveform.shape[-1] // hop) * hop
+    chunks = waveform[:, :usable].reshape(waveform.shape[0], -1, hop)
+    rms = chunks.pow(2).mean(dim=-1).clamp_min(1e-10).sqrt()
+    level = torch.log10(rms).clamp_min(-5.0)  # -100 dB floor (digital silence)
+    level = F.interpolate(level.unsqueeze(1), size=num_frames, mode="linear", align_corners=False)
+    return level.transpose(1, 2)
+
+
+class _PartHead(nn.Module):
+    """One embedding part: its own weighting over hidden states, pooling and projection."""
+
+    def __init__(self, num_states: int, in_dim: int, out_dim: int, pooling: str) -> None:
+        super().__init__()
+        # Zeros -> uniform softmax: every layer starts equally weighted.
+        self.layer_logits = nn.Parameter(torch.zeros(num_states))
+        self.pool = AttentivePooling(in_dim) if pooling == "attentive" else None
+        self.pooling = pooling
+        pooled = 2 * in_dim if pooling == "stats" else in_dim
+        self.projection = nn.Sequential(nn.Linear(pooled, in_dim), nn.GELU(), nn.Linear(in_dim, out_dim))
+
+    def forward(self, states: torch.Tensor, level: torch.Tensor | None) -> torch.Tensor:
+        weights = self.layer_logits.softmax(dim=0).to(states.dtype).view(-1, 1, 1, 1)
+        frames = (weights * states).sum(dim=0)  # [B, T, H]
+        if level is not None:
+            frames = torch.cat([frames, level.to(frames.dtype)], dim=-1)
+        if self.pooling == "attentive":
+            pooled = self.pool(frames)
+        elif self.pooling == "stats":
+            pooled = stats_pool(frames)
+        else:
+            pooled = mean_pool(frames)
+        return self.projection(pooled)
+
+
 class EmbeddingModel(nn.Module):
-    """Waveform [B, T] -> L2-normalised embedding [B, embedding_dim]."""
+    """Waveform [B, T] -> L2-normalised embedding [B, embedding_dim].
+
+    With ``facet_dim > 0`` the model has one head per facet of expression besides the
+    ``overall`` head, and the output is the faceted embedding of :mod:`mess_ray.facets`
+    (unit-norm parts concatenated, scaled by ``1/sqrt(num_parts)``; ``facet_layout`` says
+    where each part lies). Each head weights the encoder's hidden states on its own
+    (state 0 is the conv feature projection), since tempo, loudness and timbre live at
+    different depths.
+    """
 
     def __init__(self, encoder: PreTrainedModel, embedding_dim: int = 128,
-                 pooling: Literal["mean", "attentive"] = "attentive",
+                 pooling: Literal["mean", "attentive", "stats"] = "attentive",
                  freeze_encoder: bool = False, freeze_layers: int = 0,
-                 sample_rate: int = 16000) -> None:
+                 sample_rate: int = 16000, facet_dim: int = 0, level_channel: bool = False) -> None:
         super().__init__()
-        if pooling not in ("mean", "attentive"):
-            raise ValueError(f"pooling must be 'mean' or 'attentive', got {pooling!r}")
+        if pooling not in ("mean", "attentive", "stats"):
+            raise ValueError(f"pooling must be 'mean', 'attentive' or 'stats', got {pooling!r}")
+        if facet_dim < 0:
+            raise ValueError(f"facet_dim must be >= 0 (0 = no facet heads), got {facet_dim}")
         self.encoder = disable_layerdrop(encoder)
         hidden = int(encoder.config.hidden_size)
         num_states = int(encoder.config.num_hidden_layers) + 1  # embeddings output + each layer
         self.options: dict[str, Any] = dict(embedding_dim=embedding_dim, pooling=pooling,
                                             freeze_encoder=freeze_encoder, freeze_layers=freeze_layers,
-                                            sample_rate=sample_rate)
-        # Zeros -> uniform softmax: every layer starts equally weighted.
+                                            sample_rate=sample_rate, facet_dim=facet_dim,
+                                            level_channel=level_channel)
+        self.hop = int(math.prod(encoder.config.conv_stride))
+        in_dim = hidden + (1 if level_channel else 0)
+        # The overall head keeps the attribute names of models saved before facets existed
+        # (layer_logits, pool, projection), so their head.pt files still load.
         self.layer_logits = nn.Parameter(torch.zeros(num_states))
-        self.pool = AttentivePooling(hidden) if pooling == "attentive" else None
-        self.projection = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, embedding_dim))
+        self.pool = AttentivePooling(in_dim) if pooling == "attentive" else None
+        pooled = 2 * in_dim if pooling == "stats" else in_dim
+        self.projection = nn.Sequential(nn.Linear(pooled, in_dim), nn.GELU(), nn.Linear(in_dim, embedding_dim))
+        self.facet_heads = nn.ModuleDict(
+            {name: _PartHead(num_states, in_dim, facet_dim, pooling) for name in FACETS} if facet_dim else {})
+        self.facet_layout: Layout | None = make_layout(embedding_dim, facet_dim) if facet_dim else None
         self.set_frozen(freeze_encoder, freeze_layers)
 
     @property
     def embedding_dim(self) -> int:
-        return int(self.options["embedding_dim"])
+        """Size of the output vector (all parts together when the model has facets)."""
+        return layout_dim(self.facet_layout) if self.facet_layout else int(self.options["embedding_dim"])
+
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        return tuple(self.facet_layout) if self.facet_layout else (OVERALL,)
 
     def set_frozen(self, freeze_encoder: bool, freeze_layers: int = 0) -> None:
         """Freeze the whole encoder, or its feature extractor and lower ``freeze_layers`` layers."""
@@ -89,19 +166,41 @@ class EmbeddingModel(nn.Module):
         self.options.update(freeze_encoder=freeze_encoder, freeze_layers=freeze_layers)
 
     def layer_weights(self) -> torch.Tensor:
+        """The overall head's weights over hidden states (each facet head has its own)."""
         return self.layer_logits.softmax(dim=0)
 
-    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+    def _pool_overall(self, frames: torch.Tensor) -> torch.Tensor:
+        if self.pool is not None:
+            return self.pool(frames)
+        return stats_pool(frames) if self.options["pooling"] == "stats" else mean_pool(frames)
+
+    def forward_parts(self, waveform: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each part's L2-normalised vector: ``{"overall": [B, d], "tempo": [B, f], ...}``."""
         if waveform.dim() != 2:
             raise ValueError(f"expected waveform of shape [batch, samples], got {tuple(waveform.shape)}")
         out = self.encoder(normalize_waveform(waveform), output_hidden_states=True)
         states = torch.stack(out.hidden_states, dim=0)  # [L+1, B, T, H]
         if states.shape[0] != self.layer_logits.shape[0]:
             raise ValueError(f"encoder returned {states.shape[0]} hidden states, expected {self.layer_logits.shape[0]}")
+        level = (level_contour(waveform.float(), self.hop, states.shape[2])
+                 if self.options.get("level_channel") else None)
         weights = self.layer_weights().to(states.dtype).view(-1, 1, 1, 1)
         frames = (weights * states).sum(dim=0)  # [B, T, H]
-        pooled = self.pool(frames) if self.pool is not None else mean_pool(frames)
-        return F.normalize(self.projection(pooled).float(), dim=-1)
+        if level is not None:
+            frames = torch.cat([frames, level.to(frames.dtype)], dim=-1)
+        parts = {OVERALL: F.normalize(self.projection(self._pool_overall(frames)).float(), dim=-1)}
+        for name, head in self.facet_heads.items():
+            parts[name] = F.normalize(head(states, level).float(), dim=-1)
+        return parts
+
+    def compose(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The output vector from :meth:`forward_parts` (the facets contract's ``compose``)."""
+        if self.facet_layout is None:
+            return parts[OVERALL]
+        return torch.cat([parts[name] for name in self.facet_layout], dim=-1) / math.sqrt(len(self.facet_layout))
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        return self.compose(self.forward_parts(waveform))
 
     # -- persistence -----------------------------------------------------------------------
     def head_state_dict(self) -> dict[str, torch.Tensor]:
@@ -112,7 +211,11 @@ class EmbeddingModel(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         self.encoder.save_pretrained(directory / ENCODER_DIR)
         torch.save(self.head_state_dict(), directory / HEAD_WEIGHTS)
-        (directory / EMBEDDING_CONFIG).write_text(json.dumps(self.options, indent=2, sort_keys=True))
+        config = dict(sorted(self.options.items()))
+        if self.facet_layout is not None:
+            # Not sort_keys: the layout's order is part of the contract (overall first, contiguous).
+            config["facet_layout"] = {name: list(span) for name, span in self.facet_layout.items()}
+        (directory / EMBEDDING_CONFIG).write_text(json.dumps(config, indent=2))
         return directory
 
     @classmethod
@@ -121,6 +224,7 @@ class EmbeddingModel(nn.Module):
         if not (directory / EMBEDDING_CONFIG).exists():
             raise ValueError(f"{directory} is not an EmbeddingModel folder (no {EMBEDDING_CONFIG})")
         options = json.loads((directory / EMBEDDING_CONFIG).read_text())
+        saved_layout = parse_layout(options.pop("facet_layout", None))
         encoder = load_encoder(directory / ENCODER_DIR, trust_remote_code=trust_remote_code)
         model = cls(encoder, **options)
         missing, unexpected = model.load_state_dict(
@@ -128,6 +232,9 @@ class EmbeddingModel(nn.Module):
         missing = [k for k in missing if not k.startswith("encoder.")]
         if missing or unexpected:
             raise ValueError(f"{directory}: head weights do not match (missing {missing}, unexpected {unexpected})")
+        if saved_layout != model.facet_layout:
+            raise ValueError(f"{directory}: saved facet layout {saved_layout} does not match the rebuilt "
+                             f"model's {model.facet_layout}")
         return model.eval()
 
 

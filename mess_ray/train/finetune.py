@@ -1,18 +1,26 @@
 """Contrastive fine-tuning of an :class:`EmbeddingModel` on Ray Train.
 
-Positives are segments of the same expressive ``style`` (the anchor itself excluded).
-Losses: multi-positive InfoNCE / NT-Xent (supervised-contrastive form; fixed or learnable
-temperature) or triplet margin with batch-hard mining. Only *training pieces* are used
-(``split_pieces`` on ``eval.holdout_fraction``/``eval.seed``), so evaluation on the holdout
-pieces measures generalisation to unseen music; segments without a style are skipped.
+Positives are segments of the same expressive ``style`` (the anchor itself excluded), plus
+augmented views of the batch (``finetune.augment_views``: EQ tilt, noise, reverb; never a
+time-stretch). Hard negatives are the same piece played in another style: InfoNCE can up-weight
+them (``hard_negative_weight``) and the triplet loss mines them first. Losses: multi-positive
+InfoNCE / NT-Xent (supervised-contrastive form; fixed or learnable temperature) or triplet
+margin. Facet heads (``model.facet_dim > 0``) are supervised by a soft-neighbour KL loss whose
+target distribution comes from each facet's descriptor group
+(:data:`mess_ray.eval.descriptors.FACET_DESCRIPTORS`, read at run time) z-scored on training
+segments. Only *training pieces* are used (``split_pieces`` on
+``eval.holdout_fraction``/``eval.seed``), so evaluation on the holdout pieces measures
+generalisation to unseen music; segments without a style are skipped.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -20,8 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mess_ray.config import MessRayConfig
+from mess_ray.eval.descriptors import DESCRIPTOR_NAMES, FACET_DESCRIPTORS, descriptor_vector
+from mess_ray.facets import OVERALL
 from mess_ray.models.embedding import EmbeddingModel
-from mess_ray.segments import read_segment_table, read_segments_ray, split_pieces
+from mess_ray.segments import (decode_audio, fit_length, read_segment_table, read_segments_ray, segments_dataset,
+                               split_pieces)
+from mess_ray.train.augment import AugmentSettings, augment_batch
 from mess_ray.storage import Storage
 from mess_ray.train.common import (TrainTask, with_run_name, decode_audio_column, finish, fit, load_init_encoder, resolve_init,
                                    window_samples)
@@ -33,16 +45,31 @@ def _positive_mask(labels: torch.Tensor) -> torch.Tensor:
     return same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
 
 
+def _hard_negative_mask(labels: torch.Tensor, pieces: torch.Tensor | None) -> torch.Tensor:
+    """Same piece, other style: the pairs a system that matches *what* is played gets wrong."""
+    if pieces is None:
+        return torch.zeros((len(labels), len(labels)), dtype=torch.bool, device=labels.device)
+    return (pieces.unsqueeze(0) == pieces.unsqueeze(1)) & (labels.unsqueeze(0) != labels.unsqueeze(1))
+
+
 def multi_positive_infonce(embeddings: torch.Tensor, labels: torch.Tensor,
-                           temperature: torch.Tensor | float) -> torch.Tensor:
+                           temperature: torch.Tensor | float, pieces: torch.Tensor | None = None,
+                           hard_negative_weight: float = 1.0) -> torch.Tensor:
     """Supervised NT-Xent: each anchor against all others, averaged over its positives.
 
     ``embeddings`` are L2-normalised [B, D]; anchors without any positive in the batch are
-    skipped (a zero loss that keeps the graph when none has one).
+    skipped (a zero loss that keeps the graph when none has one). With ``pieces`` and
+    ``hard_negative_weight`` w > 1, each same-piece-other-style negative counts w times in
+    the denominator (its logit + log w), so the loss pushes hardest on exactly the pairs
+    the benchmark's hard negatives are made of.
     """
     if embeddings.shape[0] != labels.shape[0]:
         raise ValueError("embeddings and labels disagree on the batch size")
+    if hard_negative_weight <= 0:
+        raise ValueError(f"hard_negative_weight must be > 0, got {hard_negative_weight}")
     logits = embeddings @ embeddings.T / temperature
+    if pieces is not None and hard_negative_weight != 1.0:
+        logits = logits + math.log(hard_negative_weight) * _hard_negative_mask(labels, pieces).to(logits.dtype)
     self_mask = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
     logits = logits.masked_fill(self_mask, float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
@@ -55,17 +82,91 @@ def multi_positive_infonce(embeddings: torch.Tensor, labels: torch.Tensor,
     return per_anchor[has_positive].mean()
 
 
-def batch_hard_triplet(embeddings: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
-    """Triplet margin loss with the hardest positive and hardest negative of each anchor."""
+def batch_hard_triplet(embeddings: torch.Tensor, labels: torch.Tensor, margin: float,
+                       pieces: torch.Tensor | None = None) -> torch.Tensor:
+    """Triplet margin loss with the hardest positive and the hardest negative of each anchor.
+
+    With ``pieces``, an anchor's negative is mined among the same piece in another style when
+    the batch has one (the benchmark's hard negatives), else among all other styles.
+    """
     distances = torch.cdist(embeddings, embeddings)
     positives = _positive_mask(labels)
     negatives = labels.unsqueeze(0) != labels.unsqueeze(1)
+    hard = _hard_negative_mask(labels, pieces)
+    negatives = torch.where(hard.any(dim=1, keepdim=True), hard, negatives)
     valid = positives.any(dim=1) & negatives.any(dim=1)
     if not valid.any():
         return embeddings.sum() * 0.0
     hardest_positive = distances.masked_fill(~positives, float("-inf")).max(dim=1).values
     hardest_negative = distances.masked_fill(~negatives, float("inf")).min(dim=1).values
     return F.relu(hardest_positive - hardest_negative + margin)[valid].mean()
+
+
+def soft_neighbour_kl(part: torch.Tensor, targets: torch.Tensor, temperature: float,
+                      target_temperature: float = 0.5) -> torch.Tensor:
+    """KL(p || q) between descriptor neighbourhoods and embedding neighbourhoods in a batch.
+
+    ``part`` [B, f] L2-normalised facet vectors, ``targets`` [B, g] z-scored descriptors of
+    that facet. p_i = softmax_j(-|t_i - t_j|^2 / (target_temperature * median distance^2))
+    and q_i = softmax_j(cos(part_i, part_j) / temperature), over j != i. It asks the facet
+    to rank batch neighbours as its descriptors do, without forcing a particular geometry
+    (a regression would also have to match the descriptors' scale).
+    """
+    if part.shape[0] != targets.shape[0]:
+        raise ValueError("facet vectors and descriptor targets disagree on the batch size")
+    if part.shape[0] < 3:
+        return part.sum() * 0.0
+    eye = torch.eye(part.shape[0], dtype=torch.bool, device=part.device)
+    d2 = torch.cdist(targets.float(), targets.float()).pow(2)
+    scale = d2[~eye].median().clamp_min(1e-6)
+    target_logits = (-d2 / (target_temperature * scale)).masked_fill(eye, float("-inf"))
+    p = target_logits.softmax(dim=1)
+    log_q = (part @ part.T / temperature).masked_fill(eye, float("-inf")).log_softmax(dim=1)
+    log_p = target_logits.log_softmax(dim=1)
+    kl = (p * (log_p - log_q)).masked_fill(eye, 0.0).sum(dim=1)
+    return kl.mean()
+
+
+def facet_groups(descriptor_map: dict[str, tuple[str, ...]] | None = None) -> dict[str, list[int]]:
+    """Facet -> indices into :data:`DESCRIPTOR_NAMES` (the map is read when called, so a
+    descriptor added to FACET_DESCRIPTORS later is picked up)."""
+    descriptor_map = FACET_DESCRIPTORS if descriptor_map is None else descriptor_map
+    groups = {}
+    for facet, names in descriptor_map.items():
+        unknown = [n for n in names if n not in DESCRIPTOR_NAMES]
+        if unknown:
+            raise ValueError(f"facet {facet!r} names unknown descriptors {unknown}")
+        groups[facet] = [DESCRIPTOR_NAMES.index(n) for n in names]
+    return groups
+
+
+def facet_agreement(embeddings: np.ndarray, layout: dict[str, tuple[int, int]], descriptors_z: np.ndarray,
+                    groups: dict[str, list[int]]) -> dict[str, dict[str, float]]:
+    """Does each facet score track its descriptor? Spearman rank correlation, over all pairs,
+    between a part's cosine and the facet's descriptor similarity (minus the Euclidean distance
+    of z-scored descriptor groups), for every facet and, as the reference, the overall part.
+
+    Returns ``{facet: {part_name: rho}}`` so the facet's own part can be compared with the
+    overall part (and with other models' parts) on the same pairs.
+    """
+    from scipy.stats import spearmanr
+
+    embeddings = np.asarray(embeddings, dtype=np.float64)
+    n = embeddings.shape[0]
+    if n < 3:
+        raise ValueError("facet agreement needs at least 3 segments")
+    upper = np.triu_indices(n, k=1)
+    part_cos = {}
+    for name, (start, end) in layout.items():
+        block = embeddings[:, start:end]
+        block = block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
+        part_cos[name] = (block @ block.T)[upper]
+    out: dict[str, dict[str, float]] = {}
+    for facet, idx in groups.items():
+        group = np.asarray(descriptors_z, dtype=np.float64)[:, idx]
+        similarity = -np.linalg.norm(group[:, None, :] - group[None, :, :], axis=-1)[upper]
+        out[facet] = {name: float(spearmanr(cos, similarity).statistic) for name, cos in part_cos.items()}
+    return out
 
 
 # -- model ---------------------------------------------------------------------------------
@@ -91,24 +192,74 @@ def build_finetune_model(loop_config: dict) -> nn.Module:
     return ContrastiveModel(embedding, loop_config["temperature"], loop_config["learn_temperature"])
 
 
+def piece_code(piece_id: str) -> int:
+    """A stable integer for a piece id (the same on every worker: crc32, not Python's hash)."""
+    return zlib.crc32(str(piece_id).encode()) & 0x7FFFFFFF
+
+
+def zscore_descriptors(matrix: np.ndarray, stats: dict[str, list[float]]) -> np.ndarray:
+    mean, std = np.asarray(stats["mean"]), np.asarray(stats["std"])
+    return (matrix - mean) / np.where(std > 1e-12, std, 1.0)
+
+
 def collate_labelled(batch: dict, loop_config: dict) -> dict[str, torch.Tensor]:
+    """Decoded audio, style labels and piece codes; with augmentation, one augmented view of
+    every row appended per ``augment_views`` (same label and piece: a positive); with facet
+    heads, each row's z-scored descriptors (of the audio as the model sees it)."""
     vocabulary = {style: i for i, style in enumerate(loop_config["styles"])}
-    labels = [vocabulary[str(s)] for s in batch["style"]]
-    return {"audio": decode_audio_column(batch["audio"], loop_config["window_samples"]),
-            "labels": torch.tensor(labels, dtype=torch.long)}
+    labels = torch.tensor([vocabulary[str(s)] for s in batch["style"]], dtype=torch.long)
+    pieces = torch.tensor([piece_code(p) for p in batch["piece_id"]], dtype=torch.long)
+    audio = decode_audio_column(batch["audio"], loop_config["window_samples"])
+    views = int(loop_config.get("augment_views", 0))
+    if views:
+        # Seeded from the batch's content, so a resumed run sees the same views.
+        generator = torch.Generator().manual_seed(int(pieces.sum()) + int(loop_config.get("seed", 0)))
+        settings = AugmentSettings(**loop_config["augment"])
+        audio = torch.cat([audio] + [augment_batch(audio, settings, generator) for _ in range(views)])
+        labels, pieces = labels.repeat(views + 1), pieces.repeat(views + 1)
+    out = {"audio": audio, "labels": labels, "pieces": pieces}
+    if loop_config.get("descriptor_stats"):
+        rate = loop_config["embedding"]["sample_rate"]
+        raw = np.stack([descriptor_vector(row, rate) for row in audio.numpy()])
+        out["descriptors"] = torch.from_numpy(zscore_descriptors(raw, loop_config["descriptor_stats"])).float()
+    return out
 
 
 def finetune_loss(model: nn.Module, batch: dict, loop_config: dict) -> tuple[torch.Tensor, dict[str, float]]:
-    embeddings = model(batch["audio"])
-    labels = batch["labels"]
     inner = model.module if hasattr(model, "module") else model
+    # Through the (DDP) wrapper's forward, so gradients are synchronised; parts are
+    # sliced back out of the composed vector (each part is unit-norm / sqrt(n) there).
+    embeddings = model(batch["audio"])
+    layout = inner.embedding.facet_layout
+    labels, pieces = batch["labels"], batch.get("pieces")
+    target = loop_config.get("contrastive_target", "full")
+    contrast = embeddings
+    if layout is not None and target == OVERALL:
+        start, end = layout[OVERALL]
+        contrast = F.normalize(embeddings[:, start:end], dim=-1)
     if loop_config["loss"] == "triplet":
-        loss = batch_hard_triplet(embeddings, labels, loop_config["margin"])
+        loss = batch_hard_triplet(contrast, labels, loop_config["margin"], pieces)
     else:
-        loss = multi_positive_infonce(embeddings, labels, inner.temperature())
+        loss = multi_positive_infonce(contrast, labels, inner.temperature(), pieces,
+                                      loop_config.get("hard_negative_weight", 1.0))
+    extra = {"contrastive_loss": float(loss.detach())}
+    if layout is not None and loop_config.get("facet_weight", 0) > 0 and "descriptors" in batch:
+        facet_losses = []
+        for facet, idx in loop_config["facet_groups"].items():
+            if facet not in layout:
+                continue
+            start, end = layout[facet]
+            part = F.normalize(embeddings[:, start:end], dim=-1)
+            facet_loss = soft_neighbour_kl(part, batch["descriptors"][:, idx], loop_config["facet_temperature"],
+                                           loop_config["facet_target_temperature"])
+            extra[f"facet_loss_{facet}"] = float(facet_loss.detach())
+            facet_losses.append(facet_loss)
+        if facet_losses:
+            loss = loss + loop_config["facet_weight"] * torch.stack(facet_losses).mean()
     anchors = float(_positive_mask(labels).any(dim=1).float().mean())
-    return loss, {"temperature": float(inner.temperature()), "anchors_with_positive": anchors,
-                  "styles_in_batch": float(len(torch.unique(labels)))}
+    hard = float(_hard_negative_mask(labels, pieces).any(dim=1).float().mean())
+    return loss, {**extra, "temperature": float(inner.temperature()), "anchors_with_positive": anchors,
+                  "anchors_with_hard_negative": hard, "styles_in_batch": float(len(torch.unique(labels)))}
 
 
 def save_embedding_model(model: nn.Module, folder: Path, loop_config: dict) -> None:
@@ -143,6 +294,23 @@ def _filter_training_rows(batch: pa.Table, train_pieces: list[str]) -> pa.Table:
     return batch.filter(_keep_mask(batch, train_pieces))
 
 
+def training_descriptor_stats(storage: Storage, version: str, train_pieces: list[str], window: int,
+                              sample_rate: int, max_segments: int, seed: int) -> dict[str, Any]:
+    """Mean and std of every descriptor over a seeded sample of labelled training segments
+    (the z-scoring of facet targets; recorded in the manifest)."""
+    dataset = segments_dataset(storage, version)
+    in_train = pc.field("piece_id").isin(train_pieces) & (pc.field("style") != "")
+    ids = dataset.to_table(columns=["segment_id"], filter=in_train)["segment_id"].to_numpy()
+    if ids.size == 0:
+        raise ValueError(f"no labelled training segment in ingest {version} to z-score descriptors on")
+    chosen = np.random.default_rng(seed).choice(ids, size=min(max_segments, ids.size), replace=False)
+    table = dataset.to_table(columns=["audio"], filter=pc.field("segment_id").isin(pa.array(chosen, pa.int64())))
+    matrix = np.stack([descriptor_vector(fit_length(decode_audio(blob), window), sample_rate)
+                       for blob in table["audio"].to_pylist()])
+    return {"names": list(DESCRIPTOR_NAMES), "mean": matrix.mean(axis=0).tolist(),
+            "std": matrix.std(axis=0).tolist(), "segments": int(matrix.shape[0])}
+
+
 # -- driver --------------------------------------------------------------------------------
 def run_finetune(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
     """Contrastive fine-tuning on training pieces; publishes ``finetune/<run_name>``."""
@@ -161,11 +329,24 @@ def run_finetune(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
     loop_config = {
         "init": init, "inputs": inputs, "styles": styles, "window_samples": window_samples(cfg),
         "loss": ft.loss, "temperature": ft.temperature, "learn_temperature": ft.learn_temperature,
-        "margin": ft.margin,
+        "margin": ft.margin, "hard_negative_weight": ft.hard_negative_weight,
+        "contrastive_target": ft.contrastive_target, "seed": ft.seed,
         "embedding": {"embedding_dim": cfg.model.embedding_dim, "pooling": cfg.model.pooling,
                       "freeze_encoder": ft.freeze_encoder, "freeze_layers": ft.freeze_layers,
-                      "sample_rate": cfg.audio.sample_rate},
+                      "sample_rate": cfg.audio.sample_rate, "facet_dim": cfg.model.facet_dim,
+                      "level_channel": cfg.model.level_channel},
+        "augment_views": ft.augment_views,
+        "augment": {"eq_tilt_db": ft.augment_eq_tilt_db, "noise_snr_db": ft.augment_noise_snr_db,
+                    "reverb_prob": ft.augment_reverb_prob, "reverb_max_s": ft.augment_reverb_max_s,
+                    "sample_rate": cfg.audio.sample_rate},
     }
+    descriptor_stats = None
+    if cfg.model.facet_dim > 0 and ft.facet_weight > 0:
+        descriptor_stats = training_descriptor_stats(storage, ingest_version, train_pieces, window_samples(cfg),
+                                                     cfg.audio.sample_rate, ft.descriptor_sample, ft.seed)
+        loop_config.update(descriptor_stats=descriptor_stats, facet_groups=facet_groups(),
+                           facet_weight=ft.facet_weight, facet_temperature=ft.facet_temperature,
+                           facet_target_temperature=ft.facet_target_temperature)
     dataset = (read_segments_ray(storage, ingest_version, columns=["audio", "style", "piece_id"])
                .map_batches(_filter_training_rows, fn_kwargs={"train_pieces": train_pieces},
                             batch_format="pyarrow", num_cpus=0.25)
@@ -177,4 +358,6 @@ def run_finetune(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
     return finish(cfg, storage, FINETUNE_TASK, ft, result, loop_config,
                   counts={"train_segments": train_rows, "train_pieces": len(train_pieces), "styles": len(styles),
                           "segments": metadata.num_rows},
-                  extra={"train_pieces": train_pieces, "styles": styles, "loss_type": ft.loss})
+                  extra={"train_pieces": train_pieces, "styles": styles, "loss_type": ft.loss,
+                         "descriptor_stats": descriptor_stats,
+                         "facet_groups": loop_config.get("facet_groups")})

@@ -1,0 +1,271 @@
+"""Fine-tuning pieces without Ray: facet heads, level side channel, hard negatives, facet loss,
+augmentations, collation, and a short training run showing a facet learns its descriptor."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mess_ray.config import load_config
+from mess_ray.eval.descriptors import DESCRIPTOR_NAMES, FACET_DESCRIPTORS, descriptor_vector
+from mess_ray.facets import FACETS, OVERALL, parse_layout
+from mess_ray.models import Embedder, EmbeddingModel, build_encoder
+from mess_ray.segments import encode_audio
+from mess_ray.storage import Storage
+from mess_ray.train.augment import AugmentSettings, add_noise, augment_batch, eq_tilt, synthetic_reverb
+from mess_ray.train.finetune import (batch_hard_triplet, collate_labelled, facet_agreement, facet_groups,
+                                     multi_positive_infonce, soft_neighbour_kl, zscore_descriptors)
+
+SR = 16000
+
+
+def _tones(n: int, seconds: float = 1.0, seed: int = 0) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SR)) / SR
+    rows = [np.sin(2 * np.pi * rng.uniform(200, 800) * t) * (np.sin(2 * np.pi * rng.uniform(1, 6) * t) > 0)
+            for _ in range(n)]
+    return torch.tensor(np.stack(rows) * 0.3, dtype=torch.float32)
+
+
+# -- model ---------------------------------------------------------------------------------
+def test_facet_model_output_follows_the_facets_contract(tmp_path):
+    torch.manual_seed(0)
+    model = EmbeddingModel(build_encoder("tiny", seed=0), embedding_dim=16, pooling="attentive", facet_dim=4).eval()
+    assert model.facet_layout == {OVERALL: (0, 16), "tempo": (16, 20), "dynamics": (20, 24),
+                                  "articulation": (24, 28), "timbre": (28, 32)}
+    assert model.embedding_dim == 32 and model.part_names == (OVERALL, *FACETS)
+    x = torch.randn(4, SR)
+    with torch.no_grad():
+        parts = model.forward_parts(x)
+        out = model(x)
+    assert out.shape == (4, 32)
+    assert torch.allclose(out.norm(dim=1), torch.ones(4), atol=1e-5)
+    for name, (start, end) in model.facet_layout.items():
+        assert torch.allclose(out[:, start:end] * math.sqrt(5), parts[name], atol=1e-6)
+    # The inner product of two faceted vectors is the mean of their part cosines.
+    mean_cos = torch.stack([(parts[n][0] * parts[n][1]).sum() for n in model.part_names]).mean()
+    assert float(out[0] @ out[1]) == pytest.approx(float(mean_cos), abs=1e-5)
+    # Each facet head weights the hidden states on its own.
+    assert set(model.facet_heads) == set(FACETS)
+    assert model.facet_heads["tempo"].layer_logits is not model.layer_logits
+
+    model.save(tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "embedding_config.json").read_text())
+    assert parse_layout(saved["facet_layout"]) == model.facet_layout
+    loaded = EmbeddingModel.load(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), out, atol=1e-5)
+    assert loaded.facet_layout == model.facet_layout
+    saved["facet_layout"]["overall"] = [0, 8]
+    (tmp_path / "m" / "embedding_config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="contiguous|layout"):
+        EmbeddingModel.load(tmp_path / "m")
+    with pytest.raises(ValueError, match="facet_dim"):
+        EmbeddingModel(build_encoder("tiny", seed=0), facet_dim=-1)
+
+
+def test_plain_model_has_no_layout_and_embedder_exposes_facet_layout(tmp_path):
+    plain = EmbeddingModel(build_encoder("tiny", seed=0), embedding_dim=16, pooling="mean")
+    assert plain.facet_layout is None and plain.embedding_dim == 16
+    faceted = EmbeddingModel(build_encoder("tiny", seed=0), embedding_dim=16, pooling="stats", facet_dim=8)
+    storage = Storage(str(tmp_path / "store"))
+    faceted.save(tmp_path / "store" / "finetune" / "v1" / "model")
+    storage.publish("finetune", "v1", {"inputs": {}})
+    cfg = load_config(None, [f"storage.root={tmp_path / 'store'}", "audio.window_s=1.0", "audio.hop_s=0.5"])
+    embedder = Embedder.from_ref(cfg, storage, "finetune")
+    layout = embedder.info["facet_layout"]
+    assert json.loads(json.dumps(layout)) == layout  # JSON lists, ready for the index manifest
+    assert parse_layout(layout) == faceted.facet_layout and embedder.dim == 16 + 4 * 8
+    assert Embedder.from_info(cfg, storage, embedder.info).info["facet_layout"] == layout
+    assert Embedder.from_ref(cfg, storage, "random").info["facet_layout"] is None
+
+
+def test_level_channel_makes_the_model_hear_loudness():
+    x = _tones(2)
+    plain = EmbeddingModel(build_encoder("tiny", seed=0), embedding_dim=16, pooling="stats").eval()
+    levelled = EmbeddingModel(build_encoder("tiny", seed=0), embedding_dim=16, pooling="stats",
+                              level_channel=True).eval()
+    with torch.no_grad():
+        # The encoder normalises every example to unit variance: 20 dB quieter is the same input...
+        assert torch.allclose(plain(x), plain(0.1 * x), atol=1e-4)
+        # ...unless the level side channel carries the raw loudness to the heads.
+        assert not torch.allclose(levelled(x), levelled(0.1 * x), atol=1e-3)
+
+
+# -- losses --------------------------------------------------------------------------------
+def test_infonce_hard_negative_weight_targets_same_piece_pairs():
+    labels = torch.tensor([0, 0, 1, 1])
+    pieces = torch.tensor([0, 1, 0, 1])
+    # Anchor 0's hard negative (index 2: same piece, other style) sits right next to it.
+    emb = F.normalize(torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.99, 0.14], [0.0, 1.0]]), dim=1)
+    base = multi_positive_infonce(emb, labels, 0.1)
+    assert multi_positive_infonce(emb, labels, 0.1, pieces, 1.0).item() == pytest.approx(base.item())
+    assert multi_positive_infonce(emb, labels, 0.1, pieces, 4.0) > base
+    with pytest.raises(ValueError, match="hard_negative_weight"):
+        multi_positive_infonce(emb, labels, 0.1, pieces, 0.0)
+
+
+def test_triplet_mines_the_same_piece_negative_first():
+    labels = torch.tensor([0, 0, 1, 1])
+    pieces = torch.tensor([0, 1, 1, 0])
+    # Anchor 0: positive 1 at distance ~0.2; easy negative 2 is 0.5 away but the hard negative
+    # (index 3, same piece) is 1.0 away; the other-piece negative is nearer, so batch-hard
+    # alone would pick it, while piece-aware mining scores the same-piece pair.
+    emb = torch.tensor([[0.0, 0.0], [0.2, 0.0], [0.5, 0.0], [1.0, 0.0]])
+    batch_hard = batch_hard_triplet(emb, labels, margin=0.5)
+    piece_aware = batch_hard_triplet(emb, labels, margin=0.5, pieces=pieces)
+    assert piece_aware < batch_hard
+    # Without any same-piece pair in the batch it is plain batch-hard.
+    assert batch_hard_triplet(emb, labels, 0.5, torch.arange(4)).item() == pytest.approx(batch_hard.item())
+
+
+def test_soft_neighbour_kl_rewards_descriptor_geometry():
+    rng = np.random.default_rng(0)
+    targets = torch.tensor(rng.standard_normal((12, 2)), dtype=torch.float32)
+    aligned = F.normalize(torch.cat([targets, torch.ones(12, 1)], dim=1), dim=1)
+    shuffled = aligned[torch.randperm(12, generator=torch.Generator().manual_seed(0))]
+    good = soft_neighbour_kl(aligned, targets, temperature=0.1)
+    bad = soft_neighbour_kl(shuffled, targets, temperature=0.1)
+    assert 0 <= good < bad
+    part = aligned.clone().requires_grad_()
+    soft_neighbour_kl(part, targets, 0.1).backward()
+    assert part.grad is not None and torch.isfinite(part.grad).all()
+    assert soft_neighbour_kl(aligned[:2], targets[:2], 0.1).item() == 0.0
+    with pytest.raises(ValueError, match="batch size"):
+        soft_neighbour_kl(aligned, targets[:5], 0.1)
+
+
+def test_facet_groups_follow_the_descriptor_map_at_call_time():
+    groups = facet_groups()
+    assert set(groups) == set(FACET_DESCRIPTORS)
+    for facet, idx in groups.items():
+        assert [DESCRIPTOR_NAMES[i] for i in idx] == list(FACET_DESCRIPTORS[facet])
+    assert facet_groups({"tempo": ("ioi_cv",)}) == {"tempo": [DESCRIPTOR_NAMES.index("ioi_cv")]}
+    with pytest.raises(ValueError, match="unknown descriptors"):
+        facet_groups({"tempo": ("no_such_descriptor",)})
+
+
+def test_facet_agreement_measures_tracking():
+    rng = np.random.default_rng(0)
+    descriptors = rng.standard_normal((40, 3))
+    layout = {OVERALL: (0, 4), "tempo": (4, 7)}
+    # The tempo part encodes descriptor 0 (as a point on a circle arc); overall is noise.
+    angle = descriptors[:, 0] / 4
+    vectors = np.concatenate([rng.standard_normal((40, 4)),
+                              np.stack([np.cos(angle), np.sin(angle), np.zeros(40)], axis=1)], axis=1)
+    rho = facet_agreement(vectors, layout, descriptors, {"tempo": [0]})
+    assert rho["tempo"]["tempo"] > 0.95 and abs(rho["tempo"][OVERALL]) < 0.2
+    with pytest.raises(ValueError, match="3 segments"):
+        facet_agreement(vectors[:2], layout, descriptors[:2], {"tempo": [0]})
+
+
+# -- augmentations -------------------------------------------------------------------------
+def _centroid(x: np.ndarray) -> float:
+    mag = np.abs(np.fft.rfft(x))
+    return float((mag * np.fft.rfftfreq(x.size, 1 / SR)).sum() / mag.sum())
+
+
+def test_augmentations_keep_timing_and_loudness():
+    # Notes over a quiet sustained bed (recorded music is never digital silence, where any
+    # added noise would move the loudness floor by tens of dB).
+    x = _tones(3, seed=1) + 0.02 * torch.sin(2 * torch.pi * 110 * torch.arange(SR) / SR)
+    g = torch.Generator().manual_seed(0)
+    rms = x.pow(2).mean(dim=1).sqrt()
+    brighter = eq_tilt(x, SR, torch.full((3,), 3.0))
+    darker = eq_tilt(x, SR, torch.full((3,), -3.0))
+    for y in (brighter, darker):
+        assert y.shape == x.shape and torch.allclose(y.pow(2).mean(dim=1).sqrt(), rms, rtol=1e-3)
+    noisy_src = torch.randn(3, SR, generator=g) * 0.1 + x  # broadband, so the tilt moves the centroid
+    assert _centroid(eq_tilt(noisy_src, SR, torch.full((3,), 3.0))[0].numpy()) > _centroid(noisy_src[0].numpy())
+    assert _centroid(eq_tilt(noisy_src, SR, torch.full((3,), -3.0))[0].numpy()) < _centroid(noisy_src[0].numpy())
+    noisy = add_noise(x, torch.full((3,), 20.0), g)
+    snr = 10 * torch.log10(x.pow(2).mean(dim=1) / (noisy - x).pow(2).mean(dim=1))
+    assert torch.allclose(snr, torch.full((3,), 20.0), atol=0.5)
+    wet = synthetic_reverb(x, SR, torch.full((3,), 0.3), g)
+    assert torch.allclose(wet.pow(2).mean(dim=1).sqrt(), rms, rtol=1e-3)
+    # No time-stretch or shift: the augmented view still lines up with the original at lag 0,
+    # and the onset-rate and loudness descriptors barely move.
+    view = augment_batch(x, AugmentSettings(sample_rate=SR), torch.Generator().manual_seed(1))
+    assert view.shape == x.shape
+    for a, b in zip(x.numpy(), view.numpy()):
+        corr = np.correlate(b, a, mode="full")
+        assert abs(int(np.argmax(corr)) - (a.size - 1)) <= 2
+        da, db = descriptor_vector(a, SR), descriptor_vector(b, SR)
+        i = DESCRIPTOR_NAMES.index("loudness_mean_db")
+        assert abs(da[i] - db[i]) < 3.0  # reverb fills the gaps between notes a little
+        j = DESCRIPTOR_NAMES.index("onset_rate_hz")
+        assert abs(da[j] - db[j]) <= 2.0
+    again = augment_batch(x, AugmentSettings(sample_rate=SR), torch.Generator().manual_seed(1))
+    assert torch.equal(view, again)
+    with pytest.raises(ValueError, match="batch"):
+        augment_batch(x[0], AugmentSettings(), g)
+
+
+def test_collate_adds_views_as_positives_and_zscored_descriptors():
+    audio = _tones(3, seed=2).numpy()
+    batch = {"audio": np.array([encode_audio(a) for a in audio], dtype=object),
+             "style": np.array(["b", "a", "b"], dtype=object), "piece_id": np.array(["p1", "p1", "p2"], dtype=object)}
+    stats = {"mean": [0.0] * len(DESCRIPTOR_NAMES), "std": [2.0] * len(DESCRIPTOR_NAMES)}
+    loop_config = {"styles": ["a", "b"], "window_samples": SR, "augment_views": 1,
+                   "augment": {"sample_rate": SR}, "descriptor_stats": stats, "embedding": {"sample_rate": SR}}
+    out = collate_labelled(batch, loop_config)
+    assert out["audio"].shape == (6, SR) and out["labels"].tolist() == [1, 0, 1, 1, 0, 1]
+    assert out["pieces"][:3].tolist() == out["pieces"][3:].tolist() and out["pieces"][0] == out["pieces"][1]
+    assert out["pieces"][0] != out["pieces"][2]
+    assert torch.equal(out["audio"][:3], torch.from_numpy(audio))
+    assert not torch.equal(out["audio"][3:], out["audio"][:3])
+    raw = descriptor_vector(audio[0], SR)
+    assert np.allclose(out["descriptors"][0].numpy(), zscore_descriptors(raw[None], stats)[0], atol=1e-4)
+    plain = collate_labelled(batch, {**loop_config, "augment_views": 0, "descriptor_stats": None})
+    assert plain["audio"].shape == (3, SR) and "descriptors" not in plain
+
+
+# -- it learns -----------------------------------------------------------------------------
+def test_dynamics_facet_learns_to_track_loudness():
+    """A few dozen steps of the facet loss alone: the dynamics facet's cosine comes to rank
+    held-out pairs by their loudness descriptors, far better than the untrained facet."""
+    torch.manual_seed(0)
+    groups = facet_groups({"dynamics": ("loudness_mean_db", "loudness_range_db")})
+
+    def clips(n: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        tones = _tones(n, seconds=0.5, seed=seed)
+        gains = torch.tensor(10 ** (rng.uniform(-40, 0, n) / 20), dtype=torch.float32).view(-1, 1)
+        audio = tones * gains
+        return audio, np.stack([descriptor_vector(a, SR) for a in audio.numpy()])
+
+    train_audio, train_desc = clips(48, 0)
+    test_audio, test_desc = clips(24, 1)
+    mean, std = train_desc.mean(axis=0), train_desc.std(axis=0)
+    stats = {"mean": mean.tolist(), "std": std.tolist()}
+    model = EmbeddingModel(build_encoder("tiny", seed=0), embedding_dim=8, pooling="stats", facet_dim=8,
+                           level_channel=True)
+    layout = model.facet_layout
+
+    def agreement() -> float:
+        model.eval()
+        with torch.no_grad():
+            vectors = model(test_audio).numpy()
+        z = zscore_descriptors(test_desc, stats)
+        return facet_agreement(vectors, layout, z, groups)["dynamics"]["dynamics"]
+
+    before = agreement()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    targets = torch.tensor(zscore_descriptors(train_desc, stats), dtype=torch.float32)[:, groups["dynamics"]]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        model.train()
+        idx = torch.randperm(48, generator=generator)[:16]
+        out = model(train_audio[idx])
+        start, end = layout["dynamics"]
+        loss = soft_neighbour_kl(F.normalize(out[:, start:end], dim=1), targets[idx], temperature=0.1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = agreement()
+    assert after > 0.8 and after > before + 0.2, (before, after)
