@@ -237,6 +237,10 @@ class IndexConfig(_Section):
     hnsw_ef_construction: int = Field(
         40, ge=8, description="HNSW build beam. Measured at 1e5 x 128 (2 cores): 40 gives recall@10 0.94 at "
         "ef_search 64, 128 gives 0.996 but builds 5.5x slower.")
+    actor_max_restarts: int = Field(-1, ge=-1, description="Embedding actors: how often Ray restarts a dead "
+                                    "actor (-1: always). A killed actor loses no segments: its batches are retried.")
+    actor_task_retries: int = Field(3, ge=-1, description="Embedding actors: retries of a batch whose actor died "
+                                    "(-1: unbounded; bounded so a batch that kills every actor fails the job).")
 
 
 class ServeConfig(_Section):

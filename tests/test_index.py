@@ -266,6 +266,7 @@ def test_publish_writes_checksummed_manifest_and_latest(tmp_path):
     assert on_disk["checksums"]["metadata.parquet"] == sha256_bytes(
         storage.read_bytes(f"index/{version}/metadata.parquet"))
     assert on_disk["count"] == 18 and on_disk["dim"] == 8 and on_disk["model"]["ref"] == "random"
+    assert on_disk["facet_layout"] is None  # an embedder without facet heads
     assert pq.read_table(storage.path("index", version, "metadata.parquet")).column_names == INDEX_METADATA_COLUMNS
     loaded = SearchIndex.load(storage)
     assert loaded.version == version and len(loaded) == 18
@@ -319,3 +320,18 @@ def test_hnsw_ef_construction_reaches_faiss_and_old_specs_still_load():
     assert faiss.downcast_index(index.index).hnsw.efConstruction == 96
     old = {k: v for k, v in spec.to_dict().items() if k != "ef_construction"}  # a manifest from before the field
     assert IndexSpec.from_dict(old).ef_construction == 40
+
+
+def test_manifest_facet_layout_is_checked_against_the_index_dim():
+    from mess_ray.facets import make_layout
+    from mess_ray.index.job import IndexIntegrityError, manifest_facet_layout
+
+    assert manifest_facet_layout({"kind": "random"}, 64) is None
+    assert manifest_facet_layout({"facet_layout": None}, 64) is None
+    layout = manifest_facet_layout({"facet_layout": make_layout(32, 8)}, 64)
+    assert layout == {"overall": [0, 32], "tempo": [32, 40], "dynamics": [40, 48], "articulation": [48, 56],
+                      "timbre": [56, 64]}
+    with pytest.raises(IndexIntegrityError, match="spans 64 dimensions"):
+        manifest_facet_layout({"facet_layout": make_layout(32, 8)}, 128)
+    with pytest.raises(ValueError, match="contiguous"):
+        manifest_facet_layout({"facet_layout": {"overall": [0, 8], "tempo": [9, 12]}}, 12)

@@ -13,6 +13,7 @@ import pytest
 import mess_ray.index.reindex as reindex_mod
 import test_index_ray as helpers
 from mess_ray.config import MessRayConfig
+from mess_ray.facets import make_layout
 from mess_ray.index import SearchIndex, run_index, run_reindex
 from mess_ray.index.embed import vectors_table
 from mess_ray.index.faiss_index import build_index, choose_index_spec, training_points_needed
@@ -150,8 +151,22 @@ def test_reindex_adds_removes_noops_and_resumes(ray_local, tmp_path, monkeypatch
     cfg.index.batch_size = 4
     storage = Storage.from_config(cfg.storage)
     publish_ingest(cfg, storage, [0, 1, 2])
+    # A faceted model (fake: the random encoder's info with a layout over its 64 dims) for the
+    # first build only; reindex rebuilds the info without it and must carry the layout over.
+    real_from_info = Embedder.from_info.__func__
+
+    def faceted_from_info(cls, cfg_, storage_, info):
+        embedder = real_from_info(cls, cfg_, storage_, info)
+        embedder.info = {**embedder.info, "facet_layout": make_layout(32, 8)}
+        return embedder
+
+    monkeypatch.setattr(Embedder, "from_info", classmethod(faceted_from_info))
     first = run_index(cfg, storage, model_ref="random")
+    monkeypatch.setattr(Embedder, "from_info", classmethod(real_from_info))
     assert first["model"]["checkpoint"] is None and first["model"]["index_config_digest"] == cfg.digest()
+    layout = {"overall": [0, 32], "tempo": [32, 40], "dynamics": [40, 48], "articulation": [48, 56],
+              "timbre": [56, 64]}
+    assert first["facet_layout"] == layout
 
     # nothing changed: no new version
     noop = run_reindex(cfg, storage)
@@ -180,6 +195,7 @@ def test_reindex_adds_removes_noops_and_resumes(ray_local, tmp_path, monkeypatch
     assert added["reindex"]["removed"] == 0 and added["reindex"]["kept"] == first["count"]
     assert added["count"] == table.num_rows and added["reindex"]["build"] == "in_place"
     assert added["model"]["kind"] == "random" and not storage.exists("index/_pending")
+    assert added["facet_layout"] == layout
     index = SearchIndex.load(storage)
     embedder = Embedder.from_info(cfg, storage, added["model"])
     row = table.column("segment_id").to_pylist().index(min(new_ids))
@@ -199,7 +215,7 @@ def test_reindex_adds_removes_noops_and_resumes(ray_local, tmp_path, monkeypatch
     removed = run_reindex(cfg, storage)
     assert removed["reindex"] == {"added": 0, "removed": len(gone), "kept": table.num_rows, "reused_pending": 0,
                                   "build": "rebuild"}
-    assert removed["index"]["type"] == "ivf"
+    assert removed["index"]["type"] == "ivf" and removed["facet_layout"] == layout
     assert removed["previous_version"] == added["version"] and removed["inputs"]["previous_index"] == added["version"]
     index = SearchIndex.load(storage)
     assert len(index) == table.num_rows and "track1" not in {t["track_id"] for t in index.tracks()}

@@ -12,6 +12,7 @@ import io
 import logging
 import posixpath
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from mess_ray.config import MessRayConfig
+from mess_ray.facets import layout_dim, parse_layout
 from mess_ray.index.embed import SegmentEmbedder, table_to_vectors
 from mess_ray.index.faiss_index import (IndexSpec, build_sharded_index_ray, choose_index_spec,
                                         create_empty_index, index_to_bytes, sha256_bytes,
@@ -127,14 +129,26 @@ def keep_segment_ids(batch: dict[str, np.ndarray], wanted: np.ndarray) -> dict[s
     return {name: np.asarray(column)[mask] for name, column in batch.items()}
 
 
+def embedding_actor_fault_tolerance(cfg: MessRayConfig) -> dict[str, int]:
+    """Ray actor options for the embedding pool (explicit, not Ray Data's defaults, so the
+    behaviour is the config's: restart dead actors, retry their batches a bounded number of times)."""
+    restarts = cfg.index.actor_max_restarts
+    return {"max_restarts": restarts, "max_task_retries": cfg.index.actor_task_retries if restarts != 0 else 0}
+
+
 def embed_segments(cfg: MessRayConfig, storage: Storage, ingest_version: str, embedder_info: dict[str, Any],
                    out_rel: str, only_ids: np.ndarray | None = None) -> None:
     """Ray Data: segment rows -> actor pool of Embedders -> Parquet vector shards under ``out_rel``.
 
     ``only_ids``: embed just these segments (reindex), filtered in Ray tasks before the actors.
-    """
-    import ray.data
 
+    Fault tolerance: a dead embedding actor (killed, OOM, its node gone) is restarted up to
+    ``index.actor_max_restarts`` times and the batches it held are re-submitted up to
+    ``index.actor_task_retries`` times. A retried batch replaces the lost attempt's output
+    object (Ray Data never emits both), and the Parquet write tasks name their files by
+    task, so a retried write overwrites rather than adds: the callers' ``reconcile_ids``
+    then proves no segment was lost or duplicated (tests/test_index_fault.py kills an actor).
+    """
     if cfg.index.min_actors > cfg.index.max_actors:
         raise ValueError(f"index.min_actors ({cfg.index.min_actors}) exceeds index.max_actors ({cfg.index.max_actors})")
     dataset = read_segments_ray(storage, ingest_version, columns=["segment_id", "sample_rate", "audio"])
@@ -142,15 +156,27 @@ def embed_segments(cfg: MessRayConfig, storage: Storage, ingest_version: str, em
         wanted = np.unique(np.asarray(only_ids, dtype=np.int64))
         dataset = dataset.map_batches(keep_segment_ids, fn_kwargs={"wanted": wanted}, batch_format="numpy",
                                       num_cpus=0.5)
-    vectors = dataset.map_batches(
+    with warnings.catch_warnings():
+        # Ray 2.60 takes actor options only through the deprecated **ray_remote_args (no named
+        # parameter for max_restarts/max_task_retries yet); the settings matter more than the warning.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+        vectors = embedding_pool(dataset, cfg, embedder_info)
+    vectors.write_parquet(storage.path(out_rel), filesystem=storage.pyarrow_fs())
+
+
+def embedding_pool(dataset: Any, cfg: MessRayConfig, embedder_info: dict[str, Any]) -> Any:
+    """The lazy Ray Data stage: segment batches -> vector-shard tables on an autoscaling actor pool."""
+    import ray.data
+
+    return dataset.map_batches(
         SegmentEmbedder,
         fn_constructor_kwargs={"cfg_json": cfg.model_dump(mode="json"), "embedder_info": embedder_info},
         compute=ray.data.ActorPoolStrategy(min_size=cfg.index.min_actors, max_size=cfg.index.max_actors),
         num_cpus=cfg.index.cpus_per_actor,
         batch_size=cfg.index.batch_size,
         batch_format="numpy",
+        **embedding_actor_fault_tolerance(cfg),
     )
-    vectors.write_parquet(storage.path(out_rel), filesystem=storage.pyarrow_fs())
 
 
 def write_verified(storage: Storage, rel: str, data: bytes) -> str:
@@ -216,6 +242,17 @@ def model_provenance(storage: Storage, embedder_info: dict[str, Any]) -> dict[st
     return out
 
 
+def manifest_facet_layout(embedder_info: dict[str, Any], dim: int) -> dict[str, list[int]] | None:
+    """The embedder's facet layout as the manifest records it (JSON lists), checked against the index."""
+    layout = parse_layout(embedder_info.get("facet_layout"))
+    if layout is None:
+        return None
+    if layout_dim(layout) != dim:
+        raise IndexIntegrityError(f"the embedder's facet layout spans {layout_dim(layout)} dimensions "
+                                  f"but its vectors have {dim}")
+    return {name: [start, end] for name, (start, end) in layout.items()}
+
+
 def write_index_artifact(cfg: MessRayConfig, storage: Storage, version: str, index: Any, spec: IndexSpec,
                          segments: pa.Table, embedder_info: dict[str, Any], counts: dict[str, int],
                          inputs: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -223,6 +260,7 @@ def write_index_artifact(cfg: MessRayConfig, storage: Storage, version: str, ind
     base = posixpath.join(STAGE, version)
     if index.ntotal != segments.num_rows:
         raise IndexIntegrityError(f"index holds {index.ntotal} vectors but the segment table {segments.num_rows} rows")
+    facet_layout = manifest_facet_layout(embedder_info, int(index.d))
     index_sha = write_verified(storage, posixpath.join(base, INDEX_FILE), index_to_bytes(index))
     buffer = io.BytesIO()
     pq.write_table(segments.select(INDEX_METADATA_COLUMNS), buffer)
@@ -237,6 +275,8 @@ def write_index_artifact(cfg: MessRayConfig, storage: Storage, version: str, ind
         "count": int(index.ntotal),
         "counts": {**counts, "tracks": len(set(segments.column("track_id").to_pylist()))},
         "index": spec.to_dict(),
+        # Which dimensions are which facet (mess_ray/facets.py): weighted queries need it; None: no facets.
+        "facet_layout": facet_layout,
         "files": {"index": INDEX_FILE, "metadata": METADATA_FILE, "vectors": VECTORS_DIR},
         "checksums": {INDEX_FILE: index_sha, METADATA_FILE: metadata_sha},
         # Vector shards (re-ranking, reindex reuse): checked by SearchIndex when it loads them.

@@ -234,8 +234,10 @@ def run_reindex(cfg: MessRayConfig, storage: Storage, model_ref: str | None = No
         raise IndexIntegrityError(f"updated index holds {index.ntotal} vectors, expected {counts['vectors']}")
 
     counts.update({"vector_files": len(files), "shards": cfg.index.shards, **delta})
+    # The same weights (checked above) have the same facets: a layout the rebuilt info lacks is carried over.
+    info = {**embedder.info, "facet_layout": embedder.info.get("facet_layout") or previous.get("facet_layout")}
     manifest = write_index_artifact(
-        cfg, storage, version, index, spec, segments, embedder.info, counts,
+        cfg, storage, version, index, spec, segments, info, counts,
         {"ingest": ingest_version, "model_ref": previous.get("inputs", {}).get("model_ref"),
          "previous_index": previous_version},
         extra={"previous_version": previous_version, "reindex": {**delta, "build": build}, "changed": True})
