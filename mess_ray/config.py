@@ -106,6 +106,7 @@ class RenderConfig(_Section):
     _pin_paths = field_validator("source_path", "soundfont")(pin_local_path)
     pieces: list[str] = Field(default_factory=list, description="music21 corpus paths; empty: the default list.")
     num_pieces: int = Field(8, ge=1)
+    min_performances: int = Field(1, ge=1, description="asap: only pieces with at least this many performances.")
     styles: list[StyleSpec] = Field(default_factory=default_styles)
     max_duration_s: float = Field(24.0, gt=0)
     soundfont: str = DEFAULT_SOUNDFONT

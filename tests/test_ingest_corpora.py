@@ -154,6 +154,7 @@ def test_asap_catalog(tmp_path):
     assert perf1["piece_id"] == rows["Chopin/Ballades/1/Perf2"]["piece_id"] == "Chopin/Ballades/1"
     meta = json.loads(bach["metadata_json"])
     assert meta["annotations_uri"] == str(tmp_path / "asap" / "Bach/Fugue/bwv_846/Shi05M_annotations.txt")
+    assert meta["score_annotations_uri"] == str(tmp_path / "asap" / "Bach/Fugue/bwv_846/midi_score_annotations.txt")
     assert meta["midi_uri"] == str(tmp_path / "asap" / "Bach/Fugue/bwv_846/Shi05M.mid")
     assert meta["composer"] == "Bach" and meta["corpus"] == "asap"
     assert rows["Chopin/Ballades/1/Perf2"]["size"] == -1

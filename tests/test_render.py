@@ -270,6 +270,11 @@ def test_asap_source_lists_performances_per_piece(tmp_path):
     assert sorted((r.piece_id, r.variant) for r in refs) == [
         ("bach-prelude-bwv-846", "lee01"), ("bach-prelude-bwv-846", "shi05m"), ("chopin-etude-op-10-3", "kim07")]
     assert all(r.extra["performance_annotations"].endswith("_annotations.txt") for r in refs)
+    assert all(Path(r.extra["performance_annotations_uri"]).is_file() for r in refs)
+    several = list_score_refs(RenderConfig(source="asap", source_path=str(root), num_pieces=5, min_performances=2))
+    assert {r.piece_id for r in several} == {"bach-prelude-bwv-846"}
+    with pytest.raises(ValueError, match="min_performances"):
+        list_score_refs(RenderConfig(source="asap", source_path=str(root), min_performances=3))
     one = list_score_refs(RenderConfig(source="asap", source_path=str(root), num_pieces=1))
     assert len({r.piece_id for r in one}) == 1  # all performances of the chosen piece
     assert ex.note_count(load_score(refs[0]).midi) > 0
@@ -377,3 +382,7 @@ def test_run_render_asap_as_played(ray_local, tmp_path):
     assert "bach-prelude-bwv-846__shi05m" in {r["track_id"] for r in rows}
     params = json.loads(rows[0]["style_params_json"])
     assert params["style"] is None and params["performer"]
+    assert Path(params["performance_annotations_uri"]).is_file()  # eval maps segment times to beats with it
+    # the performed MIDI is kept beside the audio and is what was synthesised
+    played = pretty_midi.PrettyMIDI(str(storage.path("render", manifest["version"], rows[0]["midi_path"])))
+    assert ex.note_count(played) > 0 and ex.last_note_end(played) == pytest.approx(params["duration_s"], abs=0.01)

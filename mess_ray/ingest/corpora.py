@@ -188,6 +188,9 @@ def catalog_from_asap(url: str, s3_endpoint_url: str | None = None) -> list[dict
         metadata.update(corpus="asap", midi_uri=_url(fs.protocol, posixpath.join(root, midi)))
         annotations = rec.get("performance_annotations")
         metadata["annotations_uri"] = _url(fs.protocol, posixpath.join(root, annotations)) if annotations else None
+        score_annotations = rec.get("midi_score_annotations")
+        metadata["score_annotations_uri"] = (_url(fs.protocol, posixpath.join(root, score_annotations))
+                                             if score_annotations else None)
         rows.append(catalog_row(_url(fs.protocol, posixpath.join(root, audio)), posixpath.splitext(midi)[0],
                                 piece, "", metadata, sizes.get(audio, -1)))
     _check_unique(rows, where)

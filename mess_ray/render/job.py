@@ -3,6 +3,7 @@
 Layout written under the storage root::
 
     render/<version>/audio/<track_id>.wav
+    render/<version>/audio/<track_id>.mid  the expressive MIDI that was synthesised
     render/<version>/catalog.parquet      one row per track (CATALOG_SCHEMA)
     render/<version>/manifest.json        inputs, counts, seconds of audio
     render/LATEST
@@ -43,6 +44,7 @@ CATALOG_FILE = "catalog.parquet"
 CATALOG_SCHEMA = pa.schema([
     ("track_id", pa.string()),
     ("path", pa.string()),            # relative to render/<version>/
+    ("midi_path", pa.string()),       # the performed MIDI, relative to render/<version>/
     ("piece_id", pa.string()),
     ("composer", pa.string()),
     ("title", pa.string()),
@@ -94,12 +96,17 @@ def render_track(score: Score, ref: ScoreRef, style: StyleSpec | None, tid: str,
     else:
         midi, params = apply_style(score.midi, style, seed, cfg.max_duration_s)
     rel = posixpath.join("audio", f"{tid}.wav")
+    midi_rel = posixpath.join("audio", f"{tid}.mid")
     with tempfile.TemporaryDirectory(prefix="mess-ray-render-") as tmp:
         local = os.path.join(tmp, f"{tid}.wav")
         duration = render_to_wav(midi, cfg, local)
+        # Kept beside the audio: MIDI descriptors of a segment come from exactly what was played.
+        local_midi = os.path.join(tmp, f"{tid}.mid")
+        midi.write(local_midi)
+        storage.put_file(local_midi, posixpath.join(STAGE, version, midi_rel))
         storage.put_file(local, posixpath.join(STAGE, version, rel))
     return {
-        "track_id": tid, "path": rel, "piece_id": score.piece_id, "composer": score.composer,
+        "track_id": tid, "path": rel, "midi_path": midi_rel, "piece_id": score.piece_id, "composer": score.composer,
         "title": score.title, "style": style.name if style else "",
         "style_params_json": json.dumps(params, sort_keys=True), "seed": seed,
         "duration_s": round(duration, 4), "sample_rate": cfg.sample_rate, "source": ref.source,

@@ -218,6 +218,9 @@ def _asap_refs(source_path: str) -> list[ScoreRef]:
         for column in ("performance_annotations", "midi_score", "midi_score_annotations"):
             if row.get(column):
                 extra[column] = row[column]
+                # Resolved too, so the evaluation can read the beat annotations of a rendering
+                # (they travel through the render catalog into every segment's metadata_json).
+                extra[f"{column}_uri"] = _join_url(source_path, row[column])
         refs.append(ScoreRef(
             piece_id=slugify(row["folder"]),
             composer=row["composer"],
@@ -249,6 +252,14 @@ def select_pieces(refs: list[ScoreRef], num_pieces: int, seed: int, shuffle: boo
     return [ref for ref in refs if ref.piece_id in chosen]
 
 
+def with_min_performances(refs: list[ScoreRef], minimum: int) -> list[ScoreRef]:
+    """Only the pieces that have at least ``minimum`` performances (variants)."""
+    counts: dict[str, int] = {}
+    for ref in refs:
+        counts[ref.piece_id] = counts.get(ref.piece_id, 0) + 1
+    return [ref for ref in refs if counts[ref.piece_id] >= minimum]
+
+
 def list_score_refs(cfg: RenderConfig) -> list[ScoreRef]:
     """The pieces a render run covers, without parsing them."""
     if cfg.source == "music21":
@@ -262,7 +273,11 @@ def list_score_refs(cfg: RenderConfig) -> list[ScoreRef]:
         return select_pieces(_midi_folder_refs(cfg.source_path), cfg.num_pieces, cfg.seed, shuffle=False)
     if cfg.source == "asap":
         # Shuffled so that a few pieces are not all from the alphabetically first composer.
-        return select_pieces(_asap_refs(cfg.source_path), cfg.num_pieces, cfg.seed, shuffle=True)
+        refs = with_min_performances(_asap_refs(cfg.source_path), cfg.min_performances)
+        if not refs:
+            raise ValueError(f"no piece under {cfg.source_path!r} has {cfg.min_performances} or more "
+                             "performances (render.min_performances)")
+        return select_pieces(refs, cfg.num_pieces, cfg.seed, shuffle=True)
     raise ValueError(f"unknown render.source {cfg.source!r}")
 
 
