@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,6 +16,7 @@ import soxr
 from fastapi.testclient import TestClient
 
 from mess_ray.config import MessRayConfig
+from mess_ray.facets import compose
 from mess_ray.index.faiss_index import IndexSpec, build_index
 from mess_ray.index.job import INDEX_METADATA_COLUMNS, write_index_artifact
 from mess_ray.models import Embedder
@@ -37,8 +39,16 @@ def track_audio(t: int, rate: int) -> np.ndarray:
     return (0.25 * pulse * tone).astype(np.float32)
 
 
-def publish_audio_index(cfg: MessRayConfig, audio_dir: Path, n_tracks: int = 3) -> dict:
-    """WAV recordings on disk, their segments embedded with the real random Embedder, published as an index."""
+COMPOSERS = ["J. S. Bach", "Frédéric Chopin", "Johann Sebastian Bach"]
+
+
+def publish_audio_index(cfg: MessRayConfig, audio_dir: Path, n_tracks: int = 3,
+                        facet_layout: dict | None = None) -> dict:
+    """WAV recordings on disk, their segments embedded with the real random Embedder, published as an index.
+
+    With ``facet_layout`` the vectors are recomposed as a faceted embedding (each part of the
+    random embedding re-normalised, as facet heads' outputs are) and the layout is published.
+    """
     storage = Storage.from_config(cfg.storage)
     rate = cfg.audio.sample_rate
     window, hop = int(cfg.audio.window_s * rate), int(cfg.audio.hop_s * rate)
@@ -60,13 +70,18 @@ def publish_audio_index(cfg: MessRayConfig, audio_dir: Path, n_tracks: int = 3) 
             rows["end_s"].append((start + window) / rate)
             rows["sample_rate"].append(rate)
             rows["source_uri"].append(str(path))
-            rows["metadata_json"].append('{"title": "%s"}' % track)
+            rows["metadata_json"].append(json.dumps({"title": track, "composer": COMPOSERS[t % 3],
+                                                     "catalog": f"Op. {t + 10}"}))
             frames.append(audio[start:start + window])
     vectors = embedder.embed(np.stack(frames))
+    info = dict(embedder.info)
+    if facet_layout is not None:
+        vectors = compose({name: vectors[:, a:b] for name, (a, b) in facet_layout.items()}, facet_layout)
+        info["facet_layout"] = {name: list(span) for name, span in facet_layout.items()}
     ids = np.array(rows["segment_id"], dtype=np.int64)
     spec = IndexSpec(type="flat", dim=embedder.dim)
     index = build_index(spec, [(vectors[0::2], ids[0::2]), (vectors[1::2], ids[1::2])])
-    return write_index_artifact(cfg, storage, new_version(), index, spec, pa.table(rows), embedder.info,
+    return write_index_artifact(cfg, storage, new_version(), index, spec, pa.table(rows), info,
                                 {"segments": len(ids), "vectors": len(ids)}, {"ingest": "test"})
 
 
@@ -130,7 +145,8 @@ def test_health_ready_and_page(client, published):
 def test_tracks_and_track_detail(client):
     tracks = client.get("/tracks").json()
     assert [t["track_id"] for t in tracks] == ["track0", "track1", "track2"]
-    assert tracks[0]["metadata"] == {"title": "track0"} and tracks[0]["duration_s"] == TRACK_SECONDS
+    assert tracks[0]["metadata"] == {"title": "track0", "composer": "J. S. Bach", "catalog": "Op. 10"}
+    assert tracks[0]["duration_s"] == TRACK_SECONDS
     detail = client.get("/tracks/track1").json()
     assert detail["num_segments"] == len(detail["segments"]) == 5
     missing = client.get("/tracks/nope")

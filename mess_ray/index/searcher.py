@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from mess_ray.facets import Layout, parse_layout, part_similarities, weighted_query
+from mess_ray.facets import Layout, compose, parse_layout, part_similarities, weighted_query
 from mess_ray.index.embed import table_to_vectors
 from mess_ray.index.faiss_index import IndexSpec, configure_for_search, load_index, sha256_bytes
 from mess_ray.storage import Storage
@@ -145,7 +145,7 @@ class SearchIndex:
             if "metadata_json" in self._cols else [{} for _ in range(metadata.num_rows)]
         # Faceted embeddings carry their part layout in the manifest (top level, or with the model info).
         raw_layout = self.manifest.get("facet_layout") or self.manifest.get("model", {}).get("facet_layout")
-        self.facet_layout: Layout | None = parse_layout(raw_layout)
+        self.facet_layout: Layout | None = parse_layout(_in_dimension_order(raw_layout))
         if self.facet_layout is not None and max(e for _, e in self.facet_layout.values()) != self.dim:
             raise ValueError(f"facet layout covers {max(e for _, e in self.facet_layout.values())} dims, "
                              f"the index has {self.dim}")
@@ -270,11 +270,15 @@ class SearchIndex:
         q = normalize(np.asarray(query, dtype=np.float32).reshape(1, -1))
         if q.shape[1] != self.dim:
             raise ValueError(f"query has dimension {q.shape[1]}, the index {self.dim}")
+        if facet_weights and self.facet_layout is None:
+            raise ValueError("facet weights need a faceted index: this index's model has no facet heads "
+                             "(no facet_layout in its manifest); search without facet weights")
+        if self.facet_layout is not None:
+            # Averaged queries (several windows, a time span) have parts of unequal norms:
+            # re-compose so every part is a unit direction and scores are exact mean/weighted cosines.
+            q = compose({name: q[:, a:b] for name, (a, b) in self.facet_layout.items()}, self.facet_layout)
         plain = q
         if facet_weights:
-            if self.facet_layout is None:
-                raise ValueError("facet weights need a faceted index: this index's model has no facet heads "
-                                 "(no facet_layout in its manifest); search without facet weights")
             q = np.ascontiguousarray(weighted_query(q, self.facet_layout, facet_weights), dtype=np.float32)
         allowed = self.filter_rows(filters)
         if allowed is not None and not allowed:
@@ -358,6 +362,16 @@ class SearchIndex:
         return Hit(rank=rank, segment_id=segment_id, track_id=d["track_id"], piece_id=d["piece_id"],
                    style=d["style"], start_s=float(d["start_s"]), end_s=float(d["end_s"]),
                    similarity=similarity, source_uri=d["source_uri"], metadata=d["metadata"])
+
+
+def _in_dimension_order(raw: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A layout as JSON holds it (manifests are written with sorted keys) back in dimension order."""
+    if not raw:
+        return None
+    try:
+        return dict(sorted(raw.items(), key=lambda item: int(item[1][0])))
+    except (TypeError, ValueError, IndexError, KeyError):
+        return dict(raw)  # parse_layout names what is wrong with it
 
 
 def _parse_metadata(raw: str | None) -> dict[str, Any]:
