@@ -1,6 +1,7 @@
-"""The style-retrieval benchmark on held-out pieces (``run_evaluate``).
+"""The benchmark on held-out pieces (``run_evaluate``): task 1 here, tasks 2 and 3 in
+:mod:`mess_ray.eval.tasks` over :mod:`mess_ray.eval.performances`.
 
-Protocol: every held-out segment with a known style and piece is a query; candidates are
+Task 1, style retrieval. Protocol: every held-out segment with a known style and piece is a query; candidates are
 held-out segments of *other tracks*; a candidate is relevant when it has the query's style
 but comes from a different piece (so a system must match how music is played, not what is
 played); hard negatives are the same piece played in another style. Each model ref, the
@@ -219,66 +220,247 @@ def embed_system(cfg: MessRayConfig, storage: Storage, ref: str,
     return vectors, dict(embedder.info)
 
 
+# -- tasks 2 and 3 -------------------------------------------------------------------------------
+STYLE_TASK = "style_retrieval"
+PASSAGE_TASK = "passage_retrieval"
+AGREEMENT_TASK = "expressive_agreement"
+
+
+@dataclass
+class PerformanceTasks:
+    """The performance set and the masks of tasks 2 and 3 over its rows (None: not run)."""
+
+    perf: Any                                  # PerformanceSet
+    passage_rows: np.ndarray | None = None     # indices into perf
+    passage_candidates: np.ndarray | None = None
+    passage_relevant: np.ndarray | None = None
+    agreement_rows: np.ndarray | None = None
+    agreement_candidates: np.ndarray | None = None
+    agreement_relevance: np.ndarray | None = None
+    agreement_features: list[str] = field(default_factory=list)
+    agreement_chance: float = float("nan")
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def plan_performance_tasks(perf, ndcg_k: int, seed: int) -> PerformanceTasks:
+    """Which of tasks 2 and 3 the performance set supports, with their masks (or why not)."""
+    from mess_ray.eval.tasks import agreement, passage
+
+    plan = PerformanceTasks(perf=perf)
+    rows = np.flatnonzero(perf.has_beats)
+    if rows.size == 0:
+        plan.skipped[PASSAGE_TASK] = "no held-out segment lies within annotated beats"
+    else:
+        candidates, relevant = passage.overlapping_beats(perf.track_ids[rows], perf.piece_ids[rows],
+                                                         perf.beat_spans[rows])
+        if not relevant.any():
+            plan.skipped[PASSAGE_TASK] = ("no held-out piece has two performances with beat annotations "
+                                          f"(held-out pieces: {perf.holdout_pieces})")
+        else:
+            plan.passage_rows, plan.passage_candidates, plan.passage_relevant = rows, candidates, relevant
+    rows = np.flatnonzero(perf.has_midi)
+    if rows.size == 0:
+        plan.skipped[AGREEMENT_TASK] = "no held-out segment has performed MIDI"
+    elif len(set(perf.piece_ids[rows])) < 2:
+        plan.skipped[AGREEMENT_TASK] = "expressive agreement across pieces needs two held-out pieces with MIDI"
+    else:
+        try:
+            features, kept = agreement.expressive_matrix(perf.midi_descriptors[rows])
+        except ValueError as err:
+            plan.skipped[AGREEMENT_TASK] = str(err)
+        else:
+            candidates = agreement.other_piece_candidates(perf.piece_ids[rows])
+            relevance = agreement.graded_relevance(features, candidates)
+            plan.agreement_rows, plan.agreement_candidates, plan.agreement_relevance = rows, candidates, relevance
+            plan.agreement_features = kept
+            plan.agreement_chance = agreement.random_ndcg(relevance, candidates, ndcg_k, seed)
+    return plan
+
+
+def score_performance_tasks(vectors: np.ndarray, plan: PerformanceTasks, recall_ks, ndcg_k: int
+                            ) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
+    """Metrics of one system's embeddings of the performance set, per task; and the similarity
+    matrices (for the report's histograms)."""
+    from mess_ray.eval.tasks import agreement, passage
+
+    unit = _unit(vectors)
+    out: dict[str, dict[str, float]] = {}
+    sims: dict[str, np.ndarray] = {}
+    perf = plan.perf
+    if plan.passage_rows is not None:
+        r = plan.passage_rows
+        sim = unit[r] @ unit[r].T
+        beats = {t: b for t, b in perf.beats.items()}
+        out[PASSAGE_TASK] = passage.score_passage(sim, plan.passage_candidates, plan.passage_relevant,
+                                                  perf.piece_ids[r], perf.track_ids[r], perf.start_s[r],
+                                                  perf.beat_spans[r], beats, recall_ks=recall_ks, ndcg_k=ndcg_k)
+        sims[PASSAGE_TASK] = sim
+    if plan.agreement_rows is not None:
+        r = plan.agreement_rows
+        sim = unit[r] @ unit[r].T
+        scores = agreement.score_agreement(sim, plan.agreement_relevance, plan.agreement_candidates, k=ndcg_k)
+        scores["chance"] = plan.agreement_chance
+        out[AGREEMENT_TASK] = scores
+        sims[AGREEMENT_TASK] = sim
+    return out, sims
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float64)
+    if not np.all(np.isfinite(vectors)):
+        raise ValueError("embeddings contain NaN or infinite values")
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms > 1e-12, norms, 1.0)
+
+
+def full_headline(task_metrics: dict[str, dict[str, dict[str, float]]], style_line: str | None,
+                  ndcg_k: int) -> str:
+    """Task 1's line (the demo's figure) then the passage mAP and agreement nDCG of every system."""
+    parts = [style_line] if style_line else []
+    if PASSAGE_TASK in task_metrics:
+        m = task_metrics[PASSAGE_TASK]
+        chance = next(iter(m.values()))["chance"]
+        parts.append("passage retrieval mAP: " + " vs ".join(f"{k} {v['map']:.2f}" for k, v in m.items())
+                     + f" (chance {chance:.2f})")
+    if AGREEMENT_TASK in task_metrics:
+        m = task_metrics[AGREEMENT_TASK]
+        chance = next(iter(m.values()))["chance"]
+        parts.append(f"expressive agreement nDCG@{ndcg_k}: "
+                     + " vs ".join(f"{k} {v[f'ndcg@{ndcg_k}']:.2f}" for k, v in m.items())
+                     + f" (chance {chance:.2f})")
+    return "; ".join(parts)
+
+
 # -- entry point --------------------------------------------------------------------------------
 def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str]) -> dict:
-    """Benchmark ``model_refs`` plus the descriptor and random baselines; publish "eval"."""
+    """Benchmark ``model_refs`` plus the descriptor and random baselines on every task whose data
+    the latest ingest holds; publish "eval".
+
+    Task 1 (style retrieval) needs style labels; tasks 2 (passage retrieval) and 3 (expressive
+    agreement) need performances with beat annotations / performed MIDI. The report says which
+    tasks ran and why the others did not.
+    """
+    from mess_ray.eval.performances import load_performance_set, performance_table_summary
     from mess_ray.eval.report import SystemResult, write_report
 
     if isinstance(model_refs, str):
         raise ValueError("model_refs must be a list of refs, e.g. ['finetune', 'pretrain']")
     systems = system_order(list(model_refs))
     ingest_version = storage.require_latest("ingest")
-    held_out = load_held_out(cfg, storage, ingest_version)
-    protocol = build_protocol(held_out.track_ids, held_out.piece_ids, held_out.styles)
-    if not protocol.relevant.any():
-        raise ValueError(
-            f"no held-out query has a relevant candidate (same style, other piece): held-out pieces "
-            f"{held_out.holdout_pieces} with styles {sorted(set(held_out.styles))}; raise "
-            "eval.holdout_fraction or render more pieces per style")
-    log.info("evaluating %s on %d segments of %d held-out pieces", systems, len(held_out),
-             len(held_out.holdout_pieces))
+    ecfg = cfg.eval
+    tasks_skipped: dict[str, str] = {}
+
+    held_out: HeldOutSet | None = None
+    protocol: Protocol | None = None
+    try:
+        held_out = load_held_out(cfg, storage, ingest_version)
+        protocol = build_protocol(held_out.track_ids, held_out.piece_ids, held_out.styles)
+        if not protocol.relevant.any():
+            raise ValueError(
+                f"no held-out query has a relevant candidate (same style, other piece): held-out pieces "
+                f"{held_out.holdout_pieces} with styles {sorted(set(held_out.styles))}; raise "
+                "eval.holdout_fraction or render more pieces per style")
+    except ValueError as err:
+        tasks_skipped[STYLE_TASK] = str(err)
+        held_out, protocol = None, None
+
+    perf = load_performance_set(storage, ingest_version, ecfg.holdout_fraction, ecfg.seed,
+                                cfg.audio.sample_rate, cfg.audio.window_s)
+    plan: PerformanceTasks | None = None
+    if perf is None:
+        reason = "no held-out recording has beat annotations or performed MIDI"
+        tasks_skipped[PASSAGE_TASK] = tasks_skipped[AGREEMENT_TASK] = reason
+    else:
+        plan = plan_performance_tasks(perf, ecfg.ndcg_k, ecfg.seed)
+        tasks_skipped.update(plan.skipped)
+        if plan.passage_rows is None and plan.agreement_rows is None:
+            plan = None
+    if held_out is None and plan is None:
+        raise ValueError("no benchmark task can run on ingest " + ingest_version + ": "
+                         + "; ".join(f"{k}: {v}" for k, v in tasks_skipped.items()))
+    log.info("evaluating %s; tasks skipped: %s", systems, tasks_skipped or "none")
 
     results: list[SystemResult] = []
+    task_metrics: dict[str, dict[str, dict[str, float]]] = {}
+    task_similarities: dict[str, dict[str, np.ndarray]] = {}
     skipped: dict[str, str] = {}
     for ref in systems:
         try:
-            vectors, info = embed_system(cfg, storage, ref, held_out)
+            if held_out is not None:
+                vectors, info = embed_system(cfg, storage, ref, held_out)
+                summary, similarity = score_system(vectors, protocol, recall_ks=tuple(ecfg.recall_ks),
+                                                   ndcg_k=ecfg.ndcg_k, margin=ecfg.triplet_margin)
+                results.append(SystemResult(name=ref, info=info, metrics=summary, embeddings=vectors,
+                                            similarity=similarity))
+                task_metrics.setdefault(STYLE_TASK, {})[ref] = summary
+            if plan is not None:
+                vectors, info = embed_system(cfg, storage, ref, plan.perf)
+                if held_out is None:
+                    results.append(SystemResult(name=ref, info=info, metrics={}, embeddings=vectors,
+                                                similarity=np.zeros((0, 0))))
+                scores, sims = score_performance_tasks(vectors, plan, tuple(ecfg.recall_ks), ecfg.ndcg_k)
+                for task, values in scores.items():
+                    task_metrics.setdefault(task, {})[ref] = values
+                    task_similarities.setdefault(task, {})[ref] = sims[task]
         except FileNotFoundError as err:
             log.warning("skipping %s: %s", ref, err)
             skipped[ref] = str(err)
             continue
-        summary, similarity = score_system(vectors, protocol, recall_ks=tuple(cfg.eval.recall_ks),
-                                           ndcg_k=cfg.eval.ndcg_k, margin=cfg.eval.triplet_margin)
-        results.append(SystemResult(name=ref, info=info, metrics=summary, embeddings=vectors,
-                                    similarity=similarity))
 
     version = new_version()
-    counts = {
-        "segments": len(held_out),
-        "tracks": int(len(set(held_out.track_ids))),
-        "held_out_pieces": len(held_out.holdout_pieces),
-        "train_pieces": len(held_out.train_pieces),
-        "styles": int(len(set(held_out.styles))),
-        "queries": len(held_out),
-        "queries_with_relevant": int(protocol.relevant.any(axis=1).sum()),
-        "relevant_pairs": int(protocol.relevant.sum()),
-        "hard_negative_pairs": int(protocol.hard_negatives.sum()),
-        **{f"excluded_{k}": v for k, v in held_out.excluded.items()},
-    }
-    line = headline({r.name: r.metrics for r in results}, len(held_out.holdout_pieces))
-    model_versions = {r.name: r.info.get("version") for r in results}
+    counts: dict[str, Any] = {}
+    if held_out is not None:
+        counts.update({
+            "segments": len(held_out),
+            "tracks": int(len(set(held_out.track_ids))),
+            "held_out_pieces": len(held_out.holdout_pieces),
+            "train_pieces": len(held_out.train_pieces),
+            "styles": int(len(set(held_out.styles))),
+            "queries": len(held_out),
+            "queries_with_relevant": int(protocol.relevant.any(axis=1).sum()),
+            "relevant_pairs": int(protocol.relevant.sum()),
+            "hard_negative_pairs": int(protocol.hard_negatives.sum()),
+            **{f"excluded_{k}": v for k, v in held_out.excluded.items()},
+        })
+    task_counts: dict[str, dict[str, Any]] = {}
+    if plan is not None:
+        summary_counts = performance_table_summary(plan.perf)
+        if plan.passage_rows is not None:
+            task_counts[PASSAGE_TASK] = {
+                **{k: summary_counts[k] for k in ("tracks", "pieces")},
+                "queries": int(plan.passage_rows.size),
+                "queries_with_relevant": int(plan.passage_relevant.any(axis=1).sum()),
+                "relevant_pairs": int(plan.passage_relevant.sum())}
+        if plan.agreement_rows is not None:
+            task_counts[AGREEMENT_TASK] = {
+                "queries": int(plan.agreement_rows.size),
+                "pieces": int(len(set(plan.perf.piece_ids[plan.agreement_rows]))),
+                "descriptors": plan.agreement_features}
+        counts["performance_segments"] = summary_counts["segments"]
+    style_line = (headline(task_metrics[STYLE_TASK], len(held_out.holdout_pieces))
+                  if STYLE_TASK in task_metrics else None)
+    line = full_headline(task_metrics, style_line, ecfg.ndcg_k) or "no system could be evaluated"
+    holdout_pieces = held_out.holdout_pieces if held_out is not None else plan.perf.holdout_pieces
+    train_pieces = held_out.train_pieces if held_out is not None else plan.perf.train_pieces
     manifest = {
-        "inputs": {"ingest": ingest_version, "models": model_versions},
+        "inputs": {"ingest": ingest_version, "models": {r.name: r.info.get("version") for r in results}},
         "counts": counts,
         "headline": line,
         "systems": [r.name for r in results],
         "skipped": skipped,
-        "metrics": {r.name: r.metrics for r in results},
-        "settings": {"config_digest": cfg.digest(), **cfg.eval.model_dump(mode="json"),
+        "tasks": {task: {"metrics": task_metrics.get(task, {}), "counts": task_counts.get(task, counts)}
+                  for task in (STYLE_TASK, PASSAGE_TASK, AGREEMENT_TASK) if task in task_metrics},
+        "tasks_skipped": tasks_skipped,
+        "metrics": task_metrics.get(STYLE_TASK, {}),
+        "settings": {"config_digest": cfg.digest(), **ecfg.model_dump(mode="json"),
                      "window_s": cfg.audio.window_s, "sample_rate": cfg.audio.sample_rate},
-        "held_out_pieces": held_out.holdout_pieces,
+        "held_out_pieces": holdout_pieces,
+        "train_pieces": train_pieces,
     }
+    if plan is not None and plan.perf.problems:
+        manifest["performance_problems"] = {t: p for t, p in list(plan.perf.problems.items())[:50]}
     manifest["files"] = write_report(storage, version, manifest, results, held_out, protocol,
-                                     max_plot_points=cfg.eval.max_plot_points, seed=cfg.eval.seed)
+                                     max_plot_points=ecfg.max_plot_points, seed=ecfg.seed,
+                                     task_similarities=task_similarities, plan=plan)
     log.info(line)
     return storage.publish("eval", version, manifest)

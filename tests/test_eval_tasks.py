@@ -1,0 +1,206 @@
+"""Benchmark tasks 2 (passage retrieval across performances) and 3 (expressive agreement):
+protocols on hand-made cases, and an end-to-end run on a tiny ASAP-layout corpus."""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+
+import numpy as np
+import pretty_midi
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import tiny_config
+
+from mess_ray.eval.benchmark import AGREEMENT_TASK, DESCRIPTORS, PASSAGE_TASK, RANDOM, STYLE_TASK, run_evaluate
+from mess_ray.eval.performances import segment_beat_span, track_sources
+from mess_ray.eval.tasks.agreement import (expressive_matrix, graded_relevance, other_piece_candidates,
+                                           random_ndcg, score_agreement)
+from mess_ray.eval.tasks.passage import overlapping_beats, score_passage, top_hit_errors
+from mess_ray.segments import SEGMENT_SCHEMA, encode_audio, segment_id, segments_dir, split_pieces
+from mess_ray.storage import Storage, new_version
+
+
+# -- task 2 -----------------------------------------------------------------------------------
+def test_passage_relevance_is_same_piece_other_performance_overlapping_beats():
+    tracks = ["a1", "a1", "a2", "a2", "b1"]
+    pieces = ["A", "A", "A", "A", "B"]
+    spans = np.array([[0, 4], [4, 8], [3, 7], [8, 12], [0, 4]], dtype=float)
+    candidates, relevant = overlapping_beats(tracks, pieces, spans)
+    assert not candidates[0, 1] and candidates[0, 2] and candidates[0, 4]
+    assert relevant[0].tolist() == [False, False, True, False, False]   # [0,4) meets [3,7) only
+    assert relevant[1].tolist() == [False, False, True, False, False]   # [4,8) meets [3,7); [8,12) only touches
+    assert not relevant[:, 4].any() and not relevant[4].any()           # another piece is never relevant
+    with pytest.raises(ValueError, match="beat span"):
+        overlapping_beats(tracks, pieces, np.full((5, 2), np.nan))
+
+
+def test_top_hit_timestamp_error_in_seconds_and_beats():
+    # Two performances of one piece: p1 at 0.5 s per beat, p2 at 1.0 s per beat from 0 s.
+    beats = {"p1": np.arange(20) * 0.5, "p2": np.arange(20) * 1.0}
+    tracks = np.array(["p1", "p2", "p2"], dtype=object)
+    pieces = np.array(["A", "A", "A"], dtype=object)
+    start = np.array([1.0, 2.5, 8.0])                     # p1 query starts at beat 2
+    spans = np.array([[2.0, 6.0], [2.5, 6.5], [8.0, 12.0]])
+    candidates, relevant = overlapping_beats(tracks, pieces, spans)
+    similarity = np.array([[1, 0.9, 0.1], [0.9, 1, 0.2], [0.1, 0.2, 1]])
+    errors = top_hit_errors(similarity, candidates, pieces, tracks, start, spans, beats)
+    # query 0's top hit starts at 2.5 s in p2 where its beat 2 is at 2.0 s: 0.5 s, 0.5 beats off;
+    # queries 1 and 2 (p2) hit p1's only segment: beat 2.5 is at 1.25 s there (0.25 s), beat 8 at 4 s (3 s).
+    assert errors["top1_same_piece"] == 1.0 and errors["located_queries"] == 3
+    assert errors["timestamp_error_s_median"] == pytest.approx(0.5)
+    assert errors["timestamp_error_s_mean"] == pytest.approx((0.5 + 0.25 + 3.0) / 3)
+    assert errors["timestamp_error_beats_median"] == pytest.approx(0.5)
+    summary = score_passage(similarity, candidates, relevant, pieces, tracks, start, spans, beats)
+    assert summary["map"] == pytest.approx(1.0) and summary["recall@1"] == pytest.approx(1.0)
+    assert summary["evaluated_queries"] == 2  # query 2 overlaps nothing in p1
+
+
+def test_segment_beat_span_needs_the_segment_inside_the_annotations():
+    beats = np.arange(10) * 0.5 + 1.0
+    assert segment_beat_span(1.0, 3.0, beats) == pytest.approx((0.0, 4.0))
+    assert all(math.isnan(x) for x in segment_beat_span(5.0, 7.0, beats))
+    assert all(math.isnan(x) for x in segment_beat_span(0.0, 2.0, None))
+
+
+def test_track_sources_of_a_rendering_and_of_an_asap_recording(tmp_path):
+    storage = Storage(str(tmp_path))
+    rendered = {"midi_path": "audio/x.mid", "render_version": "v1",
+                "style_params_json": json.dumps({"leading_silence_s": 0.75,
+                                                 "performance_annotations_uri": "/a/p_annotations.txt",
+                                                 "midi_score_annotations_uri": "/a/midi_score_annotations.txt"})}
+    src = track_sources(rendered, storage)
+    assert src.midi_uri == storage.url("render", "v1", "audio/x.mid")
+    assert src.beats_uri == "/a/p_annotations.txt" and src.beat_offset_s == 0.75
+    asap = {"midi_uri": "/a/p.mid", "annotations_uri": "/a/p_annotations.txt",
+            "score_annotations_uri": "/a/s.txt"}
+    src = track_sources(asap)
+    assert (src.midi_uri, src.score_beats_uri, src.beat_offset_s) == ("/a/p.mid", "/a/s.txt", 0.0)
+    assert track_sources({"title": "x"}).midi_uri is None
+
+
+# -- task 3 -----------------------------------------------------------------------------------
+def test_agreement_relevance_prefers_close_descriptors_of_other_pieces():
+    from mess_ray.eval.midi_descriptors import MIDI_DESCRIPTOR_NAMES
+
+    rng = np.random.default_rng(0)
+    n = 12
+    desc = rng.normal(size=(n, len(MIDI_DESCRIPTOR_NAMES)))
+    desc[:, MIDI_DESCRIPTOR_NAMES.index("rubato")] = np.nan          # unknown everywhere: dropped
+    desc[:3, MIDI_DESCRIPTOR_NAMES.index("pedal_fraction")] = np.nan  # partly unknown: imputed
+    features, kept = expressive_matrix(desc)
+    assert "rubato" not in kept and "note_rate_hz" not in kept and "pedal_fraction" in kept
+    assert np.all(np.isfinite(features)) and features.shape == (n, len(kept))
+    pieces = np.array(["A", "B", "C"] * 4, dtype=object)
+    candidates = other_piece_candidates(pieces)
+    relevance = graded_relevance(features, candidates)
+    assert np.all(relevance[~candidates] == 0) and np.all((relevance[candidates] > 0) & (relevance[candidates] <= 1))
+    # An embedding that *is* the descriptors ranks perfectly; its reverse ranks worst; random in between.
+    sim_oracle = -np.linalg.norm(features[:, None] - features[None], axis=2)
+    good = score_agreement(sim_oracle, relevance, candidates, k=5)
+    bad = score_agreement(-sim_oracle, relevance, candidates, k=5)
+    chance = random_ndcg(relevance, candidates, k=5, seed=0)
+    assert good["ndcg@5"] == pytest.approx(1.0) and good["spearman"] == pytest.approx(1.0)
+    assert bad["ndcg@5"] < chance < good["ndcg@5"] and bad["spearman"] == pytest.approx(-1.0)
+    assert random_ndcg(relevance, candidates, k=5, seed=0) == chance  # seeded
+
+
+# -- end to end on a tiny ASAP-layout corpus ----------------------------------------------------
+PIECES = ["bach-a", "bach-b", "chopin-c", "chopin-d"]
+SR, SECONDS = 16000, 8.0
+
+
+def write_performance(root, piece_index: int, perf_index: int):
+    """A performance MIDI + its beats + the score's beats; the piece sets pitches, the performer
+    tempo, loudness and articulation. Returns (midi, midi path, annotation paths)."""
+    beat = 0.5 if perf_index == 0 else 0.4
+    velocity = 50 if perf_index == 0 else 100
+    hold = 0.3 if perf_index == 0 else 1.0
+    midi = pretty_midi.PrettyMIDI()
+    piano = pretty_midi.Instrument(program=0)
+    n_beats = int(SECONDS / 0.4) + 2  # the same beats for every performance: annotated one to one
+    for i in range(n_beats):
+        pitch = 55 + (i * (piece_index + 2)) % 12 + 2 * piece_index
+        piano.notes.append(pretty_midi.Note(velocity, pitch, i * beat, i * beat + hold * beat))
+    midi.instruments.append(piano)
+    folder = root / PIECES[piece_index]
+    folder.mkdir(parents=True, exist_ok=True)
+    midi_path = folder / f"perf{perf_index}.mid"
+    midi.write(str(midi_path))
+    (folder / f"perf{perf_index}_annotations.txt").write_text(
+        "".join(f"{i * beat:.6f}\t{i * beat:.6f}\tb\n" for i in range(n_beats)))
+    (folder / "midi_score_annotations.txt").write_text(
+        "".join(f"{i * 0.5:.6f}\t{i * 0.5:.6f}\tb\n" for i in range(n_beats)))
+    return midi, midi_path, folder
+
+
+def synth(midi: pretty_midi.PrettyMIDI) -> np.ndarray:
+    out = np.zeros(int((midi.get_end_time() + 1) * SR))
+    for note in midi.instruments[0].notes:
+        i, n = int(note.start * SR), int((note.end - note.start) * SR)
+        t = np.arange(n) / SR
+        f0 = pretty_midi.note_number_to_hz(note.pitch)
+        env = np.minimum(t / 0.005, 1) * np.minimum((t[-1] - t) / 0.02 if n else t, 1)
+        out[i:i + n] += note.velocity / 127 * 0.3 * env * np.sin(2 * np.pi * f0 * t)
+    return out[: int(SECONDS * SR)].astype(np.float32)
+
+
+def write_asap_ingest(storage: Storage, root, window_s: float, hop_s: float) -> str:
+    rows = []
+    for p, piece in enumerate(PIECES):
+        for k in range(2):
+            midi, midi_path, folder = write_performance(root, p, k)
+            audio = synth(midi)
+            track = f"{piece}/perf{k}"
+            meta = {"corpus": "asap", "midi_uri": str(midi_path),
+                    "annotations_uri": str(folder / f"perf{k}_annotations.txt"),
+                    "score_annotations_uri": str(folder / "midi_score_annotations.txt")}
+            win, hop = int(window_s * SR), int(hop_s * SR)
+            for start in range(0, len(audio) - win + 1, hop):
+                rows.append({"segment_id": segment_id(track, start), "track_id": track, "piece_id": piece,
+                             "style": "", "start_s": start / SR, "end_s": (start + win) / SR,
+                             "start_sample": start, "num_samples": win, "sample_rate": SR,
+                             "source_uri": f"{folder}/perf{k}.wav", "metadata_json": json.dumps(meta),
+                             "audio": encode_audio(audio[start:start + win])})
+    version = new_version()
+    with storage.open(posixpath.join(segments_dir(version), "part-00000.parquet"), "wb") as f:
+        pq.write_table(pa.Table.from_pylist(rows, schema=SEGMENT_SCHEMA), f)
+    storage.publish("ingest", version, {"counts": {"segments": len(rows)}})
+    return version
+
+
+def test_run_evaluate_runs_tasks_2_and_3_on_performances_and_says_why_task_1_did_not(tmp_path):
+    cfg = tiny_config(str(tmp_path / "store"), audio={"sample_rate": SR})
+    cfg.eval.holdout_fraction = 0.9
+    _, holdout = split_pieces(PIECES, cfg.eval.holdout_fraction, cfg.eval.seed)
+    storage = Storage.from_config(cfg.storage)
+    write_asap_ingest(storage, tmp_path / "asap", cfg.audio.window_s, cfg.audio.hop_s)
+
+    manifest = run_evaluate(cfg, storage, ["finetune"])
+
+    assert set(manifest["tasks"]) == {PASSAGE_TASK, AGREEMENT_TASK}
+    assert "style" in manifest["tasks_skipped"][STYLE_TASK]
+    assert "finetune" in manifest["skipped"] and manifest["systems"] == [DESCRIPTORS, RANDOM]
+    assert manifest["held_out_pieces"] == holdout
+    passage = manifest["tasks"][PASSAGE_TASK]
+    assert passage["counts"]["pieces"] == len(holdout) and passage["counts"]["tracks"] == 2 * len(holdout)
+    for system in (DESCRIPTORS, RANDOM):
+        m = passage["metrics"][system]
+        assert 0 < m["chance"] < m["map"] <= 1  # beats are 4/4 of a 6 s piece: overlaps are common
+        assert m["timestamp_error_s_median"] >= 0 or math.isnan(m["timestamp_error_s_median"])
+        a = manifest["tasks"][AGREEMENT_TASK]["metrics"][system]
+        assert 0 < a["ndcg@10"] <= 1 and 0 < a["chance"] < 1
+    # Performers differ in loudness and note length: the audio descriptors agree with the MIDI
+    # descriptors far better than a random encoder does.
+    agreement = manifest["tasks"][AGREEMENT_TASK]["metrics"]
+    assert agreement[DESCRIPTORS]["ndcg@10"] > agreement[DESCRIPTORS]["chance"] + 0.1
+    assert agreement[DESCRIPTORS]["spearman"] > 0.3
+    assert "tempo_ratio_to_score" in manifest["tasks"][AGREEMENT_TASK]["counts"]["descriptors"]
+    for name in ("report.json", "report.md", "tasks.png", "passage_similarity_hist.png"):
+        assert storage.exists("eval", manifest["version"], name), name
+    md = storage.read_bytes(posixpath.join("eval", manifest["version"], "report.md")).decode()
+    assert "Task 2" in md and "Task 3" in md and "tasks not run" in md and "held-out pieces" in md
+    again = run_evaluate(cfg, storage, ["finetune"])
+    assert again["tasks"] == manifest["tasks"]  # deterministic for a seed and corpus
