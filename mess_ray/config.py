@@ -187,6 +187,20 @@ class PretrainConfig(TrainConfig):
     mask_length: int = Field(5, ge=1)
     n_mels: int = Field(64, ge=8, description="Log-mel bands of the k-means target features.")
     kmeans_iterations: int = Field(20, ge=1)
+    targets: list[Literal["logmel", "mfcc", "dynamics", "chroma"]] = Field(
+        default_factory=lambda: ["logmel"], min_length=1,
+        description="Masked-prediction targets, one k-means codebook and head each (MERT-style multi-target): "
+                    "logmel, mfcc (spectral envelope), dynamics (level/flux/centroid), chroma (CQT pitch class).")
+    exclude_eval_holdout: bool = Field(
+        False, description="Leave the evaluation hold-out pieces (eval.holdout_fraction, eval.seed) out of "
+                           "pretraining too, so the benchmark measures the SSL encoder on audio it never saw.")
+
+    @field_validator("targets")
+    @classmethod
+    def _distinct_targets(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"targets must be distinct, got {value}")
+        return value
 
 
 class FinetuneConfig(TrainConfig):

@@ -1,17 +1,30 @@
-"""HuBERT-style self-supervised pretraining on Ray Train.
+"""HuBERT/MERT-style self-supervised pretraining on Ray Train.
 
-Targets: a FAISS k-means codebook (``pretrain.num_clusters``) over standardised log-mel frames
-(nnAudio ``MelSpectrogram`` with hop = the encoder's conv stride, so there is one target per
-encoder frame), fitted once on the driver from a random sample of segments. Workers compute
-frames, assign each to its nearest centroid, mask spans of encoder frames
-(``_compute_mask_indices``: ``mask_prob``, ``mask_length``), and train a linear head over the
-encoder output to predict the masked frames' clusters (cross-entropy on masked frames only).
+Targets: one FAISS k-means codebook (``pretrain.num_clusters`` codes) per target feature in
+``pretrain.targets``, fitted once on the driver from a random sample of segments, all framed
+with hop = the encoder's conv stride so there is one target per encoder frame:
+
+- ``logmel``: standardised log-mel frames (nnAudio ``MelSpectrogram``), HuBERT's first iteration;
+- ``mfcc``: the low cepstral coefficients of the log-mel frame, i.e. the smooth spectral envelope
+  (timbre, brightness), largely independent of which pitches sound;
+- ``dynamics``: per-frame level, level change, spectral flux and centroid (onsets, decays,
+  accents: articulation and dynamics);
+- ``chroma``: pitch-class energy from a constant-Q transform (MERT's musical target).
+
+``mfcc``, ``dynamics`` and ``chroma`` are computed from the per-clip normalised waveform that the
+encoder itself sees (a target that depends on the absolute level cannot be predicted from a
+level-normalised input); ``logmel`` keeps the raw waveform (the original recipe).
+Workers compute frames, assign each to its nearest centroid, mask spans of encoder frames
+(``_compute_mask_indices``: ``mask_prob``, ``mask_length``), and train one linear head per
+codebook over the encoder output to predict the masked frames' codes (cross-entropy on masked
+frames only, averaged over codebooks, as MERT sums its teachers' losses).
 SSL uses no labels, so every ingested segment is training data.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +38,17 @@ from transformers.models.hubert.modeling_hubert import _compute_mask_indices
 
 from mess_ray.config import MessRayConfig
 from mess_ray.models.encoder import conv_stride, encoder_config, normalize_waveform, num_frames
-from mess_ray.segments import read_segments_ray, segments_dataset
+from mess_ray.segments import read_segments_ray, segments_dataset, split_pieces
 from mess_ray.storage import Storage
 from mess_ray.train.common import (TrainTask, with_run_name, decode_audio_column, finish, fit, load_init_encoder, resolve_init,
                                    window_samples)
 
 log = logging.getLogger(__name__)
-CODEBOOK_FILE = "kmeans_codebook.npz"
+CODEBOOK_FILE = "kmeans_codebook.npz"  # the logmel codebook; other targets: kmeans_codebook_<target>.npz
+TARGET_KINDS = ("logmel", "mfcc", "dynamics", "chroma")
+N_MFCC = 13
+CHROMA_FMIN_HZ = 32.70  # C1
+CHROMA_OCTAVES = 7
 
 
 # -- targets -------------------------------------------------------------------------------
@@ -47,6 +64,105 @@ class LogMelFrames(nn.Module):
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         return torch.log(self.mel(waveform.float()) + 1e-6).transpose(1, 2)
+
+
+class MfccFrames(nn.Module):
+    """Waveform -> the first ``N_MFCC`` cepstral coefficients of each log-mel frame [B, frames, 13].
+
+    An orthonormal DCT-II of the log-mel bands: the low coefficients describe the spectral
+    envelope (timbre, brightness) and mostly ignore which pitches sound.
+    """
+
+    def __init__(self, sample_rate: int, hop: int, n_mels: int) -> None:
+        super().__init__()
+        if n_mels < N_MFCC:
+            raise ValueError(f"mfcc targets need n_mels >= {N_MFCC}, got {n_mels}")
+        self.logmel = LogMelFrames(sample_rate, hop, n_mels)
+        bands = torch.arange(n_mels, dtype=torch.float64)
+        basis = torch.cos(math.pi / n_mels * (bands[None, :] + 0.5) * torch.arange(N_MFCC, dtype=torch.float64)[:, None])
+        basis[0] /= math.sqrt(2.0)
+        self.register_buffer("dct", (basis * math.sqrt(2.0 / n_mels)).float().T.contiguous(), persistent=False)
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        return self.logmel(waveform) @ self.dct
+
+
+class DynamicsFrames(nn.Module):
+    """Waveform -> [level, level change, spectral flux, spectral centroid, centroid change] per frame.
+
+    Level is the log of the mean mel energy; flux sums the positive log-mel increases (onsets);
+    the centroid is the energy-weighted mean mel band (brightness). Changes are differences
+    to the previous frame (zero for the first), so note attacks, decays and accents show.
+    """
+
+    def __init__(self, sample_rate: int, hop: int, n_mels: int) -> None:
+        super().__init__()
+        n_fft = 1 << max(8, (2 * hop - 1).bit_length())
+        self.mel = MelSpectrogram(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, hop_length=hop,
+                                  fmax=sample_rate / 2, trainable_mel=False, trainable_STFT=False,
+                                  verbose=False)
+        self.register_buffer("bands", torch.arange(n_mels, dtype=torch.float32) / max(1, n_mels - 1),
+                             persistent=False)
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        power = self.mel(waveform.float()).transpose(1, 2)            # [B, frames, n_mels]
+        logmel = torch.log(power + 1e-6)
+        level = torch.log(power.mean(dim=-1) + 1e-6)
+        centroid = (power * self.bands).sum(dim=-1) / (power.sum(dim=-1) + 1e-6)
+        flux = F.pad(torch.relu(logmel[:, 1:] - logmel[:, :-1]).mean(dim=-1), (1, 0))
+        return torch.stack([level, _frame_delta(level), flux, centroid, _frame_delta(centroid)], dim=-1)
+
+
+class ChromaFrames(nn.Module):
+    """Waveform -> 12 pitch-class energies per frame from a constant-Q transform (log, L1-normalised)."""
+
+    def __init__(self, sample_rate: int, hop: int) -> None:
+        super().__init__()
+        from nnAudio.features import CQT1992v2
+
+        octaves = CHROMA_OCTAVES
+        while octaves > 1 and CHROMA_FMIN_HZ * 2 ** octaves > sample_rate / 2:
+            octaves -= 1
+        self.octaves = octaves
+        self.cqt = CQT1992v2(sr=sample_rate, hop_length=hop, fmin=CHROMA_FMIN_HZ, n_bins=12 * octaves,
+                             bins_per_octave=12, verbose=False)
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        magnitude = self.cqt(waveform.float())                        # [B, 12 * octaves, frames]
+        pitch_class = magnitude.reshape(magnitude.shape[0], self.octaves, 12, -1).sum(dim=1)
+        chroma = torch.log1p(100.0 * pitch_class).transpose(1, 2)     # [B, frames, 12]
+        return chroma / (chroma.sum(dim=-1, keepdim=True) + 1e-6)
+
+
+def _frame_delta(x: torch.Tensor) -> torch.Tensor:
+    """x[t] - x[t-1] along dim 1, zero for the first frame."""
+    return F.pad(x[:, 1:] - x[:, :-1], (1, 0))
+
+
+class TargetFeatures(nn.Module):
+    """The frame features of one target kind, on the waveform that kind is defined on."""
+
+    def __init__(self, kind: str, sample_rate: int, hop: int, n_mels: int) -> None:
+        super().__init__()
+        if kind not in TARGET_KINDS:
+            raise ValueError(f"unknown pretraining target {kind!r}; choose from {TARGET_KINDS}")
+        self.kind = kind
+        if kind == "logmel":
+            self.extract = LogMelFrames(sample_rate, hop, n_mels)
+        elif kind == "mfcc":
+            self.extract = MfccFrames(sample_rate, hop, n_mels)
+        elif kind == "dynamics":
+            self.extract = DynamicsFrames(sample_rate, hop, n_mels)
+        else:
+            self.extract = ChromaFrames(sample_rate, hop)
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        # logmel keeps the raw waveform (the original recipe); the others see what the encoder sees.
+        return self.extract(waveform if self.kind == "logmel" else normalize_waveform(waveform))
+
+
+def codebook_file(kind: str) -> str:
+    return CODEBOOK_FILE if kind == "logmel" else f"kmeans_codebook_{kind}.npz"
 
 
 def fit_codebook(frames: np.ndarray, num_clusters: int, iterations: int = 20, seed: int = 0) -> dict[str, np.ndarray]:
@@ -91,46 +207,84 @@ def span_mask(batch_size: int, frames: int, mask_prob: float, mask_length: int) 
 
 def masked_prediction_loss(logits: torch.Tensor, targets: torch.Tensor,
                            mask: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Cross-entropy on masked frames only; also returns the masked-frame accuracy."""
+    """Cross-entropy on masked frames only; also returns the masked-frame accuracy.
+
+    One codebook: logits [B, T, K], targets [B, T]. Several: logits [H, B, T, K] and targets
+    [H, B, T]; the loss and accuracy are averaged over the H codebooks.
+    """
     if not mask.any():
         raise ValueError("no frame is masked: mask_prob too small for the window")
-    chosen_logits, chosen_targets = logits[mask], targets[mask]
-    loss = F.cross_entropy(chosen_logits.float(), chosen_targets)
+    if logits.dim() == 3:
+        logits, targets = logits[None], targets[None]
+    if logits.shape[:-1] != targets.shape or targets.shape[1:] != mask.shape:
+        raise ValueError(f"logits {tuple(logits.shape)}, targets {tuple(targets.shape)} and mask "
+                         f"{tuple(mask.shape)} do not line up")
+    chosen_logits, chosen_targets = logits[:, mask], targets[:, mask]        # [H, M, K], [H, M]
+    loss = F.cross_entropy(chosen_logits.flatten(0, 1).float(), chosen_targets.flatten())
     accuracy = float((chosen_logits.argmax(dim=-1) == chosen_targets).float().mean())
     return loss, accuracy
 
 
-class HubertPretrainModel(nn.Module):
-    """Encoder + linear cluster head; computes its own targets and masks from the waveform."""
+class Codebook(nn.Module):
+    """One target kind: its frame features and k-means codebook (centroids + standardisation)."""
 
-    def __init__(self, encoder: nn.Module, codebook: dict[str, np.ndarray], sample_rate: int, n_mels: int,
+    def __init__(self, kind: str, codebook: dict[str, np.ndarray], sample_rate: int, hop: int, n_mels: int) -> None:
+        super().__init__()
+        self.features = TargetFeatures(kind, sample_rate, hop, n_mels)
+        # Copies: the arrays arrive read-only (unpickled from the object store).
+        for name in ("centroids", "mean", "std"):
+            self.register_buffer(name, torch.tensor(np.asarray(codebook[name], dtype=np.float32)))
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        return assign_targets(self.features(waveform), self.centroids, self.mean, self.std)
+
+
+class HubertPretrainModel(nn.Module):
+    """Encoder + one linear head per codebook; computes its own targets and masks from the waveform.
+
+    ``codebooks``: {target kind: codebook} (one codebook dict alone means {"logmel": it}); all
+    must have the same number of codes. With one codebook ``forward`` returns logits [B, T, K]
+    and targets [B, T]; with H of them [H, B, T, K] and [H, B, T].
+    """
+
+    def __init__(self, encoder: nn.Module, codebooks: dict, sample_rate: int, n_mels: int,
                  mask_prob: float, mask_length: int) -> None:
         super().__init__()
         if not hasattr(encoder, "masked_spec_embed"):
             raise ValueError("this encoder has no mask embedding (its config has mask_time_prob=0): "
                              "it cannot be pretrained with masked prediction")
+        if "centroids" in codebooks:
+            codebooks = {"logmel": codebooks}
+        if not codebooks:
+            raise ValueError("pretraining needs at least one target codebook")
+        sizes = {kind: int(np.shape(book["centroids"])[0]) for kind, book in codebooks.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"codebooks must have the same number of codes, got {sizes}")
         self.encoder = encoder
-        self.features = LogMelFrames(sample_rate, conv_stride(encoder), n_mels)
-        self.register_buffer("centroids", torch.as_tensor(codebook["centroids"]))
-        self.register_buffer("mean", torch.as_tensor(codebook["mean"]))
-        self.register_buffer("std", torch.as_tensor(codebook["std"]))
-        self.head = nn.Linear(int(encoder.config.hidden_size), int(self.centroids.shape[0]))
+        hop = conv_stride(encoder)
+        self.codebooks = nn.ModuleDict({kind: Codebook(kind, book, sample_rate, hop, n_mels)
+                                        for kind, book in codebooks.items()})
+        num_codes = next(iter(sizes.values()))
+        self.heads = nn.ModuleDict({kind: nn.Linear(int(encoder.config.hidden_size), num_codes)
+                                    for kind in codebooks})
         self.mask_prob, self.mask_length = mask_prob, mask_length
 
     def forward(self, waveform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         frames = num_frames(self.encoder, waveform.shape[1])
         # Targets in float32 even under bf16 autocast: they must match the driver's codebook.
         with torch.no_grad(), torch.autocast(device_type=waveform.device.type, enabled=False):
-            codes = assign_targets(self.features(waveform), self.centroids, self.mean, self.std)
-        targets = align_targets(codes, frames)
+            targets = torch.stack([align_targets(book(waveform), frames) for book in self.codebooks.values()])
         mask = span_mask(waveform.shape[0], frames, self.mask_prob, self.mask_length).to(waveform.device)
         hidden = self.encoder(normalize_waveform(waveform), mask_time_indices=mask).last_hidden_state
-        return self.head(hidden), targets, mask
+        logits = torch.stack([head(hidden) for head in self.heads.values()])
+        if len(self.heads) == 1:
+            return logits[0], targets[0], mask
+        return logits, targets, mask
 
 
 # -- task ----------------------------------------------------------------------------------
 def build_pretrain_model(loop_config: dict) -> nn.Module:
-    return HubertPretrainModel(load_init_encoder(loop_config["init"]), loop_config["codebook"],
+    return HubertPretrainModel(load_init_encoder(loop_config["init"]), loop_config["codebooks"],
                                loop_config["sample_rate"], loop_config["n_mels"],
                                loop_config["mask_prob"], loop_config["mask_length"])
 
@@ -147,9 +301,10 @@ def pretrain_loss(model: nn.Module, batch: dict, loop_config: dict) -> tuple[tor
 
 def save_encoder(model: nn.Module, folder: Path, loop_config: dict) -> None:
     model.encoder.save_pretrained(folder)
-    # The codebook the targets came from (inspection, or continuing pretraining elsewhere).
-    np.savez(folder / CODEBOOK_FILE, centroids=model.centroids.numpy(), mean=model.mean.numpy(),
-             std=model.std.numpy())
+    # The codebooks the targets came from (inspection, or continuing pretraining elsewhere).
+    for kind, book in model.codebooks.items():
+        np.savez(folder / codebook_file(kind), centroids=book.centroids.numpy(), mean=book.mean.numpy(),
+                 std=book.std.numpy())
 
 
 PRETRAIN_TASK = TrainTask(stage="pretrain", build_model=build_pretrain_model, collate=collate_audio,
@@ -157,48 +312,92 @@ PRETRAIN_TASK = TrainTask(stage="pretrain", build_model=build_pretrain_model, co
 
 
 # -- driver --------------------------------------------------------------------------------
-def sample_frames(cfg: MessRayConfig, storage: Storage, version: str, hop: int) -> np.ndarray:
-    """Log-mel frames from randomly chosen segments, about ``kmeans_sample_frames`` of them."""
+def excluded_pieces(cfg: MessRayConfig, storage: Storage, version: str) -> list[str]:
+    """Pieces pretraining must not see: the evaluation hold-out when ``exclude_eval_holdout``."""
+    if not cfg.pretrain.exclude_eval_holdout:
+        return []
+    pieces = [p for p in segments_dataset(storage, version).to_table(columns=["piece_id"])
+              .column("piece_id").unique().to_pylist() if p]
+    _, held_out = split_pieces(pieces, cfg.eval.holdout_fraction, cfg.eval.seed)
+    return held_out
+
+
+def drop_pieces(batch, pieces: list[str]):
+    """Ray Data batch (pyarrow) without the rows of ``pieces``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    listed = pc.fill_null(pc.is_in(batch.column("piece_id"), value_set=pa.array(pieces, pa.string())), False)
+    return batch.filter(pc.invert(listed))
+
+
+def sample_frames(cfg: MessRayConfig, storage: Storage, version: str, hop: int,
+                  exclude: list[str] = ()) -> dict[str, np.ndarray]:
+    """{target kind: frames [N, D]} from randomly chosen segments (none of the ``exclude``
+    pieces), about ``kmeans_sample_frames`` each."""
     dataset = segments_dataset(storage, version)
-    total = dataset.count_rows()
-    if total == 0:
-        raise ValueError(f"ingest artifact {version} has no segments")
+    piece_ids = np.asarray(dataset.to_table(columns=["piece_id"]).column("piece_id").to_pylist(), dtype=object)
+    eligible = np.flatnonzero(~np.isin(piece_ids, list(exclude))) if len(exclude) else np.arange(len(piece_ids))
+    if len(eligible) == 0:
+        raise ValueError(f"ingest artifact {version} has no segments to pretrain on"
+                         + (f" outside the excluded pieces {list(exclude)}" if len(exclude) else ""))
     window = window_samples(cfg)
     frames_per_segment = max(1, window // hop)
-    wanted = min(total, -(-cfg.pretrain.kmeans_sample_frames // frames_per_segment))
+    wanted = min(len(eligible), -(-cfg.pretrain.kmeans_sample_frames // frames_per_segment))
     rng = np.random.default_rng(cfg.pretrain.seed)
-    rows = np.sort(rng.choice(total, size=wanted, replace=False))
+    rows = np.sort(rng.choice(eligible, size=wanted, replace=False))
     audio = dataset.take(rows, columns=["audio"]).column("audio").to_pylist()
-    extractor = LogMelFrames(cfg.audio.sample_rate, hop, cfg.pretrain.n_mels)
-    chunks = []
+    extractors = {kind: TargetFeatures(kind, cfg.audio.sample_rate, hop, cfg.pretrain.n_mels)
+                  for kind in cfg.pretrain.targets}
+    chunks: dict[str, list[np.ndarray]] = {kind: [] for kind in extractors}
     with torch.inference_mode():
         for start in tqdm(range(0, len(audio), 32), desc="k-means features", unit="batch"):
             waveform = decode_audio_column(audio[start:start + 32], window)
-            chunks.append(extractor(waveform).reshape(-1, cfg.pretrain.n_mels).numpy())
-    frames = np.concatenate(chunks)
-    if len(frames) > cfg.pretrain.kmeans_sample_frames:
-        frames = frames[rng.choice(len(frames), cfg.pretrain.kmeans_sample_frames, replace=False)]
-    return frames
+            for kind, extractor in extractors.items():
+                features = extractor(waveform)
+                chunks[kind].append(features.reshape(-1, features.shape[-1]).numpy())
+    sampled = {}
+    for kind, parts in chunks.items():
+        frames = np.concatenate(parts)
+        if len(frames) > cfg.pretrain.kmeans_sample_frames:
+            # Same rows for every kind: the codebooks describe the same moments of audio.
+            keep = np.random.default_rng(cfg.pretrain.seed).choice(len(frames), cfg.pretrain.kmeans_sample_frames,
+                                                                   replace=False)
+            frames = frames[keep]
+        sampled[kind] = frames
+    return sampled
 
 
 def run_pretrain(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
-    """Fit the k-means codebook, pretrain on every segment, publish ``pretrain/<run_name>``."""
+    """Fit the k-means codebooks, pretrain on every segment (but those of excluded pieces),
+    publish ``pretrain/<run_name>``."""
     ingest_version = storage.require_latest("ingest")
     init = resolve_init(cfg, storage, "pretrained" if cfg.model.pretrained else "random")
-    # Targets need one frame per encoder frame: the mel hop is the encoder's conv stride.
+    # Targets need one frame per encoder frame: the feature hop is the encoder's conv stride.
     hop = (int(np.prod(encoder_config(init["size"]).conv_stride)) if init["kind"] == "random"
            else conv_stride(load_init_encoder(init)))
-    frames = sample_frames(cfg, storage, ingest_version, hop)
-    codebook = fit_codebook(frames, cfg.pretrain.num_clusters, cfg.pretrain.kmeans_iterations, cfg.pretrain.seed)
-    log.info("k-means codebook: %d clusters over %d log-mel frames", cfg.pretrain.num_clusters, len(frames))
+    exclude = excluded_pieces(cfg, storage, ingest_version)
+    frames = sample_frames(cfg, storage, ingest_version, hop, exclude)
+    codebooks = {kind: fit_codebook(x, cfg.pretrain.num_clusters, cfg.pretrain.kmeans_iterations, cfg.pretrain.seed)
+                 for kind, x in frames.items()}
+    log.info("k-means codebooks: %s, %d clusters each over %d frames", list(codebooks), cfg.pretrain.num_clusters,
+             len(next(iter(frames.values()))))
     inputs = {"ingest": ingest_version, "init": {k: v for k, v in init.items() if k != "storage"}}
-    loop_config = {"init": init, "inputs": inputs, "codebook": codebook, "sample_rate": cfg.audio.sample_rate,
+    if exclude:
+        inputs["excluded_pieces"] = exclude
+    loop_config = {"init": init, "inputs": inputs, "codebooks": codebooks, "sample_rate": cfg.audio.sample_rate,
                    "n_mels": cfg.pretrain.n_mels, "mask_prob": cfg.pretrain.mask_prob,
                    "mask_length": cfg.pretrain.mask_length, "window_samples": window_samples(cfg)}
-    dataset = (read_segments_ray(storage, ingest_version, columns=["audio"])
-               .randomize_block_order(seed=cfg.pretrain.seed))
+    if exclude:
+        dataset = (read_segments_ray(storage, ingest_version, columns=["audio", "piece_id"])
+                   .map_batches(drop_pieces, fn_kwargs={"pieces": exclude}, batch_format="pyarrow", num_cpus=0.25))
+    else:
+        dataset = read_segments_ray(storage, ingest_version, columns=["audio"])
+    dataset = dataset.randomize_block_order(seed=cfg.pretrain.seed)
     tcfg = with_run_name(cfg, "pretrain", cfg.pretrain, inputs)
     result = fit(cfg, storage, PRETRAIN_TASK, tcfg, dataset, loop_config)
     return finish(cfg, storage, PRETRAIN_TASK, tcfg, result, loop_config,
-                  counts={"kmeans_frames": int(len(frames)), "num_clusters": cfg.pretrain.num_clusters,
-                          "segments": int(segments_dataset(storage, ingest_version).count_rows())})
+                  counts={"kmeans_frames": int(len(next(iter(frames.values())))),
+                          "num_clusters": cfg.pretrain.num_clusters, "targets": list(codebooks),
+                          "segments": int(segments_dataset(storage, ingest_version).count_rows()),
+                          "excluded_pieces": len(exclude)})
