@@ -22,6 +22,8 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 from fastapi import Depends, FastAPI, File, Path, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from ray import serve
@@ -117,10 +119,12 @@ class ReadyModel(InfoModel):
 
 
 class ErrorModel(BaseModel):
-    detail: str
+    detail: str = Field(description="What was wrong, in words.")
+    errors: list[dict[str, Any]] | None = Field(None, description="Per-field validation errors (422 only).")
 
 
-ERRORS = {404: {"model": ErrorModel}, 413: {"model": ErrorModel}, 415: {"model": ErrorModel},
+ERRORS = {400: {"model": ErrorModel, "description": "Malformed request (e.g. a broken multipart body)"},
+          404: {"model": ErrorModel}, 413: {"model": ErrorModel}, 415: {"model": ErrorModel},
           422: {"model": ErrorModel}}
 
 FILTER_PATTERN = re.compile(r"^([A-Za-z0-9_.\-]+)=(.*)$", re.S)
@@ -129,6 +133,17 @@ FILTER_PATTERN = re.compile(r"^([A-Za-z0-9_.\-]+)=(.*)$", re.S)
 def _message(err: BaseException) -> str:
     # KeyError's str() is the repr of its argument; show the plain message.
     return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+
+
+async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+    # One readable sentence (e.g. "query.k: Input should be less than or equal to 1000"), plus
+    # the field list: the same {"detail": str} shape as every other error of this API.
+    errors = jsonable_encoder(err.errors(), custom_encoder={bytes: lambda b: b.decode("utf-8", "replace")})
+    detail = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in errors)
+    for e in errors:
+        e.pop("input", None)  # may echo a whole upload back
+        e.pop("ctx", None)
+    return JSONResponse({"detail": detail or "invalid request", "errors": errors}, status_code=422)
 
 
 def _json_error(status: int):
@@ -219,6 +234,7 @@ def create_app(service: SearchService, embed: Embed | None = None) -> FastAPI:
     embed_upload = embed or embed_alone
 
     # Domain errors to HTTP statuses; the most specific class first (the first two subclass ValueError).
+    app.add_exception_handler(RequestValidationError, _validation_error)
     for error, status in ((PayloadTooLarge, 413), (UnsupportedMedia, 415), (ValueError, 422),
                           (KeyError, 404), (FileNotFoundError, 404)):
         app.add_exception_handler(error, _json_error(status))
