@@ -4,11 +4,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # Tests only: ffmpeg writes MP3 fixtures with a Xing header (declared length), which
-# libsndfile cannot; the package itself never calls ffmpeg.
-if ! command -v ffmpeg >/dev/null; then
+# libsndfile cannot; the package itself never calls ffmpeg. chromium + chromium-driver run the
+# web page test in headless Chromium (Selenium uses this chromedriver; nothing is downloaded).
+if ! command -v ffmpeg >/dev/null || ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    ffmpeg chromium chromium-driver >/dev/null
 fi
 exec .venv/bin/python -m pytest -q "$@"
