@@ -1,0 +1,264 @@
+"""Search service benchmark: latency and throughput over HTTP vs calling FAISS / the Embedder directly.
+
+Builds a synthetic corpus (tone recordings embedded by the random-init encoder into a flat
+FAISS index), deploys the real Ray Serve application on 127.0.0.1 and prints one JSON line per
+figure, each compared with its in-process baseline measured in the same run:
+
+- ``direct``: ``SearchIndex.search`` (FAISS + hit assembly) for a stored vector, and the
+  Embedder on a 5 s clip (window cutting + model call), p50/p99 in this process;
+- ``latency``: sequential requests, p50/p99, for query by id (``GET /search/by-track``) and by
+  a 5 s WAV upload (``POST /search``), each without and with per-facet explanations; the
+  ``overhead_ms`` field is the service's p50 minus the direct p50 (HTTP, Serve proxy and
+  routing, JSON, decoding);
+- ``throughput``: a SECOND PROCESS (this script with ``--load``) keeps ``--concurrency``
+  requests in flight on loopback for ``--duration`` seconds; requests/s, p50/p99 and the error
+  count (must be 0).
+
+Run: ``python benchmarks/serve_latency.py [--tracks 40] [--track-s 30] [--requests 60]
+[--duration 20] [--concurrency 8] [--out FILE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+CLIP_S = 5.0
+
+
+def emit(record: dict[str, Any], out: Any | None) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out is not None:
+        out.write(line + "\n")
+        out.flush()
+
+
+def percentiles(samples_ms: list[float]) -> dict[str, float]:
+    arr = np.asarray(samples_ms)
+    return {"p50_ms": round(float(np.percentile(arr, 50)), 3), "p99_ms": round(float(np.percentile(arr, 99)), 3),
+            "n": int(arr.size)}
+
+
+def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
+    import soundfile as sf
+
+    out = io.BytesIO()
+    sf.write(out, samples, rate, format="WAV")
+    return out.getvalue()
+
+
+def recording(t: int, seconds: float, rate: int) -> np.ndarray:
+    """A distinct synthetic performance per track: pitch, pulse rate, brightness and a crescendo."""
+    time_s = np.arange(int(seconds * rate)) / rate
+    pulse = 0.5 + 0.5 * np.sign(np.sin(2 * np.pi * (1.0 + 0.37 * t) * time_s))
+    tone = np.sin(2 * np.pi * 110 * (1 + t % 7) * time_s) + 0.3 * (t % 3) * np.sin(2 * np.pi * 1900 * time_s)
+    swell = 0.4 + 0.6 * time_s / seconds if t % 2 else 1.0 - 0.6 * time_s / seconds
+    return (0.2 * pulse * tone * swell).astype(np.float32)
+
+
+# -- the load client (second process) -----------------------------------------------------
+def run_load(args: argparse.Namespace) -> None:
+    import httpx
+
+    spec = json.loads(args.load)
+    url, kind, params = spec["url"], spec["kind"], spec["params"]
+    body = open(spec["clip"], "rb").read() if kind == "upload" else None
+    deadline = time.monotonic() + args.duration
+    latencies: list[float] = []
+    errors: list[str] = []
+
+    def worker() -> None:
+        with httpx.Client(timeout=120) as client:
+            while time.monotonic() < deadline:
+                started = time.perf_counter()
+                try:
+                    if kind == "upload":
+                        r = client.post(f"{url}/search", params=params, files={"file": ("q.wav", body)})
+                    else:
+                        r = client.get(f"{url}/search/by-track", params=params)
+                    ok = r.status_code == 200
+                    if not ok:
+                        errors.append(f"{r.status_code} {r.text[:200]}")
+                except httpx.HTTPError as err:
+                    ok = False
+                    errors.append(repr(err))
+                if ok:
+                    latencies.append(1000 * (time.perf_counter() - started))
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(args.concurrency) as pool:
+        for _ in range(args.concurrency):
+            pool.submit(worker)
+    elapsed = time.monotonic() - started
+    print(json.dumps({"requests": len(latencies), "errors": len(errors), "first_errors": errors[:3],
+                      "elapsed_s": round(elapsed, 2), "rps": round(len(latencies) / elapsed, 2),
+                      **(percentiles(latencies) if latencies else {})}))
+
+
+# -- the benchmark ------------------------------------------------------------------------
+def build_corpus(cfg: Any, root: str, tracks: int, track_s: float) -> dict[str, Any]:
+    import pyarrow as pa
+    import soundfile as sf
+
+    from mess_ray.index.faiss_index import IndexSpec, build_index
+    from mess_ray.index.job import INDEX_METADATA_COLUMNS, write_index_artifact
+    from mess_ray.models import Embedder
+    from mess_ray.segments import segment_id
+    from mess_ray.storage import Storage, new_version
+
+    storage = Storage.from_config(cfg.storage)
+    rate = cfg.audio.sample_rate
+    window, hop = int(cfg.audio.window_s * rate), int(cfg.audio.hop_s * rate)
+    embedder = Embedder.from_ref(cfg, storage, "random")
+    rows: dict[str, list] = {c: [] for c in INDEX_METADATA_COLUMNS}
+    vectors = []
+    for t in range(tracks):
+        audio = recording(t, track_s, rate)
+        path = os.path.join(root, f"track{t:03d}.wav")
+        sf.write(path, audio, rate)
+        starts = list(range(0, len(audio) - window + 1, hop))
+        for start in starts:
+            rows["segment_id"].append(segment_id(f"track{t:03d}", start))
+            rows["track_id"].append(f"track{t:03d}")
+            rows["piece_id"].append(f"piece{t % 10}")
+            rows["style"].append(["romantic", "baroque_crisp", "soft_legato", "jazz_swing"][t % 4])
+            rows["start_s"].append(start / rate)
+            rows["end_s"].append((start + window) / rate)
+            rows["sample_rate"].append(rate)
+            rows["source_uri"].append(path)
+            rows["metadata_json"].append(json.dumps({"title": f"Piece {t % 10}", "composer": f"Composer {t % 5}"}))
+        vectors.append(embedder.embed(np.stack([audio[s:s + window] for s in starts])))
+    matrix = np.concatenate(vectors)
+    ids = np.array(rows["segment_id"], dtype=np.int64)
+    spec = IndexSpec(type="flat", dim=embedder.dim)
+    index = build_index(spec, [(matrix, ids)])
+    return write_index_artifact(cfg, storage, new_version(), index, spec, pa.table(rows), embedder.info,
+                                {"segments": len(ids), "vectors": len(ids)}, {"ingest": "benchmark"})
+
+
+def timed(fn, n: int, warmup: int = 3) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(n):
+        started = time.perf_counter()
+        fn()
+        samples.append(1000 * (time.perf_counter() - started))
+    return percentiles(samples)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tracks", type=int, default=40)
+    parser.add_argument("--track-s", type=float, default=30.0)
+    parser.add_argument("--requests", type=int, default=60, help="sequential requests per latency figure")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of each throughput run")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--load", default=None, help=argparse.SUPPRESS)  # internal: be the load client
+    args = parser.parse_args()
+    if args.load:
+        run_load(args)
+        return
+
+    import httpx
+
+    from mess_ray.config import load_config
+    from mess_ray.serve import SearchService, run_service
+    from mess_ray.serve.client import wait_ready
+    from mess_ray.serve.service import clip_windows
+
+    out = open(args.out, "a") if args.out else None
+    work = tempfile.mkdtemp(prefix="serve-bench-")
+    cfg = load_config(None, [f"storage.root={work}/store", "audio.window_s=2.0", "audio.hop_s=1.0",
+                             f"serve.port={free_port()}", "serve.reload_interval_s=0"])
+    started = time.perf_counter()
+    manifest = build_corpus(cfg, work, args.tracks, args.track_s)
+    emit({"figure": "corpus", "tracks": args.tracks, "track_s": args.track_s, "segments": manifest["count"],
+          "dim": manifest["dim"], "build_s": round(time.perf_counter() - started, 1)}, out)
+
+    rate = cfg.audio.sample_rate
+    clip = recording(3, CLIP_S + 2, rate)[rate:rate + int(CLIP_S * rate)]
+    clip_path = os.path.join(work, "clip.wav")
+    with open(clip_path, "wb") as f:
+        f.write(wav_bytes(clip, rate))
+
+    # -- direct, in process --------------------------------------------------------------
+    service = SearchService.from_config(cfg)
+    index = service.index
+    sample_ids = [int(s["segment_id"]) for t in index.tracks()[:5] for s in index.track(t["track_id"])["segments"][:4]]
+    vectors = [index.vector(s) for s in sample_ids]
+    it = iter(range(10**9))
+    direct_search = timed(lambda: index.search(vectors[next(it) % len(vectors)], k=10), args.requests)
+    raw = np.stack(vectors)
+    direct_faiss = timed(lambda: index.index.search(raw[next(it) % len(raw)][None, :], 10), args.requests)
+    frames = clip_windows(clip, service.window, service.hop)
+    direct_embed = timed(lambda: service.embedder.embed(frames), max(10, args.requests // 3))
+    emit({"figure": "direct", "what": "faiss index.search k=10", **direct_faiss}, out)
+    emit({"figure": "direct", "what": "SearchIndex.search k=10 (faiss + hits)", **direct_search}, out)
+    emit({"figure": "direct", "what": f"Embedder on a {CLIP_S:.0f} s clip ({len(frames)} windows)", **direct_embed}, out)
+
+    # -- over HTTP, Ray Serve ------------------------------------------------------------
+    from ray import serve
+
+    url = f"http://127.0.0.1:{cfg.serve.port}"
+    run_service(cfg, blocking=False)
+    try:
+        wait_ready(url, timeout_s=300)
+        track = index.tracks()[7]["track_id"]
+        by_id = {"track_id": track, "start_s": 4.0, "k": 10}
+        with httpx.Client(timeout=120) as client:
+            def by_track(params: dict) -> None:
+                r = client.get(f"{url}/search/by-track", params=params)
+                assert r.status_code == 200, r.text
+
+            def upload(params: dict) -> None:
+                r = client.post(f"{url}/search", params=params, files={"file": ("q.wav", open(clip_path, "rb").read())})
+                assert r.status_code == 200, r.text
+
+            for name, fn, params, base in (
+                    ("by_id", by_track, {**by_id, "explain": False}, direct_search),
+                    ("by_id+explain", by_track, by_id, direct_search),
+                    ("upload_5s", upload, {"k": 10, "explain": False}, None),
+                    ("upload_5s+explain", upload, {"k": 10}, None)):
+                figures = timed(lambda: fn(params), args.requests)
+                baseline = base["p50_ms"] if base else direct_embed["p50_ms"] + direct_search["p50_ms"]
+                emit({"figure": "latency", "query": name, **figures, "direct_p50_ms": round(baseline, 3),
+                      "overhead_ms": round(figures["p50_ms"] - baseline, 3)}, out)
+
+        for kind, params in (("by_id", {**by_id, "explain": False}), ("upload", {"k": 10, "explain": False})):
+            spec = json.dumps({"url": url, "kind": "upload" if kind == "upload" else "by-track", "params": params,
+                               "clip": clip_path})
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--load", spec, "--duration",
+                                   str(args.duration), "--concurrency", str(args.concurrency)],
+                                  capture_output=True, text=True, check=True)
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            stats = httpx.get(f"{url}/readyz", timeout=30).json()["stats"]
+            emit({"figure": "throughput", "query": kind, "concurrency": args.concurrency, **result,
+                  "max_embed_batch": stats["max_embed_batch"]}, out)
+    finally:
+        serve.shutdown()
+
+
+if __name__ == "__main__":
+    main()
