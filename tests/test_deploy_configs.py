@@ -42,6 +42,14 @@ def test_serve_config_is_a_valid_serve_deploy_config():
     args["config"] = str(REPO / args["config"])
     application = builder(args)
     assert application._bound_deployment.name in deployment_names
+    # Autoscaling on in-flight requests, and room for a full upload batch on each replica.
+    deployment = app.deployments[0]
+    scaling = deployment.autoscaling_config
+    assert scaling["min_replicas"] >= 1 and scaling["max_replicas"] > scaling["min_replicas"]
+    assert scaling["target_ongoing_requests"] > 0
+    cfg = load_config(args["config"], list(args.get("set") or []))
+    assert deployment.max_ongoing_requests >= cfg.serve.batch_max_size
+    assert cfg.serve.reload_interval_s > 0
 
 
 @pytest.mark.parametrize("name", sorted(os.listdir(REPO / "configs")))

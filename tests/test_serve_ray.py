@@ -49,6 +49,8 @@ def test_serve_run_over_http(ray_local, tmp_path):
 
         by_track = search_by_track(base_url, "track0", 2.0, k=2, exclude_track="track0")
         assert len(by_track["hits"]) == 2 and all(h["track_id"] != "track0" for h in by_track["hits"])
+        chopin = search_by_track(base_url, "track0", 2.0, k=3, composer="chopin", mmr_lambda=0.5)
+        assert {h["track_id"] for h in chopin["hits"]} == {"track1"} and chopin["hits"][0]["explanation"]
 
         audio = httpx.get(f"{base_url}/audio/track0", params={"start_s": 0, "end_s": 1}, timeout=30)
         assert audio.status_code == 200 and audio.content[:4] == b"RIFF"

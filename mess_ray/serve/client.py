@@ -26,7 +26,7 @@ def _check(response: httpx.Response) -> dict[str, Any]:
         detail = response.json().get("detail", response.text)
     except ValueError:
         detail = response.text
-    if isinstance(detail, list):  # FastAPI validation errors
+    if isinstance(detail, list):  # FastAPI's default validation errors (older servers)
         detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail)
     raise ServiceError(response.status_code, str(detail))
 
@@ -55,8 +55,12 @@ def wait_ready(base_url: str, timeout_s: float = 120.0, poll_s: float = 0.5) -> 
 
 def search_file(base_url: str, path_or_bytes: str | Path | bytes, k: int = 10, *, exclude_track: str | None = None,
                 min_gap_s: float | None = None, filename: str | None = None,
-                timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
-    """POST an audio file (path or bytes) to /search; returns the SearchResponse dict."""
+                timeout: float = DEFAULT_TIMEOUT_S, **options: Any) -> dict[str, Any]:
+    """POST an audio file (path or bytes) to /search; returns the SearchResponse dict.
+
+    ``options`` are the other query parameters of the API: ``w_tempo=1`` (facet weights),
+    ``mmr_lambda=0.5``, ``composer="Bach"``, ``filter=["catalog=BWV 846"]``, ``explain=False``.
+    """
     if isinstance(path_or_bytes, (bytes, bytearray)):
         data, name = bytes(path_or_bytes), filename or "query.wav"
     else:
@@ -65,18 +69,19 @@ def search_file(base_url: str, path_or_bytes: str | Path | bytes, k: int = 10, *
             raise FileNotFoundError(f"no such audio file: {path}")
         data, name = path.read_bytes(), filename or path.name
     response = httpx.post(f"{base_url.rstrip('/')}/search",
-                          params=_params(k=k, exclude_track=exclude_track, min_gap_s=min_gap_s),
+                          params=_params(k=k, exclude_track=exclude_track, min_gap_s=min_gap_s, **options),
                           files={"file": (name, data, "application/octet-stream")}, timeout=timeout)
     return _check(response)
 
 
 def search_by_track(base_url: str, track_id: str, start_s: float, end_s: float | None = None, k: int = 10, *,
                     exclude_track: str | None = None, min_gap_s: float | None = None,
-                    timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
-    """GET /search/by-track: passages like [start_s, end_s] of an indexed track."""
+                    timeout: float = DEFAULT_TIMEOUT_S, **options: Any) -> dict[str, Any]:
+    """GET /search/by-track: passages like [start_s, end_s] of an indexed track (``options`` as in search_file)."""
     response = httpx.get(f"{base_url.rstrip('/')}/search/by-track",
                          params=_params(track_id=track_id, start_s=start_s, end_s=end_s, k=k,
-                                        exclude_track=exclude_track, min_gap_s=min_gap_s), timeout=timeout)
+                                        exclude_track=exclude_track, min_gap_s=min_gap_s, **options),
+                         timeout=timeout)
     return _check(response)
 
 
