@@ -118,7 +118,10 @@ def test_reindex_runs_on_a_schedule_shorter_than_its_deadline():
     fields = doc["spec"]["schedule"].split()
     assert len(fields) == 5 and fields[1:] == ["*", "*", "*", "*"] and fields[0].isdigit()
     template = doc["spec"]["jobTemplate"]
-    assert shlex.split(template["entrypoint"])[1].endswith("jobs/reindex.py")
+    # New recordings are ingested (incrementally) first, then only their segments embedded.
+    steps = [shlex.split(part) for part in template["entrypoint"].split("&&")]
+    assert [Path(argv[1]).name for argv in steps] == ["ingest.py", "reindex.py"]
+    assert all((REPO / Path(argv[1]).relative_to(render.APP_DIR)).is_file() for argv in steps)
     # Hourly runs, each cut off before the next starts: two reindexes never publish at once.
     assert template["activeDeadlineSeconds"] < 3600
 

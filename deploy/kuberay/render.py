@@ -37,7 +37,7 @@ BATCH_JOBS = {
     "finetune": {"gpu_max": 4, "cpu_max": 4, "deadline_s": 2 * 24 * 3600},
     "index": {"gpu_max": 8, "cpu_max": 8, "deadline_s": 24 * 3600},
     # Under the schedule's period, so two scheduled runs never overlap.
-    "reindex": {"gpu_max": 4, "cpu_max": 8, "deadline_s": 50 * 60},
+    "reindex": {"gpu_max": 4, "cpu_max": 16, "deadline_s": 50 * 60},
     "evaluate": {"gpu_max": 1, "cpu_max": 4, "deadline_s": 6 * 3600},
 }
 
@@ -134,10 +134,14 @@ def rayjob(job: str, ray_version: str) -> dict:
 
 
 def raycronjob_reindex(ray_version: str) -> dict:
+    """Each scheduled run: an incremental ingest (only new or changed recordings are decoded),
+    then a reindex (only segments missing from the latest index are embedded)."""
+    spec = rayjob_spec("reindex", ray_version)
+    spec["entrypoint"] = f"{entrypoint('ingest')} && {entrypoint('reindex')}"
     return {"apiVersion": API_VERSION, "kind": "RayCronJob",
             "metadata": {"name": "mess-ray-reindex", "labels": {"app": "mess-ray", "mess-ray/job": "reindex"}},
             "spec": {"schedule": REINDEX_SCHEDULE,
-                     "jobTemplate": rayjob_spec("reindex", ray_version)}}
+                     "jobTemplate": spec}}
 
 
 def rayservice(ray_version: str, serve_config: Path = REPO / "serve_config.yaml") -> dict:
