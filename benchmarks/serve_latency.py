@@ -7,9 +7,10 @@ figure, each compared with its in-process baseline measured in the same run:
 - ``direct``: ``SearchIndex.search`` (FAISS + hit assembly) for a stored vector, and the
   Embedder on a 5 s clip (window cutting + model call), p50/p99 in this process;
 - ``latency``: sequential requests, p50/p99, for query by id (``GET /search/by-track``) and by
-  a 5 s WAV upload (``POST /search``), each without and with per-facet explanations; the
-  ``overhead_ms`` field is the service's p50 minus the direct p50 (HTTP, Serve proxy and
-  routing, JSON, decoding);
+  a 5 s WAV upload (``POST /search``), each without and with per-facet explanations, paired
+  with the direct call (by id: ``SearchIndex.search``; upload: Embedder + search) alternately
+  so both see the same load; ``overhead_p50_ms`` is the service's p50 minus the direct p50
+  (HTTP, Serve proxy and routing, JSON, decoding, explanations);
 - ``throughput``: a SECOND PROCESS (this script with ``--load``) keeps ``--concurrency``
   requests in flight on loopback for ``--duration`` seconds; requests/s, p50/p99 and the error
   count (must be 0).
@@ -161,6 +162,22 @@ def timed(fn, n: int, warmup: int = 3) -> dict[str, float]:
     return percentiles(samples)
 
 
+def paired(served, direct, n: int, warmup: int = 3) -> tuple[dict[str, float], dict[str, float]]:
+    """Alternate a served and a direct call ``n`` times; percentiles of each."""
+    for _ in range(warmup):
+        served()
+        direct()
+    a, b = [], []
+    for _ in range(n):
+        started = time.perf_counter()
+        served()
+        a.append(1000 * (time.perf_counter() - started))
+        started = time.perf_counter()
+        direct()
+        b.append(1000 * (time.perf_counter() - started))
+    return percentiles(a), percentiles(b)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -204,6 +221,9 @@ def main() -> None:
         f.write(wav_bytes(clip, rate))
 
     # -- direct, in process --------------------------------------------------------------
+    import torch
+
+    torch.set_num_threads(1)  # as in a Serve replica: Ray sets OMP_NUM_THREADS to its CPU count, at least 1
     service = SearchService.from_config(cfg)
     index = service.index
     sample_ids = [int(s["segment_id"]) for t in index.tracks()[:5] for s in index.track(t["track_id"])["segments"][:4]]
@@ -236,15 +256,23 @@ def main() -> None:
                 r = client.post(f"{url}/search", params=params, files={"file": ("q.wav", open(clip_path, "rb").read())})
                 assert r.status_code == 200, r.text
 
-            for name, fn, params, base in (
-                    ("by_id", by_track, {**by_id, "explain": False}, direct_search),
-                    ("by_id+explain", by_track, by_id, direct_search),
-                    ("upload_5s", upload, {"k": 10, "explain": False}, None),
-                    ("upload_5s+explain", upload, {"k": 10}, None)):
-                figures = timed(lambda: fn(params), args.requests)
-                baseline = base["p50_ms"] if base else direct_embed["p50_ms"] + direct_search["p50_ms"]
-                emit({"figure": "latency", "query": name, **figures, "direct_p50_ms": round(baseline, 3),
-                      "overhead_ms": round(figures["p50_ms"] - baseline, 3)}, out)
+            # Paired: each sample times one direct call and then one request, so both see the
+            # same machine load (the figures are comparable even on a busy 2-core box).
+            direct_one = lambda: index.search(vectors[next(it) % len(vectors)], k=10)  # noqa: E731
+
+            def direct_upload() -> None:
+                vector = service.embed_clip(clip)
+                index.search(vector, k=10)
+
+            for name, fn, params, direct in (
+                    ("by_id", by_track, {**by_id, "explain": False}, direct_one),
+                    ("by_id+explain", by_track, by_id, direct_one),
+                    ("upload_5s", upload, {"k": 10, "explain": False}, direct_upload),
+                    ("upload_5s+explain", upload, {"k": 10}, direct_upload)):
+                served, baseline = paired(lambda: fn(params), direct, args.requests)
+                emit({"figure": "latency", "query": name, **served, "direct_p50_ms": baseline["p50_ms"],
+                      "direct_p99_ms": baseline["p99_ms"], "overhead_p50_ms": round(served["p50_ms"] - baseline["p50_ms"], 3),
+                      "load_avg_1m": round(os.getloadavg()[0], 1)}, out)
 
         for kind, params in (("by_id", {**by_id, "explain": False}), ("upload", {"k": 10, "explain": False})):
             spec = json.dumps({"url": url, "kind": "upload" if kind == "upload" else "by-track", "params": params,
@@ -255,7 +283,7 @@ def main() -> None:
             result = json.loads(proc.stdout.strip().splitlines()[-1])
             stats = httpx.get(f"{url}/readyz", timeout=30).json()["stats"]
             emit({"figure": "throughput", "query": kind, "concurrency": args.concurrency, **result,
-                  "max_embed_batch": stats["max_embed_batch"]}, out)
+                  "max_embed_batch": stats["max_embed_batch"], "load_avg_1m": round(os.getloadavg()[0], 1)}, out)
     finally:
         serve.shutdown()
 
