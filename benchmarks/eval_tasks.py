@@ -24,6 +24,8 @@ FIGURES = {
     "expressive_agreement": ("ndcg@10", "spearman"),
 }
 BASELINES = ("descriptors", "random")
+# Metrics whose random-ranking level the report records as "chance".
+CHANCE_OF = {"style_retrieval": "map", "passage_retrieval": "map", "expressive_agreement": "ndcg@10"}
 
 
 def figure_lines(manifest: dict) -> list[dict]:
@@ -38,7 +40,8 @@ def figure_lines(manifest: dict) -> list[dict]:
                 lines.append({
                     "task": task, "metric": metric, "system": system, "value": values[metric],
                     **{f"baseline_{b}": systems[b].get(metric) for b in BASELINES if b in systems},
-                    "chance": values.get("chance"), "eval_version": manifest["version"],
+                    "chance": values.get("chance") if metric == CHANCE_OF.get(task) else None,
+                    "eval_version": manifest["version"],
                     "held_out_pieces": len(manifest.get("held_out_pieces", [])),
                     "seed": manifest["settings"]["seed"]})
     for task, reason in manifest.get("tasks_skipped", {}).items():
