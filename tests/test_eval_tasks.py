@@ -147,7 +147,9 @@ def synth(midi: pretty_midi.PrettyMIDI) -> np.ndarray:
     return out[: int(SECONDS * SR)].astype(np.float32)
 
 
-def write_asap_ingest(storage: Storage, root, window_s: float, hop_s: float) -> str:
+def write_asap_ingest(storage: Storage, root, window_s: float, hop_s: float, styled: bool = False) -> str:
+    """Performances with MIDI and beats; ``styled``: renderings instead, with a style per
+    performer and MIDI but no beat annotations."""
     rows = []
     for p, piece in enumerate(PIECES):
         for k in range(2):
@@ -157,10 +159,12 @@ def write_asap_ingest(storage: Storage, root, window_s: float, hop_s: float) -> 
             meta = {"corpus": "asap", "midi_uri": str(midi_path),
                     "annotations_uri": str(folder / f"perf{k}_annotations.txt"),
                     "score_annotations_uri": str(folder / "midi_score_annotations.txt")}
+            if styled:
+                meta = {"midi_uri": str(midi_path)}
             win, hop = int(window_s * SR), int(hop_s * SR)
             for start in range(0, len(audio) - win + 1, hop):
                 rows.append({"segment_id": segment_id(track, start), "track_id": track, "piece_id": piece,
-                             "style": "", "start_s": start / SR, "end_s": (start + win) / SR,
+                             "style": f"style{k}" if styled else "", "start_s": start / SR, "end_s": (start + win) / SR,
                              "start_sample": start, "num_samples": win, "sample_rate": SR,
                              "source_uri": f"{folder}/perf{k}.wav", "metadata_json": json.dumps(meta),
                              "audio": encode_audio(audio[start:start + win])})
@@ -204,3 +208,45 @@ def test_run_evaluate_runs_tasks_2_and_3_on_performances_and_says_why_task_1_did
     assert "Task 2" in md and "Task 3" in md and "tasks not run" in md and "held-out pieces" in md
     again = run_evaluate(cfg, storage, ["finetune"])
     assert again["tasks"] == manifest["tasks"]  # deterministic for a seed and corpus
+
+
+def test_run_evaluate_on_renderings_with_midi_runs_tasks_1_and_3_and_reuses_embeddings(tmp_path):
+    cfg = tiny_config(str(tmp_path / "store"), audio={"sample_rate": SR})
+    cfg.eval.holdout_fraction = 0.9
+    storage = Storage.from_config(cfg.storage)
+    write_asap_ingest(storage, tmp_path / "rendered", cfg.audio.window_s, cfg.audio.hop_s, styled=True)
+
+    manifest = run_evaluate(cfg, storage, [RANDOM])
+
+    assert set(manifest["tasks"]) == {STYLE_TASK, AGREEMENT_TASK}
+    assert "beats" in manifest["tasks_skipped"][PASSAGE_TASK]
+    assert manifest["metrics"] == manifest["tasks"][STYLE_TASK]["metrics"]  # task 1 stays the headline table
+    assert manifest["headline"].startswith("style retrieval mAP") and "expressive agreement" in manifest["headline"]
+    random = manifest["tasks"][AGREEMENT_TASK]["metrics"][RANDOM]
+    assert 0 < random["ndcg@10"] <= 1
+    for name in ("tasks.png", "metrics.png", "similarity_hist.png", "pca_styles.png"):
+        assert storage.exists("eval", manifest["version"], name), name
+
+
+def test_reuse_or_embed_takes_task1_vectors_and_embeds_only_the_rest(monkeypatch):
+    from types import SimpleNamespace
+
+    import mess_ray.eval.benchmark as bench
+    from mess_ray.eval.performances import PerformanceSet
+
+    held_out = SimpleNamespace(segment_ids=np.array([10, 20, 30]))
+    held_vectors = np.array([[1.0, 0], [2.0, 0], [3.0, 0]])
+    n = 3
+    perf = PerformanceSet(np.array([30, 99, 10]), np.array(["t"] * n, dtype=object), np.array(["p"] * n, dtype=object),
+                          np.zeros(n), np.ones(n), np.full((n, 2), np.nan), np.full((n, 10), np.nan),
+                          np.ones(n, dtype=bool), np.zeros((n, 4), dtype=np.float32), {}, ["p"], [])
+    asked = []
+
+    def fake_embed(cfg, storage, ref, subset):
+        asked.append(subset.segment_ids.tolist())
+        return np.array([[9.0, 9.0]] * len(subset)), {"ref": ref}
+
+    monkeypatch.setattr(bench, "embed_system", fake_embed)
+    vectors, _ = bench.reuse_or_embed(None, None, "m", perf, held_out, held_vectors, {"ref": "m"})
+    assert asked == [[99]]
+    assert vectors.tolist() == [[3.0, 0], [9.0, 9.0], [1.0, 0]]

@@ -331,6 +331,20 @@ def full_headline(task_metrics: dict[str, dict[str, dict[str, float]]], style_li
     return "; ".join(parts)
 
 
+def reuse_or_embed(cfg: MessRayConfig, storage: Storage, ref: str, perf, held_out: HeldOutSet,
+                   held_out_vectors: np.ndarray, info: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """A model's vectors for the performance set, taken from its task-1 vectors where the
+    segments are the same (renderings with MIDI are in both sets), embedding only the rest.
+    (Not for the descriptor baseline: its z-scoring depends on the set it is fitted on.)"""
+    row_of = {int(s): i for i, s in enumerate(held_out.segment_ids)}
+    missing = np.array([int(s) not in row_of for s in perf.segment_ids], dtype=bool)
+    out = np.zeros((len(perf), held_out_vectors.shape[1]), dtype=held_out_vectors.dtype)
+    if missing.any():
+        out[missing], _ = embed_system(cfg, storage, ref, perf.subset(missing))
+    out[~missing] = held_out_vectors[[row_of[int(s)] for s in perf.segment_ids[~missing]]]
+    return out, info
+
+
 # -- entry point --------------------------------------------------------------------------------
 def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str]) -> dict:
     """Benchmark ``model_refs`` plus the descriptor and random baselines on every task whose data
@@ -394,7 +408,10 @@ def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str]) ->
                                             similarity=similarity))
                 task_metrics.setdefault(STYLE_TASK, {})[ref] = summary
             if plan is not None:
-                vectors, info = embed_system(cfg, storage, ref, plan.perf)
+                if held_out is not None and ref != DESCRIPTORS:
+                    vectors, info = reuse_or_embed(cfg, storage, ref, plan.perf, held_out, vectors, info)
+                else:
+                    vectors, info = embed_system(cfg, storage, ref, plan.perf)
                 if held_out is None:
                     results.append(SystemResult(name=ref, info=info, metrics={}, embeddings=vectors,
                                                 similarity=np.zeros((0, 0))))
