@@ -354,7 +354,8 @@ def _deployment_class():
 def build_app(cfg: MessRayConfig):
     """The bound Ray Serve application (deploy with ``serve.run(app, route_prefix="/")``)."""
     deployment = _deployment_class().options(
-        num_replicas=cfg.serve.num_replicas, ray_actor_options={"num_cpus": cfg.serve.cpus_per_replica},
+        num_replicas=cfg.serve.num_replicas,
+        ray_actor_options={"num_cpus": cfg.serve.cpus_per_replica, "num_gpus": cfg.serve.gpus_per_replica},
         # A replica must accept at least a full batch of uploads at once for batching to fill.
         max_ongoing_requests=max(16, 2 * cfg.serve.batch_max_size))
     return deployment.bind(cfg.model_dump(mode="json"))
