@@ -266,8 +266,8 @@ class ServeConfig(_Section):
     default_k: int = Field(10, ge=1, le=1000)
     num_replicas: int = Field(1, ge=1)
     cpus_per_replica: float = Field(0.5, gt=0)
-    gpus_per_replica: float = Field(0.0, ge=0, description="GPU share per replica (upload embedding on the GPU); "
-                                                            "0: CPU replicas.")
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPU share reserved per replica (ray_actor_options "
+                                                            "num_gpus); 0: CPU replicas.")
     index_version: str | None = Field(None, description="Index version to serve; None: the latest.")
     reload_interval_s: float = Field(
         30.0, ge=0, description="Replicas poll the index LATEST pointer this often and swap to a new version; "
