@@ -252,6 +252,12 @@ class IndexConfig(_Section):
     hnsw_ef_construction: int = Field(
         40, ge=8, description="HNSW build beam. Measured at 1e5 x 128 (2 cores): 40 gives recall@10 0.94 at "
         "ef_search 64, 128 gives 0.996 but builds 5.5x slower.")
+    ondisk: Literal["auto", "always", "never"] = Field(
+        "auto", description="IVF: merge shards on disk into a memory-mapped index.ivfdata (auto: when the "
+        "inverted lists would exceed memory_budget_mb; always: every IVF index).")
+    use_gpu: Literal["auto"] | bool = Field(
+        "auto", description="FAISS on GPU for IVF training (k-means) and IVF-Flat shard building (auto: when "
+        "FAISS sees a GPU; true: fail clearly without one). Needs the faiss-gpu build: pip install -e .[gpu].")
     actor_max_restarts: int = Field(-1, ge=-1, description="Embedding actors: how often Ray restarts a dead "
                                     "actor (-1: always). A killed actor loses no segments: its batches are retried.")
     actor_task_retries: int = Field(3, ge=-1, description="Embedding actors: retries of a batch whose actor died "

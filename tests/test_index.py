@@ -335,3 +335,13 @@ def test_manifest_facet_layout_is_checked_against_the_index_dim():
         manifest_facet_layout({"facet_layout": make_layout(32, 8)}, 128)
     with pytest.raises(ValueError, match="contiguous"):
         manifest_facet_layout({"facet_layout": {"overall": [0, 8], "tempo": [9, 12]}}, 12)
+
+
+def test_manifest_facet_layout_reads_back_a_name_sorted_layout():
+    from mess_ray.facets import make_layout
+    from mess_ray.index.job import manifest_facet_layout
+
+    stored = json.loads(json.dumps({k: list(v) for k, v in make_layout(32, 8).items()}, sort_keys=True))
+    assert next(iter(stored)) == "articulation"  # what a manifest holds
+    assert list(manifest_facet_layout({"facet_layout": stored}, 64)) == ["overall", "tempo", "dynamics",
+                                                                         "articulation", "timbre"]

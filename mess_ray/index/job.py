@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import posixpath
 import random
+import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -24,9 +26,9 @@ from tqdm import tqdm
 from mess_ray.config import MessRayConfig
 from mess_ray.facets import layout_dim, parse_layout
 from mess_ray.index.embed import SegmentEmbedder, table_to_vectors
-from mess_ray.index.faiss_index import (IndexSpec, build_sharded_index_ray, choose_index_spec,
-                                        create_empty_index, index_to_bytes, sha256_bytes,
-                                        training_points_needed)
+from mess_ray.index.faiss_index import (IVFDATA_FILE, IndexSpec, build_sharded_index_ray, choose_index_spec,
+                                        create_empty_index, decide_gpu, faiss_num_gpus, index_to_bytes,
+                                        ondisk_filename, sha256_bytes, sha256_file, training_points_needed)
 from mess_ray.segments import read_segment_table, read_segments_ray
 from mess_ray.storage import Storage, new_version
 
@@ -36,6 +38,7 @@ STAGE = "index"
 INDEX_FILE = "index.faiss"
 METADATA_FILE = "metadata.parquet"
 VECTORS_DIR = "vectors"
+BUILD_DIR = "_build"  # index/_build/<version>/: shard files of an on-disk merge, removed once merged
 # The segment table without audio, as search results and playback need it.
 INDEX_METADATA_COLUMNS = ["segment_id", "track_id", "piece_id", "style", "start_s", "end_s",
                           "sample_rate", "source_uri", "metadata_json"]
@@ -207,22 +210,58 @@ def run_index(cfg: MessRayConfig, storage: Storage, model_ref: str = "finetune")
     files = vector_files(storage, vectors_rel)
     counts = reconcile_ids(segments.column("segment_id").to_numpy(), read_vector_ids(storage, files))
 
-    spec = choose_index_spec(counts["vectors"], int(embedder.dim), cfg.index.type,
-                             ivf_above=cfg.index.ivf_above, ivfpq_above=cfg.index.ivfpq_above,
-                             nprobe=cfg.index.nprobe, hnsw_m=cfg.index.hnsw_m, ef_search=cfg.index.ef_search,
-                             memory_budget_mb=cfg.index.memory_budget_mb,
-                             ef_construction=cfg.index.hnsw_ef_construction)
-    train = None
-    if training_points_needed(spec):
-        train = sample_training_vectors(storage, files, min(training_points_needed(spec), counts["vectors"]))
-    index = build_sharded_index_ray(spec, create_empty_index(spec, train),
-                                    shard_loaders(storage, files, cfg.index.shards), num_cpus=0.5)
+    spec = spec_for(cfg, counts["vectors"], int(embedder.dim))
+    index = build_index_from_files(cfg, storage, spec, files, counts["vectors"], version)
     if index.ntotal != counts["vectors"]:
         raise IndexIntegrityError(f"merged index holds {index.ntotal} vectors, expected {counts['vectors']}")
 
     counts.update({"vector_files": len(files), "shards": cfg.index.shards})
     return write_index_artifact(cfg, storage, version, index, spec, segments, embedder.info, counts,
                                 {"ingest": ingest_version, "model_ref": model_ref})
+
+
+def spec_for(cfg: MessRayConfig, count: int, dim: int) -> IndexSpec:
+    """The index type and parameters the config asks for at this corpus size."""
+    return choose_index_spec(count, dim, cfg.index.type, ivf_above=cfg.index.ivf_above,
+                             ivfpq_above=cfg.index.ivfpq_above, nprobe=cfg.index.nprobe, hnsw_m=cfg.index.hnsw_m,
+                             ef_search=cfg.index.ef_search, memory_budget_mb=cfg.index.memory_budget_mb,
+                             ef_construction=cfg.index.hnsw_ef_construction, ondisk=cfg.index.ondisk)
+
+
+def build_index_from_files(cfg: MessRayConfig, storage: Storage, spec: IndexSpec, files: list[str], count: int,
+                           version: str, empty: Any | None = None) -> Any:
+    """Train once on a sample (unless ``empty`` is a trained template), build shards in Ray tasks, merge.
+
+    GPU (``index.use_gpu``): k-means runs on the driver's GPUs when its FAISS sees any; shard
+    tasks get a GPU when the cluster has them. On-disk specs merge into ``index.ivfdata`` in the
+    version folder (local root) or a local work folder (remote root; uploaded on publish); the
+    shard files go to ``index/_build/<version>/`` and are removed once merged.
+    """
+    import ray
+
+    local_gpus = faiss_num_gpus()
+    decide_gpu(cfg.index.use_gpu, max(local_gpus, int(ray.cluster_resources().get("GPU", 0))), spec)  # true: GPU?
+    if empty is None:
+        train = None
+        if training_points_needed(spec):
+            train = sample_training_vectors(storage, files, min(training_points_needed(spec), count))
+        empty = create_empty_index(spec, train, use_gpu=local_gpus > 0 and decide_gpu(cfg.index.use_gpu, local_gpus,
+                                                                                        spec))
+    loaders = shard_loaders(storage, files, cfg.index.shards)
+    if not spec.ondisk:
+        return build_sharded_index_ray(spec, empty, loaders, num_cpus=0.5, use_gpu=cfg.index.use_gpu)
+    if storage.protocol == "file":
+        ondisk_dir = storage.path(STAGE, version)
+        storage.fs.makedirs(ondisk_dir, exist_ok=True)
+    else:
+        ondisk_dir = tempfile.mkdtemp(prefix="mess-ray-ondisk-")
+    work_rel = posixpath.join(STAGE, BUILD_DIR, version)
+    try:
+        return build_sharded_index_ray(spec, empty, loaders, num_cpus=0.5, use_gpu=cfg.index.use_gpu,
+                                       ondisk_dir=ondisk_dir, storage=storage, work_rel=work_rel)
+    finally:
+        if storage.exists(work_rel):
+            storage.fs.rm(storage.path(work_rel), recursive=True)
 
 
 def model_provenance(storage: Storage, embedder_info: dict[str, Any]) -> dict[str, Any]:
@@ -244,7 +283,13 @@ def model_provenance(storage: Storage, embedder_info: dict[str, Any]) -> dict[st
 
 def manifest_facet_layout(embedder_info: dict[str, Any], dim: int) -> dict[str, list[int]] | None:
     """The embedder's facet layout as the manifest records it (JSON lists), checked against the index."""
-    layout = parse_layout(embedder_info.get("facet_layout"))
+    raw = embedder_info.get("facet_layout")
+    if raw:  # a layout read back from a manifest has its keys sorted by name (JSON sort_keys): by offset
+        try:
+            raw = dict(sorted(raw.items(), key=lambda item: int(item[1][0])))
+        except (TypeError, ValueError, IndexError, KeyError):
+            pass  # parse_layout names what is wrong with it
+    layout = parse_layout(raw)
     if layout is None:
         return None
     if layout_dim(layout) != dim:
@@ -261,6 +306,16 @@ def write_index_artifact(cfg: MessRayConfig, storage: Storage, version: str, ind
     if index.ntotal != segments.num_rows:
         raise IndexIntegrityError(f"index holds {index.ntotal} vectors but the segment table {segments.num_rows} rows")
     facet_layout = manifest_facet_layout(embedder_info, int(index.d))
+    checksums = {}
+    files = {"index": INDEX_FILE, "metadata": METADATA_FILE, "vectors": VECTORS_DIR}
+    if spec.ondisk:  # the lists are in a (large) file beside the header: upload unless built in place
+        ivfdata_local = ondisk_filename(index)
+        target = storage.path(base, IVFDATA_FILE)
+        if storage.protocol != "file" or os.path.abspath(ivfdata_local) != os.path.abspath(target):
+            storage.put_file(ivfdata_local, posixpath.join(base, IVFDATA_FILE))
+        checksums[IVFDATA_FILE] = sha256_file(storage.fs, target)
+        files["ivfdata"] = IVFDATA_FILE
+    # The header of an on-disk index records where its lists are; readers look beside it instead.
     index_sha = write_verified(storage, posixpath.join(base, INDEX_FILE), index_to_bytes(index))
     buffer = io.BytesIO()
     pq.write_table(segments.select(INDEX_METADATA_COLUMNS), buffer)
@@ -277,8 +332,8 @@ def write_index_artifact(cfg: MessRayConfig, storage: Storage, version: str, ind
         "index": spec.to_dict(),
         # Which dimensions are which facet (mess_ray/facets.py): weighted queries need it; None: no facets.
         "facet_layout": facet_layout,
-        "files": {"index": INDEX_FILE, "metadata": METADATA_FILE, "vectors": VECTORS_DIR},
-        "checksums": {INDEX_FILE: index_sha, METADATA_FILE: metadata_sha},
+        "files": files,
+        "checksums": {INDEX_FILE: index_sha, METADATA_FILE: metadata_sha, **checksums},
         # Vector shards (re-ranking, reindex reuse): checked by SearchIndex when it loads them.
         "vector_checksums": vector_checksums,
         "config_digest": cfg.digest(),

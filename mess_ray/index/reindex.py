@@ -30,12 +30,11 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from mess_ray.config import MessRayConfig
-from mess_ray.index.faiss_index import (IndexSpec, build_sharded_index_ray, choose_index_spec,
-                                        create_empty_index, index_from_bytes, index_to_bytes, load_index,
-                                        merge_indexes, sha256_bytes, training_points_needed)
+from mess_ray.index.faiss_index import (IndexSpec, build_sharded_index_ray, index_from_bytes, index_to_bytes,
+                                        load_index, merge_indexes, sha256_bytes)
 from mess_ray.index.job import (INDEX_FILE, METADATA_FILE, STAGE, VECTORS_DIR, IndexIntegrityError,
-                                embed_segments, read_vector_ids, reconcile_ids, sample_training_vectors,
-                                shard_loaders, write_index_artifact)
+                                build_index_from_files, embed_segments, read_vector_ids, reconcile_ids,
+                                shard_loaders, spec_for, write_index_artifact)
 from mess_ray.segments import read_segment_table
 from mess_ray.storage import Storage, new_version
 
@@ -84,10 +83,12 @@ def pending_key(previous_version: str, ingest_version: str, embedder_info: dict[
 def can_update_in_place(old: IndexSpec, new: IndexSpec) -> bool:
     """Whether the previous index can take the changes (remove + add) instead of a rebuild.
 
-    Same type, mergeable (HNSW graphs cannot drop vectors), and for IVF a corpus still sized
+    Same type, mergeable (HNSW graphs cannot drop vectors), in memory, and for IVF a corpus still sized
     for the trained coarse quantizer (within 2x of the list count a fresh build would pick).
     """
     if old.type != new.type or old.dim != new.dim or not old.mergeable or old.type == "hnsw":
+        return False
+    if old.ondisk or new.ondisk:  # memory-mapped lists are rebuilt by an on-disk merge, never edited in place
         return False
     if old.type in ("ivf", "ivfpq"):
         return 0.5 <= new.nlist / max(1, old.nlist) <= 2.0 and old.pq_m == new.pq_m
@@ -206,11 +207,7 @@ def run_reindex(cfg: MessRayConfig, storage: Storage, model_ref: str | None = No
 
     # 3. the index: update the previous one in place when it still fits, else rebuild
     old_spec = IndexSpec.from_dict(previous["index"])
-    new_spec = choose_index_spec(counts["vectors"], int(embedder.dim), cfg.index.type,
-                                 ivf_above=cfg.index.ivf_above, ivfpq_above=cfg.index.ivfpq_above,
-                                 nprobe=cfg.index.nprobe, hnsw_m=cfg.index.hnsw_m, ef_search=cfg.index.ef_search,
-                                 memory_budget_mb=cfg.index.memory_budget_mb,
-                                 ef_construction=cfg.index.hnsw_ef_construction)
+    new_spec = spec_for(cfg, counts["vectors"], int(embedder.dim))
     if can_update_in_place(old_spec, new_spec):
         spec = replace(old_spec, nprobe=min(new_spec.nprobe, old_spec.nlist) if old_spec.nlist else 0)
         index = load_index(storage, posixpath.join(STAGE, previous_version, INDEX_FILE),
@@ -224,11 +221,7 @@ def run_reindex(cfg: MessRayConfig, storage: Storage, model_ref: str | None = No
         build = "in_place"
     else:
         spec = new_spec
-        train = None
-        if training_points_needed(spec):
-            train = sample_training_vectors(storage, files, min(training_points_needed(spec), counts["vectors"]))
-        index = build_sharded_index_ray(spec, create_empty_index(spec, train),
-                                        shard_loaders(storage, files, cfg.index.shards))
+        index = build_index_from_files(cfg, storage, spec, files, counts["vectors"], version)
         build = "rebuild"
     if index.ntotal != counts["vectors"]:
         raise IndexIntegrityError(f"updated index holds {index.ntotal} vectors, expected {counts['vectors']}")

@@ -160,7 +160,9 @@ class SearchIndex:
         checksums = manifest.get("checksums", {})
         index_file = files.get("index", "index.faiss")
         metadata_file = files.get("metadata", "metadata.parquet")
-        index = load_index(storage, posixpath.join(base, index_file), checksums.get(index_file))
+        # An on-disk IVF index (index.ivfdata beside it) is memory-mapped; its checksum is verified too.
+        index = load_index(storage, posixpath.join(base, index_file), checksums.get(index_file),
+                           ivfdata_sha256=checksums.get(files.get("ivfdata", "index.ivfdata")))
         blob = storage.read_bytes(posixpath.join(base, metadata_file))
         if metadata_file in checksums and sha256_bytes(blob) != checksums[metadata_file]:
             raise ValueError(f"checksum mismatch for {metadata_file} of index {manifest['version']}")
