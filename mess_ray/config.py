@@ -231,6 +231,11 @@ class FinetuneConfig(TrainConfig):
     augment_noise_snr_db: float = Field(30.0, ge=0, description="Lowest SNR of added noise (0: no noise).")
     augment_reverb_prob: float = Field(0.5, ge=0, le=1)
     augment_reverb_max_s: float = Field(0.4, ge=0, description="Longest synthetic reverb RT60.")
+    mine_clusters: int = Field(0, ge=0, description="Pair source for segments without a style (human "
+                               "performances): k-means clusters of their descriptors become labels, positive "
+                               "across different pieces only. 0: such segments are skipped.")
+    mine_max_segments: int = Field(4000, ge=2, description="Unlabelled training segments described for mining "
+                                   "(a seeded sample).")
 
 
 class IndexConfig(_Section):

@@ -40,9 +40,17 @@ from mess_ray.train.common import (TrainTask, with_run_name, decode_audio_column
 
 
 # -- losses --------------------------------------------------------------------------------
-def _positive_mask(labels: torch.Tensor) -> torch.Tensor:
+def _positive_mask(labels: torch.Tensor, pieces: torch.Tensor | None = None,
+                   mined_from: int | None = None) -> torch.Tensor:
+    """Same label, not the anchor itself. Labels ``>= mined_from`` were mined by descriptor
+    proximity (human performances, no style): those pairs are positives only *across* pieces,
+    since two passages of one piece share far more than their expression."""
     same = labels.unsqueeze(0) == labels.unsqueeze(1)
-    return same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    positives = same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    if mined_from is not None and pieces is not None:
+        mined_same_piece = (labels >= mined_from).unsqueeze(1) & (pieces.unsqueeze(0) == pieces.unsqueeze(1))
+        positives = positives & ~mined_same_piece
+    return positives
 
 
 def _hard_negative_mask(labels: torch.Tensor, pieces: torch.Tensor | None) -> torch.Tensor:
@@ -54,7 +62,7 @@ def _hard_negative_mask(labels: torch.Tensor, pieces: torch.Tensor | None) -> to
 
 def multi_positive_infonce(embeddings: torch.Tensor, labels: torch.Tensor,
                            temperature: torch.Tensor | float, pieces: torch.Tensor | None = None,
-                           hard_negative_weight: float = 1.0) -> torch.Tensor:
+                           hard_negative_weight: float = 1.0, mined_from: int | None = None) -> torch.Tensor:
     """Supervised NT-Xent: each anchor against all others, averaged over its positives.
 
     ``embeddings`` are L2-normalised [B, D]; anchors without any positive in the batch are
@@ -73,7 +81,7 @@ def multi_positive_infonce(embeddings: torch.Tensor, labels: torch.Tensor,
     self_mask = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
     logits = logits.masked_fill(self_mask, float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    positives = _positive_mask(labels)
+    positives = _positive_mask(labels, pieces, mined_from)
     counts = positives.sum(dim=1)
     has_positive = counts > 0
     if not has_positive.any():
@@ -83,14 +91,14 @@ def multi_positive_infonce(embeddings: torch.Tensor, labels: torch.Tensor,
 
 
 def batch_hard_triplet(embeddings: torch.Tensor, labels: torch.Tensor, margin: float,
-                       pieces: torch.Tensor | None = None) -> torch.Tensor:
+                       pieces: torch.Tensor | None = None, mined_from: int | None = None) -> torch.Tensor:
     """Triplet margin loss with the hardest positive and the hardest negative of each anchor.
 
     With ``pieces``, an anchor's negative is mined among the same piece in another style when
     the batch has one (the benchmark's hard negatives), else among all other styles.
     """
     distances = torch.cdist(embeddings, embeddings)
-    positives = _positive_mask(labels)
+    positives = _positive_mask(labels, pieces, mined_from)
     negatives = labels.unsqueeze(0) != labels.unsqueeze(1)
     hard = _hard_negative_mask(labels, pieces)
     negatives = torch.where(hard.any(dim=1, keepdim=True), hard, negatives)
@@ -237,11 +245,12 @@ def finetune_loss(model: nn.Module, batch: dict, loop_config: dict) -> tuple[tor
     if layout is not None and target == OVERALL:
         start, end = layout[OVERALL]
         contrast = F.normalize(embeddings[:, start:end], dim=-1)
+    mined_from = loop_config.get("mined_from")
     if loop_config["loss"] == "triplet":
-        loss = batch_hard_triplet(contrast, labels, loop_config["margin"], pieces)
+        loss = batch_hard_triplet(contrast, labels, loop_config["margin"], pieces, mined_from)
     else:
         loss = multi_positive_infonce(contrast, labels, inner.temperature(), pieces,
-                                      loop_config.get("hard_negative_weight", 1.0))
+                                      loop_config.get("hard_negative_weight", 1.0), mined_from)
     extra = {"contrastive_loss": float(loss.detach())}
     if layout is not None and loop_config.get("facet_weight", 0) > 0 and "descriptors" in batch:
         facet_losses = []
@@ -256,7 +265,7 @@ def finetune_loss(model: nn.Module, batch: dict, loop_config: dict) -> tuple[tor
             facet_losses.append(facet_loss)
         if facet_losses:
             loss = loss + loop_config["facet_weight"] * torch.stack(facet_losses).mean()
-    anchors = float(_positive_mask(labels).any(dim=1).float().mean())
+    anchors = float(_positive_mask(labels, pieces, mined_from).any(dim=1).float().mean())
     hard = float(_hard_negative_mask(labels, pieces).any(dim=1).float().mean())
     return loss, {**extra, "temperature": float(inner.temperature()), "anchors_with_positive": anchors,
                   "anchors_with_hard_negative": hard, "styles_in_batch": float(len(torch.unique(labels)))}
@@ -271,7 +280,8 @@ FINETUNE_TASK = TrainTask(stage="finetune", build_model=build_finetune_model, co
 
 
 # -- data ----------------------------------------------------------------------------------
-def training_selection(metadata: pa.Table, holdout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+def training_selection(metadata: pa.Table, holdout_fraction: float, seed: int,
+                       require_styles: bool = True) -> tuple[list[str], list[str]]:
     """(train pieces, styles) for fine-tuning; the holdout pieces are left for evaluation."""
     pieces = [p for p in metadata.column("piece_id").to_pylist() if p]
     if not pieces:
@@ -279,7 +289,7 @@ def training_selection(metadata: pa.Table, holdout_fraction: float, seed: int) -
     train_pieces, _ = split_pieces(pieces, holdout_fraction, seed)
     keep = _keep_mask(metadata, train_pieces)
     styles = sorted(set(metadata.filter(keep).column("style").to_pylist()))
-    if len(styles) < 2:
+    if require_styles and len(styles) < 2:
         raise ValueError(f"fine-tuning needs at least 2 styles among training pieces, found {styles}")
     return train_pieces, styles
 
@@ -290,8 +300,76 @@ def _keep_mask(table: pa.Table, train_pieces: list[str]) -> pa.Array:
     return pc.and_(pc.fill_null(in_train, False), has_style)
 
 
-def _filter_training_rows(batch: pa.Table, train_pieces: list[str]) -> pa.Table:
-    return batch.filter(_keep_mask(batch, train_pieces))
+def _filter_training_rows(batch: pa.Table, train_pieces: list[str],
+                          mined: dict[int, str] | None = None) -> pa.Table:
+    """Labelled training rows, plus mined rows (their ``style`` set to the mined label)."""
+    keep = _keep_mask(batch, train_pieces)
+    if mined:
+        ids = batch.column("segment_id").to_pylist()
+        is_mined = pa.array([i in mined for i in ids], pa.bool_())
+        styles = [mined.get(i, s) for i, s in zip(ids, batch.column("style").to_pylist())]
+        batch = batch.set_column(batch.schema.get_field_index("style"), "style", pa.array(styles, pa.string()))
+        keep = pc.or_(keep, is_mined)
+    return batch.filter(keep).drop_columns(["segment_id"])
+
+
+MINED_PREFIX = "mined:"
+
+
+def mine_descriptor_labels(segment_ids: np.ndarray, piece_ids: np.ndarray, descriptors_z: np.ndarray,
+                           num_clusters: int, seed: int = 0) -> dict[int, str]:
+    """Pseudo-style labels for unlabelled segments (human performances) by descriptor proximity.
+
+    k-means (FAISS) over z-scored descriptors; a segment's label is its cluster, and two
+    segments of one cluster are positives only across *different pieces* (see
+    ``_positive_mask``). Clusters drawn from a single piece carry no cross-piece positive and
+    are dropped.
+    """
+    import faiss
+
+    segment_ids = np.asarray(segment_ids)
+    piece_ids = np.asarray(piece_ids, dtype=object)
+    x = np.ascontiguousarray(descriptors_z, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] != segment_ids.size or piece_ids.size != segment_ids.size:
+        raise ValueError("segment_ids, piece_ids and descriptors disagree on the number of segments")
+    if num_clusters < 2 or x.shape[0] < 2 * num_clusters:
+        raise ValueError(f"mining {num_clusters} clusters needs at least {2 * num_clusters} segments, "
+                         f"got {x.shape[0]}")
+    kmeans = faiss.Kmeans(x.shape[1], num_clusters, niter=25, seed=seed, verbose=False)
+    kmeans.train(x)
+    _, assigned = kmeans.index.search(x, 1)
+    assigned = assigned[:, 0]
+    labels = {}
+    for cluster in range(num_clusters):
+        members = assigned == cluster
+        if len(set(piece_ids[members])) < 2:
+            continue
+        labels.update({int(s): f"{MINED_PREFIX}{cluster:03d}" for s in segment_ids[members]})
+    return labels
+
+
+def mine_unlabelled_training_rows(storage: Storage, version: str, train_pieces: list[str], window: int,
+                                  sample_rate: int, num_clusters: int, max_segments: int,
+                                  seed: int) -> tuple[dict[int, str], dict[str, Any]]:
+    """Mine labels for training-piece segments without a style (a seeded sample of at most
+    ``max_segments``): their descriptors are z-scored among themselves, then clustered."""
+    dataset = segments_dataset(storage, version)
+    unlabelled = pc.field("piece_id").isin(train_pieces) & (pc.field("style") == "")
+    meta = dataset.to_table(columns=["segment_id", "piece_id"], filter=unlabelled)
+    if meta.num_rows == 0:
+        return {}, {"unlabelled_segments": 0}
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(meta["segment_id"].to_numpy(), size=min(max_segments, meta.num_rows), replace=False))
+    table = dataset.to_table(columns=["segment_id", "piece_id", "audio"],
+                             filter=pc.field("segment_id").isin(pa.array(chosen, pa.int64())))
+    matrix = np.stack([descriptor_vector(fit_length(decode_audio(blob), window), sample_rate)
+                       for blob in table["audio"].to_pylist()])
+    mean, std = matrix.mean(axis=0), matrix.std(axis=0)
+    z = (matrix - mean) / np.where(std > 1e-12, std, 1.0)
+    labels = mine_descriptor_labels(table["segment_id"].to_numpy(), np.asarray(table["piece_id"].to_pylist()),
+                                    z, num_clusters, seed)
+    return labels, {"unlabelled_segments": meta.num_rows, "mined_segments": len(labels),
+                    "mined_clusters": len(set(labels.values())), "described_segments": int(matrix.shape[0])}
 
 
 def training_descriptor_stats(storage: Storage, version: str, train_pieces: list[str], window: int,
@@ -317,8 +395,20 @@ def run_finetune(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
     ft = cfg.finetune
     ingest_version = storage.require_latest("ingest")
     metadata = read_segment_table(storage, ingest_version, columns=["segment_id", "piece_id", "style"])
-    train_pieces, styles = training_selection(metadata, cfg.eval.holdout_fraction, cfg.eval.seed)
+    mining = ft.mine_clusters > 0
+    train_pieces, styles = training_selection(metadata, cfg.eval.holdout_fraction, cfg.eval.seed,
+                                              require_styles=not mining)
     train_rows = int(pc.sum(_keep_mask(metadata, train_pieces).cast(pa.int64())).as_py() or 0)
+    mined, mining_counts = {}, {}
+    if mining:
+        # Source (b): human performances, labelled by descriptor proximity across pieces.
+        mined, mining_counts = mine_unlabelled_training_rows(
+            storage, ingest_version, train_pieces, window_samples(cfg), cfg.audio.sample_rate, ft.mine_clusters,
+            ft.mine_max_segments, ft.seed)
+        train_rows += len(mined)
+        styles = styles + sorted(set(mined.values()))
+        if len(styles) < 2:
+            raise ValueError(f"fine-tuning needs at least 2 styles or mined clusters, found {styles}")
     if train_rows < ft.batch_size * ft.num_workers:
         raise ValueError(f"{train_rows} labelled training segments cannot fill batch_size={ft.batch_size} "
                          f"on {ft.num_workers} workers")
@@ -328,6 +418,7 @@ def run_finetune(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
         inputs["pretrain"] = init["version"]
     loop_config = {
         "init": init, "inputs": inputs, "styles": styles, "window_samples": window_samples(cfg),
+        "mined_from": (len(styles) - len(set(mined.values()))) if mined else None,
         "loss": ft.loss, "temperature": ft.temperature, "learn_temperature": ft.learn_temperature,
         "margin": ft.margin, "hard_negative_weight": ft.hard_negative_weight,
         "contrastive_target": ft.contrastive_target, "seed": ft.seed,
@@ -347,8 +438,8 @@ def run_finetune(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
         loop_config.update(descriptor_stats=descriptor_stats, facet_groups=facet_groups(),
                            facet_weight=ft.facet_weight, facet_temperature=ft.facet_temperature,
                            facet_target_temperature=ft.facet_target_temperature)
-    dataset = (read_segments_ray(storage, ingest_version, columns=["audio", "style", "piece_id"])
-               .map_batches(_filter_training_rows, fn_kwargs={"train_pieces": train_pieces},
+    dataset = (read_segments_ray(storage, ingest_version, columns=["segment_id", "audio", "style", "piece_id"])
+               .map_batches(_filter_training_rows, fn_kwargs={"train_pieces": train_pieces, "mined": mined},
                             batch_format="pyarrow", num_cpus=0.25)
                # Files hold one track or piece each: visit them in random order, and each
                # worker's local shuffle buffer (train.shuffle_buffer) mixes styles within batches.
@@ -359,5 +450,6 @@ def run_finetune(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
                   counts={"train_segments": train_rows, "train_pieces": len(train_pieces), "styles": len(styles),
                           "segments": metadata.num_rows},
                   extra={"train_pieces": train_pieces, "styles": styles, "loss_type": ft.loss,
+                         "mining": mining_counts,
                          "descriptor_stats": descriptor_stats,
                          "facet_groups": loop_config.get("facet_groups")})

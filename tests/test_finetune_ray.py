@@ -1,0 +1,67 @@
+"""Fine-tuning with facet heads and augmented views on Ray Train (tiny generated corpus)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from conftest import tiny_config
+from mess_ray.eval.descriptors import DESCRIPTOR_NAMES
+from mess_ray.facets import FACETS, OVERALL, parse_layout, part_similarities
+from mess_ray.models import Embedder
+from mess_ray.segments import SEGMENT_SCHEMA, encode_audio, segment_id
+from mess_ray.storage import Storage
+from test_train_ray import SR, STYLES, _clip, write_tiny_ingest
+
+
+def _add_unlabelled_performances(storage: Storage, version: str, pieces: int = 4, per_piece: int = 4) -> int:
+    """Segments with a piece but no style (like human performances) in the same ingest version."""
+    rows = []
+    for piece in range(pieces):
+        track = f"piece{piece}-human"
+        for i in range(per_piece):
+            audio = _clip(piece, STYLES[i % len(STYLES)], 100 + i) * (0.3 + 0.2 * i)
+            rows.append({"segment_id": segment_id(track, i * SR), "track_id": track, "piece_id": f"piece{piece}",
+                         "style": "", "start_s": float(i), "end_s": i + 2.0, "start_sample": i * SR,
+                         "num_samples": len(audio), "sample_rate": SR, "source_uri": f"mem://{track}.wav",
+                         "metadata_json": "{}", "audio": encode_audio(audio)})
+    with storage.open(f"ingest/{version}/segments/part-human.parquet", "wb") as f:
+        pq.write_table(pa.Table.from_pylist(rows, schema=SEGMENT_SCHEMA), f)
+    return len(rows)
+
+
+def test_faceted_finetune_publishes_layout_and_descriptor_stats(ray_local, tmp_path):
+    from mess_ray.train import run_finetune
+
+    storage = Storage(str(tmp_path / "store"))
+    write_tiny_ingest(storage, pieces=4, per_style=3)
+    _add_unlabelled_performances(storage, "ing1")
+    cfg = tiny_config(storage.root, finetune={"steps": 3, "batch_size": 6, "num_workers": 1, "checkpoint_every": 3,
+                                              "augment_views": 1, "hard_negative_weight": 2.0,
+                                              "descriptor_sample": 16, "mine_clusters": 2})
+    cfg.model.facet_dim = 8
+    cfg.model.embedding_dim = 16
+    cfg.model.pooling = "stats"
+    cfg.model.level_channel = True
+    manifest = run_finetune(cfg, storage)
+    assert manifest["counts"]["steps"] == 3 and all(np.isfinite(manifest["losses"]["history"]))
+    stats = manifest["descriptor_stats"]
+    assert stats["names"] == list(DESCRIPTOR_NAMES) and stats["segments"] == 16
+    assert len(stats["mean"]) == len(stats["std"]) == len(DESCRIPTOR_NAMES)
+    assert set(manifest["facet_groups"]) >= {"tempo", "dynamics", "timbre"}
+    # Source (b): the unlabelled segments of training pieces were mined into clusters.
+    mining = manifest["mining"]
+    assert mining["unlabelled_segments"] == mining["described_segments"] > 0
+    assert 0 < mining["mined_segments"] <= mining["unlabelled_segments"]
+    mined_styles = [s for s in manifest["styles"] if s.startswith("mined:")]
+    assert len(mined_styles) == mining["mined_clusters"] >= 1
+    assert manifest["counts"]["train_segments"] == 3 * 3 * len(manifest["train_pieces"]) + mining["mined_segments"]
+
+    embedder = Embedder.from_ref(cfg, storage, "finetune")
+    layout = parse_layout(embedder.info["facet_layout"])
+    assert list(layout) == [OVERALL, *FACETS] and embedder.dim == 16 + 4 * 8
+    vectors = embedder.embed(np.stack([_clip(0, s, 0) for s in STYLES]))
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    parts = part_similarities(vectors[0], vectors, layout)
+    assert set(parts) == set(layout) and all(np.isclose(p[0], 1.0, atol=1e-5) for p in parts.values())
