@@ -1,0 +1,46 @@
+"""benchmarks/scaling_study.py: the paper study is computed from the committed measured figures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("scaling_study", REPO / "benchmarks" / "scaling_study.py")
+study = importlib.util.module_from_spec(_spec)
+sys.modules["scaling_study"] = study  # dataclasses look their module up while the class is built
+_spec.loader.exec_module(study)
+
+
+def test_committed_table_is_the_scripts_output_for_the_measured_figures():
+    measured = study.load_measured()
+    assert measured.train_flops_per_sample > measured.forward_flops_per_segment > 0
+    assert (REPO / "docs" / "scaling" / "table.md").read_text() == study.markdown(study.study(measured))
+    assert "![hours per stage](scaling/scaling.png)" in (REPO / "docs" / "scaling.md").read_text()
+
+
+def test_stage_hours_scale_with_the_corpus_and_the_pretraining_cap():
+    m = study.load_measured()
+    cluster = next(iter(study.CLUSTERS.values()))
+    small, big = study.stage_hours(10_000, m, cluster), study.stage_hours(100_000, m, cluster)
+    assert big["ingest"]["wall_h"] == pytest.approx(10 * small["ingest"]["wall_h"])
+    assert big["embed"]["wall_h"] == pytest.approx(10 * small["embed"]["wall_h"])
+    assert big["index"]["wall_h"] > 10 * small["index"]["wall_h"]  # IVF cost per vector grows
+    cap = study.ASSUMPTIONS["pretrain_cap_hours"]
+    capped, over = study.stage_hours(cap, m, cluster), study.stage_hours(4 * cap, m, cluster)
+    assert over["pretrain"]["wall_h"] == pytest.approx(capped["pretrain"]["wall_h"])
+    # Ingest hours follow the measured rate exactly: 10k h of audio / rate / vCPUs.
+    vcpus = cluster["cpu"][1] * study.ASSUMPTIONS["instances"][cluster["cpu"][0]]["vcpus"]
+    assert small["ingest"]["wall_h"] == pytest.approx(10_000 * 3600 / m.ingest_audio_s_per_cpu_s / vcpus / 3600)
+
+
+def test_missing_measurements_are_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the benchmark"):
+        study.load_measured(tmp_path)
+    (tmp_path / "ingest_throughput.jsonl").write_text(json.dumps({"figure": "corpus"}) + "\n")
+    with pytest.raises(ValueError, match="no ray_ingest"):
+        study.load_measured(tmp_path)
