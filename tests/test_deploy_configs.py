@@ -26,6 +26,18 @@ def test_cluster_yaml_matches_ray_cluster_launcher_schema():
     assert "ray-ml" not in cluster["docker"]["image"]
     kinds = cluster["available_node_types"]
     assert any("gpu" in name for name in kinds) and any("cpu" in name for name in kinds)
+    # The head schedules and runs no work; GPU types declare their GPUs; preemptible work on spot.
+    assert kinds[cluster["head_node_type"]]["resources"]["CPU"] == 0
+    assert all(kinds[n]["resources"].get("GPU", 0) >= 1 for n in kinds if "gpu" in n)
+    spot = [n for n, k in kinds.items() if k["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"]
+    assert any("cpu" in n for n in spot) and any("gpu" in n for n in spot)
+    for name, kind in kinds.items():
+        assert 0 <= kind["min_workers"] <= kind["max_workers"] <= cluster["max_workers"], name
+    # The image's Ray is the locked one.
+    import re
+
+    locked = re.search(r"^ray==(\S+)$", (REPO / "requirements.lock").read_text(), re.MULTILINE).group(1)
+    assert cluster["docker"]["image"].startswith(f"rayproject/ray:{locked}-")
 
 
 def test_serve_config_is_a_valid_serve_deploy_config():
