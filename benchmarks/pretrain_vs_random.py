@@ -20,8 +20,10 @@ of the L2-normalised layer vectors (``layer_mean``); the headline is the layer t
 ``Embedder`` pools (``model.ssl_layer``), and the script checks its vectors against
 ``Embedder.from_ref`` so the figure is the pipeline's own.
 
-SSL sees no labels, so it trains on every segment, held-out pieces included (as
-``mess-ray pretrain`` does); the random baseline gets the same exposure: none.
+SSL sees no labels, so by default it trains on every segment, held-out pieces included (as
+``mess-ray pretrain`` does). ``--set pretrain.exclude_eval_holdout=true`` leaves the pieces of the
+``eval.seed`` split out of pretraining and then scores that split only: the SSL encoder is
+measured on music it never heard.
 
 Usage (the ingest artifact of ``--root`` is used; without one, a corpus is rendered and
 ingested there first)::
@@ -194,6 +196,9 @@ def main() -> None:
     parser.add_argument("--existing", nargs="+", default=None, metavar="RUN",
                         help="evaluate these finished pretrain artifacts of --root instead of training "
                              "(each is paired with the random encoder of its own model.seed)")
+    parser.add_argument("--paired", action="store_true",
+                        help="with two --existing runs: also the paired difference SSL(first) - SSL(second) "
+                             "(same queries, same bootstrap), to compare two objectives")
     args = parser.parse_args()
 
     base = [f"storage.root={args.root}", "pretrain.warmup_steps=20", "pretrain.checkpoint_every=100",
@@ -203,6 +208,9 @@ def main() -> None:
     storage = Storage.from_config(cfg0.storage)
     data = labelled_segments(cfg0, storage)
     pieces = sorted(set(data["piece_ids"]))
+    if cfg0.pretrain.exclude_eval_holdout:
+        # Pretraining left out exactly the eval.seed split: only that split is unseen audio.
+        args.holdout_seeds = [cfg0.eval.seed]
     splits = {}
     for h in args.holdout_seeds:
         _, held = split_pieces(pieces, cfg0.eval.holdout_fraction, h)
@@ -280,6 +288,18 @@ def main() -> None:
               "queries_per_split": [int(splits[h].sum()) for h in args.holdout_seeds],
               "held_out_pieces_per_split": [int(len(set(data["piece_ids"][splits[h]]))) for h in args.holdout_seeds],
               "steps": len(history), "overrides": args.overrides})
+
+
+    if args.paired:
+        if len(jobs) != 2:
+            raise ValueError("--paired compares exactly two --existing runs")
+        for layer in layers:
+            strata = [(results[(0, h)]["ssl"][layer] - results[(1, h)]["ssl"][layer], data["track_ids"][splits[h]])
+                      for h in args.holdout_seeds]
+            diff, lo, hi = cluster_bootstrap_ci(strata, args.bootstrap)
+            emit({"figure": "ssl_run_vs_run_map", "layer": layer, "headline": layer == headline_layer,
+                  "first": runs[0], "second": runs[1], "diff": round(diff, 4), "diff_ci95": [round(lo, 4), round(hi, 4)],
+                  "holdout_seeds": args.holdout_seeds})
 
 
 if __name__ == "__main__":
