@@ -160,7 +160,12 @@ def write_asap_ingest(storage: Storage, root, window_s: float, hop_s: float, sty
                     "annotations_uri": str(folder / f"perf{k}_annotations.txt"),
                     "score_annotations_uri": str(folder / "midi_score_annotations.txt")}
             if styled:
-                meta = {"midi_uri": str(midi_path)}
+                # As the render stage writes it: the performed MIDI beside the audio in the render
+                # artifact (so under s3:// when the storage root is there), found via midi_path.
+                rel = f"audio/{piece}__perf{k}.mid"
+                storage.put_file(midi_path, f"render/vtest/{rel}")
+                meta = {"midi_path": rel, "render_version": "vtest",
+                        "style_params_json": json.dumps({"style": f"style{k}", "leading_silence_s": 0.0})}
             win, hop = int(window_s * SR), int(hop_s * SR)
             for start in range(0, len(audio) - win + 1, hop):
                 rows.append({"segment_id": segment_id(track, start), "track_id": track, "piece_id": piece,
@@ -210,8 +215,8 @@ def test_run_evaluate_runs_tasks_2_and_3_on_performances_and_says_why_task_1_did
     assert again["tasks"] == manifest["tasks"]  # deterministic for a seed and corpus
 
 
-def test_run_evaluate_on_renderings_with_midi_runs_tasks_1_and_3_and_reuses_embeddings(tmp_path):
-    cfg = tiny_config(str(tmp_path / "store"), audio={"sample_rate": SR})
+def test_run_evaluate_on_renderings_with_midi_runs_tasks_1_and_3_and_reuses_embeddings(s3_bucket, tmp_path):
+    cfg = tiny_config(f"{s3_bucket}/store", audio={"sample_rate": SR})
     cfg.eval.holdout_fraction = 0.9
     storage = Storage.from_config(cfg.storage)
     write_asap_ingest(storage, tmp_path / "rendered", cfg.audio.window_s, cfg.audio.hop_s, styled=True)
