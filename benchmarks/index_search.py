@@ -10,11 +10,13 @@ in the same run:
   per-vector costs measured at the largest size (labelled ``"extrapolated": true``);
 - ``recall_latency``: recall@10 against exact search and single-query latency (p50, p99) for
   flat, IVF-Flat at several nprobe, IVF-PQ + exact re-rank, HNSW at several efSearch, on the
-  clustered vectors and on real embeddings (an index artifact's vectors with ``--storage``;
-  without it, synthetic tone clips embedded by the random-init encoder);
+  clustered vectors and on real embeddings (the segments of a rendered corpus's latest ingest
+  embedded here with ``--ingest ROOT [--model REF]``; an index artifact's vectors with
+  ``--storage``; without either, synthetic tone clips embedded by the random-init encoder);
 - ``target``: whether recall@10 >= 0.95 at p99 < 5 ms was met at the largest size, and by what.
 
-Run: ``python benchmarks/index_search.py [--quick] [--storage ROOT] [--threads 2] [--out FILE]``.
+Run: ``python benchmarks/index_search.py [--quick] [--ingest ROOT | --storage ROOT] [--threads 2] [--out FILE]``.
+Real embeddings only: ``--real-only --ingest /work/data/m21-bench``.
 """
 
 from __future__ import annotations
@@ -73,10 +75,44 @@ def clustered_vectors(n: int, dim: int, n_queries: int, cluster_size: int = 1000
     return draw(n), draw(n_queries)
 
 
-def real_embeddings(storage_root: str | None, n_queries: int, seed: int = 0) -> tuple[str, np.ndarray, np.ndarray]:
-    """(label, corpus, queries): an index artifact's vectors, or tone clips through the random encoder."""
+def embed_ingest(ingest_root: str, model_ref: str, batch: int = 32) -> tuple[str, np.ndarray]:
+    """Every segment of the latest ingest artifact under ``ingest_root`` (e.g. a rendered corpus),
+    embedded in this process by ``model_ref`` (``random``: the random-init tiny encoder, or a
+    stage/folder under that root). Read-only on the root: nothing is published there."""
+    from mess_ray.config import MessRayConfig
+    from mess_ray.index.embed import segment_audio_matrix, window_samples
+    from mess_ray.models import Embedder
+    from mess_ray.segments import read_segment_table
+    from mess_ray.storage import Storage
+
+    storage = Storage(ingest_root)
+    manifest = storage.manifest("ingest")
+    seg = manifest.get("segmentation", {})
+    cfg = MessRayConfig.model_validate({
+        "storage": {"root": ingest_root}, "model": {"size": "tiny"},
+        "audio": {k: seg[k] for k in ("sample_rate", "window_s", "hop_s") if k in seg}})
+    embedder = Embedder.from_ref(cfg, storage, model_ref)
+    table = read_segment_table(storage, manifest["version"], columns=["segment_id", "sample_rate", "audio"])
+    length = window_samples(cfg.audio)
+    parts = []
+    for start in range(0, table.num_rows, batch):
+        rows = table.slice(start, batch)
+        audio = segment_audio_matrix(rows.column("audio").to_pylist(), rows.column("sample_rate").to_numpy(),
+                                     cfg.audio.sample_rate, length)
+        parts.append(embedder.embed(audio))
+    label = (f"{table.num_rows} segments of ingest {manifest['version']} under {ingest_root}, "
+             f"embedded by the {model_ref} tiny model")
+    return label, np.concatenate(parts)
+
+
+def real_embeddings(storage_root: str | None, n_queries: int, seed: int = 0, ingest_root: str | None = None,
+                    model_ref: str = "random") -> tuple[str, np.ndarray, np.ndarray]:
+    """(label, corpus, queries): an index artifact's vectors, a rendered corpus's segments embedded
+    here, or tone clips through the random encoder."""
     rng = np.random.default_rng(seed)
-    if storage_root:
+    if ingest_root:
+        label, vectors = embed_ingest(ingest_root, model_ref)
+    elif storage_root:
         import pyarrow.parquet as pq
 
         from mess_ray.index.embed import table_to_vectors
@@ -312,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hnsw-ef-construction", type=int, default=40,
                         help="HNSW build beam (index.hnsw_ef_construction; 128: better recall, ~5x slower build)")
     parser.add_argument("--storage", default=None, help="storage root whose latest index's vectors are the real embeddings")
+    parser.add_argument("--ingest", default=None, help="storage root whose latest ingest's segments are embedded "
+                        "here as the real embeddings (e.g. /work/data/m21-bench, a rendered corpus)")
+    parser.add_argument("--model", default="random", help="with --ingest: the model ref that embeds them")
     parser.add_argument("--skip-real", action="store_true", help="clustered synthetic vectors only")
     parser.add_argument("--real-only", action="store_true", help="real embeddings only (no synthetic sizes)")
     parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
@@ -334,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         extrapolate([r for r in rows if r.get("figure") == "build"], 100_000_000, args.dim, out)
         summarize(rows, max(args.sizes), out)
     if not args.skip_real:
-        label, x, queries = real_embeddings(args.storage, args.queries)
+        label, x, queries = real_embeddings(args.storage, args.queries, ingest_root=args.ingest, model_ref=args.model)
         sweep(f"real: {label}", x, queries, args, out, build_figures=False)
     emit({"figure": "run", "wall_s": round(time.perf_counter() - t_start, 1), "sizes": args.sizes,
           "threads": args.threads, "faiss": faiss.__version__}, out)
