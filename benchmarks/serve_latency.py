@@ -245,7 +245,8 @@ def main() -> None:
     run_service(cfg, blocking=False)
     try:
         wait_ready(url, timeout_s=300)
-        track = index.tracks()[7]["track_id"]
+        tracks = index.tracks()
+        track = tracks[min(7, len(tracks) - 1)]["track_id"]
         by_id = {"track_id": track, "start_s": 4.0, "k": 10}
         with httpx.Client(timeout=120) as client:
             def by_track(params: dict) -> None:
@@ -274,7 +275,16 @@ def main() -> None:
                       "direct_p99_ms": baseline["p99_ms"], "overhead_p50_ms": round(served["p50_ms"] - baseline["p50_ms"], 3),
                       "load_avg_1m": round(os.getloadavg()[0], 1)}, out)
 
+        def direct_rps(fn, seconds: float = 3.0) -> float:
+            count, deadline = 0, time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                fn()
+                count += 1
+            return round(count / seconds, 2)
+
         for kind, params in (("by_id", {**by_id, "explain": False}), ("upload", {"k": 10, "explain": False})):
+            # One thread in this process, no HTTP: what the same queries cost without the service.
+            baseline_rps = direct_rps(direct_one if kind == "by_id" else direct_upload)
             spec = json.dumps({"url": url, "kind": "upload" if kind == "upload" else "by-track", "params": params,
                                "clip": clip_path})
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--load", spec, "--duration",
@@ -283,7 +293,7 @@ def main() -> None:
             result = json.loads(proc.stdout.strip().splitlines()[-1])
             stats = httpx.get(f"{url}/readyz", timeout=30).json()["stats"]
             emit({"figure": "throughput", "query": kind, "concurrency": args.concurrency, **result,
-                  "max_embed_batch": stats["max_embed_batch"], "load_avg_1m": round(os.getloadavg()[0], 1)}, out)
+                  "direct_single_thread_rps": baseline_rps, "max_embed_batch": stats["max_embed_batch"], "load_avg_1m": round(os.getloadavg()[0], 1)}, out)
     finally:
         serve.shutdown()
 
