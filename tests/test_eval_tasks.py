@@ -255,3 +255,11 @@ def test_reuse_or_embed_takes_task1_vectors_and_embeds_only_the_rest(monkeypatch
     vectors, _ = bench.reuse_or_embed(None, None, "m", perf, held_out, held_vectors, {"ref": "m"})
     assert asked == [[99]]
     assert vectors.tolist() == [[3.0, 0], [9.0, 9.0], [1.0, 0]]
+
+
+def test_plot_labels_shorten_model_folders():
+    from mess_ray.eval.report import plot_label
+
+    assert plot_label("/data/m21/finetune/finetune-c970/model") == "finetune-c970"
+    assert plot_label("s3://b/models/mine") == "mine"
+    assert plot_label("descriptors") == "descriptors"

@@ -73,6 +73,14 @@ TASK_MAIN_METRIC = {"style_retrieval": "map", "passage_retrieval": "map", "expre
 BASELINES = ("descriptors", "random")
 
 
+def plot_label(ref: str) -> str:
+    """A short axis label: a model folder ``.../<run>/model`` shows as ``<run>``."""
+    parts = [p for p in ref.rstrip("/").split("/") if p]
+    if len(parts) <= 1:
+        return ref
+    return parts[-2] if parts[-1] == "model" else parts[-1]
+
+
 def _task_main_metric(task: str, ndcg_k: int) -> str:
     return f"ndcg@{ndcg_k}" if task == "expressive_agreement" else TASK_MAIN_METRIC[task]
 
@@ -159,7 +167,7 @@ def _plot_metrics(path: Path, system_metrics: dict[str, dict[str, float]]) -> No
     for ax, metric in zip(axes.flat, names):
         values = [system_metrics[s].get(metric, float("nan")) for s in systems]
         ax.bar(range(len(systems)), np.nan_to_num(values), color=colours)
-        ax.set_xticks(range(len(systems)), systems, rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(range(len(systems)), [plot_label(x) for x in systems], rotation=30, ha="right", fontsize=8)
         ax.set_title(metric)
         if metric == "map":  # the fraction of relevant candidates is what a random ranking scores
             chance = system_metrics[systems[0]].get("chance")
@@ -238,7 +246,7 @@ def _plot_tasks(path: Path, tasks: dict[str, dict[str, Any]], ndcg_k: int) -> No
         if chance is not None and not math.isnan(chance):
             ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance {chance:.2f}")
             ax.legend(fontsize=7)
-        ax.set_xticks(range(len(systems)), systems, rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(range(len(systems)), [plot_label(x) for x in systems], rotation=30, ha="right", fontsize=8)
         ax.set_title(f"{task.replace('_', ' ')}: {metric}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -255,7 +263,7 @@ def _plot_passage_hist(path: Path, similarities: dict[str, np.ndarray], candidat
         sim = similarities[name]
         ax.hist(sim[relevant], bins=bins, density=True, alpha=0.5, label="same beats, other performance")
         ax.hist(sim[candidates & ~relevant], bins=bins, density=True, alpha=0.5, label="other passages")
-        ax.set_title(f"passage similarities: {name}", fontsize=9)
+        ax.set_title(f"passage similarities: {plot_label(name)}", fontsize=9)
         ax.set_xlabel("cosine similarity")
         ax.legend(fontsize=7)
     fig.tight_layout()
