@@ -263,3 +263,16 @@ def test_plot_labels_shorten_model_folders():
     assert plot_label("/data/m21/finetune/finetune-c970/model") == "finetune-c970"
     assert plot_label("s3://b/models/mine") == "mine"
     assert plot_label("descriptors") == "descriptors"
+
+
+def test_load_track_shifts_beats_and_drops_score_beats_that_do_not_match(tmp_path):
+    from mess_ray.eval.performances import TrackSources, load_track
+
+    (tmp_path / "p.txt").write_text("1.0\t1.0\tdb\n1.5\t1.5\tb\n2.0\t2.0\tb\n")
+    (tmp_path / "s3.txt").write_text("0\t0\tdb\n1\t1\tb\n2\t2\tb\n")
+    (tmp_path / "s2.txt").write_text("0\t0\tdb\n1\t1\tb\n")
+    ok = load_track(TrackSources(None, str(tmp_path / "p.txt"), str(tmp_path / "s3.txt"), beat_offset_s=1.0))
+    assert ok.beats.tolist() == [0.0, 0.5, 1.0] and ok.score_beats.tolist() == [0, 1, 2] and not ok.problems
+    bad = load_track(TrackSources(str(tmp_path / "missing.mid"), str(tmp_path / "p.txt"), str(tmp_path / "s2.txt")))
+    assert bad.score_beats is None and bad.midi is None and bad.beats is not None
+    assert any("2 != performed beats 3" in p for p in bad.problems) and any("midi" in p for p in bad.problems)

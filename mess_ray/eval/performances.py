@@ -103,10 +103,10 @@ def load_track(sources: TrackSources, endpoint: str | None = None) -> TrackData:
             score = read_beat_annotations(_read_text(sources.score_beats_uri, endpoint))
             # The annotations are one to one when complete; otherwise tempo relative to the
             # score is unknown for this track (ASAP has a few such performances).
-            if score.size == read_beat_annotations(_read_text(sources.beats_uri, endpoint)).size:
+            if score.size == data.beats.size:
                 data.score_beats = score
             else:
-                data.problems.append(f"score beats {score.size} != performed beats")
+                data.problems.append(f"score beats {score.size} != performed beats {data.beats.size}")
         except Exception as err:
             data.problems.append(f"score beats {sources.score_beats_uri}: {err}")
     return data
