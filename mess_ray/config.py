@@ -137,11 +137,12 @@ class ModelConfig(_Section):
     trust_remote_code: bool = Field(False, description="Explicit opt-in for checkpoints with custom code (MERT).")
     embedding_dim: int = Field(128, ge=8, description="Size of the overall part of the fine-tuned embedding.")
     pooling: Literal["mean", "attentive", "stats"] = Field(
-        "attentive", description="Pooling over time: mean, attentive (learned frame weights), or stats "
+        "stats", description="Pooling over time: mean, attentive (learned frame weights), or stats "
                                  "(mean and standard deviation: keeps how much things vary within a passage).")
-    facet_dim: int = Field(0, ge=0, description="Size of each facet part (tempo, dynamics, articulation, timbre) "
-                           "of the fine-tuned embedding; 0: no facet heads, a plain embedding.")
-    level_channel: bool = Field(False, description="Feed the raw audio's log-RMS level per frame to the heads "
+    facet_dim: int = Field(16, ge=0, description="Size of each facet part (tempo, dynamics, articulation, timbre) "
+                           "of the fine-tuned embedding; 0: no facet heads, a plain embedding. The embedding has "
+                           "embedding_dim + 4 * facet_dim dimensions.")
+    level_channel: bool = Field(True, description="Feed the raw audio's log-RMS level per frame to the heads "
                                 "(the encoder only sees loudness-normalised audio).")
     seed: int = Field(0, description="Seed of randomly initialised encoders (the 'random' baseline).")
     ssl_layer: int | None = Field(
@@ -215,7 +216,7 @@ class FinetuneConfig(TrainConfig):
     init_from: Literal["auto", "pretrain", "pretrained", "random"] = Field(
         "auto", description="Encoder start: auto = latest pretrain artifact, else model.pretrained, else random.")
     hard_negative_weight: float = Field(
-        1.0, gt=0, description="infonce: same-piece-other-style negatives count this many times in the denominator.")
+        2.0, gt=0, description="infonce: same-piece-other-style negatives count this many times in the denominator.")
     contrastive_target: Literal["full", "overall"] = Field(
         "full", description="With facet heads: the contrastive loss acts on the whole faceted vector, or only on "
                             "its overall part.")
@@ -244,6 +245,8 @@ class IndexConfig(_Section):
     min_actors: int = Field(1, ge=1)
     max_actors: int = Field(2, ge=1)
     cpus_per_actor: float = Field(0.5, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPU share per embedding actor (Ray Data num_gpus); "
+                                  "0: CPU actors. With a GPU the embedder runs the model on CUDA.")
     shards: int = Field(2, ge=1)
     ivf_above: int = Field(50_000, ge=1, description="auto: IVF instead of exact search from this many vectors "
                            "(benchmarks/index_search.py: exact p99 passes 5 ms on 2 cores near 1e5).")

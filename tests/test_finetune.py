@@ -259,6 +259,7 @@ def test_dynamics_facet_learns_to_track_loudness():
     """A few dozen steps of the facet loss alone: the dynamics facet's cosine comes to rank
     held-out pairs by their loudness descriptors, far better than the untrained facet."""
     torch.manual_seed(0)
+    np.random.seed(0)  # transformers' SpecAugment time masks draw from numpy's global RNG
     groups = facet_groups({"dynamics": ("loudness_mean_db", "loudness_range_db")})
 
     def clips(n: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -284,10 +285,10 @@ def test_dynamics_facet_learns_to_track_loudness():
         return facet_agreement(vectors, layout, z, groups)["dynamics"]["dynamics"]
 
     before = agreement()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     targets = torch.tensor(zscore_descriptors(train_desc, stats), dtype=torch.float32)[:, groups["dynamics"]]
     generator = torch.Generator().manual_seed(0)
-    for _ in range(40):
+    for _ in range(80):
         model.train()
         idx = torch.randperm(48, generator=generator)[:16]
         out = model(train_audio[idx])
@@ -297,4 +298,4 @@ def test_dynamics_facet_learns_to_track_loudness():
         loss.backward()
         optimizer.step()
     after = agreement()
-    assert after > 0.4 and after > before + 0.3, (before, after)  # measured: 0.10 -> 0.55
+    assert after > 0.4 and after > before + 0.3, (before, after)  # seeded: 80 steps at lr 1e-3 learn for torch seeds 0-2; 40 steps at 3e-3 did not for seed 2

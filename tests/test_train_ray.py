@@ -80,7 +80,9 @@ def test_pretrain_then_finetune_publish_models(ray_local, tiny_store):
     assert sorted(ft["train_pieces"]) == sorted(train_pieces) and not set(holdout) & set(ft["train_pieces"])
     assert ft["styles"] == sorted(STYLES)
     embedder = Embedder.from_ref(cfg, tiny_store, "finetune")
-    assert embedder.dim == cfg.model.embedding_dim
+    # The default model has facet heads: overall part + 4 facet parts, laid out as the manifest says.
+    assert embedder.dim == cfg.model.embedding_dim + 4 * cfg.model.facet_dim
+    assert embedder.info["facet_layout"]["overall"] == [0, cfg.model.embedding_dim]
     vectors = embedder.embed(np.stack([_clip(0, s, 0) for s in STYLES]))
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
@@ -125,7 +127,7 @@ def test_finetune_on_s3_storage(ray_local, s3_bucket):
     assert any(n.startswith("checkpoint_") for n in storage.listdir("finetune/runs/s3run"))
     embedder = Embedder.from_ref(cfg, storage, "finetune")
     assert embedder.info["version"] == "s3run"
-    assert embedder.embed(np.stack([_clip(1, "legato", 0)])).shape == (1, cfg.model.embedding_dim)
+    assert embedder.embed(np.stack([_clip(1, "legato", 0)])).shape == (1, embedder.dim)
 
 
 def test_pretrain_survives_a_killed_worker(ray_local, tiny_store):

@@ -176,6 +176,7 @@ def embedding_pool(dataset: Any, cfg: MessRayConfig, embedder_info: dict[str, An
         fn_constructor_kwargs={"cfg_json": cfg.model_dump(mode="json"), "embedder_info": embedder_info},
         compute=ray.data.ActorPoolStrategy(min_size=cfg.index.min_actors, max_size=cfg.index.max_actors),
         num_cpus=cfg.index.cpus_per_actor,
+        num_gpus=cfg.index.gpus_per_actor,
         batch_size=cfg.index.batch_size,
         batch_format="numpy",
         **embedding_actor_fault_tolerance(cfg),

@@ -66,7 +66,9 @@ class Embedder:
 
     def __init__(self, model: nn.Module, dim: int, info: dict[str, Any], window_samples: int,
                  batch_size: int = 16) -> None:
-        self.model = model.eval()
+        # On a GPU replica or embedding actor (num_gpus > 0) Ray exposes CUDA: run the model there.
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.eval().to(self.device)
         self.dim = int(dim)
         self.info = info
         self.window_samples = int(window_samples)
@@ -88,7 +90,7 @@ class Embedder:
         with torch.inference_mode():
             for start in range(0, len(batch), self.batch_size):
                 chunk = torch.from_numpy(np.ascontiguousarray(batch[start:start + self.batch_size]))
-                outputs.append(self.model(chunk).cpu().numpy())
+                outputs.append(self.model(chunk.to(self.device)).float().cpu().numpy())
         return np.concatenate(outputs).astype(np.float32, copy=False)
 
     __call__ = embed
