@@ -146,6 +146,10 @@ def run_demo(cfg: MessRayConfig, shutdown: bool = True) -> dict:
         print(f"\nHTTP query: {query['track_id']} {query['start_s']:.2f}-{query['end_s']:.2f} s "
               f"(style {query['style']!r}, piece {query['piece_id']!r}) -> POST {url}/search")
         print(client.format_hits(result))
+        # The same clip with its own recording excluded: passages of other recordings played alike.
+        elsewhere = client.search_file(url, wav, k=5, filename="query.wav", exclude_track=query["track_id"])
+        print(f"\nSame query, other recordings only (exclude_track={query['track_id']}):")
+        print(client.format_hits(elsewhere))
 
         t0 = time.monotonic()
         manifests["evaluate"] = run_stage("evaluate", cfg, storage, model_refs=["pretrain", "finetune"])
@@ -164,4 +168,4 @@ def run_demo(cfg: MessRayConfig, shutdown: bool = True) -> dict:
     total = round(time.monotonic() - started, 1)
     print(f"\ndemo finished in {total} s; stage timings {timings}")
     return {"manifests": manifests, "timings": timings, "total_s": total, "query": query,
-            "query_result": result, "service_url": url}
+            "query_result": result, "query_result_elsewhere": elsewhere, "service_url": url}

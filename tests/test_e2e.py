@@ -73,6 +73,8 @@ def check_pipeline(cfg, result) -> None:
     query, hits = result["query"], result["query_result"]["hits"]
     assert hits[0]["track_id"] == query["track_id"]
     assert hits[0]["start_s"] == pytest.approx(query["start_s"])
+    elsewhere = result["query_result_elsewhere"]["hits"]
+    assert elsewhere and all(h["track_id"] != query["track_id"] for h in elsewhere)
     assert hits[0]["similarity"] == pytest.approx(1.0, abs=1e-3)
 
     # Querying by track + timestamp answers with other passages, best first, never the query itself.
