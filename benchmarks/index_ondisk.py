@@ -144,7 +144,12 @@ def run_step(*args: str) -> dict[str, Any]:
                             capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"step {args} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    # FAISS's C++ code prints progress ("resizing ... ivfdata") to the same stdout, and its
+    # buffer and Python's flush in either order: take the step's JSON line, wherever it lands.
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"step {args} printed no JSON line:\n{result.stdout[-3000:]}")
+    return json.loads(lines[-1])
 
 
 # -- driver -----------------------------------------------------------------------------------
