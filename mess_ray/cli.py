@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--start", type=float, default=0.0, help="start time in seconds (with --track)")
             sub.add_argument("--end", type=float, default=None, help="end time in seconds (with --track)")
             sub.add_argument("-k", type=int, default=10, help="number of hits")
+            sub.add_argument("--exclude-track", default=None, help="drop hits from this track (e.g. the query's own)")
+            sub.add_argument("--min-gap-s", type=float, default=None, help="min distance between hits of one track")
+            sub.add_argument("--facet", action="append", default=[], metavar="FACET=WEIGHT",
+                             help="facet weight, repeatable: overall, tempo, dynamics, articulation, timbre")
+            sub.add_argument("--mmr", type=float, default=None, metavar="LAMBDA",
+                             help="diversity: 1 = pure similarity, lower = more varied hits")
+            sub.add_argument("--filter", action="append", default=[], metavar="FIELD=VALUE",
+                             help="metadata filter, repeatable (composer=Bach, style=romantic, ...)")
             sub.add_argument("--json", action="store_true", help="print the raw JSON response")
     return parser
 

@@ -76,16 +76,35 @@ def serve_forever(cfg: MessRayConfig) -> None:
     run_service(with_storage_resolved(cfg), blocking=True)
 
 
+def search_options(args: argparse.Namespace) -> dict:
+    """The search verb's options as the API's query parameters (``--facet tempo=2`` -> ``w_tempo=2``)."""
+    options: dict = {"exclude_track": args.exclude_track, "min_gap_s": args.min_gap_s, "mmr_lambda": args.mmr}
+    for item in args.facet:
+        name, sep, weight = item.partition("=")
+        try:
+            options[f"w_{name.strip()}"] = float(weight)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise ValueError(f"--facet {item!r} must look like tempo=2")
+    if args.filter:
+        if any("=" not in item for item in args.filter):
+            raise ValueError(f"--filter values must look like field=value, got {args.filter}")
+        options["filter"] = list(args.filter)
+    return {key: value for key, value in options.items() if value is not None}
+
+
 def search_cli(cfg: MessRayConfig, args: argparse.Namespace) -> dict:
     import json
 
     from mess_ray.serve import client
 
     url = args.url or service_url(cfg)
+    options = search_options(args)
     if args.file:
-        result = client.search_file(url, args.file, k=args.k)
+        result = client.search_file(url, args.file, k=args.k, **options)
     else:
-        result = client.search_by_track(url, args.track, args.start, args.end, k=args.k)
+        result = client.search_by_track(url, args.track, args.start, args.end, k=args.k, **options)
     print(json.dumps(result, indent=2) if args.json else client.format_hits(result))
     return result
 
