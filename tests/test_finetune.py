@@ -299,3 +299,35 @@ def test_dynamics_facet_learns_to_track_loudness():
         optimizer.step()
     after = agreement()
     assert after > 0.4 and after > before + 0.3, (before, after)  # seeded: 80 steps at lr 1e-3 learn for torch seeds 0-2; 40 steps at 3e-3 did not for seed 2
+
+
+def test_descriptor_stats_include_unlabelled_human_performances(tmp_path):
+    """Facet targets are z-scored over training-piece segments whether or not they carry a
+    style: a corpus of human performances only (labels to be mined) must train with facets."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mess_ray.segments import SEGMENT_SCHEMA, encode_audio, segment_id
+    from mess_ray.storage import Storage
+    from mess_ray.train.finetune import training_descriptor_stats
+
+    storage = Storage(str(tmp_path / "store"))
+    rng = np.random.default_rng(0)
+    rows = []
+    for piece in range(3):
+        track = f"perf{piece}"
+        for i in range(4):
+            audio = (0.1 * rng.normal(size=SR)).astype(np.float32)
+            rows.append({"segment_id": segment_id(track, i * SR), "track_id": track, "piece_id": f"piece{piece}",
+                         "style": "", "start_s": float(i), "end_s": float(i + 1), "start_sample": i * SR,
+                         "num_samples": SR, "sample_rate": SR, "source_uri": f"mem://{track}.wav",
+                         "metadata_json": "{}", "audio": encode_audio(audio)})
+    with storage.open("ingest/v1/segments/part-000.parquet", "wb") as f:
+        pq.write_table(pa.Table.from_pylist(rows, schema=SEGMENT_SCHEMA), f)
+    storage.publish("ingest", "v1", {"counts": {"segments": len(rows)}})
+
+    stats = training_descriptor_stats(storage, "v1", ["piece0", "piece1"], window=SR, sample_rate=SR,
+                                      max_segments=100, seed=0)
+    assert len(stats["mean"]) == len(stats["std"]) and np.all(np.isfinite(stats["mean"]))
+    with pytest.raises(ValueError, match="no training-piece segment"):
+        training_descriptor_stats(storage, "v1", ["absent"], window=SR, sample_rate=SR, max_segments=100, seed=0)

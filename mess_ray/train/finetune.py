@@ -374,13 +374,14 @@ def mine_unlabelled_training_rows(storage: Storage, version: str, train_pieces: 
 
 def training_descriptor_stats(storage: Storage, version: str, train_pieces: list[str], window: int,
                               sample_rate: int, max_segments: int, seed: int) -> dict[str, Any]:
-    """Mean and std of every descriptor over a seeded sample of labelled training segments
-    (the z-scoring of facet targets; recorded in the manifest)."""
+    """Mean and std of every descriptor over a seeded sample of training-piece segments
+    (the z-scoring of facet targets; recorded in the manifest). Labels play no part here, so
+    unlabelled human performances (pair source (b), mined labels) count like renderings."""
     dataset = segments_dataset(storage, version)
-    in_train = pc.field("piece_id").isin(train_pieces) & (pc.field("style") != "")
+    in_train = pc.field("piece_id").isin(train_pieces)
     ids = dataset.to_table(columns=["segment_id"], filter=in_train)["segment_id"].to_numpy()
     if ids.size == 0:
-        raise ValueError(f"no labelled training segment in ingest {version} to z-score descriptors on")
+        raise ValueError(f"no training-piece segment in ingest {version} to z-score descriptors on")
     chosen = np.random.default_rng(seed).choice(ids, size=min(max_segments, ids.size), replace=False)
     table = dataset.to_table(columns=["audio"], filter=pc.field("segment_id").isin(pa.array(chosen, pa.int64())))
     matrix = np.stack([descriptor_vector(fit_length(decode_audio(blob), window), sample_rate)
