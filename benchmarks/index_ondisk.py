@@ -37,15 +37,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+from index_search import emit  # noqa: E402  (one JSON line per figure, as the sibling benchmark)
+
 K = 10
-
-
-def emit(record: dict[str, Any], out: Any | None) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    if out is not None:
-        out.write(line + "\n")
-        out.flush()
 
 
 class PeakMemory:

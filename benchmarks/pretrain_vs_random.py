@@ -48,6 +48,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from pretrain_learns import moving_average  # noqa: E402  (the loss smoothing of the sibling benchmark)
 
 from mess_ray.config import MessRayConfig, load_config  # noqa: E402
 from mess_ray.eval import metrics  # noqa: E402
@@ -121,15 +124,6 @@ def cluster_bootstrap_ci(strata: list[tuple[np.ndarray, np.ndarray]], iterations
     means = draws.mean(axis=1)
     tail = (1.0 - level) / 2.0
     return float(np.mean(point)), float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail))
-
-
-def moving_average(values: list[float], window: int) -> np.ndarray:
-    """Trailing mean over ``window`` steps (shorter at the start)."""
-    x = np.asarray(values, dtype=np.float64)
-    cumulative = np.concatenate([[0.0], np.cumsum(x)])
-    ends = np.arange(1, len(x) + 1)
-    starts = np.maximum(0, ends - window)
-    return (cumulative[ends] - cumulative[starts]) / (ends - starts)
 
 
 # -- corpus, training ------------------------------------------------------------------------

@@ -103,29 +103,31 @@ def pedal_fraction(midi: pretty_midi.PrettyMIDI, start_s: float, end_s: float) -
     return float(total / (end_s - start_s))
 
 
-def beat_position(times: np.ndarray, beats: np.ndarray) -> np.ndarray:
-    """Fractional beat index of each time (0 = first annotated beat), linear between beats and
-    extrapolated with the nearest beat interval outside them."""
+def _beat_grid(beats: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Validated beat times, their indices, and the first and last beat intervals (used to
+    extrapolate outside the annotated beats)."""
     beats = np.asarray(beats, dtype=np.float64)
     if beats.ndim != 1 or beats.size < 2 or np.any(np.diff(beats) <= 0):
         raise ValueError("beats must be >= 2 strictly increasing times")
-    times = np.asarray(times, dtype=np.float64)
     index = np.arange(beats.size, dtype=np.float64)
+    return beats, index, float(beats[1] - beats[0]), float(beats[-1] - beats[-2])
+
+
+def beat_position(times: np.ndarray, beats: np.ndarray) -> np.ndarray:
+    """Fractional beat index of each time (0 = first annotated beat), linear between beats and
+    extrapolated with the nearest beat interval outside them."""
+    beats, index, first, last = _beat_grid(beats)
+    times = np.asarray(times, dtype=np.float64)
     pos = np.interp(times, beats, index)
-    first, last = beats[1] - beats[0], beats[-1] - beats[-2]
     pos = np.where(times < beats[0], (times - beats[0]) / first, pos)
     return np.where(times > beats[-1], index[-1] + (times - beats[-1]) / last, pos)
 
 
 def beat_time(positions: np.ndarray, beats: np.ndarray) -> np.ndarray:
     """Inverse of :func:`beat_position`: the time of fractional beat indices."""
-    beats = np.asarray(beats, dtype=np.float64)
-    if beats.ndim != 1 or beats.size < 2 or np.any(np.diff(beats) <= 0):
-        raise ValueError("beats must be >= 2 strictly increasing times")
+    beats, index, first, last = _beat_grid(beats)
     positions = np.asarray(positions, dtype=np.float64)
-    index = np.arange(beats.size, dtype=np.float64)
     t = np.interp(positions, index, beats)
-    first, last = beats[1] - beats[0], beats[-1] - beats[-2]
     t = np.where(positions < 0, beats[0] + positions * first, t)
     return np.where(positions > index[-1], beats[-1] + (positions - index[-1]) * last, t)
 
