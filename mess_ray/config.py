@@ -144,6 +144,10 @@ class ModelConfig(_Section):
                            "embedding_dim + 4 * facet_dim dimensions.")
     level_channel: bool = Field(True, description="Feed the raw audio's log-RMS level per frame to the heads "
                                 "(the encoder only sees loudness-normalised audio).")
+    descriptor_channel: bool = Field(
+        True, description="Feed each passage's z-scored audio descriptors (mess_ray.eval.descriptors; their "
+        "z-scoring fitted on training segments and saved with the model) to every head next to the pooled "
+        "frames.")
     seed: int = Field(0, description="Seed of randomly initialised encoders (the 'random' baseline).")
     ssl_layer: int | None = Field(
         None, description="Hidden state mean-pooled by 'pretrain'/'random' embedders (0 = conv features, "
@@ -237,6 +241,18 @@ class FinetuneConfig(TrainConfig):
                                "across different pieces only. 0: such segments are skipped.")
     mine_max_segments: int = Field(4000, ge=2, description="Unlabelled training segments described for mining "
                                    "(a seeded sample).")
+    midi_weight: float = Field(
+        4.0, ge=0, description="Pair source (b) with performed MIDI: weight of a soft-neighbour loss that makes "
+        "the embedding rank other pieces' passages as their expressive MIDI descriptors do (tempo against the "
+        "score, rubato, timing, velocity, articulation, pedal). Used when training segments have MIDI (see "
+        "midi_targets_for); 0: off.")
+    midi_targets_for: Literal["unstyled", "all"] = Field(
+        "unstyled", description="Which training segments with MIDI get MIDI targets: 'unstyled' (human "
+        "performances; renderings with a style already have exact labels, and MIDI targets on them cost "
+        "style retrieval without helping agreement, README Fine-tuning) or 'all'.")
+    midi_target_temperature: float = Field(
+        0.5, gt=0, description="Sharpness of the MIDI-descriptor neighbour targets (times the batch's median "
+        "distance).")
 
 
 class IndexConfig(_Section):

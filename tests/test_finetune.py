@@ -98,6 +98,35 @@ def test_level_channel_makes_the_model_hear_loudness():
         assert not torch.allclose(levelled(x), levelled(0.1 * x), atol=1e-3)
 
 
+def _descriptor_stats(audio: np.ndarray) -> dict:
+    raw = np.stack([descriptor_vector(a, SR) for a in audio])
+    return {"names": list(DESCRIPTOR_NAMES), "mean": raw.mean(0).tolist(), "std": (raw.std(0) + 0.1).tolist()}
+
+
+def test_descriptor_channel_feeds_zscored_descriptors_and_round_trips(tmp_path):
+    x = _tones(4, seed=3)
+    stats = _descriptor_stats(x.numpy())
+    model = EmbeddingModel(build_encoder("tiny", seed=0), embedding_dim=16, pooling="stats", facet_dim=4,
+                           descriptor_stats=stats).eval()
+    side = model.descriptor_input(x)
+    expected = zscore_descriptors(np.stack([descriptor_vector(a, SR) for a in x.numpy()]), stats)
+    assert side.shape == (4, len(DESCRIPTOR_NAMES))
+    assert np.allclose(side.numpy(), np.clip(np.nan_to_num(expected), -5, 5), atol=1e-4)
+    # The channel reaches every head: the same model without it gives other vectors.
+    plain = EmbeddingModel(build_encoder("tiny", seed=0), embedding_dim=16, pooling="stats", facet_dim=4).eval()
+    assert plain.projection[0].in_features + len(DESCRIPTOR_NAMES) == model.projection[0].in_features
+    assert all(h.projection[0].in_features == model.projection[0].in_features for h in model.facet_heads.values())
+    with torch.no_grad():
+        before = model(x)
+        model.save(tmp_path / "m")
+        after = EmbeddingModel.load(tmp_path / "m")(x)
+    assert torch.allclose(before, after, atol=1e-5)  # the z-scoring travels with the model
+    config = json.loads((tmp_path / "m" / "embedding_config.json").read_text())
+    assert config["descriptor_stats"]["names"] == list(DESCRIPTOR_NAMES)
+    with pytest.raises(ValueError, match="retrain"):
+        EmbeddingModel(build_encoder("tiny", seed=0), descriptor_stats={**stats, "names": ["onset_rate_hz"]})
+
+
 # -- losses --------------------------------------------------------------------------------
 def test_infonce_hard_negative_weight_targets_same_piece_pairs():
     labels = torch.tensor([0, 0, 1, 1])
@@ -139,6 +168,40 @@ def test_soft_neighbour_kl_rewards_descriptor_geometry():
     assert soft_neighbour_kl(aligned[:2], targets[:2], 0.1).item() == 0.0
     with pytest.raises(ValueError, match="batch size"):
         soft_neighbour_kl(aligned, targets[:5], 0.1)
+
+
+def test_soft_neighbour_kl_can_leave_pairs_out():
+    rng = np.random.default_rng(1)
+    targets = torch.tensor(rng.standard_normal((8, 2)), dtype=torch.float32)
+    part = F.normalize(torch.tensor(rng.standard_normal((8, 3)), dtype=torch.float32), dim=1).requires_grad_()
+    pieces = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    same_piece = pieces.unsqueeze(0) == pieces.unsqueeze(1)
+    loss = soft_neighbour_kl(part, targets, 0.1, exclude=same_piece)
+    # Moving a row's same-piece partner where only same-piece pairs see it changes nothing:
+    # compare against the loss computed with that pair's geometry scrambled.
+    moved = part.detach().clone()
+    moved[1] = F.normalize(moved[1] + torch.tensor([3.0, -2.0, 1.0]), dim=0)
+    assert soft_neighbour_kl(moved, targets, 0.1, exclude=same_piece) != loss  # row 1 has other neighbours
+    loss.backward()
+    assert torch.isfinite(part.grad).all()
+    # A row left with no neighbour at all does not count and gives no NaN gradient.
+    lonely = torch.zeros(8, 8, dtype=torch.bool)
+    lonely[0, :] = lonely[:, 0] = True
+    fresh = part.detach().clone().requires_grad_()
+    soft_neighbour_kl(fresh, targets, 0.1, exclude=lonely).backward()
+    assert torch.isfinite(fresh.grad).all() and fresh.grad[0].abs().sum() == 0
+    assert soft_neighbour_kl(part, targets, 0.1, exclude=~torch.eye(8, dtype=torch.bool)).item() == 0.0
+
+
+def test_unlabelled_rows_are_nobodys_hard_negative():
+    from mess_ray.train.finetune import _hard_negative_mask
+
+    labels = torch.tensor([0, 1, -1, -2])
+    pieces = torch.tensor([5, 5, 5, 5])
+    hard = _hard_negative_mask(labels, pieces)
+    assert hard[0, 1] and hard[1, 0]
+    assert not hard[2].any() and not hard[:, 2].any() and not hard[3].any()
+    assert not _positive_mask(labels)[2].any()  # an unlabelled row has no positive but its own views
 
 
 def test_facet_groups_follow_the_descriptor_map_at_call_time():
@@ -190,7 +253,11 @@ def test_mined_labels_cluster_descriptors_and_pair_only_across_pieces():
     rows = pa.table({"segment_id": pa.array([1, 2, 3], pa.int64()), "audio": [b"", b"", b""],
                      "style": ["fast", "", ""], "piece_id": ["a", "a", "b"]})
     kept = _filter_training_rows(rows, ["a", "b"], {3: "mined:000"})
-    assert kept.column("style").to_pylist() == ["fast", "mined:000"] and "segment_id" not in kept.column_names
+    assert kept.column("style").to_pylist() == ["fast", "mined:000"]
+    assert kept.column("segment_id").to_pylist() == [1, 3]  # collate looks MIDI targets up by id
+    # Rows with MIDI targets are kept even without a style (it stays empty: a label of their own).
+    kept = _filter_training_rows(rows, ["a", "b"], with_midi={2})
+    assert kept.column("segment_id").to_pylist() == [1, 2] and kept.column("style").to_pylist() == ["fast", ""]
 
 
 # -- augmentations -------------------------------------------------------------------------
@@ -252,6 +319,22 @@ def test_collate_adds_views_as_positives_and_zscored_descriptors():
     assert np.allclose(out["descriptors"][0].numpy(), zscore_descriptors(raw[None], stats)[0], atol=1e-4)
     plain = collate_labelled(batch, {**loop_config, "augment_views": 0, "descriptor_stats": None})
     assert plain["audio"].shape == (3, SR) and "descriptors" not in plain
+
+
+def test_collate_looks_up_midi_targets_and_labels_unstyled_rows_apart():
+    audio = _tones(3, seed=4).numpy()
+    batch = {"audio": np.array([encode_audio(a) for a in audio], dtype=object),
+             "style": np.array(["a", "", ""], dtype=object), "piece_id": np.array(["p1", "p1", "p2"], dtype=object),
+             "segment_id": np.array([10, 11, 12])}
+    loop_config = {"styles": ["a"], "window_samples": SR, "augment_views": 1, "augment": {"sample_rate": SR},
+                   "embedding": {"sample_rate": SR}, "midi_targets": {11: [1.0, -1.0], 12: [0.5, 0.0]},
+                   "midi_target_names": ["rubato", "velocity_mean"]}
+    out = collate_labelled(batch, loop_config)
+    labels = out["labels"].tolist()
+    assert labels[0] == 0 and labels[1] < 0 and labels[2] < 0 and labels[1] != labels[2]
+    assert labels[3:] == labels[:3]  # an augmented view keeps its row's label: its only positive
+    assert out["has_midi"].tolist() == [False, True, True] * 2
+    assert out["midi"][1].tolist() == [1.0, -1.0] and out["midi"][5].tolist() == [0.5, 0.0]
 
 
 # -- it learns -----------------------------------------------------------------------------

@@ -158,12 +158,17 @@ class PerformanceSet:
 
 
 def load_performance_set(storage: Storage, version: str, holdout_fraction: float, seed: int,
-                         sample_rate: int, window_s: float) -> PerformanceSet | None:
+                         sample_rate: int, window_s: float, pieces: str = "holdout",
+                         with_audio: bool = True) -> PerformanceSet | None:
     """Held-out segments whose track has MIDI or beat annotations; None when no track has any.
 
     The split is the benchmark's (:func:`mess_ray.segments.split_pieces` over every known piece),
-    so a piece held out for style retrieval is held out here too.
+    so a piece held out for style retrieval is held out here too. ``pieces="train"`` gives the
+    training pieces' segments instead (fine-tuning's MIDI-descriptor targets); without
+    ``with_audio`` the audio column is not read (``audio`` is then [N, 0]).
     """
+    if pieces not in ("holdout", "train"):
+        raise ValueError(f"pieces must be 'holdout' or 'train', got {pieces!r}")
     dataset = segments_dataset(storage, version)
     meta = dataset.to_table(columns=["track_id", "piece_id", "metadata_json"])
     all_pieces = [p for p in pc.unique(meta["piece_id"]).to_pylist() if p]
@@ -171,8 +176,9 @@ def load_performance_set(storage: Storage, version: str, holdout_fraction: float
         return None
     train_pieces, holdout_pieces = split_pieces(all_pieces, holdout_fraction, seed)
     first_meta: dict[str, tuple[str, str]] = {}
+    wanted = set(holdout_pieces if pieces == "holdout" else train_pieces)
     for tid, piece, blob in zip(*(meta[c].to_pylist() for c in ("track_id", "piece_id", "metadata_json"))):
-        if piece in holdout_pieces and tid not in first_meta:
+        if piece in wanted and tid not in first_meta:
             first_meta[tid] = (piece, blob)
     tracks: dict[str, TrackData] = {}
     problems: dict[str, list[str]] = {}
@@ -188,7 +194,7 @@ def load_performance_set(storage: Storage, version: str, holdout_fraction: float
             tracks[tid] = data
     if not tracks:
         return None
-    table = dataset.to_table(columns=[*METADATA_COLUMNS, "audio"],
+    table = dataset.to_table(columns=[*METADATA_COLUMNS, *(["audio"] if with_audio else [])],
                              filter=pc.field("track_id").isin(sorted(tracks))).sort_by("segment_id")
     rates = set(pc.unique(table["sample_rate"]).to_pylist())
     if rates != {sample_rate}:
@@ -208,7 +214,8 @@ def load_performance_set(storage: Storage, version: str, holdout_fraction: float
             # were shifted into audio time on loading.
             descriptors[i] = midi_descriptor_vector(data.midi, start, end, data.beats, data.score_beats)
             has_midi[i] = True
-    audio = np.stack([fit_length(decode_audio(b), window) for b in table["audio"].to_pylist()])
+    audio = (np.stack([fit_length(decode_audio(b), window) for b in table["audio"].to_pylist()]) if with_audio
+             else np.zeros((len(track_ids), 0), dtype=np.float32))
     return PerformanceSet(
         segment_ids=np.asarray(table["segment_id"].to_numpy(), dtype=np.int64), track_ids=track_ids,
         piece_ids=np.asarray(table["piece_id"].to_pylist(), dtype=object), start_s=starts, end_s=ends,

@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,16 +79,17 @@ def level_contour(waveform: torch.Tensor, hop: int, num_frames: int) -> torch.Te
 class _PartHead(nn.Module):
     """One embedding part: its own weighting over hidden states, pooling and projection."""
 
-    def __init__(self, num_states: int, in_dim: int, out_dim: int, pooling: str) -> None:
+    def __init__(self, num_states: int, in_dim: int, out_dim: int, pooling: str, side_dim: int = 0) -> None:
         super().__init__()
         # Zeros -> uniform softmax: every layer starts equally weighted.
         self.layer_logits = nn.Parameter(torch.zeros(num_states))
         self.pool = AttentivePooling(in_dim) if pooling == "attentive" else None
         self.pooling = pooling
-        pooled = 2 * in_dim if pooling == "stats" else in_dim
+        pooled = (2 * in_dim if pooling == "stats" else in_dim) + side_dim
         self.projection = nn.Sequential(nn.Linear(pooled, in_dim), nn.GELU(), nn.Linear(in_dim, out_dim))
 
-    def forward(self, states: torch.Tensor, level: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, states: torch.Tensor, level: torch.Tensor | None,
+                side: torch.Tensor | None = None) -> torch.Tensor:
         weights = self.layer_logits.softmax(dim=0).to(states.dtype).view(-1, 1, 1, 1)
         frames = (weights * states).sum(dim=0)  # [B, T, H]
         if level is not None:
@@ -98,6 +100,8 @@ class _PartHead(nn.Module):
             pooled = stats_pool(frames)
         else:
             pooled = mean_pool(frames)
+        if side is not None:
+            pooled = torch.cat([pooled, side.to(pooled.dtype)], dim=-1)
         return self.projection(pooled)
 
 
@@ -110,12 +114,19 @@ class EmbeddingModel(nn.Module):
     where each part lies). Each head weights the encoder's hidden states on its own
     (state 0 is the conv feature projection), since tempo, loudness and timbre live at
     different depths.
+
+    With ``descriptor_stats`` (names, mean and std of the audio descriptors of
+    :mod:`mess_ray.eval.descriptors` over training segments) every head also receives the
+    passage's z-scored descriptor vector next to its pooled frames: onset timing statistics
+    over a whole passage are cheap to measure exactly and slow for a small encoder to learn,
+    so the heads learn what to add to them (and how to weigh them) instead of re-deriving them.
     """
 
     def __init__(self, encoder: PreTrainedModel, embedding_dim: int = 128,
                  pooling: Literal["mean", "attentive", "stats"] = "attentive",
                  freeze_encoder: bool = False, freeze_layers: int = 0,
-                 sample_rate: int = 16000, facet_dim: int = 0, level_channel: bool = False) -> None:
+                 sample_rate: int = 16000, facet_dim: int = 0, level_channel: bool = False,
+                 descriptor_stats: dict[str, list] | None = None) -> None:
         super().__init__()
         if pooling not in ("mean", "attentive", "stats"):
             raise ValueError(f"pooling must be 'mean', 'attentive' or 'stats', got {pooling!r}")
@@ -127,19 +138,54 @@ class EmbeddingModel(nn.Module):
         self.options: dict[str, Any] = dict(embedding_dim=embedding_dim, pooling=pooling,
                                             freeze_encoder=freeze_encoder, freeze_layers=freeze_layers,
                                             sample_rate=sample_rate, facet_dim=facet_dim,
-                                            level_channel=level_channel)
+                                            level_channel=level_channel, descriptor_stats=descriptor_stats)
+        side_dim = self._init_descriptor_channel(descriptor_stats)
         self.hop = int(math.prod(encoder.config.conv_stride))
         in_dim = hidden + (1 if level_channel else 0)
         # The overall head keeps the attribute names of models saved before facets existed
         # (layer_logits, pool, projection), so their head.pt files still load.
         self.layer_logits = nn.Parameter(torch.zeros(num_states))
         self.pool = AttentivePooling(in_dim) if pooling == "attentive" else None
-        pooled = 2 * in_dim if pooling == "stats" else in_dim
+        pooled = (2 * in_dim if pooling == "stats" else in_dim) + side_dim
         self.projection = nn.Sequential(nn.Linear(pooled, in_dim), nn.GELU(), nn.Linear(in_dim, embedding_dim))
         self.facet_heads = nn.ModuleDict(
-            {name: _PartHead(num_states, in_dim, facet_dim, pooling) for name in FACETS} if facet_dim else {})
+            {name: _PartHead(num_states, in_dim, facet_dim, pooling, side_dim) for name in FACETS}
+            if facet_dim else {})
         self.facet_layout: Layout | None = make_layout(embedding_dim, facet_dim) if facet_dim else None
         self.set_frozen(freeze_encoder, freeze_layers)
+
+    def _init_descriptor_channel(self, stats: dict[str, list] | None) -> int:
+        """Buffers for the descriptor side channel's z-scoring; returns its width (0: none)."""
+        if stats is None:
+            return 0
+        from mess_ray.eval.descriptors import DESCRIPTOR_NAMES
+
+        names = tuple(stats.get("names", ()))
+        if names != DESCRIPTOR_NAMES:
+            raise ValueError(f"descriptor channel was fitted on descriptors {list(names)}, but this version "
+                             f"computes {list(DESCRIPTOR_NAMES)}: retrain the model")
+        mean = torch.tensor(stats["mean"], dtype=torch.float32)
+        std = torch.tensor(stats["std"], dtype=torch.float32)
+        if mean.shape != (len(names),) or std.shape != (len(names),):
+            raise ValueError("descriptor_stats mean and std must have one value per descriptor")
+        self.register_buffer("descriptor_mean", mean, persistent=False)
+        self.register_buffer("descriptor_std", torch.where(std > 1e-12, std, torch.ones_like(std)),
+                             persistent=False)
+        return len(names)
+
+    def descriptor_input(self, waveform: torch.Tensor) -> torch.Tensor | None:
+        """Z-scored audio descriptors of each raw waveform [B, D] (None without the channel).
+        Measured in numpy (not differentiable, nothing to learn there); unknowns are 0 (the
+        training mean) and values are clipped to +-5 so one odd passage cannot dominate."""
+        if self.options.get("descriptor_stats") is None:
+            return None
+        from mess_ray.eval.descriptors import descriptor_vector
+
+        rate = int(self.options["sample_rate"])
+        rows = waveform.detach().float().cpu().numpy()
+        raw = torch.from_numpy(np.stack([descriptor_vector(row, rate) for row in rows])).float()
+        z = (raw.to(self.descriptor_mean.device) - self.descriptor_mean) / self.descriptor_std
+        return torch.nan_to_num(z, nan=0.0).clamp(-5.0, 5.0)
 
     @property
     def embedding_dim(self) -> int:
@@ -188,9 +234,13 @@ class EmbeddingModel(nn.Module):
         frames = (weights * states).sum(dim=0)  # [B, T, H]
         if level is not None:
             frames = torch.cat([frames, level.to(frames.dtype)], dim=-1)
-        parts = {OVERALL: F.normalize(self.projection(self._pool_overall(frames)).float(), dim=-1)}
+        side = self.descriptor_input(waveform)
+        pooled = self._pool_overall(frames)
+        if side is not None:
+            pooled = torch.cat([pooled, side.to(pooled.dtype)], dim=-1)
+        parts = {OVERALL: F.normalize(self.projection(pooled).float(), dim=-1)}
         for name, head in self.facet_heads.items():
-            parts[name] = F.normalize(head(states, level).float(), dim=-1)
+            parts[name] = F.normalize(head(states, level, side).float(), dim=-1)
         return parts
 
     def compose(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:

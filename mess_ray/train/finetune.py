@@ -8,13 +8,19 @@ InfoNCE / NT-Xent (supervised-contrastive form; fixed or learnable temperature) 
 margin. Facet heads (``model.facet_dim > 0``) are supervised by a soft-neighbour KL loss whose
 target distribution comes from each facet's descriptor group
 (:data:`mess_ray.eval.descriptors.FACET_DESCRIPTORS`, read at run time) z-scored on training
-segments. Only *training pieces* are used (``split_pieces`` on
-``eval.holdout_fraction``/``eval.seed``), so evaluation on the holdout pieces measures
-generalisation to unseen music; segments without a style are skipped.
+segments. Pair source (b) with performed MIDI (``finetune.midi_weight``): for every training
+segment whose recording has MIDI (renderings keep theirs, ASAP-layout corpora name theirs),
+the expressive MIDI descriptors of benchmark task 3 (tempo against the score, rubato, timing,
+velocity, articulation, pedal) give soft-neighbour targets for the searched vector over
+*other pieces'* passages; such segments take part even without a style (a label of their own).
+Only *training pieces* are used (``split_pieces`` on ``eval.holdout_fraction``/``eval.seed``),
+so evaluation on the holdout pieces measures generalisation to unseen music; segments with
+neither a style, a mined label nor MIDI are skipped.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import zlib
 from pathlib import Path
@@ -39,6 +45,8 @@ from mess_ray.train.common import (TrainTask, with_run_name, decode_audio_column
                                    window_samples)
 
 
+log = logging.getLogger(__name__)
+
 # -- losses --------------------------------------------------------------------------------
 def _positive_mask(labels: torch.Tensor, pieces: torch.Tensor | None = None,
                    mined_from: int | None = None) -> torch.Tensor:
@@ -57,7 +65,11 @@ def _hard_negative_mask(labels: torch.Tensor, pieces: torch.Tensor | None) -> to
     """Same piece, other style: the pairs a system that matches *what* is played gets wrong."""
     if pieces is None:
         return torch.zeros((len(labels), len(labels)), dtype=torch.bool, device=labels.device)
-    return (pieces.unsqueeze(0) == pieces.unsqueeze(1)) & (labels.unsqueeze(0) != labels.unsqueeze(1))
+    # Rows without a style or mined label (negative labels, see collate_labelled) are nobody's
+    # hard negative: two passages of one unlabelled performance may well be played alike.
+    labelled = labels >= 0
+    return ((pieces.unsqueeze(0) == pieces.unsqueeze(1)) & (labels.unsqueeze(0) != labels.unsqueeze(1))
+            & labelled.unsqueeze(0) & labelled.unsqueeze(1))
 
 
 def multi_positive_infonce(embeddings: torch.Tensor, labels: torch.Tensor,
@@ -111,28 +123,37 @@ def batch_hard_triplet(embeddings: torch.Tensor, labels: torch.Tensor, margin: f
 
 
 def soft_neighbour_kl(part: torch.Tensor, targets: torch.Tensor, temperature: float,
-                      target_temperature: float = 0.5) -> torch.Tensor:
+                      target_temperature: float = 0.5, exclude: torch.Tensor | None = None) -> torch.Tensor:
     """KL(p || q) between descriptor neighbourhoods and embedding neighbourhoods in a batch.
 
     ``part`` [B, f] L2-normalised facet vectors, ``targets`` [B, g] z-scored descriptors of
     that facet. p_i = softmax_j(-|t_i - t_j|^2 / (target_temperature * median distance^2))
     and q_i = softmax_j(cos(part_i, part_j) / temperature), over j != i. It asks the facet
     to rank batch neighbours as its descriptors do, without forcing a particular geometry
-    (a regression would also have to match the descriptors' scale).
+    (a regression would also have to match the descriptors' scale). ``exclude`` [B, B] leaves
+    pairs out of both distributions (e.g. same-piece pairs, to rank other pieces only); rows
+    left with fewer than two neighbours do not count.
     """
     if part.shape[0] != targets.shape[0]:
         raise ValueError("facet vectors and descriptor targets disagree on the batch size")
     if part.shape[0] < 3:
         return part.sum() * 0.0
-    eye = torch.eye(part.shape[0], dtype=torch.bool, device=part.device)
+    left_out = torch.eye(part.shape[0], dtype=torch.bool, device=part.device)
+    if exclude is not None:
+        left_out = left_out | exclude.to(device=part.device, dtype=torch.bool)
+    rows = (~left_out).sum(dim=1) >= 2
+    if not rows.any():
+        return part.sum() * 0.0
+    # Rows that do not count keep only the diagonal masked: no all -inf softmax (NaN gradients).
+    left_out = torch.where(rows.unsqueeze(1), left_out, torch.eye(len(rows), dtype=torch.bool, device=part.device))
     d2 = torch.cdist(targets.float(), targets.float()).pow(2)
-    scale = d2[~eye].median().clamp_min(1e-6)
-    target_logits = (-d2 / (target_temperature * scale)).masked_fill(eye, float("-inf"))
+    scale = d2[~left_out].median().clamp_min(1e-6)
+    target_logits = (-d2 / (target_temperature * scale)).masked_fill(left_out, float("-inf"))
     p = target_logits.softmax(dim=1)
-    log_q = (part @ part.T / temperature).masked_fill(eye, float("-inf")).log_softmax(dim=1)
+    log_q = (part @ part.T / temperature).masked_fill(left_out, float("-inf")).log_softmax(dim=1)
     log_p = target_logits.log_softmax(dim=1)
-    kl = (p * (log_p - log_q)).masked_fill(eye, 0.0).sum(dim=1)
-    return kl.mean()
+    kl = (p * (log_p - log_q)).masked_fill(left_out, 0.0).sum(dim=1)
+    return kl[rows].mean()
 
 
 def facet_groups(descriptor_map: dict[str, tuple[str, ...]] | None = None) -> dict[str, list[int]]:
@@ -213,9 +234,14 @@ def zscore_descriptors(matrix: np.ndarray, stats: dict[str, list[float]]) -> np.
 def collate_labelled(batch: dict, loop_config: dict) -> dict[str, torch.Tensor]:
     """Decoded audio, style labels and piece codes; with augmentation, one augmented view of
     every row appended per ``augment_views`` (same label and piece: a positive); with facet
-    heads, each row's z-scored descriptors (of the audio as the model sees it)."""
+    heads, each row's z-scored descriptors (of the audio as the model sees it); with MIDI
+    targets, each row's z-scored MIDI descriptors and whether it has them.
+
+    A row without a style (kept for its MIDI targets) gets a label of its own, below 0: no
+    positive but its own augmented views, and nobody's hard negative."""
     vocabulary = {style: i for i, style in enumerate(loop_config["styles"])}
-    labels = torch.tensor([vocabulary[str(s)] for s in batch["style"]], dtype=torch.long)
+    labels = torch.tensor([vocabulary[str(s)] if str(s) else -1 - i for i, s in enumerate(batch["style"])],
+                          dtype=torch.long)
     pieces = torch.tensor([piece_code(p) for p in batch["piece_id"]], dtype=torch.long)
     audio = decode_audio_column(batch["audio"], loop_config["window_samples"])
     views = int(loop_config.get("augment_views", 0))
@@ -226,6 +252,13 @@ def collate_labelled(batch: dict, loop_config: dict) -> dict[str, torch.Tensor]:
         audio = torch.cat([audio] + [augment_batch(audio, settings, generator) for _ in range(views)])
         labels, pieces = labels.repeat(views + 1), pieces.repeat(views + 1)
     out = {"audio": audio, "labels": labels, "pieces": pieces}
+    midi_targets = loop_config.get("midi_targets")
+    if midi_targets:
+        width = len(loop_config["midi_target_names"])
+        rows = [midi_targets.get(int(i)) for i in batch["segment_id"]]
+        out["midi"] = torch.tensor([r if r is not None else [0.0] * width for r in rows],
+                                   dtype=torch.float32).repeat(views + 1, 1)
+        out["has_midi"] = torch.tensor([r is not None for r in rows], dtype=torch.bool).repeat(views + 1)
     if loop_config.get("descriptor_stats"):
         rate = loop_config["embedding"]["sample_rate"]
         raw = np.stack([descriptor_vector(row, rate) for row in audio.numpy()])
@@ -265,6 +298,15 @@ def finetune_loss(model: nn.Module, batch: dict, loop_config: dict) -> tuple[tor
             facet_losses.append(facet_loss)
         if facet_losses:
             loss = loss + loop_config["facet_weight"] * torch.stack(facet_losses).mean()
+    if loop_config.get("midi_weight", 0) > 0 and "midi" in batch and bool(batch["has_midi"].sum() >= 3):
+        # Pair source (b), soft form: the searched vector ranks other pieces' passages as their
+        # performed-MIDI descriptors do. Same-piece pairs are left out (they share the music).
+        has = batch["has_midi"]
+        same_piece = pieces[has].unsqueeze(0) == pieces[has].unsqueeze(1)
+        midi_loss = soft_neighbour_kl(embeddings[has], batch["midi"][has], loop_config["facet_temperature"],
+                                      loop_config["midi_target_temperature"], exclude=same_piece)
+        extra["midi_loss"] = float(midi_loss.detach())
+        loss = loss + loop_config["midi_weight"] * midi_loss
     anchors = float(_positive_mask(labels, pieces, mined_from).any(dim=1).float().mean())
     hard = float(_hard_negative_mask(labels, pieces).any(dim=1).float().mean())
     return loss, {**extra, "temperature": float(inner.temperature()), "anchors_with_positive": anchors,
@@ -300,17 +342,23 @@ def _keep_mask(table: pa.Table, train_pieces: list[str]) -> pa.Array:
     return pc.and_(pc.fill_null(in_train, False), has_style)
 
 
-def _filter_training_rows(batch: pa.Table, train_pieces: list[str],
-                          mined: dict[int, str] | None = None) -> pa.Table:
-    """Labelled training rows, plus mined rows (their ``style`` set to the mined label)."""
+def _filter_training_rows(batch: pa.Table, train_pieces: list[str], mined: dict[int, str] | None = None,
+                          with_midi: set[int] | None = None) -> pa.Table:
+    """Labelled training rows, plus mined rows (their ``style`` set to the mined label), plus
+    rows with MIDI targets (``with_midi`` segment ids; their style may stay empty)."""
     keep = _keep_mask(batch, train_pieces)
+    if with_midi:
+        batch = batch.set_column(batch.schema.get_field_index("style"), "style",
+                                 pc.fill_null(batch.column("style"), ""))
+        has_midi = pa.array([i in with_midi for i in batch.column("segment_id").to_pylist()], pa.bool_())
+        keep = pc.or_(keep, has_midi)
     if mined:
         ids = batch.column("segment_id").to_pylist()
         is_mined = pa.array([i in mined for i in ids], pa.bool_())
         styles = [mined.get(i, s) for i, s in zip(ids, batch.column("style").to_pylist())]
         batch = batch.set_column(batch.schema.get_field_index("style"), "style", pa.array(styles, pa.string()))
         keep = pc.or_(keep, is_mined)
-    return batch.filter(keep).drop_columns(["segment_id"])
+    return batch.filter(keep)
 
 
 MINED_PREFIX = "mined:"
@@ -390,6 +438,35 @@ def training_descriptor_stats(storage: Storage, version: str, train_pieces: list
             "std": matrix.std(axis=0).tolist(), "segments": int(matrix.shape[0])}
 
 
+def training_midi_targets(storage: Storage, version: str, holdout_fraction: float, seed: int, sample_rate: int,
+                          window_s: float, exclude: set[int] | None = None
+                          ) -> tuple[dict[int, list[float]], list[str], dict[str, Any]]:
+    """Z-scored expressive MIDI descriptors of every training-piece segment whose recording has
+    performed MIDI (renderings keep theirs; ASAP-layout corpora name theirs): the targets of
+    ``finetune.midi_weight``. The descriptors and their z-scoring over the training segments
+    are those of benchmark task 3 on the held-out pieces (:func:`agreement.expressive_matrix`).
+    Segments in ``exclude`` get none and play no part in the z-scoring.
+    Returns (segment id -> vector, descriptor names kept, counts)."""
+    from mess_ray.eval.performances import load_performance_set
+    from mess_ray.eval.tasks.agreement import expressive_matrix
+
+    perf = load_performance_set(storage, version, holdout_fraction, seed, sample_rate, window_s,
+                                pieces="train", with_audio=False)
+    if perf is None or not perf.has_midi.any():
+        raise ValueError(f"finetune.midi_weight > 0, but no training-piece segment of ingest {version} has "
+                         "performed MIDI (renderings keep theirs; recorded corpora need an ASAP/MAESTRO layout)")
+    wanted = perf.has_midi & ~np.isin(perf.segment_ids, np.fromiter(exclude or (), dtype=np.int64))
+    if not wanted.any():
+        raise ValueError(f"every training-piece segment with performed MIDI in ingest {version} has a style, "
+                         "and finetune.midi_targets_for is 'unstyled'")
+    rows = np.flatnonzero(wanted)
+    matrix, names = expressive_matrix(perf.midi_descriptors[rows])
+    targets = {int(perf.segment_ids[r]): [round(float(v), 5) for v in matrix[i]] for i, r in enumerate(rows)}
+    counts = {"segments_with_midi": int(rows.size), "tracks": int(len(set(perf.track_ids[rows]))),
+              "pieces": int(len(set(perf.piece_ids[rows]))), "tracks_with_problems": len(perf.problems)}
+    return targets, names, counts
+
+
 # -- driver --------------------------------------------------------------------------------
 def run_finetune(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
     """Contrastive fine-tuning on training pieces; publishes ``finetune/<run_name>``."""
@@ -398,17 +475,35 @@ def run_finetune(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
     metadata = read_segment_table(storage, ingest_version, columns=["segment_id", "piece_id", "style"])
     mining = ft.mine_clusters > 0
     train_pieces, styles = training_selection(metadata, cfg.eval.holdout_fraction, cfg.eval.seed,
-                                              require_styles=not mining)
-    train_rows = int(pc.sum(_keep_mask(metadata, train_pieces).cast(pa.int64())).as_py() or 0)
+                                              require_styles=False)
+    keep = _keep_mask(metadata, train_pieces)
+    train_rows = int(pc.sum(keep.cast(pa.int64())).as_py() or 0)
+    midi_targets, midi_names, midi_counts = {}, [], {}
+    styled = set(metadata.filter(keep).column("segment_id").to_pylist())
+    if ft.midi_weight > 0:
+        try:
+            midi_targets, midi_names, midi_counts = training_midi_targets(
+                storage, ingest_version, cfg.eval.holdout_fraction, cfg.eval.seed, cfg.audio.sample_rate,
+                cfg.audio.window_s, exclude=styled if ft.midi_targets_for == "unstyled" else None)
+        except ValueError as err:
+            # Recorded corpora without MIDI still fine-tune on styles / mined labels: the manifest
+            # says why this pair source was not used.
+            log.warning("no MIDI targets: %s", err)
+            midi_counts = {"skipped": str(err)}
+        train_rows += sum(1 for i in midi_targets if i not in styled)
+    with_midi = bool(midi_targets)
+    if not (mining or with_midi) and len(styles) < 2:
+        raise ValueError(f"fine-tuning needs at least 2 styles among training pieces, found {styles} "
+                         "(or performed MIDI for finetune.midi_weight, or finetune.mine_clusters > 0)")
     mined, mining_counts = {}, {}
     if mining:
         # Source (b): human performances, labelled by descriptor proximity across pieces.
         mined, mining_counts = mine_unlabelled_training_rows(
             storage, ingest_version, train_pieces, window_samples(cfg), cfg.audio.sample_rate, ft.mine_clusters,
             ft.mine_max_segments, ft.seed)
-        train_rows += len(mined)
+        train_rows += sum(1 for i in mined if i not in midi_targets)
         styles = styles + sorted(set(mined.values()))
-        if len(styles) < 2:
+        if len(styles) < 2 and not with_midi:
             raise ValueError(f"fine-tuning needs at least 2 styles or mined clusters, found {styles}")
     if train_rows < ft.batch_size * ft.num_workers:
         raise ValueError(f"{train_rows} labelled training segments cannot fill batch_size={ft.batch_size} "
@@ -433,14 +528,22 @@ def run_finetune(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
                     "sample_rate": cfg.audio.sample_rate},
     }
     descriptor_stats = None
-    if cfg.model.facet_dim > 0 and ft.facet_weight > 0:
+    facets_supervised = cfg.model.facet_dim > 0 and ft.facet_weight > 0
+    if facets_supervised or cfg.model.descriptor_channel:
         descriptor_stats = training_descriptor_stats(storage, ingest_version, train_pieces, window_samples(cfg),
                                                      cfg.audio.sample_rate, ft.descriptor_sample, ft.seed)
+    if cfg.model.descriptor_channel:
+        loop_config["embedding"]["descriptor_stats"] = {k: descriptor_stats[k] for k in ("names", "mean", "std")}
+    loop_config["facet_temperature"] = ft.facet_temperature
+    if facets_supervised:
         loop_config.update(descriptor_stats=descriptor_stats, facet_groups=facet_groups(),
-                           facet_weight=ft.facet_weight, facet_temperature=ft.facet_temperature,
-                           facet_target_temperature=ft.facet_target_temperature)
+                           facet_weight=ft.facet_weight, facet_target_temperature=ft.facet_target_temperature)
+    if with_midi:
+        loop_config.update(midi_targets=midi_targets, midi_target_names=midi_names, midi_weight=ft.midi_weight,
+                           midi_target_temperature=ft.midi_target_temperature)
     dataset = (read_segments_ray(storage, ingest_version, columns=["segment_id", "audio", "style", "piece_id"])
-               .map_batches(_filter_training_rows, fn_kwargs={"train_pieces": train_pieces, "mined": mined},
+               .map_batches(_filter_training_rows, fn_kwargs={"train_pieces": train_pieces, "mined": mined,
+                                                              "with_midi": set(midi_targets)},
                             batch_format="pyarrow", num_cpus=0.25)
                # Files hold one track or piece each: visit them in random order, and each
                # worker's local shuffle buffer (train.shuffle_buffer) mixes styles within batches.
@@ -452,5 +555,7 @@ def run_finetune(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
                           "segments": metadata.num_rows},
                   extra={"train_pieces": train_pieces, "styles": styles, "loss_type": ft.loss,
                          "mining": mining_counts,
+                         "midi_targets": ({"names": midi_names, **midi_counts} if with_midi
+                                          else midi_counts or None),
                          "descriptor_stats": descriptor_stats,
                          "facet_groups": loop_config.get("facet_groups")})
