@@ -43,22 +43,15 @@ from mess_ray.config import load_config  # noqa: E402
 from mess_ray.eval import metrics  # noqa: E402
 from mess_ray.eval.benchmark import DESCRIPTORS, RANDOM, embed_system  # noqa: E402
 from mess_ray.eval.performances import load_performance_set  # noqa: E402
-from mess_ray.eval.tasks.performance import (AGREEMENT_TASK, PASSAGE_TASK, plan_performance_tasks,  # noqa: E402
-                                             score_performance_tasks)
+from mess_ray.eval.tasks.performance import (AGREEMENT_TASK, PASSAGE_TASK, _unit,  # noqa: E402
+                                             plan_performance_tasks, score_performance_tasks)
 from mess_ray.storage import Storage  # noqa: E402
 
 
 def per_query_agreement(vectors: np.ndarray, plan, k: int) -> np.ndarray:
     """nDCG@k of every task-3 query (NaN where a query has no relevant candidate)."""
-    rows = plan.agreement_rows
-    vectors = np.asarray(vectors, dtype=np.float64)  # as the pipeline scores them (near-ties matter)
-    unit = vectors[rows] / np.maximum(np.linalg.norm(vectors[rows], axis=1, keepdims=True), 1e-12)
+    unit = _unit(vectors[plan.agreement_rows])  # float64, as the pipeline scores them (near-ties matter)
     return metrics.ndcg_at_k(unit @ unit.T, plan.agreement_relevance, plan.agreement_candidates, k=k)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def train_seeds(config: str, overrides: list[str], seeds: list[int]) -> list[str]:

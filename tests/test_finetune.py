@@ -118,6 +118,9 @@ def test_descriptor_channel_feeds_zscored_descriptors_and_round_trips(tmp_path):
     assert all(h.projection[0].in_features == model.projection[0].in_features for h in model.facet_heads.values())
     with torch.no_grad():
         before = model(x)
+        # Descriptors measured by the caller (fine-tuning's collate) give the same vectors.
+        raw = torch.from_numpy(np.stack([descriptor_vector(a, SR) for a in x.numpy()]))
+        assert torch.allclose(model(x, raw), before, atol=1e-6)
         model.save(tmp_path / "m")
         after = EmbeddingModel.load(tmp_path / "m")(x)
     assert torch.allclose(before, after, atol=1e-5)  # the z-scoring travels with the model
@@ -177,11 +180,23 @@ def test_soft_neighbour_kl_can_leave_pairs_out():
     pieces = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     same_piece = pieces.unsqueeze(0) == pieces.unsqueeze(1)
     loss = soft_neighbour_kl(part, targets, 0.1, exclude=same_piece)
-    # Moving a row's same-piece partner where only same-piece pairs see it changes nothing:
-    # compare against the loss computed with that pair's geometry scrambled.
+    # Reference: each row's KL over its other-piece neighbours only, the target scale being the
+    # (lower, as torch.median) median squared distance over those pairs.
+    x, t = part.detach().double().numpy(), targets.double().numpy()
+    d2 = ((t[:, None] - t[None]) ** 2).sum(-1)
+    kept = ~same_piece.numpy()
+    scale = np.sort(d2[kept])[(kept.sum() - 1) // 2]
+    kls = []
+    for i in range(8):
+        logit_p, logit_q = -d2[i, kept[i]] / (0.5 * scale), (x[i] @ x[kept[i]].T) / 0.1
+        log_p = logit_p - np.log(np.exp(logit_p).sum())
+        log_q = logit_q - np.log(np.exp(logit_q).sum())
+        kls.append(float((np.exp(log_p) * (log_p - log_q)).sum()))
+    assert loss.item() == pytest.approx(np.mean(kls), rel=1e-4)
+    # Moving row 1 moves the loss: it still has other-piece neighbours.
     moved = part.detach().clone()
     moved[1] = F.normalize(moved[1] + torch.tensor([3.0, -2.0, 1.0]), dim=0)
-    assert soft_neighbour_kl(moved, targets, 0.1, exclude=same_piece) != loss  # row 1 has other neighbours
+    assert soft_neighbour_kl(moved, targets, 0.1, exclude=same_piece) != loss
     loss.backward()
     assert torch.isfinite(part.grad).all()
     # A row left with no neighbour at all does not count and gives no NaN gradient.

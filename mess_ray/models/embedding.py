@@ -173,18 +173,21 @@ class EmbeddingModel(nn.Module):
                              persistent=False)
         return len(names)
 
-    def descriptor_input(self, waveform: torch.Tensor) -> torch.Tensor | None:
+    def descriptor_input(self, waveform: torch.Tensor, raw: torch.Tensor | None = None) -> torch.Tensor | None:
         """Z-scored audio descriptors of each raw waveform [B, D] (None without the channel).
-        Measured in numpy (not differentiable, nothing to learn there); unknowns are 0 (the
-        training mean) and values are clipped to +-5 so one odd passage cannot dominate."""
+        Measured in numpy (not differentiable, nothing to learn there) unless the caller has
+        them already (``raw``, [B, D] unscaled: fine-tuning measures them for facet targets);
+        unknowns are 0 (the training mean) and values are clipped to +-5 so one odd passage
+        cannot dominate."""
         if self.options.get("descriptor_stats") is None:
             return None
-        from mess_ray.eval.descriptors import descriptor_vector
+        if raw is None:
+            from mess_ray.eval.descriptors import descriptor_vector
 
-        rate = int(self.options["sample_rate"])
-        rows = waveform.detach().float().cpu().numpy()
-        raw = torch.from_numpy(np.stack([descriptor_vector(row, rate) for row in rows])).float()
-        z = (raw.to(self.descriptor_mean.device) - self.descriptor_mean) / self.descriptor_std
+            rate = int(self.options["sample_rate"])
+            rows = waveform.detach().float().cpu().numpy()
+            raw = torch.from_numpy(np.stack([descriptor_vector(row, rate) for row in rows]))
+        z = (raw.float().to(self.descriptor_mean.device) - self.descriptor_mean) / self.descriptor_std
         return torch.nan_to_num(z, nan=0.0).clamp(-5.0, 5.0)
 
     @property
@@ -220,8 +223,10 @@ class EmbeddingModel(nn.Module):
             return self.pool(frames)
         return stats_pool(frames) if self.options["pooling"] == "stats" else mean_pool(frames)
 
-    def forward_parts(self, waveform: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Each part's L2-normalised vector: ``{"overall": [B, d], "tempo": [B, f], ...}``."""
+    def forward_parts(self, waveform: torch.Tensor,
+                      descriptors: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Each part's L2-normalised vector: ``{"overall": [B, d], "tempo": [B, f], ...}``
+        (``descriptors``: the waveforms' raw audio descriptors, if measured already)."""
         if waveform.dim() != 2:
             raise ValueError(f"expected waveform of shape [batch, samples], got {tuple(waveform.shape)}")
         out = self.encoder(normalize_waveform(waveform), output_hidden_states=True)
@@ -234,7 +239,7 @@ class EmbeddingModel(nn.Module):
         frames = (weights * states).sum(dim=0)  # [B, T, H]
         if level is not None:
             frames = torch.cat([frames, level.to(frames.dtype)], dim=-1)
-        side = self.descriptor_input(waveform)
+        side = self.descriptor_input(waveform, descriptors)
         pooled = self._pool_overall(frames)
         if side is not None:
             pooled = torch.cat([pooled, side.to(pooled.dtype)], dim=-1)
@@ -249,8 +254,8 @@ class EmbeddingModel(nn.Module):
             return parts[OVERALL]
         return torch.cat([parts[name] for name in self.facet_layout], dim=-1) / math.sqrt(len(self.facet_layout))
 
-    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        return self.compose(self.forward_parts(waveform))
+    def forward(self, waveform: torch.Tensor, descriptors: torch.Tensor | None = None) -> torch.Tensor:
+        return self.compose(self.forward_parts(waveform, descriptors))
 
     # -- persistence -----------------------------------------------------------------------
     def head_state_dict(self) -> dict[str, torch.Tensor]:

@@ -207,8 +207,8 @@ class ContrastiveModel(nn.Module):
         self.embedding = embedding
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=learn_temperature)
 
-    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        return self.embedding(waveform)
+    def forward(self, waveform: torch.Tensor, descriptors: torch.Tensor | None = None) -> torch.Tensor:
+        return self.embedding(waveform, descriptors)
 
     def temperature(self) -> torch.Tensor:
         # Clamped so a learnable temperature cannot collapse to 0 or blow up.
@@ -262,6 +262,7 @@ def collate_labelled(batch: dict, loop_config: dict) -> dict[str, torch.Tensor]:
     if loop_config.get("descriptor_stats"):
         rate = loop_config["embedding"]["sample_rate"]
         raw = np.stack([descriptor_vector(row, rate) for row in audio.numpy()])
+        out["raw_descriptors"] = torch.from_numpy(raw).float()
         out["descriptors"] = torch.from_numpy(zscore_descriptors(raw, loop_config["descriptor_stats"])).float()
     return out
 
@@ -270,7 +271,8 @@ def finetune_loss(model: nn.Module, batch: dict, loop_config: dict) -> tuple[tor
     inner = model.module if hasattr(model, "module") else model
     # Through the (DDP) wrapper's forward, so gradients are synchronised; parts are
     # sliced back out of the composed vector (each part is unit-norm / sqrt(n) there).
-    embeddings = model(batch["audio"])
+    # The collate's raw descriptors (facet targets) also feed the descriptor channel: measured once.
+    embeddings = model(batch["audio"], batch.get("raw_descriptors"))
     layout = inner.embedding.facet_layout
     labels, pieces = batch["labels"], batch.get("pieces")
     target = loop_config.get("contrastive_target", "full")
