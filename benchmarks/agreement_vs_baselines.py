@@ -43,15 +43,24 @@ from mess_ray.config import load_config  # noqa: E402
 from mess_ray.eval import metrics  # noqa: E402
 from mess_ray.eval.benchmark import DESCRIPTORS, RANDOM, embed_system  # noqa: E402
 from mess_ray.eval.performances import load_performance_set  # noqa: E402
-from mess_ray.eval.tasks.performance import (AGREEMENT_TASK, PASSAGE_TASK, _unit,  # noqa: E402
-                                             plan_performance_tasks, score_performance_tasks)
+from mess_ray.eval.tasks.performance import (  # noqa: E402
+    AGREEMENT_TASK,
+    PASSAGE_TASK,
+    _unit,
+    plan_performance_tasks,
+    score_performance_tasks,
+)
 from mess_ray.storage import Storage  # noqa: E402
 
 
 def per_query_agreement(vectors: np.ndarray, plan, k: int) -> np.ndarray:
     """nDCG@k of every task-3 query (NaN where a query has no relevant candidate)."""
-    unit = _unit(vectors[plan.agreement_rows])  # float64, as the pipeline scores them (near-ties matter)
-    return metrics.ndcg_at_k(unit @ unit.T, plan.agreement_relevance, plan.agreement_candidates, k=k)
+    unit = _unit(
+        vectors[plan.agreement_rows]
+    )  # float64, as the pipeline scores them (near-ties matter)
+    return metrics.ndcg_at_k(
+        unit @ unit.T, plan.agreement_relevance, plan.agreement_candidates, k=k
+    )
 
 
 def train_seeds(config: str, overrides: list[str], seeds: list[int]) -> list[str]:
@@ -70,11 +79,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", action="append", default=[], dest="overrides")
-    parser.add_argument("--seeds", type=int, nargs="*", default=[0], help="fine-tuning seeds to train")
-    parser.add_argument("--model", action="append", default=[], help="fine-tuned model folders (no training)")
-    parser.add_argument("--compare", action="append", default=[], help="NAME=PATH: another model to score")
-    parser.add_argument("--hybrid", action="append", default=[],
-                        help="NAME of a --compare model: also score descriptors (+) that model, concatenated")
+    parser.add_argument(
+        "--seeds", type=int, nargs="*", default=[0], help="fine-tuning seeds to train"
+    )
+    parser.add_argument(
+        "--model", action="append", default=[], help="fine-tuned model folders (no training)"
+    )
+    parser.add_argument(
+        "--compare", action="append", default=[], help="NAME=PATH: another model to score"
+    )
+    parser.add_argument(
+        "--hybrid",
+        action="append",
+        default=[],
+        help="NAME of a --compare model: also score descriptors (+) that model, concatenated",
+    )
     parser.add_argument("--bootstrap", type=int, default=2000)
     args = parser.parse_args(argv)
 
@@ -83,10 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     storage = Storage.from_config(cfg.storage)
     models = args.model or train_seeds(args.config, args.overrides, args.seeds)
     ecfg = cfg.eval
-    perf = load_performance_set(storage, storage.require_latest("ingest"), ecfg.holdout_fraction, ecfg.seed,
-                                cfg.audio.sample_rate, cfg.audio.window_s)
+    perf = load_performance_set(
+        storage,
+        storage.require_latest("ingest"),
+        ecfg.holdout_fraction,
+        ecfg.seed,
+        cfg.audio.sample_rate,
+        cfg.audio.window_s,
+    )
     if perf is None:
-        raise SystemExit("no held-out recording has performed MIDI: task 3 cannot run on this corpus")
+        raise SystemExit(
+            "no held-out recording has performed MIDI: task 3 cannot run on this corpus"
+        )
     plan = plan_performance_tasks(perf, ecfg.ndcg_k, ecfg.seed)
     if plan.agreement_rows is None:
         raise SystemExit(f"task 3 cannot run: {plan.skipped.get(AGREEMENT_TASK)}")
@@ -102,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         # The fine-tuned model reads the descriptors too (model.descriptor_channel): is it more
         # than descriptors and an encoder side by side? Both unit-norm, the encoder's centred.
         other = vectors[name] - vectors[name].mean(axis=0)
-        vectors[f"{DESCRIPTORS}+{name}"] = np.concatenate([_unit(vectors[DESCRIPTORS]), _unit(other)], axis=1)
+        vectors[f"{DESCRIPTORS}+{name}"] = np.concatenate(
+            [_unit(vectors[DESCRIPTORS]), _unit(other)], axis=1
+        )
     for name, vecs in vectors.items():
         per_query[name] = per_query_agreement(vecs, plan, k)
         scores[name], _ = score_performance_tasks(vecs, plan, tuple(ecfg.recall_ks), k)
@@ -112,24 +141,37 @@ def main(argv: list[str] | None = None) -> int:
     tracks = perf.track_ids[plan.agreement_rows]
     finetuned = [n for n in vectors if n.startswith("finetune[")]
     baselines = [n for n in vectors if n not in finetuned]
-    settings = {"config": args.config, "overrides": args.overrides, "models": models,
-                "queries": int(plan.agreement_rows.size), "held_out_pieces": perf.holdout_pieces,
-                "descriptors_used": plan.agreement_features}
-    for figure, task, key in ((f"agreement_ndcg@{k}", AGREEMENT_TASK, f"ndcg@{k}"),
-                              ("agreement_spearman", AGREEMENT_TASK, "spearman"),
-                              ("passage_map", PASSAGE_TASK, "map")):
+    settings = {
+        "config": args.config,
+        "overrides": args.overrides,
+        "models": models,
+        "queries": int(plan.agreement_rows.size),
+        "held_out_pieces": perf.holdout_pieces,
+        "descriptors_used": plan.agreement_features,
+    }
+    for figure, task, key in (
+        (f"agreement_ndcg@{k}", AGREEMENT_TASK, f"ndcg@{k}"),
+        ("agreement_spearman", AGREEMENT_TASK, "spearman"),
+        ("passage_map", PASSAGE_TASK, "map"),
+    ):
         if any(task not in scores[n] for n in vectors):
             continue
         values = {n: round(scores[n][task][key], 4) for n in vectors}
         mean = float(np.mean([values[n] for n in finetuned]))
-        line = {"figure": figure, "finetune_mean": round(mean, 4),
-                "finetune_seeds": [values[n] for n in finetuned], **{n: values[n] for n in baselines},
-                "beats": [n for n in baselines if mean > values[n]]}
+        line = {
+            "figure": figure,
+            "finetune_mean": round(mean, 4),
+            "finetune_seeds": [values[n] for n in finetuned],
+            **{n: values[n] for n in baselines},
+            "beats": [n for n in baselines if mean > values[n]],
+        }
         if task == AGREEMENT_TASK and key.startswith("ndcg"):
             line["chance"] = round(plan.agreement_chance, 4)
             for base in [DESCRIPTORS, *(f"{DESCRIPTORS}+{h}" for h in args.hybrid)]:
                 strata = [(per_query[n] - per_query[base], tracks) for n in finetuned]
-                diff, low, high = cluster_bootstrap_ci(strata, iterations=args.bootstrap, seed=ecfg.seed)
+                diff, low, high = cluster_bootstrap_ci(
+                    strata, iterations=args.bootstrap, seed=ecfg.seed
+                )
                 line[f"diff_vs_{base}"] = round(diff, 4)
                 line[f"diff_vs_{base}_ci95"] = [round(low, 4), round(high, 4)]
         emit({**line, **settings})

@@ -24,19 +24,26 @@ from mess_ray.storage import Storage
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
-    parser.add_argument("--per-style", type=int, default=40, help="segments sampled per style (seeded)")
+    parser.add_argument(
+        "--per-style", type=int, default=40, help="segments sampled per style (seeded)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     cfg = load_config(args.config, [])
     ratios = {s.name: s.articulation for s in cfg.render.styles}
-    table = segments_dataset(Storage.from_config(cfg.storage)).to_table(
-        columns=["style", "audio", "sample_rate"]).to_pylist()
+    table = (
+        segments_dataset(Storage.from_config(cfg.storage))
+        .to_table(columns=["style", "audio", "sample_rate"])
+        .to_pylist()
+    )
     by_style: dict[str, list[dict]] = {}
     for row in table:
         if row["style"] in ratios:
             by_style.setdefault(row["style"], []).append(row)
     if len(by_style) < 2:
-        raise SystemExit(f"need segments of two or more configured styles, found {sorted(by_style)}")
+        raise SystemExit(
+            f"need segments of two or more configured styles, found {sorted(by_style)}"
+        )
     rng = np.random.default_rng(args.seed)
     truth, values = [], {"sustain_ratio": [], "flux_mean": []}
     for style in sorted(by_style):
@@ -47,10 +54,19 @@ def main(argv: list[str] | None = None) -> int:
             for name in values:
                 values[name].append(d[name])
     for name, vals in values.items():
-        print(json.dumps({"figure": "spearman_vs_style_articulation", "descriptor": name,
-                          "value": round(float(spearmanr(truth, vals).statistic), 4),
-                          "baseline": "flux_mean" if name != "flux_mean" else None,
-                          "segments": len(truth), "styles": len(by_style), "seed": args.seed}))
+        print(
+            json.dumps(
+                {
+                    "figure": "spearman_vs_style_articulation",
+                    "descriptor": name,
+                    "value": round(float(spearmanr(truth, vals).statistic), 4),
+                    "baseline": "flux_mean" if name != "flux_mean" else None,
+                    "segments": len(truth),
+                    "styles": len(by_style),
+                    "seed": args.seed,
+                }
+            )
+        )
     return 0
 
 

@@ -75,12 +75,22 @@ def train_flops(size: str, cfg, samples: int) -> float:
 
     n_mels, k = cfg.pretrain.n_mels, cfg.pretrain.num_clusters
     # FLOPs do not depend on the codebook's values, only on its shape.
-    codebook = {"centroids": np.random.default_rng(0).standard_normal((k, n_mels)).astype(np.float32),
-                "mean": np.zeros(n_mels, np.float32), "std": np.ones(n_mels, np.float32)}
-    model = HubertPretrainModel(build_encoder(size, seed=0), codebook, cfg.audio.sample_rate, n_mels,
-                                cfg.pretrain.mask_prob, cfg.pretrain.mask_length)
-    audio = torch.from_numpy((0.1 * np.random.default_rng(2).standard_normal((samples, window(cfg))))
-                             .astype(np.float32))
+    codebook = {
+        "centroids": np.random.default_rng(0).standard_normal((k, n_mels)).astype(np.float32),
+        "mean": np.zeros(n_mels, np.float32),
+        "std": np.ones(n_mels, np.float32),
+    }
+    model = HubertPretrainModel(
+        build_encoder(size, seed=0),
+        codebook,
+        cfg.audio.sample_rate,
+        n_mels,
+        cfg.pretrain.mask_prob,
+        cfg.pretrain.mask_length,
+    )
+    audio = torch.from_numpy(
+        (0.1 * np.random.default_rng(2).standard_normal((samples, window(cfg)))).astype(np.float32)
+    )
     return flops_per_sample(model.train(), audio)
 
 
@@ -89,23 +99,48 @@ def window(cfg) -> int:
 
 
 def bench_size(size: str, args, out: list[dict]) -> None:
-    cfg = load_config(None, [f"audio.sample_rate={args.sample_rate}", f"audio.window_s={args.window_s}",
-                             f"audio.hop_s={args.window_s / 2}", f"model.size={size}",
-                             f"model.inference_batch_size={args.batch_size}", f"pretrain.num_clusters={args.clusters}"])
+    cfg = load_config(
+        None,
+        [
+            f"audio.sample_rate={args.sample_rate}",
+            f"audio.window_s={args.window_s}",
+            f"audio.hop_s={args.window_s / 2}",
+            f"model.size={size}",
+            f"model.inference_batch_size={args.batch_size}",
+            f"pretrain.num_clusters={args.clusters}",
+        ],
+    )
     storage = Storage(str(Path(args.workdir) if args.workdir else Path.cwd() / ".bench-unused"))
-    embedder = Embedder.from_info(cfg, storage, {"ref": "random", "kind": "random", "size": size, "seed": 0})
+    embedder = Embedder.from_info(
+        cfg, storage, {"ref": "random", "kind": "random", "size": size, "seed": 0}
+    )
     rng = np.random.default_rng(0)
-    batches = [(0.1 * rng.standard_normal((args.batch_size, window(cfg)))).astype(np.float32)
-               for _ in range(args.warmup + args.batches)]
-    common = {"size": size, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
-              "window_s": cfg.audio.window_s, "sample_rate": cfg.audio.sample_rate,
-              "parameters": sum(p.numel() for p in embedder.model.parameters())}
+    batches = [
+        (0.1 * rng.standard_normal((args.batch_size, window(cfg)))).astype(np.float32)
+        for _ in range(args.warmup + args.batches)
+    ]
+    common = {
+        "size": size,
+        "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "window_s": cfg.audio.window_s,
+        "sample_rate": cfg.audio.sample_rate,
+        "parameters": sum(p.numel() for p in embedder.model.parameters()),
+    }
 
     times = timed(embedder.embed, batches, args.warmup)
     per_batch = statistics.median(times)
-    emit({"figure": "embed_cpu", **common, "batches_timed": len(times), "batch_s_median": round(per_batch, 4),
-          "segments_per_s": round(args.batch_size / per_batch, 3),
-          "audio_s_per_s": round(args.batch_size * cfg.audio.window_s / per_batch, 2)}, out)
+    emit(
+        {
+            "figure": "embed_cpu",
+            **common,
+            "batches_timed": len(times),
+            "batch_s_median": round(per_batch, 4),
+            "segments_per_s": round(args.batch_size / per_batch, 3),
+            "audio_s_per_s": round(args.batch_size * cfg.audio.window_s / per_batch, 2),
+        },
+        out,
+    )
 
     encoder = build_encoder(size, seed=0).eval()
 
@@ -114,29 +149,53 @@ def bench_size(size: str, args, out: list[dict]) -> None:
             encoder(torch.from_numpy(batch))
 
     base = statistics.median(timed(encoder_only, batches, args.warmup))
-    emit({"figure": "baseline_encoder_only", **common, "batch_s_median": round(base, 4),
-          "segments_per_s": round(args.batch_size / base, 3),
-          "embedder_over_encoder_ratio": round(per_batch / base, 3)}, out)
+    emit(
+        {
+            "figure": "baseline_encoder_only",
+            **common,
+            "batch_s_median": round(base, 4),
+            "segments_per_s": round(args.batch_size / base, 3),
+            "embedder_over_encoder_ratio": round(per_batch / base, 3),
+        },
+        out,
+    )
 
     one = torch.from_numpy(batches[0][:1])
     fwd = forward_flops(embedder.model, one)
     trn = train_flops(size, cfg, samples=1)
-    emit({"figure": "flops", **common, "forward_flops_per_segment": fwd, "train_flops_per_sample": trn,
-          "train_over_forward": round(trn / fwd, 3), "forward_gflops_per_audio_s": round(fwd / cfg.audio.window_s / 1e9, 3),
-          "cpu_achieved_gflops_per_thread": round(fwd * args.batch_size / per_batch / 1e9, 3)}, out)
+    emit(
+        {
+            "figure": "flops",
+            **common,
+            "forward_flops_per_segment": fwd,
+            "train_flops_per_sample": trn,
+            "train_over_forward": round(trn / fwd, 3),
+            "forward_gflops_per_audio_s": round(fwd / cfg.audio.window_s / 1e9, 3),
+            "cpu_achieved_gflops_per_thread": round(fwd * args.batch_size / per_batch / 1e9, 3),
+        },
+        out,
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", nargs="+", default=["tiny", "base"])
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--batches", type=int, default=3, help="timed batches")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--window-s", type=float, default=5.0)
     parser.add_argument("--sample-rate", type=int, default=24000)
-    parser.add_argument("--clusters", type=int, default=500, help="k-means codebook size (configs/cluster.yaml)")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (one Ray CPU worker: 1)")
-    parser.add_argument("--workdir", default=None, help="unused storage root for the random embedder")
+    parser.add_argument(
+        "--clusters", type=int, default=500, help="k-means codebook size (configs/cluster.yaml)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="intra-op threads (one Ray CPU worker: 1)"
+    )
+    parser.add_argument(
+        "--workdir", default=None, help="unused storage root for the random embedder"
+    )
     parser.add_argument("--out", default=None, help="also write the JSON lines to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -19,13 +19,24 @@ from mess_ray.storage import Storage
 
 FIGURES = {
     "style_retrieval": ("map", "recall@1", "recall@10", "mrr", "ndcg@10", "triplet_loss"),
-    "passage_retrieval": ("map", "recall@1", "recall@10", "mrr", "timestamp_error_s_median",
-                          "timestamp_error_beats_median", "top1_same_piece"),
+    "passage_retrieval": (
+        "map",
+        "recall@1",
+        "recall@10",
+        "mrr",
+        "timestamp_error_s_median",
+        "timestamp_error_beats_median",
+        "top1_same_piece",
+    ),
     "expressive_agreement": ("ndcg@10", "spearman"),
 }
 BASELINES = ("descriptors", "random")
 # Metrics whose random-ranking level the report records as "chance".
-CHANCE_OF = {"style_retrieval": "map", "passage_retrieval": "map", "expressive_agreement": "ndcg@10"}
+CHANCE_OF = {
+    "style_retrieval": "map",
+    "passage_retrieval": "map",
+    "expressive_agreement": "ndcg@10",
+}
 
 
 def figure_lines(manifest: dict) -> list[dict]:
@@ -37,13 +48,23 @@ def figure_lines(manifest: dict) -> list[dict]:
             for system, values in systems.items():
                 if metric not in values:
                     continue
-                lines.append({
-                    "task": task, "metric": metric, "system": system, "value": values[metric],
-                    **{f"baseline_{b}": systems[b].get(metric) for b in BASELINES if b in systems},
-                    "chance": values.get("chance") if metric == CHANCE_OF.get(task) else None,
-                    "eval_version": manifest["version"],
-                    "held_out_pieces": len(manifest.get("held_out_pieces", [])),
-                    "seed": manifest["settings"]["seed"]})
+                lines.append(
+                    {
+                        "task": task,
+                        "metric": metric,
+                        "system": system,
+                        "value": values[metric],
+                        **{
+                            f"baseline_{b}": systems[b].get(metric)
+                            for b in BASELINES
+                            if b in systems
+                        },
+                        "chance": values.get("chance") if metric == CHANCE_OF.get(task) else None,
+                        "eval_version": manifest["version"],
+                        "held_out_pieces": len(manifest.get("held_out_pieces", [])),
+                        "seed": manifest["settings"]["seed"],
+                    }
+                )
     for task, reason in manifest.get("tasks_skipped", {}).items():
         lines.append({"task": task, "skipped": reason, "eval_version": manifest["version"]})
     return lines

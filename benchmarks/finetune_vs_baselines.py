@@ -31,12 +31,28 @@ import time
 import numpy as np
 
 from mess_ray.config import load_config
-from mess_ray.eval.benchmark import DESCRIPTORS, RANDOM, build_protocol, embed_system, load_held_out, score_system
+from mess_ray.eval.benchmark import (
+    DESCRIPTORS,
+    RANDOM,
+    build_protocol,
+    embed_system,
+    load_held_out,
+    score_system,
+)
 from mess_ray.eval.descriptors import descriptor_matrix, zscore
 from mess_ray.facets import parse_layout
 from mess_ray.storage import Storage
 
-FIGURES = ("map", "mrr", "recall@1", "recall@10", "ndcg@10", "cos_positive", "cos_hard_negative", "triplet_accuracy")
+FIGURES = (
+    "map",
+    "mrr",
+    "recall@1",
+    "recall@10",
+    "ndcg@10",
+    "cos_positive",
+    "cos_hard_negative",
+    "triplet_accuracy",
+)
 HIGHER_IS_BETTER = {"cos_hard_negative": False}
 
 
@@ -46,9 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", action="append", default=[], dest="overrides")
-    parser.add_argument("--skip-train", action="store_true", help="evaluate the latest finetune artifact as is")
-    parser.add_argument("--model", help="a fine-tuned model folder to evaluate (implies --skip-train)")
-    parser.add_argument("--no-baselines", action="store_true", help="only the fine-tuned model (faster sweeps)")
+    parser.add_argument(
+        "--skip-train", action="store_true", help="evaluate the latest finetune artifact as is"
+    )
+    parser.add_argument(
+        "--model", help="a fine-tuned model folder to evaluate (implies --skip-train)"
+    )
+    parser.add_argument(
+        "--no-baselines", action="store_true", help="only the fine-tuned model (faster sweeps)"
+    )
     args = parser.parse_args(argv)
 
     cfg = load_config(args.config, args.overrides)
@@ -59,19 +81,32 @@ def main(argv: list[str] | None = None) -> int:
     if ref is None:
         if not args.skip_train:
             manifest = run_finetune(cfg, storage)
-            train_info = {"train_s": round(time.perf_counter() - started, 1),
-                          "loss_first": manifest["losses"]["first"], "loss_last": manifest["losses"]["last"]}
+            train_info = {
+                "train_s": round(time.perf_counter() - started, 1),
+                "loss_first": manifest["losses"]["first"],
+                "loss_last": manifest["losses"]["last"],
+            }
         version = storage.require_latest("finetune")
         ref = storage.url("finetune", version)
         train_info["finetune_version"] = version
-    settings = {"overrides": args.overrides, "model": cfg.model.model_dump(mode="json"),
-                "finetune": {k: v for k, v in cfg.finetune.model_dump(mode="json").items()
-                             if k not in ("run_name", "test_fail_at_step")}, **train_info}
+    settings = {
+        "overrides": args.overrides,
+        "model": cfg.model.model_dump(mode="json"),
+        "finetune": {
+            k: v
+            for k, v in cfg.finetune.model_dump(mode="json").items()
+            if k not in ("run_name", "test_fail_at_step")
+        },
+        **train_info,
+    }
 
     held_out = load_held_out(cfg, storage, storage.require_latest("ingest"))
     protocol = build_protocol(held_out.track_ids, held_out.piece_ids, held_out.styles)
-    systems = {"finetune": ref} if args.no_baselines else {
-        "finetune": ref, "pretrain": "pretrain", DESCRIPTORS: DESCRIPTORS, RANDOM: RANDOM}
+    systems = (
+        {"finetune": ref}
+        if args.no_baselines
+        else {"finetune": ref, "pretrain": "pretrain", DESCRIPTORS: DESCRIPTORS, RANDOM: RANDOM}
+    )
     scores, vectors, infos = {}, {}, {}
     for name, system_ref in systems.items():
         try:
@@ -79,27 +114,47 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError as err:
             print(json.dumps({"skipped": name, "reason": str(err)}), file=sys.stderr)
             continue
-        scores[name], _ = score_system(vectors[name], protocol, recall_ks=tuple(cfg.eval.recall_ks),
-                                       ndcg_k=cfg.eval.ndcg_k, margin=cfg.eval.triplet_margin)
+        scores[name], _ = score_system(
+            vectors[name],
+            protocol,
+            recall_ks=tuple(cfg.eval.recall_ks),
+            ndcg_k=cfg.eval.ndcg_k,
+            margin=cfg.eval.triplet_margin,
+        )
 
     common = {"segments": len(held_out), "held_out_pieces": held_out.holdout_pieces}
     for figure in FIGURES:
         if figure not in scores["finetune"]:
             continue
-        line = {"figure": figure, **{name: round(float(s[figure]), 4) for name, s in scores.items()}}
+        line = {
+            "figure": figure,
+            **{name: round(float(s[figure]), 4) for name, s in scores.items()},
+        }
         higher = HIGHER_IS_BETTER.get(figure, True)
         ours = scores["finetune"][figure]
-        line["beats"] = [name for name, s in scores.items()
-                         if name != "finetune" and (ours > s[figure] if higher else ours < s[figure])]
+        line["beats"] = [
+            name
+            for name, s in scores.items()
+            if name != "finetune" and (ours > s[figure] if higher else ours < s[figure])
+        ]
         if figure == "map":
             line["chance"] = round(float(scores["finetune"]["chance"]), 4)
         print(json.dumps({**line, **common}))
     ft = scores["finetune"]
-    print(json.dumps({"figure": "hard_negative_below_positive", "finetune": ft["cos_hard_negative"] < ft["cos_positive"],
-                      "cos_positive": round(ft["cos_positive"], 4),
-                      "cos_hard_negative": round(ft["cos_hard_negative"], 4),
-                      **{f"{name}_gap": round(s["cos_positive"] - s["cos_hard_negative"], 4)
-                         for name, s in scores.items()}}))
+    print(
+        json.dumps(
+            {
+                "figure": "hard_negative_below_positive",
+                "finetune": ft["cos_hard_negative"] < ft["cos_positive"],
+                "cos_positive": round(ft["cos_positive"], 4),
+                "cos_hard_negative": round(ft["cos_hard_negative"], 4),
+                **{
+                    f"{name}_gap": round(s["cos_positive"] - s["cos_hard_negative"], 4)
+                    for name, s in scores.items()
+                },
+            }
+        )
+    )
 
     layout = parse_layout(infos["finetune"].get("facet_layout"))
     if layout is not None:
@@ -111,17 +166,27 @@ def main(argv: list[str] | None = None) -> int:
             # The random encoder has no facet heads: slice its vector with the same layout
             # (same dims only when sizes agree, else its whole vector stands for every part).
             rv = vectors[RANDOM]
-            random_layout = layout if rv.shape[1] >= max(e for _, e in layout.values()) else \
-                {name: (0, rv.shape[1]) for name in layout}
+            random_layout = (
+                layout
+                if rv.shape[1] >= max(e for _, e in layout.values())
+                else {name: (0, rv.shape[1]) for name in layout}
+            )
             random_rho = facet_agreement(rv, random_layout, z, groups)
         for facet, by_part in ours_rho.items():
-            line = {"figure": f"facet_spearman_{facet}", "finetune_facet": round(by_part.get(facet, float("nan")), 4),
-                    "finetune_overall": round(by_part["overall"], 4)}
+            line = {
+                "figure": f"facet_spearman_{facet}",
+                "finetune_facet": round(by_part.get(facet, float("nan")), 4),
+                "finetune_overall": round(by_part["overall"], 4),
+            }
             if random_rho is not None:
                 line["random_same_dims"] = round(random_rho[facet].get(facet, float("nan")), 4)
             line["descriptors"] = list(np.asarray(list(groups[facet])).tolist())
             print(json.dumps(line))
-    print(json.dumps({"figure": "settings", **settings, "wall_s": round(time.perf_counter() - started, 1)}))
+    print(
+        json.dumps(
+            {"figure": "settings", **settings, "wall_s": round(time.perf_counter() - started, 1)}
+        )
+    )
     return 0
 
 

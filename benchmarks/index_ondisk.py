@@ -47,7 +47,7 @@ class PeakMemory:
 
     FIELDS = ("RssAnon", "VmRSS")
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self._base = self._read()
         self._peak = dict(self._base)
         self._stop = threading.Event()
@@ -84,10 +84,17 @@ class PeakMemory:
 def step_merge(work: str, mode: str) -> dict[str, Any]:
     import faiss
 
-    from mess_ray.index.faiss_index import IVFDATA_FILE, index_to_bytes, merge_indexes, merge_shards_ondisk
+    from mess_ray.index.faiss_index import (
+        IVFDATA_FILE,
+        index_to_bytes,
+        merge_indexes,
+        merge_shards_ondisk,
+    )
 
     faiss.omp_set_num_threads(2)
-    shards = sorted(os.path.join(work, "shards", f) for f in os.listdir(os.path.join(work, "shards")))
+    shards = sorted(
+        os.path.join(work, "shards", f) for f in os.listdir(os.path.join(work, "shards"))
+    )
     empty = open(os.path.join(work, "empty.faiss"), "rb").read()
     out_dir = os.path.join(work, mode)
     os.makedirs(out_dir, exist_ok=True)
@@ -98,14 +105,21 @@ def step_merge(work: str, mode: str) -> dict[str, Any]:
         else:
             index = merge_indexes([faiss.read_index(p) for p in shards])
         merge_s = time.perf_counter() - t0
-        blob = index_to_bytes(index)  # what the job writes as index.faiss (a header only when on disk)
+        blob = index_to_bytes(
+            index
+        )  # what the job writes as index.faiss (a header only when on disk)
         with open(os.path.join(out_dir, "index.faiss"), "wb") as f:
             f.write(blob)
         total_s = time.perf_counter() - t0
     files = {name: os.path.getsize(os.path.join(out_dir, name)) for name in os.listdir(out_dir)}
-    return {"ntotal": int(index.ntotal), "merge_s": round(merge_s, 2), "merge_and_write_s": round(total_s, 2),
-            "peak_anon_mb": round(mem.peak_anon_mb, 1), "peak_rss_mb": round(mem.peak_rss_mb, 1),
-            "files_mb": {k: round(v / 2**20, 1) for k, v in sorted(files.items())}}
+    return {
+        "ntotal": int(index.ntotal),
+        "merge_s": round(merge_s, 2),
+        "merge_and_write_s": round(total_s, 2),
+        "peak_anon_mb": round(mem.peak_anon_mb, 1),
+        "peak_rss_mb": round(mem.peak_rss_mb, 1),
+        "files_mb": {k: round(v / 2**20, 1) for k, v in sorted(files.items())},
+    }
 
 
 def step_search(work: str, mode: str, nprobe: int) -> dict[str, Any]:
@@ -125,17 +139,25 @@ def step_search(work: str, mode: str, nprobe: int) -> dict[str, Any]:
     times = np.empty(len(queries))
     for i in range(len(queries)):
         t0 = time.perf_counter()
-        found[i] = index.search(queries[i:i + 1], K)[1][0]
+        found[i] = index.search(queries[i : i + 1], K)[1][0]
         times[i] = (time.perf_counter() - t0) * 1000
     np.save(os.path.join(work, f"found-{mode}.npy"), found)
-    return {"load_s": round(load_s, 3), "load_peak_anon_mb": round(mem.peak_anon_mb, 1),
-            "load_peak_rss_mb": round(mem.peak_rss_mb, 1),
-            "p50_ms": round(float(np.percentile(times, 50)), 3), "p99_ms": round(float(np.percentile(times, 99)), 3)}
+    return {
+        "load_s": round(load_s, 3),
+        "load_peak_anon_mb": round(mem.peak_anon_mb, 1),
+        "load_peak_rss_mb": round(mem.peak_rss_mb, 1),
+        "p50_ms": round(float(np.percentile(times, 50)), 3),
+        "p99_ms": round(float(np.percentile(times, 99)), 3),
+    }
 
 
 def run_step(*args: str) -> dict[str, Any]:
-    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--step", *args],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--step", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"step {args} failed:\n{result.stderr[-3000:]}")
     # FAISS's C++ code prints progress ("resizing ... ivfdata") to the same stdout, and its
@@ -150,15 +172,22 @@ def run_step(*args: str) -> dict[str, Any]:
 def prepare(work: str, n: int, dim: int, shards: int, n_queries: int) -> dict[str, Any]:
     """Train once, write the shards and queries; exact top-10 of the queries as ground truth."""
     import faiss
-
     from index_search import clustered_vectors
-    from mess_ray.index.faiss_index import (add_vectors, choose_index_spec, create_empty_index, index_to_bytes,
-                                            training_points_needed)
+
+    from mess_ray.index.faiss_index import (
+        add_vectors,
+        choose_index_spec,
+        create_empty_index,
+        index_to_bytes,
+        training_points_needed,
+    )
 
     x, queries = clustered_vectors(n, dim, n_queries)
     spec = choose_index_spec(n, dim, "ivf", ivfpq_above=10**12)
     t0 = time.perf_counter()
-    train = x[np.random.default_rng(1).choice(n, min(training_points_needed(spec), n), replace=False)]
+    train = x[
+        np.random.default_rng(1).choice(n, min(training_points_needed(spec), n), replace=False)
+    ]
     empty = create_empty_index(spec, train)
     train_s = time.perf_counter() - t0
     empty_bytes = index_to_bytes(empty)
@@ -177,12 +206,19 @@ def prepare(work: str, n: int, dim: int, shards: int, n_queries: int) -> dict[st
     exact.add(x)
     truth = ids[exact.search(queries, K)[1]]
     np.save(os.path.join(work, "queries.npy"), queries)
-    return {"spec": spec, "truth": truth, "train_s": round(train_s, 2), "add_s": round(add_s, 2),
-            "raw_vectors_mb": round(x.nbytes / 2**20, 1)}
+    return {
+        "spec": spec,
+        "truth": truth,
+        "train_s": round(train_s, 2),
+        "add_s": round(add_s, 2),
+        "raw_vectors_mb": round(x.nbytes / 2**20, 1),
+    }
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([len(set(f.tolist()) & set(t.tolist())) / K for f, t in zip(found, truth)]))
+    return float(
+        np.mean([len(set(f.tolist()) & set(t.tolist())) / K for f, t in zip(found, truth)])
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,13 +228,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--nprobe", type=int, default=16)
-    parser.add_argument("--workdir", default=None, help="where shards and merged indexes go (default: a temp dir)")
+    parser.add_argument(
+        "--workdir", default=None, help="where shards and merged indexes go (default: a temp dir)"
+    )
     parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
     parser.add_argument("--step", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.step:  # a subprocess step: print its JSON result
         name, work, mode, *rest = args.step
-        result = step_merge(work, mode) if name == "merge" else step_search(work, mode, int(rest[0]))
+        result = (
+            step_merge(work, mode) if name == "merge" else step_search(work, mode, int(rest[0]))
+        )
         print(json.dumps(result))
         return 0
 
@@ -207,21 +247,56 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mess-ray-ondisk-bench-", dir=args.workdir) as work:
         prep = prepare(work, args.n, args.dim, args.shards, args.queries)
         spec = prep["spec"]
-        common = {"n": args.n, "dim": args.dim, "index": "ivf", "nlist": spec.nlist, "shards": args.shards,
-                  "raw_vectors_mb": prep["raw_vectors_mb"]}
+        common = {
+            "n": args.n,
+            "dim": args.dim,
+            "index": "ivf",
+            "nlist": spec.nlist,
+            "shards": args.shards,
+            "raw_vectors_mb": prep["raw_vectors_mb"],
+        }
         merges = {mode: run_step("merge", work, mode) for mode in ("in_memory", "ondisk")}
         for mode, result in merges.items():
-            emit({"figure": "merge", **common, "mode": mode, **result,
-                  "baseline_peak_anon_mb": merges["in_memory"]["peak_anon_mb"]}, out)
-        searches = {mode: run_step("search", work, mode, str(args.nprobe)) for mode in ("in_memory", "ondisk")}
+            emit(
+                {
+                    "figure": "merge",
+                    **common,
+                    "mode": mode,
+                    **result,
+                    "baseline_peak_anon_mb": merges["in_memory"]["peak_anon_mb"],
+                },
+                out,
+            )
+        searches = {
+            mode: run_step("search", work, mode, str(args.nprobe))
+            for mode in ("in_memory", "ondisk")
+        }
         found = {mode: np.load(os.path.join(work, f"found-{mode}.npy")) for mode in searches}
         same = bool(np.array_equal(found["in_memory"], found["ondisk"]))
         for mode, result in searches.items():
-            emit({"figure": "load_search", **common, "mode": mode, "nprobe": args.nprobe, "queries": args.queries,
-                  "recall@10": round(recall(found[mode], prep["truth"]), 4), **result,
-                  "same_top10_as_in_memory": same}, out)
-    emit({"figure": "run", "wall_s": round(time.perf_counter() - t_start, 1), "train_s": prep["train_s"],
-          "shard_add_s": prep["add_s"], "loadavg_1m": round(os.getloadavg()[0], 2)}, out)
+            emit(
+                {
+                    "figure": "load_search",
+                    **common,
+                    "mode": mode,
+                    "nprobe": args.nprobe,
+                    "queries": args.queries,
+                    "recall@10": round(recall(found[mode], prep["truth"]), 4),
+                    **result,
+                    "same_top10_as_in_memory": same,
+                },
+                out,
+            )
+    emit(
+        {
+            "figure": "run",
+            "wall_s": round(time.perf_counter() - t_start, 1),
+            "train_s": prep["train_s"],
+            "shard_add_s": prep["add_s"],
+            "loadavg_1m": round(os.getloadavg()[0], 2),
+        },
+        out,
+    )
     if out is not None:
         out.close()
     return 0 if same else 1

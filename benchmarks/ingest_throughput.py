@@ -69,10 +69,16 @@ def make_corpus(folder: Path, files: int, minutes: float) -> float:
     total = 0.0
     for i in range(files):
         ext, rate, channels = FORMATS[i % len(FORMATS)]
-        wav = write_long_wav(folder / f"piece_{i:03d}.wav", minutes * 60, rate=rate, channels=channels, seed=i)
+        wav = write_long_wav(
+            folder / f"piece_{i:03d}.wav", minutes * 60, rate=rate, channels=channels, seed=i
+        )
         if ext != ".wav":  # re-encode block by block, keeping memory small
-            with sf.SoundFile(str(wav)) as src, sf.SoundFile(str(wav.with_suffix(ext)), "w", rate, channels,
-                                                             format=ext[1:].upper()) as dst:
+            with (
+                sf.SoundFile(str(wav)) as src,
+                sf.SoundFile(
+                    str(wav.with_suffix(ext)), "w", rate, channels, format=ext[1:].upper()
+                ) as dst,
+            ):
                 for block in src.blocks(blocksize=rate * 10, dtype="float32"):
                     dst.write(block)
             wav.unlink()
@@ -81,11 +87,18 @@ def make_corpus(folder: Path, files: int, minutes: float) -> float:
 
 
 def config(root: str, source: str, read_block_s: float) -> MessRayConfig:
-    return MessRayConfig.model_validate({
-        "storage": {"root": root},
-        "audio": {"sample_rate": SAMPLE_RATE, "window_s": 4.0, "hop_s": 2.0, "min_duration_s": 1.0},
-        "ingest": {"source": source, "read_block_s": read_block_s, "incremental": False},
-    })
+    return MessRayConfig.model_validate(
+        {
+            "storage": {"root": root},
+            "audio": {
+                "sample_rate": SAMPLE_RATE,
+                "window_s": 4.0,
+                "hop_s": 2.0,
+                "min_duration_s": 1.0,
+            },
+            "ingest": {"source": source, "read_block_s": read_block_s, "incremental": False},
+        }
+    )
 
 
 def cpu_seconds() -> float:
@@ -103,13 +116,23 @@ def cpu_seconds() -> float:
     return total
 
 
-def throughput(path: str, seconds: float, wall: float, used_cores: int, cpu: float, **extra) -> None:
+def throughput(
+    path: str, seconds: float, wall: float, used_cores: int, cpu: float, **extra
+) -> None:
     """Wall-based per-core throughput, plus audio seconds per CPU second actually consumed (the
     latter is robust to other load on the machine, reported as load_avg_1m)."""
-    emit(figure="throughput", path=path, seconds_audio=round(seconds, 1), wall_s=round(wall, 2),
-         cores=used_cores, x_realtime_per_core=round(seconds / wall / used_cores, 1),
-         cpu_s=round(cpu, 2), x_realtime_per_cpu_s=round(seconds / cpu, 1) if cpu > 0 else None,
-         load_avg_1m=round(os.getloadavg()[0], 2), **extra)
+    emit(
+        figure="throughput",
+        path=path,
+        seconds_audio=round(seconds, 1),
+        wall_s=round(wall, 2),
+        cores=used_cores,
+        x_realtime_per_core=round(seconds / wall / used_cores, 1),
+        cpu_s=round(cpu, 2),
+        x_realtime_per_cpu_s=round(seconds / cpu, 1) if cpu > 0 else None,
+        load_avg_1m=round(os.getloadavg()[0], 2),
+        **extra,
+    )
 
 
 def timed(fn, *args, **kwargs):
@@ -155,11 +178,21 @@ def single_process_stream(paths: list[str], read_block_s: float) -> tuple[float,
     settings = {"sample_rate": SAMPLE_RATE, "window_s": 4.0, "hop_s": 2.0, "min_duration_s": 1.0}
     began, seconds = time.perf_counter(), 0.0
     for i, path in enumerate(paths):
-        row = {"source_uri": path, "track_id": str(i), "piece_id": "", "style": "", "metadata_json": "{}",
-               "size": -1, "fingerprint": ""}
+        row = {
+            "source_uri": path,
+            "track_id": str(i),
+            "piece_id": "",
+            "style": "",
+            "metadata_json": "{}",
+            "size": -1,
+            "fingerprint": "",
+        }
         for table in ingest_file(row, settings, read_block_s, None):
-            seconds += sum(d for k, d in zip(table["kind"].to_pylist(), table["duration_s"].to_pylist())
-                           if k == "file")
+            seconds += sum(
+                d
+                for k, d in zip(table["kind"].to_pylist(), table["duration_s"].to_pylist())
+                if k == "file"
+            )
     return seconds, time.perf_counter() - began
 
 
@@ -181,12 +214,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=8)
     parser.add_argument("--minutes", type=float, default=3.0, help="Length of each corpus file.")
-    parser.add_argument("--big", action="store_true", help="40 files x 10 minutes (overrides --files/--minutes).")
-    parser.add_argument("--memory-minutes", default="5,60", help="File lengths of the peak-memory figures.")
+    parser.add_argument(
+        "--big", action="store_true", help="40 files x 10 minutes (overrides --files/--minutes)."
+    )
+    parser.add_argument(
+        "--memory-minutes", default="5,60", help="File lengths of the peak-memory figures."
+    )
     parser.add_argument("--read-block-s", type=float, default=30.0)
     parser.add_argument("--skip-s3", action="store_true")
-    parser.add_argument("--warmup-files", type=int, default=8, help="Untimed first ingest (worker start-up).")
-    parser.add_argument("--workdir", default=None, help="Scratch folder (default: a temporary one, removed).")
+    parser.add_argument(
+        "--warmup-files", type=int, default=8, help="Untimed first ingest (worker start-up)."
+    )
+    parser.add_argument(
+        "--workdir", default=None, help="Scratch folder (default: a temporary one, removed)."
+    )
     args = parser.parse_args(argv)
     if args.big:
         args.files, args.minutes = 40, 10.0
@@ -197,17 +238,28 @@ def main(argv: list[str] | None = None) -> None:
         corpus = workdir / "corpus"
         corpus_seconds = make_corpus(corpus, args.files, args.minutes)
         paths = sorted(str(p) for p in corpus.iterdir())
-        emit(figure="corpus", files=len(paths), seconds_audio=corpus_seconds,
-             bytes=sum(os.path.getsize(p) for p in paths), cores=n_cores)
+        emit(
+            figure="corpus",
+            files=len(paths),
+            seconds_audio=corpus_seconds,
+            bytes=sum(os.path.getsize(p) for p in paths),
+            cores=n_cores,
+        )
 
         # -- peak memory vs file length (fresh process per file) ------------------------------
         for minutes in [float(m) for m in args.memory_minutes.split(",") if m]:
             path = write_long_wav(workdir / f"long_{minutes:g}min.wav", minutes * 60)
             for mode in ("stream", "whole_file"):
-                stats = measure_peak_memory(str(path), mode=mode, sample_rate=SAMPLE_RATE,
-                                            read_block_s=args.read_block_s)
-                emit(figure="peak_memory", file_minutes=minutes, format="wav 44.1 kHz stereo pcm16",
-                     file_mib=round(path.stat().st_size / 2**20, 1), **stats)
+                stats = measure_peak_memory(
+                    str(path), mode=mode, sample_rate=SAMPLE_RATE, read_block_s=args.read_block_s
+                )
+                emit(
+                    figure="peak_memory",
+                    file_minutes=minutes,
+                    format="wav 44.1 kHz stereo pcm16",
+                    file_mib=round(path.stat().st_size / 2**20, 1),
+                    **stats,
+                )
             path.unlink()
 
         # -- baselines in this process (one core) -------------------------------------------
@@ -223,12 +275,20 @@ def main(argv: list[str] | None = None) -> None:
             server, endpoint = start_moto()
             bucket = "ingest-bench"
             boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
-            fs = fsspec.filesystem("s3", use_listings_cache=False, client_kwargs={"endpoint_url": endpoint})
+            fs = fsspec.filesystem(
+                "s3", use_listings_cache=False, client_kwargs={"endpoint_url": endpoint}
+            )
             fs.put(str(corpus) + "/", f"{bucket}/corpus/", recursive=True)
             s3_paths = sorted(f"s3://{p}" for p in fs.ls(f"{bucket}/corpus"))
             (seconds, _), wall, cpu = timed(naive_librosa, s3_paths, fetch=fs.cat_file)
-            throughput("naive_librosa_load_s3", seconds, wall, 1, cpu,
-                       note="whole object fetched, then loaded; cpu_s includes the moto server")
+            throughput(
+                "naive_librosa_load_s3",
+                seconds,
+                wall,
+                1,
+                cpu,
+                note="whole object fetched, then loaded; cpu_s includes the moto server",
+            )
 
         # -- the real Ray ingest -------------------------------------------------------------
         from mess_ray.raylocal import ensure_ray
@@ -241,19 +301,41 @@ def main(argv: list[str] | None = None) -> None:
         for i in range(args.warmup_files):
             write_long_wav(warm / f"w{i}.wav", 5.0, rate=44100, seed=100 + i)
         _, wall, cpu = timed(ray_ingest, str(workdir / "warm_store"), str(warm), args.read_block_s)
-        emit(figure="ray_ingest_warmup", files=args.warmup_files, wall_s=round(wall, 2), cpu_s=round(cpu, 2))
+        emit(
+            figure="ray_ingest_warmup",
+            files=args.warmup_files,
+            wall_s=round(wall, 2),
+            cpu_s=round(cpu, 2),
+        )
 
-        manifest, wall, cpu = timed(ray_ingest, str(workdir / "store"), str(corpus), args.read_block_s)
+        manifest, wall, cpu = timed(
+            ray_ingest, str(workdir / "store"), str(corpus), args.read_block_s
+        )
         counts = manifest["counts"]
-        throughput("ray_ingest_local", counts["seconds_audio"], wall, n_cores, cpu,
-                   files=counts["files_segmented"], segments=counts["segments"])
+        throughput(
+            "ray_ingest_local",
+            counts["seconds_audio"],
+            wall,
+            n_cores,
+            cpu,
+            files=counts["files_segmented"],
+            segments=counts["segments"],
+        )
         if not args.skip_s3:
-            manifest, wall, cpu = timed(ray_ingest, f"s3://{bucket}/store", f"s3://{bucket}/corpus",
-                                        args.read_block_s)
+            manifest, wall, cpu = timed(
+                ray_ingest, f"s3://{bucket}/store", f"s3://{bucket}/corpus", args.read_block_s
+            )
             counts = manifest["counts"]
-            throughput("ray_ingest_s3", counts["seconds_audio"], wall, n_cores, cpu,
-                       files=counts["files_segmented"], segments=counts["segments"],
-                       note="source and storage root on moto S3; cpu_s includes the moto server")
+            throughput(
+                "ray_ingest_s3",
+                counts["seconds_audio"],
+                wall,
+                n_cores,
+                cpu,
+                files=counts["files_segmented"],
+                segments=counts["segments"],
+                note="source and storage root on moto S3; cpu_s includes the moto server",
+            )
     finally:
         if server is not None:
             server.stop()

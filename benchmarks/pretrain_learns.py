@@ -1,4 +1,4 @@
-""""It learns": pretrain on a small rendered corpus, then compare SSL vs random on the benchmark.
+""" "It learns": pretrain on a small rendered corpus, then compare SSL vs random on the benchmark.
 
 Runs the pipeline stages (``mess_ray.pipeline.run_stage``) with small settings: render
 (music21 pieces x expressive styles through FluidSynth) -> ingest -> pretrain (HuBERT-style,
@@ -46,7 +46,9 @@ def moving_average(values: list[float], window: int) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--root", default=None, help="storage root (default: a temporary folder)")
     parser.add_argument("--pieces", type=int, default=8)
     parser.add_argument("--max-duration-s", type=float, default=12.0)
@@ -59,12 +61,24 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="mess-ray-learns-") as tmp:
         root = args.root or tmp
-        cfg = load_config(None, [
-            f"storage.root={root}", "audio.window_s=2.0", "audio.hop_s=1.0",
-            f"render.num_pieces={args.pieces}", f"render.max_duration_s={args.max_duration_s}",
-            f"model.size={args.size}", f"pretrain.steps={args.steps}", f"pretrain.batch_size={args.batch_size}",
-            f"pretrain.lr={args.lr}", "pretrain.warmup_steps=20", "pretrain.checkpoint_every=100",
-            "pretrain.report_every=25", "pretrain.kmeans_sample_frames=20000"])
+        cfg = load_config(
+            None,
+            [
+                f"storage.root={root}",
+                "audio.window_s=2.0",
+                "audio.hop_s=1.0",
+                f"render.num_pieces={args.pieces}",
+                f"render.max_duration_s={args.max_duration_s}",
+                f"model.size={args.size}",
+                f"pretrain.steps={args.steps}",
+                f"pretrain.batch_size={args.batch_size}",
+                f"pretrain.lr={args.lr}",
+                "pretrain.warmup_steps=20",
+                "pretrain.checkpoint_every=100",
+                "pretrain.report_every=25",
+                "pretrain.kmeans_sample_frames=20000",
+            ],
+        )
         timings = {}
         manifests = {}
         for stage in ("render", "ingest", "pretrain"):
@@ -73,22 +87,41 @@ def main() -> None:
             timings[stage] = round(time.perf_counter() - started, 1)
         history = manifests["pretrain"]["losses"]["history"]
         smooth = moving_average(history, args.smooth)
-        emit({"figure": "pretrain_loss", "size": args.size, "steps": len(history),
-              "segments": manifests["pretrain"]["counts"]["segments"],
-              "num_clusters": manifests["pretrain"]["counts"]["num_clusters"],
-              "chance_loss_ln_k": round(float(np.log(manifests["pretrain"]["counts"]["num_clusters"])), 4),
-              "raw_first": round(history[0], 4), "smoothed_first": round(float(smooth[args.smooth - 1]), 4),
-              "smoothed_last": round(float(smooth[-1]), 4), "smoothed_min": round(float(smooth.min()), 4),
-              "smooth_window": args.smooth, "stage_wall_s": timings})
+        emit(
+            {
+                "figure": "pretrain_loss",
+                "size": args.size,
+                "steps": len(history),
+                "segments": manifests["pretrain"]["counts"]["segments"],
+                "num_clusters": manifests["pretrain"]["counts"]["num_clusters"],
+                "chance_loss_ln_k": round(
+                    float(np.log(manifests["pretrain"]["counts"]["num_clusters"])), 4
+                ),
+                "raw_first": round(history[0], 4),
+                "smoothed_first": round(float(smooth[args.smooth - 1]), 4),
+                "smoothed_last": round(float(smooth[-1]), 4),
+                "smoothed_min": round(float(smooth.min()), 4),
+                "smooth_window": args.smooth,
+                "stage_wall_s": timings,
+            }
+        )
         started = time.perf_counter()
         evaluation = run_stage("evaluate", cfg, model_refs=["pretrain"])
         metrics = evaluation["metrics"]
-        emit({"figure": "eval_map", "map": {name: round(m["map"], 4) for name, m in metrics.items()},
-              "chance": round(next(iter(metrics.values()))["chance"], 4),
-              "ssl_minus_random": round(metrics["pretrain"]["map"] - metrics["random"]["map"], 4)
-              if "pretrain" in metrics and "random" in metrics else None,
-              "held_out_pieces": evaluation["counts"]["held_out_pieces"], "queries": evaluation["counts"]["queries"],
-              "headline": evaluation["headline"], "eval_wall_s": round(time.perf_counter() - started, 1)})
+        emit(
+            {
+                "figure": "eval_map",
+                "map": {name: round(m["map"], 4) for name, m in metrics.items()},
+                "chance": round(next(iter(metrics.values()))["chance"], 4),
+                "ssl_minus_random": round(metrics["pretrain"]["map"] - metrics["random"]["map"], 4)
+                if "pretrain" in metrics and "random" in metrics
+                else None,
+                "held_out_pieces": evaluation["counts"]["held_out_pieces"],
+                "queries": evaluation["counts"]["queries"],
+                "headline": evaluation["headline"],
+                "eval_wall_s": round(time.perf_counter() - started, 1),
+            }
+        )
 
 
 if __name__ == "__main__":

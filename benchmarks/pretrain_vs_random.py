@@ -56,7 +56,13 @@ from mess_ray.config import MessRayConfig, load_config  # noqa: E402
 from mess_ray.eval import metrics  # noqa: E402
 from mess_ray.eval.benchmark import build_protocol  # noqa: E402
 from mess_ray.models.encoder import build_encoder, load_encoder, normalize_waveform  # noqa: E402
-from mess_ray.segments import METADATA_COLUMNS, decode_audio, fit_length, segments_dataset, split_pieces  # noqa: E402
+from mess_ray.segments import (  # noqa: E402
+    METADATA_COLUMNS,
+    decode_audio,
+    fit_length,
+    segments_dataset,
+    split_pieces,
+)
 from mess_ray.storage import Storage  # noqa: E402
 
 
@@ -74,7 +80,9 @@ def layer_embeddings(encoder, audio: np.ndarray, batch_size: int = 32) -> np.nda
     chunks = []
     with torch.inference_mode():
         for start in range(0, len(audio), batch_size):
-            waveform = torch.from_numpy(np.ascontiguousarray(audio[start:start + batch_size], dtype=np.float32))
+            waveform = torch.from_numpy(
+                np.ascontiguousarray(audio[start : start + batch_size], dtype=np.float32)
+            )
             states = encoder(normalize_waveform(waveform), output_hidden_states=True).hidden_states
             chunks.append(torch.stack([h.mean(dim=1).float() for h in states]).numpy())
     return np.concatenate(chunks, axis=1)
@@ -98,8 +106,12 @@ def per_query_ap(embeddings: np.ndarray, track_ids, piece_ids, styles) -> tuple[
     return ap, chance
 
 
-def cluster_bootstrap_ci(strata: list[tuple[np.ndarray, np.ndarray]], iterations: int = 2000,
-                         seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+def cluster_bootstrap_ci(
+    strata: list[tuple[np.ndarray, np.ndarray]],
+    iterations: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float, float]:
     """Mean over strata of the mean per-query value, with a bootstrap interval.
 
     ``strata``: (values [Q], cluster ids [Q]) per stratum; NaN values are dropped. Each
@@ -123,7 +135,11 @@ def cluster_bootstrap_ci(strata: list[tuple[np.ndarray, np.ndarray]], iterations
         draws[:, column] = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
     means = draws.mean(axis=1)
     tail = (1.0 - level) / 2.0
-    return float(np.mean(point)), float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail))
+    return (
+        float(np.mean(point)),
+        float(np.quantile(means, tail)),
+        float(np.quantile(means, 1.0 - tail)),
+    )
 
 
 # -- corpus, training ------------------------------------------------------------------------
@@ -133,17 +149,23 @@ def labelled_segments(cfg: MessRayConfig, storage: Storage) -> dict[str, np.ndar
 
     version = storage.require_latest("ingest")
     table = segments_dataset(storage, version).to_table(
-        columns=[*METADATA_COLUMNS, "audio"], filter=(pc.field("piece_id") != "") & (pc.field("style") != ""))
+        columns=[*METADATA_COLUMNS, "audio"],
+        filter=(pc.field("piece_id") != "") & (pc.field("style") != ""),
+    )
     table = table.sort_by("segment_id")
     if table.num_rows == 0:
         raise ValueError(f"ingest {version} has no segment with both a piece and a style label")
     window = round(cfg.audio.window_s * cfg.audio.sample_rate)
-    return {"ingest": version,
-            "segment_ids": table["segment_id"].to_numpy(),
-            "track_ids": np.asarray(table["track_id"].to_pylist(), dtype=object),
-            "piece_ids": np.asarray(table["piece_id"].to_pylist(), dtype=object),
-            "styles": np.asarray(table["style"].to_pylist(), dtype=object),
-            "audio": np.stack([fit_length(decode_audio(b), window) for b in table["audio"].to_pylist()])}
+    return {
+        "ingest": version,
+        "segment_ids": table["segment_id"].to_numpy(),
+        "track_ids": np.asarray(table["track_id"].to_pylist(), dtype=object),
+        "piece_ids": np.asarray(table["piece_id"].to_pylist(), dtype=object),
+        "styles": np.asarray(table["style"].to_pylist(), dtype=object),
+        "audio": np.stack(
+            [fit_length(decode_audio(b), window) for b in table["audio"].to_pylist()]
+        ),
+    }
 
 
 def run_name_for(overrides: list[str], steps: int, seed: int, ingest: str) -> str:
@@ -151,13 +173,23 @@ def run_name_for(overrides: list[str], steps: int, seed: int, ingest: str) -> st
     return f"vsrandom-s{seed}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
-def pretrain_seed(base_overrides: list[str], steps: int, seed: int, ingest: str) -> tuple[MessRayConfig, dict]:
+def pretrain_seed(
+    base_overrides: list[str], steps: int, seed: int, ingest: str
+) -> tuple[MessRayConfig, dict]:
     """Pretrain (or reuse a finished run of the same settings); returns its config and manifest."""
     from mess_ray.pipeline import run_stage
 
     name = run_name_for(base_overrides, steps, seed, ingest)
-    cfg = load_config(None, [*base_overrides, f"pretrain.steps={steps}", f"pretrain.seed={seed}",
-                             f"model.seed={seed}", f"pretrain.run_name={name}"])
+    cfg = load_config(
+        None,
+        [
+            *base_overrides,
+            f"pretrain.steps={steps}",
+            f"pretrain.seed={seed}",
+            f"model.seed={seed}",
+            f"pretrain.run_name={name}",
+        ],
+    )
     storage = Storage.from_config(cfg.storage)
     if storage.exists("pretrain", name, "manifest.json"):
         return cfg, storage.read_json(f"pretrain/{name}/manifest.json")
@@ -167,8 +199,14 @@ def pretrain_seed(base_overrides: list[str], steps: int, seed: int, ingest: str)
 def ensure_corpus(args, overrides: list[str]) -> None:
     from mess_ray.pipeline import run_stage
 
-    cfg = load_config(None, [*overrides, f"render.num_pieces={args.pieces}",
-                             f"render.max_duration_s={args.max_duration_s}"])
+    cfg = load_config(
+        None,
+        [
+            *overrides,
+            f"render.num_pieces={args.pieces}",
+            f"render.max_duration_s={args.max_duration_s}",
+        ],
+    )
     if Storage.from_config(cfg.storage).latest("ingest") is None:
         for stage in ("render", "ingest"):
             run_stage(stage, cfg)
@@ -176,27 +214,52 @@ def ensure_corpus(args, overrides: list[str]) -> None:
 
 # -- main ------------------------------------------------------------------------------------
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", required=True, help="storage root holding (or receiving) an ingest artifact")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--root", required=True, help="storage root holding (or receiving) an ingest artifact"
+    )
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--holdout-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--pieces", type=int, default=16, help="only when --root has no ingest yet")
-    parser.add_argument("--max-duration-s", type=float, default=24.0, help="only when --root has no ingest yet")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for every run (e.g. pretrain.lr=2e-3); repeatable")
+    parser.add_argument(
+        "--max-duration-s", type=float, default=24.0, help="only when --root has no ingest yet"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every run (e.g. pretrain.lr=2e-3); repeatable",
+    )
     parser.add_argument("--smooth", type=int, default=25, help="loss moving-average window (steps)")
-    parser.add_argument("--existing", nargs="+", default=None, metavar="RUN",
-                        help="evaluate these finished pretrain artifacts of --root instead of training "
-                             "(each is paired with the random encoder of its own model.seed)")
-    parser.add_argument("--paired", action="store_true",
-                        help="with two --existing runs: also the paired difference SSL(first) - SSL(second) "
-                             "(same queries, same bootstrap), to compare two objectives")
+    parser.add_argument(
+        "--existing",
+        nargs="+",
+        default=None,
+        metavar="RUN",
+        help="evaluate these finished pretrain artifacts of --root instead of training "
+        "(each is paired with the random encoder of its own model.seed)",
+    )
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="with two --existing runs: also the paired difference SSL(first) - SSL(second) "
+        "(same queries, same bootstrap), to compare two objectives",
+    )
     args = parser.parse_args()
 
-    base = [f"storage.root={args.root}", "pretrain.warmup_steps=20", "pretrain.checkpoint_every=100",
-            "pretrain.report_every=25", *args.overrides]
+    base = [
+        f"storage.root={args.root}",
+        "pretrain.warmup_steps=20",
+        "pretrain.checkpoint_every=100",
+        "pretrain.report_every=25",
+        *args.overrides,
+    ]
     ensure_corpus(args, base)
     cfg0 = load_config(None, base)
     storage = Storage.from_config(cfg0.storage)
@@ -214,7 +277,11 @@ def main() -> None:
     results: dict[tuple[int, int], dict[str, dict[str, np.ndarray]]] = {}
     chance: dict[int, float] = {}
     headline_layer = None
-    jobs = ([(None, run) for run in args.existing] if args.existing else [(seed, None) for seed in args.train_seeds])
+    jobs = (
+        [(None, run) for run in args.existing]
+        if args.existing
+        else [(seed, None) for seed in args.train_seeds]
+    )
     train_seeds, runs = [], []
     for job, (seed, run) in enumerate(jobs):
         started = time.perf_counter()
@@ -223,31 +290,46 @@ def main() -> None:
         else:
             manifest = storage.read_json(f"pretrain/{run}/manifest.json")
             seed = int(manifest["config"]["model"]["seed"])
-            cfg = load_config(None, [*base, f"model.seed={seed}", f"model.size={manifest['config']['model']['size']}"])
+            cfg = load_config(
+                None,
+                [*base, f"model.seed={seed}", f"model.size={manifest['config']['model']['size']}"],
+            )
         train_seeds.append(seed)
         train_s = round(time.perf_counter() - started, 1)
         history = manifest["losses"]["history"]
         smooth = moving_average(history, args.smooth)
         runs.append(manifest["version"])
-        emit({"figure": "pretrain_loss", "train_seed": seed, "run": manifest["version"], "steps": len(history),
-              "num_clusters": manifest["counts"]["num_clusters"],
-              "chance_loss_ln_k": round(float(np.log(manifest["counts"]["num_clusters"])), 4),
-              "smoothed_first": round(float(smooth[min(args.smooth, len(smooth)) - 1]), 4),
-              "smoothed_last": round(float(smooth[-1]), 4), "wall_s": train_s,
-              "objective": manifest["config"]["pretrain"].get("targets", "logmel")})
+        emit(
+            {
+                "figure": "pretrain_loss",
+                "train_seed": seed,
+                "run": manifest["version"],
+                "steps": len(history),
+                "num_clusters": manifest["counts"]["num_clusters"],
+                "chance_loss_ln_k": round(float(np.log(manifest["counts"]["num_clusters"])), 4),
+                "smoothed_first": round(float(smooth[min(args.smooth, len(smooth)) - 1]), 4),
+                "smoothed_last": round(float(smooth[-1]), 4),
+                "wall_s": train_s,
+                "objective": manifest["config"]["pretrain"].get("targets", "logmel"),
+            }
+        )
         with storage.local_dir(f"pretrain/{manifest['version']}/model") as folder:
             ssl_encoder = load_encoder(folder)
         encoders = {"ssl": ssl_encoder, "random": build_encoder(cfg.model.size, seed=seed)}
         from mess_ray.models import Embedder
         from mess_ray.models.embedder import resolve_layer
 
-        headline_layer = f"layer{resolve_layer(ssl_encoder.config.num_hidden_layers, cfg.model.ssl_layer)}"
+        headline_layer = (
+            f"layer{resolve_layer(ssl_encoder.config.num_hidden_layers, cfg.model.ssl_layer)}"
+        )
         per_system = {}
         for name, encoder in encoders.items():
             per_system[name] = with_layer_mean(layer_embeddings(encoder, data["audio"]))
         # The headline layer must be the pipeline's own vectors (Embedder, as evaluate/serve use).
         probe = data["audio"][:8]
-        pipeline = Embedder.from_ref(cfg, storage, f"{args.root}/pretrain/{manifest['version']}/model")
+        pipeline = Embedder.from_ref(
+            cfg, storage, f"{args.root}/pretrain/{manifest['version']}/model"
+        )
         mine = per_system["ssl"][headline_layer][:8]
         mine = mine / np.linalg.norm(mine, axis=1, keepdims=True)
         if not np.allclose(pipeline.embed(probe), mine, atol=1e-4):
@@ -263,37 +345,78 @@ def main() -> None:
 
     layers = list(next(iter(results.values()))["ssl"])
     for layer in layers:
-        strata = [(results[k]["ssl"][layer] - results[k]["random"][layer], data["track_ids"][splits[k[1]]])
-                  for k in results]
+        strata = [
+            (
+                results[k]["ssl"][layer] - results[k]["random"][layer],
+                data["track_ids"][splits[k[1]]],
+            )
+            for k in results
+        ]
         diff, lo, hi = cluster_bootstrap_ci(strata, args.bootstrap)
-        by_seed = {name: [float(np.mean([np.nanmean(results[(job, h)][name][layer]) for h in args.holdout_seeds]))
-                          for job in range(len(jobs))] for name in ("ssl", "random")}
+        by_seed = {
+            name: [
+                float(
+                    np.mean(
+                        [np.nanmean(results[(job, h)][name][layer]) for h in args.holdout_seeds]
+                    )
+                )
+                for job in range(len(jobs))
+            ]
+            for name in ("ssl", "random")
+        }
         seed_diffs = np.subtract(by_seed["ssl"], by_seed["random"])
-        emit({"figure": "ssl_vs_random_map", "layer": layer, "headline": layer == headline_layer,
-              "map_ssl": round(float(np.mean(by_seed["ssl"])), 4),
-              "map_random": round(float(np.mean(by_seed["random"])), 4),
-              "map_ssl_by_seed": [round(x, 4) for x in by_seed["ssl"]],
-              "map_random_by_seed": [round(x, 4) for x in by_seed["random"]],
-              "diff": round(diff, 4), "diff_ci95": [round(lo, 4), round(hi, 4)],
-              "diff_over_seeds": {"mean": round(float(seed_diffs.mean()), 4),
-                                  "std": round(float(seed_diffs.std(ddof=1)) if len(seed_diffs) > 1 else 0.0, 4)},
-              "chance": round(float(np.mean(list(chance.values()))), 4),
-              "train_seeds": train_seeds, "runs": runs, "holdout_seeds": args.holdout_seeds,
-              "queries_per_split": [int(splits[h].sum()) for h in args.holdout_seeds],
-              "held_out_pieces_per_split": [int(len(set(data["piece_ids"][splits[h]]))) for h in args.holdout_seeds],
-              "steps": len(history), "overrides": args.overrides})
-
+        emit(
+            {
+                "figure": "ssl_vs_random_map",
+                "layer": layer,
+                "headline": layer == headline_layer,
+                "map_ssl": round(float(np.mean(by_seed["ssl"])), 4),
+                "map_random": round(float(np.mean(by_seed["random"])), 4),
+                "map_ssl_by_seed": [round(x, 4) for x in by_seed["ssl"]],
+                "map_random_by_seed": [round(x, 4) for x in by_seed["random"]],
+                "diff": round(diff, 4),
+                "diff_ci95": [round(lo, 4), round(hi, 4)],
+                "diff_over_seeds": {
+                    "mean": round(float(seed_diffs.mean()), 4),
+                    "std": round(float(seed_diffs.std(ddof=1)) if len(seed_diffs) > 1 else 0.0, 4),
+                },
+                "chance": round(float(np.mean(list(chance.values()))), 4),
+                "train_seeds": train_seeds,
+                "runs": runs,
+                "holdout_seeds": args.holdout_seeds,
+                "queries_per_split": [int(splits[h].sum()) for h in args.holdout_seeds],
+                "held_out_pieces_per_split": [
+                    int(len(set(data["piece_ids"][splits[h]]))) for h in args.holdout_seeds
+                ],
+                "steps": len(history),
+                "overrides": args.overrides,
+            }
+        )
 
     if args.paired:
         if len(jobs) != 2:
             raise ValueError("--paired compares exactly two --existing runs")
         for layer in layers:
-            strata = [(results[(0, h)]["ssl"][layer] - results[(1, h)]["ssl"][layer], data["track_ids"][splits[h]])
-                      for h in args.holdout_seeds]
+            strata = [
+                (
+                    results[(0, h)]["ssl"][layer] - results[(1, h)]["ssl"][layer],
+                    data["track_ids"][splits[h]],
+                )
+                for h in args.holdout_seeds
+            ]
             diff, lo, hi = cluster_bootstrap_ci(strata, args.bootstrap)
-            emit({"figure": "ssl_run_vs_run_map", "layer": layer, "headline": layer == headline_layer,
-                  "first": runs[0], "second": runs[1], "diff": round(diff, 4), "diff_ci95": [round(lo, 4), round(hi, 4)],
-                  "holdout_seeds": args.holdout_seeds})
+            emit(
+                {
+                    "figure": "ssl_run_vs_run_map",
+                    "layer": layer,
+                    "headline": layer == headline_layer,
+                    "first": runs[0],
+                    "second": runs[1],
+                    "diff": round(diff, 4),
+                    "diff_ci95": [round(lo, 4), round(hi, 4)],
+                    "holdout_seeds": args.holdout_seeds,
+                }
+            )
 
 
 if __name__ == "__main__":

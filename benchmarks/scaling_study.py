@@ -46,10 +46,15 @@ ASSUMPTIONS = {
     # SSL gains flatten beyond a MERT-sized corpus (MERT-v1 used ~160k hours); larger corpora
     # are pretrained on a sample of this size and only embedded in full.
     "pretrain_cap_hours": 160_000,
-    "index_build": {"vectors": 1_000_000, "dim": 128, "build_s": 7.2, "cores": 2,
-                    "source": "benchmarks/index_search.py, IVF-Flat 1e6 x 128 on this 2-core machine "
-                              "(issue 7 note; not re-run here)"},
-    "vcpu_per_core_equivalent": 1.0,   # a cloud vCPU counted as one of this machine's cores
+    "index_build": {
+        "vectors": 1_000_000,
+        "dim": 128,
+        "build_s": 7.2,
+        "cores": 2,
+        "source": "benchmarks/index_search.py, IVF-Flat 1e6 x 128 on this 2-core machine "
+        "(issue 7 note; not re-run here)",
+    },
+    "vcpu_per_core_equivalent": 1.0,  # a cloud vCPU counted as one of this machine's cores
     "gpus": {
         "H100-SXM": {"bf16_dense_tflops": 989.0, "train_mfu": 0.35, "infer_mfu": 0.25},
         "L40S": {"bf16_dense_tflops": 362.0, "train_mfu": 0.30, "infer_mfu": 0.25},
@@ -59,18 +64,34 @@ ASSUMPTIONS = {
     "prices_date": "2025 list prices, to be re-checked on 2026-11-25",
     "instances": {
         "c7i.8xlarge": {"vcpus": 32, "gpus": 0, "on_demand": 1.428, "spot_ratio": 0.40},
-        "g6e.12xlarge": {"vcpus": 48, "gpus": 4, "gpu": "L40S", "on_demand": 10.493, "spot_ratio": 0.45},
-        "p5.48xlarge": {"vcpus": 192, "gpus": 8, "gpu": "H100-SXM", "on_demand": 55.04, "spot_ratio": 0.50},
+        "g6e.12xlarge": {
+            "vcpus": 48,
+            "gpus": 4,
+            "gpu": "L40S",
+            "on_demand": 10.493,
+            "spot_ratio": 0.45,
+        },
+        "p5.48xlarge": {
+            "vcpus": 192,
+            "gpus": 8,
+            "gpu": "H100-SXM",
+            "on_demand": 55.04,
+            "spot_ratio": 0.50,
+        },
     },
 }
 
 # Named clusters: (CPU workers, GPU workers). Training runs on on-demand GPUs; ingest, index and
 # embedding tolerate preemption (they resume) and run on spot.
 CLUSTERS = {
-    "L40S cluster: 16 x c7i.8xlarge (spot) + 8 x g6e.12xlarge (32 L40S)":
-        {"cpu": ("c7i.8xlarge", 16), "gpu": ("g6e.12xlarge", 8)},
-    "H100 cluster: 16 x c7i.8xlarge (spot) + 4 x p5.48xlarge (32 H100)":
-        {"cpu": ("c7i.8xlarge", 16), "gpu": ("p5.48xlarge", 4)},
+    "L40S cluster: 16 x c7i.8xlarge (spot) + 8 x g6e.12xlarge (32 L40S)": {
+        "cpu": ("c7i.8xlarge", 16),
+        "gpu": ("g6e.12xlarge", 8),
+    },
+    "H100 cluster: 16 x c7i.8xlarge (spot) + 4 x p5.48xlarge (32 H100)": {
+        "cpu": ("c7i.8xlarge", 16),
+        "gpu": ("p5.48xlarge", 4),
+    },
 }
 
 
@@ -86,13 +107,18 @@ class Measured:
 
 def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run the benchmark named in {Path(__file__).name}'s docstring")
+        raise FileNotFoundError(
+            f"{path} is missing: run the benchmark named in {Path(__file__).name}'s docstring"
+        )
     return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
 
 
 def load_measured(folder: Path = MEASURED, size: str = "base") -> Measured:
-    ingest = [r for r in read_jsonl(folder / "ingest_throughput.jsonl")
-              if r.get("figure") == "throughput" and str(r.get("path", "")).startswith("ray_ingest")]
+    ingest = [
+        r
+        for r in read_jsonl(folder / "ingest_throughput.jsonl")
+        if r.get("figure") == "throughput" and str(r.get("path", "")).startswith("ray_ingest")
+    ]
     if not ingest:
         raise ValueError("ingest_throughput.jsonl has no ray_ingest throughput line")
     # Audio seconds per CPU second of the whole process tree: stays meaningful on a loaded machine.
@@ -102,10 +128,14 @@ def load_measured(folder: Path = MEASURED, size: str = "base") -> Measured:
     flops = next((r for r in embed if r["figure"] == "flops"), None)
     if cpu is None or flops is None:
         raise ValueError(f"embed_throughput.jsonl has no embed_cpu/flops lines for size {size!r}")
-    return Measured(ingest_audio_s_per_cpu_s=best_ingest["x_realtime_per_cpu_s"], ingest_source=best_ingest,
-                    embed_cpu_segments_per_s=cpu["segments_per_s"],
-                    forward_flops_per_segment=flops["forward_flops_per_segment"],
-                    train_flops_per_sample=flops["train_flops_per_sample"], embed_source={"cpu": cpu, "flops": flops})
+    return Measured(
+        ingest_audio_s_per_cpu_s=best_ingest["x_realtime_per_cpu_s"],
+        ingest_source=best_ingest,
+        embed_cpu_segments_per_s=cpu["segments_per_s"],
+        forward_flops_per_segment=flops["forward_flops_per_segment"],
+        train_flops_per_sample=flops["train_flops_per_sample"],
+        embed_source={"cpu": cpu, "flops": flops},
+    )
 
 
 def segments_for(hours: float, audio: dict) -> float:
@@ -123,19 +153,48 @@ def stage_hours(hours: float, m: Measured, cluster: dict, a: dict = ASSUMPTIONS)
     segments = segments_for(hours, a["audio"])
 
     ingest_cpu_s = hours * 3600.0 / m.ingest_audio_s_per_cpu_s
-    pretrain_segments = segments_for(min(hours, a["pretrain_cap_hours"]), a["audio"]) * a["pretrain_epochs"]
-    pretrain_gpu_s = m.train_flops_per_sample * pretrain_segments / (gpu["bf16_dense_tflops"] * 1e12 * gpu["train_mfu"])
-    embed_gpu_s = m.forward_flops_per_segment * segments / (gpu["bf16_dense_tflops"] * 1e12 * gpu["infer_mfu"])
+    pretrain_segments = (
+        segments_for(min(hours, a["pretrain_cap_hours"]), a["audio"]) * a["pretrain_epochs"]
+    )
+    pretrain_gpu_s = (
+        m.train_flops_per_sample
+        * pretrain_segments
+        / (gpu["bf16_dense_tflops"] * 1e12 * gpu["train_mfu"])
+    )
+    embed_gpu_s = (
+        m.forward_flops_per_segment
+        * segments
+        / (gpu["bf16_dense_tflops"] * 1e12 * gpu["infer_mfu"])
+    )
     build = a["index_build"]
     scale = segments / build["vectors"]
     index_cpu_s = build["build_s"] * build["cores"] * scale * math.sqrt(max(scale, 1.0))
 
     out = {
-        "ingest": {"wall_h": ingest_cpu_s / vcpus / 3600, "nodes": cpu_nodes, "instance": cpu_type, "market": "spot"},
-        "pretrain": {"wall_h": pretrain_gpu_s / n_gpus / 3600, "nodes": gpu_nodes, "instance": gpu_type,
-                     "market": "on_demand"},
-        "embed": {"wall_h": embed_gpu_s / n_gpus / 3600, "nodes": gpu_nodes, "instance": gpu_type, "market": "spot"},
-        "index": {"wall_h": index_cpu_s / vcpus / 3600, "nodes": cpu_nodes, "instance": cpu_type, "market": "spot"},
+        "ingest": {
+            "wall_h": ingest_cpu_s / vcpus / 3600,
+            "nodes": cpu_nodes,
+            "instance": cpu_type,
+            "market": "spot",
+        },
+        "pretrain": {
+            "wall_h": pretrain_gpu_s / n_gpus / 3600,
+            "nodes": gpu_nodes,
+            "instance": gpu_type,
+            "market": "on_demand",
+        },
+        "embed": {
+            "wall_h": embed_gpu_s / n_gpus / 3600,
+            "nodes": gpu_nodes,
+            "instance": gpu_type,
+            "market": "spot",
+        },
+        "index": {
+            "wall_h": index_cpu_s / vcpus / 3600,
+            "nodes": cpu_nodes,
+            "instance": cpu_type,
+            "market": "spot",
+        },
     }
     for stage in out.values():
         inst = a["instances"][stage["instance"]]
@@ -143,11 +202,16 @@ def stage_hours(hours: float, m: Measured, cluster: dict, a: dict = ASSUMPTIONS)
         stage["cost_usd"] = stage["wall_h"] * stage["nodes"] * price
         stage["cost_usd_all_on_demand"] = stage["wall_h"] * stage["nodes"] * inst["on_demand"]
     # Embedding on the CPU workers instead (measured per-worker rate), for comparison.
-    out["embed_on_cpu_workers"] = {"wall_h": segments / m.embed_cpu_segments_per_s / vcpus / 3600,
-                                   "nodes": cpu_nodes, "instance": cpu_type, "market": "spot"}
+    out["embed_on_cpu_workers"] = {
+        "wall_h": segments / m.embed_cpu_segments_per_s / vcpus / 3600,
+        "nodes": cpu_nodes,
+        "instance": cpu_type,
+        "market": "spot",
+    }
     inst = a["instances"][cpu_type]
-    out["embed_on_cpu_workers"]["cost_usd"] = (out["embed_on_cpu_workers"]["wall_h"] * cpu_nodes
-                                               * inst["on_demand"] * inst["spot_ratio"])
+    out["embed_on_cpu_workers"]["cost_usd"] = (
+        out["embed_on_cpu_workers"]["wall_h"] * cpu_nodes * inst["on_demand"] * inst["spot_ratio"]
+    )
     return out
 
 
@@ -158,20 +222,34 @@ def study(m: Measured) -> list[dict]:
             stages = stage_hours(hours, m, cluster)
             bottleneck = max(STAGES, key=lambda s: stages[s]["wall_h"])
             for stage, fig in stages.items():
-                rows.append({"cluster": name, "corpus_hours": hours, "stage": stage,
-                             "wall_h": round(fig["wall_h"], 3), "cost_usd": round(fig["cost_usd"], 0),
-                             "instance": f"{fig['nodes']} x {fig['instance']} ({fig['market']})",
-                             "bottleneck": stage == bottleneck})
+                rows.append(
+                    {
+                        "cluster": name,
+                        "corpus_hours": hours,
+                        "stage": stage,
+                        "wall_h": round(fig["wall_h"], 3),
+                        "cost_usd": round(fig["cost_usd"], 0),
+                        "instance": f"{fig['nodes']} x {fig['instance']} ({fig['market']})",
+                        "bottleneck": stage == bottleneck,
+                    }
+                )
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
     lines = []
     for name in CLUSTERS:
-        lines += [f"**{name}**", "", "| corpus (hours of audio) | " + " | ".join(STAGES) + " | total | "
-                  "embed on the CPU workers instead |", "|---" * (len(STAGES) + 3) + "|"]
+        lines += [
+            f"**{name}**",
+            "",
+            "| corpus (hours of audio) | " + " | ".join(STAGES) + " | total | "
+            "embed on the CPU workers instead |",
+            "|---" * (len(STAGES) + 3) + "|",
+        ]
         for hours in CORPUS_HOURS:
-            cells = {r["stage"]: r for r in rows if r["cluster"] == name and r["corpus_hours"] == hours}
+            cells = {
+                r["stage"]: r for r in rows if r["cluster"] == name and r["corpus_hours"] == hours
+            }
             total_h = sum(cells[s]["wall_h"] for s in STAGES)
             total_usd = sum(cells[s]["cost_usd"] for s in STAGES)
 
@@ -180,8 +258,11 @@ def markdown(rows: list[dict]) -> str:
                 return f"**{text}**" if r["bottleneck"] else text
 
             cpu = cells["embed_on_cpu_workers"]
-            lines.append(f"| {hours:,} | " + " | ".join(cell(cells[s]) for s in STAGES)
-                         + f" | {total_h:,.1f} h, ${total_usd:,.0f} | {cpu['wall_h']:,.1f} h, ${cpu['cost_usd']:,.0f} |")
+            lines.append(
+                f"| {hours:,} | "
+                + " | ".join(cell(cells[s]) for s in STAGES)
+                + f" | {total_h:,.1f} h, ${total_usd:,.0f} | {cpu['wall_h']:,.1f} h, ${cpu['cost_usd']:,.0f} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -197,10 +278,21 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, name in zip(axes, CLUSTERS):
         width = 0.2
         for i, stage in enumerate(STAGES):
-            values = [next(r["wall_h"] for r in rows if r["cluster"] == name and r["corpus_hours"] == h
-                           and r["stage"] == stage) for h in CORPUS_HOURS]
-            ax.bar([x + (i - 1.5) * width for x in range(len(CORPUS_HOURS))], values, width, label=stage,
-                   color=colors[stage])
+            values = [
+                next(
+                    r["wall_h"]
+                    for r in rows
+                    if r["cluster"] == name and r["corpus_hours"] == h and r["stage"] == stage
+                )
+                for h in CORPUS_HOURS
+            ]
+            ax.bar(
+                [x + (i - 1.5) * width for x in range(len(CORPUS_HOURS))],
+                values,
+                width,
+                label=stage,
+                color=colors[stage],
+            )
         ax.set_yscale("log")
         ax.set_xticks(range(len(CORPUS_HOURS)), [f"{h:,} h" for h in CORPUS_HOURS])
         ax.set_xlabel("corpus (hours of audio)")
@@ -208,8 +300,10 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("wall-clock hours per stage (log)")
     axes[0].legend()
-    fig.suptitle("mess-ray scaling on paper: measured per-worker rates x assumed GPU peak, MFU and prices",
-                 fontsize=10)
+    fig.suptitle(
+        "mess-ray scaling on paper: measured per-worker rates x assumed GPU peak, MFU and prices",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -217,16 +311,25 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--measured", default=str(MEASURED), help="folder with the benchmarks' JSON lines")
+    parser.add_argument(
+        "--measured", default=str(MEASURED), help="folder with the benchmarks' JSON lines"
+    )
     parser.add_argument("--size", default="base", help="encoder size whose FLOPs are used")
     parser.add_argument("--markdown", default=None, help="write the table here")
     parser.add_argument("--plot", default=None, help="write the PNG plot here")
     args = parser.parse_args(argv)
     m = load_measured(Path(args.measured), args.size)
-    print(json.dumps({"figure": "inputs_measured", "ingest_audio_s_per_cpu_s": m.ingest_audio_s_per_cpu_s,
-                      "embed_cpu_segments_per_s": m.embed_cpu_segments_per_s,
-                      "forward_flops_per_segment": m.forward_flops_per_segment,
-                      "train_flops_per_sample": m.train_flops_per_sample}))
+    print(
+        json.dumps(
+            {
+                "figure": "inputs_measured",
+                "ingest_audio_s_per_cpu_s": m.ingest_audio_s_per_cpu_s,
+                "embed_cpu_segments_per_s": m.embed_cpu_segments_per_s,
+                "forward_flops_per_segment": m.forward_flops_per_segment,
+                "train_flops_per_sample": m.train_flops_per_sample,
+            }
+        )
+    )
     print(json.dumps({"figure": "inputs_assumed", **ASSUMPTIONS}))
     rows = study(m)
     for row in rows:

@@ -50,8 +50,11 @@ def emit(record: dict[str, Any], out: Any | None) -> None:
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
     arr = np.asarray(samples_ms)
-    return {"p50_ms": round(float(np.percentile(arr, 50)), 3), "p99_ms": round(float(np.percentile(arr, 99)), 3),
-            "n": int(arr.size)}
+    return {
+        "p50_ms": round(float(np.percentile(arr, 50)), 3),
+        "p99_ms": round(float(np.percentile(arr, 99)), 3),
+        "n": int(arr.size),
+    }
 
 
 def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
@@ -66,7 +69,9 @@ def recording(t: int, seconds: float, rate: int) -> np.ndarray:
     """A distinct synthetic performance per track: pitch, pulse rate, brightness and a crescendo."""
     time_s = np.arange(int(seconds * rate)) / rate
     pulse = 0.5 + 0.5 * np.sign(np.sin(2 * np.pi * (1.0 + 0.37 * t) * time_s))
-    tone = np.sin(2 * np.pi * 110 * (1 + t % 7) * time_s) + 0.3 * (t % 3) * np.sin(2 * np.pi * 1900 * time_s)
+    tone = np.sin(2 * np.pi * 110 * (1 + t % 7) * time_s) + 0.3 * (t % 3) * np.sin(
+        2 * np.pi * 1900 * time_s
+    )
     swell = 0.4 + 0.6 * time_s / seconds if t % 2 else 1.0 - 0.6 * time_s / seconds
     return (0.2 * pulse * tone * swell).astype(np.float32)
 
@@ -88,7 +93,9 @@ def run_load(args: argparse.Namespace) -> None:
                 started = time.perf_counter()
                 try:
                     if kind == "upload":
-                        r = client.post(f"{url}/search", params=params, files={"file": ("q.wav", body)})
+                        r = client.post(
+                            f"{url}/search", params=params, files={"file": ("q.wav", body)}
+                        )
                     else:
                         r = client.get(f"{url}/search/by-track", params=params)
                     ok = r.status_code == 200
@@ -105,9 +112,18 @@ def run_load(args: argparse.Namespace) -> None:
         for _ in range(args.concurrency):
             pool.submit(worker)
     elapsed = time.monotonic() - started
-    print(json.dumps({"requests": len(latencies), "errors": len(errors), "first_errors": errors[:3],
-                      "elapsed_s": round(elapsed, 2), "rps": round(len(latencies) / elapsed, 2),
-                      **(percentiles(latencies) if latencies else {})}))
+    print(
+        json.dumps(
+            {
+                "requests": len(latencies),
+                "errors": len(errors),
+                "first_errors": errors[:3],
+                "elapsed_s": round(elapsed, 2),
+                "rps": round(len(latencies) / elapsed, 2),
+                **(percentiles(latencies) if latencies else {}),
+            }
+        )
+    )
 
 
 # -- the benchmark ------------------------------------------------------------------------
@@ -141,14 +157,25 @@ def build_corpus(cfg: Any, root: str, tracks: int, track_s: float) -> dict[str, 
             rows["end_s"].append((start + window) / rate)
             rows["sample_rate"].append(rate)
             rows["source_uri"].append(path)
-            rows["metadata_json"].append(json.dumps({"title": f"Piece {t % 10}", "composer": f"Composer {t % 5}"}))
-        vectors.append(embedder.embed(np.stack([audio[s:s + window] for s in starts])))
+            rows["metadata_json"].append(
+                json.dumps({"title": f"Piece {t % 10}", "composer": f"Composer {t % 5}"})
+            )
+        vectors.append(embedder.embed(np.stack([audio[s : s + window] for s in starts])))
     matrix = np.concatenate(vectors)
     ids = np.array(rows["segment_id"], dtype=np.int64)
     spec = IndexSpec(type="flat", dim=embedder.dim)
     index = build_index(spec, [(matrix, ids)])
-    return write_index_artifact(cfg, storage, new_version(), index, spec, pa.table(rows), embedder.info,
-                                {"segments": len(ids), "vectors": len(ids)}, {"ingest": "benchmark"})
+    return write_index_artifact(
+        cfg,
+        storage,
+        new_version(),
+        index,
+        spec,
+        pa.table(rows),
+        embedder.info,
+        {"segments": len(ids), "vectors": len(ids)},
+        {"ingest": "benchmark"},
+    )
 
 
 def timed(fn, n: int, warmup: int = 3) -> dict[str, float]:
@@ -188,11 +215,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tracks", type=int, default=40)
     parser.add_argument("--track-s", type=float, default=30.0)
-    parser.add_argument("--requests", type=int, default=60, help="sequential requests per latency figure")
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds of each throughput run")
+    parser.add_argument(
+        "--requests", type=int, default=60, help="sequential requests per latency figure"
+    )
+    parser.add_argument(
+        "--duration", type=float, default=20.0, help="seconds of each throughput run"
+    )
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--load", default=None, help=argparse.SUPPRESS)  # internal: be the load client
+    parser.add_argument(
+        "--load", default=None, help=argparse.SUPPRESS
+    )  # internal: be the load client
     args = parser.parse_args()
     if args.load:
         run_load(args)
@@ -207,15 +240,32 @@ def main() -> None:
 
     out = open(args.out, "a") if args.out else None
     work = tempfile.mkdtemp(prefix="serve-bench-")
-    cfg = load_config(None, [f"storage.root={work}/store", "audio.window_s=2.0", "audio.hop_s=1.0",
-                             f"serve.port={free_port()}", "serve.reload_interval_s=0"])
+    cfg = load_config(
+        None,
+        [
+            f"storage.root={work}/store",
+            "audio.window_s=2.0",
+            "audio.hop_s=1.0",
+            f"serve.port={free_port()}",
+            "serve.reload_interval_s=0",
+        ],
+    )
     started = time.perf_counter()
     manifest = build_corpus(cfg, work, args.tracks, args.track_s)
-    emit({"figure": "corpus", "tracks": args.tracks, "track_s": args.track_s, "segments": manifest["count"],
-          "dim": manifest["dim"], "build_s": round(time.perf_counter() - started, 1)}, out)
+    emit(
+        {
+            "figure": "corpus",
+            "tracks": args.tracks,
+            "track_s": args.track_s,
+            "segments": manifest["count"],
+            "dim": manifest["dim"],
+            "build_s": round(time.perf_counter() - started, 1),
+        },
+        out,
+    )
 
     rate = cfg.audio.sample_rate
-    clip = recording(3, CLIP_S + 2, rate)[rate:rate + int(CLIP_S * rate)]
+    clip = recording(3, CLIP_S + 2, rate)[rate : rate + int(CLIP_S * rate)]
     clip_path = os.path.join(work, "clip.wav")
     with open(clip_path, "wb") as f:
         f.write(wav_bytes(clip, rate))
@@ -223,20 +273,39 @@ def main() -> None:
     # -- direct, in process --------------------------------------------------------------
     import torch
 
-    torch.set_num_threads(1)  # as in a Serve replica: Ray sets OMP_NUM_THREADS to its CPU count, at least 1
+    torch.set_num_threads(
+        1
+    )  # as in a Serve replica: Ray sets OMP_NUM_THREADS to its CPU count, at least 1
     service = SearchService.from_config(cfg)
     index = service.index
-    sample_ids = [int(s["segment_id"]) for t in index.tracks()[:5] for s in index.track(t["track_id"])["segments"][:4]]
+    sample_ids = [
+        int(s["segment_id"])
+        for t in index.tracks()[:5]
+        for s in index.track(t["track_id"])["segments"][:4]
+    ]
     vectors = [index.vector(s) for s in sample_ids]
     it = iter(range(10**9))
-    direct_search = timed(lambda: index.search(vectors[next(it) % len(vectors)], k=10), args.requests)
+    direct_search = timed(
+        lambda: index.search(vectors[next(it) % len(vectors)], k=10), args.requests
+    )
     raw = np.stack(vectors)
-    direct_faiss = timed(lambda: index.index.search(raw[next(it) % len(raw)][None, :], 10), args.requests)
+    direct_faiss = timed(
+        lambda: index.index.search(raw[next(it) % len(raw)][None, :], 10), args.requests
+    )
     frames = clip_windows(clip, service.window, service.hop)
     direct_embed = timed(lambda: service.embedder.embed(frames), max(10, args.requests // 3))
     emit({"figure": "direct", "what": "faiss index.search k=10", **direct_faiss}, out)
-    emit({"figure": "direct", "what": "SearchIndex.search k=10 (faiss + hits)", **direct_search}, out)
-    emit({"figure": "direct", "what": f"Embedder on a {CLIP_S:.0f} s clip ({len(frames)} windows)", **direct_embed}, out)
+    emit(
+        {"figure": "direct", "what": "SearchIndex.search k=10 (faiss + hits)", **direct_search}, out
+    )
+    emit(
+        {
+            "figure": "direct",
+            "what": f"Embedder on a {CLIP_S:.0f} s clip ({len(frames)} windows)",
+            **direct_embed,
+        },
+        out,
+    )
 
     # -- over HTTP, Ray Serve ------------------------------------------------------------
     from ray import serve
@@ -249,12 +318,17 @@ def main() -> None:
         track = tracks[min(7, len(tracks) - 1)]["track_id"]
         by_id = {"track_id": track, "start_s": 4.0, "k": 10}
         with httpx.Client(timeout=120) as client:
+
             def by_track(params: dict) -> None:
                 r = client.get(f"{url}/search/by-track", params=params)
                 assert r.status_code == 200, r.text
 
             def upload(params: dict) -> None:
-                r = client.post(f"{url}/search", params=params, files={"file": ("q.wav", open(clip_path, "rb").read())})
+                r = client.post(
+                    f"{url}/search",
+                    params=params,
+                    files={"file": ("q.wav", open(clip_path, "rb").read())},
+                )
                 assert r.status_code == 200, r.text
 
             # Paired: each sample times one direct call and then one request, so both see the
@@ -266,14 +340,26 @@ def main() -> None:
                 index.search(vector, k=10)
 
             for name, fn, params, direct in (
-                    ("by_id", by_track, {**by_id, "explain": False}, direct_one),
-                    ("by_id+explain", by_track, by_id, direct_one),
-                    ("upload_5s", upload, {"k": 10, "explain": False}, direct_upload),
-                    ("upload_5s+explain", upload, {"k": 10}, direct_upload)):
-                served, baseline = paired(lambda: fn(params), direct, args.requests)
-                emit({"figure": "latency", "query": name, **served, "direct_p50_ms": baseline["p50_ms"],
-                      "direct_p99_ms": baseline["p99_ms"], "overhead_p50_ms": round(served["p50_ms"] - baseline["p50_ms"], 3),
-                      "load_avg_1m": round(os.getloadavg()[0], 1)}, out)
+                ("by_id", by_track, {**by_id, "explain": False}, direct_one),
+                ("by_id+explain", by_track, by_id, direct_one),
+                ("upload_5s", upload, {"k": 10, "explain": False}, direct_upload),
+                ("upload_5s+explain", upload, {"k": 10}, direct_upload),
+            ):
+                served, baseline = paired(
+                    lambda fn=fn, params=params: fn(params), direct, args.requests
+                )
+                emit(
+                    {
+                        "figure": "latency",
+                        "query": name,
+                        **served,
+                        "direct_p50_ms": baseline["p50_ms"],
+                        "direct_p99_ms": baseline["p99_ms"],
+                        "overhead_p50_ms": round(served["p50_ms"] - baseline["p50_ms"], 3),
+                        "load_avg_1m": round(os.getloadavg()[0], 1),
+                    },
+                    out,
+                )
 
         def direct_rps(fn, seconds: float = 3.0) -> float:
             count, deadline = 0, time.monotonic() + seconds
@@ -282,18 +368,49 @@ def main() -> None:
                 count += 1
             return round(count / seconds, 2)
 
-        for kind, params in (("by_id", {**by_id, "explain": False}), ("upload", {"k": 10, "explain": False})):
+        for kind, params in (
+            ("by_id", {**by_id, "explain": False}),
+            ("upload", {"k": 10, "explain": False}),
+        ):
             # One thread in this process, no HTTP: what the same queries cost without the service.
             baseline_rps = direct_rps(direct_one if kind == "by_id" else direct_upload)
-            spec = json.dumps({"url": url, "kind": "upload" if kind == "upload" else "by-track", "params": params,
-                               "clip": clip_path})
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--load", spec, "--duration",
-                                   str(args.duration), "--concurrency", str(args.concurrency)],
-                                  capture_output=True, text=True, check=True)
+            spec = json.dumps(
+                {
+                    "url": url,
+                    "kind": "upload" if kind == "upload" else "by-track",
+                    "params": params,
+                    "clip": clip_path,
+                }
+            )
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "--load",
+                    spec,
+                    "--duration",
+                    str(args.duration),
+                    "--concurrency",
+                    str(args.concurrency),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             result = json.loads(proc.stdout.strip().splitlines()[-1])
             stats = httpx.get(f"{url}/readyz", timeout=30).json()["stats"]
-            emit({"figure": "throughput", "query": kind, "concurrency": args.concurrency, **result,
-                  "direct_single_thread_rps": baseline_rps, "max_embed_batch": stats["max_embed_batch"], "load_avg_1m": round(os.getloadavg()[0], 1)}, out)
+            emit(
+                {
+                    "figure": "throughput",
+                    "query": kind,
+                    "concurrency": args.concurrency,
+                    **result,
+                    "direct_single_thread_rps": baseline_rps,
+                    "max_embed_batch": stats["max_embed_batch"],
+                    "load_avg_1m": round(os.getloadavg()[0], 1),
+                },
+                out,
+            )
     finally:
         serve.shutdown()
 

@@ -55,13 +55,27 @@ def write_synthetic_ingest(storage: Storage, segments: int, window_s: float, sr:
     rows = []
     for i in range(segments):
         f0 = rng.uniform(110, 880)
-        audio = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, 4)) * np.exp(-t * rng.uniform(0.2, 3))
+        audio = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, 4)) * np.exp(
+            -t * rng.uniform(0.2, 3)
+        )
         audio = (0.2 * audio + 0.02 * rng.standard_normal(len(t))).astype(np.float32)
         track = f"track{i % 8}"
-        rows.append({"segment_id": segment_id(track, i * len(t)), "track_id": track, "piece_id": f"piece{i % 4}",
-                     "style": "synthetic", "start_s": float(i * window_s), "end_s": float((i + 1) * window_s),
-                     "start_sample": i * len(t), "num_samples": len(t), "sample_rate": sr,
-                     "source_uri": f"mem://{track}.wav", "metadata_json": "{}", "audio": encode_audio(audio)})
+        rows.append(
+            {
+                "segment_id": segment_id(track, i * len(t)),
+                "track_id": track,
+                "piece_id": f"piece{i % 4}",
+                "style": "synthetic",
+                "start_s": float(i * window_s),
+                "end_s": float((i + 1) * window_s),
+                "start_sample": i * len(t),
+                "num_samples": len(t),
+                "sample_rate": sr,
+                "source_uri": f"mem://{track}.wav",
+                "metadata_json": "{}",
+                "audio": encode_audio(audio),
+            }
+        )
     with storage.open("ingest/bench/segments/part-000.parquet", "wb") as f:
         pq.write_table(pa.Table.from_pylist(rows, schema=SEGMENT_SCHEMA), f)
     storage.publish("ingest", "bench", {"counts": {"segments": segments}})
@@ -69,8 +83,14 @@ def write_synthetic_ingest(storage: Storage, segments: int, window_s: float, sr:
 
 
 def make_model(size: str, codebook: dict, cfg) -> HubertPretrainModel:
-    return HubertPretrainModel(build_encoder(size, seed=0), codebook, cfg.audio.sample_rate, cfg.pretrain.n_mels,
-                               cfg.pretrain.mask_prob, cfg.pretrain.mask_length)
+    return HubertPretrainModel(
+        build_encoder(size, seed=0),
+        codebook,
+        cfg.audio.sample_rate,
+        cfg.pretrain.n_mels,
+        cfg.pretrain.mask_prob,
+        cfg.pretrain.mask_length,
+    )
 
 
 def flops_per_sample(model: torch.nn.Module, batch: torch.Tensor) -> float:
@@ -84,8 +104,15 @@ def flops_per_sample(model: torch.nn.Module, batch: torch.Tensor) -> float:
     return counter.get_total_flops() / batch.shape[0]
 
 
-def baseline(model: torch.nn.Module, audio: torch.Tensor, batch_size: int, steps: int, warmup: int,
-             device: torch.device, bf16: bool) -> list[float]:
+def baseline(
+    model: torch.nn.Module,
+    audio: torch.Tensor,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    bf16: bool,
+) -> list[float]:
     """Step times of a plain single-process loop over the same model and batch size."""
     model = model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
@@ -109,30 +136,50 @@ def baseline(model: torch.nn.Module, audio: torch.Tensor, batch_size: int, steps
     return times
 
 
-def throughput(step_s: float, batch_size: int, workers: int, window_s: float, stat: str = "step_s_median") -> dict:
-    return {"samples_per_s": round(workers * batch_size / step_s, 3),
-            "audio_s_per_s_per_worker": round(batch_size * window_s / step_s, 3), stat: round(step_s, 4)}
+def throughput(
+    step_s: float, batch_size: int, workers: int, window_s: float, stat: str = "step_s_median"
+) -> dict:
+    return {
+        "samples_per_s": round(workers * batch_size / step_s, 3),
+        "audio_s_per_s_per_worker": round(batch_size * window_s / step_s, 3),
+        stat: round(step_s, 4),
+    }
 
 
 def bench_size(size: str, args, root: str) -> None:
     from mess_ray.train import run_pretrain
 
     workers = args.workers or (max(1, torch.cuda.device_count()) if args.gpu else 2)
-    cfg = load_config(None, [f"storage.root={root}/{size}", f"audio.window_s={args.window_s}",
-                             f"pretrain.steps={args.steps}", f"pretrain.batch_size={args.batch_size}",
-                             f"pretrain.num_workers={workers}", f"pretrain.use_gpu={args.gpu}",
-                             f"pretrain.checkpoint_every={args.steps}", f"pretrain.report_every={args.report_every}",
-                             f"pretrain.warmup_steps={args.warmup}", "pretrain.kmeans_sample_frames=2000",
-                             f"pretrain.run_name=bench-{size}", f"model.size={size}"])
+    cfg = load_config(
+        None,
+        [
+            f"storage.root={root}/{size}",
+            f"audio.window_s={args.window_s}",
+            f"pretrain.steps={args.steps}",
+            f"pretrain.batch_size={args.batch_size}",
+            f"pretrain.num_workers={workers}",
+            f"pretrain.use_gpu={args.gpu}",
+            f"pretrain.checkpoint_every={args.steps}",
+            f"pretrain.report_every={args.report_every}",
+            f"pretrain.warmup_steps={args.warmup}",
+            "pretrain.kmeans_sample_frames=2000",
+            f"pretrain.run_name=bench-{size}",
+            f"model.size={size}",
+        ],
+    )
     storage = Storage(cfg.storage.root)
     write_synthetic_ingest(storage, args.segments, cfg.audio.window_s, cfg.audio.sample_rate)
-    common = {"size": size, "batch_size_per_worker": args.batch_size, "window_s": cfg.audio.window_s,
-              "device": "cuda-bf16" if args.gpu else "cpu"}
+    common = {
+        "size": size,
+        "batch_size_per_worker": args.batch_size,
+        "window_s": cfg.audio.window_s,
+        "device": "cuda-bf16" if args.gpu else "cpu",
+    }
 
     started = time.perf_counter()
     manifest = run_pretrain(cfg, storage)
     total_wall = time.perf_counter() - started
-    timings = manifest["step_timings"][args.warmup:]
+    timings = manifest["step_timings"][args.warmup :]
     if len(timings) < 2:
         raise ValueError(f"--steps must exceed --warmup + 1 (got {args.steps}, {args.warmup})")
     step_s = statistics.median(t[0] for t in timings)
@@ -140,11 +187,29 @@ def bench_size(size: str, args, root: str) -> None:
     wall_step_s = (timings[-1][2] - timings[0][2]) / (len(timings) - 1)
     params = manifest["counts"]["parameters"]
     ray_step = throughput(step_s, args.batch_size, workers, cfg.audio.window_s)
-    emit({"figure": "ray_train_step", **common, "workers": workers, **ray_step,
-          "data_wait_s_median": round(data_s, 4), "steps_measured": len(timings), "parameters": params})
-    emit({"figure": "ray_train_wall", **common, "workers": workers,
-          **throughput(wall_step_s, args.batch_size, workers, cfg.audio.window_s, stat="step_s_mean_wall"),
-          "report_every": args.report_every, "run_total_wall_s": round(total_wall, 1)})
+    emit(
+        {
+            "figure": "ray_train_step",
+            **common,
+            "workers": workers,
+            **ray_step,
+            "data_wait_s_median": round(data_s, 4),
+            "steps_measured": len(timings),
+            "parameters": params,
+        }
+    )
+    emit(
+        {
+            "figure": "ray_train_wall",
+            **common,
+            "workers": workers,
+            **throughput(
+                wall_step_s, args.batch_size, workers, cfg.audio.window_s, stat="step_s_mean_wall"
+            ),
+            "report_every": args.report_every,
+            "run_total_wall_s": round(total_wall, 1),
+        }
+    )
 
     # Baseline: same architecture, codebook and batch, no Ray; one thread like one Ray worker here.
     with storage.open(f"pretrain/bench-{size}/model/kmeans_codebook.npz") as f:
@@ -153,30 +218,56 @@ def bench_size(size: str, args, root: str) -> None:
     if not args.gpu:
         torch.set_num_threads(max(1, int(cfg.pretrain.cpus_per_worker)))
     rng = np.random.default_rng(1)
-    audio = torch.from_numpy((0.1 * rng.standard_normal((64, round(cfg.audio.window_s * cfg.audio.sample_rate))))
-                             .astype(np.float32))
+    audio = torch.from_numpy(
+        (0.1 * rng.standard_normal((64, round(cfg.audio.window_s * cfg.audio.sample_rate)))).astype(
+            np.float32
+        )
+    )
     model = make_model(size, codebook, cfg)
     flops = flops_per_sample(model, audio[:2])
-    times = baseline(model, audio, args.batch_size, args.baseline_steps, args.warmup, device, args.gpu)
+    times = baseline(
+        model, audio, args.batch_size, args.baseline_steps, args.warmup, device, args.gpu
+    )
     base = throughput(statistics.median(times), args.batch_size, 1, cfg.audio.window_s)
-    emit({"figure": "baseline_plain_torch", **common, "workers": 1, "threads": torch.get_num_threads(), **base,
-          "ray_step_overhead_ratio": round(step_s / base["step_s_median"], 3)})
-    record = {"figure": "flops", **common, "train_flops_per_sample": flops,
-              "gflops_per_audio_s": round(flops / cfg.audio.window_s / 1e9, 3), "parameters": params}
+    emit(
+        {
+            "figure": "baseline_plain_torch",
+            **common,
+            "workers": 1,
+            "threads": torch.get_num_threads(),
+            **base,
+            "ray_step_overhead_ratio": round(step_s / base["step_s_median"], 3),
+        }
+    )
+    record = {
+        "figure": "flops",
+        **common,
+        "train_flops_per_sample": flops,
+        "gflops_per_audio_s": round(flops / cfg.audio.window_s / 1e9, 3),
+        "parameters": params,
+    }
     if args.peak_tflops:
         peak = args.peak_tflops * 1e12
         record["mfu_ray_step"] = round(flops * ray_step["samples_per_s"] / workers / peak, 5)
         record["mfu_baseline"] = round(flops * base["samples_per_s"] / peak, 5)
     else:
-        record["achieved_tflops_per_worker"] = round(flops * ray_step["samples_per_s"] / workers / 1e12, 5)
+        record["achieved_tflops_per_worker"] = round(
+            flops * ray_step["samples_per_s"] / workers / 1e12, 5
+        )
     emit(record)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small"])
-    parser.add_argument("--gpu", action="store_true", help="bf16 on GPU (one worker per GPU); use --sizes base")
-    parser.add_argument("--workers", type=int, default=0, help="0: 2 on CPU, one per GPU with --gpu")
+    parser.add_argument(
+        "--gpu", action="store_true", help="bf16 on GPU (one worker per GPU); use --sizes base"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=0, help="0: 2 on CPU, one per GPU with --gpu"
+    )
     parser.add_argument("--steps", type=int, default=14)
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the figures")
     parser.add_argument("--baseline-steps", type=int, default=8)
@@ -184,7 +275,9 @@ def main() -> None:
     parser.add_argument("--window-s", type=float, default=4.0)
     parser.add_argument("--segments", type=int, default=96)
     parser.add_argument("--report-every", type=int, default=5)
-    parser.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (H100 bf16: 989)")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=0.0, help="device peak for MFU (H100 bf16: 989)"
+    )
     args = parser.parse_args()
     if args.steps <= args.warmup + 1:
         parser.error("--steps must exceed --warmup + 1")

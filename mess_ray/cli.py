@@ -10,7 +10,7 @@ import argparse
 import json
 import logging
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from mess_ray.config import MessRayConfig, load_config
 
@@ -30,8 +30,14 @@ STAGE_HELP = {
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", help="YAML config (default: built-in demo settings)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set pretrain.steps=50 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set pretrain.steps=50 (repeatable)",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
 
 
@@ -42,30 +48,72 @@ def build_parser() -> argparse.ArgumentParser:
         sub = verbs.add_parser(verb, help=text, description=text)
         _add_common(sub)
         if verb == "index":
-            sub.add_argument("--model", default="finetune",
-                             help="model to embed with: finetune | pretrain | random | a model folder")
+            sub.add_argument(
+                "--model",
+                default="finetune",
+                help="model to embed with: finetune | pretrain | random | a model folder",
+            )
         if verb == "reindex":
-            sub.add_argument("--model", default=None,
-                             help="optional check that the index was built with this model (default: its own)")
+            sub.add_argument(
+                "--model",
+                default=None,
+                help="optional check that the index was built with this model (default: its own)",
+            )
         if verb == "evaluate":
-            sub.add_argument("--models", nargs="*", default=["pretrain", "finetune"],
-                             help="model refs to compare (baselines 'descriptors' and 'random' always run)")
+            sub.add_argument(
+                "--models",
+                nargs="*",
+                default=["pretrain", "finetune"],
+                help="model refs to compare (baselines 'descriptors' and 'random' always run)",
+            )
         if verb == "search":
-            sub.add_argument("--url", default=None, help="service URL (default: from serve.host/port)")
+            sub.add_argument(
+                "--url", default=None, help="service URL (default: from serve.host/port)"
+            )
             group = sub.add_mutually_exclusive_group(required=True)
             group.add_argument("--file", help="audio file to search with")
-            group.add_argument("--track", help="indexed track id to search with (see --start/--end)")
-            sub.add_argument("--start", type=float, default=0.0, help="start time in seconds (with --track)")
-            sub.add_argument("--end", type=float, default=None, help="end time in seconds (with --track)")
+            group.add_argument(
+                "--track", help="indexed track id to search with (see --start/--end)"
+            )
+            sub.add_argument(
+                "--start", type=float, default=0.0, help="start time in seconds (with --track)"
+            )
+            sub.add_argument(
+                "--end", type=float, default=None, help="end time in seconds (with --track)"
+            )
             sub.add_argument("-k", type=int, default=10, help="number of hits")
-            sub.add_argument("--exclude-track", default=None, help="drop hits from this track (e.g. the query's own)")
-            sub.add_argument("--min-gap-s", type=float, default=None, help="min distance between hits of one track")
-            sub.add_argument("--facet", action="append", default=[], metavar="FACET=WEIGHT",
-                             help="facet weight, repeatable: overall, tempo, dynamics, articulation, timbre")
-            sub.add_argument("--mmr", type=float, default=None, metavar="LAMBDA",
-                             help="diversity: 1 = pure similarity, lower = more varied hits")
-            sub.add_argument("--filter", action="append", default=[], metavar="FIELD=VALUE",
-                             help="metadata filter, repeatable (composer=Bach, style=romantic, ...)")
+            sub.add_argument(
+                "--exclude-track",
+                default=None,
+                help="drop hits from this track (e.g. the query's own)",
+            )
+            sub.add_argument(
+                "--min-gap-s",
+                type=float,
+                default=None,
+                help="min distance between hits of one track",
+            )
+            sub.add_argument(
+                "--facet",
+                action="append",
+                default=[],
+                metavar="FACET=WEIGHT",
+                help="facet weight, repeatable: overall, tempo, dynamics, articulation, timbre",
+            )
+            sub.add_argument(
+                "--mmr",
+                type=float,
+                default=None,
+                metavar="LAMBDA",
+                help="diversity: 1 = pure similarity, lower = more varied hits",
+            )
+            sub.add_argument(
+                "--filter",
+                action="append",
+                default=[],
+                metavar="FIELD=VALUE",
+                help="metadata filter, repeatable (composer=Bach, style=romantic, ...)",
+            )
             sub.add_argument("--json", action="store_true", help="print the raw JSON response")
     return parser
 
@@ -89,8 +137,10 @@ def _stage_runner(verb: str) -> Callable[[MessRayConfig, argparse.Namespace], ob
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         cfg = load_config(args.config, args.overrides)
     except (OSError, ValueError) as err:  # pydantic's ValidationError is a ValueError

@@ -34,15 +34,22 @@ class _Section(BaseModel):
 
 
 class StorageConfig(_Section):
-    root: str = Field("./mess-ray-data", validate_default=True,
-                      description="Local folder or s3://bucket/prefix (any fsspec URL).")
-    s3_endpoint_url: str | None = Field(None, description="Endpoint for S3-compatible stores (MinIO, moto...).")
+    root: str = Field(
+        "./mess-ray-data",
+        validate_default=True,
+        description="Local folder or s3://bucket/prefix (any fsspec URL).",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="Endpoint for S3-compatible stores (MinIO, moto...)."
+    )
 
     _pin_root = field_validator("root")(pin_local_path)
 
 
 class RayConfig(_Section):
-    address: str | None = Field(None, description="Cluster address; None starts an embedded local Ray.")
+    address: str | None = Field(
+        None, description="Cluster address; None starts an embedded local Ray."
+    )
     num_cpus: int | None = Field(None, description="Logical CPUs of the embedded local Ray.")
 
 
@@ -53,7 +60,7 @@ class AudioConfig(_Section):
     min_duration_s: float = Field(1.0, ge=0, description="Shorter recordings are rejected.")
 
     @model_validator(mode="after")
-    def _hop_not_above_window(self) -> "AudioConfig":
+    def _hop_not_above_window(self) -> AudioConfig:
         if self.hop_s > self.window_s:
             raise ValueError("audio.hop_s must not exceed audio.window_s (gaps would lose audio)")
         return self
@@ -70,33 +77,70 @@ class StyleSpec(_Section):
     velocity_range: int = Field(10, ge=0, le=63, description="Spread of dynamics around the mean.")
     dynamics_arc: Literal["flat", "crescendo", "diminuendo", "hairpin"] = "flat"
     accent_every: int = Field(0, ge=0, description="Accent every n-th beat (0: none).")
-    articulation: float = Field(1.0, gt=0.05, le=2.0, description="Note length ratio: <1 staccato, >1 legato overlap.")
+    articulation: float = Field(
+        1.0, gt=0.05, le=2.0, description="Note length ratio: <1 staccato, >1 legato overlap."
+    )
     pedal: bool = False
     program: int = Field(0, ge=0, le=127, description="General MIDI program (timbre).")
     brightness: int = Field(64, ge=0, le=127, description="CC74 brightness.")
     phrase_bars: int = Field(4, ge=1, le=32, description="Bars per phrase for the rubato arch.")
-    pedal_mode: Literal["bar", "harmony"] = Field("bar", description="Re-pedal at each bar or at bass changes.")
+    pedal_mode: Literal["bar", "harmony"] = Field(
+        "bar", description="Re-pedal at each bar or at bass changes."
+    )
 
     @model_validator(mode="after")
-    def _name_is_slug(self) -> "StyleSpec":
+    def _name_is_slug(self) -> StyleSpec:
         # The name becomes part of track ids and file names.
         import re
 
         if not re.fullmatch(r"[a-z0-9][a-z0-9_\-]*", self.name) or "__" in self.name:
-            raise ValueError(f"style name {self.name!r} must be a lowercase slug ([a-z0-9_-], no '__')")
+            raise ValueError(
+                f"style name {self.name!r} must be a lowercase slug ([a-z0-9_-], no '__')"
+            )
         return self
 
 
 def default_styles() -> list[StyleSpec]:
     return [
-        StyleSpec(name="romantic", tempo_scale=0.8, rubato=0.6, velocity=70, velocity_range=30,
-                  dynamics_arc="hairpin", articulation=1.2, pedal=True),
-        StyleSpec(name="baroque_crisp", tempo_scale=1.25, velocity=85, velocity_range=6,
-                  accent_every=4, articulation=0.45, brightness=100),
-        StyleSpec(name="soft_legato", tempo_scale=0.95, rubato=0.2, velocity=40, velocity_range=8,
-                  articulation=1.05, pedal=True, brightness=30),
-        StyleSpec(name="march_marcato", tempo_scale=1.1, velocity=110, velocity_range=12,
-                  dynamics_arc="crescendo", accent_every=2, articulation=0.7, program=1),
+        StyleSpec(
+            name="romantic",
+            tempo_scale=0.8,
+            rubato=0.6,
+            velocity=70,
+            velocity_range=30,
+            dynamics_arc="hairpin",
+            articulation=1.2,
+            pedal=True,
+        ),
+        StyleSpec(
+            name="baroque_crisp",
+            tempo_scale=1.25,
+            velocity=85,
+            velocity_range=6,
+            accent_every=4,
+            articulation=0.45,
+            brightness=100,
+        ),
+        StyleSpec(
+            name="soft_legato",
+            tempo_scale=0.95,
+            rubato=0.2,
+            velocity=40,
+            velocity_range=8,
+            articulation=1.05,
+            pedal=True,
+            brightness=30,
+        ),
+        StyleSpec(
+            name="march_marcato",
+            tempo_scale=1.1,
+            velocity=110,
+            velocity_range=12,
+            dynamics_arc="crescendo",
+            accent_every=2,
+            articulation=0.7,
+            program=1,
+        ),
     ]
 
 
@@ -104,63 +148,112 @@ class RenderConfig(_Section):
     source: Literal["music21", "midi_folder", "asap"] = "music21"
     source_path: str | None = Field(None, description="Folder for midi_folder/asap sources.")
     _pin_paths = field_validator("source_path", "soundfont")(pin_local_path)
-    pieces: list[str] = Field(default_factory=list, description="music21 corpus paths; empty: the default list.")
+    pieces: list[str] = Field(
+        default_factory=list, description="music21 corpus paths; empty: the default list."
+    )
     num_pieces: int = Field(8, ge=1)
-    min_performances: int = Field(1, ge=1, description="asap: only pieces with at least this many performances.")
+    min_performances: int = Field(
+        1, ge=1, description="asap: only pieces with at least this many performances."
+    )
     styles: list[StyleSpec] = Field(default_factory=default_styles)
     max_duration_s: float = Field(24.0, gt=0)
     soundfont: str = DEFAULT_SOUNDFONT
     seed: int = 0
-    sample_rate: int = Field(22050, ge=8000, le=96000, description="Synthesis rate (ingest resamples later).")
-    channels: Literal[1, 2] = Field(1, description="WAV channels written (FluidSynth renders stereo).")
+    sample_rate: int = Field(
+        22050, ge=8000, le=96000, description="Synthesis rate (ingest resamples later)."
+    )
+    channels: Literal[1, 2] = Field(
+        1, description="WAV channels written (FluidSynth renders stereo)."
+    )
     gain: float = Field(0.5, gt=0, lt=10, description="FluidSynth master gain.")
-    tail_s: float = Field(1.5, ge=0, description="Reverb/release kept after the last note-off at most.")
-    silence_db: float = Field(-60.0, lt=0, description="Level below which the trailing tail is cut.")
-    synth_timeout_s: float = Field(300.0, gt=0, description="Kill a FluidSynth run after this long.")
+    tail_s: float = Field(
+        1.5, ge=0, description="Reverb/release kept after the last note-off at most."
+    )
+    silence_db: float = Field(
+        -60.0, lt=0, description="Level below which the trailing tail is cut."
+    )
+    synth_timeout_s: float = Field(
+        300.0, gt=0, description="Kill a FluidSynth run after this long."
+    )
 
 
 class IngestConfig(_Section):
-    source: str | None = Field(None, description="Audio folder/URL or manifest; None: the latest render output.")
+    source: str | None = Field(
+        None, description="Audio folder/URL or manifest; None: the latest render output."
+    )
     _pin_source = field_validator("source")(pin_local_path)
     catalog: Literal["auto", "folder", "manifest", "render", "maestro", "asap"] = Field(
-        "auto", description="auto: render if no source, MAESTRO/ASAP layouts by their metadata file, "
-                            ".csv/.parquet: manifest, else folder.")
-    read_block_s: float = Field(30.0, gt=0, description="Seconds decoded per read: bounds memory per worker.")
+        "auto",
+        description="auto: render if no source, MAESTRO/ASAP layouts by their metadata file, "
+        ".csv/.parquet: manifest, else folder.",
+    )
+    read_block_s: float = Field(
+        30.0, gt=0, description="Seconds decoded per read: bounds memory per worker."
+    )
     max_files: int | None = None
-    incremental: bool = Field(True, description="Reuse segments of unchanged files from the previous version.")
-    cpus_per_task: float = Field(0.5, gt=0, le=1, description="Ray CPUs per decode task (<= 0.5 on 2 cores).")
+    incremental: bool = Field(
+        True, description="Reuse segments of unchanged files from the previous version."
+    )
+    cpus_per_task: float = Field(
+        0.5, gt=0, le=1, description="Ray CPUs per decode task (<= 0.5 on 2 cores)."
+    )
 
 
 class ModelConfig(_Section):
     size: Literal["tiny", "small", "base"] = "tiny"
-    pretrained: str | None = Field(None, description="Path or hub name of a checkpoint to start from.")
-    trust_remote_code: bool = Field(False, description="Explicit opt-in for checkpoints with custom code (MERT).")
-    embedding_dim: int = Field(128, ge=8, description="Size of the overall part of the fine-tuned embedding.")
+    pretrained: str | None = Field(
+        None, description="Path or hub name of a checkpoint to start from."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Explicit opt-in for checkpoints with custom code (MERT)."
+    )
+    embedding_dim: int = Field(
+        128, ge=8, description="Size of the overall part of the fine-tuned embedding."
+    )
     pooling: Literal["mean", "attentive", "stats"] = Field(
-        "stats", description="Pooling over time: mean, attentive (learned frame weights), or stats "
-                                 "(mean and standard deviation: keeps how much things vary within a passage).")
-    facet_dim: int = Field(16, ge=0, description="Size of each facet part (tempo, dynamics, articulation, timbre) "
-                           "of the fine-tuned embedding; 0: no facet heads, a plain embedding. The embedding has "
-                           "embedding_dim + 4 * facet_dim dimensions.")
-    level_channel: bool = Field(True, description="Feed the raw audio's log-RMS level per frame to the heads "
-                                "(the encoder only sees loudness-normalised audio).")
+        "stats",
+        description="Pooling over time: mean, attentive (learned frame weights), or stats "
+        "(mean and standard deviation: keeps how much things vary within a passage).",
+    )
+    facet_dim: int = Field(
+        16,
+        ge=0,
+        description="Size of each facet part (tempo, dynamics, articulation, timbre) "
+        "of the fine-tuned embedding; 0: no facet heads, a plain embedding. The embedding has "
+        "embedding_dim + 4 * facet_dim dimensions.",
+    )
+    level_channel: bool = Field(
+        True,
+        description="Feed the raw audio's log-RMS level per frame to the heads "
+        "(the encoder only sees loudness-normalised audio).",
+    )
     descriptor_channel: bool = Field(
-        True, description="Feed each passage's z-scored audio descriptors (mess_ray.eval.descriptors; their "
+        True,
+        description="Feed each passage's z-scored audio descriptors (mess_ray.eval.descriptors; their "
         "z-scoring fitted on training segments and saved with the model) to every head next to the pooled "
-        "frames.")
-    seed: int = Field(0, description="Seed of randomly initialised encoders (the 'random' baseline).")
+        "frames.",
+    )
+    seed: int = Field(
+        0, description="Seed of randomly initialised encoders (the 'random' baseline)."
+    )
     ssl_layer: int | None = Field(
-        None, description="Hidden state mean-pooled by 'pretrain'/'random' embedders (0 = conv features, "
-                          "-1 = last layer); None: the middle layer.")
-    inference_batch_size: int = Field(16, ge=1, description="Rows per forward pass in Embedder.embed.")
+        None,
+        description="Hidden state mean-pooled by 'pretrain'/'random' embedders (0 = conv features, "
+        "-1 = last layer); None: the middle layer.",
+    )
+    inference_batch_size: int = Field(
+        16, ge=1, description="Rows per forward pass in Embedder.embed."
+    )
 
 
 class TrainConfig(_Section):
     """Settings shared by pretraining and fine-tuning (both run on Ray Train)."""
 
     run_name: str | None = Field(
-        None, description="Checkpoints and artifact version. None: derived from the inputs and settings, so "
-                          "re-running the same job resumes it and new data or settings start a new run.")
+        None,
+        description="Checkpoints and artifact version. None: derived from the inputs and settings, so "
+        "re-running the same job resumes it and new data or settings start a new run.",
+    )
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0)
@@ -171,34 +264,55 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(2, ge=0)
     weight_decay: float = Field(0.01, ge=0)
     checkpoint_every: int = Field(50, ge=1)
-    report_every: int = Field(10, ge=1, description="Steps between Ray Train metric reports (each step's "
-                                                    "loss is always kept in the run's history).")
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept: the best K by the mean training loss "
-                                  "since the previous checkpoint (the latest one is always kept too, for resume).")
+    report_every: int = Field(
+        10,
+        ge=1,
+        description="Steps between Ray Train metric reports (each step's "
+        "loss is always kept in the run's history).",
+    )
+    keep_checkpoints: int = Field(
+        2,
+        ge=1,
+        description="Checkpoints kept: the best K by the mean training loss "
+        "since the previous checkpoint (the latest one is always kept too, for resume).",
+    )
     max_failures: int = Field(2, ge=0)
     test_fail_at_step: int | None = Field(
-        None, ge=1, description="TEST ONLY (fault-tolerance tests): the last-rank worker exits abruptly after this "
-                                "step, once per run (a marker file in the run folder stops the retry failing again).")
-    shuffle_buffer: int = Field(256, ge=1, description="Rows in each worker's local shuffle buffer "
-                                "(mixes tracks and styles within batches).")
+        None,
+        ge=1,
+        description="TEST ONLY (fault-tolerance tests): the last-rank worker exits abruptly after this "
+        "step, once per run (a marker file in the run folder stops the retry failing again).",
+    )
+    shuffle_buffer: int = Field(
+        256,
+        ge=1,
+        description="Rows in each worker's local shuffle buffer "
+        "(mixes tracks and styles within batches).",
+    )
     seed: int = 0
 
 
 class PretrainConfig(TrainConfig):
     steps: int = Field(100, ge=1)
-    num_clusters: int = Field(32, ge=2, description="k-means codebook size for masked-prediction targets.")
+    num_clusters: int = Field(
+        32, ge=2, description="k-means codebook size for masked-prediction targets."
+    )
     kmeans_sample_frames: int = Field(20000, ge=100)
     mask_prob: float = Field(0.65, gt=0, lt=1)
     mask_length: int = Field(5, ge=1)
     n_mels: int = Field(64, ge=8, description="Log-mel bands of the k-means target features.")
     kmeans_iterations: int = Field(20, ge=1)
     targets: list[Literal["logmel", "mfcc", "dynamics", "chroma"]] = Field(
-        default_factory=lambda: ["logmel"], min_length=1,
+        default_factory=lambda: ["logmel"],
+        min_length=1,
         description="Masked-prediction targets, one k-means codebook and head each (MERT-style multi-target): "
-                    "logmel, mfcc (spectral envelope), dynamics (level/flux/centroid), chroma (CQT pitch class).")
+        "logmel, mfcc (spectral envelope), dynamics (level/flux/centroid), chroma (CQT pitch class).",
+    )
     exclude_eval_holdout: bool = Field(
-        False, description="Leave the evaluation hold-out pieces (eval.holdout_fraction, eval.seed) out of "
-                           "pretraining too, so the benchmark measures the SSL encoder on audio it never saw.")
+        False,
+        description="Leave the evaluation hold-out pieces (eval.holdout_fraction, eval.seed) out of "
+        "pretraining too, so the benchmark measures the SSL encoder on audio it never saw.",
+    )
 
     @field_validator("targets")
     @classmethod
@@ -218,41 +332,82 @@ class FinetuneConfig(TrainConfig):
     freeze_encoder: bool = False
     freeze_layers: int = Field(0, ge=0)
     init_from: Literal["auto", "pretrain", "pretrained", "random"] = Field(
-        "auto", description="Encoder start: auto = latest pretrain artifact, else model.pretrained, else random.")
+        "auto",
+        description="Encoder start: auto = latest pretrain artifact, else model.pretrained, else random.",
+    )
     hard_negative_weight: float = Field(
-        2.0, gt=0, description="infonce: same-piece-other-style negatives count this many times in the denominator.")
+        2.0,
+        gt=0,
+        description="infonce: same-piece-other-style negatives count this many times in the denominator.",
+    )
     contrastive_target: Literal["full", "overall"] = Field(
-        "full", description="With facet heads: the contrastive loss acts on the whole faceted vector, or only on "
-                            "its overall part.")
-    facet_weight: float = Field(1.0, ge=0, description="Weight of the facet-descriptor loss (model.facet_dim > 0).")
-    facet_temperature: float = Field(0.1, gt=0, description="Temperature of facet cosines in the facet loss.")
+        "full",
+        description="With facet heads: the contrastive loss acts on the whole faceted vector, or only on "
+        "its overall part.",
+    )
+    facet_weight: float = Field(
+        1.0, ge=0, description="Weight of the facet-descriptor loss (model.facet_dim > 0)."
+    )
+    facet_temperature: float = Field(
+        0.1, gt=0, description="Temperature of facet cosines in the facet loss."
+    )
     facet_target_temperature: float = Field(
-        0.5, gt=0, description="Sharpness of the descriptor-neighbour targets (times the batch's median distance).")
-    descriptor_sample: int = Field(256, ge=8, description="Training segments whose descriptors fix the z-scoring "
-                                   "of facet targets.")
-    augment_views: int = Field(0, ge=0, le=2, description="Augmented views of each row added as positives "
-                               "(EQ tilt, noise, reverb; never time-stretch).")
-    augment_eq_tilt_db: float = Field(2.0, ge=0, description="Max EQ tilt, dB per octave around 1 kHz.")
-    augment_noise_snr_db: float = Field(30.0, ge=0, description="Lowest SNR of added noise (0: no noise).")
+        0.5,
+        gt=0,
+        description="Sharpness of the descriptor-neighbour targets (times the batch's median distance).",
+    )
+    descriptor_sample: int = Field(
+        256,
+        ge=8,
+        description="Training segments whose descriptors fix the z-scoring of facet targets.",
+    )
+    augment_views: int = Field(
+        0,
+        ge=0,
+        le=2,
+        description="Augmented views of each row added as positives "
+        "(EQ tilt, noise, reverb; never time-stretch).",
+    )
+    augment_eq_tilt_db: float = Field(
+        2.0, ge=0, description="Max EQ tilt, dB per octave around 1 kHz."
+    )
+    augment_noise_snr_db: float = Field(
+        30.0, ge=0, description="Lowest SNR of added noise (0: no noise)."
+    )
     augment_reverb_prob: float = Field(0.5, ge=0, le=1)
     augment_reverb_max_s: float = Field(0.4, ge=0, description="Longest synthetic reverb RT60.")
-    mine_clusters: int = Field(0, ge=0, description="Pair source for segments without a style (human "
-                               "performances): k-means clusters of their descriptors become labels, positive "
-                               "across different pieces only. 0: such segments are skipped.")
-    mine_max_segments: int = Field(4000, ge=2, description="Unlabelled training segments described for mining "
-                                   "(a seeded sample).")
+    mine_clusters: int = Field(
+        0,
+        ge=0,
+        description="Pair source for segments without a style (human "
+        "performances): k-means clusters of their descriptors become labels, positive "
+        "across different pieces only. 0: such segments are skipped.",
+    )
+    mine_max_segments: int = Field(
+        4000,
+        ge=2,
+        description="Unlabelled training segments described for mining (a seeded sample).",
+    )
     midi_weight: float = Field(
-        4.0, ge=0, description="Pair source (b) with performed MIDI: weight of a soft-neighbour loss that makes "
+        4.0,
+        ge=0,
+        description="Pair source (b) with performed MIDI: weight of a soft-neighbour loss that makes "
         "the embedding rank other pieces' passages as their expressive MIDI descriptors do (tempo against the "
         "score, rubato, timing, velocity, articulation, pedal). Used when training segments have MIDI (see "
-        "midi_targets_for); 0: off.")
+        "midi_targets_for); 0: off.",
+    )
     midi_targets_for: Literal["unstyled", "all"] = Field(
-        "unstyled", description="Which training segments with MIDI get MIDI targets: 'unstyled' (human "
+        "unstyled",
+        description="Which training segments with MIDI get MIDI targets: 'unstyled' (human "
         "performances; renderings with a style already have exact labels, and MIDI targets on them cost "
-        "style retrieval without helping agreement, README Fine-tuning) or 'all'.")
+        "style retrieval without helping agreement, README Fine-tuning) or 'all'.",
+    )
     midi_target_temperature: float = Field(
-        0.5, gt=0, description="Sharpness of the MIDI-descriptor neighbour targets (times the batch's median "
-        "distance).")
+        0.5,
+        gt=0,
+        description="Sharpness of the MIDI-descriptor neighbour targets (times the batch's median "
+        "distance).",
+    )
 
 
 class IndexConfig(_Section):
@@ -261,31 +416,64 @@ class IndexConfig(_Section):
     min_actors: int = Field(1, ge=1)
     max_actors: int = Field(2, ge=1)
     cpus_per_actor: float = Field(0.5, gt=0)
-    gpus_per_actor: float = Field(0.0, ge=0, description="GPU share per embedding actor (Ray Data num_gpus); "
-                                  "0: CPU actors. With a GPU the embedder runs the model on CUDA.")
+    gpus_per_actor: float = Field(
+        0.0,
+        ge=0,
+        description="GPU share per embedding actor (Ray Data num_gpus); "
+        "0: CPU actors. With a GPU the embedder runs the model on CUDA.",
+    )
     shards: int = Field(2, ge=1)
-    ivf_above: int = Field(50_000, ge=1, description="auto: IVF instead of exact search from this many vectors "
-                           "(benchmarks/index_search.py: exact p99 passes 5 ms on 2 cores near 1e5).")
-    ivfpq_above: int = Field(1_000_000, ge=1, description="ivf: IVF-PQ with exact re-ranking from this many vectors.")
-    memory_budget_mb: float = Field(8192, gt=0, description="ivf: IVF-PQ codes instead of full vectors when an "
-                                    "IVF-Flat index would exceed this many MiB.")
-    nprobe: int = Field(16, ge=1, description="IVF lists probed per query (recall@10 >= 0.99 at 1e5 and 1e6 "
-                        "clustered vectors in benchmarks/index_search.py; 4 is too few at 1e5).")
+    ivf_above: int = Field(
+        50_000,
+        ge=1,
+        description="auto: IVF instead of exact search from this many vectors "
+        "(benchmarks/index_search.py: exact p99 passes 5 ms on 2 cores near 1e5).",
+    )
+    ivfpq_above: int = Field(
+        1_000_000, ge=1, description="ivf: IVF-PQ with exact re-ranking from this many vectors."
+    )
+    memory_budget_mb: float = Field(
+        8192,
+        gt=0,
+        description="ivf: IVF-PQ codes instead of full vectors when an "
+        "IVF-Flat index would exceed this many MiB.",
+    )
+    nprobe: int = Field(
+        16,
+        ge=1,
+        description="IVF lists probed per query (recall@10 >= 0.99 at 1e5 and 1e6 "
+        "clustered vectors in benchmarks/index_search.py; 4 is too few at 1e5).",
+    )
     hnsw_m: int = Field(32, ge=4)
     ef_search: int = Field(64, ge=1)
     hnsw_ef_construction: int = Field(
-        40, ge=8, description="HNSW build beam. Measured at 1e5 x 128 (2 cores): 40 gives recall@10 0.94 at "
-        "ef_search 64, 128 gives 0.996 but builds 5.5x slower.")
+        40,
+        ge=8,
+        description="HNSW build beam. Measured at 1e5 x 128 (2 cores): 40 gives recall@10 0.94 at "
+        "ef_search 64, 128 gives 0.996 but builds 5.5x slower.",
+    )
     ondisk: Literal["auto", "always", "never"] = Field(
-        "auto", description="IVF: merge shards on disk into a memory-mapped index.ivfdata (auto: when the "
-        "inverted lists would exceed memory_budget_mb; always: every IVF index).")
+        "auto",
+        description="IVF: merge shards on disk into a memory-mapped index.ivfdata (auto: when the "
+        "inverted lists would exceed memory_budget_mb; always: every IVF index).",
+    )
     use_gpu: Literal["auto"] | bool = Field(
-        "auto", description="FAISS on GPU for IVF training (k-means) and IVF-Flat shard building (auto: when "
-        "FAISS sees a GPU; true: fail clearly without one). Needs the faiss-gpu build: pip install -e .[gpu].")
-    actor_max_restarts: int = Field(-1, ge=-1, description="Embedding actors: how often Ray restarts a dead "
-                                    "actor (-1: always). A killed actor loses no segments: its batches are retried.")
-    actor_task_retries: int = Field(3, ge=-1, description="Embedding actors: retries of a batch whose actor died "
-                                    "(-1: unbounded; bounded so a batch that kills every actor fails the job).")
+        "auto",
+        description="FAISS on GPU for IVF training (k-means) and IVF-Flat shard building (auto: when "
+        "FAISS sees a GPU; true: fail clearly without one). Needs the faiss-gpu build: pip install -e .[gpu].",
+    )
+    actor_max_restarts: int = Field(
+        -1,
+        ge=-1,
+        description="Embedding actors: how often Ray restarts a dead "
+        "actor (-1: always). A killed actor loses no segments: its batches are retried.",
+    )
+    actor_task_retries: int = Field(
+        3,
+        ge=-1,
+        description="Embedding actors: retries of a batch whose actor died "
+        "(-1: unbounded; bounded so a batch that kills every actor fails the job).",
+    )
 
 
 class ServeConfig(_Section):
@@ -296,16 +484,28 @@ class ServeConfig(_Section):
     default_k: int = Field(10, ge=1, le=1000)
     num_replicas: int = Field(1, ge=1)
     cpus_per_replica: float = Field(0.5, gt=0)
-    gpus_per_replica: float = Field(0.0, ge=0, description="GPU share reserved per replica (ray_actor_options "
-                                                            "num_gpus); 0: CPU replicas.")
+    gpus_per_replica: float = Field(
+        0.0,
+        ge=0,
+        description="GPU share reserved per replica (ray_actor_options num_gpus); 0: CPU replicas.",
+    )
     index_version: str | None = Field(None, description="Index version to serve; None: the latest.")
     reload_interval_s: float = Field(
-        30.0, ge=0, description="Replicas poll the index LATEST pointer this often and swap to a new version; "
-                                "0 disables (a pinned index_version never reloads).")
-    batch_max_size: int = Field(8, ge=1, description="Uploads embedded together in one model call (@serve.batch).")
+        30.0,
+        ge=0,
+        description="Replicas poll the index LATEST pointer this often and swap to a new version; "
+        "0 disables (a pinned index_version never reloads).",
+    )
+    batch_max_size: int = Field(
+        8, ge=1, description="Uploads embedded together in one model call (@serve.batch)."
+    )
     batch_wait_s: float = Field(0.01, ge=0, description="How long a batch waits for more uploads.")
-    descriptor_cache_size: int = Field(4096, ge=1, description="Hit passages whose descriptors are kept (LRU).")
-    mmr_pool: int = Field(50, ge=1, le=10000, description="Candidates re-ranked when diversity (MMR) is asked for.")
+    descriptor_cache_size: int = Field(
+        4096, ge=1, description="Hit passages whose descriptors are kept (LRU)."
+    )
+    mmr_pool: int = Field(
+        50, ge=1, le=10000, description="Candidates re-ranked when diversity (MMR) is asked for."
+    )
 
 
 class EvalConfig(_Section):
@@ -313,14 +513,21 @@ class EvalConfig(_Section):
     seed: int = 0
     batch_size: int = Field(16, ge=1, description="Segments per embedding batch.")
     ray_data_min_segments: int = Field(
-        256, ge=0, description="Embed with a Ray Data actor pool from this many held-out segments; fewer: driver-side.")
+        256,
+        ge=0,
+        description="Embed with a Ray Data actor pool from this many held-out segments; fewer: driver-side.",
+    )
     min_actors: int = Field(1, ge=1)
     max_actors: int = Field(2, ge=1)
     cpus_per_actor: float = Field(0.5, gt=0)
-    recall_ks: list[int] = Field(default_factory=lambda: [1, 10], description="k values of recall@k.")
+    recall_ks: list[int] = Field(
+        default_factory=lambda: [1, 10], description="k values of recall@k."
+    )
     ndcg_k: int = Field(10, ge=1)
     triplet_margin: float = Field(0.2, ge=0)
-    max_plot_points: int = Field(2000, ge=10, description="Embeddings drawn in the PCA map (subsampled, seeded).")
+    max_plot_points: int = Field(
+        2000, ge=10, description="Embeddings drawn in the PCA map (subsampled, seeded)."
+    )
 
 
 class MessRayConfig(_Section):
@@ -352,7 +559,9 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> MessRayConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> MessRayConfig:
     """Read a YAML config (or the defaults) and apply ``key.sub=value`` overrides.
 
     Override values are parsed as YAML, so ``train.steps=5`` gives an int and

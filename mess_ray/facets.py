@@ -15,7 +15,7 @@ without facet heads have no layout; callers must then refuse facet weights clear
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -34,7 +34,9 @@ Layout = dict[str, tuple[int, int]]
 def make_layout(overall_dim: int, facet_dim: int, facets: tuple[str, ...] = FACETS) -> Layout:
     """Contiguous ranges: ``overall`` first, then each facet."""
     if overall_dim < 1 or facet_dim < 1:
-        raise ValueError(f"part sizes must be >= 1, got overall_dim={overall_dim}, facet_dim={facet_dim}")
+        raise ValueError(
+            f"part sizes must be >= 1, got overall_dim={overall_dim}, facet_dim={facet_dim}"
+        )
     layout: Layout = {OVERALL: (0, overall_dim)}
     start = overall_dim
     for name in facets:
@@ -53,7 +55,9 @@ def parse_layout(raw: Mapping[str, object] | None) -> Layout | None:
         try:
             start, end = (int(x) for x in span)  # type: ignore[union-attr]
         except (TypeError, ValueError):
-            raise ValueError(f"facet layout entry {name!r} must be [start, end], got {span!r}") from None
+            raise ValueError(
+                f"facet layout entry {name!r} must be [start, end], got {span!r}"
+            ) from None
         if start != expected_start or end <= start:
             raise ValueError(f"facet layout is not contiguous at {name!r}: {span!r}")
         layout[str(name)] = (start, end)
@@ -97,7 +101,9 @@ def normalize_weights(weights: Mapping[str, float] | None, layout: Layout) -> di
     return {name: float(weights.get(name, 0.0)) / total for name in layout}
 
 
-def weighted_query(query: np.ndarray, layout: Layout, weights: Mapping[str, float] | None) -> np.ndarray:
+def weighted_query(
+    query: np.ndarray, layout: Layout, weights: Mapping[str, float] | None
+) -> np.ndarray:
     """Scale the query's parts so that ``<q_w, e> = sum_p w_p * cos_p(q, e)`` for any
     faceted embedding ``e`` (inner-product search then ranks by the weighted facet score)."""
     q = np.array(query, dtype=np.float32, copy=True)
@@ -111,7 +117,9 @@ def weighted_query(query: np.ndarray, layout: Layout, weights: Mapping[str, floa
     return q
 
 
-def part_similarities(query: np.ndarray, vectors: np.ndarray, layout: Layout) -> dict[str, np.ndarray]:
+def part_similarities(
+    query: np.ndarray, vectors: np.ndarray, layout: Layout
+) -> dict[str, np.ndarray]:
     """Cosine per part between one query [D] and vectors [N, D] (parts re-normalised)."""
     q = np.asarray(query, dtype=np.float32).reshape(-1)
     v = np.asarray(vectors, dtype=np.float32).reshape(-1, q.size)

@@ -78,7 +78,11 @@ def serve_forever(cfg: MessRayConfig) -> None:
 
 def search_options(args: argparse.Namespace) -> dict:
     """The search verb's options as the API's query parameters (``--facet tempo=2`` -> ``w_tempo=2``)."""
-    options: dict = {"exclude_track": args.exclude_track, "min_gap_s": args.min_gap_s, "mmr_lambda": args.mmr}
+    options: dict = {
+        "exclude_track": args.exclude_track,
+        "min_gap_s": args.min_gap_s,
+        "mmr_lambda": args.mmr,
+    }
     for item in args.facet:
         name, sep, weight = item.partition("=")
         try:
@@ -121,9 +125,13 @@ def pick_demo_query(storage: Storage, cfg: MessRayConfig) -> dict:
     """A held-out segment (a piece the models never trained on) to query the service with."""
     from mess_ray.segments import decode_audio, read_segment_table, split_pieces
 
-    table = read_segment_table(storage, columns=["segment_id", "track_id", "piece_id", "style",
-                                                 "start_s", "end_s", "audio"]).to_pylist()
-    _, holdout = split_pieces([r["piece_id"] for r in table], cfg.eval.holdout_fraction, cfg.eval.seed)
+    table = read_segment_table(
+        storage,
+        columns=["segment_id", "track_id", "piece_id", "style", "start_s", "end_s", "audio"],
+    ).to_pylist()
+    _, holdout = split_pieces(
+        [r["piece_id"] for r in table], cfg.eval.holdout_fraction, cfg.eval.seed
+    )
     candidates = [r for r in table if r["piece_id"] in set(holdout)] or table
     # A segment from the middle of a track: the opening is often a quiet attack.
     query = candidates[len(candidates) // 2]
@@ -146,13 +154,20 @@ def run_demo(cfg: MessRayConfig, shutdown: bool = True) -> dict:
     print(f"mess-ray demo: storage root {storage.url()}")
     manifests: dict[str, dict] = {}
     try:
-        for stage, kwargs in (("render", {}), ("ingest", {}), ("pretrain", {}), ("finetune", {}),
-                              ("index", {"model_ref": "finetune"})):
+        for stage, kwargs in (
+            ("render", {}),
+            ("ingest", {}),
+            ("pretrain", {}),
+            ("finetune", {}),
+            ("index", {"model_ref": "finetune"}),
+        ):
             t0 = time.monotonic()
             manifests[stage] = run_stage(stage, cfg, storage, **kwargs)
             timings[stage] = round(time.monotonic() - t0, 1)
-            print(f"[{stage}] done in {timings[stage]} s: version {manifests[stage].get('version')}, "
-                  f"counts {manifests[stage].get('counts')}")
+            print(
+                f"[{stage}] done in {timings[stage]} s: version {manifests[stage].get('version')}, "
+                f"counts {manifests[stage].get('counts')}"
+            )
 
         t0 = time.monotonic()
         run_service(cfg, blocking=False)
@@ -162,16 +177,22 @@ def run_demo(cfg: MessRayConfig, shutdown: bool = True) -> dict:
         wav = _wav_bytes(query["audio"], cfg.audio.sample_rate)
         result = client.search_file(url, wav, k=5, filename="query.wav")
         timings["serve+query"] = round(time.monotonic() - t0, 1)
-        print(f"\nHTTP query: {query['track_id']} {query['start_s']:.2f}-{query['end_s']:.2f} s "
-              f"(style {query['style']!r}, piece {query['piece_id']!r}) -> POST {url}/search")
+        print(
+            f"\nHTTP query: {query['track_id']} {query['start_s']:.2f}-{query['end_s']:.2f} s "
+            f"(style {query['style']!r}, piece {query['piece_id']!r}) -> POST {url}/search"
+        )
         print(client.format_hits(result))
         # The same clip with its own recording excluded: passages of other recordings played alike.
-        elsewhere = client.search_file(url, wav, k=5, filename="query.wav", exclude_track=query["track_id"])
+        elsewhere = client.search_file(
+            url, wav, k=5, filename="query.wav", exclude_track=query["track_id"]
+        )
         print(f"\nSame query, other recordings only (exclude_track={query['track_id']}):")
         print(client.format_hits(elsewhere))
 
         t0 = time.monotonic()
-        manifests["evaluate"] = run_stage("evaluate", cfg, storage, model_refs=["pretrain", "finetune"])
+        manifests["evaluate"] = run_stage(
+            "evaluate", cfg, storage, model_refs=["pretrain", "finetune"]
+        )
         timings["evaluate"] = round(time.monotonic() - t0, 1)
         print(f"\n[evaluate] {manifests['evaluate'].get('headline')}")
         print(f"report: {storage.url('eval', manifests['evaluate']['version'], 'report.md')}")
@@ -186,5 +207,12 @@ def run_demo(cfg: MessRayConfig, shutdown: bool = True) -> dict:
             shutdown_ray()
     total = round(time.monotonic() - started, 1)
     print(f"\ndemo finished in {total} s; stage timings {timings}")
-    return {"manifests": manifests, "timings": timings, "total_s": total, "query": query,
-            "query_result": result, "query_result_elsewhere": elsewhere, "service_url": url}
+    return {
+        "manifests": manifests,
+        "timings": timings,
+        "total_s": total,
+        "query": query,
+        "query_result": result,
+        "query_result_elsewhere": elsewhere,
+        "service_url": url,
+    }

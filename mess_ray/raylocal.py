@@ -22,8 +22,14 @@ LOCAL_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 # Forwarded to workers so they reach the same object store as the driver.
-FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-                 "AWS_ENDPOINT_URL", "AWS_EC2_METADATA_DISABLED")
+FORWARDED_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_EC2_METADATA_DISABLED",
+)
 
 
 def ensure_ray(cfg: RayConfig | None = None) -> None:
@@ -41,8 +47,9 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     if address:
         # A cluster needs routable node addresses: undo the loopback default that importing
         # mess_ray set (an explicit RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER from the user is kept).
-        import mess_ray
         from ray._private import ray_constants
+
+        import mess_ray
 
         if mess_ray.LOOPBACK_DEFAULTED:
             ray_constants.ENABLE_RAY_CLUSTER = True
@@ -54,9 +61,14 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     # Ray Data's operators and Serve's proxy must all fit at once on a 2-core machine.
     num_cpus = cfg.num_cpus or max(4, 2 * (os.cpu_count() or 1))
     log.info("starting embedded local Ray with %d logical CPUs", num_cpus)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-             runtime_env={"env_vars": {**forwarded, **{k: os.environ[k] for k in LOCAL_ENV}}},
-             configure_logging=True, log_to_driver=True)
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": {**forwarded, **{k: os.environ[k] for k in LOCAL_ENV}}},
+        configure_logging=True,
+        log_to_driver=True,
+    )
 
 
 def shutdown_ray() -> None:

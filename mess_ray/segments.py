@@ -18,28 +18,35 @@ import pyarrow.dataset as pads
 
 from mess_ray.storage import Storage
 
-SEGMENT_SCHEMA = pa.schema([
-    ("segment_id", pa.int64()),        # stable: hash of (track_id, start_sample)
-    ("track_id", pa.string()),
-    ("piece_id", pa.string()),         # the musical work ("" if unknown); splits are by piece
-    ("style", pa.string()),            # expressive profile label ("" if unknown)
-    ("start_s", pa.float64()),
-    ("end_s", pa.float64()),
-    ("start_sample", pa.int64()),
-    ("num_samples", pa.int64()),
-    ("sample_rate", pa.int32()),
-    ("source_uri", pa.string()),       # where the recording lives, for playback
-    ("metadata_json", pa.string()),    # catalog metadata carried through to search results
-    ("audio", pa.binary()),            # float32 LE mono PCM
-])
+SEGMENT_SCHEMA = pa.schema(
+    [
+        ("segment_id", pa.int64()),  # stable: hash of (track_id, start_sample)
+        ("track_id", pa.string()),
+        ("piece_id", pa.string()),  # the musical work ("" if unknown); splits are by piece
+        ("style", pa.string()),  # expressive profile label ("" if unknown)
+        ("start_s", pa.float64()),
+        ("end_s", pa.float64()),
+        ("start_sample", pa.int64()),
+        ("num_samples", pa.int64()),
+        ("sample_rate", pa.int32()),
+        ("source_uri", pa.string()),  # where the recording lives, for playback
+        ("metadata_json", pa.string()),  # catalog metadata carried through to search results
+        ("audio", pa.binary()),  # float32 LE mono PCM
+    ]
+)
 METADATA_COLUMNS = [f.name for f in SEGMENT_SCHEMA if f.name != "audio"]
 
-REJECT_SCHEMA = pa.schema([
-    ("source_uri", pa.string()),
-    ("track_id", pa.string()),
-    ("reason", pa.string()),           # unreadable | truncated | zero_length | not_audio | too_short | decode_error
-    ("detail", pa.string()),
-])
+REJECT_SCHEMA = pa.schema(
+    [
+        ("source_uri", pa.string()),
+        ("track_id", pa.string()),
+        (
+            "reason",
+            pa.string(),
+        ),  # unreadable | truncated | zero_length | not_audio | too_short | decode_error
+        ("detail", pa.string()),
+    ]
+)
 
 
 def segment_id(track_id: str, start_sample: int) -> int:
@@ -69,12 +76,17 @@ def segments_dir(version: str) -> str:
 
 def segments_dataset(storage: Storage, version: str | None = None) -> pads.Dataset:
     version = version or storage.require_latest("ingest")
-    return pads.dataset(storage.path(segments_dir(version)), format="parquet",
-                        filesystem=storage.pyarrow_fs(), schema=SEGMENT_SCHEMA)
+    return pads.dataset(
+        storage.path(segments_dir(version)),
+        format="parquet",
+        filesystem=storage.pyarrow_fs(),
+        schema=SEGMENT_SCHEMA,
+    )
 
 
-def read_segment_table(storage: Storage, version: str | None = None,
-                       columns: list[str] | None = None) -> pa.Table:
+def read_segment_table(
+    storage: Storage, version: str | None = None, columns: list[str] | None = None
+) -> pa.Table:
     """The segment table (metadata only unless ``columns`` asks for audio), sorted by id."""
     table = segments_dataset(storage, version).to_table(columns=columns or METADATA_COLUMNS)
     if "segment_id" in table.column_names:
@@ -82,13 +94,19 @@ def read_segment_table(storage: Storage, version: str | None = None,
     return table
 
 
-def read_segments_ray(storage: Storage, version: str | None = None, columns: list[str] | None = None):
+def read_segments_ray(
+    storage: Storage, version: str | None = None, columns: list[str] | None = None
+):
     """The segment table as a Ray Dataset (streams; used by training and embedding)."""
     import ray.data
 
     version = version or storage.require_latest("ingest")
-    return ray.data.read_parquet(storage.path(segments_dir(version)), filesystem=storage.pyarrow_fs(),
-                                 columns=columns, schema=SEGMENT_SCHEMA)
+    return ray.data.read_parquet(
+        storage.path(segments_dir(version)),
+        filesystem=storage.pyarrow_fs(),
+        columns=columns,
+        schema=SEGMENT_SCHEMA,
+    )
 
 
 def _piece_score(piece_id: str, seed: int) -> float:

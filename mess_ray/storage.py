@@ -18,9 +18,10 @@ import shutil
 import socket
 import tempfile
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import fsspec
 import pyarrow.fs as pafs
@@ -35,7 +36,9 @@ def _is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
 
-def make_filesystem(url: str, s3_endpoint_url: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def make_filesystem(
+    url: str, s3_endpoint_url: str | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
     """fsspec filesystem and the path inside it for a local path or any fsspec URL."""
     protocol = url.split("://", 1)[0] if _is_remote(url) else "file"
     options: dict[str, Any] = {}
@@ -83,7 +86,7 @@ class Storage:
             os.makedirs(self.base, exist_ok=True)
 
     @classmethod
-    def from_config(cls, cfg: StorageConfig) -> "Storage":
+    def from_config(cls, cfg: StorageConfig) -> Storage:
         return cls(cfg.root, cfg.s3_endpoint_url)
 
     def config(self) -> StorageConfig:
@@ -179,7 +182,8 @@ class Storage:
         version = self.latest(stage)
         if version is None:
             raise FileNotFoundError(
-                f"no published '{stage}' artifact under {self.root}: run `mess-ray {stage}` first")
+                f"no published '{stage}' artifact under {self.root}: run `mess-ray {stage}` first"
+            )
         return version
 
     def versions(self, stage: str) -> list[str]:
@@ -195,7 +199,7 @@ class Storage:
         full = {
             "stage": stage,
             "version": version,
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "created_at": dt.datetime.now(dt.UTC).isoformat(),
             "host": socket.gethostname(),
             **manifest,
         }
@@ -212,5 +216,5 @@ class Storage:
 
 def new_version(prefix: str = "v") -> str:
     """Sortable, unique version name: UTC timestamp plus a short random suffix."""
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     return f"{prefix}{stamp}-{uuid.uuid4().hex[:6]}"

@@ -80,11 +80,18 @@ def tiny_config(root: str, **sections) -> MessRayConfig:
     """The smallest config that still exercises every stage (used by integration tests)."""
     overrides = [
         f"storage.root={root}",
-        "audio.window_s=2.0", "audio.hop_s=1.0",
-        "render.num_pieces=4", "render.max_duration_s=8",
-        "pretrain.steps=4", "pretrain.batch_size=4", "pretrain.num_clusters=8",
-        "pretrain.checkpoint_every=2", "pretrain.kmeans_sample_frames=2000",
-        "finetune.steps=6", "finetune.batch_size=8", "finetune.checkpoint_every=3",
+        "audio.window_s=2.0",
+        "audio.hop_s=1.0",
+        "render.num_pieces=4",
+        "render.max_duration_s=8",
+        "pretrain.steps=4",
+        "pretrain.batch_size=4",
+        "pretrain.num_clusters=8",
+        "pretrain.checkpoint_every=2",
+        "pretrain.kmeans_sample_frames=2000",
+        "finetune.steps=6",
+        "finetune.batch_size=8",
+        "finetune.checkpoint_every=3",
         "index.shards=2",
     ]
     cfg = load_config(None, overrides)

@@ -62,8 +62,13 @@ RECORD_DIR_ENV = "MESS_RAY_MULTINODE_RECORDS"
 # -- recording wrappers (run on worker nodes) ------------------------------------------------
 def record(kind: str, **fields) -> None:
     folder = Path(os.environ[RECORD_DIR_ENV])
-    entry = {"kind": kind, "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-             "time": time.time(), **fields}
+    entry = {
+        "kind": kind,
+        "node": ray.get_runtime_context().get_node_id(),
+        "pid": os.getpid(),
+        "time": time.time(),
+        **fields,
+    }
     (folder / f"{kind}-{uuid.uuid4().hex}.json").write_text(json.dumps(entry))
 
 
@@ -133,7 +138,10 @@ def recording_train_loop(loop_config):
     context = ray.train.get_context()
     record("train", rank=context.get_world_rank())
     task = loop_config["task"]
-    loop_config = {**loop_config, "task": dataclasses.replace(task, collate=SlowCollate(task.collate, 0.6))}
+    loop_config = {
+        **loop_config,
+        "task": dataclasses.replace(task, collate=SlowCollate(task.collate, 0.6)),
+    }
     importlib.import_module("mess_ray.train.common").train_loop(loop_config)
 
 
@@ -149,20 +157,33 @@ def free_port() -> int:
 def start_cluster(temp_dir: str, worker_cpus: list[int]) -> tuple[Cluster, list]:
     """Head with 0 CPUs plus one worker node per entry of ``worker_cpus``; the driver connects."""
     # Ports with fixed defaults are taken by the pytest session's own embedded Ray.
-    head = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "temp_dir": temp_dir, "include_dashboard": False,
-        "dashboard_agent_listen_port": free_port(), "metrics_export_port": free_port(),
-        "runtime_env_agent_port": free_port(), "node_ip_address": "127.0.0.1",
-        "object_store_memory": 100 * 2**20})
+    head = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "temp_dir": temp_dir,
+            "include_dashboard": False,
+            "dashboard_agent_listen_port": free_port(),
+            "metrics_export_port": free_port(),
+            "runtime_env_agent_port": free_port(),
+            "node_ip_address": "127.0.0.1",
+            "object_store_memory": 100 * 2**20,
+        },
+    )
     workers = [add_worker(head, cpus, temp_dir) for cpus in worker_cpus]
     ray.init(address=head.address, logging_level="WARNING", log_to_driver=False)
     return head, workers
 
 
 def add_worker(cluster: Cluster, cpus: int, temp_dir: str):
-    return cluster.add_node(num_cpus=cpus, temp_dir=temp_dir, node_ip_address="127.0.0.1",
-                            metrics_export_port=free_port(), runtime_env_agent_port=free_port(),
-                            object_store_memory=100 * 2**20)
+    return cluster.add_node(
+        num_cpus=cpus,
+        temp_dir=temp_dir,
+        node_ip_address="127.0.0.1",
+        metrics_export_port=free_port(),
+        runtime_env_agent_port=free_port(),
+        object_store_memory=100 * 2**20,
+    )
 
 
 def node_ids(nodes) -> list[str]:
@@ -183,8 +204,15 @@ def run_in_thread(fn, *args, **kwargs) -> tuple[threading.Thread, dict]:
     return thread, out
 
 
-def wait_then_remove(cluster: Cluster, workers: list, records: Path, kind: str, min_done: int,
-                     thread: threading.Thread, timeout_s: float = 240) -> dict:
+def wait_then_remove(
+    cluster: Cluster,
+    workers: list,
+    records: Path,
+    kind: str,
+    min_done: int,
+    thread: threading.Thread,
+    timeout_s: float = 240,
+) -> dict:
     """Once ``min_done`` units of ``kind`` are recorded, remove the worker node that did the most."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -192,7 +220,9 @@ def wait_then_remove(cluster: Cluster, workers: list, records: Path, kind: str, 
         if len(done) >= min_done:
             break
         if not thread.is_alive():
-            raise AssertionError(f"{kind}: job ended after {len(done)} units, before a node could be removed")
+            raise AssertionError(
+                f"{kind}: job ended after {len(done)} units, before a node could be removed"
+            )
         if time.monotonic() > deadline:
             raise AssertionError(f"{kind}: only {len(done)} units after {timeout_s} s")
         time.sleep(0.05)
@@ -202,7 +232,9 @@ def wait_then_remove(cluster: Cluster, workers: list, records: Path, kind: str, 
     cluster.remove_node(by_node[victim_id], allow_graceful=False)
     workers.remove(by_node[victim_id])
     if not thread.is_alive():
-        raise AssertionError(f"{kind}: the job finished before its node was removed: nothing was tested")
+        raise AssertionError(
+            f"{kind}: the job finished before its node was removed: nothing was tested"
+        )
     return {"removed_node": victim_id, "units_done_at_removal": len(done)}
 
 
@@ -210,7 +242,9 @@ def write_wavs(folder: Path, count: int, seconds: float, rate: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     t = np.arange(int(seconds * rate)) / rate
     for i in range(count):
-        tone = 0.3 * np.sin(2 * np.pi * (220 + 30 * i) * t) * (1 + 0.5 * np.sin(2 * np.pi * 0.7 * t))
+        tone = (
+            0.3 * np.sin(2 * np.pi * (220 + 30 * i) * t) * (1 + 0.5 * np.sin(2 * np.pi * 0.7 * t))
+        )
         sf.write(folder / f"take{i:02d}.wav", tone.astype(np.float32), rate)
 
 
@@ -222,8 +256,14 @@ def expected_segment_ids(cfg, storage: Storage) -> list[int]:
     rows, _ = build_catalog(cfg, storage)
     ids = []
     for row in rows:
-        for seg in segment_track(row, cfg.audio.sample_rate, cfg.audio.window_s, cfg.audio.hop_s,
-                                 cfg.ingest.read_block_s, cfg.audio.min_duration_s):
+        for seg in segment_track(
+            row,
+            cfg.audio.sample_rate,
+            cfg.audio.window_s,
+            cfg.audio.hop_s,
+            cfg.ingest.read_block_s,
+            cfg.audio.min_duration_s,
+        ):
             ids.append(int(seg["segment_id"]))
     return ids
 
@@ -247,17 +287,32 @@ def scenario_data(workdir: Path, temp_dir: str) -> dict:
     os.environ[RECORD_DIR_ENV] = str(records)
     n_files = 12
     write_wavs(workdir / "audio", n_files, seconds=3.0, rate=16000)
-    cfg = load_config(None, [f"storage.root={workdir / 'store'}", f"ingest.source={workdir / 'audio'}",
-                             "ingest.catalog=folder", "audio.window_s=1.0", "audio.hop_s=0.5",
-                             "index.min_actors=2", "index.max_actors=2", "index.cpus_per_actor=1",
-                             "index.batch_size=4", "index.shards=3"])
+    cfg = load_config(
+        None,
+        [
+            f"storage.root={workdir / 'store'}",
+            f"ingest.source={workdir / 'audio'}",
+            "ingest.catalog=folder",
+            "audio.window_s=1.0",
+            "audio.hop_s=0.5",
+            "index.min_actors=2",
+            "index.max_actors=2",
+            "index.cpus_per_actor=1",
+            "index.batch_size=4",
+            "index.shards=3",
+        ],
+    )
     storage = Storage.from_config(cfg.storage)
     expected = expected_segment_ids(cfg, storage)
 
     # Worker nodes inherit the environment at start: the record folder must be set first.
     cluster, workers = start_cluster(temp_dir, [1, 1, 1])
     ever_started = set(node_ids(workers))
-    result: dict = {"worker_nodes": len(workers), "files": n_files, "expected_segments": len(expected)}
+    result: dict = {
+        "worker_nodes": len(workers),
+        "files": n_files,
+        "expected_segments": len(expected),
+    }
 
     # A few KiB per block instead of Ray Data's 128 MiB: this corpus (a few MB) then spans many
     # blocks, as a real one does, so the actor pool has blocks to share out.
@@ -269,7 +324,9 @@ def scenario_data(workdir: Path, temp_dir: str) -> dict:
     ingest_job.ingest_batch = recording_ingest_batch
     started = time.perf_counter()
     thread, out = run_in_thread(run_stage, "ingest", cfg, storage)
-    result["ingest"] = wait_then_remove(cluster, workers, records, "ingest", min_done=4, thread=thread)
+    result["ingest"] = wait_then_remove(
+        cluster, workers, records, "ingest", min_done=4, thread=thread
+    )
     thread.join(timeout=300)
     check(not thread.is_alive(), "ingest did not finish within 300 s after the node removal")
     if "error" in out:
@@ -278,51 +335,95 @@ def scenario_data(workdir: Path, temp_dir: str) -> dict:
     table = read_segment_table(storage, manifest["version"], columns=["segment_id", "track_id"])
     ids = table.column("segment_id").to_pylist()
     decoded = read_records(records, "ingest")
-    result["ingest"].update({
-        "seconds": round(time.perf_counter() - started, 1), "segments": len(ids), "unique_segments": len(set(ids)),
-        "files_segmented": manifest["counts"]["files_segmented"],
-        "nodes_used": sorted({r["node"] for r in decoded}),
-        # Files decoded more than once: re-executed after the node loss (the output keeps one copy).
-        "file_decodes": len(decoded)})
-    check(manifest["counts"]["files_in"] == manifest["counts"]["files_segmented"] == n_files,
-          f"ingest counts do not reconcile: {manifest['counts']}")
-    check(len(ids) == len(set(ids)), f"ingest duplicated segments: {len(ids)} rows, {len(set(ids))} ids")
-    check(sorted(ids) == sorted(expected), f"ingest lost or invented segments: {len(ids)} vs {len(expected)}")
-    check(manifest["counts"]["segments"] == len(expected), "manifest segment count differs from the table")
-    check(len(set(result["ingest"]["nodes_used"])) >= 2, f"ingest ran on fewer than 2 nodes: {decoded}")
-    check(set(result["ingest"]["nodes_used"]) <= ever_started, "ingest work ran outside the worker nodes")
+    result["ingest"].update(
+        {
+            "seconds": round(time.perf_counter() - started, 1),
+            "segments": len(ids),
+            "unique_segments": len(set(ids)),
+            "files_segmented": manifest["counts"]["files_segmented"],
+            "nodes_used": sorted({r["node"] for r in decoded}),
+            # Files decoded more than once: re-executed after the node loss (the output keeps one copy).
+            "file_decodes": len(decoded),
+        }
+    )
+    check(
+        manifest["counts"]["files_in"] == manifest["counts"]["files_segmented"] == n_files,
+        f"ingest counts do not reconcile: {manifest['counts']}",
+    )
+    check(
+        len(ids) == len(set(ids)),
+        f"ingest duplicated segments: {len(ids)} rows, {len(set(ids))} ids",
+    )
+    check(
+        sorted(ids) == sorted(expected),
+        f"ingest lost or invented segments: {len(ids)} vs {len(expected)}",
+    )
+    check(
+        manifest["counts"]["segments"] == len(expected),
+        "manifest segment count differs from the table",
+    )
+    check(
+        len(set(result["ingest"]["nodes_used"])) >= 2,
+        f"ingest ran on fewer than 2 nodes: {decoded}",
+    )
+    check(
+        set(result["ingest"]["nodes_used"]) <= ever_started,
+        "ingest work ran outside the worker nodes",
+    )
 
     # ---- index: a replacement node joins; a node with an embedding actor is removed mid-job
     workers.append(add_worker(cluster, 1, temp_dir))
     ever_started |= set(node_ids(workers))
     index_job.SegmentEmbedder = make_recording_embedder()
     real_loaders = index_job.shard_loaders
-    index_job.shard_loaders = lambda *a, **k: [RecordingShardLoader(x) for x in real_loaders(*a, **k)]
+    index_job.shard_loaders = lambda *a, **k: [
+        RecordingShardLoader(x) for x in real_loaders(*a, **k)
+    ]
     started = time.perf_counter()
     thread, out = run_in_thread(run_stage, "index", cfg, storage, model_ref="random")
-    result["index"] = wait_then_remove(cluster, workers, records, "embed", min_done=3, thread=thread)
+    result["index"] = wait_then_remove(
+        cluster, workers, records, "embed", min_done=3, thread=thread
+    )
     thread.join(timeout=300)
     check(not thread.is_alive(), "index did not finish within 300 s after the node removal")
     if "error" in out:
         raise out["error"]
     manifest = out["result"]
-    vector_ids = read_vector_ids(storage, vector_files(storage, f"index/{manifest['version']}/vectors")).tolist()
+    vector_ids = read_vector_ids(
+        storage, vector_files(storage, f"index/{manifest['version']}/vectors")
+    ).tolist()
     embedded = read_records(records, "embed")
     shards = read_records(records, "index_shard")
-    result["index"].update({
-        "seconds": round(time.perf_counter() - started, 1), "vectors": len(vector_ids),
-        "unique_vectors": len(set(vector_ids)), "index_count": manifest["count"],
-        "embed_nodes": sorted({r["node"] for r in embedded}),
-        "embed_batches": len(embedded), "embedded_rows": sum(r["rows"] for r in embedded),
-        "shard_nodes": sorted({r["node"] for r in shards}), "shards_built": len(shards)})
+    result["index"].update(
+        {
+            "seconds": round(time.perf_counter() - started, 1),
+            "vectors": len(vector_ids),
+            "unique_vectors": len(set(vector_ids)),
+            "index_count": manifest["count"],
+            "embed_nodes": sorted({r["node"] for r in embedded}),
+            "embed_batches": len(embedded),
+            "embedded_rows": sum(r["rows"] for r in embedded),
+            "shard_nodes": sorted({r["node"] for r in shards}),
+            "shards_built": len(shards),
+        }
+    )
     check(sorted(vector_ids) == sorted(expected), "index vectors lost or duplicated segments")
-    check(manifest["count"] == len(expected), f"index holds {manifest['count']} vectors, expected {len(expected)}")
-    check(len(result["index"]["embed_nodes"]) >= 2, f"embedding ran on fewer than 2 nodes: {embedded}")
-    check(result["index"]["removed_node"] in result["index"]["embed_nodes"],
-          "the removed node had embedded nothing")
+    check(
+        manifest["count"] == len(expected),
+        f"index holds {manifest['count']} vectors, expected {len(expected)}",
+    )
+    check(
+        len(result["index"]["embed_nodes"]) >= 2, f"embedding ran on fewer than 2 nodes: {embedded}"
+    )
+    check(
+        result["index"]["removed_node"] in result["index"]["embed_nodes"],
+        "the removed node had embedded nothing",
+    )
     check(len(shards) >= 3, f"{len(shards)} shard builds recorded, expected 3")
-    check(set(result["index"]["embed_nodes"]) | set(result["index"]["shard_nodes"]) <= ever_started,
-          "index work ran outside the worker nodes")
+    check(
+        set(result["index"]["embed_nodes"]) | set(result["index"]["shard_nodes"]) <= ever_started,
+        "index work ran outside the worker nodes",
+    )
     ray.shutdown()
     cluster.shutdown()
     return result
@@ -342,11 +443,25 @@ def scenario_train(workdir: Path, temp_dir: str) -> dict:
     storage = Storage(str(workdir / "store"))
     write_tiny_ingest(storage, pieces=3, per_style=2)
     steps, every = 10, 2
-    cfg = load_config(None, [f"storage.root={storage.root}", "audio.window_s=2.0", "audio.hop_s=1.0",
-                             f"pretrain.steps={steps}", f"pretrain.checkpoint_every={every}", "pretrain.batch_size=4",
-                             "pretrain.num_clusters=8", "pretrain.kmeans_sample_frames=500", "pretrain.num_workers=2",
-                             "pretrain.cpus_per_worker=0.5", "pretrain.max_failures=2", "pretrain.keep_checkpoints=2",
-                             "pretrain.run_name=multinode", "pretrain.report_every=100"])
+    cfg = load_config(
+        None,
+        [
+            f"storage.root={storage.root}",
+            "audio.window_s=2.0",
+            "audio.hop_s=1.0",
+            f"pretrain.steps={steps}",
+            f"pretrain.checkpoint_every={every}",
+            "pretrain.batch_size=4",
+            "pretrain.num_clusters=8",
+            "pretrain.kmeans_sample_frames=500",
+            "pretrain.num_workers=2",
+            "pretrain.cpus_per_worker=0.5",
+            "pretrain.max_failures=2",
+            "pretrain.keep_checkpoints=2",
+            "pretrain.run_name=multinode",
+            "pretrain.report_every=100",
+        ],
+    )
     # Two nodes with 2 CPUs: the 2 x 0.5-CPU training workers fit on either one with room for
     # the Ray Data tasks that feed them.
     cluster, workers = start_cluster(temp_dir, [2, 2])
@@ -356,11 +471,13 @@ def scenario_train(workdir: Path, temp_dir: str) -> dict:
     # A checkpoint counts once Ray Train's controller has registered it (it polls the workers
     # every couple of seconds; a worker lost before that poll loses its report): the
     # controller's snapshot then names it as the latest.
-    snapshot = Path(storage.path("pretrain", "runs", "multinode", "checkpoint_manager_snapshot.json"))
+    snapshot = Path(
+        storage.path("pretrain", "runs", "multinode", "checkpoint_manager_snapshot.json")
+    )
     deadline = time.monotonic() + 480
     while True:
         try:
-            latest = (json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {})
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
         except (FileNotFoundError, json.JSONDecodeError):
             latest = {}
         if latest.get("checkpoint_dir_name"):
@@ -384,20 +501,36 @@ def scenario_train(workdir: Path, temp_dir: str) -> dict:
     attempts = read_records(records, "train")
     later = [r for r in attempts if r["time"] > first[-1]["time"]]
     result = {
-        "seconds": round(time.perf_counter() - started, 1), "removed_node": victim,
+        "seconds": round(time.perf_counter() - started, 1),
+        "removed_node": victim,
         "registered_checkpoint_at_removal": latest["checkpoint_dir_name"],
-        "removed_after_s": round(removed_at, 1), "first_attempt_nodes": sorted(workers_nodes),
-        "restarted_nodes": sorted({r["node"] for r in later}), "worker_starts": len(attempts),
-        "resumed_from_steps": manifest["resumed_from_steps"], "steps": manifest["counts"]["steps"],
-        "loss_steps": manifest["losses"]["steps"], "checkpoint": manifest["checkpoint"].rsplit("/", 1)[-1]}
-    check(manifest["counts"]["steps"] == steps, f"finished at step {manifest['counts']['steps']}, not {steps}")
-    check(len(manifest["resumed_from_steps"]) >= 1
-          and all(every <= s < steps and s % every == 0 for s in manifest["resumed_from_steps"]),
-          f"the restarted workers did not resume from a checkpoint: {manifest['resumed_from_steps']}")
-    check(manifest["losses"]["steps"] == list(range(1, steps + 1)), f"step history {manifest['losses']['steps']}")
+        "removed_after_s": round(removed_at, 1),
+        "first_attempt_nodes": sorted(workers_nodes),
+        "restarted_nodes": sorted({r["node"] for r in later}),
+        "worker_starts": len(attempts),
+        "resumed_from_steps": manifest["resumed_from_steps"],
+        "steps": manifest["counts"]["steps"],
+        "loss_steps": manifest["losses"]["steps"],
+        "checkpoint": manifest["checkpoint"].rsplit("/", 1)[-1],
+    }
+    check(
+        manifest["counts"]["steps"] == steps,
+        f"finished at step {manifest['counts']['steps']}, not {steps}",
+    )
+    check(
+        len(manifest["resumed_from_steps"]) >= 1
+        and all(every <= s < steps and s % every == 0 for s in manifest["resumed_from_steps"]),
+        f"the restarted workers did not resume from a checkpoint: {manifest['resumed_from_steps']}",
+    )
+    check(
+        manifest["losses"]["steps"] == list(range(1, steps + 1)),
+        f"step history {manifest['losses']['steps']}",
+    )
     check(all(np.isfinite(manifest["losses"]["history"])), "non-finite loss")
-    check(len(later) >= 2 and victim not in {r["node"] for r in later},
-          f"the worker group did not restart on the remaining node: {attempts}")
+    check(
+        len(later) >= 2 and victim not in {r["node"] for r in later},
+        f"the worker group did not restart on the remaining node: {attempts}",
+    )
     ray.shutdown()
     cluster.shutdown()
     return result
@@ -408,7 +541,10 @@ SCENARIOS = {"data": scenario_data, "train": scenario_train}
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] not in SCENARIOS:
-        print(f"usage: python {Path(__file__).name} {{{'|'.join(SCENARIOS)}}} <workdir>", file=sys.stderr)
+        print(
+            f"usage: python {Path(__file__).name} {{{'|'.join(SCENARIOS)}}} <workdir>",
+            file=sys.stderr,
+        )
         return 2
     workdir = Path(argv[1])
     workdir.mkdir(parents=True, exist_ok=True)

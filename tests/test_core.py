@@ -13,7 +13,9 @@ from mess_ray.storage import Storage, new_version
 
 
 def test_config_defaults_and_overrides(tmp_path):
-    cfg = load_config(None, ["pretrain.steps=7", "storage.root=s3://bucket/prefix", "audio.hop_s=1.5"])
+    cfg = load_config(
+        None, ["pretrain.steps=7", "storage.root=s3://bucket/prefix", "audio.hop_s=1.5"]
+    )
     assert cfg.pretrain.steps == 7 and isinstance(cfg.pretrain.steps, int)
     assert cfg.storage.root == "s3://bucket/prefix"
     assert cfg.audio.hop_s == 1.5
@@ -25,8 +27,16 @@ def test_config_defaults_and_overrides(tmp_path):
     assert load_config(None, ["pretrain.steps=8"]).digest() != cfg.digest()
 
 
-@pytest.mark.parametrize("override", ["pretrain.stepz=3", "audio.sample_rate=10", "audio.hop_s=9",
-                                      "model.size=huge", "pretrain.steps=abc"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "pretrain.stepz=3",
+        "audio.sample_rate=10",
+        "audio.hop_s=9",
+        "model.size=huge",
+        "pretrain.steps=abc",
+    ],
+)
 def test_config_rejects_bad_values(override):
     with pytest.raises((ValidationError, ValueError)):
         load_config(None, [override])

@@ -29,14 +29,20 @@ def test_cluster_yaml_matches_ray_cluster_launcher_schema():
     # The head schedules and runs no work; GPU types declare their GPUs; preemptible work on spot.
     assert kinds[cluster["head_node_type"]]["resources"]["CPU"] == 0
     assert all(kinds[n]["resources"].get("GPU", 0) >= 1 for n in kinds if "gpu" in n)
-    spot = [n for n, k in kinds.items() if k["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"]
+    spot = [
+        n
+        for n, k in kinds.items()
+        if k["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+    ]
     assert any("cpu" in n for n in spot) and any("gpu" in n for n in spot)
     for name, kind in kinds.items():
         assert 0 <= kind["min_workers"] <= kind["max_workers"] <= cluster["max_workers"], name
     # The image's Ray is the locked one.
     import re
 
-    locked = re.search(r"^ray==(\S+)$", (REPO / "requirements.lock").read_text(), re.MULTILINE).group(1)
+    locked = re.search(
+        r"^ray==(\S+)$", (REPO / "requirements.lock").read_text(), re.MULTILINE
+    ).group(1)
     assert cluster["docker"]["image"].startswith(f"rayproject/ray:{locked}-")
 
 

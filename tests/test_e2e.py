@@ -15,12 +15,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
+from conftest import tiny_config
 
 from mess_ray.pipeline import run_demo
 from mess_ray.segments import read_segment_table
 from mess_ray.storage import Storage
-
-from conftest import tiny_config
 
 
 def _free_port() -> int:
@@ -67,7 +66,9 @@ def check_pipeline(cfg, result) -> None:
     index_manifest = manifests["index"]
     assert index_manifest["counts"]["vectors"] == len(segments)
     meta = pq.read_table(storage.open(f"index/{index_manifest['version']}/metadata.parquet"))
-    assert sorted(meta.column("segment_id").to_pylist()) == sorted(r["segment_id"] for r in segments)
+    assert sorted(meta.column("segment_id").to_pylist()) == sorted(
+        r["segment_id"] for r in segments
+    )
 
     # The demo's real HTTP query (an uploaded clip of one segment) finds that segment first.
     query, hits = result["query"], result["query_result"]["hits"]
@@ -80,18 +81,30 @@ def check_pipeline(cfg, result) -> None:
     # Querying by track + timestamp answers with other passages, best first, never the query itself.
     url = result["service_url"]
     target = segments[len(segments) // 3]
-    resp = httpx.get(f"{url}/search/by-track", params={
-        "track_id": target["track_id"], "start_s": target["start_s"], "end_s": target["end_s"], "k": 5},
-        timeout=60)
+    resp = httpx.get(
+        f"{url}/search/by-track",
+        params={
+            "track_id": target["track_id"],
+            "start_s": target["start_s"],
+            "end_s": target["end_s"],
+            "k": 5,
+        },
+        timeout=60,
+    )
     assert resp.status_code == 200, resp.text
     by_track = resp.json()["hits"]
     assert len(by_track) == 5
     assert target["segment_id"] not in {h["segment_id"] for h in by_track}
-    assert [h["similarity"] for h in by_track] == sorted((h["similarity"] for h in by_track), reverse=True)
+    assert [h["similarity"] for h in by_track] == sorted(
+        (h["similarity"] for h in by_track), reverse=True
+    )
 
     # The playback endpoint serves the passage as audio of the right length.
-    resp = httpx.get(f"{url}/audio/{target['track_id']}",
-                     params={"start_s": target["start_s"], "end_s": target["end_s"]}, timeout=60)
+    resp = httpx.get(
+        f"{url}/audio/{target['track_id']}",
+        params={"start_s": target["start_s"], "end_s": target["end_s"]},
+        timeout=60,
+    )
     assert resp.status_code == 200
     audio, rate = sf.read(io.BytesIO(resp.content))
     assert len(audio) / rate == pytest.approx(target["end_s"] - target["start_s"], abs=0.05)
@@ -131,7 +144,7 @@ def test_pipeline_end_to_end_local(ray_local, tmp_path):
 
 def test_pipeline_end_to_end_s3(ray_local, s3_bucket):
     cfg = tiny_config(f"{s3_bucket}/mess-ray")
-    result = run_pipeline(cfg)
+    run_pipeline(cfg)
     storage = Storage.from_config(cfg.storage)
     # Every stage published its artifact to the bucket.
     for stage in ("render", "ingest", "pretrain", "finetune", "index", "eval"):

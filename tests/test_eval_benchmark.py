@@ -11,7 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import tiny_config
 
-from mess_ray.eval.benchmark import DESCRIPTORS, RANDOM, build_protocol, headline, run_evaluate, score_system, system_order
+from mess_ray.eval.benchmark import (
+    DESCRIPTORS,
+    RANDOM,
+    build_protocol,
+    headline,
+    run_evaluate,
+    score_system,
+    system_order,
+)
 from mess_ray.eval.report import markdown_report
 from mess_ray.segments import SEGMENT_SCHEMA, encode_audio, segment_id, segments_dir, split_pieces
 from mess_ray.storage import Storage, new_version
@@ -28,8 +36,14 @@ def test_build_protocol_masks():
     styles = ["s1", "s1", "s1", "s2", "s2"]
     p = build_protocol(tracks, pieces, styles)
     assert not p.candidates[0, 1] and not p.candidates[0, 0]  # own track excluded
-    assert p.relevant[0].tolist() == [False, False, True, False, False]    # same style, other piece
-    assert p.hard_negatives[0].tolist() == [False, False, False, True, False]  # same piece, other style
+    assert p.relevant[0].tolist() == [False, False, True, False, False]  # same style, other piece
+    assert p.hard_negatives[0].tolist() == [
+        False,
+        False,
+        False,
+        True,
+        False,
+    ]  # same piece, other style
     assert p.negatives[0].tolist() == [False, False, False, True, True]
     assert not (p.relevant & p.negatives).any()
     with pytest.raises(ValueError, match="equal length"):
@@ -43,8 +57,14 @@ def test_score_system_perfect_and_inverted_embeddings():
     protocol = build_protocol(tracks, pieces, styles)
     by_style = np.array([[1.0, 0.0]] * 4 + [[0.0, 1.0]] * 4)
     perfect, _ = score_system(by_style, protocol)
-    assert perfect["map"] == pytest.approx(1.0) and perfect["recall@1"] == 1.0 and perfect["mrr"] == 1.0
-    assert perfect["cos_positive"] == pytest.approx(1.0) and perfect["cos_hard_negative"] == pytest.approx(0.0)
+    assert (
+        perfect["map"] == pytest.approx(1.0)
+        and perfect["recall@1"] == 1.0
+        and perfect["mrr"] == 1.0
+    )
+    assert perfect["cos_positive"] == pytest.approx(1.0) and perfect[
+        "cos_hard_negative"
+    ] == pytest.approx(0.0)
     assert perfect["triplet_loss"] == 0.0 and perfect["triplet_accuracy"] == 1.0
     assert perfect["chance"] == pytest.approx(3 / 7)
     # Embeddings that encode the piece (what is played) instead of the style score badly.
@@ -61,8 +81,13 @@ def test_system_order_and_headline():
     assert system_order([]) == [DESCRIPTORS, RANDOM]
     with pytest.raises(ValueError):
         system_order([""])
-    line = headline({"finetune": {"map": 0.712, "chance": 0.25}, "descriptors": {"map": 0.4, "chance": 0.25}}, 3)
-    assert line == "style retrieval mAP on 3 held-out pieces: finetune 0.71 vs descriptors 0.40 (chance 0.25)"
+    line = headline(
+        {"finetune": {"map": 0.712, "chance": 0.25}, "descriptors": {"map": 0.4, "chance": 0.25}}, 3
+    )
+    assert (
+        line
+        == "style retrieval mAP on 3 held-out pieces: finetune 0.71 vs descriptors 0.40 (chance 0.25)"
+    )
 
 
 def test_run_evaluate_rejects_a_string_of_refs(tmp_path):
@@ -72,8 +97,9 @@ def test_run_evaluate_rejects_a_string_of_refs(tmp_path):
 
 
 # -- integration -----------------------------------------------------------------------------------
-def synthetic_track(piece_index: int, amplitude: float, rate_hz: float, seconds: float, sr: int,
-                    seed: int) -> np.ndarray:
+def synthetic_track(
+    piece_index: int, amplitude: float, rate_hz: float, seconds: float, sr: int, seed: int
+) -> np.ndarray:
     """Decaying harmonic notes; the piece sets the pitches, the style sets loudness and note rate."""
     rng = np.random.default_rng(seed)
     out = np.zeros(int((seconds + 1) * sr))
@@ -84,12 +110,17 @@ def synthetic_track(piece_index: int, amplitude: float, rate_hz: float, seconds:
     for j, start in enumerate(np.arange(0.02, seconds, 1 / rate_hz)):
         f0 = 196 * 2 ** ((scale[(j * (piece_index + 1)) % 8] + 3 * piece_index) / 12)
         i = int(start * sr)
-        out[i:i + length] += amplitude * env * sum(np.sin(2 * np.pi * f0 * h * t) / h for h in range(1, 5))
-    return (out[: int(seconds * sr)] + 1e-4 * rng.standard_normal(int(seconds * sr))).astype(np.float32)
+        out[i : i + length] += (
+            amplitude * env * sum(np.sin(2 * np.pi * f0 * h * t) / h for h in range(1, 5))
+        )
+    return (out[: int(seconds * sr)] + 1e-4 * rng.standard_normal(int(seconds * sr))).astype(
+        np.float32
+    )
 
 
-def write_synthetic_ingest(storage: Storage, sr: int, window_s: float, hop_s: float,
-                           seconds: float = 5.0) -> str:
+def write_synthetic_ingest(
+    storage: Storage, sr: int, window_s: float, hop_s: float, seconds: float = 5.0
+) -> str:
     """An 'ingest' artifact: 4 pieces x 2 styles, one track each, cut into windows."""
     rows = []
     seed = 0
@@ -100,15 +131,31 @@ def write_synthetic_ingest(storage: Storage, sr: int, window_s: float, hop_s: fl
             seed += 1
             win, hop = int(window_s * sr), int(hop_s * sr)
             for start in range(0, len(audio) - win + 1, hop):
-                rows.append({
-                    "segment_id": segment_id(track, start), "track_id": track, "piece_id": piece,
-                    "style": style, "start_s": start / sr, "end_s": (start + win) / sr,
-                    "start_sample": start, "num_samples": win, "sample_rate": sr,
-                    "source_uri": f"synthetic://{track}.wav", "metadata_json": json.dumps({"title": piece}),
-                    "audio": encode_audio(audio[start:start + win]),
-                })
+                rows.append(
+                    {
+                        "segment_id": segment_id(track, start),
+                        "track_id": track,
+                        "piece_id": piece,
+                        "style": style,
+                        "start_s": start / sr,
+                        "end_s": (start + win) / sr,
+                        "start_sample": start,
+                        "num_samples": win,
+                        "sample_rate": sr,
+                        "source_uri": f"synthetic://{track}.wav",
+                        "metadata_json": json.dumps({"title": piece}),
+                        "audio": encode_audio(audio[start : start + win]),
+                    }
+                )
     # One unlabelled segment that must be excluded (no style).
-    rows.append({**rows[0], "segment_id": segment_id("unlabelled", 0), "track_id": "unlabelled", "style": ""})
+    rows.append(
+        {
+            **rows[0],
+            "segment_id": segment_id("unlabelled", 0),
+            "track_id": "unlabelled",
+            "style": "",
+        }
+    )
     version = new_version()
     table = pa.Table.from_pylist(rows, schema=SEGMENT_SCHEMA)
     with storage.open(posixpath.join(segments_dir(version), "part-00000.parquet"), "wb") as f:
@@ -129,7 +176,9 @@ def test_run_evaluate_on_ray_data_actor_pool(ray_local, tmp_path):
     cfg, holdout = eval_config(str(tmp_path / "store"))
     cfg.eval.ray_data_min_segments = 0  # force the Ray Data actor pool path
     storage = Storage.from_config(cfg.storage)
-    ingest_version = write_synthetic_ingest(storage, cfg.audio.sample_rate, cfg.audio.window_s, cfg.audio.hop_s)
+    ingest_version = write_synthetic_ingest(
+        storage, cfg.audio.sample_rate, cfg.audio.window_s, cfg.audio.hop_s
+    )
 
     manifest = run_evaluate(cfg, storage, ["random"])
 
@@ -139,7 +188,13 @@ def test_run_evaluate_on_ray_data_actor_pool(ray_local, tmp_path):
     assert manifest["counts"]["held_out_pieces"] == len(holdout)
     assert manifest["counts"]["segments"] == len(holdout) * 2 * 4  # 2 styles x 4 windows of 5 s
     assert manifest["counts"]["excluded_unknown_style_segments"] in (0, 1)
-    for name in ("report.json", "report.md", "metrics.png", "similarity_hist.png", "pca_styles.png"):
+    for name in (
+        "report.json",
+        "report.md",
+        "metrics.png",
+        "similarity_hist.png",
+        "pca_styles.png",
+    ):
         assert storage.exists("eval", manifest["version"], name), name
     chance = manifest["metrics"][DESCRIPTORS]["chance"]
     assert 0 < chance < 1
@@ -147,7 +202,9 @@ def test_run_evaluate_on_ray_data_actor_pool(ray_local, tmp_path):
     assert manifest["metrics"][DESCRIPTORS]["map"] > chance + 0.3
     assert manifest["metrics"][DESCRIPTORS]["recall@1"] == 1.0
     assert "(chance" in manifest["headline"] and "descriptors" in manifest["headline"]
-    report = json.loads(storage.read_bytes(posixpath.join("eval", manifest["version"], "report.json")))
+    report = json.loads(
+        storage.read_bytes(posixpath.join("eval", manifest["version"], "report.json"))
+    )
     assert report["settings"]["config_digest"] == cfg.digest()
     assert report["systems_info"]["random"]["kind"] == "random"
     md = storage.read_bytes(posixpath.join("eval", manifest["version"], "report.md")).decode()

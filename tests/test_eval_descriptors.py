@@ -5,13 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mess_ray.eval.descriptors import (DESCRIPTOR_NAMES, describe, descriptor_embeddings, descriptor_vector,
-                                       zscore)
+from mess_ray.eval.descriptors import (
+    DESCRIPTOR_NAMES,
+    describe,
+    descriptor_embeddings,
+    descriptor_vector,
+    zscore,
+)
 
 SR = 16000
 
 
-def notes(rate_hz: float, amplitude: float = 0.3, seconds: float = 4.0, seed: int = 0) -> np.ndarray:
+def notes(
+    rate_hz: float, amplitude: float = 0.3, seconds: float = 4.0, seed: int = 0
+) -> np.ndarray:
     """Decaying harmonic notes (piano-like) at a steady rate, with attack and release ramps."""
     rng = np.random.default_rng(seed)
     out = np.zeros(int((seconds + 1) * SR))
@@ -21,7 +28,9 @@ def notes(rate_hz: float, amplitude: float = 0.3, seconds: float = 4.0, seed: in
         env = np.minimum(t / 0.005, 1) * np.exp(-t / 0.3) * np.minimum((t[-1] - t) / 0.05, 1)
         f0 = 220 * 2 ** ((j % 7) / 12)
         i = int(start * SR)
-        out[i:i + length] += amplitude * env * sum(np.sin(2 * np.pi * f0 * h * t) / h for h in range(1, 6))
+        out[i : i + length] += (
+            amplitude * env * sum(np.sin(2 * np.pi * f0 * h * t) / h for h in range(1, 6))
+        )
     return out[: int(seconds * SR)] + 1e-4 * rng.standard_normal(int(seconds * SR))
 
 
@@ -30,7 +39,7 @@ def clicks(rate_hz: float, seconds: float = 4.0) -> np.ndarray:
     n = int(0.03 * SR)
     click = np.exp(-np.arange(n) / (0.005 * SR)) * np.sin(2 * np.pi * 800 * np.arange(n) / SR)
     for start in np.arange(0.1, seconds, 1 / rate_hz):
-        out[int(start * SR):int(start * SR) + n] += 0.5 * click
+        out[int(start * SR) : int(start * SR) + n] += 0.5 * click
     return out[: int(seconds * SR)]
 
 
@@ -76,7 +85,7 @@ def test_steady_timing_is_more_stable_than_irregular_timing():
     n = int(0.03 * SR)
     click = np.exp(-np.arange(n) / (0.005 * SR)) * np.sin(2 * np.pi * 800 * np.arange(n) / SR)
     for start in np.cumsum(rng.uniform(0.1, 0.5, size=12)):
-        irregular[int(start * SR):int(start * SR) + n] += 0.5 * click
+        irregular[int(start * SR) : int(start * SR) + n] += 0.5 * click
     assert describe(irregular[: 4 * SR], SR)["ioi_cv"] > describe(steady, SR)["ioi_cv"] + 0.2
 
 
@@ -123,10 +132,14 @@ def held_notes(hold_fraction: float, rate_hz: float = 2.0, seconds: float = 4.0)
     for j, start in enumerate(np.arange(0.05, seconds, ioi)):
         length = int(hold_fraction * ioi * SR)
         t = np.arange(length + int(0.4 * SR)) / SR
-        env = np.minimum(t / 0.01, 1) * np.where(t < length / SR, 1.0, np.exp(-(t - length / SR) / 0.04))
+        env = np.minimum(t / 0.01, 1) * np.where(
+            t < length / SR, 1.0, np.exp(-(t - length / SR) / 0.04)
+        )
         f0 = 262 * 2 ** ((j % 5) * 2 / 12)
         i = int(start * SR)
-        out[i:i + t.size] += 0.2 * env * sum(np.sin(2 * np.pi * f0 * h * t) / h for h in range(1, 4))
+        out[i : i + t.size] += (
+            0.2 * env * sum(np.sin(2 * np.pi * f0 * h * t) / h for h in range(1, 4))
+        )
     return out[: int(seconds * SR)]
 
 

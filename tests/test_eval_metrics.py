@@ -69,7 +69,7 @@ def test_ndcg_matches_sklearn_with_graded_relevance():
     grades[:, 0] = 3
     for k in (1, 5, 10):
         ours = metrics.ndcg_at_k(sim, grades, k=k)
-        theirs = [ndcg_score(grades[q:q + 1], sim[q:q + 1], k=k) for q in range(15)]
+        theirs = [ndcg_score(grades[q : q + 1], sim[q : q + 1], k=k) for q in range(15)]
         np.testing.assert_allclose(ours, theirs, rtol=1e-10)
 
 

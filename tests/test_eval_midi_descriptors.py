@@ -8,9 +8,17 @@ import numpy as np
 import pretty_midi
 import pytest
 
-from mess_ray.eval.midi_descriptors import (MIDI_DESCRIPTOR_NAMES, beat_descriptors, beat_position, beat_time,
-                                            chord_onsets, midi_descriptor_vector, midi_descriptors,
-                                            pedal_fraction, read_beat_annotations)
+from mess_ray.eval.midi_descriptors import (
+    MIDI_DESCRIPTOR_NAMES,
+    beat_descriptors,
+    beat_position,
+    beat_time,
+    chord_onsets,
+    midi_descriptor_vector,
+    midi_descriptors,
+    pedal_fraction,
+    read_beat_annotations,
+)
 
 
 def performance(onsets, durations, velocities, pitches=None, pedal=()) -> pretty_midi.PrettyMIDI:
@@ -31,8 +39,9 @@ def test_velocity_level_range_and_slope():
     d = midi_descriptors(crescendo, 0.0, 5.0)
     assert d["velocity_mean"] == pytest.approx(62.5)
     assert d["velocity_slope_per_s"] == pytest.approx(10.0)
-    assert d["velocity_range"] == pytest.approx(np.percentile(40 + 5 * np.arange(10), 95)
-                                                - np.percentile(40 + 5 * np.arange(10), 5))
+    assert d["velocity_range"] == pytest.approx(
+        np.percentile(40 + 5 * np.arange(10), 95) - np.percentile(40 + 5 * np.arange(10), 5)
+    )
     assert d["note_rate_hz"] == pytest.approx(2.0)
     # Only notes that start inside the span count.
     assert midi_descriptors(crescendo, 0.0, 1.0)["velocity_mean"] == pytest.approx(42.5)
@@ -54,7 +63,9 @@ def test_timing_deviation_is_zero_for_steady_and_positive_for_rubato():
     assert midi_descriptors(steady, 0.0, 4.0)["timing_deviation"] == pytest.approx(0.0, abs=1e-9)
     iois = np.array([0.4, 0.6, 0.4, 0.6, 0.4, 0.6])
     uneven = performance(np.concatenate([[0], np.cumsum(iois)]), [0.3] * 7, [64] * 7)
-    assert midi_descriptors(uneven, 0.0, 4.0)["timing_deviation"] == pytest.approx(iois.std() / iois.mean())
+    assert midi_descriptors(uneven, 0.0, 4.0)["timing_deviation"] == pytest.approx(
+        iois.std() / iois.mean()
+    )
 
 
 def test_pedal_fraction_from_cc64_intervals():
@@ -65,8 +76,8 @@ def test_pedal_fraction_from_cc64_intervals():
 
 
 def test_tempo_relative_to_the_score_and_rubato_from_beats():
-    score = np.arange(9) * 0.5                     # written: 120 bpm
-    steady_slow = np.arange(9) * 0.6 + 1.0         # played at 100 bpm throughout, starting at 1 s
+    score = np.arange(9) * 0.5  # written: 120 bpm
+    steady_slow = np.arange(9) * 0.6 + 1.0  # played at 100 bpm throughout, starting at 1 s
     d = beat_descriptors(steady_slow, 0.0, 10.0, score)
     assert d["tempo_bpm"] == pytest.approx(100.0)
     assert d["tempo_ratio_to_score"] == pytest.approx(0.5 / 0.6)

@@ -14,10 +14,22 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import tiny_config
 
-from mess_ray.eval.benchmark import AGREEMENT_TASK, DESCRIPTORS, PASSAGE_TASK, RANDOM, STYLE_TASK, run_evaluate
+from mess_ray.eval.benchmark import (
+    AGREEMENT_TASK,
+    DESCRIPTORS,
+    PASSAGE_TASK,
+    RANDOM,
+    STYLE_TASK,
+    run_evaluate,
+)
 from mess_ray.eval.performances import segment_beat_span, track_sources
-from mess_ray.eval.tasks.agreement import (expressive_matrix, graded_relevance, other_piece_candidates,
-                                           random_ndcg, score_agreement)
+from mess_ray.eval.tasks.agreement import (
+    expressive_matrix,
+    graded_relevance,
+    other_piece_candidates,
+    random_ndcg,
+    score_agreement,
+)
 from mess_ray.eval.tasks.passage import overlapping_beats, score_passage, top_hit_errors
 from mess_ray.segments import SEGMENT_SCHEMA, encode_audio, segment_id, segments_dir, split_pieces
 from mess_ray.storage import Storage, new_version
@@ -30,9 +42,15 @@ def test_passage_relevance_is_same_piece_other_performance_overlapping_beats():
     spans = np.array([[0, 4], [4, 8], [3, 7], [8, 12], [0, 4]], dtype=float)
     candidates, relevant = overlapping_beats(tracks, pieces, spans)
     assert not candidates[0, 1] and candidates[0, 2] and candidates[0, 4]
-    assert relevant[0].tolist() == [False, False, True, False, False]   # [0,4) meets [3,7) only
-    assert relevant[1].tolist() == [False, False, True, False, False]   # [4,8) meets [3,7); [8,12) only touches
-    assert not relevant[:, 4].any() and not relevant[4].any()           # another piece is never relevant
+    assert relevant[0].tolist() == [False, False, True, False, False]  # [0,4) meets [3,7) only
+    assert relevant[1].tolist() == [
+        False,
+        False,
+        True,
+        False,
+        False,
+    ]  # [4,8) meets [3,7); [8,12) only touches
+    assert not relevant[:, 4].any() and not relevant[4].any()  # another piece is never relevant
     with pytest.raises(ValueError, match="beat span"):
         overlapping_beats(tracks, pieces, np.full((5, 2), np.nan))
 
@@ -42,7 +60,7 @@ def test_top_hit_timestamp_error_in_seconds_and_beats():
     beats = {"p1": np.arange(20) * 0.5, "p2": np.arange(20) * 1.0}
     tracks = np.array(["p1", "p2", "p2"], dtype=object)
     pieces = np.array(["A", "A", "A"], dtype=object)
-    start = np.array([1.0, 2.5, 8.0])                     # p1 query starts at beat 2
+    start = np.array([1.0, 2.5, 8.0])  # p1 query starts at beat 2
     spans = np.array([[2.0, 6.0], [2.5, 6.5], [8.0, 12.0]])
     candidates, relevant = overlapping_beats(tracks, pieces, spans)
     similarity = np.array([[1, 0.9, 0.1], [0.9, 1, 0.2], [0.1, 0.2, 1]])
@@ -67,15 +85,25 @@ def test_segment_beat_span_needs_the_segment_inside_the_annotations():
 
 def test_track_sources_of_a_rendering_and_of_an_asap_recording(tmp_path):
     storage = Storage(str(tmp_path))
-    rendered = {"midi_path": "audio/x.mid", "render_version": "v1",
-                "style_params_json": json.dumps({"leading_silence_s": 0.75,
-                                                 "performance_annotations_uri": "/a/p_annotations.txt",
-                                                 "midi_score_annotations_uri": "/a/midi_score_annotations.txt"})}
+    rendered = {
+        "midi_path": "audio/x.mid",
+        "render_version": "v1",
+        "style_params_json": json.dumps(
+            {
+                "leading_silence_s": 0.75,
+                "performance_annotations_uri": "/a/p_annotations.txt",
+                "midi_score_annotations_uri": "/a/midi_score_annotations.txt",
+            }
+        ),
+    }
     src = track_sources(rendered, storage)
     assert src.midi_uri == storage.url("render", "v1", "audio/x.mid")
     assert src.beats_uri == "/a/p_annotations.txt" and src.beat_offset_s == 0.75
-    asap = {"midi_uri": "/a/p.mid", "annotations_uri": "/a/p_annotations.txt",
-            "score_annotations_uri": "/a/s.txt"}
+    asap = {
+        "midi_uri": "/a/p.mid",
+        "annotations_uri": "/a/p_annotations.txt",
+        "score_annotations_uri": "/a/s.txt",
+    }
     src = track_sources(asap)
     assert (src.midi_uri, src.score_beats_uri, src.beat_offset_s) == ("/a/p.mid", "/a/s.txt", 0.0)
     assert track_sources({"title": "x"}).midi_uri is None
@@ -88,7 +116,7 @@ def test_agreement_relevance_prefers_close_descriptors_of_other_pieces():
     rng = np.random.default_rng(0)
     n = 12
     desc = rng.normal(size=(n, len(MIDI_DESCRIPTOR_NAMES)))
-    desc[:, MIDI_DESCRIPTOR_NAMES.index("rubato")] = np.nan          # unknown everywhere: dropped
+    desc[:, MIDI_DESCRIPTOR_NAMES.index("rubato")] = np.nan  # unknown everywhere: dropped
     desc[:3, MIDI_DESCRIPTOR_NAMES.index("pedal_fraction")] = np.nan  # partly unknown: imputed
     features, kept = expressive_matrix(desc)
     assert "rubato" not in kept and "note_rate_hz" not in kept and "pedal_fraction" in kept
@@ -96,7 +124,9 @@ def test_agreement_relevance_prefers_close_descriptors_of_other_pieces():
     pieces = np.array(["A", "B", "C"] * 4, dtype=object)
     candidates = other_piece_candidates(pieces)
     relevance = graded_relevance(features, candidates)
-    assert np.all(relevance[~candidates] == 0) and np.all((relevance[candidates] > 0) & (relevance[candidates] <= 1))
+    assert np.all(relevance[~candidates] == 0) and np.all(
+        (relevance[candidates] > 0) & (relevance[candidates] <= 1)
+    )
     # An embedding that *is* the descriptors ranks perfectly; its reverse ranks worst; random in between.
     sim_oracle = -np.linalg.norm(features[:, None] - features[None], axis=2)
     good = score_agreement(sim_oracle, relevance, candidates, k=5)
@@ -130,9 +160,11 @@ def write_performance(root, piece_index: int, perf_index: int):
     midi_path = folder / f"perf{perf_index}.mid"
     midi.write(str(midi_path))
     (folder / f"perf{perf_index}_annotations.txt").write_text(
-        "".join(f"{i * beat:.6f}\t{i * beat:.6f}\tb\n" for i in range(n_beats)))
+        "".join(f"{i * beat:.6f}\t{i * beat:.6f}\tb\n" for i in range(n_beats))
+    )
     (folder / "midi_score_annotations.txt").write_text(
-        "".join(f"{i * 0.5:.6f}\t{i * 0.5:.6f}\tb\n" for i in range(n_beats)))
+        "".join(f"{i * 0.5:.6f}\t{i * 0.5:.6f}\tb\n" for i in range(n_beats))
+    )
     return midi, midi_path, folder
 
 
@@ -143,11 +175,13 @@ def synth(midi: pretty_midi.PrettyMIDI) -> np.ndarray:
         t = np.arange(n) / SR
         f0 = pretty_midi.note_number_to_hz(note.pitch)
         env = np.minimum(t / 0.005, 1) * np.minimum((t[-1] - t) / 0.02 if n else t, 1)
-        out[i:i + n] += note.velocity / 127 * 0.3 * env * np.sin(2 * np.pi * f0 * t)
+        out[i : i + n] += note.velocity / 127 * 0.3 * env * np.sin(2 * np.pi * f0 * t)
     return out[: int(SECONDS * SR)].astype(np.float32)
 
 
-def write_asap_ingest(storage: Storage, root, window_s: float, hop_s: float, styled: bool = False) -> str:
+def write_asap_ingest(
+    storage: Storage, root, window_s: float, hop_s: float, styled: bool = False
+) -> str:
     """Performances with MIDI and beats; ``styled``: renderings instead, with a style per
     performer and MIDI but no beat annotations."""
     rows = []
@@ -156,23 +190,42 @@ def write_asap_ingest(storage: Storage, root, window_s: float, hop_s: float, sty
             midi, midi_path, folder = write_performance(root, p, k)
             audio = synth(midi)
             track = f"{piece}/perf{k}"
-            meta = {"corpus": "asap", "midi_uri": str(midi_path),
-                    "annotations_uri": str(folder / f"perf{k}_annotations.txt"),
-                    "score_annotations_uri": str(folder / "midi_score_annotations.txt")}
+            meta = {
+                "corpus": "asap",
+                "midi_uri": str(midi_path),
+                "annotations_uri": str(folder / f"perf{k}_annotations.txt"),
+                "score_annotations_uri": str(folder / "midi_score_annotations.txt"),
+            }
             if styled:
                 # As the render stage writes it: the performed MIDI beside the audio in the render
                 # artifact (so under s3:// when the storage root is there), found via midi_path.
                 rel = f"audio/{piece}__perf{k}.mid"
                 storage.put_file(midi_path, f"render/vtest/{rel}")
-                meta = {"midi_path": rel, "render_version": "vtest",
-                        "style_params_json": json.dumps({"style": f"style{k}", "leading_silence_s": 0.0})}
+                meta = {
+                    "midi_path": rel,
+                    "render_version": "vtest",
+                    "style_params_json": json.dumps(
+                        {"style": f"style{k}", "leading_silence_s": 0.0}
+                    ),
+                }
             win, hop = int(window_s * SR), int(hop_s * SR)
             for start in range(0, len(audio) - win + 1, hop):
-                rows.append({"segment_id": segment_id(track, start), "track_id": track, "piece_id": piece,
-                             "style": f"style{k}" if styled else "", "start_s": start / SR, "end_s": (start + win) / SR,
-                             "start_sample": start, "num_samples": win, "sample_rate": SR,
-                             "source_uri": f"{folder}/perf{k}.wav", "metadata_json": json.dumps(meta),
-                             "audio": encode_audio(audio[start:start + win])})
+                rows.append(
+                    {
+                        "segment_id": segment_id(track, start),
+                        "track_id": track,
+                        "piece_id": piece,
+                        "style": f"style{k}" if styled else "",
+                        "start_s": start / SR,
+                        "end_s": (start + win) / SR,
+                        "start_sample": start,
+                        "num_samples": win,
+                        "sample_rate": SR,
+                        "source_uri": f"{folder}/perf{k}.wav",
+                        "metadata_json": json.dumps(meta),
+                        "audio": encode_audio(audio[start : start + win]),
+                    }
+                )
     version = new_version()
     with storage.open(posixpath.join(segments_dir(version), "part-00000.parquet"), "wb") as f:
         pq.write_table(pa.Table.from_pylist(rows, schema=SEGMENT_SCHEMA), f)
@@ -194,7 +247,9 @@ def test_run_evaluate_runs_tasks_2_and_3_on_performances_and_says_why_task_1_did
     assert "finetune" in manifest["skipped"] and manifest["systems"] == [DESCRIPTORS, RANDOM]
     assert manifest["held_out_pieces"] == holdout
     passage = manifest["tasks"][PASSAGE_TASK]
-    assert passage["counts"]["pieces"] == len(holdout) and passage["counts"]["tracks"] == 2 * len(holdout)
+    assert passage["counts"]["pieces"] == len(holdout) and passage["counts"]["tracks"] == 2 * len(
+        holdout
+    )
     for system in (DESCRIPTORS, RANDOM):
         m = passage["metrics"][system]
         assert 0 < m["chance"] < m["map"] <= 1  # beats are 4/4 of a 6 s piece: overlaps are common
@@ -215,18 +270,27 @@ def test_run_evaluate_runs_tasks_2_and_3_on_performances_and_says_why_task_1_did
     assert again["tasks"] == manifest["tasks"]  # deterministic for a seed and corpus
 
 
-def test_run_evaluate_on_renderings_with_midi_runs_tasks_1_and_3_and_reuses_embeddings(s3_bucket, tmp_path):
+def test_run_evaluate_on_renderings_with_midi_runs_tasks_1_and_3_and_reuses_embeddings(
+    s3_bucket, tmp_path
+):
     cfg = tiny_config(f"{s3_bucket}/store", audio={"sample_rate": SR})
     cfg.eval.holdout_fraction = 0.9
     storage = Storage.from_config(cfg.storage)
-    write_asap_ingest(storage, tmp_path / "rendered", cfg.audio.window_s, cfg.audio.hop_s, styled=True)
+    write_asap_ingest(
+        storage, tmp_path / "rendered", cfg.audio.window_s, cfg.audio.hop_s, styled=True
+    )
 
     manifest = run_evaluate(cfg, storage, [RANDOM])
 
     assert set(manifest["tasks"]) == {STYLE_TASK, AGREEMENT_TASK}
     assert "beats" in manifest["tasks_skipped"][PASSAGE_TASK]
-    assert manifest["metrics"] == manifest["tasks"][STYLE_TASK]["metrics"]  # task 1 stays the headline table
-    assert manifest["headline"].startswith("style retrieval mAP") and "expressive agreement" in manifest["headline"]
+    assert (
+        manifest["metrics"] == manifest["tasks"][STYLE_TASK]["metrics"]
+    )  # task 1 stays the headline table
+    assert (
+        manifest["headline"].startswith("style retrieval mAP")
+        and "expressive agreement" in manifest["headline"]
+    )
     random = manifest["tasks"][AGREEMENT_TASK]["metrics"][RANDOM]
     assert 0 < random["ndcg@10"] <= 1
     for name in ("tasks.png", "metrics.png", "similarity_hist.png", "pca_styles.png"):
@@ -242,9 +306,20 @@ def test_reuse_or_embed_takes_task1_vectors_and_embeds_only_the_rest(monkeypatch
     held_out = SimpleNamespace(segment_ids=np.array([10, 20, 30]))
     held_vectors = np.array([[1.0, 0], [2.0, 0], [3.0, 0]])
     n = 3
-    perf = PerformanceSet(np.array([30, 99, 10]), np.array(["t"] * n, dtype=object), np.array(["p"] * n, dtype=object),
-                          np.zeros(n), np.ones(n), np.full((n, 2), np.nan), np.full((n, 10), np.nan),
-                          np.ones(n, dtype=bool), np.zeros((n, 4), dtype=np.float32), {}, ["p"], [])
+    perf = PerformanceSet(
+        np.array([30, 99, 10]),
+        np.array(["t"] * n, dtype=object),
+        np.array(["p"] * n, dtype=object),
+        np.zeros(n),
+        np.ones(n),
+        np.full((n, 2), np.nan),
+        np.full((n, 10), np.nan),
+        np.ones(n, dtype=bool),
+        np.zeros((n, 4), dtype=np.float32),
+        {},
+        ["p"],
+        [],
+    )
     asked = []
 
     def fake_embed(cfg, storage, ref, subset):
@@ -271,8 +346,20 @@ def test_load_track_shifts_beats_and_drops_score_beats_that_do_not_match(tmp_pat
     (tmp_path / "p.txt").write_text("1.0\t1.0\tdb\n1.5\t1.5\tb\n2.0\t2.0\tb\n")
     (tmp_path / "s3.txt").write_text("0\t0\tdb\n1\t1\tb\n2\t2\tb\n")
     (tmp_path / "s2.txt").write_text("0\t0\tdb\n1\t1\tb\n")
-    ok = load_track(TrackSources(None, str(tmp_path / "p.txt"), str(tmp_path / "s3.txt"), beat_offset_s=1.0))
-    assert ok.beats.tolist() == [0.0, 0.5, 1.0] and ok.score_beats.tolist() == [0, 1, 2] and not ok.problems
-    bad = load_track(TrackSources(str(tmp_path / "missing.mid"), str(tmp_path / "p.txt"), str(tmp_path / "s2.txt")))
+    ok = load_track(
+        TrackSources(None, str(tmp_path / "p.txt"), str(tmp_path / "s3.txt"), beat_offset_s=1.0)
+    )
+    assert (
+        ok.beats.tolist() == [0.0, 0.5, 1.0]
+        and ok.score_beats.tolist() == [0, 1, 2]
+        and not ok.problems
+    )
+    bad = load_track(
+        TrackSources(
+            str(tmp_path / "missing.mid"), str(tmp_path / "p.txt"), str(tmp_path / "s2.txt")
+        )
+    )
     assert bad.score_beats is None and bad.midi is None and bad.beats is not None
-    assert any("2 != performed beats 3" in p for p in bad.problems) and any("midi" in p for p in bad.problems)
+    assert any("2 != performed beats 3" in p for p in bad.problems) and any(
+        "midi" in p for p in bad.problems
+    )

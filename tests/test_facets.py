@@ -3,8 +3,17 @@
 import numpy as np
 import pytest
 
-from mess_ray.facets import (FACETS, OVERALL, compose, layout_dim, make_layout, normalize_weights, parse_layout,
-                             part_similarities, weighted_query)
+from mess_ray.facets import (
+    FACETS,
+    OVERALL,
+    compose,
+    layout_dim,
+    make_layout,
+    normalize_weights,
+    parse_layout,
+    part_similarities,
+    weighted_query,
+)
 
 
 def _random_faceted(rng, layout, n):

@@ -9,13 +9,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mess_ray.index.embed import segment_audio_matrix, table_to_vectors, vectors_table
 from mess_ray.config import MessRayConfig
-from mess_ray.index.faiss_index import (IndexSpec, build_index, choose_index_spec, create_empty_index,
-                                        index_to_bytes, load_index, save_index, sha256_bytes,
-                                        training_points_needed)
-from mess_ray.index.job import (INDEX_METADATA_COLUMNS, IndexIntegrityError, reconcile_ids, shard_loaders,
-                                write_index_artifact)
+from mess_ray.index.embed import segment_audio_matrix, table_to_vectors, vectors_table
+from mess_ray.index.faiss_index import (
+    IndexSpec,
+    build_index,
+    choose_index_spec,
+    create_empty_index,
+    index_to_bytes,
+    load_index,
+    save_index,
+    sha256_bytes,
+    training_points_needed,
+)
+from mess_ray.index.job import (
+    INDEX_METADATA_COLUMNS,
+    IndexIntegrityError,
+    reconcile_ids,
+    shard_loaders,
+    write_index_artifact,
+)
 from mess_ray.index.searcher import SearchIndex, select_hits
 from mess_ray.segments import encode_audio, segment_id
 from mess_ray.storage import Storage, new_version
@@ -102,7 +115,10 @@ def test_save_load_roundtrip_with_checksum(tmp_path):
     assert digest == sha256_bytes(storage.read_bytes("a/index.faiss"))
     loaded = load_index(storage, "a/index.faiss", digest)
     assert loaded.ntotal == 50
-    storage.write_bytes("a/index.faiss", index_to_bytes(build_index(IndexSpec(type="flat", dim=8), [(x[:3], ids[:3])])))
+    storage.write_bytes(
+        "a/index.faiss",
+        index_to_bytes(build_index(IndexSpec(type="flat", dim=8), [(x[:3], ids[:3])])),
+    )
     with pytest.raises(ValueError, match="checksum"):
         load_index(storage, "a/index.faiss", digest)
 
@@ -110,7 +126,9 @@ def test_save_load_roundtrip_with_checksum(tmp_path):
 def test_index_bytes_roundtrip_on_s3(s3_bucket):
     storage = Storage(f"{s3_bucket}/root")
     x, ids = unit_vectors(20, 8), big_ids(20)
-    digest = save_index(storage, "idx/index.faiss", build_index(IndexSpec(type="flat", dim=8), [(x, ids)]))
+    digest = save_index(
+        storage, "idx/index.faiss", build_index(IndexSpec(type="flat", dim=8), [(x, ids)])
+    )
     loaded = load_index(storage, "idx/index.faiss", digest)
     _, found = loaded.search(x[:1], 1)
     assert found[0, 0] == ids[0]
@@ -151,7 +169,9 @@ def test_shard_loaders_cover_every_vector_once(tmp_path):
     storage = Storage(str(tmp_path))
     x, ids = unit_vectors(30, 4), big_ids(30)
     pq.write_table(vectors_table(ids, x), storage.path("v.parquet"))
-    loaders = shard_loaders(storage, [storage.path("v.parquet")], 3)  # fewer files than shards: split by id
+    loaders = shard_loaders(
+        storage, [storage.path("v.parquet")], 3
+    )  # fewer files than shards: split by id
     got = np.concatenate([loader()[1] for loader in loaders])
     assert sorted(got.tolist()) == sorted(ids.tolist())
     with pytest.raises(ValueError):
@@ -159,7 +179,9 @@ def test_shard_loaders_cover_every_vector_once(tmp_path):
 
 
 # -- searcher --------------------------------------------------------------------------
-def make_search_index(n_tracks: int = 3, per_track: int = 6, dim: int = 8) -> tuple[SearchIndex, dict]:
+def make_search_index(
+    n_tracks: int = 3, per_track: int = 6, dim: int = 8
+) -> tuple[SearchIndex, dict]:
     rows = {c: [] for c in INDEX_METADATA_COLUMNS}
     for t in range(n_tracks):
         for s in range(per_track):
@@ -177,7 +199,11 @@ def make_search_index(n_tracks: int = 3, per_track: int = 6, dim: int = 8) -> tu
     ids = np.array(rows["segment_id"], dtype=np.int64)
     x = unit_vectors(len(ids), dim, seed=3)
     index = build_index(IndexSpec(type="flat", dim=dim), [(x, ids)])
-    return SearchIndex(index, table, IndexSpec(type="flat", dim=dim)), {"ids": ids, "x": x, "rows": rows}
+    return SearchIndex(index, table, IndexSpec(type="flat", dim=dim)), {
+        "ids": ids,
+        "x": x,
+        "rows": rows,
+    }
 
 
 def test_search_returns_self_first_with_metadata():
@@ -256,18 +282,32 @@ def test_publish_writes_checksummed_manifest_and_latest(tmp_path):
     si, data = make_search_index()
     table = pa.table(data["rows"])
     version = new_version()
-    manifest = write_index_artifact(MessRayConfig(), storage, version, si.index, si.spec, table,
-                                    {"ref": "random", "kind": "random"}, {"segments": 18, "vectors": 18},
-                                    {"ingest": "v0"})
+    manifest = write_index_artifact(
+        MessRayConfig(),
+        storage,
+        version,
+        si.index,
+        si.spec,
+        table,
+        {"ref": "random", "kind": "random"},
+        {"segments": 18, "vectors": 18},
+        {"ingest": "v0"},
+    )
     assert storage.latest("index") == version
     on_disk = storage.manifest("index")
     assert on_disk == json.loads(json.dumps(manifest, default=str))
-    assert on_disk["checksums"]["index.faiss"] == sha256_bytes(storage.read_bytes(f"index/{version}/index.faiss"))
+    assert on_disk["checksums"]["index.faiss"] == sha256_bytes(
+        storage.read_bytes(f"index/{version}/index.faiss")
+    )
     assert on_disk["checksums"]["metadata.parquet"] == sha256_bytes(
-        storage.read_bytes(f"index/{version}/metadata.parquet"))
+        storage.read_bytes(f"index/{version}/metadata.parquet")
+    )
     assert on_disk["count"] == 18 and on_disk["dim"] == 8 and on_disk["model"]["ref"] == "random"
     assert on_disk["facet_layout"] is None  # an embedder without facet heads
-    assert pq.read_table(storage.path("index", version, "metadata.parquet")).column_names == INDEX_METADATA_COLUMNS
+    assert (
+        pq.read_table(storage.path("index", version, "metadata.parquet")).column_names
+        == INDEX_METADATA_COLUMNS
+    )
     loaded = SearchIndex.load(storage)
     assert loaded.version == version and len(loaded) == 18
     assert loaded.search(data["x"][5], k=1)[0].segment_id == data["ids"][5]
@@ -276,25 +316,40 @@ def test_publish_writes_checksummed_manifest_and_latest(tmp_path):
     with pytest.raises(ValueError, match="checksum"):
         SearchIndex.load(storage, version)
     with pytest.raises(IndexIntegrityError):
-        write_index_artifact(MessRayConfig(), storage, new_version(), si.index, si.spec, table.slice(0, 3),
-                             {}, {}, {})
+        write_index_artifact(
+            MessRayConfig(),
+            storage,
+            new_version(),
+            si.index,
+            si.spec,
+            table.slice(0, 3),
+            {},
+            {},
+            {},
+        )
 
 
 def test_ivfpq_candidates_are_reranked_exactly():
     x, ids = unit_vectors(3000, 16, seed=5), big_ids(3000)
     spec = choose_index_spec(len(x), 16, "ivf", ivfpq_above=1000, nprobe=64)
     assert spec.type == "ivfpq" and spec.rerank
-    index = build_index(spec, [(x[:1500], ids[:1500]), (x[1500:], ids[1500:])],
-                        train_vectors=x[: training_points_needed(spec)])
+    index = build_index(
+        spec,
+        [(x[:1500], ids[:1500]), (x[1500:], ids[1500:])],
+        train_vectors=x[: training_points_needed(spec)],
+    )
     rows = {c: [] for c in INDEX_METADATA_COLUMNS}
     for i, sid in enumerate(ids):
-        for c, v in zip(INDEX_METADATA_COLUMNS, [int(sid), f"t{i % 50}", "p", "s", float(i), i + 2.0, 16000, "", "{}"]):
+        for c, v in zip(
+            INDEX_METADATA_COLUMNS,
+            [int(sid), f"t{i % 50}", "p", "s", float(i), i + 2.0, 16000, "", "{}"],
+        ):
             rows[c].append(v)
     si = SearchIndex(index, pa.table(rows), spec, rerank_vectors=dict(zip(ids.tolist(), x)))
     for i in (0, 777, 2999):
         hits = si.search(x[i], k=5)
         assert hits[0].segment_id == ids[i] and hits[0].similarity == pytest.approx(1.0, abs=1e-5)
-        exact = brute_force(x, ids, x[i:i + 1], 5)[0]
+        exact = brute_force(x, ids, x[i : i + 1], 5)[0]
         assert hits[1].segment_id in exact  # exact scores, not PQ approximations
 
 
@@ -309,7 +364,7 @@ def test_choose_index_spec_tuned_defaults_and_memory_budget():
     assert choose_index_spec(1_000_000, 128, memory_budget_mb=1024).type == "ivf"
     # tiny forced IVF-PQ corpora get codebooks they can train
     small = choose_index_spec(2000, 64, "ivf", ivfpq_above=0)
-    assert small.type == "ivfpq" and 2 ** small.pq_bits * 39 <= 2000
+    assert small.type == "ivfpq" and 2**small.pq_bits * 39 <= 2000
 
 
 def test_hnsw_ef_construction_reaches_faiss_and_old_specs_still_load():
@@ -318,7 +373,9 @@ def test_hnsw_ef_construction_reaches_faiss_and_old_specs_still_load():
     import faiss
 
     assert faiss.downcast_index(index.index).hnsw.efConstruction == 96
-    old = {k: v for k, v in spec.to_dict().items() if k != "ef_construction"}  # a manifest from before the field
+    old = {
+        k: v for k, v in spec.to_dict().items() if k != "ef_construction"
+    }  # a manifest from before the field
     assert IndexSpec.from_dict(old).ef_construction == 40
 
 
@@ -329,8 +386,13 @@ def test_manifest_facet_layout_is_checked_against_the_index_dim():
     assert manifest_facet_layout({"kind": "random"}, 64) is None
     assert manifest_facet_layout({"facet_layout": None}, 64) is None
     layout = manifest_facet_layout({"facet_layout": make_layout(32, 8)}, 64)
-    assert layout == {"overall": [0, 32], "tempo": [32, 40], "dynamics": [40, 48], "articulation": [48, 56],
-                      "timbre": [56, 64]}
+    assert layout == {
+        "overall": [0, 32],
+        "tempo": [32, 40],
+        "dynamics": [40, 48],
+        "articulation": [48, 56],
+        "timbre": [56, 64],
+    }
     with pytest.raises(IndexIntegrityError, match="spans 64 dimensions"):
         manifest_facet_layout({"facet_layout": make_layout(32, 8)}, 128)
     with pytest.raises(ValueError, match="contiguous"):
@@ -341,7 +403,14 @@ def test_manifest_facet_layout_reads_back_a_name_sorted_layout():
     from mess_ray.facets import make_layout
     from mess_ray.index.job import manifest_facet_layout
 
-    stored = json.loads(json.dumps({k: list(v) for k, v in make_layout(32, 8).items()}, sort_keys=True))
+    stored = json.loads(
+        json.dumps({k: list(v) for k, v in make_layout(32, 8).items()}, sort_keys=True)
+    )
     assert next(iter(stored)) == "articulation"  # what a manifest holds
-    assert list(manifest_facet_layout({"facet_layout": stored}, 64)) == ["overall", "tempo", "dynamics",
-                                                                         "articulation", "timbre"]
+    assert list(manifest_facet_layout({"facet_layout": stored}, 64)) == [
+        "overall",
+        "tempo",
+        "dynamics",
+        "articulation",
+        "timbre",
+    ]

@@ -6,15 +6,14 @@ from __future__ import annotations
 import os
 
 import pytest
+import test_index_ray as helpers
+from conftest import tiny_config
 
 import mess_ray.index.job as job_mod
-import test_index_ray as helpers
 from mess_ray.index import SearchIndex, run_index
 from mess_ray.index.embed import SegmentEmbedder
 from mess_ray.index.job import embedding_actor_fault_tolerance
 from mess_ray.storage import Storage
-
-from conftest import tiny_config
 
 
 def crash_once_embedder(marker: str, after_batches: int) -> type:
@@ -57,7 +56,9 @@ def test_killed_embedding_actor_loses_and_duplicates_no_segment(ray_local, tmp_p
     cfg.index.batch_size = 2
     cfg.index.min_actors = cfg.index.max_actors = 1  # one actor: its death must not stall the job
     storage = Storage.from_config(cfg.storage)
-    table = helpers.publish_tiny_ingest(cfg, storage, n_tracks=4, seconds=5.0, files=2)  # 16 segments, 8 batches
+    table = helpers.publish_tiny_ingest(
+        cfg, storage, n_tracks=4, seconds=5.0, files=2
+    )  # 16 segments, 8 batches
     marker = str(tmp_path / "actor-died")
     monkeypatch.setattr(job_mod, "SegmentEmbedder", crash_once_embedder(marker, after_batches=3))
 
@@ -67,11 +68,22 @@ def test_killed_embedding_actor_loses_and_duplicates_no_segment(ray_local, tmp_p
     lost_batch = [int(s) for s in open(marker).read().split(",")]
     expected = sorted(table.column("segment_id").to_pylist())
     assert set(lost_batch) <= set(expected) and lost_batch
-    assert manifest["counts"]["segments"] == manifest["counts"]["vectors"] == manifest["count"] == len(expected)
+    assert (
+        manifest["counts"]["segments"]
+        == manifest["counts"]["vectors"]
+        == manifest["count"]
+        == len(expected)
+    )
     index = SearchIndex.load(storage)
-    assert sorted(index._rows) == expected  # every id exactly once (the metadata rejects duplicates)
-    ids = job_mod.read_vector_ids(storage, job_mod.vector_files(storage, f"index/{manifest['version']}/vectors"))
-    assert sorted(ids.tolist()) == expected  # the vector shards too: the dead actor's batch was redone once
+    assert (
+        sorted(index._rows) == expected
+    )  # every id exactly once (the metadata rejects duplicates)
+    ids = job_mod.read_vector_ids(
+        storage, job_mod.vector_files(storage, f"index/{manifest['version']}/vectors")
+    )
+    assert (
+        sorted(ids.tolist()) == expected
+    )  # the vector shards too: the dead actor's batch was redone once
     for sid in lost_batch:  # and the redone batch's vectors are searchable under their ids
         assert index.search(index.vector(sid), k=1)[0].segment_id == sid
 
@@ -84,7 +96,9 @@ def test_without_restarts_a_killed_actor_fails_the_job(ray_local, tmp_path, monk
     cfg.index.actor_max_restarts = 0
     storage = Storage.from_config(cfg.storage)
     helpers.publish_tiny_ingest(cfg, storage, n_tracks=2, seconds=5.0, files=1)
-    monkeypatch.setattr(job_mod, "SegmentEmbedder", crash_once_embedder(str(tmp_path / "died"), after_batches=2))
-    with pytest.raises(Exception):
+    monkeypatch.setattr(
+        job_mod, "SegmentEmbedder", crash_once_embedder(str(tmp_path / "died"), after_batches=2)
+    )
+    with pytest.raises(Exception):  # noqa: B017 - whichever error Ray raises for the dead actor
         run_index(cfg, storage, model_ref="random")
     assert storage.latest("index") is None  # nothing published

@@ -13,16 +13,27 @@ import shutil
 import faiss
 import numpy as np
 import pytest
-
 import test_reindex as reindex_helpers
+from conftest import tiny_config
+
 from mess_ray.index import SearchIndex, run_index, run_reindex
-from mess_ray.index.faiss_index import (IVFDATA_FILE, IndexSpec, build_index, choose_index_spec,
-                                        create_empty_index, decide_gpu, index_to_bytes, ivf_lists_mb, load_index,
-                                        merge_indexes, merge_shards_ondisk, ondisk_filename, sha256_file)
+from mess_ray.index.faiss_index import (
+    IVFDATA_FILE,
+    IndexSpec,
+    build_index,
+    choose_index_spec,
+    create_empty_index,
+    decide_gpu,
+    index_to_bytes,
+    ivf_lists_mb,
+    load_index,
+    merge_indexes,
+    merge_shards_ondisk,
+    ondisk_filename,
+    sha256_file,
+)
 from mess_ray.models import Embedder
 from mess_ray.storage import Storage
-
-from conftest import tiny_config
 
 
 def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -60,8 +71,11 @@ def test_ondisk_merge_answers_like_the_in_memory_merge(tmp_path, kind):
     shutil.copytree(build_dir, root / "index" / "v1")
     shutil.rmtree(build_dir)
     storage = Storage(str(root))
-    loaded = load_index(storage, "index/v1/index.faiss",
-                        ivfdata_sha256=sha256_file(storage.fs, storage.path("index/v1", IVFDATA_FILE)))
+    loaded = load_index(
+        storage,
+        "index/v1/index.faiss",
+        ivfdata_sha256=sha256_file(storage.fs, storage.path("index/v1", IVFDATA_FILE)),
+    )
     for index in (loaded, in_memory):
         faiss.extract_index_ivf(index).nprobe = 8
     queries = x[:200]
@@ -90,11 +104,17 @@ def test_choose_ondisk_by_memory_budget():
     assert not choose_index_spec(n, d, "ivf", memory_budget_mb=8192, ivfpq_above=10**9).ondisk
     pq = choose_index_spec(n, d, "ivf", memory_budget_mb=500)  # flat lists too big: PQ, which fits
     assert pq.type == "ivfpq" and not pq.ondisk
-    tiny_budget = choose_index_spec(n, d, "ivf", memory_budget_mb=50)  # even PQ lists too big: on disk
-    assert tiny_budget.type == "ivfpq" and tiny_budget.ondisk and tiny_budget.params["lists_mb"] > 50
+    tiny_budget = choose_index_spec(
+        n, d, "ivf", memory_budget_mb=50
+    )  # even PQ lists too big: on disk
+    assert (
+        tiny_budget.type == "ivfpq" and tiny_budget.ondisk and tiny_budget.params["lists_mb"] > 50
+    )
     assert choose_index_spec(1000, 8, "ivf", ondisk="always").ondisk
     assert not choose_index_spec(n, d, "ivf", memory_budget_mb=50, ondisk="never").ondisk
-    assert not choose_index_spec(1000, 8, "flat", ondisk="always").ondisk  # only IVF lists go to disk
+    assert not choose_index_spec(
+        1000, 8, "flat", ondisk="always"
+    ).ondisk  # only IVF lists go to disk
     with pytest.raises(ValueError, match="ondisk"):
         choose_index_spec(1000, 8, "ivf", ondisk="sometimes")
     old = IndexSpec.from_dict({k: v for k, v in tiny_budget.to_dict().items() if k != "ondisk"})
@@ -102,13 +122,18 @@ def test_choose_ondisk_by_memory_budget():
 
 
 def test_decide_gpu():
-    ivf, pq, flat, hnsw = (choose_index_spec(10**6, 64, "ivf", ivfpq_above=10**9),
-                           choose_index_spec(10**6, 64, "ivf", ivfpq_above=0),
-                           choose_index_spec(10, 64, "flat"), choose_index_spec(10, 64, "hnsw"))
+    ivf, pq, flat, hnsw = (
+        choose_index_spec(10**6, 64, "ivf", ivfpq_above=10**9),
+        choose_index_spec(10**6, 64, "ivf", ivfpq_above=0),
+        choose_index_spec(10, 64, "flat"),
+        choose_index_spec(10, 64, "hnsw"),
+    )
     assert decide_gpu("auto", 1, ivf) and decide_gpu("auto", 2, pq) and decide_gpu(True, 1, ivf)
     assert not decide_gpu("auto", 0, ivf)  # the CPU wheel (or a Ray task without a GPU)
     assert not decide_gpu(False, 4, ivf)
-    assert not decide_gpu("auto", 1, flat) and not decide_gpu(True, 1, hnsw)  # nothing to gain on GPU
+    assert not decide_gpu("auto", 1, flat) and not decide_gpu(
+        True, 1, hnsw
+    )  # nothing to gain on GPU
     with pytest.raises(RuntimeError, match=r"pip install -e \.\[gpu\]"):
         decide_gpu(True, 0, ivf)
     with pytest.raises(ValueError, match="use_gpu"):
@@ -127,8 +152,12 @@ def test_ondisk_index_through_run_index_search_and_reindex(ray_local, tmp_path):
     manifest = run_index(cfg, storage, model_ref="random")
     base = posixpath.join("index", manifest["version"])
     assert manifest["index"]["ondisk"] and manifest["files"]["ivfdata"] == IVFDATA_FILE
-    assert manifest["checksums"][IVFDATA_FILE] == sha256_file(storage.fs, storage.path(base, IVFDATA_FILE))
-    assert not storage.exists("index/_build", manifest["version"])  # shard files removed once merged
+    assert manifest["checksums"][IVFDATA_FILE] == sha256_file(
+        storage.fs, storage.path(base, IVFDATA_FILE)
+    )
+    assert not storage.exists(
+        "index/_build", manifest["version"]
+    )  # shard files removed once merged
     index = SearchIndex.load(storage)
     assert ondisk_filename(index.index) == os.path.join(storage.path(base), IVFDATA_FILE)
     assert sorted(index._rows) == sorted(table.column("segment_id").to_pylist())
@@ -136,7 +165,9 @@ def test_ondisk_index_through_run_index_search_and_reindex(ray_local, tmp_path):
     audio = np.frombuffer(table.column("audio")[2].as_py(), dtype="<f4").copy()[None, :]
     sid = table.column("segment_id")[2].as_py()
     assert index.search(embedder.embed(audio)[0], k=1)[0].segment_id == sid
-    np.testing.assert_allclose(index.vector(sid), embedder.embed(audio)[0], atol=1e-4)  # reconstruct from disk
+    np.testing.assert_allclose(
+        index.vector(sid), embedder.embed(audio)[0], atol=1e-4
+    )  # reconstruct from disk
 
     # reindex cannot edit memory-mapped lists: it rebuilds, on disk again
     table = reindex_helpers.publish_ingest(cfg, storage, [0, 1, 2, 3])

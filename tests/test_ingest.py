@@ -15,8 +15,13 @@ import soundfile as sf
 import soxr
 
 from mess_ray.config import MessRayConfig
-from mess_ray.ingest.catalog import (build_catalog, catalog_from_folder, catalog_from_manifest,
-                                     catalog_from_render, resolve_catalog_kind)
+from mess_ray.ingest.catalog import (
+    build_catalog,
+    catalog_from_folder,
+    catalog_from_manifest,
+    catalog_from_render,
+    resolve_catalog_kind,
+)
 from mess_ray.ingest.decode import RejectError, decode_stream, sniff, wav_truncation
 from mess_ray.ingest.job import run_ingest
 from mess_ray.ingest.segment import Segmenter, segment_blocks, segment_track, window_starts
@@ -26,11 +31,15 @@ from mess_ray.storage import Storage
 SR = 16000
 
 
-def tone(seconds: float, rate: int, channels: int = 1, freq: float = 440.0, seed: int = 0) -> np.ndarray:
+def tone(
+    seconds: float, rate: int, channels: int = 1, freq: float = 440.0, seed: int = 0
+) -> np.ndarray:
     t = np.arange(round(seconds * rate)) / rate
     rng = np.random.default_rng(seed)
-    cols = [0.3 * np.sin(2 * np.pi * freq * (c + 1) * t) + 0.01 * rng.standard_normal(len(t))
-            for c in range(channels)]
+    cols = [
+        0.3 * np.sin(2 * np.pi * freq * (c + 1) * t) + 0.01 * rng.standard_normal(len(t))
+        for c in range(channels)
+    ]
     return np.stack(cols, axis=1).astype(np.float32)
 
 
@@ -41,23 +50,28 @@ def write_audio(path: Path, seconds: float, rate: int = SR, channels: int = 1, *
 
 
 def cfg_for(root: str, source: str | None = None, **ingest) -> MessRayConfig:
-    cfg = MessRayConfig.model_validate({
-        "storage": {"root": root},
-        "audio": {"sample_rate": SR, "window_s": 2.0, "hop_s": 1.0, "min_duration_s": 0.5},
-        "ingest": {"source": source, "read_block_s": 0.7, **ingest},
-    })
+    cfg = MessRayConfig.model_validate(
+        {
+            "storage": {"root": root},
+            "audio": {"sample_rate": SR, "window_s": 2.0, "hop_s": 1.0, "min_duration_s": 0.5},
+            "ingest": {"source": source, "read_block_s": 0.7, **ingest},
+        }
+    )
     return cfg
 
 
 # -- segmentation --------------------------------------------------------------------------
-@pytest.mark.parametrize("total,window,hop,expected", [
-    (10, 4, 2, [0, 2, 4, 6]),          # grid reaches the end exactly
-    (11, 4, 2, [0, 2, 4, 6, 7]),       # final window [total - window, total]
-    (3, 4, 2, [0]),                    # shorter than one window: one short segment
-    (4, 4, 4, [0]),
-    (9, 4, 4, [0, 4, 5]),
-    (0, 4, 2, []),
-])
+@pytest.mark.parametrize(
+    "total,window,hop,expected",
+    [
+        (10, 4, 2, [0, 2, 4, 6]),  # grid reaches the end exactly
+        (11, 4, 2, [0, 2, 4, 6, 7]),  # final window [total - window, total]
+        (3, 4, 2, [0]),  # shorter than one window: one short segment
+        (4, 4, 4, [0]),
+        (9, 4, 4, [0, 4, 5]),
+        (0, 4, 2, []),
+    ],
+)
 def test_window_starts(total, window, hop, expected):
     assert window_starts(total, window, hop) == expected
 
@@ -72,11 +86,11 @@ def test_window_starts_rejects_bad_hop():
 def test_segmenter_matches_reference_and_content(total, block):
     window, hop = 32, 12
     signal = np.arange(total, dtype=np.float32)
-    blocks = [signal[i:i + block] for i in range(0, total, block)]
+    blocks = [signal[i : i + block] for i in range(0, total, block)]
     cuts = list(segment_blocks(blocks, window, hop))
     assert [c.start_sample for c in cuts] == window_starts(total, window, hop)
     for c in cuts:
-        np.testing.assert_array_equal(c.samples, signal[c.start_sample:c.start_sample + window])
+        np.testing.assert_array_equal(c.samples, signal[c.start_sample : c.start_sample + window])
     assert cuts[-1].start_sample + len(cuts[-1].samples) == total  # ends exactly at the track end
 
 
@@ -110,13 +124,19 @@ def test_multichannel_96k_is_mixed_and_resampled_without_normalising(tmp_path):
     sf.write(str(path), data, rate, subtype="PCM_24")
     out = np.concatenate(list(decode_stream(str(path), SR, read_block_s=0.3)))
     assert len(out) == round(len(data) * SR / rate)
-    assert abs(np.sqrt(np.mean(out ** 2)) - np.sqrt(np.mean(data.mean(axis=1) ** 2))) < 2e-3
+    assert abs(np.sqrt(np.mean(out**2)) - np.sqrt(np.mean(data.mean(axis=1) ** 2))) < 2e-3
     assert np.max(np.abs(out)) < 0.2
 
 
 def test_segment_track_rows_bounds_and_stable_ids(tmp_path):
     path = write_audio(tmp_path / "t.flac", 5.3, rate=22050)
-    row = {"source_uri": str(path), "track_id": "t", "piece_id": "p", "style": "s", "metadata_json": "{}"}
+    row = {
+        "source_uri": str(path),
+        "track_id": "t",
+        "piece_id": "p",
+        "style": "s",
+        "metadata_json": "{}",
+    }
     kw = dict(sample_rate=SR, window_s=2.0, hop_s=1.0, read_block_s=0.5)
     first = list(segment_track(row, **kw))
     second = list(segment_track(row, **kw))
@@ -168,7 +188,9 @@ def make_fixture_folder(folder: Path) -> dict[str, str | None]:
     expected["good/short"] = None
     rng = np.random.default_rng(1)
     (folder / "bad").mkdir()
-    (folder / "bad" / "corrupt.wav").write_bytes(rng.integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    (folder / "bad" / "corrupt.wav").write_bytes(
+        rng.integers(0, 256, 4000, dtype=np.uint8).tobytes()
+    )
     expected["bad/corrupt"] = "unreadable"
     full = (write_audio(folder / "tmp.wav", 2.0)).read_bytes()
     (folder / "tmp.wav").unlink()
@@ -193,7 +215,10 @@ def make_fixture_folder(folder: Path) -> dict[str, str | None]:
 def make_mp3(path: Path, seconds: float) -> Path:
     """An MP3 with a Xing/Info header (ffmpeg), so that its length is declared."""
     wav = write_audio(path.with_suffix(".src.wav"), seconds, rate=44100)
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(wav), "-b:a", "128k", str(path)], check=True)
+    subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-y", "-i", str(wav), "-b:a", "128k", str(path)],
+        check=True,
+    )
     wav.unlink()
     return path
 
@@ -235,9 +260,13 @@ def test_catalog_kinds_and_manifest(tmp_path):
     write_audio(tmp_path / "a" / "x.flac", 1.0)
     ids = {r["track_id"] for r in catalog_from_folder(str(tmp_path / "a"))}
     assert ids == {"x.wav", "x.flac"}  # colliding stems keep their extension
-    (tmp_path / "list.csv").write_text("path,piece_id,performer\na/x.wav,007,Ann\na/missing.wav,,Bob\n")
+    (tmp_path / "list.csv").write_text(
+        "path,piece_id,performer\na/x.wav,007,Ann\na/missing.wav,,Bob\n"
+    )
     rows = catalog_from_manifest(str(tmp_path / "list.csv"))
-    assert rows[0]["piece_id"] == "007" and json.loads(rows[0]["metadata_json"]) == {"performer": "Ann"}
+    assert rows[0]["piece_id"] == "007" and json.loads(rows[0]["metadata_json"]) == {
+        "performer": "Ann"
+    }
     assert rows[0]["source_uri"] == str(tmp_path / "a" / "x.wav") and rows[0]["size"] > 0
     assert rows[1]["track_id"] == "a/missing" and rows[1]["size"] == -1
     (tmp_path / "dup.csv").write_text("path,track_id\na/x.wav,t\na/x.flac,t\n")
@@ -251,14 +280,28 @@ def test_catalog_kinds_and_manifest(tmp_path):
 def test_render_catalog(tmp_path):
     storage = Storage(str(tmp_path / "store"))
     write_audio(Path(storage.path("render", "v1", "audio", "p1__romantic.wav")), 1.0)
-    table = pa.table({"track_id": ["p1__romantic"], "path": ["audio/p1__romantic.wav"], "piece_id": ["p1"],
-                      "composer": ["bach"], "title": ["x"], "style": ["romantic"], "style_params_json": ["{}"],
-                      "seed": [3], "duration_s": [1.0], "sample_rate": [SR], "source": ["music21"]})
+    table = pa.table(
+        {
+            "track_id": ["p1__romantic"],
+            "path": ["audio/p1__romantic.wav"],
+            "piece_id": ["p1"],
+            "composer": ["bach"],
+            "title": ["x"],
+            "style": ["romantic"],
+            "style_params_json": ["{}"],
+            "seed": [3],
+            "duration_s": [1.0],
+            "sample_rate": [SR],
+            "source": ["music21"],
+        }
+    )
     with storage.open("render/v1/catalog.parquet", "wb") as f:
         pq.write_table(table, f)
     storage.publish("render", "v1", {"counts": {}})
     rows, version = catalog_from_render(storage)
-    assert version == "v1" and rows[0]["source_uri"] == storage.url("render", "v1", "audio/p1__romantic.wav")
+    assert version == "v1" and rows[0]["source_uri"] == storage.url(
+        "render", "v1", "audio/p1__romantic.wav"
+    )
     meta = json.loads(rows[0]["metadata_json"])
     assert meta["composer"] == "bach" and meta["seed"] == 3 and rows[0]["style"] == "romantic"
     assert rows[0]["size"] > 0
@@ -269,13 +312,16 @@ def test_render_catalog(tmp_path):
 # -- Ray integration -----------------------------------------------------------------------
 def _check_run(manifest: dict, storage: Storage, expected: dict[str, str | None]) -> pa.Table:
     counts = manifest["counts"]
-    assert counts["files_in"] == len(expected) == counts["files_segmented"] + counts["files_rejected"]
+    assert (
+        counts["files_in"] == len(expected) == counts["files_segmented"] + counts["files_rejected"]
+    )
     table = read_segment_table(storage, manifest["version"])
     assert table.num_rows == counts["segments"]
     assert set(table["track_id"].to_pylist()) == {t for t, r in expected.items() if r is None}
     rejects = pq.read_table(storage.open(f"ingest/{manifest['version']}/rejects.parquet"))
-    assert dict(zip(rejects["track_id"].to_pylist(), rejects["reason"].to_pylist())) == \
-        {t: r for t, r in expected.items() if r is not None}
+    assert dict(zip(rejects["track_id"].to_pylist(), rejects["reason"].to_pylist())) == {
+        t: r for t, r in expected.items() if r is not None
+    }
     want = {}
     for r in expected.values():
         if r is not None:
@@ -294,12 +340,16 @@ def test_ray_ingest_local_folder_and_incremental(ray_local, tmp_path):
     assert first["counts"]["files_decoded"] == len(expected)
     assert first["inputs"]["source"] == str(tmp_path / "in")
     # The last segment of every track ends at the track end.
-    full = read_segment_table(storage, first["version"], columns=["track_id", "end_s", "num_samples", "audio"])
+    full = read_segment_table(
+        storage, first["version"], columns=["track_id", "end_s", "num_samples", "audio"]
+    )
     ends = {}
     for t, e in zip(full["track_id"].to_pylist(), full["end_s"].to_pylist()):
         ends[t] = max(ends.get(t, 0.0), e)
     assert ends["good/wav16"] == pytest.approx(3.5) and ends["good/short"] == pytest.approx(0.7)
-    assert all(len(a) == 4 * n for a, n in zip(full["audio"].to_pylist(), full["num_samples"].to_pylist()))
+    assert all(
+        len(a) == 4 * n for a, n in zip(full["audio"].to_pylist(), full["num_samples"].to_pylist())
+    )
 
     # Incremental: one new file, one removed, one changed; the rest is carried over unchanged.
     write_audio(tmp_path / "in" / "good" / "new.wav", 2.0)
@@ -309,12 +359,27 @@ def test_ray_ingest_local_folder_and_incremental(ray_local, tmp_path):
     del expected["bad/notes"]
     second = run_ingest(cfg, storage)
     table2 = _check_run(second, storage, expected)
-    assert second["counts"]["files_decoded"] == 2 and second["counts"]["files_reused"] == len(expected) - 2
+    assert (
+        second["counts"]["files_decoded"] == 2
+        and second["counts"]["files_reused"] == len(expected) - 2
+    )
     assert second["inputs"]["reused_from"] == first["version"]
-    old = {i for i, t in zip(table["segment_id"].to_pylist(), table["track_id"].to_pylist()) if t == "good/flac"}
-    new = {i for i, t in zip(table2["segment_id"].to_pylist(), table2["track_id"].to_pylist()) if t == "good/flac"}
+    old = {
+        i
+        for i, t in zip(table["segment_id"].to_pylist(), table["track_id"].to_pylist())
+        if t == "good/flac"
+    }
+    new = {
+        i
+        for i, t in zip(table2["segment_id"].to_pylist(), table2["track_id"].to_pylist())
+        if t == "good/flac"
+    }
     assert old == new and old
-    ends2 = max(e for t, e in zip(table2["track_id"].to_pylist(), table2["end_s"].to_pylist()) if t == "good/wav16")
+    ends2 = max(
+        e
+        for t, e in zip(table2["track_id"].to_pylist(), table2["end_s"].to_pylist())
+        if t == "good/wav16"
+    )
     assert ends2 == pytest.approx(4.5)
 
 

@@ -13,8 +13,14 @@ import soundfile as sf
 
 from mess_ray.config import MessRayConfig
 from mess_ray.ingest.catalog import build_catalog
-from mess_ray.ingest.corpora import (catalog_from_asap, catalog_from_maestro, detect_corpus,
-                                     maestro_piece_id, read_metadata_records, slug)
+from mess_ray.ingest.corpora import (
+    catalog_from_asap,
+    catalog_from_maestro,
+    detect_corpus,
+    maestro_piece_id,
+    read_metadata_records,
+    slug,
+)
 from mess_ray.ingest.job import run_ingest
 from mess_ray.segments import read_segment_table
 from mess_ray.storage import Storage
@@ -33,8 +39,12 @@ def write_tone(path: Path, seconds: float, rate: int = 22050, channels: int = 1)
 
 def write_midi(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    track = mido.MidiTrack([mido.Message("note_on", note=60, velocity=64, time=0),
-                            mido.Message("note_off", note=60, velocity=0, time=480)])
+    track = mido.MidiTrack(
+        [
+            mido.Message("note_on", note=60, velocity=64, time=0),
+            mido.Message("note_off", note=60, velocity=0, time=480),
+        ]
+    )
     mido.MidiFile(tracks=[track]).save(str(path))
 
 
@@ -85,8 +95,11 @@ def make_asap(root: Path) -> dict[str, str | None]:
         (root / f"{perf}_annotations.txt").write_text("0.50\t0.50\tdb\n1.00\t1.00\tb\n")
     (root / "metadata.csv").write_text(ASAP_CSV)
     # Perf2 has MIDI and annotations but no recording next to it: rejected as unreadable.
-    return {"Bach/Fugue/bwv_846/Shi05M": None, "Chopin/Ballades/1/Perf1": None,
-            "Chopin/Ballades/1/Perf2": "unreadable"}
+    return {
+        "Bach/Fugue/bwv_846/Shi05M": None,
+        "Chopin/Ballades/1/Perf1": None,
+        "Chopin/Ballades/1/Perf2": "unreadable",
+    }
 
 
 def _local_fs():
@@ -96,11 +109,13 @@ def _local_fs():
 
 
 def cfg_for(root: str, source: str, catalog: str = "auto") -> MessRayConfig:
-    return MessRayConfig.model_validate({
-        "storage": {"root": root},
-        "audio": {"sample_rate": SR, "window_s": 1.0, "hop_s": 0.5, "min_duration_s": 0.5},
-        "ingest": {"source": source, "catalog": catalog, "read_block_s": 0.4},
-    })
+    return MessRayConfig.model_validate(
+        {
+            "storage": {"root": root},
+            "audio": {"sample_rate": SR, "window_s": 1.0, "hop_s": 0.5, "min_duration_s": 0.5},
+            "ingest": {"source": source, "catalog": catalog, "read_block_s": 0.4},
+        }
+    )
 
 
 # -- pure catalog functions -------------------------------------------------------------------
@@ -153,8 +168,12 @@ def test_asap_catalog(tmp_path):
     assert perf1["source_uri"].endswith("Perf1.flac")  # "{maestro}/..." audio paths are not local
     assert perf1["piece_id"] == rows["Chopin/Ballades/1/Perf2"]["piece_id"] == "Chopin/Ballades/1"
     meta = json.loads(bach["metadata_json"])
-    assert meta["annotations_uri"] == str(tmp_path / "asap" / "Bach/Fugue/bwv_846/Shi05M_annotations.txt")
-    assert meta["score_annotations_uri"] == str(tmp_path / "asap" / "Bach/Fugue/bwv_846/midi_score_annotations.txt")
+    assert meta["annotations_uri"] == str(
+        tmp_path / "asap" / "Bach/Fugue/bwv_846/Shi05M_annotations.txt"
+    )
+    assert meta["score_annotations_uri"] == str(
+        tmp_path / "asap" / "Bach/Fugue/bwv_846/midi_score_annotations.txt"
+    )
     assert meta["midi_uri"] == str(tmp_path / "asap" / "Bach/Fugue/bwv_846/Shi05M.mid")
     assert meta["composer"] == "Bach" and meta["corpus"] == "asap"
     assert rows["Chopin/Ballades/1/Perf2"]["size"] == -1
@@ -166,29 +185,44 @@ def test_auto_detection_in_build_catalog(tmp_path):
     make_maestro(tmp_path / "maestro")
     make_asap(tmp_path / "asap")
     write_tone(tmp_path / "plain" / "x.wav", 1.0)
-    (tmp_path / "plain" / "metadata.csv").write_text("path,who\nx.wav,me\n")  # not ASAP: no midi_performance
+    (tmp_path / "plain" / "metadata.csv").write_text(
+        "path,who\nx.wav,me\n"
+    )  # not ASAP: no midi_performance
     (tmp_path / "plain" / "list.csv").write_text("path,midi_performance\nx.wav,x.mid\n")
-    assert detect_corpus(str(tmp_path / "plain" / "list.csv")) is None  # has 'path': a user manifest
+    assert (
+        detect_corpus(str(tmp_path / "plain" / "list.csv")) is None
+    )  # has 'path': a user manifest
     storage = Storage(str(tmp_path / "store"))
-    for folder, kind in [("maestro", "maestro"), ("asap", "asap"), ("plain", "folder"),
-                         ("plain/list.csv", "manifest")]:
+    for folder, kind in [
+        ("maestro", "maestro"),
+        ("asap", "asap"),
+        ("plain", "folder"),
+        ("plain/list.csv", "manifest"),
+    ]:
         rows, source = build_catalog(cfg_for(storage.root, str(tmp_path / folder)), storage)
         assert source["kind"] == kind and rows
     # Explicit kinds override detection, and a layout mismatch is a clear error.
     with pytest.raises(ValueError, match="layout"):
         build_catalog(cfg_for(storage.root, str(tmp_path / "plain"), "maestro"), storage)
     with pytest.raises(ValueError, match="midi_performance"):
-        build_catalog(cfg_for(storage.root, str(tmp_path / "plain" / "metadata.csv"), "asap"), storage)
+        build_catalog(
+            cfg_for(storage.root, str(tmp_path / "plain" / "metadata.csv"), "asap"), storage
+        )
 
 
 # -- Ray runs ---------------------------------------------------------------------------------
 def _check(manifest: dict, storage: Storage, expected: dict[str, str | None]) -> list[dict]:
     counts = manifest["counts"]
-    assert counts["files_in"] == len(expected) == counts["files_segmented"] + counts["files_rejected"]
-    rejects = pq.read_table(storage.open(f"ingest/{manifest['version']}/rejects.parquet")).to_pylist()
+    assert (
+        counts["files_in"] == len(expected) == counts["files_segmented"] + counts["files_rejected"]
+    )
+    rejects = pq.read_table(
+        storage.open(f"ingest/{manifest['version']}/rejects.parquet")
+    ).to_pylist()
     assert {r["track_id"]: r["reason"] for r in rejects} == {t: r for t, r in expected.items() if r}
-    table = read_segment_table(storage, manifest["version"], columns=["track_id", "piece_id", "metadata_json",
-                                                                      "end_s"])
+    table = read_segment_table(
+        storage, manifest["version"], columns=["track_id", "piece_id", "metadata_json", "end_s"]
+    )
     assert table.num_rows == counts["segments"]
     rows = table.to_pylist()
     assert {r["track_id"] for r in rows} == {t for t, r in expected.items() if r is None}

@@ -30,10 +30,10 @@ def test_peak_memory_is_flat_in_file_length(tmp_path):
     short = write_long_wav(tmp_path / "short.wav", 240.0)
     long = write_long_wav(tmp_path / "long.wav", 960.0)
     kw = dict(sample_rate=16000, window_s=4.0, hop_s=2.0, read_block_s=5.0)
-    s, l = measure_peak_memory(str(short), **kw), measure_peak_memory(str(long), **kw)
-    assert l["seconds_audio"] == pytest.approx(960.0) and l["segments"] == 479
-    assert l["tracemalloc_peak_mib"] - s["tracemalloc_peak_mib"] < 4
-    assert l["rss_peak_mib"] - s["rss_peak_mib"] < 12
+    short_m, long_m = measure_peak_memory(str(short), **kw), measure_peak_memory(str(long), **kw)
+    assert long_m["seconds_audio"] == pytest.approx(960.0) and long_m["segments"] == 479
+    assert long_m["tracemalloc_peak_mib"] - short_m["tracemalloc_peak_mib"] < 4
+    assert long_m["rss_peak_mib"] - short_m["rss_peak_mib"] < 12
     whole = measure_peak_memory(str(long), mode="whole_file", **kw)
     frames_mib = 960.0 * 44100 * 2 * 4 / 2**20
-    assert whole["tracemalloc_peak_mib"] > frames_mib > 4 * l["tracemalloc_peak_mib"]
+    assert whole["tracemalloc_peak_mib"] > frames_mib > 4 * long_m["tracemalloc_peak_mib"]

@@ -26,12 +26,18 @@ def load(name: str) -> dict:
 
 
 def lock_ray_version() -> str:
-    return re.search(r"^ray==(\S+)$", (REPO / "requirements.lock").read_text(), re.MULTILINE).group(1)
+    return re.search(r"^ray==(\S+)$", (REPO / "requirements.lock").read_text(), re.MULTILINE).group(
+        1
+    )
 
 
 def cluster_specs(doc: dict) -> dict:
     spec = doc["spec"]
-    return spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec["jobTemplate"]["rayClusterSpec"]
+    return (
+        spec.get("rayClusterSpec")
+        or spec.get("rayClusterConfig")
+        or spec["jobTemplate"]["rayClusterSpec"]
+    )
 
 
 def test_committed_manifests_equal_the_rendered_ones():
@@ -39,7 +45,9 @@ def test_committed_manifests_equal_the_rendered_ones():
     committed = {p.name for p in KUBERAY.glob("*.yaml")}
     assert committed == set(rendered), "run python deploy/kuberay/render.py"
     for name, text in rendered.items():
-        assert (KUBERAY / name).read_text() == text, f"{name} is stale: run python deploy/kuberay/render.py"
+        assert (KUBERAY / name).read_text() == text, (
+            f"{name} is stale: run python deploy/kuberay/render.py"
+        )
     assert render.main(["--check"]) == 0
 
 
@@ -61,7 +69,9 @@ def test_a_rayjob_per_batch_job_runs_that_job_script(job):
 
 def test_gpu_groups_only_for_jobs_that_use_gpus():
     for job in BATCH_JOBS:
-        groups = {g["groupName"]: g for g in cluster_specs(load(f"rayjob-{job}.yaml"))["workerGroupSpecs"]}
+        groups = {
+            g["groupName"]: g for g in cluster_specs(load(f"rayjob-{job}.yaml"))["workerGroupSpecs"]
+        }
         assert "cpu" in groups
         assert ("gpu" in groups) == (job not in ("render", "ingest"))
         for group in groups.values():
@@ -87,7 +97,9 @@ def test_ray_versions_and_images_agree_with_the_lock_and_the_dockerfile():
         assert cluster["rayVersion"] == version, name
         assert cluster["enableInTreeAutoscaling"] is True, name
         assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", name
-        pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+        pods = [cluster["headGroupSpec"]["template"]] + [
+            g["template"] for g in cluster["workerGroupSpecs"]
+        ]
         for pod in pods:
             for container in pod["spec"]["containers"]:
                 assert container["image"] == render.IMAGE, name
@@ -103,8 +115,9 @@ def test_rayservice_serve_config_is_serve_config_yaml_and_validates():
     source = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     app, source_app = schema.applications[0], source["applications"][0]
     assert app.import_path == source_app["import_path"]
-    assert [d["name"] for d in serve["applications"][0]["deployments"]] == \
-        [d["name"] for d in source_app["deployments"]]
+    assert [d["name"] for d in serve["applications"][0]["deployments"]] == [
+        d["name"] for d in source_app["deployments"]
+    ]
     # The app's config is the image's copy of the repository's configs/cluster.yaml.
     config = Path(app.args["config"])
     assert (REPO / config.relative_to(render.APP_DIR)).is_file()

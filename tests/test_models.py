@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from mess_ray.config import load_config
-from mess_ray.models import Embedder, EmbeddingModel, build_encoder, count_parameters, encoder_config, load_encoder
+from mess_ray.models import (
+    Embedder,
+    EmbeddingModel,
+    build_encoder,
+    count_parameters,
+    encoder_config,
+    load_encoder,
+)
 from mess_ray.models.embedder import resolve_layer
 from mess_ray.models.encoder import conv_stride, num_frames
 from mess_ray.storage import Storage
@@ -16,13 +23,21 @@ SR = 16000
 
 
 def _cfg(root, *extra):
-    return load_config(None, [f"storage.root={root}", "audio.window_s=2.0", "audio.hop_s=1.0", *extra])
+    return load_config(
+        None, [f"storage.root={root}", "audio.window_s=2.0", "audio.hop_s=1.0", *extra]
+    )
 
 
 def test_sizes_build_with_expected_geometry():
     tiny = build_encoder("tiny", seed=0)
-    assert tiny.config.layerdrop == 0.0 and tiny.config.hidden_size == 64 and tiny.config.num_hidden_layers == 2
-    assert conv_stride(tiny) == 320  # one frame per 20 ms at 16 kHz, the hop of the k-means features
+    assert (
+        tiny.config.layerdrop == 0.0
+        and tiny.config.hidden_size == 64
+        and tiny.config.num_hidden_layers == 2
+    )
+    assert (
+        conv_stride(tiny) == 320
+    )  # one frame per 20 ms at 16 kHz, the hop of the k-means features
     assert num_frames(tiny, 2 * SR) in (99, 100)
     for size in ("tiny", "small", "base"):
         config = encoder_config(size)
@@ -35,7 +50,11 @@ def test_sizes_build_with_expected_geometry():
 
 
 def test_random_encoder_is_seeded():
-    a, b, c = build_encoder("tiny", seed=3), build_encoder("tiny", seed=3), build_encoder("tiny", seed=4)
+    a, b, c = (
+        build_encoder("tiny", seed=3),
+        build_encoder("tiny", seed=3),
+        build_encoder("tiny", seed=4),
+    )
     pa_, pb, pc_ = (torch.cat([p.flatten() for p in m.parameters()]) for m in (a, b, c))
     assert torch.equal(pa_, pb) and not torch.equal(pa_, pc_)
 
@@ -64,7 +83,9 @@ def test_load_encoder_errors_are_clear(tmp_path, monkeypatch):
 
 def test_embedding_model_shape_norm_and_save_load(tmp_path):
     torch.manual_seed(0)
-    model = EmbeddingModel(build_encoder("tiny", seed=0), embedding_dim=24, pooling="attentive").eval()
+    model = EmbeddingModel(
+        build_encoder("tiny", seed=0), embedding_dim=24, pooling="attentive"
+    ).eval()
     x = torch.randn(3, 2 * SR)
     with torch.no_grad():
         out = model(x)
@@ -80,9 +101,14 @@ def test_embedding_model_shape_norm_and_save_load(tmp_path):
 
 
 def test_freezing_options():
-    model = EmbeddingModel(build_encoder("tiny", seed=0), embedding_dim=16, pooling="mean", freeze_encoder=True)
+    model = EmbeddingModel(
+        build_encoder("tiny", seed=0), embedding_dim=16, pooling="mean", freeze_encoder=True
+    )
     assert not any(p.requires_grad for p in model.encoder.parameters())
-    assert all(p.requires_grad for p in model.projection.parameters()) and model.layer_logits.requires_grad
+    assert (
+        all(p.requires_grad for p in model.projection.parameters())
+        and model.layer_logits.requires_grad
+    )
     model.set_frozen(False, freeze_layers=1)
     assert not any(p.requires_grad for p in model.encoder.encoder.layers[0].parameters())
     assert all(p.requires_grad for p in model.encoder.encoder.layers[1].parameters())
@@ -108,7 +134,7 @@ def test_random_embedder_deterministic_and_normalised(tmp_path):
     again = Embedder.from_info(cfg, storage, embedder.info).embed(batch)
     assert np.allclose(vectors, again, atol=1e-6)
     # Inputs of another length are fit to the window (a short clip is zero-padded).
-    short = embedder.embed(batch[:, : SR])
+    short = embedder.embed(batch[:, :SR])
     padded = embedder.embed(np.pad(batch[:, :SR], ((0, 0), (0, SR))))
     assert np.allclose(short, padded, atol=1e-6)
     with pytest.raises(ValueError, match="2-D|batch"):
@@ -132,17 +158,27 @@ def test_embedder_from_folders_and_stage_refs(tmp_path):
 
     batch = np.random.default_rng(1).standard_normal((2, 2 * SR)).astype(np.float32)
     finetuned = Embedder.from_ref(cfg, storage, "finetune")
-    assert finetuned.dim == 32 and finetuned.info["version"] == "v1" and finetuned.info["kind"] == "embedding_model"
+    assert (
+        finetuned.dim == 32
+        and finetuned.info["version"] == "v1"
+        and finetuned.info["kind"] == "embedding_model"
+    )
     with torch.no_grad():
         expected = model(torch.from_numpy(batch)).numpy()
     assert np.allclose(finetuned.embed(batch), expected, atol=1e-5)
     pretrained = Embedder.from_ref(cfg, storage, "pretrain")
-    assert pretrained.dim == 64 and pretrained.info["kind"] == "encoder" and pretrained.info["layer"] == 1
+    assert (
+        pretrained.dim == 64
+        and pretrained.info["kind"] == "encoder"
+        and pretrained.info["layer"] == 1
+    )
     # The recorded layer is rebuilt even if the config now names another one.
     other_layer = _cfg(tmp_path / "store", "model.ssl_layer=-1")
     assert Embedder.from_ref(other_layer, storage, "pretrain").info["layer"] == 2
     same = Embedder.from_info(other_layer, storage, pretrained.info)
-    assert same.info["layer"] == 1 and np.allclose(same.embed(batch), pretrained.embed(batch), atol=1e-6)
+    assert same.info["layer"] == 1 and np.allclose(
+        same.embed(batch), pretrained.embed(batch), atol=1e-6
+    )
     by_path = Embedder.from_ref(cfg, storage, str(tmp_path / "store" / "finetune" / "v1"))
     assert np.allclose(by_path.embed(batch), expected, atol=1e-5)
     rebuilt = Embedder.from_info(cfg, storage, finetuned.info)
@@ -155,13 +191,20 @@ def test_embedder_from_folders_and_stage_refs(tmp_path):
 def test_embedder_loads_from_s3(s3_bucket, tmp_path):
     root = f"{s3_bucket}/store"
     cfg, storage = _cfg(root), Storage(root)
-    model = EmbeddingModel(build_encoder("tiny", seed=1), embedding_dim=16, pooling="attentive").eval()
+    model = EmbeddingModel(
+        build_encoder("tiny", seed=1), embedding_dim=16, pooling="attentive"
+    ).eval()
     model.save(tmp_path / "m")
     storage.put_dir(tmp_path / "m", "finetune/v1/model")
     storage.publish("finetune", "v1", {"inputs": {}})
     batch = np.random.default_rng(2).standard_normal((2, 2 * SR)).astype(np.float32)
     with torch.no_grad():
         expected = model(torch.from_numpy(batch)).numpy()
-    assert np.allclose(Embedder.from_ref(cfg, storage, "finetune").embed(batch), expected, atol=1e-5)
-    assert np.allclose(Embedder.from_ref(cfg, storage, storage.url("finetune", "v1", "model")).embed(batch),
-                       expected, atol=1e-5)
+    assert np.allclose(
+        Embedder.from_ref(cfg, storage, "finetune").embed(batch), expected, atol=1e-5
+    )
+    assert np.allclose(
+        Embedder.from_ref(cfg, storage, storage.url("finetune", "v1", "model")).embed(batch),
+        expected,
+        atol=1e-5,
+    )

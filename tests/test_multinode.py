@@ -15,18 +15,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "tests" / "multinode_scenarios.py"
 
 
 def run_scenario(name: str, workdir: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), name, str(workdir)], env=env, capture_output=True,
-                          text=True, timeout=900, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), name, str(workdir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, (proc.stdout[-3000:] + "\n" + proc.stderr[-6000:])
-    return json.loads(lines[-1][len("RESULT "):])
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + "\n" + proc.stderr[-6000:]
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def test_ingest_and_index_spread_over_nodes_and_survive_a_removed_node(tmp_path):

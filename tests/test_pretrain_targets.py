@@ -16,8 +16,17 @@ from pydantic import ValidationError
 from mess_ray.config import load_config
 from mess_ray.models import build_encoder
 from mess_ray.models.encoder import num_frames
-from mess_ray.train.pretrain import (CODEBOOK_FILE, TARGET_KINDS, HubertPretrainModel, MfccFrames, TargetFeatures,
-                                     align_targets, fit_codebook, masked_prediction_loss, save_encoder)
+from mess_ray.train.pretrain import (
+    CODEBOOK_FILE,
+    TARGET_KINDS,
+    HubertPretrainModel,
+    MfccFrames,
+    TargetFeatures,
+    align_targets,
+    fit_codebook,
+    masked_prediction_loss,
+    save_encoder,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import pretrain_vs_random as bench  # noqa: E402
@@ -32,11 +41,16 @@ def _tone(freq: float, seconds: float = 1.0, amplitude: float = 0.3) -> torch.Te
 
 def _codebook(dim: int, codes: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"centroids": rng.standard_normal((codes, dim)).astype(np.float32),
-            "mean": np.zeros(dim, np.float32), "std": np.ones(dim, np.float32)}
+    return {
+        "centroids": rng.standard_normal((codes, dim)).astype(np.float32),
+        "mean": np.zeros(dim, np.float32),
+        "std": np.ones(dim, np.float32),
+    }
 
 
-@pytest.mark.parametrize("kind,dim", [("logmel", 32), ("mfcc", 13), ("dynamics", 5), ("chroma", 12)])
+@pytest.mark.parametrize(
+    "kind,dim", [("logmel", 32), ("mfcc", 13), ("dynamics", 5), ("chroma", 12)]
+)
 def test_every_target_has_one_frame_per_encoder_frame(kind, dim):
     encoder = build_encoder("tiny", seed=0)
     waveform = 0.1 * torch.randn(2, 2 * SR)
@@ -44,7 +58,10 @@ def test_every_target_has_one_frame_per_encoder_frame(kind, dim):
     assert features.shape[0] == 2 and features.shape[2] == dim
     assert torch.isfinite(features).all()
     frames = num_frames(encoder, waveform.shape[1])
-    assert align_targets(torch.zeros(features.shape[:2], dtype=torch.long), frames).shape == (2, frames)
+    assert align_targets(torch.zeros(features.shape[:2], dtype=torch.long), frames).shape == (
+        2,
+        frames,
+    )
 
 
 def test_level_invariant_targets_ignore_gain_but_logmel_does_not():
@@ -53,7 +70,9 @@ def test_level_invariant_targets_ignore_gain_but_logmel_does_not():
         extract = TargetFeatures(kind, SR, HOP, 32)
         assert torch.allclose(extract(waveform), extract(10 * waveform), rtol=1e-3, atol=1e-3), kind
     logmel = TargetFeatures("logmel", SR, HOP, 32)
-    assert (logmel(10 * waveform) - logmel(waveform)).mean().item() == pytest.approx(math.log(100), abs=0.05)
+    assert (logmel(10 * waveform) - logmel(waveform)).mean().item() == pytest.approx(
+        math.log(100), abs=0.05
+    )
 
 
 def test_mfcc_is_an_orthonormal_dct_of_the_logmel_frame():
@@ -62,7 +81,9 @@ def test_mfcc_is_an_orthonormal_dct_of_the_logmel_frame():
     assert torch.allclose(gram, torch.eye(13), atol=1e-5)
     # c0 is the (scaled) mean log-mel level of the frame.
     logmel = mfcc.logmel(_tone(440.0))
-    assert torch.allclose(mfcc(_tone(440.0))[..., 0], logmel.mean(dim=-1) * math.sqrt(32), atol=1e-3)
+    assert torch.allclose(
+        mfcc(_tone(440.0))[..., 0], logmel.mean(dim=-1) * math.sqrt(32), atol=1e-3
+    )
     with pytest.raises(ValueError, match="n_mels"):
         MfccFrames(SR, HOP, 8)
 
@@ -79,21 +100,25 @@ def test_dynamics_flux_and_level_change_mark_note_onsets():
     dynamics = TargetFeatures("dynamics", SR, HOP, 32)
     tone = _tone(440.0, seconds=1.0)
     gated = tone.clone()
-    gated[:, : SR // 2] = 0.0                       # silence, then the note starts at 0.5 s
+    gated[:, : SR // 2] = 0.0  # silence, then the note starts at 0.5 s
     gated = gated + 1e-4 * torch.randn_like(gated)
-    features = dynamics(gated)[0]                   # [frames, 5]: level, d level, flux, centroid, d centroid
+    features = dynamics(gated)[0]  # [frames, 5]: level, d level, flux, centroid, d centroid
     onset = SR // 2 // HOP
     around = slice(onset - 1, onset + 3)
-    assert features[around, 1].max() > 5 * features[5:onset - 5, 1].abs().max()   # level jumps at the onset
-    assert features[around, 2].max() > 5 * features[5:onset - 5, 2].max()         # and so does the flux
+    assert (
+        features[around, 1].max() > 5 * features[5 : onset - 5, 1].abs().max()
+    )  # level jumps at the onset
+    assert features[around, 2].max() > 5 * features[5 : onset - 5, 2].max()  # and so does the flux
     steady = dynamics(tone)[0, 10:-10]
-    assert steady[:, 2].max() < features[around, 2].max()                          # a held note has little flux
+    assert steady[:, 2].max() < features[around, 2].max()  # a held note has little flux
 
 
 def test_multi_codebook_model_averages_the_heads_losses():
     torch.manual_seed(0)
     books = {"logmel": _codebook(16, 8, 0), "dynamics": _codebook(5, 8, 1)}
-    model = HubertPretrainModel(build_encoder("tiny", seed=0), books, SR, 16, mask_prob=0.5, mask_length=5)
+    model = HubertPretrainModel(
+        build_encoder("tiny", seed=0), books, SR, 16, mask_prob=0.5, mask_length=5
+    )
     logits, targets, mask = model(0.1 * torch.randn(2, SR))
     assert logits.shape[:3] == targets.shape and logits.shape[0] == 2 and logits.shape[-1] == 8
     assert targets.shape[1:] == mask.shape
@@ -110,11 +135,14 @@ def test_multi_codebook_model_averages_the_heads_losses():
 def test_codebooks_must_agree_and_are_all_saved(tmp_path):
     encoder = build_encoder("tiny", seed=0)
     with pytest.raises(ValueError, match="same number of codes"):
-        HubertPretrainModel(encoder, {"logmel": _codebook(16, 8, 0), "mfcc": _codebook(13, 4, 1)}, SR, 16, 0.5, 5)
+        HubertPretrainModel(
+            encoder, {"logmel": _codebook(16, 8, 0), "mfcc": _codebook(13, 4, 1)}, SR, 16, 0.5, 5
+        )
     with pytest.raises(ValueError, match="unknown pretraining target"):
         TargetFeatures("pitch", SR, HOP, 16)
-    model = HubertPretrainModel(encoder, {"logmel": _codebook(16, 8, 0), "mfcc": _codebook(13, 8, 1)},
-                                SR, 16, 0.5, 5)
+    model = HubertPretrainModel(
+        encoder, {"logmel": _codebook(16, 8, 0), "mfcc": _codebook(13, 8, 1)}, SR, 16, 0.5, 5
+    )
     save_encoder(model, tmp_path, {})
     assert np.load(tmp_path / CODEBOOK_FILE)["centroids"].shape == (8, 16)
     assert np.load(tmp_path / "kmeans_codebook_mfcc.npz")["centroids"].shape == (8, 13)
@@ -127,7 +155,9 @@ def test_codebooks_must_agree_and_are_all_saved(tmp_path):
 def test_config_targets_are_validated():
     assert load_config(None, []).pretrain.targets == ["logmel"]
     cfg = load_config(None, ["pretrain.targets=[logmel,chroma]"])
-    assert cfg.pretrain.targets == ["logmel", "chroma"] and set(cfg.pretrain.targets) <= set(TARGET_KINDS)
+    assert cfg.pretrain.targets == ["logmel", "chroma"] and set(cfg.pretrain.targets) <= set(
+        TARGET_KINDS
+    )
     for bad in ("[logmel,logmel]", "[pitch]", "[]"):
         with pytest.raises((ValidationError, ValueError)):
             load_config(None, [f"pretrain.targets={bad}"])
@@ -144,7 +174,9 @@ def test_per_query_ap_matches_the_eval_benchmark():
     x = rng.standard_normal((24, 8))
     ap, chance = bench.per_query_ap(x, tracks, pieces, styles)
     summary, _ = score_system(x, build_protocol(tracks, pieces, styles))
-    assert np.nanmean(ap) == pytest.approx(summary["map"]) and chance == pytest.approx(summary["chance"])
+    assert np.nanmean(ap) == pytest.approx(summary["map"]) and chance == pytest.approx(
+        summary["chance"]
+    )
 
 
 def test_cluster_bootstrap_interval():
@@ -176,7 +208,9 @@ def test_layer_embeddings_match_the_pipeline_embedder(tmp_path):
     assert per_layer.shape == (encoder.config.num_hidden_layers + 1, 5, encoder.config.hidden_size)
     with torch.inference_mode():
         pipeline = MeanPooledEncoder(encoder, None)(torch.from_numpy(audio)).numpy()
-    assert np.allclose(F.normalize(torch.from_numpy(per_layer[1]), dim=-1).numpy(), pipeline, atol=1e-5)
+    assert np.allclose(
+        F.normalize(torch.from_numpy(per_layer[1]), dim=-1).numpy(), pipeline, atol=1e-5
+    )
     systems = bench.with_layer_mean(per_layer)
     assert set(systems) == {"layer0", "layer1", "layer2", "layer_mean"}
     assert np.allclose(np.linalg.norm(systems["layer_mean"], axis=1) <= 1.0 + 1e-6, True)
@@ -195,12 +229,24 @@ def test_exclude_eval_holdout_keeps_held_out_pieces_out_of_pretraining(tmp_path)
     write_tiny_ingest(storage, pieces=4, per_style=2)
     cfg = tiny_config(storage.root)
     assert excluded_pieces(cfg, storage, "ing1") == []
-    cfg = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"exclude_eval_holdout": True,
-                                                                              "kmeans_sample_frames": 10**6})})
+    cfg = cfg.model_copy(
+        update={
+            "pretrain": cfg.pretrain.model_copy(
+                update={"exclude_eval_holdout": True, "kmeans_sample_frames": 10**6}
+            )
+        }
+    )
     held = excluded_pieces(cfg, storage, "ing1")
-    assert held == split_pieces([f"piece{i}" for i in range(4)], cfg.eval.holdout_fraction, cfg.eval.seed)[1]
+    assert (
+        held
+        == split_pieces([f"piece{i}" for i in range(4)], cfg.eval.holdout_fraction, cfg.eval.seed)[
+            1
+        ]
+    )
     assert held
-    batch = pa.table({"piece_id": ["piece0", "piece1", "piece2", "piece3", ""], "x": [0, 1, 2, 3, 4]})
+    batch = pa.table(
+        {"piece_id": ["piece0", "piece1", "piece2", "piece3", ""], "x": [0, 1, 2, 3, 4]}
+    )
     kept = drop_pieces(batch, held).column("piece_id").to_pylist()
     assert not set(kept) & set(held) and "" in kept and len(kept) == 5 - len(held)
     # k-means frames come only from the pieces that remain: one piece of four is a quarter of them.

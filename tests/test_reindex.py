@@ -9,22 +9,28 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import test_index_ray as helpers
+from conftest import tiny_config
 
 import mess_ray.index.reindex as reindex_mod
-import test_index_ray as helpers
 from mess_ray.config import MessRayConfig
 from mess_ray.facets import make_layout
 from mess_ray.index import SearchIndex, run_index, run_reindex
 from mess_ray.index.embed import vectors_table
 from mess_ray.index.faiss_index import build_index, choose_index_spec, training_points_needed
 from mess_ray.index.job import IndexIntegrityError, keep_segment_ids, model_provenance
-from mess_ray.index.reindex import (can_update_in_place, completed_vector_files, diff_segment_ids,
-                                    filter_vector_table, pending_key, remove_from_index, same_embedder)
+from mess_ray.index.reindex import (
+    can_update_in_place,
+    completed_vector_files,
+    diff_segment_ids,
+    filter_vector_table,
+    pending_key,
+    remove_from_index,
+    same_embedder,
+)
 from mess_ray.models import Embedder
 from mess_ray.segments import SEGMENT_SCHEMA, encode_audio, segment_id
 from mess_ray.storage import Storage, new_version
-
-from conftest import tiny_config
 
 
 def unit_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -41,16 +47,27 @@ def test_diff_segment_ids():
 
 
 def test_same_embedder_and_pending_key():
-    a = {"ref": "finetune", "kind": "embedding_model", "stage": "finetune", "version": "f1", "path": "/m", "layer": None}
+    a = {
+        "ref": "finetune",
+        "kind": "embedding_model",
+        "stage": "finetune",
+        "version": "f1",
+        "path": "/m",
+        "layer": None,
+    }
     provenance = {**a, "checkpoint": "/runs/ckpt", "trained_config_digest": "abc"}
     assert same_embedder(a, provenance)
     assert same_embedder(a, {**a, "path": "/copied/store/finetune/f1/model"})  # a moved store
     assert not same_embedder({"kind": "encoder", "path": "/a"}, {"kind": "encoder", "path": "/b"})
     assert not same_embedder(a, {**a, "version": "f2"})
-    assert not same_embedder({"kind": "random", "seed": 0, "size": "tiny"}, {"kind": "random", "seed": 1, "size": "tiny"})
+    assert not same_embedder(
+        {"kind": "random", "seed": 0, "size": "tiny"}, {"kind": "random", "seed": 1, "size": "tiny"}
+    )
     ids = np.array([3, 1, 2])
     key = pending_key("v1", "i1", a, ids)
-    assert key == pending_key("v1", "i1", provenance, ids[::-1])  # order and provenance do not matter
+    assert key == pending_key(
+        "v1", "i1", provenance, ids[::-1]
+    )  # order and provenance do not matter
     assert key != pending_key("v1", "i2", a, ids) and key != pending_key("v1", "i1", a, ids[:2])
 
 
@@ -60,7 +77,9 @@ def test_can_update_in_place():
     assert not can_update_in_place(flat, choose_index_spec(150, 16))
     ivf = choose_index_spec(200_000, 8, "ivf")
     assert can_update_in_place(ivf, choose_index_spec(250_000, 8, "ivf"))
-    assert not can_update_in_place(ivf, choose_index_spec(2_000_000, 8, "ivf", ivfpq_above=10**9))  # 3x lists
+    assert not can_update_in_place(
+        ivf, choose_index_spec(2_000_000, 8, "ivf", ivfpq_above=10**9)
+    )  # 3x lists
     hnsw = choose_index_spec(100, 8, "hnsw")
     assert not can_update_in_place(hnsw, hnsw)
     assert not can_update_in_place(flat, choose_index_spec(200_000, 8))  # flat -> ivf: rebuild
@@ -85,7 +104,9 @@ def test_remove_then_merge_equals_fresh_build(kind):
     _, found = index.search(x[:5], 1)
     assert not set(found[:, 0].tolist()) & set(ids[:100].tolist())  # removed vectors are gone
     _, found = index.search(x[1100:1105], 1)
-    assert found[:, 0].tolist() == ids[1100:1105].tolist()  # added vectors are found under their ids
+    assert (
+        found[:, 0].tolist() == ids[1100:1105].tolist()
+    )  # added vectors are found under their ids
 
 
 def test_filter_and_keep_rows():
@@ -109,16 +130,33 @@ def test_completed_vector_files_drops_half_written_shards(tmp_path):
 
 def test_model_provenance_records_checkpoint_and_config_digest(tmp_path):
     storage = Storage(str(tmp_path))
-    storage.publish("finetune", "f1", {"checkpoint": "/runs/f1/checkpoint_0000020", "config_digest": "abc123",
-                                       "model_path": "/store/finetune/f1/model"})
-    info = {"kind": "embedding_model", "stage": "finetune", "version": "f1", "path": "/store/finetune/f1/model"}
+    storage.publish(
+        "finetune",
+        "f1",
+        {
+            "checkpoint": "/runs/f1/checkpoint_0000020",
+            "config_digest": "abc123",
+            "model_path": "/store/finetune/f1/model",
+        },
+    )
+    info = {
+        "kind": "embedding_model",
+        "stage": "finetune",
+        "version": "f1",
+        "path": "/store/finetune/f1/model",
+    }
     prov = model_provenance(storage, info)
-    assert prov["checkpoint"] == "/runs/f1/checkpoint_0000020" and prov["trained_config_digest"] == "abc123"
+    assert (
+        prov["checkpoint"] == "/runs/f1/checkpoint_0000020"
+        and prov["trained_config_digest"] == "abc123"
+    )
     assert model_provenance(storage, {"kind": "random", "seed": 0})["checkpoint"] is None
 
 
 # -- Ray integration ------------------------------------------------------------------------
-def publish_ingest(cfg: MessRayConfig, storage: Storage, tracks: list[int], seconds: float = 3.0) -> pa.Table:
+def publish_ingest(
+    cfg: MessRayConfig, storage: Storage, tracks: list[int], seconds: float = 3.0
+) -> pa.Table:
     """An ingest artifact holding the given synthetic tracks (ids are stable per track)."""
     rate = cfg.audio.sample_rate
     window, hop = int(cfg.audio.window_s * rate), int(cfg.audio.hop_s * rate)
@@ -127,11 +165,20 @@ def publish_ingest(cfg: MessRayConfig, storage: Storage, tracks: list[int], seco
         audio = helpers.tone_track(seconds, rate, 220.0 * (t + 1), seed=t)
         track = f"track{t}"
         for start in range(0, len(audio) - window + 1, hop):
-            values = {"segment_id": segment_id(track, start), "track_id": track, "piece_id": f"piece{t}",
-                      "style": "romantic", "start_s": start / rate, "end_s": (start + window) / rate,
-                      "start_sample": start, "num_samples": window, "sample_rate": rate,
-                      "source_uri": f"/nonexistent/{track}.wav", "metadata_json": "{}",
-                      "audio": encode_audio(audio[start:start + window])}
+            values = {
+                "segment_id": segment_id(track, start),
+                "track_id": track,
+                "piece_id": f"piece{t}",
+                "style": "romantic",
+                "start_s": start / rate,
+                "end_s": (start + window) / rate,
+                "start_sample": start,
+                "num_samples": window,
+                "sample_rate": rate,
+                "source_uri": f"/nonexistent/{track}.wav",
+                "metadata_json": "{}",
+                "audio": encode_audio(audio[start : start + window]),
+            }
             for name, value in values.items():
                 rows[name].append(value)
     table = pa.table(rows, schema=SEGMENT_SCHEMA)
@@ -143,7 +190,13 @@ def publish_ingest(cfg: MessRayConfig, storage: Storage, tracks: list[int], seco
 
 
 def track_ids(table: pa.Table, track: str) -> set[int]:
-    return {s for s, t in zip(table.column("segment_id").to_pylist(), table.column("track_id").to_pylist()) if t == track}
+    return {
+        s
+        for s, t in zip(
+            table.column("segment_id").to_pylist(), table.column("track_id").to_pylist()
+        )
+        if t == track
+    }
 
 
 def test_reindex_adds_removes_noops_and_resumes(ray_local, tmp_path, monkeypatch):
@@ -165,7 +218,10 @@ def test_reindex_adds_removes_noops_and_resumes(ray_local, tmp_path, monkeypatch
     monkeypatch.setattr(Embedder, "from_info", classmethod(faceted_from_info))
     first = run_index(cfg, storage, model_ref="random")
     monkeypatch.setattr(Embedder, "from_info", classmethod(real_from_info))
-    assert first["model"]["checkpoint"] is None and first["model"]["index_config_digest"] == cfg.digest()
+    assert (
+        first["model"]["checkpoint"] is None
+        and first["model"]["index_config_digest"] == cfg.digest()
+    )
     layout = {"overall": [0, 64]}
     assert first["facet_layout"] == layout
 
@@ -202,7 +258,11 @@ def test_reindex_adds_removes_noops_and_resumes(ray_local, tmp_path, monkeypatch
     row = table.column("segment_id").to_pylist().index(min(new_ids))
     audio = np.frombuffer(table.column("audio")[row].as_py(), dtype="<f4").copy()[None, :]
     hits = index.search(embedder.embed(audio)[0], k=3)
-    assert hits[0].segment_id == min(new_ids) and hits[0].track_id == "track3" and hits[0].similarity > 0.999
+    assert (
+        hits[0].segment_id == min(new_ids)
+        and hits[0].track_id == "track3"
+        and hits[0].similarity > 0.999
+    )
     # the reused vectors are the old ones, bit for bit
     old_index = SearchIndex.load(storage, first["version"])
     some_old = int(table.column("segment_id")[0].as_py())
@@ -214,16 +274,28 @@ def test_reindex_adds_removes_noops_and_resumes(ray_local, tmp_path, monkeypatch
     table = publish_ingest(cfg, storage, [0, 2, 3])
     cfg.index.type = "ivf"
     removed = run_reindex(cfg, storage)
-    assert removed["reindex"] == {"added": 0, "removed": len(gone), "kept": table.num_rows, "reused_pending": 0,
-                                  "build": "rebuild"}
+    assert removed["reindex"] == {
+        "added": 0,
+        "removed": len(gone),
+        "kept": table.num_rows,
+        "reused_pending": 0,
+        "build": "rebuild",
+    }
     assert removed["index"]["type"] == "ivf" and removed["facet_layout"] == layout
-    assert removed["previous_version"] == added["version"] and removed["inputs"]["previous_index"] == added["version"]
+    assert (
+        removed["previous_version"] == added["version"]
+        and removed["inputs"]["previous_index"] == added["version"]
+    )
     index = SearchIndex.load(storage)
     assert len(index) == table.num_rows and "track1" not in {t["track_id"] for t in index.tracks()}
     assert set(index._rows) == set(table.column("segment_id").to_pylist())
     kept_id = min(track_ids(table, "track3"))
-    assert index.search_by_segment(kept_id, k=2)[0].segment_id != kept_id  # searchable, itself excluded
-    np.testing.assert_array_equal(index.vector(kept_id), SearchIndex.load(storage, added["version"]).vector(kept_id))
+    assert (
+        index.search_by_segment(kept_id, k=2)[0].segment_id != kept_id
+    )  # searchable, itself excluded
+    np.testing.assert_array_equal(
+        index.vector(kept_id), SearchIndex.load(storage, added["version"]).vector(kept_id)
+    )
 
     # a different model cannot be mixed into this index
     with pytest.raises(ValueError, match="full rebuild"):

@@ -21,7 +21,9 @@ from mess_ray.storage import Storage
 
 
 # -- fixtures -------------------------------------------------------------------------------
-def make_score(bars: int = 8, tempo: float = 120.0, program: int = 0, seed: int = 0) -> pretty_midi.PrettyMIDI:
+def make_score(
+    bars: int = 8, tempo: float = 120.0, program: int = 0, seed: int = 0
+) -> pretty_midi.PrettyMIDI:
     """A 4/4 two-voice score: quarter-note melody over a half-note bass, ``bars`` bars."""
     midi = pretty_midi.PrettyMIDI(initial_tempo=tempo)
     midi.time_signature_changes.append(pretty_midi.TimeSignature(4, 4, 0.0))
@@ -70,8 +72,12 @@ def test_plain_style_keeps_timing_and_pitches():
 def test_staccato_shortens_and_legato_lengthens_durations():
     score = make_score()
     base = [n.end - n.start for n in melody_notes(score)]
-    short = [n.end - n.start for n in melody_notes(ex.apply_style(score, plain(articulation=0.4), 0)[0])]
-    long = [n.end - n.start for n in melody_notes(ex.apply_style(score, plain(articulation=1.3), 0)[0])]
+    short = [
+        n.end - n.start for n in melody_notes(ex.apply_style(score, plain(articulation=0.4), 0)[0])
+    ]
+    long = [
+        n.end - n.start for n in melody_notes(ex.apply_style(score, plain(articulation=1.3), 0)[0])
+    ]
     assert np.allclose(short, np.array(base) * 0.4, atol=1e-6)
     assert np.allclose(long, np.array(base) * 1.3, atol=1e-6)
     # Legato overlaps the next note.
@@ -81,14 +87,18 @@ def test_staccato_shortens_and_legato_lengthens_durations():
 
 @pytest.mark.parametrize("arc,sign", [("crescendo", 1), ("diminuendo", -1)])
 def test_dynamics_arcs_are_monotonic(arc, sign):
-    out, _ = ex.apply_style(make_score(), plain(velocity=70, velocity_range=30, dynamics_arc=arc), 0)
+    out, _ = ex.apply_style(
+        make_score(), plain(velocity=70, velocity_range=30, dynamics_arc=arc), 0
+    )
     velocities = np.array([n.velocity for n in melody_notes(out)])
     assert np.all(sign * np.diff(velocities) >= 0)
     assert sign * (velocities[-1] - velocities[0]) >= 50
 
 
 def test_hairpin_peaks_in_the_middle_and_flat_is_constant():
-    hairpin, _ = ex.apply_style(make_score(), plain(velocity=70, velocity_range=30, dynamics_arc="hairpin"), 0)
+    hairpin, _ = ex.apply_style(
+        make_score(), plain(velocity=70, velocity_range=30, dynamics_arc="hairpin"), 0
+    )
     v = np.array([n.velocity for n in melody_notes(hairpin)])
     assert v[len(v) // 2] > v[0] + 40 and v[len(v) // 2] > v[-1] + 40
     flat, _ = ex.apply_style(make_score(), plain(velocity=55, velocity_range=30), 0)
@@ -154,7 +164,9 @@ def test_timbre_sets_program_and_brightness():
 
 def test_truncation_after_tempo_warp():
     score = make_score(bars=8)  # 16 s at 120 bpm
-    out, params = ex.apply_style(score, plain(tempo_scale=0.5, articulation=1.5), 0, max_duration_s=5.0)
+    out, params = ex.apply_style(
+        score, plain(tempo_scale=0.5, articulation=1.5), 0, max_duration_s=5.0
+    )
     assert ex.last_note_end(out) <= 5.0 + 1e-9
     assert params["truncated"] and params["notes"] < ex.note_count(score)
     kept, params = ex.apply_style(score, plain(tempo_scale=4.0), 0, max_duration_s=5.0)
@@ -224,12 +236,16 @@ def test_midi_folder_source(tmp_path):
     write_midi(tmp_path / "loose.midi", bars=2)
     (tmp_path / "notes.txt").write_text("not midi")
     (tmp_path / "broken.mid").write_bytes(b"MThd garbage")
-    refs = list_score_refs(RenderConfig(source="midi_folder", source_path=str(tmp_path), num_pieces=10))
+    refs = list_score_refs(
+        RenderConfig(source="midi_folder", source_path=str(tmp_path), num_pieces=10)
+    )
     assert [r.piece_id for r in refs] == ["broken", "loose", "satie-gnossienne-1"]
     assert refs[2].composer == "Satie" and refs[2].title == "Gnossienne 1"
     with pytest.raises(ValueError, match="not a readable MIDI"):
         load_score(refs[0])
-    loaded = list(iter_scores(RenderConfig(source="midi_folder", source_path=str(tmp_path), num_pieces=10)))
+    loaded = list(
+        iter_scores(RenderConfig(source="midi_folder", source_path=str(tmp_path), num_pieces=10))
+    )
     assert [s.piece_id for s in loaded] == ["loose", "satie-gnossienne-1"]
 
 
@@ -247,16 +263,25 @@ def test_source_errors_are_clear(tmp_path):
 def make_asap_folder(root: Path) -> Path:
     """A tiny ASAP-layout folder: two performances of one piece, one of another."""
     rows = []
-    for composer, work, performer, seed in [("Bach", "Prelude/bwv_846", "Shi05M", 0),
-                                            ("Bach", "Prelude/bwv_846", "Lee01", 1),
-                                            ("Chopin", "Etude/op_10/3", "Kim07", 2)]:
+    for composer, work, performer, seed in [
+        ("Bach", "Prelude/bwv_846", "Shi05M", 0),
+        ("Bach", "Prelude/bwv_846", "Lee01", 1),
+        ("Chopin", "Etude/op_10/3", "Kim07", 2),
+    ]:
         folder = f"{composer}/{work}"
         write_midi(root / folder / f"{performer}.mid", bars=2, seed=seed)
         (root / folder / f"{performer}_annotations.txt").write_text("0.0\t0.0\tdb,4/4,0\n")
-        rows.append({"composer": composer, "title": work.replace("/", "_"), "folder": folder,
-                     "midi_score": f"{folder}/midi_score.mid", "midi_performance": f"{folder}/{performer}.mid",
-                     "performance_annotations": f"{folder}/{performer}_annotations.txt",
-                     "midi_score_annotations": f"{folder}/midi_score_annotations.txt"})
+        rows.append(
+            {
+                "composer": composer,
+                "title": work.replace("/", "_"),
+                "folder": folder,
+                "midi_score": f"{folder}/midi_score.mid",
+                "midi_performance": f"{folder}/{performer}.mid",
+                "performance_annotations": f"{folder}/{performer}_annotations.txt",
+                "midi_score_annotations": f"{folder}/midi_score_annotations.txt",
+            }
+        )
     with open(root / "metadata.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -268,10 +293,15 @@ def test_asap_source_lists_performances_per_piece(tmp_path):
     root = make_asap_folder(tmp_path / "asap")
     refs = list_score_refs(RenderConfig(source="asap", source_path=str(root), num_pieces=5))
     assert sorted((r.piece_id, r.variant) for r in refs) == [
-        ("bach-prelude-bwv-846", "lee01"), ("bach-prelude-bwv-846", "shi05m"), ("chopin-etude-op-10-3", "kim07")]
+        ("bach-prelude-bwv-846", "lee01"),
+        ("bach-prelude-bwv-846", "shi05m"),
+        ("chopin-etude-op-10-3", "kim07"),
+    ]
     assert all(r.extra["performance_annotations"].endswith("_annotations.txt") for r in refs)
     assert all(Path(r.extra["performance_annotations_uri"]).is_file() for r in refs)
-    several = list_score_refs(RenderConfig(source="asap", source_path=str(root), num_pieces=5, min_performances=2))
+    several = list_score_refs(
+        RenderConfig(source="asap", source_path=str(root), num_pieces=5, min_performances=2)
+    )
     assert {r.piece_id for r in several} == {"bach-prelude-bwv-846"}
     with pytest.raises(ValueError, match="min_performances"):
         list_score_refs(RenderConfig(source="asap", source_path=str(root), min_performances=3))
@@ -287,7 +317,7 @@ def test_synth_renders_non_silent_audio_of_expected_length():
     audio = render_midi(midi, cfg)
     assert audio.dtype == np.float32 and audio.ndim == 1
     assert 3.5 * 16000 <= len(audio) <= 5.0 * 16000
-    assert np.sqrt(np.mean(audio ** 2)) > 1e-3
+    assert np.sqrt(np.mean(audio**2)) > 1e-3
     stereo = render_midi(midi, cfg.model_copy(update={"channels": 2}))
     assert stereo.ndim == 2 and stereo.shape[1] == 2
 
@@ -302,11 +332,13 @@ def test_missing_soundfont_is_a_clear_error(tmp_path):
 def test_trim_tail_cuts_silence_and_caps_tail():
     rate = 1000
     audio = np.zeros(10 * rate, dtype=np.float32)
-    audio[: 2 * rate] = 0.5                           # notes until 2 s
-    audio[2 * rate: 3 * rate] = np.linspace(0.5, 0, rate)  # decay
+    audio[: 2 * rate] = 0.5  # notes until 2 s
+    audio[2 * rate : 3 * rate] = np.linspace(0.5, 0, rate)  # decay
     out = trim_tail(audio, rate, last_note_end_s=2.0, tail_s=5.0, silence_db=-40)
     assert 2.9 * rate <= len(out) <= 3.0 * rate
-    capped = trim_tail(np.full(10 * rate, 0.5, dtype=np.float32), rate, 2.0, tail_s=1.0, silence_db=-40)
+    capped = trim_tail(
+        np.full(10 * rate, 0.5, dtype=np.float32), rate, 2.0, tail_s=1.0, silence_db=-40
+    )
     assert len(capped) == 3 * rate and capped[-1] == 0.0  # faded out
 
 
@@ -315,8 +347,12 @@ def test_plan_tracks_and_seeds():
     refs = list_score_refs(RenderConfig(pieces=["bach/bwv66.6", "bach/bwv3.6"]))
     styles = [plain(), StyleSpec(name="loud", velocity=120)]
     plan = plan_tracks(refs, styles)
-    assert [tid for _, _, tid in plan] == ["bach-bwv66-6__plain", "bach-bwv66-6__loud",
-                                           "bach-bwv3-6__plain", "bach-bwv3-6__loud"]
+    assert [tid for _, _, tid in plan] == [
+        "bach-bwv66-6__plain",
+        "bach-bwv66-6__loud",
+        "bach-bwv3-6__plain",
+        "bach-bwv3-6__loud",
+    ]
     with pytest.raises(ValueError, match="duplicate"):
         plan_tracks(refs, [plain(), plain()])
     assert track_seed(0, "a__b") == track_seed(0, "a__b") != track_seed(1, "a__b")
@@ -331,21 +367,38 @@ def _check_artifact(storage: Storage, manifest: dict, tracks: int) -> pq.Table:
     for row in catalog.to_pylist():
         with storage.open(f"render/{version}/{row['path']}", "rb") as f:
             audio, rate = sf.read(f, dtype="float32")
-        assert rate == row["sample_rate"] and len(audio) / rate == pytest.approx(row["duration_s"], abs=1e-3)
+        assert rate == row["sample_rate"] and len(audio) / rate == pytest.approx(
+            row["duration_s"], abs=1e-3
+        )
         assert np.abs(audio).max() > 0.01
         assert row["track_id"] == f"{row['piece_id']}__{row['style']}" or row["source"] == "asap"
         json.loads(row["style_params_json"])
-    assert manifest["seconds_of_audio"] == pytest.approx(sum(catalog.column("duration_s").to_pylist()), abs=0.01)
+    assert manifest["seconds_of_audio"] == pytest.approx(
+        sum(catalog.column("duration_s").to_pylist()), abs=0.01
+    )
     return catalog
 
 
 def test_run_render_music21_two_pieces_two_styles(ray_local, tmp_path):
-    cfg = load_config(None, [f"storage.root={tmp_path / 'store'}", "render.num_pieces=2",
-                             "render.max_duration_s=3", "render.sample_rate=16000"])
+    cfg = load_config(
+        None,
+        [
+            f"storage.root={tmp_path / 'store'}",
+            "render.num_pieces=2",
+            "render.max_duration_s=3",
+            "render.sample_rate=16000",
+        ],
+    )
     cfg.render.styles = cfg.render.styles[:2]
     storage = Storage.from_config(cfg.storage)
     manifest = run_render(cfg, storage)
-    assert manifest["counts"] == {"pieces": 2, "styles": 2, "tracks": 4, "failed": 0, "failed_pieces": 0}
+    assert manifest["counts"] == {
+        "pieces": 2,
+        "styles": 2,
+        "tracks": 4,
+        "failed": 0,
+        "failed_pieces": 0,
+    }
     catalog = _check_artifact(storage, manifest, 4)
     rows = catalog.to_pylist()
     assert {r["style"] for r in rows} == {"romantic", "baroque_crisp"}
@@ -359,8 +412,15 @@ def test_run_render_skips_broken_pieces_and_writes_to_s3(ray_local, tmp_path, s3
     write_midi(folder / "good.mid", bars=2)
     (folder / "broken.mid").parent.mkdir(exist_ok=True)
     (folder / "broken.mid").write_bytes(b"not a midi file")
-    cfg = load_config(None, [f"storage.root={s3_bucket}/store", "render.source=midi_folder",
-                             f"render.source_path={folder}", "render.sample_rate=16000"])
+    cfg = load_config(
+        None,
+        [
+            f"storage.root={s3_bucket}/store",
+            "render.source=midi_folder",
+            f"render.source_path={folder}",
+            "render.sample_rate=16000",
+        ],
+    )
     cfg.render.styles = [plain(), StyleSpec(name="fast", tempo_scale=2.0)]
     storage = Storage.from_config(cfg.storage)
     manifest = run_render(cfg, storage)
@@ -372,8 +432,15 @@ def test_run_render_skips_broken_pieces_and_writes_to_s3(ray_local, tmp_path, s3
 
 def test_run_render_asap_as_played(ray_local, tmp_path):
     root = make_asap_folder(tmp_path / "asap")
-    cfg = load_config(None, [f"storage.root={tmp_path / 'store'}", "render.source=asap",
-                             f"render.source_path={root}", "render.sample_rate=16000"])
+    cfg = load_config(
+        None,
+        [
+            f"storage.root={tmp_path / 'store'}",
+            "render.source=asap",
+            f"render.source_path={root}",
+            "render.sample_rate=16000",
+        ],
+    )
     storage = Storage.from_config(cfg.storage)
     manifest = run_render(cfg, storage)
     catalog = _check_artifact(storage, manifest, 3)
@@ -382,7 +449,13 @@ def test_run_render_asap_as_played(ray_local, tmp_path):
     assert "bach-prelude-bwv-846__shi05m" in {r["track_id"] for r in rows}
     params = json.loads(rows[0]["style_params_json"])
     assert params["style"] is None and params["performer"]
-    assert Path(params["performance_annotations_uri"]).is_file()  # eval maps segment times to beats with it
+    assert Path(
+        params["performance_annotations_uri"]
+    ).is_file()  # eval maps segment times to beats with it
     # the performed MIDI is kept beside the audio and is what was synthesised
-    played = pretty_midi.PrettyMIDI(str(storage.path("render", manifest["version"], rows[0]["midi_path"])))
-    assert ex.note_count(played) > 0 and ex.last_note_end(played) == pytest.approx(params["duration_s"], abs=0.01)
+    played = pretty_midi.PrettyMIDI(
+        str(storage.path("render", manifest["version"], rows[0]["midi_path"]))
+    )
+    assert ex.note_count(played) > 0 and ex.last_note_end(played) == pytest.approx(
+        params["duration_s"], abs=0.01
+    )

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("scaling_study", REPO / "benchmarks" / "scaling_study.py")
+_spec = importlib.util.spec_from_file_location(
+    "scaling_study", REPO / "benchmarks" / "scaling_study.py"
+)
 study = importlib.util.module_from_spec(_spec)
 sys.modules["scaling_study"] = study  # dataclasses look their module up while the class is built
 _spec.loader.exec_module(study)
@@ -19,7 +21,9 @@ _spec.loader.exec_module(study)
 def test_committed_table_is_the_scripts_output_for_the_measured_figures():
     measured = study.load_measured()
     assert measured.train_flops_per_sample > measured.forward_flops_per_segment > 0
-    assert (REPO / "docs" / "scaling" / "table.md").read_text() == study.markdown(study.study(measured))
+    assert (REPO / "docs" / "scaling" / "table.md").read_text() == study.markdown(
+        study.study(measured)
+    )
     assert "![hours per stage](scaling/scaling.png)" in (REPO / "docs" / "scaling.md").read_text()
 
 
@@ -35,7 +39,9 @@ def test_stage_hours_scale_with_the_corpus_and_the_pretraining_cap():
     assert over["pretrain"]["wall_h"] == pytest.approx(capped["pretrain"]["wall_h"])
     # Ingest hours follow the measured rate exactly: 10k h of audio / rate / vCPUs.
     vcpus = cluster["cpu"][1] * study.ASSUMPTIONS["instances"][cluster["cpu"][0]]["vcpus"]
-    assert small["ingest"]["wall_h"] == pytest.approx(10_000 * 3600 / m.ingest_audio_s_per_cpu_s / vcpus / 3600)
+    assert small["ingest"]["wall_h"] == pytest.approx(
+        10_000 * 3600 / m.ingest_audio_s_per_cpu_s / vcpus / 3600
+    )
 
 
 def test_missing_measurements_are_a_clear_error(tmp_path):

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pytest
 import soundfile as sf
 import soxr
+from conftest import tiny_config
 from fastapi.testclient import TestClient
 
 from mess_ray.config import MessRayConfig
@@ -23,10 +24,8 @@ from mess_ray.models import Embedder
 from mess_ray.segments import segment_id
 from mess_ray.serve import SearchService, create_app
 from mess_ray.serve.client import format_hits
-from mess_ray.serve.service import clip_windows, decode_upload, UnsupportedMedia, PayloadTooLarge
+from mess_ray.serve.service import PayloadTooLarge, UnsupportedMedia, clip_windows, decode_upload
 from mess_ray.storage import Storage, new_version
-
-from conftest import tiny_config
 
 TRACK_SECONDS = 6.0
 
@@ -35,15 +34,18 @@ def track_audio(t: int, rate: int) -> np.ndarray:
     """Distinct synthetic recordings: different pitch, pulse rate and brightness per track."""
     time = np.arange(int(TRACK_SECONDS * rate)) / rate
     pulse = 0.5 + 0.5 * np.sign(np.sin(2 * np.pi * (1.5 + 1.5 * t) * time))
-    tone = np.sin(2 * np.pi * 180 * (t + 1) * time) + 0.3 * (t % 2) * np.sin(2 * np.pi * 2000 * time)
+    tone = np.sin(2 * np.pi * 180 * (t + 1) * time) + 0.3 * (t % 2) * np.sin(
+        2 * np.pi * 2000 * time
+    )
     return (0.25 * pulse * tone).astype(np.float32)
 
 
 COMPOSERS = ["J. S. Bach", "Frédéric Chopin", "Johann Sebastian Bach"]
 
 
-def publish_audio_index(cfg: MessRayConfig, audio_dir: Path, n_tracks: int = 3,
-                        facet_layout: dict | None = None) -> dict:
+def publish_audio_index(
+    cfg: MessRayConfig, audio_dir: Path, n_tracks: int = 3, facet_layout: dict | None = None
+) -> dict:
     """WAV recordings on disk, their segments embedded with the real random Embedder, published as an index.
 
     With ``facet_layout`` the vectors are recomposed as a faceted embedding (each part of the
@@ -70,19 +72,33 @@ def publish_audio_index(cfg: MessRayConfig, audio_dir: Path, n_tracks: int = 3,
             rows["end_s"].append((start + window) / rate)
             rows["sample_rate"].append(rate)
             rows["source_uri"].append(str(path))
-            rows["metadata_json"].append(json.dumps({"title": track, "composer": COMPOSERS[t % 3],
-                                                     "catalog": f"Op. {t + 10}"}))
-            frames.append(audio[start:start + window])
+            rows["metadata_json"].append(
+                json.dumps(
+                    {"title": track, "composer": COMPOSERS[t % 3], "catalog": f"Op. {t + 10}"}
+                )
+            )
+            frames.append(audio[start : start + window])
     vectors = embedder.embed(np.stack(frames))
     info = dict(embedder.info)
     if facet_layout is not None:
-        vectors = compose({name: vectors[:, a:b] for name, (a, b) in facet_layout.items()}, facet_layout)
+        vectors = compose(
+            {name: vectors[:, a:b] for name, (a, b) in facet_layout.items()}, facet_layout
+        )
         info["facet_layout"] = {name: list(span) for name, span in facet_layout.items()}
     ids = np.array(rows["segment_id"], dtype=np.int64)
     spec = IndexSpec(type="flat", dim=embedder.dim)
     index = build_index(spec, [(vectors[0::2], ids[0::2]), (vectors[1::2], ids[1::2])])
-    return write_index_artifact(cfg, storage, new_version(), index, spec, pa.table(rows), info,
-                                {"segments": len(ids), "vectors": len(ids)}, {"ingest": "test"})
+    return write_index_artifact(
+        cfg,
+        storage,
+        new_version(),
+        index,
+        spec,
+        pa.table(rows),
+        info,
+        {"segments": len(ids), "vectors": len(ids)},
+        {"ingest": "test"},
+    )
 
 
 def wav_bytes(samples: np.ndarray, rate: int, fmt: str = "WAV") -> bytes:
@@ -114,7 +130,11 @@ def client(service):
 def test_decode_upload_resamples_and_downmixes():
     stereo = np.stack([np.ones(44100, np.float32) * 0.5, np.zeros(44100, np.float32)], axis=1)
     mono, info = decode_upload(wav_bytes(stereo, 44100), 16000)
-    assert abs(len(mono) - 16000) <= 2 and info["channels"] == 2 and info["source_sample_rate"] == 44100
+    assert (
+        abs(len(mono) - 16000) <= 2
+        and info["channels"] == 2
+        and info["source_sample_rate"] == 44100
+    )
     assert np.allclose(mono[1000:-1000], 0.25, atol=0.01)
     with pytest.raises(UnsupportedMedia):
         decode_upload(b"definitely not audio" * 50, 16000)
@@ -139,13 +159,23 @@ def test_health_ready_and_page(client, published):
     page = client.get("/")
     assert page.status_code == 200 and "mess-ray" in page.text and "/search/by-track" in page.text
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/search", "/search/by-track", "/tracks", "/tracks/{track_id}", "/audio/{track_id}"} <= set(paths)
+    assert {
+        "/search",
+        "/search/by-track",
+        "/tracks",
+        "/tracks/{track_id}",
+        "/audio/{track_id}",
+    } <= set(paths)
 
 
 def test_tracks_and_track_detail(client):
     tracks = client.get("/tracks").json()
     assert [t["track_id"] for t in tracks] == ["track0", "track1", "track2"]
-    assert tracks[0]["metadata"] == {"title": "track0", "composer": "J. S. Bach", "catalog": "Op. 10"}
+    assert tracks[0]["metadata"] == {
+        "title": "track0",
+        "composer": "J. S. Bach",
+        "catalog": "Op. 10",
+    }
     assert tracks[0]["duration_s"] == TRACK_SECONDS
     detail = client.get("/tracks/track1").json()
     assert detail["num_segments"] == len(detail["segments"]) == 5
@@ -153,12 +183,16 @@ def test_tracks_and_track_detail(client):
     assert missing.status_code == 404 and "nope" in missing.json()["detail"]
 
 
-@pytest.mark.parametrize("fmt,rate,channels", [("WAV", 44100, 2), ("FLAC", 22050, 1), ("OGG", 48000, 1)])
+@pytest.mark.parametrize(
+    "fmt,rate,channels", [("WAV", 44100, 2), ("FLAC", 22050, 1), ("OGG", 48000, 1)]
+)
 def test_search_upload_finds_its_track(client, fmt, rate, channels):
     clip = soxr.resample(track_audio(1, 16000)[16000:48000], 16000, rate)
     if channels == 2:
         clip = np.stack([clip, clip], axis=1)
-    response = client.post("/search", params={"k": 4}, files={"file": (f"q.{fmt.lower()}", wav_bytes(clip, rate, fmt))})
+    response = client.post(
+        "/search", params={"k": 4}, files={"file": (f"q.{fmt.lower()}", wav_bytes(clip, rate, fmt))}
+    )
     assert response.status_code == 200, response.text
     result = response.json()
     assert len(result["hits"]) == 4 and result["hits"][0]["track_id"] == "track1"
@@ -172,7 +206,9 @@ def test_search_upload_mp3(client, tmp_path):
     wav = tmp_path / "q.wav"
     sf.write(wav, track_audio(2, 16000)[:32000], 16000)
     mp3 = tmp_path / "q.mp3"
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(wav), "-ar", "44100", str(mp3)], check=True)
+    subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-y", "-i", str(wav), "-ar", "44100", str(mp3)], check=True
+    )
     response = client.post("/search", files={"file": ("q.mp3", mp3.read_bytes())})
     assert response.status_code == 200, response.text
     assert response.json()["hits"][0]["track_id"] == "track2"
@@ -180,22 +216,32 @@ def test_search_upload_mp3(client, tmp_path):
 
 def test_search_upload_options(client):
     clip = wav_bytes(track_audio(0, 16000)[:32000], 16000)
-    excluded = client.post("/search", params={"k": 5, "exclude_track": "track0"}, files={"file": ("q.wav", clip)})
-    assert excluded.status_code == 200 and all(h["track_id"] != "track0" for h in excluded.json()["hits"])
-    gapped = client.post("/search", params={"k": 15, "min_gap_s": 2.5}, files={"file": ("q.wav", clip)}).json()
+    excluded = client.post(
+        "/search", params={"k": 5, "exclude_track": "track0"}, files={"file": ("q.wav", clip)}
+    )
+    assert excluded.status_code == 200 and all(
+        h["track_id"] != "track0" for h in excluded.json()["hits"]
+    )
+    gapped = client.post(
+        "/search", params={"k": 15, "min_gap_s": 2.5}, files={"file": ("q.wav", clip)}
+    ).json()
     for track in {h["track_id"] for h in gapped["hits"]}:
         starts = sorted(h["start_s"] for h in gapped["hits"] if h["track_id"] == track)
         assert all(b - a >= 2.5 for a, b in zip(starts, starts[1:]))
 
 
 def test_search_by_track(client):
-    result = client.get("/search/by-track", params={"track_id": "track2", "start_s": 1.0, "end_s": 3.0, "k": 3})
+    result = client.get(
+        "/search/by-track", params={"track_id": "track2", "start_s": 1.0, "end_s": 3.0, "k": 3}
+    )
     assert result.status_code == 200, result.text
     body = result.json()
     assert len(body["query"]["segment_ids"]) == 3  # starts 0, 1, 2 overlap (1, 3)
     assert not set(body["query"]["segment_ids"]) & {h["segment_id"] for h in body["hits"]}
     assert body["hits"][0]["track_id"] == "track2"
-    other = client.get("/search/by-track", params={"track_id": "track2", "start_s": 1.0, "exclude_track": "track2"})
+    other = client.get(
+        "/search/by-track", params={"track_id": "track2", "start_s": 1.0, "exclude_track": "track2"}
+    )
     assert all(h["track_id"] != "track2" for h in other.json()["hits"])
 
 
@@ -211,7 +257,9 @@ def test_audio_passage(client):
 
 # -- error codes -----------------------------------------------------------------------
 def test_415_for_non_audio(client):
-    response = client.post("/search", files={"file": ("notes.txt", b"these are not audio samples" * 40)})
+    response = client.post(
+        "/search", files={"file": ("notes.txt", b"these are not audio samples" * 40)}
+    )
     assert response.status_code == 415 and "decode" in response.json()["detail"]
     assert client.post("/search", files={"file": ("empty.wav", b"")}).status_code == 415
 
@@ -224,7 +272,9 @@ def test_413_for_oversize_upload(published):
     big = wav_bytes(np.zeros(16000 * 3, np.float32), 16000)  # ~96 KB > 51 KB
     response = limited.post("/search", files={"file": ("big.wav", big)})
     assert response.status_code == 413 and "limit" in response.json()["detail"]
-    ok = limited.post("/search", files={"file": ("small.wav", wav_bytes(track_audio(0, 16000)[:8000], 16000))})
+    ok = limited.post(
+        "/search", files={"file": ("small.wav", wav_bytes(track_audio(0, 16000)[:8000], 16000))}
+    )
     assert ok.status_code == 200
 
 
@@ -239,9 +289,14 @@ def test_422_and_404_for_by_track(client):
     assert client.get("/search/by-track", params={"start_s": 1}).status_code == 422  # no track
     past = client.get("/search/by-track", params={"track_id": "track0", "start_s": 99})
     assert past.status_code == 422 and "past the end" in past.json()["detail"]
-    backwards = client.get("/search/by-track", params={"track_id": "track0", "start_s": 3, "end_s": 2})
+    backwards = client.get(
+        "/search/by-track", params={"track_id": "track0", "start_s": 3, "end_s": 2}
+    )
     assert backwards.status_code == 422
-    assert client.get("/search/by-track", params={"track_id": "ghost", "start_s": 0}).status_code == 404
+    assert (
+        client.get("/search/by-track", params={"track_id": "ghost", "start_s": 0}).status_code
+        == 404
+    )
     assert client.get("/audio/ghost").status_code == 404
     assert client.get("/audio/track0", params={"start_s": -1}).status_code == 422
     assert client.get("/audio/track0", params={"start_s": 99}).status_code == 422

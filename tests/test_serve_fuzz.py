@@ -10,17 +10,19 @@ from collections import Counter
 
 import pytest
 import schemathesis
+from conftest import tiny_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
-                                               status_code_conformance)
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+from test_serve import publish_audio_index
 
 from mess_ray.facets import make_layout
 from mess_ray.serve import SearchService, create_app
-
-from conftest import tiny_config
-from test_serve import publish_audio_index
 
 
 @pytest.fixture(scope="module")
@@ -40,26 +42,44 @@ GENERATION_MODES = [schemathesis.GenerationMode.POSITIVE, schemathesis.Generatio
 def test_api_never_fails_and_keeps_its_contract(fuzz_app, mode):
     schema = schemathesis.openapi.from_asgi("/openapi.json", fuzz_app)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.label for op in operations} >= {"POST /search", "GET /search/by-track", "GET /audio/{track_id}",
-                                               "GET /tracks/{track_id}/waveform"}
+    assert {op.label for op in operations} >= {
+        "POST /search",
+        "GET /search/by-track",
+        "GET /audio/{track_id}",
+        "GET /tracks/{track_id}/waveform",
+    }
     statuses: Counter = Counter()
     unsatisfiable: list[str] = []
     for operation in operations:
         if mode is schemathesis.GenerationMode.NEGATIVE and not (
-                len(operation.query) or len(operation.path_parameters) or len(operation.body)):
+            len(operation.query) or len(operation.path_parameters) or len(operation.body)
+        ):
             continue  # nothing to get wrong (GET /tracks, /healthz, ...)
 
         # Random track ids almost always 404: also fuzz the rest of each request around a real track.
         strategy = operation.as_strategy(generation_mode=mode)
         if "track_id" in {p.name for p in operation.path_parameters}:
-            strategy = strategy | operation.as_strategy(generation_mode=mode, path_parameters={"track_id": "track0"})
+            strategy = strategy | operation.as_strategy(
+                generation_mode=mode, path_parameters={"track_id": "track0"}
+            )
 
         @given(case=strategy)
-        @settings(max_examples=40, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=40,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         def call(case) -> None:
-            response = case.call_and_validate(checks=[not_a_server_error, status_code_conformance,
-                                                      content_type_conformance, response_schema_conformance])
+            response = case.call_and_validate(
+                checks=[
+                    not_a_server_error,
+                    status_code_conformance,
+                    content_type_conformance,
+                    response_schema_conformance,
+                ]
+            )
             statuses[response.status_code] += 1
 
         try:

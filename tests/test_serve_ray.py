@@ -10,14 +10,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
-
-from mess_ray.serve import run_service
-from mess_ray.serve.app import APP_NAME
-from mess_ray.serve.client import (ServiceError, format_hits, list_tracks, search_by_track, search_file,
-                                   wait_ready)
-
 from conftest import tiny_config
 from test_serve import publish_audio_index, track_audio, wav_bytes
+
+from mess_ray.serve import run_service
+from mess_ray.serve.client import (
+    ServiceError,
+    format_hits,
+    list_tracks,
+    search_by_track,
+    search_file,
+    wait_ready,
+)
 
 
 def free_port() -> int:
@@ -32,7 +36,9 @@ def test_serve_run_over_http(ray_local, tmp_path):
     cfg = tiny_config(str(tmp_path / "store"))
     cfg.serve.port = free_port()
     cfg.serve.reload_interval_s = 0.5
-    cfg.serve.batch_wait_s = 0.25  # long enough that concurrent uploads on 2 busy cores meet in a batch
+    cfg.serve.batch_wait_s = (
+        0.25  # long enough that concurrent uploads on 2 busy cores meet in a batch
+    )
     assert cfg.serve.host == "127.0.0.1"
     manifest = publish_audio_index(cfg, tmp_path / "audio")
     base_url = f"http://127.0.0.1:{cfg.serve.port}"
@@ -45,12 +51,18 @@ def test_serve_run_over_http(ray_local, tmp_path):
         result = search_file(base_url, wav_bytes(track_audio(1, 16000)[8000:40000], 16000), k=3)
         assert result["hits"][0]["track_id"] == "track1" and len(result["hits"]) == 3
         table = format_hits(result)
-        assert table.splitlines()[0].split()[:2] == ["rank", "track"] and len(table.splitlines()) == 5
+        assert (
+            table.splitlines()[0].split()[:2] == ["rank", "track"] and len(table.splitlines()) == 5
+        )
 
         by_track = search_by_track(base_url, "track0", 2.0, k=2, exclude_track="track0")
-        assert len(by_track["hits"]) == 2 and all(h["track_id"] != "track0" for h in by_track["hits"])
+        assert len(by_track["hits"]) == 2 and all(
+            h["track_id"] != "track0" for h in by_track["hits"]
+        )
         chopin = search_by_track(base_url, "track0", 2.0, k=3, composer="chopin", mmr_lambda=0.5)
-        assert {h["track_id"] for h in chopin["hits"]} == {"track1"} and chopin["hits"][0]["explanation"]
+        assert {h["track_id"] for h in chopin["hits"]} == {"track1"} and chopin["hits"][0][
+            "explanation"
+        ]
 
         audio = httpx.get(f"{base_url}/audio/track0", params={"start_s": 0, "end_s": 1}, timeout=30)
         assert audio.status_code == 200 and audio.content[:4] == b"RIFF"
@@ -82,9 +94,14 @@ def test_serve_run_over_http(ray_local, tmp_path):
 
         def loop() -> None:
             while not stop.is_set():
-                r = httpx.get(f"{base_url}/search/by-track", timeout=30,
-                              params={"track_id": "track1", "start_s": 1.0, "k": 2, "explain": False})
-                errors.append(r.text) if r.status_code != 200 else versions.append(r.json()["index_version"])
+                r = httpx.get(
+                    f"{base_url}/search/by-track",
+                    timeout=30,
+                    params={"track_id": "track1", "start_s": 1.0, "k": 2, "explain": False},
+                )
+                errors.append(r.text) if r.status_code != 200 else versions.append(
+                    r.json()["index_version"]
+                )
 
         worker = threading.Thread(target=loop)
         worker.start()
@@ -97,7 +114,7 @@ def test_serve_run_over_http(ray_local, tmp_path):
             stop.set()
             worker.join()
         assert not errors and versions[0] == manifest["version"] and versions[-1] == new["version"]
-        assert set(versions[versions.index(new["version"]):]) == {new["version"]}
+        assert set(versions[versions.index(new["version"]) :]) == {new["version"]}
         assert len(list_tracks(base_url)) == 4
 
         # Prometheus through Ray: the replica's counters reach the node's metrics endpoint.
@@ -107,7 +124,9 @@ def test_serve_run_over_http(ray_local, tmp_path):
             time.sleep(2)
             text = httpx.get(metrics_url, timeout=10).text
         assert "ray_mess_ray_requests" in text and "ray_mess_ray_latency_ms_bucket" in text
-        assert "ray_serve_num_http_requests" in text or "ray_serve_deployment_request_counter" in text
+        assert (
+            "ray_serve_num_http_requests" in text or "ray_serve_deployment_request_counter" in text
+        )
     finally:
         # Shut Serve down (not only the app) so later tests can start a proxy on their own port.
         serve.shutdown()

@@ -16,10 +16,21 @@ from mess_ray.models.encoder import num_frames
 from mess_ray.segments import encode_audio, split_pieces
 from mess_ray.storage import Storage
 from mess_ray.train.common import decode_audio_column, lr_at, resolve_init
-from mess_ray.train.finetune import (ContrastiveModel, batch_hard_triplet, multi_positive_infonce,
-                                     training_selection)
-from mess_ray.train.pretrain import (HubertPretrainModel, LogMelFrames, align_targets, assign_targets,
-                                     fit_codebook, masked_prediction_loss, span_mask)
+from mess_ray.train.finetune import (
+    ContrastiveModel,
+    batch_hard_triplet,
+    multi_positive_infonce,
+    training_selection,
+)
+from mess_ray.train.pretrain import (
+    HubertPretrainModel,
+    LogMelFrames,
+    align_targets,
+    assign_targets,
+    fit_codebook,
+    masked_prediction_loss,
+    span_mask,
+)
 
 SR = 16000
 
@@ -70,7 +81,9 @@ def test_infonce_excludes_self_and_skips_anchors_without_positive():
 
 def test_batch_hard_triplet_loss():
     labels = torch.tensor([0, 0, 1, 1])
-    assert batch_hard_triplet(_clustered([0, 0, 1, 1]), labels, margin=0.2).item() == pytest.approx(0.0)
+    assert batch_hard_triplet(_clustered([0, 0, 1, 1]), labels, margin=0.2).item() == pytest.approx(
+        0.0
+    )
     hard = batch_hard_triplet(_clustered([0, 1, 0, 1]), labels, margin=0.2).item()
     assert hard == pytest.approx(math.sqrt(2) + 0.2, rel=0.05)  # d(pos)=sqrt2, d(neg)=0
     assert batch_hard_triplet(_clustered([0, 1]), torch.tensor([0, 1]), 0.2).item() == 0.0
@@ -79,8 +92,11 @@ def test_batch_hard_triplet_loss():
 def test_learnable_temperature_is_clamped():
     from mess_ray.models import EmbeddingModel
 
-    model = ContrastiveModel(EmbeddingModel(build_encoder("tiny", seed=0), embedding_dim=8, pooling="mean"),
-                             temperature=0.1, learn_temperature=True)
+    model = ContrastiveModel(
+        EmbeddingModel(build_encoder("tiny", seed=0), embedding_dim=8, pooling="mean"),
+        temperature=0.1,
+        learn_temperature=True,
+    )
     assert model.log_temperature.requires_grad and model.temperature().item() == pytest.approx(0.1)
     with torch.no_grad():
         model.log_temperature.fill_(-20.0)
@@ -94,8 +110,10 @@ def test_kmeans_codebook_recovers_clusters():
     frames = (centres[labels] + rng.standard_normal((2000, 6)) * 0.1).astype(np.float32)
     codebook = fit_codebook(frames, 4, iterations=20, seed=0)
     assert codebook["centroids"].shape == (4, 6)
-    assigned = assign_targets(torch.from_numpy(frames)[None], *(torch.from_numpy(codebook[k])
-                                                                for k in ("centroids", "mean", "std")))[0].numpy()
+    assigned = assign_targets(
+        torch.from_numpy(frames)[None],
+        *(torch.from_numpy(codebook[k]) for k in ("centroids", "mean", "std")),
+    )[0].numpy()
     # Same partition up to relabelling: every true cluster maps to exactly one code.
     mapping = {(t, a) for t, a in zip(labels.tolist(), assigned.tolist())}
     assert len(mapping) == 4
@@ -121,9 +139,14 @@ def test_targets_align_with_encoder_frames_and_masks():
 
 def test_pretrain_model_loss_is_on_masked_frames_and_trains():
     torch.manual_seed(0)
-    codebook = {"centroids": np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32),
-                "mean": np.zeros(16, np.float32), "std": np.ones(16, np.float32)}
-    model = HubertPretrainModel(build_encoder("tiny", seed=0), codebook, SR, 16, mask_prob=0.5, mask_length=5)
+    codebook = {
+        "centroids": np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32),
+        "mean": np.zeros(16, np.float32),
+        "std": np.ones(16, np.float32),
+    }
+    model = HubertPretrainModel(
+        build_encoder("tiny", seed=0), codebook, SR, 16, mask_prob=0.5, mask_length=5
+    )
     waveform = torch.randn(2, SR)
     logits, targets, mask = model(waveform)
     assert logits.shape[:2] == targets.shape == mask.shape and logits.shape[2] == 8
@@ -134,13 +157,16 @@ def test_pretrain_model_loss_is_on_masked_frames_and_trains():
     # Loss ignores unmasked frames: changing their logits leaves it unchanged.
     changed = logits.detach().clone()
     changed[~mask] = 100.0
-    assert masked_prediction_loss(changed, targets, mask)[0].item() == pytest.approx(loss.item(), rel=1e-5)
+    assert masked_prediction_loss(changed, targets, mask)[0].item() == pytest.approx(
+        loss.item(), rel=1e-5
+    )
 
 
 def test_training_selection_uses_train_pieces_and_labelled_rows():
     pieces = [f"p{i}" for i in range(6)]
-    table = pa.table({"piece_id": [p for p in pieces for _ in range(3)],
-                      "style": ["a", "b", ""] * 6})
+    table = pa.table(
+        {"piece_id": [p for p in pieces for _ in range(3)], "style": ["a", "b", ""] * 6}
+    )
     train_pieces, styles = training_selection(table, 0.34, 0)
     expected_train, holdout = split_pieces(pieces, 0.34, 0)
     assert train_pieces == expected_train and holdout and styles == ["a", "b"]
@@ -171,8 +197,12 @@ def test_resume_guard_reads_newest_checkpoint_inputs(tmp_path):
 
     storage = Storage(str(tmp_path))
     assert previous_run_inputs(storage, "finetune", "r") is None
-    storage.write_json(f"finetune/runs/r/checkpoint_0000002/{HISTORY_FILE}", {"inputs": {"ingest": "a"}})
-    storage.write_json(f"finetune/runs/r/checkpoint_0000010/{HISTORY_FILE}", {"inputs": {"ingest": "b"}})
+    storage.write_json(
+        f"finetune/runs/r/checkpoint_0000002/{HISTORY_FILE}", {"inputs": {"ingest": "a"}}
+    )
+    storage.write_json(
+        f"finetune/runs/r/checkpoint_0000010/{HISTORY_FILE}", {"inputs": {"ingest": "b"}}
+    )
     assert previous_run_inputs(storage, "finetune", "r") == {"ingest": "b"}
     check_resume_inputs(None, {"ingest": "b"}, "r")
     check_resume_inputs({"ingest": "b"}, {"ingest": "b"}, "r")
@@ -204,8 +234,14 @@ def _fail_in_child(storage_root: str) -> None:
     from mess_ray.train.common import maybe_inject_test_failure
 
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0"  # no wait for a controller poll here
-    maybe_inject_test_failure({"test_fail_at_step": 3, "run_name": "r"}, {"root": storage_root}, "pretrain",
-                              step=3, rank=1, world_size=2)
+    maybe_inject_test_failure(
+        {"test_fail_at_step": 3, "run_name": "r"},
+        {"root": storage_root},
+        "pretrain",
+        step=3,
+        rank=1,
+        world_size=2,
+    )
 
 
 def test_injected_test_failure_kills_once(tmp_path):
@@ -218,14 +254,24 @@ def test_injected_test_failure_kills_once(tmp_path):
     # Not configured, another step or another rank: nothing happens (this process survives).
     for kwargs in ({"step": 2, "rank": 1}, {"step": 3, "rank": 0}):
         maybe_inject_test_failure(tcfg, {"root": storage.root}, "pretrain", world_size=2, **kwargs)
-    maybe_inject_test_failure({"test_fail_at_step": None, "run_name": "r"}, {"root": storage.root}, "pretrain",
-                              step=3, rank=1, world_size=2)
+    maybe_inject_test_failure(
+        {"test_fail_at_step": None, "run_name": "r"},
+        {"root": storage.root},
+        "pretrain",
+        step=3,
+        rank=1,
+        world_size=2,
+    )
     assert not storage.exists(f"pretrain/runs/r/{TEST_FAILURE_MARKER}")
     # The configured step on the last rank: the process exits abruptly, leaving the marker...
-    child = multiprocessing.get_context("spawn").Process(target=_fail_in_child, args=(storage.root,))
+    child = multiprocessing.get_context("spawn").Process(
+        target=_fail_in_child, args=(storage.root,)
+    )
     child.start()
     child.join(60)
     assert child.exitcode == 1
     assert storage.read_json(f"pretrain/runs/r/{TEST_FAILURE_MARKER}")["step"] == 3
     # ...so the restarted worker passes the same step without failing again.
-    maybe_inject_test_failure(tcfg, {"root": storage.root}, "pretrain", step=3, rank=1, world_size=2)
+    maybe_inject_test_failure(
+        tcfg, {"root": storage.root}, "pretrain", step=3, rank=1, world_size=2
+    )

@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import tiny_config
+
 from mess_ray.models import Embedder
 from mess_ray.segments import SEGMENT_SCHEMA, encode_audio, segment_id, split_pieces
 from mess_ray.storage import Storage
@@ -22,13 +22,15 @@ def _clip(piece: int, style: str, index: int, seconds: float = 2.0) -> np.ndarra
     t = np.arange(int(seconds * SR)) / SR
     tone = np.sin(2 * np.pi * (220 + 55 * piece) * t)
     if style == "staccato":
-        tone *= (np.sin(2 * np.pi * 4 * t) > 0.6)
+        tone *= np.sin(2 * np.pi * 4 * t) > 0.6
     elif style == "noisy":
         tone = 0.5 * tone + 0.5 * rng.standard_normal(len(t))
     return (0.3 * tone + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
 
 
-def write_tiny_ingest(storage: Storage, pieces: int = 4, per_style: int = 4, version: str = "ing1") -> str:
+def write_tiny_ingest(
+    storage: Storage, pieces: int = 4, per_style: int = 4, version: str = "ing1"
+) -> str:
     """A segment table with SEGMENT_SCHEMA, one parquet file per piece, published as 'ingest'."""
     for piece in range(pieces):
         rows = []
@@ -37,11 +39,22 @@ def write_tiny_ingest(storage: Storage, pieces: int = 4, per_style: int = 4, ver
             for i in range(per_style):
                 start = i * SR
                 audio = _clip(piece, style, i)
-                rows.append({"segment_id": segment_id(track, start), "track_id": track, "piece_id": f"piece{piece}",
-                             "style": style, "start_s": start / SR, "end_s": start / SR + 2.0,
-                             "start_sample": start, "num_samples": len(audio), "sample_rate": SR,
-                             "source_uri": f"mem://{track}.wav", "metadata_json": "{}",
-                             "audio": encode_audio(audio)})
+                rows.append(
+                    {
+                        "segment_id": segment_id(track, start),
+                        "track_id": track,
+                        "piece_id": f"piece{piece}",
+                        "style": style,
+                        "start_s": start / SR,
+                        "end_s": start / SR + 2.0,
+                        "start_sample": start,
+                        "num_samples": len(audio),
+                        "sample_rate": SR,
+                        "source_uri": f"mem://{track}.wav",
+                        "metadata_json": "{}",
+                        "audio": encode_audio(audio),
+                    }
+                )
         with storage.open(f"ingest/{version}/segments/part-{piece:03d}.parquet", "wb") as f:
             pq.write_table(pa.Table.from_pylist(rows, schema=SEGMENT_SCHEMA), f)
     storage.publish("ingest", version, {"counts": {"segments": pieces * len(STYLES) * per_style}})
@@ -76,8 +89,12 @@ def test_pretrain_then_finetune_publish_models(ray_local, tiny_store):
 
     ft = run_finetune(cfg, tiny_store)
     assert ft["inputs"]["pretrain"] == pre_version and ft["counts"]["steps"] == cfg.finetune.steps
-    train_pieces, holdout = split_pieces([f"piece{i}" for i in range(4)], cfg.eval.holdout_fraction, cfg.eval.seed)
-    assert sorted(ft["train_pieces"]) == sorted(train_pieces) and not set(holdout) & set(ft["train_pieces"])
+    train_pieces, holdout = split_pieces(
+        [f"piece{i}" for i in range(4)], cfg.eval.holdout_fraction, cfg.eval.seed
+    )
+    assert sorted(ft["train_pieces"]) == sorted(train_pieces) and not set(holdout) & set(
+        ft["train_pieces"]
+    )
     assert ft["styles"] == sorted(STYLES)
     embedder = Embedder.from_ref(cfg, tiny_store, "finetune")
     # The default model has facet heads: overall part + 4 facet parts, laid out as the manifest says.
@@ -90,8 +107,16 @@ def test_pretrain_then_finetune_publish_models(ray_local, tiny_store):
 def test_finetune_resumes_from_checkpoint(ray_local, tiny_store):
     from mess_ray.train import run_finetune
 
-    cfg = tiny_config(tiny_store.root, finetune={"steps": 2, "checkpoint_every": 1, "loss": "triplet", "batch_size": 4,
-                                                 "run_name": "resume-me"})
+    cfg = tiny_config(
+        tiny_store.root,
+        finetune={
+            "steps": 2,
+            "checkpoint_every": 1,
+            "loss": "triplet",
+            "batch_size": 4,
+            "run_name": "resume-me",
+        },
+    )
     first = run_finetune(cfg, tiny_store)
     assert first["counts"]["steps"] == 2 and first["inputs"]["init"]["kind"] == "random"
     cfg.finetune.steps = 4
@@ -119,8 +144,16 @@ def test_finetune_on_s3_storage(ray_local, s3_bucket):
 
     storage = Storage(f"{s3_bucket}/store")
     write_tiny_ingest(storage, pieces=3, per_style=3)
-    cfg = tiny_config(storage.root, finetune={"steps": 2, "batch_size": 4, "checkpoint_every": 1,
-                                              "num_workers": 1, "run_name": "s3run"})
+    cfg = tiny_config(
+        storage.root,
+        finetune={
+            "steps": 2,
+            "batch_size": 4,
+            "checkpoint_every": 1,
+            "num_workers": 1,
+            "run_name": "s3run",
+        },
+    )
     manifest = run_finetune(cfg, storage)
     assert manifest["counts"]["steps"] == 2 and manifest["model_path"].startswith("s3://")
     assert manifest["checkpoint"].startswith(storage.url("finetune", "runs", "s3run"))
@@ -137,9 +170,18 @@ def test_pretrain_survives_a_killed_worker(ray_local, tiny_store):
     from mess_ray.train import run_pretrain
     from mess_ray.train.common import CHECKPOINT_SCORE, TEST_FAILURE_MARKER
 
-    cfg = tiny_config(tiny_store.root, pretrain={"steps": 6, "checkpoint_every": 2, "keep_checkpoints": 1,
-                                                 "num_workers": 2, "max_failures": 1, "test_fail_at_step": 3,
-                                                 "run_name": "killed"})
+    cfg = tiny_config(
+        tiny_store.root,
+        pretrain={
+            "steps": 6,
+            "checkpoint_every": 2,
+            "keep_checkpoints": 1,
+            "num_workers": 2,
+            "max_failures": 1,
+            "test_fail_at_step": 3,
+            "run_name": "killed",
+        },
+    )
     started = time.perf_counter()
     manifest = run_pretrain(cfg, tiny_store)
     # The last-rank worker os._exit'ed after step 3 (the marker proves the failure happened).
@@ -148,11 +190,15 @@ def test_pretrain_survives_a_killed_worker(ray_local, tiny_store):
     assert manifest["resumed_from_steps"] == [2]
     assert manifest["counts"]["steps"] == 6
     assert manifest["losses"]["steps"] == [1, 2, 3, 4, 5, 6]  # no step trained twice in the history
-    assert len(manifest["losses"]["history"]) == 6 and all(np.isfinite(manifest["losses"]["history"]))
+    assert len(manifest["losses"]["history"]) == 6 and all(
+        np.isfinite(manifest["losses"]["history"])
+    )
     # Keep-best-1 plus the latest: the published model is the final step's checkpoint.
     assert manifest["checkpoint"].endswith("checkpoint_0000006")
     kept = manifest["kept_checkpoints"]
     assert 1 <= len(kept) <= 2 and all(c[CHECKPOINT_SCORE] is not None for c in kept)
-    on_disk = sorted(n for n in tiny_store.listdir("pretrain/runs/killed") if n.startswith("checkpoint_0"))
+    on_disk = sorted(
+        n for n in tiny_store.listdir("pretrain/runs/killed") if n.startswith("checkpoint_0")
+    )
     assert "checkpoint_0000006" in on_disk and len(on_disk) <= 2
     assert time.perf_counter() - started < 90

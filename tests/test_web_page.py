@@ -15,18 +15,18 @@ import time
 
 import pytest
 import soundfile as sf
+from conftest import tiny_config
+from test_serve import publish_audio_index, track_audio
 
 from mess_ray.facets import make_layout
 from mess_ray.serve import SearchService, create_app
-
-from conftest import tiny_config
-from test_serve import publish_audio_index, track_audio
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER),
-    reason="Debian's chromium and chromium-driver are not installed (scripts/test.sh installs them)")
+    reason="Debian's chromium and chromium-driver are not installed (scripts/test.sh installs them)",
+)
 
 
 def _free_port() -> int:
@@ -44,8 +44,14 @@ def base_url(tmp_path_factory):
     cfg.serve.reload_interval_s = 0
     publish_audio_index(cfg, root / "audio", facet_layout=make_layout(32, 8))
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(SearchService.from_config(cfg)), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(SearchService.from_config(cfg)),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -64,10 +70,17 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--window-size=1200,1000", "--autoplay-policy=no-user-gesture-required",
-                 # A fake microphone (a beep) and auto-accepted permission for the Record button.
-                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1200,1000",
+        "--autoplay-policy=no-user-gesture-required",
+        # A fake microphone (a beep) and auto-accepted permission for the Record button.
+        "--use-fake-device-for-media-stream",
+        "--use-fake-ui-for-media-stream",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(60)
@@ -84,12 +97,15 @@ def _wait(driver, condition, timeout: float = 60):
 def _hits(driver) -> list[dict]:
     return driver.execute_script(
         "return [...document.querySelectorAll('#results li.hit')].map(li => ({track: li.dataset.trackId,"
-        " start: Number(li.dataset.startS), why: li.querySelector('ul.why') ? li.querySelector('ul.why').innerText : ''}))")
+        " start: Number(li.dataset.startS), why: li.querySelector('ul.why') ? li.querySelector('ul.why').innerText : ''}))"
+    )
 
 
 def _fresh_results(driver) -> None:
-    driver.execute_script("document.getElementById('results').replaceChildren();"
-                          "document.getElementById('status').textContent = '';")
+    driver.execute_script(
+        "document.getElementById('results').replaceChildren();"
+        "document.getElementById('status').textContent = '';"
+    )
 
 
 def test_search_by_track_time_on_the_waveform_and_play_a_hit(browser, base_url):
@@ -98,7 +114,10 @@ def test_search_by_track_time_on_the_waveform_and_play_a_hit(browser, base_url):
 
     browser.get(base_url + "/")
     _wait(browser, lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
-    assert browser.execute_script("return document.getElementById('waveform').dataset.ready") == "track0"
+    assert (
+        browser.execute_script("return document.getElementById('waveform').dataset.ready")
+        == "track0"
+    )
     tempo = browser.find_element(By.ID, "w-tempo")
     assert tempo.is_enabled()  # the index is faceted: sliders are live
 
@@ -111,16 +130,24 @@ def test_search_by_track_time_on_the_waveform_and_play_a_hit(browser, base_url):
     browser.find_element(By.ID, "search-track").click()
     _wait(browser, lambda d: len(_hits(d)) > 0)
     hits = _hits(browser)
-    assert len(hits) == 10 and all(h["track"] != "track0" for h in hits)  # "other recordings only" is on
+    assert len(hits) == 10 and all(
+        h["track"] != "track0" for h in hits
+    )  # "other recordings only" is on
     assert "tempo and rubato: onsets" in hits[0]["why"] and " vs " in hits[0]["why"]
     assert "index v" in browser.find_element(By.ID, "status").text
 
     # Play the first hit: the player loads /audio/<track> and seeks to the hit's start.
     browser.find_elements(By.CSS_SELECTOR, "#results li.hit button.play")[0].click()
-    _wait(browser, lambda d: d.execute_script(
-        "const p = document.getElementById('player'); return p.readyState >= 1 && !p.seeking"), timeout=30)
+    _wait(
+        browser,
+        lambda d: d.execute_script(
+            "const p = document.getElementById('player'); return p.readyState >= 1 && !p.seeking"
+        ),
+        timeout=30,
+    )
     src, position = browser.execute_script(
-        "const p = document.getElementById('player'); return [p.currentSrc, p.currentTime]")
+        "const p = document.getElementById('player'); return [p.currentSrc, p.currentTime]"
+    )
     assert f"/audio/{hits[0]['track']}" in src
     assert position >= hits[0]["start"] - 0.05, (position, hits[0]["start"])
 
@@ -156,9 +183,16 @@ def test_search_by_recording(browser, base_url):
     _wait(browser, lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
     browser.find_element(By.ID, "tab-record").click()
     browser.find_element(By.ID, "record").click()
-    _wait(browser, lambda d: d.find_element(By.ID, "record-status").text == "recording…", timeout=20)
+    _wait(
+        browser, lambda d: d.find_element(By.ID, "record-status").text == "recording…", timeout=20
+    )
     time.sleep(2.5)
     browser.find_element(By.ID, "stop").click()
-    _wait(browser, lambda d: len(_hits(d)) > 0 or "error" in d.find_element(By.ID, "status").get_attribute("class"))
+    _wait(
+        browser,
+        lambda d: (
+            len(_hits(d)) > 0 or "error" in d.find_element(By.ID, "status").get_attribute("class")
+        ),
+    )
     assert browser.find_element(By.ID, "record-status").text.startswith("recorded ")
     assert len(_hits(browser)) == 10, browser.find_element(By.ID, "status").text

@@ -23,11 +23,11 @@ import yaml
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 API_VERSION = "ray.io/v1"
-APP_DIR = "/home/ray/mess-ray"            # WORKDIR of deploy/Dockerfile
-IMAGE = "REGISTRY/mess-ray:0.1.0"           # built from deploy/Dockerfile; replace REGISTRY
+APP_DIR = "/home/ray/mess-ray"  # WORKDIR of deploy/Dockerfile
+IMAGE = "REGISTRY/mess-ray:0.1.0"  # built from deploy/Dockerfile; replace REGISTRY
 CONFIG = f"{APP_DIR}/configs/cluster.yaml"
-SERVICE_ACCOUNT = "mess-ray"                # annotated with an IAM role for S3 (IRSA / Pod Identity)
-REINDEX_SCHEDULE = "0 * * * *"              # hourly: new recordings under ingest.source get indexed
+SERVICE_ACCOUNT = "mess-ray"  # annotated with an IAM role for S3 (IRSA / Pod Identity)
+REINDEX_SCHEDULE = "0 * * * *"  # hourly: new recordings under ingest.source get indexed
 
 # Per batch job: what it needs from the cluster (GPU workers at most; 0 keeps the group off).
 BATCH_JOBS = {
@@ -51,26 +51,40 @@ def ray_version_from_lock(lock: Path = REPO / "requirements.lock") -> str:
 
 def _env() -> list[dict]:
     # Credentials come from the service account's IAM role; nothing secret is in a manifest.
-    return [{"name": "RAY_TRAIN_V2_ENABLED", "value": "1"},
-            {"name": "AWS_DEFAULT_REGION", "value": "us-west-2"}]
+    return [
+        {"name": "RAY_TRAIN_V2_ENABLED", "value": "1"},
+        {"name": "AWS_DEFAULT_REGION", "value": "us-west-2"},
+    ]
 
 
-def _container(name: str, cpu: str, memory: str, gpus: int = 0, ports: list[dict] | None = None) -> dict:
+def _container(
+    name: str, cpu: str, memory: str, gpus: int = 0, ports: list[dict] | None = None
+) -> dict:
     limits = {"cpu": cpu, "memory": memory}
     if gpus:
         limits["nvidia.com/gpu"] = gpus
-    container = {"name": name, "image": IMAGE, "imagePullPolicy": "IfNotPresent", "env": _env(),
-                 "resources": {"requests": dict(limits), "limits": limits},
-                 # Ray's object store lives in shared memory.
-                 "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}
+    container = {
+        "name": name,
+        "image": IMAGE,
+        "imagePullPolicy": "IfNotPresent",
+        "env": _env(),
+        "resources": {"requests": dict(limits), "limits": limits},
+        # Ray's object store lives in shared memory.
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+    }
     if ports:
         container["ports"] = ports
     return container
 
 
-def _pod(container: dict, node_selector: dict | None = None, tolerations: list | None = None) -> dict:
-    spec = {"serviceAccountName": SERVICE_ACCOUNT, "containers": [container],
-            "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]}
+def _pod(
+    container: dict, node_selector: dict | None = None, tolerations: list | None = None
+) -> dict:
+    spec = {
+        "serviceAccountName": SERVICE_ACCOUNT,
+        "containers": [container],
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}],
+    }
     if node_selector:
         spec["nodeSelector"] = node_selector
     if tolerations:
@@ -80,30 +94,52 @@ def _pod(container: dict, node_selector: dict | None = None, tolerations: list |
 
 def ray_cluster_spec(ray_version: str, cpu_max: int, gpu_max: int) -> dict:
     """Head with 0 CPUs for Ray (it schedules, it does not work) + autoscaled worker groups."""
-    head_ports = [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"},
-                  {"containerPort": 10001, "name": "client"}, {"containerPort": 8000, "name": "serve"}]
-    groups = [{
-        # Decoding, rendering and index shards: cheap CPU cores on spot nodes (jobs resume).
-        "groupName": "cpu", "replicas": 0, "minReplicas": 0, "maxReplicas": cpu_max,
-        "rayStartParams": {},
-        "template": _pod(_container("ray-worker", "30", "60Gi"),
-                         node_selector={"karpenter.sh/capacity-type": "spot"}),
-    }]
-    if gpu_max:
-        groups.append({
-            # Training and embedding: 4 x L40S per pod (g6e.12xlarge), as in cluster.yaml.
-            "groupName": "gpu", "replicas": 0, "minReplicas": 0, "maxReplicas": gpu_max,
+    head_ports = [
+        {"containerPort": 6379, "name": "gcs"},
+        {"containerPort": 8265, "name": "dashboard"},
+        {"containerPort": 10001, "name": "client"},
+        {"containerPort": 8000, "name": "serve"},
+    ]
+    groups = [
+        {
+            # Decoding, rendering and index shards: cheap CPU cores on spot nodes (jobs resume).
+            "groupName": "cpu",
+            "replicas": 0,
+            "minReplicas": 0,
+            "maxReplicas": cpu_max,
             "rayStartParams": {},
-            "template": _pod(_container("ray-worker", "46", "360Gi", gpus=4),
-                             node_selector={"node.kubernetes.io/instance-type": "g6e.12xlarge"},
-                             tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]),
-        })
+            "template": _pod(
+                _container("ray-worker", "30", "60Gi"),
+                node_selector={"karpenter.sh/capacity-type": "spot"},
+            ),
+        }
+    ]
+    if gpu_max:
+        groups.append(
+            {
+                # Training and embedding: 4 x L40S per pod (g6e.12xlarge), as in cluster.yaml.
+                "groupName": "gpu",
+                "replicas": 0,
+                "minReplicas": 0,
+                "maxReplicas": gpu_max,
+                "rayStartParams": {},
+                "template": _pod(
+                    _container("ray-worker", "46", "360Gi", gpus=4),
+                    node_selector={"node.kubernetes.io/instance-type": "g6e.12xlarge"},
+                    tolerations=[
+                        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+                    ],
+                ),
+            }
+        )
     return {
         "rayVersion": ray_version,
         "enableInTreeAutoscaling": True,
         "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 600},
-        "headGroupSpec": {"rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-                          "template": _pod(_container("ray-head", "8", "32Gi", ports=head_ports))},
+        "headGroupSpec": {
+            "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+            "template": _pod(_container("ray-head", "8", "32Gi", ports=head_ports)),
+        },
         "workerGroupSpecs": groups,
     }
 
@@ -128,9 +164,12 @@ def rayjob_spec(job: str, ray_version: str) -> dict:
 
 
 def rayjob(job: str, ray_version: str) -> dict:
-    return {"apiVersion": API_VERSION, "kind": "RayJob",
-            "metadata": {"name": f"mess-ray-{job}", "labels": {"app": "mess-ray", "mess-ray/job": job}},
-            "spec": rayjob_spec(job, ray_version)}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "RayJob",
+        "metadata": {"name": f"mess-ray-{job}", "labels": {"app": "mess-ray", "mess-ray/job": job}},
+        "spec": rayjob_spec(job, ray_version),
+    }
 
 
 def raycronjob_reindex(ray_version: str) -> dict:
@@ -138,10 +177,15 @@ def raycronjob_reindex(ray_version: str) -> dict:
     then a reindex (only segments missing from the latest index are embedded)."""
     spec = rayjob_spec("reindex", ray_version)
     spec["entrypoint"] = f"{entrypoint('ingest')} && {entrypoint('reindex')}"
-    return {"apiVersion": API_VERSION, "kind": "RayCronJob",
-            "metadata": {"name": "mess-ray-reindex", "labels": {"app": "mess-ray", "mess-ray/job": "reindex"}},
-            "spec": {"schedule": REINDEX_SCHEDULE,
-                     "jobTemplate": spec}}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "RayCronJob",
+        "metadata": {
+            "name": "mess-ray-reindex",
+            "labels": {"app": "mess-ray", "mess-ray/job": "reindex"},
+        },
+        "spec": {"schedule": REINDEX_SCHEDULE, "jobTemplate": spec},
+    }
 
 
 def rayservice(ray_version: str, serve_config: Path = REPO / "serve_config.yaml") -> dict:
@@ -152,10 +196,15 @@ def rayservice(ray_version: str, serve_config: Path = REPO / "serve_config.yaml"
         if config and not config.startswith("/"):
             app["args"]["config"] = f"{APP_DIR}/{config}"
     cluster = ray_cluster_spec(ray_version, cpu_max=8, gpu_max=2)
-    return {"apiVersion": API_VERSION, "kind": "RayService",
-            "metadata": {"name": "mess-ray-search", "labels": {"app": "mess-ray"}},
-            "spec": {"serveConfigV2": yaml.safe_dump(serve, sort_keys=False),
-                     "rayClusterConfig": cluster}}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "RayService",
+        "metadata": {"name": "mess-ray-search", "labels": {"app": "mess-ray"}},
+        "spec": {
+            "serveConfigV2": yaml.safe_dump(serve, sort_keys=False),
+            "rayClusterConfig": cluster,
+        },
+    }
 
 
 class _Dumper(yaml.SafeDumper):
@@ -163,7 +212,9 @@ class _Dumper(yaml.SafeDumper):
 
 
 def _str(dumper: yaml.SafeDumper, value: str):
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+    return dumper.represent_scalar(
+        "tag:yaml.org,2002:str", value, style="|" if "\n" in value else None
+    )
 
 
 _Dumper.add_representer(str, _str)
@@ -176,7 +227,9 @@ def render_all() -> dict[str, str]:
     docs = {f"rayjob-{job}.yaml": rayjob(job, version) for job in BATCH_JOBS}
     docs["raycronjob-reindex.yaml"] = raycronjob_reindex(version)
     docs["rayservice.yaml"] = rayservice(version)
-    return {name: HEADER + yaml.dump(doc, Dumper=_Dumper, sort_keys=False) for name, doc in docs.items()}
+    return {
+        name: HEADER + yaml.dump(doc, Dumper=_Dumper, sort_keys=False) for name, doc in docs.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,9 +22,21 @@ import pyarrow.compute as pc
 from mess_ray.config import MessRayConfig
 from mess_ray.eval import metrics
 from mess_ray.eval.descriptors import descriptor_embeddings
-from mess_ray.eval.tasks.performance import (AGREEMENT_TASK, PASSAGE_TASK, STYLE_TASK, PerformanceTasks,
-                                             plan_performance_tasks, score_performance_tasks)
-from mess_ray.segments import METADATA_COLUMNS, decode_audio, fit_length, segments_dataset, split_pieces
+from mess_ray.eval.tasks.performance import (
+    AGREEMENT_TASK,
+    PASSAGE_TASK,
+    STYLE_TASK,
+    PerformanceTasks,
+    plan_performance_tasks,
+    score_performance_tasks,
+)
+from mess_ray.segments import (
+    METADATA_COLUMNS,
+    decode_audio,
+    fit_length,
+    segments_dataset,
+    split_pieces,
+)
 from mess_ray.storage import Storage, new_version
 
 log = logging.getLogger(__name__)
@@ -37,11 +49,11 @@ RANDOM = "random"
 class HeldOutSet:
     """Held-out segments in segment_id order: metadata arrays plus fixed-length audio."""
 
-    segment_ids: np.ndarray      # int64 [N]
-    track_ids: np.ndarray        # object [N]
-    piece_ids: np.ndarray        # object [N]
-    styles: np.ndarray           # object [N]
-    audio: np.ndarray            # float32 [N, window_samples]
+    segment_ids: np.ndarray  # int64 [N]
+    track_ids: np.ndarray  # object [N]
+    piece_ids: np.ndarray  # object [N]
+    styles: np.ndarray  # object [N]
+    audio: np.ndarray  # float32 [N, window_samples]
     holdout_pieces: list[str]
     train_pieces: list[str]
     excluded: dict[str, int] = field(default_factory=dict)
@@ -54,52 +66,67 @@ class HeldOutSet:
 class Protocol:
     """The masks that define the benchmark over a held-out set ([N, N] booleans)."""
 
-    candidates: np.ndarray       # other track
-    relevant: np.ndarray         # candidate, same style, other piece
-    hard_negatives: np.ndarray   # candidate, same piece, other style
-    negatives: np.ndarray        # candidate, other style
+    candidates: np.ndarray  # other track
+    relevant: np.ndarray  # candidate, same style, other piece
+    hard_negatives: np.ndarray  # candidate, same piece, other style
+    negatives: np.ndarray  # candidate, other style
 
 
 # -- pure functions -----------------------------------------------------------------------------
 def build_protocol(track_ids, piece_ids, styles) -> Protocol:
     """Candidate / relevance / negative masks from per-segment labels."""
-    track_ids, piece_ids, styles = (np.asarray(x, dtype=object) for x in (track_ids, piece_ids, styles))
+    track_ids, piece_ids, styles = (
+        np.asarray(x, dtype=object) for x in (track_ids, piece_ids, styles)
+    )
     if not (track_ids.shape == piece_ids.shape == styles.shape) or track_ids.ndim != 1:
         raise ValueError("track_ids, piece_ids and styles must be 1-D and of equal length")
     same_track = track_ids[:, None] == track_ids[None, :]
     same_piece = piece_ids[:, None] == piece_ids[None, :]
     same_style = styles[:, None] == styles[None, :]
     candidates = ~same_track
-    return Protocol(candidates=candidates,
-                    relevant=candidates & same_style & ~same_piece,
-                    hard_negatives=candidates & same_piece & ~same_style,
-                    negatives=candidates & ~same_style)
+    return Protocol(
+        candidates=candidates,
+        relevant=candidates & same_style & ~same_piece,
+        hard_negatives=candidates & same_piece & ~same_style,
+        negatives=candidates & ~same_style,
+    )
 
 
-def score_system(embeddings: np.ndarray, protocol: Protocol, recall_ks=(1, 10), ndcg_k: int = 10,
-                 margin: float = 0.2) -> tuple[dict[str, float], np.ndarray]:
+def score_system(
+    embeddings: np.ndarray,
+    protocol: Protocol,
+    recall_ks=(1, 10),
+    ndcg_k: int = 10,
+    margin: float = 0.2,
+) -> tuple[dict[str, float], np.ndarray]:
     """Every metric of one system, and its cosine similarity matrix."""
     embeddings = np.asarray(embeddings, dtype=np.float64)
     if embeddings.ndim != 2 or embeddings.shape[0] != protocol.candidates.shape[0]:
-        raise ValueError(f"embeddings shape {embeddings.shape} does not match "
-                         f"{protocol.candidates.shape[0]} segments")
+        raise ValueError(
+            f"embeddings shape {embeddings.shape} does not match "
+            f"{protocol.candidates.shape[0]} segments"
+        )
     if not np.all(np.isfinite(embeddings)):
         raise ValueError("embeddings contain NaN or infinite values")
     norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
     unit = embeddings / np.where(norms > 1e-12, norms, 1.0)
     similarity = unit @ unit.T
-    summary = metrics.retrieval_summary(similarity, protocol.relevant, protocol.candidates,
-                                        recall_ks=recall_ks, ndcg_k=ndcg_k)
-    loss, accuracy, count = metrics.triplet_margin_loss(similarity, protocol.relevant,
-                                                        protocol.hard_negatives, margin=margin)
-    summary.update({
-        "cos_positive": metrics.mean_pair_similarity(similarity, protocol.relevant),
-        "cos_hard_negative": metrics.mean_pair_similarity(similarity, protocol.hard_negatives),
-        "cos_negative": metrics.mean_pair_similarity(similarity, protocol.negatives),
-        "triplet_loss": loss,
-        "triplet_accuracy": accuracy,
-        "triplets": count,
-    })
+    summary = metrics.retrieval_summary(
+        similarity, protocol.relevant, protocol.candidates, recall_ks=recall_ks, ndcg_k=ndcg_k
+    )
+    loss, accuracy, count = metrics.triplet_margin_loss(
+        similarity, protocol.relevant, protocol.hard_negatives, margin=margin
+    )
+    summary.update(
+        {
+            "cos_positive": metrics.mean_pair_similarity(similarity, protocol.relevant),
+            "cos_hard_negative": metrics.mean_pair_similarity(similarity, protocol.hard_negatives),
+            "cos_negative": metrics.mean_pair_similarity(similarity, protocol.negatives),
+            "triplet_loss": loss,
+            "triplet_accuracy": accuracy,
+            "triplets": count,
+        }
+    )
     return summary, similarity
 
 
@@ -107,8 +134,11 @@ def headline(system_metrics: dict[str, dict[str, float]], num_pieces: int) -> st
     """One line: mAP of every system side by side, with the chance level."""
     parts = [f"{name} {m['map']:.2f}" for name, m in system_metrics.items()]
     chance = next(iter(system_metrics.values()))["chance"] if system_metrics else float("nan")
-    return (f"style retrieval mAP on {num_pieces} held-out pieces: " + " vs ".join(parts)
-            + f" (chance {chance:.2f})")
+    return (
+        f"style retrieval mAP on {num_pieces} held-out pieces: "
+        + " vs ".join(parts)
+        + f" (chance {chance:.2f})"
+    )
 
 
 def system_order(model_refs: list[str]) -> list[str]:
@@ -131,41 +161,61 @@ def load_held_out(cfg: MessRayConfig, storage: Storage, version: str) -> HeldOut
         raise ValueError(f"ingest artifact {version} has no segments")
     all_pieces = [p for p in pc.unique(meta["piece_id"]).to_pylist() if p]
     if len(all_pieces) < 2:
-        raise ValueError(f"ingest artifact {version} has {len(all_pieces)} known piece(s); "
-                         "style retrieval across pieces needs at least 2")
-    train_pieces, holdout_pieces = split_pieces(all_pieces, cfg.eval.holdout_fraction, cfg.eval.seed)
+        raise ValueError(
+            f"ingest artifact {version} has {len(all_pieces)} known piece(s); "
+            "style retrieval across pieces needs at least 2"
+        )
+    train_pieces, holdout_pieces = split_pieces(
+        all_pieces, cfg.eval.holdout_fraction, cfg.eval.seed
+    )
     is_holdout = pc.is_in(meta["piece_id"], value_set=pa.array(holdout_pieces, pa.string()))
     excluded = {
-        "train_piece_segments": int(pc.sum(pc.and_(pc.invert(is_holdout),
-                                                   pc.not_equal(meta["piece_id"], ""))).as_py() or 0),
+        "train_piece_segments": int(
+            pc.sum(pc.and_(pc.invert(is_holdout), pc.not_equal(meta["piece_id"], ""))).as_py() or 0
+        ),
         "unknown_piece_segments": int(pc.sum(pc.equal(meta["piece_id"], "")).as_py() or 0),
-        "unknown_style_segments": int(pc.sum(pc.and_(is_holdout, pc.equal(meta["style"], ""))).as_py() or 0),
+        "unknown_style_segments": int(
+            pc.sum(pc.and_(is_holdout, pc.equal(meta["style"], ""))).as_py() or 0
+        ),
     }
     # Read audio only for the rows that are evaluated (the filter is pushed into the scan).
     row_filter = pc.field("piece_id").isin(holdout_pieces) & (pc.field("style") != "")
-    table = dataset.to_table(columns=[*METADATA_COLUMNS, "audio"], filter=row_filter).sort_by("segment_id")
+    table = dataset.to_table(columns=[*METADATA_COLUMNS, "audio"], filter=row_filter).sort_by(
+        "segment_id"
+    )
     if table.num_rows == 0:
-        raise ValueError(f"no held-out segment with a style label in ingest {version} "
-                         f"(held-out pieces: {holdout_pieces})")
+        raise ValueError(
+            f"no held-out segment with a style label in ingest {version} "
+            f"(held-out pieces: {holdout_pieces})"
+        )
     rates = set(pc.unique(table["sample_rate"]).to_pylist())
     if rates != {cfg.audio.sample_rate}:
-        raise ValueError(f"segments are at {sorted(rates)} Hz but audio.sample_rate is {cfg.audio.sample_rate}")
+        raise ValueError(
+            f"segments are at {sorted(rates)} Hz but audio.sample_rate is {cfg.audio.sample_rate}"
+        )
     window = round(cfg.audio.window_s * cfg.audio.sample_rate)
-    audio = np.stack([fit_length(decode_audio(blob), window) for blob in table["audio"].to_pylist()])
+    audio = np.stack(
+        [fit_length(decode_audio(blob), window) for blob in table["audio"].to_pylist()]
+    )
     return HeldOutSet(
         segment_ids=np.asarray(table["segment_id"].to_numpy(), dtype=np.int64),
         track_ids=np.asarray(table["track_id"].to_pylist(), dtype=object),
         piece_ids=np.asarray(table["piece_id"].to_pylist(), dtype=object),
         styles=np.asarray(table["style"].to_pylist(), dtype=object),
         audio=audio.astype(np.float32, copy=False),
-        holdout_pieces=holdout_pieces, train_pieces=train_pieces, excluded=excluded)
+        holdout_pieces=holdout_pieces,
+        train_pieces=train_pieces,
+        excluded=excluded,
+    )
 
 
 # -- embedding ----------------------------------------------------------------------------------
 class _EmbedActor:
     """Ray Data actor: rebuilds the exact embedder described by ``info`` once, then embeds batches."""
 
-    def __init__(self, cfg_json: dict, storage_root: str, s3_endpoint_url: str | None, info: dict) -> None:
+    def __init__(
+        self, cfg_json: dict, storage_root: str, s3_endpoint_url: str | None, info: dict
+    ) -> None:
         from mess_ray.config import MessRayConfig as _Config
         from mess_ray.models import Embedder
 
@@ -177,41 +227,62 @@ class _EmbedActor:
         return {"segment_id": batch["segment_id"], "embedding": self.embedder.embed(audio)}
 
 
-def embed_with_ray(cfg: MessRayConfig, storage: Storage, info: dict, held_out: HeldOutSet) -> np.ndarray:
+def embed_with_ray(
+    cfg: MessRayConfig, storage: Storage, info: dict, held_out: HeldOutSet
+) -> np.ndarray:
     """Embed on a Ray Data actor pool; rows come back in segment_id order."""
     import ray
 
     from mess_ray.raylocal import ensure_ray
 
     ensure_ray(cfg.ray)
-    source = ray.data.from_items([{"segment_id": int(s), "audio": a}
-                                  for s, a in zip(held_out.segment_ids, held_out.audio)])
+    source = ray.data.from_items(
+        [{"segment_id": int(s), "audio": a} for s, a in zip(held_out.segment_ids, held_out.audio)]
+    )
     embedded = source.map_batches(
-        _EmbedActor, fn_constructor_args=(cfg.model_dump(mode="json"), storage.root, storage.s3_endpoint_url, info),
-        batch_size=cfg.eval.batch_size, batch_format="numpy", num_cpus=cfg.eval.cpus_per_actor,
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.eval.min_actors, max_size=cfg.eval.max_actors))
+        _EmbedActor,
+        fn_constructor_args=(
+            cfg.model_dump(mode="json"),
+            storage.root,
+            storage.s3_endpoint_url,
+            info,
+        ),
+        batch_size=cfg.eval.batch_size,
+        batch_format="numpy",
+        num_cpus=cfg.eval.cpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(
+            min_size=cfg.eval.min_actors, max_size=cfg.eval.max_actors
+        ),
+    )
     rows = embedded.take_all()
     by_id = {int(r["segment_id"]): np.asarray(r["embedding"], dtype=np.float32) for r in rows}
     if len(by_id) != len(held_out):
-        raise RuntimeError(f"Ray Data returned {len(by_id)} embeddings for {len(held_out)} segments")
+        raise RuntimeError(
+            f"Ray Data returned {len(by_id)} embeddings for {len(held_out)} segments"
+        )
     return np.stack([by_id[int(s)] for s in held_out.segment_ids])
 
 
 def embed_on_driver(embedder, held_out: HeldOutSet, batch_size: int) -> np.ndarray:
     from tqdm.auto import tqdm
 
-    chunks = [embedder.embed(held_out.audio[i:i + batch_size])
-              for i in tqdm(range(0, len(held_out), batch_size), desc=f"embed {embedder.info.get('ref')}")]
+    chunks = [
+        embedder.embed(held_out.audio[i : i + batch_size])
+        for i in tqdm(range(0, len(held_out), batch_size), desc=f"embed {embedder.info.get('ref')}")
+    ]
     return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
-def embed_system(cfg: MessRayConfig, storage: Storage, ref: str,
-                 held_out: HeldOutSet) -> tuple[np.ndarray, dict[str, Any]]:
+def embed_system(
+    cfg: MessRayConfig, storage: Storage, ref: str, held_out: HeldOutSet
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Embeddings [N, D] of one system and what produced them (raises FileNotFoundError when a
     model artifact does not exist)."""
     if ref == DESCRIPTORS:
-        return (descriptor_embeddings(list(held_out.audio), cfg.audio.sample_rate, progress=True),
-                {"ref": DESCRIPTORS, "kind": "descriptors"})
+        return (
+            descriptor_embeddings(list(held_out.audio), cfg.audio.sample_rate, progress=True),
+            {"ref": DESCRIPTORS, "kind": "descriptors"},
+        )
     from mess_ray.models import Embedder
 
     embedder = Embedder.from_ref(cfg, storage, ref)
@@ -223,26 +294,39 @@ def embed_system(cfg: MessRayConfig, storage: Storage, ref: str,
 
 
 # -- tasks 2 and 3 (mess_ray.eval.tasks.performance) ----------------------------------------------
-def full_headline(task_metrics: dict[str, dict[str, dict[str, float]]], style_line: str | None,
-                  ndcg_k: int) -> str:
+def full_headline(
+    task_metrics: dict[str, dict[str, dict[str, float]]], style_line: str | None, ndcg_k: int
+) -> str:
     """Task 1's line (the demo's figure) then the passage mAP and agreement nDCG of every system."""
     parts = [style_line] if style_line else []
     if PASSAGE_TASK in task_metrics:
         m = task_metrics[PASSAGE_TASK]
         chance = next(iter(m.values()))["chance"]
-        parts.append("passage retrieval mAP: " + " vs ".join(f"{k} {v['map']:.2f}" for k, v in m.items())
-                     + f" (chance {chance:.2f})")
+        parts.append(
+            "passage retrieval mAP: "
+            + " vs ".join(f"{k} {v['map']:.2f}" for k, v in m.items())
+            + f" (chance {chance:.2f})"
+        )
     if AGREEMENT_TASK in task_metrics:
         m = task_metrics[AGREEMENT_TASK]
         chance = next(iter(m.values()))["chance"]
-        parts.append(f"expressive agreement nDCG@{ndcg_k}: "
-                     + " vs ".join(f"{k} {v[f'ndcg@{ndcg_k}']:.2f}" for k, v in m.items())
-                     + f" (chance {chance:.2f})")
+        parts.append(
+            f"expressive agreement nDCG@{ndcg_k}: "
+            + " vs ".join(f"{k} {v[f'ndcg@{ndcg_k}']:.2f}" for k, v in m.items())
+            + f" (chance {chance:.2f})"
+        )
     return "; ".join(parts)
 
 
-def reuse_or_embed(cfg: MessRayConfig, storage: Storage, ref: str, perf, held_out: HeldOutSet,
-                   held_out_vectors: np.ndarray, info: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+def reuse_or_embed(
+    cfg: MessRayConfig,
+    storage: Storage,
+    ref: str,
+    perf,
+    held_out: HeldOutSet,
+    held_out_vectors: np.ndarray,
+    info: dict[str, Any],
+) -> tuple[np.ndarray, dict[str, Any]]:
     """A model's vectors for the performance set, taken from its task-1 vectors where the
     segments are the same (renderings with MIDI are in both sets), embedding only the rest.
     (Not for the descriptor baseline: its z-scoring depends on the set it is fitted on.)"""
@@ -283,13 +367,20 @@ def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str]) ->
             raise ValueError(
                 f"no held-out query has a relevant candidate (same style, other piece): held-out pieces "
                 f"{held_out.holdout_pieces} with styles {sorted(set(held_out.styles))}; raise "
-                "eval.holdout_fraction or render more pieces per style")
+                "eval.holdout_fraction or render more pieces per style"
+            )
     except ValueError as err:
         tasks_skipped[STYLE_TASK] = str(err)
         held_out, protocol = None, None
 
-    perf = load_performance_set(storage, ingest_version, ecfg.holdout_fraction, ecfg.seed,
-                                cfg.audio.sample_rate, cfg.audio.window_s)
+    perf = load_performance_set(
+        storage,
+        ingest_version,
+        ecfg.holdout_fraction,
+        ecfg.seed,
+        cfg.audio.sample_rate,
+        cfg.audio.window_s,
+    )
     plan: PerformanceTasks | None = None
     if perf is None:
         reason = "no held-out recording has beat annotations or performed MIDI"
@@ -300,8 +391,12 @@ def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str]) ->
         if plan.passage_rows is None and plan.agreement_rows is None:
             plan = None
     if held_out is None and plan is None:
-        raise ValueError("no benchmark task can run on ingest " + ingest_version + ": "
-                         + "; ".join(f"{k}: {v}" for k, v in tasks_skipped.items()))
+        raise ValueError(
+            "no benchmark task can run on ingest "
+            + ingest_version
+            + ": "
+            + "; ".join(f"{k}: {v}" for k, v in tasks_skipped.items())
+        )
     log.info("evaluating %s; tasks skipped: %s", systems, tasks_skipped or "none")
 
     results: list[SystemResult] = []
@@ -312,20 +407,43 @@ def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str]) ->
         try:
             if held_out is not None:
                 vectors, info = embed_system(cfg, storage, ref, held_out)
-                summary, similarity = score_system(vectors, protocol, recall_ks=tuple(ecfg.recall_ks),
-                                                   ndcg_k=ecfg.ndcg_k, margin=ecfg.triplet_margin)
-                results.append(SystemResult(name=ref, info=info, metrics=summary, embeddings=vectors,
-                                            similarity=similarity))
+                summary, similarity = score_system(
+                    vectors,
+                    protocol,
+                    recall_ks=tuple(ecfg.recall_ks),
+                    ndcg_k=ecfg.ndcg_k,
+                    margin=ecfg.triplet_margin,
+                )
+                results.append(
+                    SystemResult(
+                        name=ref,
+                        info=info,
+                        metrics=summary,
+                        embeddings=vectors,
+                        similarity=similarity,
+                    )
+                )
                 task_metrics.setdefault(STYLE_TASK, {})[ref] = summary
             if plan is not None:
                 if held_out is not None and ref != DESCRIPTORS:
-                    vectors, info = reuse_or_embed(cfg, storage, ref, plan.perf, held_out, vectors, info)
+                    vectors, info = reuse_or_embed(
+                        cfg, storage, ref, plan.perf, held_out, vectors, info
+                    )
                 else:
                     vectors, info = embed_system(cfg, storage, ref, plan.perf)
                 if held_out is None:
-                    results.append(SystemResult(name=ref, info=info, metrics={}, embeddings=vectors,
-                                                similarity=np.zeros((0, 0))))
-                scores, sims = score_performance_tasks(vectors, plan, tuple(ecfg.recall_ks), ecfg.ndcg_k)
+                    results.append(
+                        SystemResult(
+                            name=ref,
+                            info=info,
+                            metrics={},
+                            embeddings=vectors,
+                            similarity=np.zeros((0, 0)),
+                        )
+                    )
+                scores, sims = score_performance_tasks(
+                    vectors, plan, tuple(ecfg.recall_ks), ecfg.ndcg_k
+                )
                 for task, values in scores.items():
                     task_metrics.setdefault(task, {})[ref] = values
                     task_similarities.setdefault(task, {})[ref] = sims[task]
@@ -337,18 +455,20 @@ def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str]) ->
     version = new_version()
     counts: dict[str, Any] = {}
     if held_out is not None:
-        counts.update({
-            "segments": len(held_out),
-            "tracks": int(len(set(held_out.track_ids))),
-            "held_out_pieces": len(held_out.holdout_pieces),
-            "train_pieces": len(held_out.train_pieces),
-            "styles": int(len(set(held_out.styles))),
-            "queries": len(held_out),
-            "queries_with_relevant": int(protocol.relevant.any(axis=1).sum()),
-            "relevant_pairs": int(protocol.relevant.sum()),
-            "hard_negative_pairs": int(protocol.hard_negatives.sum()),
-            **{f"excluded_{k}": v for k, v in held_out.excluded.items()},
-        })
+        counts.update(
+            {
+                "segments": len(held_out),
+                "tracks": int(len(set(held_out.track_ids))),
+                "held_out_pieces": len(held_out.holdout_pieces),
+                "train_pieces": len(held_out.train_pieces),
+                "styles": int(len(set(held_out.styles))),
+                "queries": len(held_out),
+                "queries_with_relevant": int(protocol.relevant.any(axis=1).sum()),
+                "relevant_pairs": int(protocol.relevant.sum()),
+                "hard_negative_pairs": int(protocol.hard_negatives.sum()),
+                **{f"excluded_{k}": v for k, v in held_out.excluded.items()},
+            }
+        )
     task_counts: dict[str, dict[str, Any]] = {}
     if plan is not None:
         summary_counts = performance_table_summary(plan.perf)
@@ -357,37 +477,61 @@ def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str]) ->
                 **{k: summary_counts[k] for k in ("tracks", "pieces")},
                 "queries": int(plan.passage_rows.size),
                 "queries_with_relevant": int(plan.passage_relevant.any(axis=1).sum()),
-                "relevant_pairs": int(plan.passage_relevant.sum())}
+                "relevant_pairs": int(plan.passage_relevant.sum()),
+            }
         if plan.agreement_rows is not None:
             task_counts[AGREEMENT_TASK] = {
                 "queries": int(plan.agreement_rows.size),
                 "pieces": int(len(set(plan.perf.piece_ids[plan.agreement_rows]))),
-                "descriptors": plan.agreement_features}
+                "descriptors": plan.agreement_features,
+            }
         counts["performance_segments"] = summary_counts["segments"]
-    style_line = (headline(task_metrics[STYLE_TASK], len(held_out.holdout_pieces))
-                  if STYLE_TASK in task_metrics else None)
+    style_line = (
+        headline(task_metrics[STYLE_TASK], len(held_out.holdout_pieces))
+        if STYLE_TASK in task_metrics
+        else None
+    )
     line = full_headline(task_metrics, style_line, ecfg.ndcg_k) or "no system could be evaluated"
     holdout_pieces = held_out.holdout_pieces if held_out is not None else plan.perf.holdout_pieces
     train_pieces = held_out.train_pieces if held_out is not None else plan.perf.train_pieces
     manifest = {
-        "inputs": {"ingest": ingest_version, "models": {r.name: r.info.get("version") for r in results}},
+        "inputs": {
+            "ingest": ingest_version,
+            "models": {r.name: r.info.get("version") for r in results},
+        },
         "counts": counts,
         "headline": line,
         "systems": [r.name for r in results],
         "skipped": skipped,
-        "tasks": {task: {"metrics": task_metrics.get(task, {}), "counts": task_counts.get(task, counts)}
-                  for task in (STYLE_TASK, PASSAGE_TASK, AGREEMENT_TASK) if task in task_metrics},
+        "tasks": {
+            task: {"metrics": task_metrics.get(task, {}), "counts": task_counts.get(task, counts)}
+            for task in (STYLE_TASK, PASSAGE_TASK, AGREEMENT_TASK)
+            if task in task_metrics
+        },
         "tasks_skipped": tasks_skipped,
         "metrics": task_metrics.get(STYLE_TASK, {}),
-        "settings": {"config_digest": cfg.digest(), **ecfg.model_dump(mode="json"),
-                     "window_s": cfg.audio.window_s, "sample_rate": cfg.audio.sample_rate},
+        "settings": {
+            "config_digest": cfg.digest(),
+            **ecfg.model_dump(mode="json"),
+            "window_s": cfg.audio.window_s,
+            "sample_rate": cfg.audio.sample_rate,
+        },
         "held_out_pieces": holdout_pieces,
         "train_pieces": train_pieces,
     }
     if plan is not None and plan.perf.problems:
         manifest["performance_problems"] = {t: p for t, p in list(plan.perf.problems.items())[:50]}
-    manifest["files"] = write_report(storage, version, manifest, results, held_out, protocol,
-                                     max_plot_points=ecfg.max_plot_points, seed=ecfg.seed,
-                                     task_similarities=task_similarities, plan=plan)
+    manifest["files"] = write_report(
+        storage,
+        version,
+        manifest,
+        results,
+        held_out,
+        protocol,
+        max_plot_points=ecfg.max_plot_points,
+        seed=ecfg.seed,
+        task_similarities=task_similarities,
+        plan=plan,
+    )
     log.info(line)
     return storage.publish("eval", version, manifest)

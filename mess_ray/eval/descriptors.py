@@ -33,23 +33,28 @@ DESCRIPTOR_NAMES: tuple[str, ...] = (
 # facet heads are supervised with these groups, and search explanations compare them.
 FACET_DESCRIPTORS: dict[str, tuple[str, ...]] = {
     "tempo": ("onset_rate_hz", "ioi_cv"),
-    "dynamics": ("loudness_mean_db", "loudness_std_db", "loudness_range_db", "loudness_slope_db_per_s"),
+    "dynamics": (
+        "loudness_mean_db",
+        "loudness_std_db",
+        "loudness_range_db",
+        "loudness_slope_db_per_s",
+    ),
     "articulation": ("sustain_ratio", "flux_mean"),
     "timbre": ("centroid_mean_hz", "centroid_std_hz"),
 }
 
-FLOOR_DB = -100.0          # RMS of digital silence is clamped here (avoids -inf)
+FLOOR_DB = -100.0  # RMS of digital silence is clamped here (avoids -inf)
 ACTIVE_BELOW_PEAK_DB = 50  # frames quieter than peak - 50 dB are silence for timbre stats
-FRAME_S = 0.032            # analysis window (short: onsets of fast passages stay apart)
-HOP_S = 0.010              # analysis hop (100 frames per second)
-MIN_ONSET_GAP_S = 0.05     # two onsets closer than this are one note
-ONSET_DELTA = 0.1          # peak must exceed the local median flux by this fraction of the max...
-ONSET_RATIO = 1.5          # ...and be this many times the local median (steady noise has no onsets)
+FRAME_S = 0.032  # analysis window (short: onsets of fast passages stay apart)
+HOP_S = 0.010  # analysis hop (100 frames per second)
+MIN_ONSET_GAP_S = 0.05  # two onsets closer than this are one note
+ONSET_DELTA = 0.1  # peak must exceed the local median flux by this fraction of the max...
+ONSET_RATIO = 1.5  # ...and be this many times the local median (steady noise has no onsets)
 SUSTAIN_WITHIN_DB = 10.0  # a note "sustains" while the level stays within this of its onset peak
-PEAK_SEARCH_S = 0.05      # the onset's peak level is the loudest frame this soon after the onset
-MAX_NOTE_SPAN_S = 1.0     # the last onset (no successor) is followed at most this long
-MIN_ONSET_FLUX = 0.05      # absolute floor (mean log-magnitude rise per bin): window-phase ripple of
-                           # a steady tone stays below ~0.01, a note attack at amplitude 0.02 reaches ~0.3
+PEAK_SEARCH_S = 0.05  # the onset's peak level is the loudest frame this soon after the onset
+MAX_NOTE_SPAN_S = 1.0  # the last onset (no successor) is followed at most this long
+MIN_ONSET_FLUX = 0.05  # absolute floor (mean log-magnitude rise per bin): window-phase ripple of
+# a steady tone stays below ~0.01, a note attack at amplitude 0.02 reaches ~0.3
 
 
 def _frames(audio: np.ndarray, sr: int) -> tuple[np.ndarray, int, int]:
@@ -84,8 +89,9 @@ def onset_times(flux: np.ndarray, frame_rate: float) -> np.ndarray:
     # surroundings both absolutely (fraction of the max) and relatively (ratio), so a
     # stationary texture (noise, a held chord) yields no onsets while a soft passage still does.
     local_median = median_filter(flux, size=max(3, int(round(0.5 * frame_rate))), mode="nearest")
-    height = np.maximum(np.maximum(local_median + ONSET_DELTA * peak, ONSET_RATIO * local_median),
-                        MIN_ONSET_FLUX)
+    height = np.maximum(
+        np.maximum(local_median + ONSET_DELTA * peak, ONSET_RATIO * local_median), MIN_ONSET_FLUX
+    )
     distance = max(1, int(round(MIN_ONSET_GAP_S * frame_rate)))
     peaks, _ = find_peaks(flux, height=height, distance=distance)
     return peaks / frame_rate
@@ -113,7 +119,7 @@ def sustain_ratio(loudness_db: np.ndarray, onset_frames: np.ndarray, frame_rate:
         ends = np.append(starts[1:], min(n, starts[-1] + longest))
         spans = []
         for start, end in zip(starts, ends):
-            peak = start + int(np.argmax(loudness_db[start:min(start + search, end)]))
+            peak = start + int(np.argmax(loudness_db[start : min(start + search, end)]))
             spans.append((peak, end))
     ratios = []
     for peak, end in spans:
@@ -131,7 +137,7 @@ def describe(audio: np.ndarray, sr: int) -> dict[str, float]:
     frame_rate = sr / hop
     duration_s = audio.size / sr
 
-    rms = np.sqrt(np.mean(frames ** 2, axis=1))
+    rms = np.sqrt(np.mean(frames**2, axis=1))
     loudness_db = np.maximum(20 * np.log10(np.maximum(rms, 1e-12)), FLOOR_DB)
     times = np.arange(loudness_db.size) / frame_rate
     slope = float(np.polyfit(times, loudness_db, 1)[0]) if loudness_db.size >= 2 else 0.0
@@ -140,7 +146,10 @@ def describe(audio: np.ndarray, sr: int) -> dict[str, float]:
     freqs = np.fft.rfftfreq(n_fft, 1.0 / sr)
     # Log-compressed magnitude makes flux respond to note starts at any loudness.
     log_mag = np.log1p(100.0 * magnitude)
-    flux = np.concatenate([[0.0], np.maximum(np.diff(log_mag, axis=0), 0.0).sum(axis=1)]) / magnitude.shape[1]
+    flux = (
+        np.concatenate([[0.0], np.maximum(np.diff(log_mag, axis=0), 0.0).sum(axis=1)])
+        / magnitude.shape[1]
+    )
 
     onsets = onset_times(flux, frame_rate)
     iois = np.diff(onsets)
@@ -162,7 +171,9 @@ def describe(audio: np.ndarray, sr: int) -> dict[str, float]:
         "centroid_mean_hz": float(centroids.mean()) if centroids.size else 0.0,
         "centroid_std_hz": float(centroids.std()) if centroids.size else 0.0,
         "flux_mean": float(flux.mean()),
-        "sustain_ratio": sustain_ratio(loudness_db, np.round(onsets * frame_rate).astype(np.int64), frame_rate),
+        "sustain_ratio": sustain_ratio(
+            loudness_db, np.round(onsets * frame_rate).astype(np.int64), frame_rate
+        ),
     }
 
 
@@ -172,11 +183,16 @@ def descriptor_vector(audio: np.ndarray, sr: int) -> np.ndarray:
     return np.array([values[name] for name in DESCRIPTOR_NAMES], dtype=np.float64)
 
 
-def descriptor_matrix(segments: list[np.ndarray] | np.ndarray, sr: int, progress: bool = False) -> np.ndarray:
+def descriptor_matrix(
+    segments: list[np.ndarray] | np.ndarray, sr: int, progress: bool = False
+) -> np.ndarray:
     """[N, len(DESCRIPTOR_NAMES)] descriptors of many segments."""
     from tqdm.auto import tqdm
 
-    rows = [descriptor_vector(seg, sr) for seg in tqdm(segments, desc="descriptors", disable=not progress)]
+    rows = [
+        descriptor_vector(seg, sr)
+        for seg in tqdm(segments, desc="descriptors", disable=not progress)
+    ]
     if not rows:
         return np.zeros((0, len(DESCRIPTOR_NAMES)))
     return np.stack(rows)
@@ -193,7 +209,9 @@ def zscore(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return (matrix - mean) / safe, mean, std
 
 
-def descriptor_embeddings(segments: list[np.ndarray] | np.ndarray, sr: int, progress: bool = False) -> np.ndarray:
+def descriptor_embeddings(
+    segments: list[np.ndarray] | np.ndarray, sr: int, progress: bool = False
+) -> np.ndarray:
     """The descriptor baseline: z-scored descriptors (fitted on these segments), L2-normalised
     so that dot products are cosine similarities like the learned embedders'."""
     z, _, _ = zscore(descriptor_matrix(segments, sr, progress=progress))

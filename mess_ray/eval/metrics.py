@@ -15,19 +15,26 @@ from __future__ import annotations
 import numpy as np
 
 
-def _check(similarity: np.ndarray, relevance: np.ndarray,
-           candidates: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _check(
+    similarity: np.ndarray, relevance: np.ndarray, candidates: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     similarity = np.asarray(similarity, dtype=np.float64)
     relevance = np.asarray(relevance)
     if similarity.ndim != 2:
-        raise ValueError(f"similarity must be a [queries, items] matrix, got shape {similarity.shape}")
+        raise ValueError(
+            f"similarity must be a [queries, items] matrix, got shape {similarity.shape}"
+        )
     if relevance.shape != similarity.shape:
-        raise ValueError(f"relevance shape {relevance.shape} != similarity shape {similarity.shape}")
+        raise ValueError(
+            f"relevance shape {relevance.shape} != similarity shape {similarity.shape}"
+        )
     if candidates is None:
         candidates = np.ones(similarity.shape, dtype=bool)
     candidates = np.asarray(candidates, dtype=bool)
     if candidates.shape != similarity.shape:
-        raise ValueError(f"candidate mask shape {candidates.shape} != similarity shape {similarity.shape}")
+        raise ValueError(
+            f"candidate mask shape {candidates.shape} != similarity shape {similarity.shape}"
+        )
     if np.any(np.isnan(similarity[candidates])):
         raise ValueError("similarity has NaN entries among candidates")
     relevance = relevance.astype(np.float64)
@@ -36,7 +43,9 @@ def _check(similarity: np.ndarray, relevance: np.ndarray,
     return similarity, relevance, candidates
 
 
-def _ranked(similarity: np.ndarray, relevance: np.ndarray, candidates: np.ndarray, row: int) -> np.ndarray:
+def _ranked(
+    similarity: np.ndarray, relevance: np.ndarray, candidates: np.ndarray, row: int
+) -> np.ndarray:
     """Relevance of one query's candidates in ranked order (best first)."""
     idx = np.flatnonzero(candidates[row])
     # lexsort: last key is primary -> descending similarity, then ascending index.
@@ -61,7 +70,9 @@ def mean_average_precision(similarity, relevance, candidates=None) -> float:
     return float(np.nanmean(ap)) if np.any(~np.isnan(ap)) else float("nan")
 
 
-def recall_at_k(similarity, relevance, candidates=None, k: int = 10, mode: str = "hit") -> np.ndarray:
+def recall_at_k(
+    similarity, relevance, candidates=None, k: int = 10, mode: str = "hit"
+) -> np.ndarray:
     """Per-query recall@k.
 
     ``mode="hit"`` (the metric-learning Recall@K): 1 if any relevant item is in the top k.
@@ -113,7 +124,9 @@ def ndcg_at_k(similarity, relevance, candidates=None, k: int = 10) -> np.ndarray
 def chance_level(relevance, candidates=None) -> np.ndarray:
     """Per-query fraction of candidates that are relevant (what a random ranking's AP approaches)."""
     relevance = np.asarray(relevance) > 0
-    candidates = np.ones(relevance.shape, bool) if candidates is None else np.asarray(candidates, bool)
+    candidates = (
+        np.ones(relevance.shape, bool) if candidates is None else np.asarray(candidates, bool)
+    )
     counts = candidates.sum(axis=1)
     rel = (relevance & candidates).sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -127,11 +140,15 @@ def mean_pair_similarity(similarity, pairs_mask) -> float:
     similarity = np.asarray(similarity, dtype=np.float64)
     pairs_mask = np.asarray(pairs_mask, dtype=bool)
     if pairs_mask.shape != similarity.shape:
-        raise ValueError(f"pair mask shape {pairs_mask.shape} != similarity shape {similarity.shape}")
+        raise ValueError(
+            f"pair mask shape {pairs_mask.shape} != similarity shape {similarity.shape}"
+        )
     return float(similarity[pairs_mask].mean()) if pairs_mask.any() else float("nan")
 
 
-def triplet_margin_loss(similarity, positives, negatives, margin: float = 0.2) -> tuple[float, float, int]:
+def triplet_margin_loss(
+    similarity, positives, negatives, margin: float = 0.2
+) -> tuple[float, float, int]:
     """Mean ``max(0, s(a,n) - s(a,p) + margin)`` over every (anchor, positive, negative) triplet.
 
     Triplets are all combinations, per anchor row, of a positive column and a negative
@@ -168,7 +185,9 @@ def _nanmean(values: np.ndarray) -> float:
     return float(np.nanmean(values)) if np.any(~np.isnan(values)) else float("nan")
 
 
-def retrieval_summary(similarity, relevance, candidates=None, recall_ks=(1, 10), ndcg_k: int = 10) -> dict:
+def retrieval_summary(
+    similarity, relevance, candidates=None, recall_ks=(1, 10), ndcg_k: int = 10
+) -> dict:
     """The ranking metrics of one system as a flat dict of floats (means over evaluated queries)."""
     ap = average_precision(similarity, relevance, candidates)
     summary = {

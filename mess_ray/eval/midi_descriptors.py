@@ -42,12 +42,18 @@ MIDI_DESCRIPTOR_NAMES: tuple[str, ...] = (
 # The descriptors that describe how a passage is played rather than what is played: what
 # "expressive proximity" is measured on (note rate and absolute tempo mostly follow the score).
 EXPRESSIVE_MIDI_DESCRIPTORS: tuple[str, ...] = (
-    "tempo_ratio_to_score", "rubato", "timing_deviation", "velocity_mean", "velocity_range",
-    "velocity_slope_per_s", "articulation_ratio", "pedal_fraction",
+    "tempo_ratio_to_score",
+    "rubato",
+    "timing_deviation",
+    "velocity_mean",
+    "velocity_range",
+    "velocity_slope_per_s",
+    "articulation_ratio",
+    "pedal_fraction",
 )
 
-CHORD_WINDOW_S = 0.03       # notes starting this close together are one onset (a chord)
-MAX_ARTICULATION = 4.0      # a note held over many later onsets says little more than "held"
+CHORD_WINDOW_S = 0.03  # notes starting this close together are one onset (a chord)
+MAX_ARTICULATION = 4.0  # a note held over many later onsets says little more than "held"
 SUSTAIN_CC = 64
 PEDAL_DOWN = 64
 
@@ -76,7 +82,9 @@ def pedal_fraction(midi: pretty_midi.PrettyMIDI, start_s: float, end_s: float) -
     _check_span(start_s, end_s)
     intervals: list[tuple[float, float]] = []
     for inst in midi.instruments:
-        events = sorted((c.time, c.value >= PEDAL_DOWN) for c in inst.control_changes if c.number == SUSTAIN_CC)
+        events = sorted(
+            (c.time, c.value >= PEDAL_DOWN) for c in inst.control_changes if c.number == SUSTAIN_CC
+        )
         pressed_at = None
         for time, is_down in events:
             if is_down and pressed_at is None:
@@ -89,7 +97,9 @@ def pedal_fraction(midi: pretty_midi.PrettyMIDI, start_s: float, end_s: float) -
     if not intervals:
         return 0.0
     # Union of the pedal-down intervals clipped to the span (several instruments may overlap).
-    clipped = sorted((max(a, start_s), min(b, end_s)) for a, b in intervals if b > start_s and a < end_s)
+    clipped = sorted(
+        (max(a, start_s), min(b, end_s)) for a, b in intervals if b > start_s and a < end_s
+    )
     total, cur_a, cur_b = 0.0, None, None
     for a, b in clipped:
         if cur_b is None or a > cur_b:
@@ -132,8 +142,9 @@ def beat_time(positions: np.ndarray, beats: np.ndarray) -> np.ndarray:
     return np.where(positions > index[-1], beats[-1] + (positions - index[-1]) * last, t)
 
 
-def beat_descriptors(beats: np.ndarray | None, start_s: float, end_s: float,
-                     score_beats: np.ndarray | None = None) -> dict[str, float]:
+def beat_descriptors(
+    beats: np.ndarray | None, start_s: float, end_s: float, score_beats: np.ndarray | None = None
+) -> dict[str, float]:
     """Tempo (bpm), tempo relative to the score and rubato from the beats inside the span."""
     _check_span(start_s, end_s)
     out = {"tempo_bpm": math.nan, "tempo_ratio_to_score": math.nan, "rubato": math.nan}
@@ -143,8 +154,10 @@ def beat_descriptors(beats: np.ndarray | None, start_s: float, end_s: float,
     if score_beats is not None:
         score_beats = np.asarray(score_beats, dtype=np.float64)
         if score_beats.shape != beats.shape:
-            raise ValueError(f"performance has {beats.size} beats but the score {score_beats.size}: "
-                             "they must be annotated one to one")
+            raise ValueError(
+                f"performance has {beats.size} beats but the score {score_beats.size}: "
+                "they must be annotated one to one"
+            )
     inside = np.flatnonzero((beats >= start_s) & (beats < end_s))
     if inside.size < 2:
         return out
@@ -164,8 +177,13 @@ def beat_descriptors(beats: np.ndarray | None, start_s: float, end_s: float,
     return out
 
 
-def midi_descriptors(midi: pretty_midi.PrettyMIDI, start_s: float, end_s: float,
-                     beats: np.ndarray | None = None, score_beats: np.ndarray | None = None) -> dict[str, float]:
+def midi_descriptors(
+    midi: pretty_midi.PrettyMIDI,
+    start_s: float,
+    end_s: float,
+    beats: np.ndarray | None = None,
+    score_beats: np.ndarray | None = None,
+) -> dict[str, float]:
     """Named descriptors (:data:`MIDI_DESCRIPTOR_NAMES`) of the notes starting in ``[start_s, end_s)``."""
     _check_span(start_s, end_s)
     out = dict.fromkeys(MIDI_DESCRIPTOR_NAMES, math.nan)
@@ -181,8 +199,11 @@ def midi_descriptors(midi: pretty_midi.PrettyMIDI, start_s: float, end_s: float,
     velocities = np.array([n.velocity for n in inside], dtype=np.float64)
     out["velocity_mean"] = float(velocities.mean())
     out["velocity_range"] = float(np.percentile(velocities, 95) - np.percentile(velocities, 5))
-    out["velocity_slope_per_s"] = (float(np.polyfit(starts, velocities, 1)[0])
-                                   if np.ptp(starts) > 0 and len(inside) >= 2 else math.nan)
+    out["velocity_slope_per_s"] = (
+        float(np.polyfit(starts, velocities, 1)[0])
+        if np.ptp(starts) > 0 and len(inside) >= 2
+        else math.nan
+    )
 
     # Onsets of the whole piece: a note's IOI may reach past the span's end.
     onsets = chord_onsets(starts_all)
@@ -199,9 +220,14 @@ def midi_descriptors(midi: pretty_midi.PrettyMIDI, start_s: float, end_s: float,
     return out
 
 
-def midi_descriptor_vector(midi: pretty_midi.PrettyMIDI, start_s: float, end_s: float,
-                           beats: np.ndarray | None = None, score_beats: np.ndarray | None = None,
-                           names: tuple[str, ...] = MIDI_DESCRIPTOR_NAMES) -> np.ndarray:
+def midi_descriptor_vector(
+    midi: pretty_midi.PrettyMIDI,
+    start_s: float,
+    end_s: float,
+    beats: np.ndarray | None = None,
+    score_beats: np.ndarray | None = None,
+    names: tuple[str, ...] = MIDI_DESCRIPTOR_NAMES,
+) -> np.ndarray:
     values = midi_descriptors(midi, start_s, end_s, beats, score_beats)
     return np.array([values[n] for n in names], dtype=np.float64)
 
@@ -216,7 +242,9 @@ def read_beat_annotations(text: str) -> np.ndarray:
         try:
             times.append(float(field))
         except ValueError:
-            raise ValueError(f"beat annotation line {number} does not start with a time: {line!r}") from None
+            raise ValueError(
+                f"beat annotation line {number} does not start with a time: {line!r}"
+            ) from None
     beats = np.asarray(times, dtype=np.float64)
     if np.any(np.diff(beats) <= 0):
         raise ValueError("beat annotation times are not strictly increasing")

@@ -22,9 +22,19 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
-from mess_ray.eval.midi_descriptors import (MIDI_DESCRIPTOR_NAMES, beat_position, midi_descriptor_vector,
-                                            read_beat_annotations)
-from mess_ray.segments import METADATA_COLUMNS, decode_audio, fit_length, segments_dataset, split_pieces
+from mess_ray.eval.midi_descriptors import (
+    MIDI_DESCRIPTOR_NAMES,
+    beat_position,
+    midi_descriptor_vector,
+    read_beat_annotations,
+)
+from mess_ray.segments import (
+    METADATA_COLUMNS,
+    decode_audio,
+    fit_length,
+    segments_dataset,
+    split_pieces,
+)
 from mess_ray.storage import Storage, make_filesystem
 
 log = logging.getLogger(__name__)
@@ -39,7 +49,7 @@ class TrackSources:
     midi_uri: str | None
     beats_uri: str | None
     score_beats_uri: str | None
-    beat_offset_s: float = 0.0   # audio time = annotated time - beat_offset_s
+    beat_offset_s: float = 0.0  # audio time = annotated time - beat_offset_s
 
 
 def track_sources(metadata: dict[str, Any], storage: Storage | None = None) -> TrackSources:
@@ -53,7 +63,9 @@ def track_sources(metadata: dict[str, Any], storage: Storage | None = None) -> T
             params = {}
     midi_uri = metadata.get("midi_uri")
     if metadata.get("midi_path") and metadata.get("render_version") and storage is not None:
-        midi_uri = storage.url("render", str(metadata["render_version"]), str(metadata["midi_path"]))
+        midi_uri = storage.url(
+            "render", str(metadata["render_version"]), str(metadata["midi_path"])
+        )
     beats_uri = metadata.get("annotations_uri") or params.get("performance_annotations_uri")
     score_uri = metadata.get("score_annotations_uri") or params.get("midi_score_annotations_uri")
     offset = float(params.get("leading_silence_s") or 0.0) if "midi_path" in metadata else 0.0
@@ -78,9 +90,9 @@ def _read_midi(uri: str, endpoint: str | None):
 
 @dataclass
 class TrackData:
-    midi: Any | None                  # pretty_midi.PrettyMIDI
-    beats: np.ndarray | None          # performed beats in audio time
-    score_beats: np.ndarray | None    # score beats, one per performed beat (None if they disagree)
+    midi: Any | None  # pretty_midi.PrettyMIDI
+    beats: np.ndarray | None  # performed beats in audio time
+    score_beats: np.ndarray | None  # score beats, one per performed beat (None if they disagree)
     problems: list[str] = field(default_factory=list)
 
 
@@ -90,11 +102,16 @@ def load_track(sources: TrackSources, endpoint: str | None = None) -> TrackData:
     if sources.midi_uri:
         try:
             data.midi = _read_midi(sources.midi_uri, endpoint)
-        except Exception as err:  # a missing or corrupt file drops this track from tasks needing MIDI
+        except (
+            Exception
+        ) as err:  # a missing or corrupt file drops this track from tasks needing MIDI
             data.problems.append(f"midi {sources.midi_uri}: {err}")
     if sources.beats_uri:
         try:
-            beats = read_beat_annotations(_read_text(sources.beats_uri, endpoint)) - sources.beat_offset_s
+            beats = (
+                read_beat_annotations(_read_text(sources.beats_uri, endpoint))
+                - sources.beat_offset_s
+            )
             data.beats = beats if beats.size >= 2 else None
         except Exception as err:
             data.problems.append(f"beats {sources.beats_uri}: {err}")
@@ -106,13 +123,17 @@ def load_track(sources: TrackSources, endpoint: str | None = None) -> TrackData:
             if score.size == data.beats.size:
                 data.score_beats = score
             else:
-                data.problems.append(f"score beats {score.size} != performed beats {data.beats.size}")
+                data.problems.append(
+                    f"score beats {score.size} != performed beats {data.beats.size}"
+                )
         except Exception as err:
             data.problems.append(f"score beats {sources.score_beats_uri}: {err}")
     return data
 
 
-def segment_beat_span(start_s: float, end_s: float, beats: np.ndarray | None) -> tuple[float, float]:
+def segment_beat_span(
+    start_s: float, end_s: float, beats: np.ndarray | None
+) -> tuple[float, float]:
     """Fractional beat indices of a segment's start and end; NaN when it is not within the beats."""
     if beats is None or beats.size < 2:
         return math.nan, math.nan
@@ -126,16 +147,16 @@ def segment_beat_span(start_s: float, end_s: float, beats: np.ndarray | None) ->
 class PerformanceSet:
     """Held-out segments with MIDI and/or beats, in segment_id order."""
 
-    segment_ids: np.ndarray          # int64 [N]
-    track_ids: np.ndarray            # object [N]
-    piece_ids: np.ndarray            # object [N]
-    start_s: np.ndarray              # float [N]
-    end_s: np.ndarray                # float [N]
-    beat_spans: np.ndarray           # float [N, 2], NaN where no beats
-    midi_descriptors: np.ndarray     # float [N, len(MIDI_DESCRIPTOR_NAMES)], NaN where unknown
-    has_midi: np.ndarray             # bool [N]
-    audio: np.ndarray                # float32 [N, window]
-    beats: dict[str, np.ndarray]     # performed beats per track, audio time
+    segment_ids: np.ndarray  # int64 [N]
+    track_ids: np.ndarray  # object [N]
+    piece_ids: np.ndarray  # object [N]
+    start_s: np.ndarray  # float [N]
+    end_s: np.ndarray  # float [N]
+    beat_spans: np.ndarray  # float [N, 2], NaN where no beats
+    midi_descriptors: np.ndarray  # float [N, len(MIDI_DESCRIPTOR_NAMES)], NaN where unknown
+    has_midi: np.ndarray  # bool [N]
+    audio: np.ndarray  # float32 [N, window]
+    beats: dict[str, np.ndarray]  # performed beats per track, audio time
     holdout_pieces: list[str]
     train_pieces: list[str]
     problems: dict[str, list[str]] = field(default_factory=dict)
@@ -147,19 +168,36 @@ class PerformanceSet:
     def has_beats(self) -> np.ndarray:
         return ~np.isnan(self.beat_spans[:, 0])
 
-    def subset(self, mask: np.ndarray) -> "PerformanceSet":
+    def subset(self, mask: np.ndarray) -> PerformanceSet:
         mask = np.asarray(mask, dtype=bool)
         tracks = set(self.track_ids[mask])
         return PerformanceSet(
-            self.segment_ids[mask], self.track_ids[mask], self.piece_ids[mask], self.start_s[mask],
-            self.end_s[mask], self.beat_spans[mask], self.midi_descriptors[mask], self.has_midi[mask],
-            self.audio[mask], {t: b for t, b in self.beats.items() if t in tracks}, self.holdout_pieces,
-            self.train_pieces, self.problems)
+            self.segment_ids[mask],
+            self.track_ids[mask],
+            self.piece_ids[mask],
+            self.start_s[mask],
+            self.end_s[mask],
+            self.beat_spans[mask],
+            self.midi_descriptors[mask],
+            self.has_midi[mask],
+            self.audio[mask],
+            {t: b for t, b in self.beats.items() if t in tracks},
+            self.holdout_pieces,
+            self.train_pieces,
+            self.problems,
+        )
 
 
-def load_performance_set(storage: Storage, version: str, holdout_fraction: float, seed: int,
-                         sample_rate: int, window_s: float, pieces: str = "holdout",
-                         with_audio: bool = True) -> PerformanceSet | None:
+def load_performance_set(
+    storage: Storage,
+    version: str,
+    holdout_fraction: float,
+    seed: int,
+    sample_rate: int,
+    window_s: float,
+    pieces: str = "holdout",
+    with_audio: bool = True,
+) -> PerformanceSet | None:
     """Held-out segments whose track has MIDI or beat annotations; None when no track has any.
 
     The split is the benchmark's (:func:`mess_ray.segments.split_pieces` over every known piece),
@@ -177,7 +215,9 @@ def load_performance_set(storage: Storage, version: str, holdout_fraction: float
     train_pieces, holdout_pieces = split_pieces(all_pieces, holdout_fraction, seed)
     first_meta: dict[str, tuple[str, str]] = {}
     wanted = set(holdout_pieces if pieces == "holdout" else train_pieces)
-    for tid, piece, blob in zip(*(meta[c].to_pylist() for c in ("track_id", "piece_id", "metadata_json"))):
+    for tid, piece, blob in zip(
+        *(meta[c].to_pylist() for c in ("track_id", "piece_id", "metadata_json"))
+    ):
         if piece in wanted and tid not in first_meta:
             first_meta[tid] = (piece, blob)
     tracks: dict[str, TrackData] = {}
@@ -194,11 +234,15 @@ def load_performance_set(storage: Storage, version: str, holdout_fraction: float
             tracks[tid] = data
     if not tracks:
         return None
-    table = dataset.to_table(columns=[*METADATA_COLUMNS, *(["audio"] if with_audio else [])],
-                             filter=pc.field("track_id").isin(sorted(tracks))).sort_by("segment_id")
+    table = dataset.to_table(
+        columns=[*METADATA_COLUMNS, *(["audio"] if with_audio else [])],
+        filter=pc.field("track_id").isin(sorted(tracks)),
+    ).sort_by("segment_id")
     rates = set(pc.unique(table["sample_rate"]).to_pylist())
     if rates != {sample_rate}:
-        raise ValueError(f"segments are at {sorted(rates)} Hz but audio.sample_rate is {sample_rate}")
+        raise ValueError(
+            f"segments are at {sorted(rates)} Hz but audio.sample_rate is {sample_rate}"
+        )
     window = round(window_s * sample_rate)
     track_ids = np.asarray(table["track_id"].to_pylist(), dtype=object)
     starts = np.asarray(table["start_s"].to_numpy(), dtype=np.float64)
@@ -212,21 +256,37 @@ def load_performance_set(storage: Storage, version: str, holdout_fraction: float
         if data.midi is not None:
             # The MIDI is in audio time (renderings are shifted with their audio); the beats
             # were shifted into audio time on loading.
-            descriptors[i] = midi_descriptor_vector(data.midi, start, end, data.beats, data.score_beats)
+            descriptors[i] = midi_descriptor_vector(
+                data.midi, start, end, data.beats, data.score_beats
+            )
             has_midi[i] = True
-    audio = (np.stack([fit_length(decode_audio(b), window) for b in table["audio"].to_pylist()]) if with_audio
-             else np.zeros((len(track_ids), 0), dtype=np.float32))
+    audio = (
+        np.stack([fit_length(decode_audio(b), window) for b in table["audio"].to_pylist()])
+        if with_audio
+        else np.zeros((len(track_ids), 0), dtype=np.float32)
+    )
     return PerformanceSet(
-        segment_ids=np.asarray(table["segment_id"].to_numpy(), dtype=np.int64), track_ids=track_ids,
-        piece_ids=np.asarray(table["piece_id"].to_pylist(), dtype=object), start_s=starts, end_s=ends,
-        beat_spans=spans, midi_descriptors=descriptors, has_midi=has_midi,
+        segment_ids=np.asarray(table["segment_id"].to_numpy(), dtype=np.int64),
+        track_ids=track_ids,
+        piece_ids=np.asarray(table["piece_id"].to_pylist(), dtype=object),
+        start_s=starts,
+        end_s=ends,
+        beat_spans=spans,
+        midi_descriptors=descriptors,
+        has_midi=has_midi,
         audio=audio.astype(np.float32, copy=False),
         beats={t: d.beats for t, d in tracks.items() if d.beats is not None},
-        holdout_pieces=holdout_pieces, train_pieces=train_pieces, problems=problems)
+        holdout_pieces=holdout_pieces,
+        train_pieces=train_pieces,
+        problems=problems,
+    )
 
 
 def performance_table_summary(perf: PerformanceSet) -> dict[str, int]:
-    return {"segments": len(perf), "tracks": int(len(set(perf.track_ids))),
-            "pieces": int(len(set(perf.piece_ids))), "segments_with_beats": int(perf.has_beats.sum()),
-            "segments_with_midi": int(perf.has_midi.sum())}
-
+    return {
+        "segments": len(perf),
+        "tracks": int(len(set(perf.track_ids))),
+        "pieces": int(len(set(perf.piece_ids))),
+        "segments_with_beats": int(perf.has_beats.sum()),
+        "segments_with_midi": int(perf.has_midi.sum()),
+    }

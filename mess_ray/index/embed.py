@@ -26,13 +26,17 @@ def vector_schema(dim: int) -> pa.Schema:
     return pa.schema([("segment_id", pa.int64()), ("embedding", pa.list_(pa.float32(), dim))])
 
 
-def segment_audio_matrix(audio_blobs: Any, sample_rates: Any, expected_rate: int, length: int) -> np.ndarray:
+def segment_audio_matrix(
+    audio_blobs: Any, sample_rates: Any, expected_rate: int, length: int
+) -> np.ndarray:
     """Decode a batch of segment audio blobs into a [B, length] float32 model input."""
     rates = np.asarray(sample_rates)
     if len(rates) and np.any(rates != expected_rate):
         bad = sorted(set(int(r) for r in rates[rates != expected_rate]))
-        raise ValueError(f"segments at sample rate(s) {bad} but the model expects {expected_rate} Hz: "
-                         "re-run ingest with the same audio.sample_rate")
+        raise ValueError(
+            f"segments at sample rate(s) {bad} but the model expects {expected_rate} Hz: "
+            "re-run ingest with the same audio.sample_rate"
+        )
     out = np.zeros((len(audio_blobs), length), dtype=np.float32)
     for row, blob in enumerate(audio_blobs):
         out[row] = fit_length(decode_audio(blob), length)
@@ -43,17 +47,25 @@ def vectors_table(segment_ids: np.ndarray, embeddings: np.ndarray) -> pa.Table:
     """The vector-shard table: one row per segment, embeddings as a fixed-size list column."""
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     if embeddings.ndim != 2 or len(embeddings) != len(segment_ids):
-        raise ValueError(f"expected [{len(segment_ids)}, D] embeddings, got {list(embeddings.shape)}")
+        raise ValueError(
+            f"expected [{len(segment_ids)}, D] embeddings, got {list(embeddings.shape)}"
+        )
     if not np.all(np.isfinite(embeddings)):
         raise ValueError("the embedder produced NaN or infinite values")
     dim = embeddings.shape[1]
     flat = pa.array(embeddings.reshape(-1), type=pa.float32())
     return pa.Table.from_arrays(
-        [pa.array(np.asarray(segment_ids, dtype=np.int64)), pa.FixedSizeListArray.from_arrays(flat, dim)],
-        schema=vector_schema(dim))
+        [
+            pa.array(np.asarray(segment_ids, dtype=np.int64)),
+            pa.FixedSizeListArray.from_arrays(flat, dim),
+        ],
+        schema=vector_schema(dim),
+    )
 
 
-def embed_segment_batch(embedder: Any, batch: dict[str, Any], sample_rate: int, length: int) -> pa.Table:
+def embed_segment_batch(
+    embedder: Any, batch: dict[str, Any], sample_rate: int, length: int
+) -> pa.Table:
     """Embed one batch of segment rows (``segment_id``, ``audio``, ``sample_rate`` columns)."""
     audio = segment_audio_matrix(batch["audio"], batch["sample_rate"], sample_rate, length)
     embeddings = embedder.embed(audio) if len(audio) else np.zeros((0, embedder.dim), np.float32)

@@ -22,8 +22,9 @@ import math
 import os
 import posixpath
 import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import faiss
 import numpy as np
@@ -35,32 +36,42 @@ from mess_ray.storage import Storage
 class IndexSpec:
     """Everything needed to rebuild an empty index of the same kind (goes into the manifest)."""
 
-    type: str                      # flat | ivf | ivfpq | hnsw
+    type: str  # flat | ivf | ivfpq | hnsw
     dim: int
-    nlist: int = 0                 # IVF coarse centroids
-    nprobe: int = 0                # IVF lists probed at query time
-    pq_m: int = 0                  # IVF-PQ sub-quantizers
+    nlist: int = 0  # IVF coarse centroids
+    nprobe: int = 0  # IVF lists probed at query time
+    pq_m: int = 0  # IVF-PQ sub-quantizers
     pq_bits: int = 8
     hnsw_m: int = 32
     ef_search: int = 64
-    ef_construction: int = 40      # HNSW build-time beam (FAISS default)
-    rerank: bool = False           # exact re-ranking of candidates with the raw vectors
-    mergeable: bool = True         # shards can be built separately and merged
-    ondisk: bool = False           # IVF lists memory-mapped from index.ivfdata (merged on disk)
+    ef_construction: int = 40  # HNSW build-time beam (FAISS default)
+    rerank: bool = False  # exact re-ranking of candidates with the raw vectors
+    mergeable: bool = True  # shards can be built separately and merged
+    ondisk: bool = False  # IVF lists memory-mapped from index.ivfdata (merged on disk)
     params: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "IndexSpec":
+    def from_dict(cls, data: dict[str, Any]) -> IndexSpec:
         return cls(**data)
 
 
-def choose_index_spec(count: int, dim: int, requested: str = "auto", *, ivf_above: int = 50_000,
-                      ivfpq_above: int = 1_000_000, nprobe: int = 16, hnsw_m: int = 32,
-                      ef_search: int = 64, memory_budget_mb: float | None = None,
-                      ef_construction: int = 40, ondisk: str = "auto") -> IndexSpec:
+def choose_index_spec(
+    count: int,
+    dim: int,
+    requested: str = "auto",
+    *,
+    ivf_above: int = 50_000,
+    ivfpq_above: int = 1_000_000,
+    nprobe: int = 16,
+    hnsw_m: int = 32,
+    ef_search: int = 64,
+    memory_budget_mb: float | None = None,
+    ef_construction: int = 40,
+    ondisk: str = "auto",
+) -> IndexSpec:
     """Pick the index type and its parameters for ``count`` vectors of ``dim`` dimensions.
 
     Defaults are tuned with ``benchmarks/index_search.py`` (2 cores, dim 128): exact search
@@ -86,8 +97,14 @@ def choose_index_spec(count: int, dim: int, requested: str = "auto", *, ivf_abov
     if kind == "flat":
         return IndexSpec(type="flat", dim=dim)
     if kind == "hnsw":
-        return IndexSpec(type="hnsw", dim=dim, hnsw_m=hnsw_m, ef_search=ef_search, ef_construction=ef_construction,
-                         mergeable=False)
+        return IndexSpec(
+            type="hnsw",
+            dim=dim,
+            hnsw_m=hnsw_m,
+            ef_search=ef_search,
+            ef_construction=ef_construction,
+            mergeable=False,
+        )
     # IVF: FAISS's rule of thumb is 4..16 sqrt(n) lists; measured at 1e6 x 128 on 2 cores,
     # 2 sqrt(n) lists train 4x faster (k-means cost ~ nlist^2) with the same recall@10 at
     # nprobe 16 and p99 well under 5 ms. At least 39 training points per list, so tiny
@@ -99,11 +116,21 @@ def choose_index_spec(count: int, dim: int, requested: str = "auto", *, ivf_abov
         pq_m = _largest_divisor_at_most(dim, 32)
         # 8-bit codebooks want 39 * 256 training points; smaller corpora get smaller codebooks.
         pq_bits = 8 if count >= 39 * 256 else max(1, min(8, int(math.log2(max(2, count // 39)))))
-        spec = IndexSpec(type="ivfpq", dim=dim, nlist=nlist, nprobe=probe, pq_m=pq_m, pq_bits=pq_bits, rerank=True)
+        spec = IndexSpec(
+            type="ivfpq",
+            dim=dim,
+            nlist=nlist,
+            nprobe=probe,
+            pq_m=pq_m,
+            pq_bits=pq_bits,
+            rerank=True,
+        )
     else:
         spec = IndexSpec(type="ivf", dim=dim, nlist=nlist, nprobe=probe)
     lists_mb = ivf_lists_mb(spec, count)
-    if ondisk == "always" or (ondisk == "auto" and memory_budget_mb is not None and lists_mb > memory_budget_mb):
+    if ondisk == "always" or (
+        ondisk == "auto" and memory_budget_mb is not None and lists_mb > memory_budget_mb
+    ):
         spec = replace(spec, ondisk=True, params={**spec.params, "lists_mb": round(lists_mb, 1)})
     return spec
 
@@ -123,7 +150,7 @@ def training_points_needed(spec: IndexSpec) -> int:
     if spec.type == "ivf":
         return 64 * spec.nlist
     if spec.type == "ivfpq":  # the PQ codebooks want ~39 points per code as well
-        return max(64 * spec.nlist, 39 * 2 ** spec.pq_bits)
+        return max(64 * spec.nlist, 39 * 2**spec.pq_bits)
     return 0
 
 
@@ -142,9 +169,11 @@ def decide_gpu(setting: str | bool, num_gpus: int, spec: IndexSpec) -> bool:
     if setting is False:
         return False
     if setting is True and num_gpus < 1:
-        raise RuntimeError("index.use_gpu is true but FAISS sees no GPU (faiss.get_num_gpus() == 0): on a CUDA "
-                           "node install the GPU build (`pip uninstall -y faiss-cpu && pip install -e .[gpu]`), "
-                           "or set index.use_gpu to auto or false")
+        raise RuntimeError(
+            "index.use_gpu is true but FAISS sees no GPU (faiss.get_num_gpus() == 0): on a CUDA "
+            "node install the GPU build (`pip uninstall -y faiss-cpu && pip install -e .[gpu]`), "
+            "or set index.use_gpu to auto or false"
+        )
     return num_gpus > 0 and spec.type in ("ivf", "ivfpq")
 
 
@@ -153,8 +182,9 @@ def faiss_num_gpus() -> int:
     return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
 
 
-def create_empty_index(spec: IndexSpec, train_vectors: np.ndarray | None = None,
-                       use_gpu: bool = False) -> faiss.Index:
+def create_empty_index(
+    spec: IndexSpec, train_vectors: np.ndarray | None = None, use_gpu: bool = False
+) -> faiss.Index:
     """An empty index of ``spec``'s type, trained on ``train_vectors`` when the type needs it.
 
     ``use_gpu`` (see :func:`decide_gpu`): the coarse quantizer's k-means runs on all visible
@@ -172,13 +202,17 @@ def create_empty_index(spec: IndexSpec, train_vectors: np.ndarray | None = None,
         if spec.type == "ivf":
             index = faiss.IndexIVFFlat(quantizer, d, spec.nlist, faiss.METRIC_INNER_PRODUCT)
         else:
-            index = faiss.IndexIVFPQ(quantizer, d, spec.nlist, spec.pq_m, spec.pq_bits, faiss.METRIC_INNER_PRODUCT)
+            index = faiss.IndexIVFPQ(
+                quantizer, d, spec.nlist, spec.pq_m, spec.pq_bits, faiss.METRIC_INNER_PRODUCT
+            )
         if train_vectors is None or len(train_vectors) < spec.nlist:
             raise ValueError(f"{spec.type} index needs at least {spec.nlist} training vectors")
         if use_gpu:
             index.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(d))
         index.train(as_vectors(train_vectors, d))
-        index.clustering_index = None  # a GPU index cannot be serialized; the centroids are in the quantizer
+        index.clustering_index = (
+            None  # a GPU index cannot be serialized; the centroids are in the quantizer
+        )
         return index
     raise ValueError(f"unknown index type {spec.type!r}")
 
@@ -252,18 +286,29 @@ def save_index(storage: Storage, rel: str, index: faiss.Index) -> str:
     return sha256_bytes(blob)
 
 
-def load_index(storage: Storage, rel: str, expected_sha256: str | None = None,
-               ivfdata_sha256: str | None = None) -> faiss.Index:
+def load_index(
+    storage: Storage,
+    rel: str,
+    expected_sha256: str | None = None,
+    ivfdata_sha256: str | None = None,
+) -> faiss.Index:
     """The index at ``rel``; when an ``index.ivfdata`` lies beside it (an on-disk IVF index), its
     lists are memory-mapped from a local copy (the file itself on a local root), never read in."""
     blob = storage.read_bytes(rel)
     if expected_sha256 is not None and sha256_bytes(blob) != expected_sha256:
-        raise ValueError(f"checksum mismatch for {storage.url(rel)}: the index file is corrupt or was replaced")
+        raise ValueError(
+            f"checksum mismatch for {storage.url(rel)}: the index file is corrupt or was replaced"
+        )
     ivfdata_rel = posixpath.join(posixpath.dirname(rel), IVFDATA_FILE)
     if not storage.exists(ivfdata_rel):
         return index_from_bytes(blob)
-    if ivfdata_sha256 is not None and sha256_file(storage.fs, storage.path(ivfdata_rel)) != ivfdata_sha256:
-        raise ValueError(f"checksum mismatch for {storage.url(ivfdata_rel)}: the inverted lists are corrupt")
+    if (
+        ivfdata_sha256 is not None
+        and sha256_file(storage.fs, storage.path(ivfdata_rel)) != ivfdata_sha256
+    ):
+        raise ValueError(
+            f"checksum mismatch for {storage.url(ivfdata_rel)}: the inverted lists are corrupt"
+        )
     if storage.protocol == "file":
         header = storage.path(rel)
     else:  # mmap needs local files: kept for the life of the process (the index maps them)
@@ -277,7 +322,9 @@ def load_index(storage: Storage, rel: str, expected_sha256: str | None = None,
     return faiss.read_index(header, faiss.IO_FLAG_ONDISK_SAME_DIR)
 
 
-def build_shard(empty_index_bytes: bytes, vectors: np.ndarray, ids: np.ndarray, use_gpu: bool = False) -> bytes:
+def build_shard(
+    empty_index_bytes: bytes, vectors: np.ndarray, ids: np.ndarray, use_gpu: bool = False
+) -> bytes:
     """One shard: a copy of the trained empty index with this part of the corpus added.
 
     ``use_gpu``: IVF-Flat shards are filled on the GPU(s) and copied back to CPU for saving
@@ -293,18 +340,27 @@ def build_shard(empty_index_bytes: bytes, vectors: np.ndarray, ids: np.ndarray, 
     return index_to_bytes(index)
 
 
-def build_index(spec: IndexSpec, parts: Iterable[tuple[np.ndarray, np.ndarray]],
-                train_vectors: np.ndarray | None = None) -> faiss.Index:
+def build_index(
+    spec: IndexSpec,
+    parts: Iterable[tuple[np.ndarray, np.ndarray]],
+    train_vectors: np.ndarray | None = None,
+) -> faiss.Index:
     """Single-process equivalent of the sharded build: one shard per (vectors, ids) part."""
     empty = index_to_bytes(create_empty_index(spec, train_vectors))
     shards = [index_from_bytes(build_shard(empty, v, i)) for v, i in parts]
     return merge_indexes(shards or [index_from_bytes(empty)])
 
 
-def build_sharded_index_ray(spec: IndexSpec, empty_index: faiss.Index, shard_loaders: Sequence[Any],
-                            num_cpus: float = 0.5, use_gpu: str | bool = False,
-                            ondisk_dir: str | None = None, storage: Storage | None = None,
-                            work_rel: str | None = None) -> faiss.Index:
+def build_sharded_index_ray(
+    spec: IndexSpec,
+    empty_index: faiss.Index,
+    shard_loaders: Sequence[Any],
+    num_cpus: float = 0.5,
+    use_gpu: str | bool = False,
+    ondisk_dir: str | None = None,
+    storage: Storage | None = None,
+    work_rel: str | None = None,
+) -> faiss.Index:
     """Build shards in parallel Ray tasks and merge them on the driver.
 
     ``shard_loaders`` are picklable zero-argument callables returning ``(vectors, ids)`` for
@@ -319,7 +375,9 @@ def build_sharded_index_ray(spec: IndexSpec, empty_index: faiss.Index, shard_loa
     import ray
 
     # Ray hides GPUs from tasks that do not ask for one: ask only when the cluster has some.
-    shard_gpu = decide_gpu(use_gpu, int(ray.cluster_resources().get("GPU", 0)), spec) and spec.type == "ivf"
+    shard_gpu = (
+        decide_gpu(use_gpu, int(ray.cluster_resources().get("GPU", 0)), spec) and spec.type == "ivf"
+    )
     remote_opts = {"num_cpus": num_cpus, "num_gpus": 1 if shard_gpu else 0}
 
     @ray.remote(**remote_opts)
@@ -328,7 +386,9 @@ def build_sharded_index_ray(spec: IndexSpec, empty_index: faiss.Index, shard_loa
         return build_shard(empty_ref, vectors, ids, use_gpu=shard_gpu and faiss_num_gpus() > 0)
 
     @ray.remote(**remote_opts)
-    def _build_to_storage(empty_ref: bytes, loader, root: str, endpoint: str | None, rel: str) -> int:
+    def _build_to_storage(
+        empty_ref: bytes, loader, root: str, endpoint: str | None, rel: str
+    ) -> int:
         vectors, ids = loader()
         blob = build_shard(empty_ref, vectors, ids, use_gpu=shard_gpu and faiss_num_gpus() > 0)
         Storage(root, endpoint).write_bytes(rel, blob)
@@ -342,8 +402,14 @@ def build_sharded_index_ray(spec: IndexSpec, empty_index: faiss.Index, shard_loa
         if ondisk_dir is None or storage is None or work_rel is None:
             raise ValueError("an on-disk index needs ondisk_dir, storage and work_rel")
         rels = [f"{work_rel}/shard-{i:05d}.faiss" for i in range(len(shard_loaders))]
-        ray.get([_build_to_storage.remote(empty_ref, loader, storage.root, storage.s3_endpoint_url, rel)
-                 for loader, rel in zip(shard_loaders, rels)])
+        ray.get(
+            [
+                _build_to_storage.remote(
+                    empty_ref, loader, storage.root, storage.s3_endpoint_url, rel
+                )
+                for loader, rel in zip(shard_loaders, rels)
+            ]
+        )
         with local_files(storage, rels) as paths:
             return merge_shards_ondisk(empty, paths, os.path.join(ondisk_dir, IVFDATA_FILE))
     shard_blobs = ray.get([_build.remote(empty_ref, loader) for loader in shard_loaders])
@@ -354,7 +420,9 @@ def build_sharded_index_ray(spec: IndexSpec, empty_index: faiss.Index, shard_loa
 IVFDATA_FILE = "index.ivfdata"
 
 
-def merge_shards_ondisk(empty_index_bytes: bytes, shard_paths: Sequence[str], ivfdata_path: str) -> faiss.Index:
+def merge_shards_ondisk(
+    empty_index_bytes: bytes, shard_paths: Sequence[str], ivfdata_path: str
+) -> faiss.Index:
     """Merge IVF shard files into one index whose inverted lists live in ``ivfdata_path``.
 
     The shards are memory-mapped (``IO_FLAG_MMAP``) and their lists appended list by list to an

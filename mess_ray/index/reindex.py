@@ -30,11 +30,29 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from mess_ray.config import MessRayConfig
-from mess_ray.index.faiss_index import (IndexSpec, build_sharded_index_ray, index_from_bytes, index_to_bytes,
-                                        load_index, merge_indexes, sha256_bytes)
-from mess_ray.index.job import (INDEX_FILE, METADATA_FILE, STAGE, VECTORS_DIR, IndexIntegrityError,
-                                build_index_from_files, embed_segments, read_vector_ids, reconcile_ids,
-                                shard_loaders, spec_for, write_index_artifact)
+from mess_ray.index.faiss_index import (
+    IndexSpec,
+    build_sharded_index_ray,
+    index_from_bytes,
+    index_to_bytes,
+    load_index,
+    merge_indexes,
+    sha256_bytes,
+)
+from mess_ray.index.job import (
+    INDEX_FILE,
+    METADATA_FILE,
+    STAGE,
+    VECTORS_DIR,
+    IndexIntegrityError,
+    build_index_from_files,
+    embed_segments,
+    read_vector_ids,
+    reconcile_ids,
+    shard_loaders,
+    spec_for,
+    write_index_artifact,
+)
 from mess_ray.segments import read_segment_table
 from mess_ray.storage import Storage, new_version
 
@@ -42,18 +60,32 @@ log = logging.getLogger(__name__)
 
 PENDING_DIR = "_pending"
 # What identifies an embedder's weights: two infos agreeing on these produce the same vectors.
-EMBEDDER_IDENTITY_KEYS = ("kind", "stage", "version", "path", "size", "seed", "layer", "sample_rate")
+EMBEDDER_IDENTITY_KEYS = (
+    "kind",
+    "stage",
+    "version",
+    "path",
+    "size",
+    "seed",
+    "layer",
+    "sample_rate",
+)
 
 
 # -- pure parts ---------------------------------------------------------------------------
-def diff_segment_ids(current_ids: np.ndarray, indexed_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def diff_segment_ids(
+    current_ids: np.ndarray, indexed_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(added, removed, kept) sorted int64 ids: in the ingest table only, in the index only, in both."""
     current = np.unique(np.asarray(current_ids, dtype=np.int64))
     indexed = np.unique(np.asarray(indexed_ids, dtype=np.int64))
     if len(current) != len(current_ids):
         raise IndexIntegrityError("the segment table has duplicate segment ids")
-    return (np.setdiff1d(current, indexed, assume_unique=True), np.setdiff1d(indexed, current, assume_unique=True),
-            np.intersect1d(current, indexed, assume_unique=True))
+    return (
+        np.setdiff1d(current, indexed, assume_unique=True),
+        np.setdiff1d(indexed, current, assume_unique=True),
+        np.intersect1d(current, indexed, assume_unique=True),
+    )
 
 
 def embedder_identity(info: dict[str, Any]) -> dict[str, Any]:
@@ -66,16 +98,25 @@ def embedder_identity(info: dict[str, Any]) -> dict[str, Any]:
 def same_embedder(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two embedder infos name the same weights (vectors of both can share an index)."""
     ia, ib = embedder_identity(a), embedder_identity(b)
-    return {k: ia[k] for k in ia.keys() & ib.keys()} == {k: ib[k] for k in ia.keys() & ib.keys()} and \
-        ia.get("kind") == ib.get("kind") and ia.get("version") == ib.get("version")
+    return (
+        {k: ia[k] for k in ia.keys() & ib.keys()} == {k: ib[k] for k in ia.keys() & ib.keys()}
+        and ia.get("kind") == ib.get("kind")
+        and ia.get("version") == ib.get("version")
+    )
 
 
-def pending_key(previous_version: str, ingest_version: str, embedder_info: dict[str, Any],
-                added_ids: np.ndarray) -> str:
+def pending_key(
+    previous_version: str, ingest_version: str, embedder_info: dict[str, Any], added_ids: np.ndarray
+) -> str:
     """Stable name of one reindex job's work folder: the same inputs resume the same folder."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([previous_version, ingest_version, embedder_identity(embedder_info)],
-                             sort_keys=True, default=str).encode())
+    digest.update(
+        json.dumps(
+            [previous_version, ingest_version, embedder_identity(embedder_info)],
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
     digest.update(np.ascontiguousarray(np.sort(np.asarray(added_ids, dtype=np.int64))).tobytes())
     return digest.hexdigest()[:16]
 
@@ -88,7 +129,9 @@ def can_update_in_place(old: IndexSpec, new: IndexSpec) -> bool:
     """
     if old.type != new.type or old.dim != new.dim or not old.mergeable or old.type == "hnsw":
         return False
-    if old.ondisk or new.ondisk:  # memory-mapped lists are rebuilt by an on-disk merge, never edited in place
+    if (
+        old.ondisk or new.ondisk
+    ):  # memory-mapped lists are rebuilt by an on-disk merge, never edited in place
         return False
     if old.type in ("ivf", "ivfpq"):
         return 0.5 <= new.nlist / max(1, old.nlist) <= 2.0 and old.pq_m == new.pq_m
@@ -125,13 +168,17 @@ def completed_vector_files(storage: Storage, rel: str) -> list[str]:
             pq.read_table(path, columns=["segment_id"], filesystem=storage.pyarrow_fs())
             good.append(path)
         except (OSError, pa.ArrowInvalid) as err:
-            log.warning("dropping unreadable vector shard %s from an interrupted run: %s", path, err)
+            log.warning(
+                "dropping unreadable vector shard %s from an interrupted run: %s", path, err
+            )
             storage.fs.rm(path)
     return good
 
 
 # -- the job ------------------------------------------------------------------------------
-def run_reindex(cfg: MessRayConfig, storage: Storage, model_ref: str | None = None) -> dict[str, Any]:
+def run_reindex(
+    cfg: MessRayConfig, storage: Storage, model_ref: str | None = None
+) -> dict[str, Any]:
     """Update the latest index to the latest ingest table; publish a new version if anything changed.
 
     ``model_ref``: optional check that the previous index was built with this model (vectors
@@ -142,59 +189,90 @@ def run_reindex(cfg: MessRayConfig, storage: Storage, model_ref: str | None = No
 
     ingest_version = storage.require_latest("ingest")
     if storage.latest(STAGE) is None:
-        raise FileNotFoundError(f"no published index under {storage.root}: run `mess-ray index` before reindex")
+        raise FileNotFoundError(
+            f"no published index under {storage.root}: run `mess-ray index` before reindex"
+        )
     previous = storage.manifest(STAGE)
     previous_version = previous["version"]
     embedder_info = previous["model"]
     if model_ref is not None:
         requested = Embedder.from_ref(cfg, storage, model_ref).info
         if not same_embedder(requested, embedder_info):
-            raise ValueError(f"index {previous_version} was built with {embedder_identity(embedder_info)}, not with "
-                             f"{model_ref!r} ({embedder_identity(requested)}): run `mess-ray index --model "
-                             f"{model_ref}` for a full rebuild")
+            raise ValueError(
+                f"index {previous_version} was built with {embedder_identity(embedder_info)}, not with "
+                f"{model_ref!r} ({embedder_identity(requested)}): run `mess-ray index --model "
+                f"{model_ref}` for a full rebuild"
+            )
 
     segments = read_segment_table(storage, ingest_version)
     if segments.num_rows == 0:
         raise ValueError(f"ingest artifact {ingest_version} has no segments: nothing to index")
     previous_meta = _read_verified(storage, previous, METADATA_FILE)
-    added, removed, kept = diff_segment_ids(segments.column("segment_id").to_numpy(),
-                                            pq.read_table(pa.BufferReader(previous_meta), columns=["segment_id"])
-                                            .column("segment_id").to_numpy())
+    added, removed, kept = diff_segment_ids(
+        segments.column("segment_id").to_numpy(),
+        pq.read_table(pa.BufferReader(previous_meta), columns=["segment_id"])
+        .column("segment_id")
+        .to_numpy(),
+    )
     delta = {"added": int(len(added)), "removed": int(len(removed)), "kept": int(len(kept))}
     if not len(added) and not len(removed):
-        log.info("reindex: index %s already covers ingest %s: nothing to do, nothing published",
-                 previous_version, ingest_version)
+        log.info(
+            "reindex: index %s already covers ingest %s: nothing to do, nothing published",
+            previous_version,
+            ingest_version,
+        )
         _clear_pending(storage)
-        return {"changed": False, "version": previous_version, "previous_version": previous_version,
-                "inputs": {"ingest": ingest_version, "index": previous_version}, "reindex": delta,
-                "message": f"index {previous_version} is up to date with ingest {ingest_version}; nothing published"}
+        return {
+            "changed": False,
+            "version": previous_version,
+            "previous_version": previous_version,
+            "inputs": {"ingest": ingest_version, "index": previous_version},
+            "reindex": delta,
+            "message": f"index {previous_version} is up to date with ingest {ingest_version}; nothing published",
+        }
 
     ensure_ray(cfg.ray)
     embedder = Embedder.from_info(cfg, storage, embedder_info)  # also checks the model still exists
     if int(embedder.dim) != int(previous["dim"]):
-        raise IndexIntegrityError(f"the recorded embedder now produces {embedder.dim}-d vectors, "
-                                  f"index {previous_version} holds {previous['dim']}-d ones")
+        raise IndexIntegrityError(
+            f"the recorded embedder now produces {embedder.dim}-d vectors, "
+            f"index {previous_version} holds {previous['dim']}-d ones"
+        )
     log.info("reindex of %s against ingest %s: %s", previous_version, ingest_version, delta)
 
     # 1. embed the added segments (resuming an interrupted run of the same job)
-    pending_rel = posixpath.join(STAGE, PENDING_DIR, pending_key(previous_version, ingest_version, embedder_info, added))
+    pending_rel = posixpath.join(
+        STAGE, PENDING_DIR, pending_key(previous_version, ingest_version, embedder_info, added)
+    )
     added_rel = posixpath.join(pending_rel, "added")
     done_ids = read_vector_ids(storage, completed_vector_files(storage, added_rel))
     todo = np.setdiff1d(added, done_ids)
     delta["reused_pending"] = int(len(added) - len(todo))
     if len(todo):
-        embed_segments(cfg, storage, ingest_version, embedder_info,
-                       posixpath.join(added_rel, f"run-{uuid.uuid4().hex[:8]}"), only_ids=todo)
+        embed_segments(
+            cfg,
+            storage,
+            ingest_version,
+            embedder_info,
+            posixpath.join(added_rel, f"run-{uuid.uuid4().hex[:8]}"),
+            only_ids=todo,
+        )
     added_files = completed_vector_files(storage, added_rel)
     reconcile_ids(added, read_vector_ids(storage, added_files))
 
     # 2. the new version's vector shards: previous vectors of kept segments + the added ones
     version = new_version()
     vectors_rel = posixpath.join(STAGE, version, VECTORS_DIR)
-    previous_files = parquet_files_under(storage, posixpath.join(STAGE, previous_version,
-                                                                 previous.get("files", {}).get("vectors", VECTORS_DIR)))
+    previous_files = parquet_files_under(
+        storage,
+        posixpath.join(
+            STAGE, previous_version, previous.get("files", {}).get("vectors", VECTORS_DIR)
+        ),
+    )
     fs = storage.pyarrow_fs()
-    for i, path in enumerate(tqdm(previous_files, desc="reuse vectors", unit="file", disable=len(previous_files) < 8)):
+    for i, path in enumerate(
+        tqdm(previous_files, desc="reuse vectors", unit="file", disable=len(previous_files) < 8)
+    ):
         kept_table = filter_vector_table(pq.read_table(path, filesystem=fs), kept)
         if kept_table.num_rows:
             with storage.open(posixpath.join(vectors_rel, f"kept-{i:05d}.parquet"), "wb") as f:
@@ -203,20 +281,31 @@ def run_reindex(cfg: MessRayConfig, storage: Storage, model_ref: str | None = No
         with storage.open(posixpath.join(vectors_rel, f"added-{i:05d}.parquet"), "wb") as f:
             pq.write_table(pq.read_table(path, filesystem=fs), f)
     files = parquet_files_under(storage, vectors_rel)
-    counts = reconcile_ids(segments.column("segment_id").to_numpy(), read_vector_ids(storage, files))
+    counts = reconcile_ids(
+        segments.column("segment_id").to_numpy(), read_vector_ids(storage, files)
+    )
 
     # 3. the index: update the previous one in place when it still fits, else rebuild
     old_spec = IndexSpec.from_dict(previous["index"])
     new_spec = spec_for(cfg, counts["vectors"], int(embedder.dim))
     if can_update_in_place(old_spec, new_spec):
-        spec = replace(old_spec, nprobe=min(new_spec.nprobe, old_spec.nlist) if old_spec.nlist else 0)
-        index = load_index(storage, posixpath.join(STAGE, previous_version, INDEX_FILE),
-                           previous.get("checksums", {}).get(INDEX_FILE))
+        spec = replace(
+            old_spec, nprobe=min(new_spec.nprobe, old_spec.nlist) if old_spec.nlist else 0
+        )
+        index = load_index(
+            storage,
+            posixpath.join(STAGE, previous_version, INDEX_FILE),
+            previous.get("checksums", {}).get(INDEX_FILE),
+        )
         if remove_from_index(index, removed) != len(removed):
-            raise IndexIntegrityError(f"index {previous_version} lacks some of the {len(removed)} removed segments")
+            raise IndexIntegrityError(
+                f"index {previous_version} lacks some of the {len(removed)} removed segments"
+            )
         empty = index_from_bytes(index_to_bytes(index))
         empty.reset()  # same trained quantizer, no vectors: the template for the added shards
-        added_part = build_sharded_index_ray(spec, empty, shard_loaders(storage, added_files, cfg.index.shards))
+        added_part = build_sharded_index_ray(
+            spec, empty, shard_loaders(storage, added_files, cfg.index.shards)
+        )
         index = merge_indexes([index, added_part])
         build = "in_place"
     else:
@@ -224,26 +313,53 @@ def run_reindex(cfg: MessRayConfig, storage: Storage, model_ref: str | None = No
         index = build_index_from_files(cfg, storage, spec, files, counts["vectors"], version)
         build = "rebuild"
     if index.ntotal != counts["vectors"]:
-        raise IndexIntegrityError(f"updated index holds {index.ntotal} vectors, expected {counts['vectors']}")
+        raise IndexIntegrityError(
+            f"updated index holds {index.ntotal} vectors, expected {counts['vectors']}"
+        )
 
     counts.update({"vector_files": len(files), "shards": cfg.index.shards, **delta})
     # The same weights (checked above) have the same facets: a layout the rebuilt info lacks is carried over.
-    info = {**embedder.info, "facet_layout": embedder.info.get("facet_layout") or previous.get("facet_layout")}
+    info = {
+        **embedder.info,
+        "facet_layout": embedder.info.get("facet_layout") or previous.get("facet_layout"),
+    }
     manifest = write_index_artifact(
-        cfg, storage, version, index, spec, segments, info, counts,
-        {"ingest": ingest_version, "model_ref": previous.get("inputs", {}).get("model_ref"),
-         "previous_index": previous_version},
-        extra={"previous_version": previous_version, "reindex": {**delta, "build": build}, "changed": True})
+        cfg,
+        storage,
+        version,
+        index,
+        spec,
+        segments,
+        info,
+        counts,
+        {
+            "ingest": ingest_version,
+            "model_ref": previous.get("inputs", {}).get("model_ref"),
+            "previous_index": previous_version,
+        },
+        extra={
+            "previous_version": previous_version,
+            "reindex": {**delta, "build": build},
+            "changed": True,
+        },
+    )
     _clear_pending(storage)
     return manifest
 
 
 def _read_verified(storage: Storage, manifest: dict[str, Any], name: str) -> bytes:
-    blob = storage.read_bytes(posixpath.join(STAGE, manifest["version"], manifest.get("files", {}).get(
-        "metadata" if name == METADATA_FILE else "index", name)))
+    blob = storage.read_bytes(
+        posixpath.join(
+            STAGE,
+            manifest["version"],
+            manifest.get("files", {}).get("metadata" if name == METADATA_FILE else "index", name),
+        )
+    )
     expected = manifest.get("checksums", {}).get(name)
     if expected is not None and sha256_bytes(blob) != expected:
-        raise IndexIntegrityError(f"{name} of index {manifest['version']} does not match its manifest checksum")
+        raise IndexIntegrityError(
+            f"{name} of index {manifest['version']} does not match its manifest checksum"
+        )
     return blob
 
 

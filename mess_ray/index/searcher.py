@@ -12,8 +12,9 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import faiss
 import numpy as np
@@ -59,9 +60,16 @@ def normalize(vectors: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr / norms)
 
 
-def select_hits(candidates: Iterable[tuple[int, float]], rows: dict[int, int], track_ids: list[str],
-                start_s: list[float], k: int, exclude_track: str | None = None,
-                exclude_segments: set[int] | None = None, min_gap_s: float = 0.0) -> list[tuple[int, float]]:
+def select_hits(
+    candidates: Iterable[tuple[int, float]],
+    rows: dict[int, int],
+    track_ids: list[str],
+    start_s: list[float],
+    k: int,
+    exclude_track: str | None = None,
+    exclude_segments: set[int] | None = None,
+    min_gap_s: float = 0.0,
+) -> list[tuple[int, float]]:
     """Greedy filtering of (segment_id, similarity) candidates in similarity order.
 
     Drops ids FAISS pads with (-1), the excluded track and segments, and hits closer than
@@ -92,8 +100,9 @@ def select_hits(candidates: Iterable[tuple[int, float]], rows: dict[int, int], t
 EXACT_FILTER_COLUMNS = ("track_id", "piece_id", "style")
 
 
-def mmr_select(candidates: list[tuple[int, float]], vectors: dict[int, np.ndarray], k: int,
-               lambda_: float) -> list[tuple[int, float]]:
+def mmr_select(
+    candidates: list[tuple[int, float]], vectors: dict[int, np.ndarray], k: int, lambda_: float
+) -> list[tuple[int, float]]:
     """Maximal marginal relevance: greedily pick the candidate maximising
     ``lambda * relevance - (1 - lambda) * max similarity to the already picked``.
 
@@ -123,10 +132,18 @@ def mmr_select(candidates: list[tuple[int, float]], vectors: dict[int, np.ndarra
 class SearchIndex:
     """An index artifact loaded for querying."""
 
-    def __init__(self, index: faiss.Index, metadata: pa.Table, spec: IndexSpec,
-                 manifest: dict[str, Any] | None = None, rerank_vectors: dict[int, np.ndarray] | None = None) -> None:
+    def __init__(
+        self,
+        index: faiss.Index,
+        metadata: pa.Table,
+        spec: IndexSpec,
+        manifest: dict[str, Any] | None = None,
+        rerank_vectors: dict[int, np.ndarray] | None = None,
+    ) -> None:
         if index.ntotal != metadata.num_rows:
-            raise ValueError(f"index holds {index.ntotal} vectors but metadata has {metadata.num_rows} rows")
+            raise ValueError(
+                f"index holds {index.ntotal} vectors but metadata has {metadata.num_rows} rows"
+            )
         self.index = configure_for_search(index, spec)
         self.spec = spec
         self.manifest = manifest or {}
@@ -141,18 +158,28 @@ class SearchIndex:
         for i, track in enumerate(self._cols["track_id"]):
             self._track_rows.setdefault(track, []).append(i)
         self._rerank = rerank_vectors
-        self._metadata = [_parse_metadata(raw) for raw in self._cols["metadata_json"]] \
-            if "metadata_json" in self._cols else [{} for _ in range(metadata.num_rows)]
+        self._metadata = (
+            [_parse_metadata(raw) for raw in self._cols["metadata_json"]]
+            if "metadata_json" in self._cols
+            else [{} for _ in range(metadata.num_rows)]
+        )
         # Faceted embeddings carry their part layout in the manifest (top level, or with the model info).
-        raw_layout = self.manifest.get("facet_layout") or self.manifest.get("model", {}).get("facet_layout")
+        raw_layout = self.manifest.get("facet_layout") or self.manifest.get("model", {}).get(
+            "facet_layout"
+        )
         self.facet_layout: Layout | None = parse_layout(_in_dimension_order(raw_layout))
-        if self.facet_layout is not None and max(e for _, e in self.facet_layout.values()) != self.dim:
-            raise ValueError(f"facet layout covers {max(e for _, e in self.facet_layout.values())} dims, "
-                             f"the index has {self.dim}")
+        if (
+            self.facet_layout is not None
+            and max(e for _, e in self.facet_layout.values()) != self.dim
+        ):
+            raise ValueError(
+                f"facet layout covers {max(e for _, e in self.facet_layout.values())} dims, "
+                f"the index has {self.dim}"
+            )
 
     # -- loading -------------------------------------------------------------------------
     @classmethod
-    def load(cls, storage: Storage, version: str | None = None) -> "SearchIndex":
+    def load(cls, storage: Storage, version: str | None = None) -> SearchIndex:
         """The published index ``version`` (default: LATEST), checksums verified."""
         manifest = storage.manifest(STAGE, version)
         base = posixpath.join(STAGE, manifest["version"])
@@ -161,17 +188,26 @@ class SearchIndex:
         index_file = files.get("index", "index.faiss")
         metadata_file = files.get("metadata", "metadata.parquet")
         # An on-disk IVF index (index.ivfdata beside it) is memory-mapped; its checksum is verified too.
-        index = load_index(storage, posixpath.join(base, index_file), checksums.get(index_file),
-                           ivfdata_sha256=checksums.get(files.get("ivfdata", "index.ivfdata")))
+        index = load_index(
+            storage,
+            posixpath.join(base, index_file),
+            checksums.get(index_file),
+            ivfdata_sha256=checksums.get(files.get("ivfdata", "index.ivfdata")),
+        )
         blob = storage.read_bytes(posixpath.join(base, metadata_file))
         if metadata_file in checksums and sha256_bytes(blob) != checksums[metadata_file]:
-            raise ValueError(f"checksum mismatch for {metadata_file} of index {manifest['version']}")
+            raise ValueError(
+                f"checksum mismatch for {metadata_file} of index {manifest['version']}"
+            )
         metadata = pq.read_table(io.BytesIO(blob))
         spec = IndexSpec.from_dict(manifest["index"])
         rerank = None
         if spec.rerank:
-            rerank = _load_vectors(storage, posixpath.join(base, files.get("vectors", "vectors")),
-                                   manifest.get("vector_checksums"))
+            rerank = _load_vectors(
+                storage,
+                posixpath.join(base, files.get("vectors", "vectors")),
+                manifest.get("vector_checksums"),
+            )
         return cls(index, metadata, spec, manifest, rerank)
 
     # -- lookups -------------------------------------------------------------------------
@@ -195,11 +231,19 @@ class SearchIndex:
     def track(self, track_id: str) -> dict[str, Any]:
         """A track's summary plus its segments."""
         summary = self._track_summary(track_id)
-        summary["segments"] = [{"segment_id": int(self._cols["segment_id"][r]), "start_s": self._cols["start_s"][r],
-                                "end_s": self._cols["end_s"][r]} for r in self._track_rows[track_id]]
+        summary["segments"] = [
+            {
+                "segment_id": int(self._cols["segment_id"][r]),
+                "start_s": self._cols["start_s"][r],
+                "end_s": self._cols["end_s"][r],
+            }
+            for r in self._track_rows[track_id]
+        ]
         return summary
 
-    def segments_in_span(self, track_id: str, start_s: float, end_s: float | None = None) -> list[int]:
+    def segments_in_span(
+        self, track_id: str, start_s: float, end_s: float | None = None
+    ) -> list[int]:
         """Segments overlapping [start_s, end_s]; without end_s the one segment best covering start_s."""
         rows = self._rows_of_track(track_id)
         if start_s < 0:
@@ -209,7 +253,9 @@ class SearchIndex:
         starts, ends = self._cols["start_s"], self._cols["end_s"]
         duration = max(ends[r] for r in rows)
         if start_s >= duration:
-            raise ValueError(f"start_s {start_s} is past the end of track {track_id!r} ({duration:.2f} s)")
+            raise ValueError(
+                f"start_s {start_s} is past the end of track {track_id!r} ({duration:.2f} s)"
+            )
         if end_s is None:
             covering = [r for r in rows if starts[r] <= start_s < ends[r]]
             if not covering:
@@ -217,9 +263,15 @@ class SearchIndex:
             # With overlapping windows several cover the instant: take the one starting closest to it.
             best = min(covering, key=lambda r: start_s - starts[r])
             return [int(self._cols["segment_id"][best])]
-        return [int(self._cols["segment_id"][r]) for r in rows if starts[r] < end_s and ends[r] > start_s]
+        return [
+            int(self._cols["segment_id"][r])
+            for r in rows
+            if starts[r] < end_s and ends[r] > start_s
+        ]
 
-    def span_vector(self, track_id: str, start_s: float, end_s: float | None = None) -> tuple[np.ndarray, list[int]]:
+    def span_vector(
+        self, track_id: str, start_s: float, end_s: float | None = None
+    ) -> tuple[np.ndarray, list[int]]:
         """Mean of the vectors of the segments in the span, re-normalised; and those segments."""
         ids = self.segments_in_span(track_id, start_s, end_s)
         vectors = np.stack([self.vector(sid) for sid in ids])
@@ -233,7 +285,9 @@ class SearchIndex:
 
     def filter_rows(self, filters: dict[str, str] | None) -> set[int] | None:
         """Segment ids passing all ``filters`` (None: no filter). Unknown fields are errors."""
-        filters = {k: v for k, v in (filters or {}).items() if v is not None and str(v).strip() != ""}
+        filters = {
+            k: v for k, v in (filters or {}).items() if v is not None and str(v).strip() != ""
+        }
         if not filters:
             return None
         fields = self.filter_fields()
@@ -248,15 +302,26 @@ class SearchIndex:
                 keep &= np.array([str(v) == wanted_s for v in column], dtype=bool)
             else:
                 needle = wanted_s.casefold()
-                keep &= np.array([name in m and needle in str(m[name]).casefold() for m in self._metadata],
-                                 dtype=bool)
+                keep &= np.array(
+                    [name in m and needle in str(m[name]).casefold() for m in self._metadata],
+                    dtype=bool,
+                )
         ids = self._cols["segment_id"]
         return {int(ids[r]) for r in np.flatnonzero(keep)}
 
-    def search(self, query: np.ndarray, k: int = 10, exclude_track: str | None = None, min_gap_s: float = 0.0,
-               exclude_segments: Iterable[int] = (), *, facet_weights: dict[str, float] | None = None,
-               filters: dict[str, str] | None = None, mmr_lambda: float | None = None,
-               mmr_pool: int = 50) -> list[Hit]:
+    def search(
+        self,
+        query: np.ndarray,
+        k: int = 10,
+        exclude_track: str | None = None,
+        min_gap_s: float = 0.0,
+        exclude_segments: Iterable[int] = (),
+        *,
+        facet_weights: dict[str, float] | None = None,
+        filters: dict[str, str] | None = None,
+        mmr_lambda: float | None = None,
+        mmr_pool: int = 50,
+    ) -> list[Hit]:
         """Nearest passages to one query vector, best first.
 
         ``facet_weights`` (needs a faceted index) rank by ``sum_p w_p cos_p``; ``filters`` keep
@@ -273,15 +338,21 @@ class SearchIndex:
         if q.shape[1] != self.dim:
             raise ValueError(f"query has dimension {q.shape[1]}, the index {self.dim}")
         if facet_weights and self.facet_layout is None:
-            raise ValueError("facet weights need a faceted index: this index's model has no facet heads "
-                             "(no facet_layout in its manifest); search without facet weights")
+            raise ValueError(
+                "facet weights need a faceted index: this index's model has no facet heads "
+                "(no facet_layout in its manifest); search without facet weights"
+            )
         if self.facet_layout is not None:
             # Averaged queries (several windows, a time span) have parts of unequal norms:
             # re-compose so every part is a unit direction and scores are exact mean/weighted cosines.
-            q = compose({name: q[:, a:b] for name, (a, b) in self.facet_layout.items()}, self.facet_layout)
+            q = compose(
+                {name: q[:, a:b] for name, (a, b) in self.facet_layout.items()}, self.facet_layout
+            )
         plain = q
         if facet_weights:
-            q = np.ascontiguousarray(weighted_query(q, self.facet_layout, facet_weights), dtype=np.float32)
+            q = np.ascontiguousarray(
+                weighted_query(q, self.facet_layout, facet_weights), dtype=np.float32
+            )
         allowed = self.filter_rows(filters)
         if allowed is not None and not allowed:
             return []
@@ -289,7 +360,9 @@ class SearchIndex:
         diverse = mmr_lambda is not None and mmr_lambda < 1
         want = max(mmr_pool, 4 * k) if diverse else k
         total = self.index.ntotal
-        fetch = min(total, max(4 * want, want + len(excluded)) * (4 if self._rerank is not None else 1))
+        fetch = min(
+            total, max(4 * want, want + len(excluded)) * (4 if self._rerank is not None else 1)
+        )
         if allowed is not None and len(allowed) < total:
             # A selective filter: look deeper at once rather than widening step by step.
             fetch = min(total, max(fetch, want * total // max(1, len(allowed))))
@@ -297,33 +370,66 @@ class SearchIndex:
             candidates = self._candidates(q, fetch)
             if allowed is not None:
                 candidates = [(sid, score) for sid, score in candidates if sid in allowed]
-            kept = select_hits(candidates, self._rows, self._cols["track_id"], self._cols["start_s"], want,
-                               exclude_track, excluded, min_gap_s)
+            kept = select_hits(
+                candidates,
+                self._rows,
+                self._cols["track_id"],
+                self._cols["start_s"],
+                want,
+                exclude_track,
+                excluded,
+                min_gap_s,
+            )
             # Filters can eat candidates: widen the search until enough survive or the corpus is exhausted.
             if len(kept) >= want or fetch >= total:
                 break
             fetch = min(total, fetch * 4)
         if diverse:
-            kept = mmr_select(kept, {sid: self.vector(sid) for sid, _ in kept}, k, float(mmr_lambda))
+            kept = mmr_select(
+                kept, {sid: self.vector(sid) for sid, _ in kept}, k, float(mmr_lambda)
+            )
         hits = [self._hit(rank, sid, score) for rank, (sid, score) in enumerate(kept, start=1)]
         if self.facet_layout is not None and hits:
-            parts = part_similarities(plain[0], np.stack([self.vector(h.segment_id) for h in hits]), self.facet_layout)
+            parts = part_similarities(
+                plain[0], np.stack([self.vector(h.segment_id) for h in hits]), self.facet_layout
+            )
             for i, hit in enumerate(hits):
                 hit.facet_similarities = {name: round(float(v[i]), 6) for name, v in parts.items()}
         return hits
 
-    def search_by_segment(self, segment_id: int, k: int = 10, exclude_track: str | None = None,
-                          min_gap_s: float = 0.0, **options: Any) -> list[Hit]:
+    def search_by_segment(
+        self,
+        segment_id: int,
+        k: int = 10,
+        exclude_track: str | None = None,
+        min_gap_s: float = 0.0,
+        **options: Any,
+    ) -> list[Hit]:
         """Passages like a stored segment (the segment itself excluded); ``options`` as in :meth:`search`."""
-        return self.search(self.vector(segment_id), k, exclude_track, min_gap_s, exclude_segments=[segment_id],
-                           **options)
+        return self.search(
+            self.vector(segment_id),
+            k,
+            exclude_track,
+            min_gap_s,
+            exclude_segments=[segment_id],
+            **options,
+        )
 
-    def search_by_track(self, track_id: str, start_s: float, end_s: float | None = None, k: int = 10,
-                        exclude_track: str | None = None, min_gap_s: float = 0.0,
-                        **options: Any) -> tuple[list[int], list[Hit]]:
+    def search_by_track(
+        self,
+        track_id: str,
+        start_s: float,
+        end_s: float | None = None,
+        k: int = 10,
+        exclude_track: str | None = None,
+        min_gap_s: float = 0.0,
+        **options: Any,
+    ) -> tuple[list[int], list[Hit]]:
         """Passages like a time span of a track; the query's own segments are excluded."""
         vector, ids = self.span_vector(track_id, start_s, end_s)
-        return ids, self.search(vector, k, exclude_track, min_gap_s, exclude_segments=ids, **options)
+        return ids, self.search(
+            vector, k, exclude_track, min_gap_s, exclude_segments=ids, **options
+        )
 
     # -- internals -----------------------------------------------------------------------
     def _candidates(self, q: np.ndarray, fetch: int) -> list[tuple[int, float]]:
@@ -331,7 +437,9 @@ class SearchIndex:
         pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
         if self._rerank is not None:
             # IVF-PQ scores are approximate: re-score candidates exactly with the raw vectors.
-            pairs = sorted(((i, float(self._rerank[i] @ q[0])) for i, _ in pairs), key=lambda p: -p[1])
+            pairs = sorted(
+                ((i, float(self._rerank[i] @ q[0])) for i, _ in pairs), key=lambda p: -p[1]
+            )
         return pairs
 
     def _row(self, segment_id: int) -> int:
@@ -355,15 +463,30 @@ class SearchIndex:
     def _track_summary(self, track_id: str) -> dict[str, Any]:
         rows = self._rows_of_track(track_id)
         first = self._row_dict(rows[0])
-        return {"track_id": track_id, "piece_id": first["piece_id"], "style": first["style"],
-                "source_uri": first["source_uri"], "num_segments": len(rows),
-                "duration_s": float(max(self._cols["end_s"][r] for r in rows)), "metadata": first["metadata"]}
+        return {
+            "track_id": track_id,
+            "piece_id": first["piece_id"],
+            "style": first["style"],
+            "source_uri": first["source_uri"],
+            "num_segments": len(rows),
+            "duration_s": float(max(self._cols["end_s"][r] for r in rows)),
+            "metadata": first["metadata"],
+        }
 
     def _hit(self, rank: int, segment_id: int, similarity: float) -> Hit:
         d = self._row_dict(self._rows[segment_id])
-        return Hit(rank=rank, segment_id=segment_id, track_id=d["track_id"], piece_id=d["piece_id"],
-                   style=d["style"], start_s=float(d["start_s"]), end_s=float(d["end_s"]),
-                   similarity=similarity, source_uri=d["source_uri"], metadata=d["metadata"])
+        return Hit(
+            rank=rank,
+            segment_id=segment_id,
+            track_id=d["track_id"],
+            piece_id=d["piece_id"],
+            style=d["style"],
+            start_s=float(d["start_s"]),
+            end_s=float(d["end_s"]),
+            similarity=similarity,
+            source_uri=d["source_uri"],
+            metadata=d["metadata"],
+        )
 
 
 def _in_dimension_order(raw: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -386,10 +509,14 @@ def _parse_metadata(raw: str | None) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"value": value}
 
 
-def _load_vectors(storage: Storage, rel: str, checksums: dict[str, str] | None = None) -> dict[int, np.ndarray]:
+def _load_vectors(
+    storage: Storage, rel: str, checksums: dict[str, str] | None = None
+) -> dict[int, np.ndarray]:
     names = sorted(n for n in storage.listdir(rel) if n.endswith(".parquet"))
     if checksums is not None and set(names) != set(checksums):
-        raise ValueError(f"vector files under {storage.url(rel)} differ from those the manifest lists")
+        raise ValueError(
+            f"vector files under {storage.url(rel)} differ from those the manifest lists"
+        )
     out: dict[int, np.ndarray] = {}
     for name in tqdm(names, desc="load re-ranking vectors", unit="file", disable=len(names) < 8):
         blob = storage.read_bytes(posixpath.join(rel, name))

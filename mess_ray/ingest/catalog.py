@@ -39,12 +39,24 @@ def _json(obj: dict[str, Any]) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
 
-def catalog_row(source_uri: str, track_id: str, piece_id: str = "", style: str = "",
-                metadata: dict[str, Any] | None = None, size: int = -1) -> dict[str, Any]:
+def catalog_row(
+    source_uri: str,
+    track_id: str,
+    piece_id: str = "",
+    style: str = "",
+    metadata: dict[str, Any] | None = None,
+    size: int = -1,
+) -> dict[str, Any]:
     if not track_id:
         raise ValueError(f"empty track_id for {source_uri!r}")
-    return {"source_uri": source_uri, "track_id": str(track_id), "piece_id": str(piece_id or ""),
-            "style": str(style or ""), "metadata_json": _json(metadata or {}), "size": int(size)}
+    return {
+        "source_uri": source_uri,
+        "track_id": str(track_id),
+        "piece_id": str(piece_id or ""),
+        "style": str(style or ""),
+        "metadata_json": _json(metadata or {}),
+        "size": int(size),
+    }
 
 
 def fingerprint(row: dict[str, Any]) -> str:
@@ -57,7 +69,9 @@ def resolve_catalog_kind(source: str | None, catalog: str) -> str:
     """The catalog kind for ``cfg.ingest.source``; "auto" decides by what the source looks like."""
     if catalog != "auto":
         if catalog != "render" and source is None:
-            raise ValueError(f"ingest.catalog={catalog!r} needs ingest.source (a folder or manifest)")
+            raise ValueError(
+                f"ingest.catalog={catalog!r} needs ingest.source (a folder or manifest)"
+            )
         return catalog
     if source is None:
         return "render"
@@ -69,16 +83,22 @@ def _check_unique(rows: list[dict[str, Any]], where: str) -> None:
     for row in rows:
         other = seen.setdefault(row["track_id"], row["source_uri"])
         if other != row["source_uri"]:
-            raise ValueError(f"{where}: track_id {row['track_id']!r} is used by both "
-                             f"{other!r} and {row['source_uri']!r}; track ids must be unique")
+            raise ValueError(
+                f"{where}: track_id {row['track_id']!r} is used by both "
+                f"{other!r} and {row['source_uri']!r}; track ids must be unique"
+            )
 
 
-def catalog_from_render(storage: Storage, version: str | None = None) -> tuple[list[dict[str, Any]], str]:
+def catalog_from_render(
+    storage: Storage, version: str | None = None
+) -> tuple[list[dict[str, Any]], str]:
     """Rows for the files of a render artifact (default: the latest) and its version."""
     version = version or storage.require_latest("render")
     rel = posixpath.join("render", version, "catalog.parquet")
     if not storage.exists(rel):
-        raise FileNotFoundError(f"render artifact {version} has no catalog.parquet at {storage.url(rel)}")
+        raise FileNotFoundError(
+            f"render artifact {version} has no catalog.parquet at {storage.url(rel)}"
+        )
     with storage.open(rel) as f:
         table = pq.read_table(f)
     missing = {"track_id", "path"} - set(table.column_names)
@@ -86,16 +106,25 @@ def catalog_from_render(storage: Storage, version: str | None = None) -> tuple[l
         raise ValueError(f"{storage.url(rel)} lacks columns {sorted(missing)}")
     # One listing gives every size (one request on S3 instead of one per file).
     base = storage.path("render", version)
-    sizes = {posixpath.relpath(p, base): int(info.get("size") or 0)
-             for p, info in storage.fs.find(base, detail=True).items()}
+    sizes = {
+        posixpath.relpath(p, base): int(info.get("size") or 0)
+        for p, info in storage.fs.find(base, detail=True).items()
+    }
     rows = []
     for rec in table.to_pylist():
         path = str(rec["path"])
         metadata = {k: v for k, v in rec.items() if k not in _RENDER_FIELDS}
         metadata["render_version"] = version
-        rows.append(catalog_row(storage.url("render", version, path), rec["track_id"],
-                                rec.get("piece_id") or "", rec.get("style") or "", metadata,
-                                sizes.get(path, -1)))
+        rows.append(
+            catalog_row(
+                storage.url("render", version, path),
+                rec["track_id"],
+                rec.get("piece_id") or "",
+                rec.get("style") or "",
+                metadata,
+                sizes.get(path, -1),
+            )
+        )
     _check_unique(rows, storage.url(rel))
     return rows, version
 
@@ -118,15 +147,28 @@ def catalog_from_folder(url: str, s3_endpoint_url: str | None = None) -> list[di
     if not fs.exists(base):
         raise FileNotFoundError(f"ingest source folder {url!r} does not exist")
     if not fs.isdir(base):
-        raise ValueError(f"ingest source {url!r} is a file; use a folder or a .csv/.parquet manifest")
-    found = {posixpath.relpath(p, base): info for p, info in fs.find(base, detail=True).items()
-             if info.get("type", "file") != "directory"}
+        raise ValueError(
+            f"ingest source {url!r} is a file; use a folder or a .csv/.parquet manifest"
+        )
+    found = {
+        posixpath.relpath(p, base): info
+        for p, info in fs.find(base, detail=True).items()
+        if info.get("type", "file") != "directory"
+    }
     ids = _unique_track_ids(sorted(found))
     rows = []
     for rel in sorted(found):
         ext = posixpath.splitext(rel)[1].lower().lstrip(".")
-        rows.append(catalog_row(_url(fs.protocol, posixpath.join(base, rel)), ids[rel], ids[rel], "",
-                                {"relative_path": rel, "extension": ext}, int(found[rel].get("size") or 0)))
+        rows.append(
+            catalog_row(
+                _url(fs.protocol, posixpath.join(base, rel)),
+                ids[rel],
+                ids[rel],
+                "",
+                {"relative_path": rel, "extension": ext},
+                int(found[rel].get("size") or 0),
+            )
+        )
     return rows
 
 
@@ -136,8 +178,9 @@ def _read_manifest_table(fs, path: str) -> pa.Table:
     if path.lower().endswith(".csv"):
         # Every column as text: ids like "007" must not become numbers.
         names = pacsv.read_csv(io.BytesIO(data)).column_names
-        options = pacsv.ConvertOptions(column_types={name: pa.string() for name in names},
-                                       strings_can_be_null=False)
+        options = pacsv.ConvertOptions(
+            column_types={name: pa.string() for name in names}, strings_can_be_null=False
+        )
         return pacsv.read_csv(io.BytesIO(data), convert_options=options)
     return pq.read_table(io.BytesIO(data))
 
@@ -162,23 +205,40 @@ def catalog_from_manifest(url: str, s3_endpoint_url: str | None = None) -> list[
             uri, default_id = entry, posixpath.splitext(posixpath.basename(file_path))[0]
         else:
             file_fs = fs
-            file_path = entry if posixpath.isabs(entry) else posixpath.normpath(posixpath.join(folder, entry))
+            file_path = (
+                entry
+                if posixpath.isabs(entry)
+                else posixpath.normpath(posixpath.join(folder, entry))
+            )
             uri = _url(fs.protocol, file_path)
-            default_id = posixpath.splitext(entry)[0] if not posixpath.isabs(entry) else \
-                posixpath.splitext(posixpath.basename(entry))[0]
+            default_id = (
+                posixpath.splitext(entry)[0]
+                if not posixpath.isabs(entry)
+                else posixpath.splitext(posixpath.basename(entry))[0]
+            )
         try:
             size = int(file_fs.size(file_path) or 0)
         except FileNotFoundError:
             size = -1  # ingest rejects it as unreadable, with the reason
         track_id = rec.get("track_id") or default_id
         metadata = {k: v for k, v in rec.items() if k not in _MANIFEST_FIELDS}
-        rows.append(catalog_row(uri, track_id, rec.get("piece_id") or track_id, rec.get("style") or "",
-                                metadata, size))
+        rows.append(
+            catalog_row(
+                uri,
+                track_id,
+                rec.get("piece_id") or track_id,
+                rec.get("style") or "",
+                metadata,
+                size,
+            )
+        )
     _check_unique(rows, url)
     return rows
 
 
-def build_catalog(cfg: MessRayConfig, storage: Storage) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def build_catalog(
+    cfg: MessRayConfig, storage: Storage
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Catalog rows (sorted by track id, cut to ``max_files``) and a description of the source."""
     from mess_ray.ingest.corpora import catalog_from_asap, catalog_from_maestro, detect_corpus
 
@@ -193,7 +253,11 @@ def build_catalog(cfg: MessRayConfig, storage: Storage) -> tuple[list[dict[str, 
         source = {"kind": "folder", "url": cfg.ingest.source, "key": f"folder:{cfg.ingest.source}"}
     elif kind == "manifest":
         rows = catalog_from_manifest(cfg.ingest.source, cfg.storage.s3_endpoint_url)
-        source = {"kind": "manifest", "url": cfg.ingest.source, "key": f"manifest:{cfg.ingest.source}"}
+        source = {
+            "kind": "manifest",
+            "url": cfg.ingest.source,
+            "key": f"manifest:{cfg.ingest.source}",
+        }
     elif kind in ("maestro", "asap"):
         reader = catalog_from_maestro if kind == "maestro" else catalog_from_asap
         rows = reader(cfg.ingest.source, cfg.storage.s3_endpoint_url)

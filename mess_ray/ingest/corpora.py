@@ -54,7 +54,9 @@ def maestro_piece_id(composer: str, title: str) -> str:
 def _read_text_csv(data: bytes) -> list[dict[str, Any]]:
     # Every column as text (ids like "007" stay text); numbers are converted where known.
     names = pacsv.read_csv(io.BytesIO(data)).column_names
-    options = pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False)
+    options = pacsv.ConvertOptions(
+        column_types={n: pa.string() for n in names}, strings_can_be_null=False
+    )
     return pacsv.read_csv(io.BytesIO(data), convert_options=options).to_pylist()
 
 
@@ -84,7 +86,9 @@ def _columns(records: list[dict[str, Any]]) -> set[str]:
 def _require(records: list[dict[str, Any]], required: tuple[str, ...], where: str) -> None:
     missing = set(required) - _columns(records)
     if missing:
-        raise ValueError(f"{where} lacks columns {sorted(missing)} (has {sorted(_columns(records))})")
+        raise ValueError(
+            f"{where} lacks columns {sorted(missing)} (has {sorted(_columns(records))})"
+        )
 
 
 def _number(value: Any, kind: type) -> Any:
@@ -105,7 +109,9 @@ def _root_and_metadata(url: str, s3_endpoint_url: str | None, pick) -> tuple[Any
         return fs, posixpath.dirname(path), path
     metadata = pick(fs, path)
     if metadata is None:
-        raise ValueError(f"{url!r} does not look like the expected corpus layout (metadata file not found)")
+        raise ValueError(
+            f"{url!r} does not look like the expected corpus layout (metadata file not found)"
+        )
     return fs, path, metadata
 
 
@@ -125,8 +131,11 @@ def find_asap_metadata(fs, root: str) -> str | None:
 
 def _sizes(fs, root: str) -> dict[str, int]:
     """Size of every file under ``root`` by relative path: one listing, not a request per file."""
-    return {posixpath.relpath(p, root): int(info.get("size") or 0)
-            for p, info in fs.find(root, detail=True).items() if info.get("type", "file") != "directory"}
+    return {
+        posixpath.relpath(p, root): int(info.get("size") or 0)
+        for p, info in fs.find(root, detail=True).items()
+        if info.get("type", "file") != "directory"
+    }
 
 
 def _open_layout(url: str, s3_endpoint_url: str | None, find_metadata, required, corpus: str):
@@ -140,23 +149,37 @@ def _open_layout(url: str, s3_endpoint_url: str | None, find_metadata, required,
 
 def catalog_from_maestro(url: str, s3_endpoint_url: str | None = None) -> list[dict[str, Any]]:
     """Rows for a MAESTRO layout: ``url`` is its root folder or its metadata CSV/JSON."""
-    fs, root, records, where, sizes = _open_layout(url, s3_endpoint_url, find_maestro_metadata,
-                                                   MAESTRO_REQUIRED, "MAESTRO")
+    fs, root, records, where, sizes = _open_layout(
+        url, s3_endpoint_url, find_maestro_metadata, MAESTRO_REQUIRED, "MAESTRO"
+    )
     rows = []
     for i, rec in enumerate(records):
         audio = str(rec.get("audio_filename") or "")
         if not audio:
             raise ValueError(f"{where} row {i}: empty audio_filename")
         metadata = {k: v for k, v in rec.items()}
-        metadata.update(composer=rec.get("canonical_composer"), title=rec.get("canonical_title"),
-                        split=rec.get("split"), year=_number(rec.get("year"), int),
-                        duration=_number(rec.get("duration"), float), corpus="maestro")
+        metadata.update(
+            composer=rec.get("canonical_composer"),
+            title=rec.get("canonical_title"),
+            split=rec.get("split"),
+            year=_number(rec.get("year"), int),
+            duration=_number(rec.get("duration"), float),
+            corpus="maestro",
+        )
         midi = rec.get("midi_filename")
         metadata["midi_uri"] = _url(fs.protocol, posixpath.join(root, midi)) if midi else None
-        rows.append(catalog_row(_url(fs.protocol, posixpath.join(root, audio)), posixpath.splitext(audio)[0],
-                                maestro_piece_id(rec.get("canonical_composer") or "",
-                                                 rec.get("canonical_title") or ""),
-                                "", metadata, sizes.get(posixpath.normpath(audio), -1)))
+        rows.append(
+            catalog_row(
+                _url(fs.protocol, posixpath.join(root, audio)),
+                posixpath.splitext(audio)[0],
+                maestro_piece_id(
+                    rec.get("canonical_composer") or "", rec.get("canonical_title") or ""
+                ),
+                "",
+                metadata,
+                sizes.get(posixpath.normpath(audio), -1),
+            )
+        )
     _check_unique(rows, where)
     return rows
 
@@ -175,8 +198,9 @@ def _asap_audio(rec: dict[str, Any], sizes: dict[str, int]) -> str:
 
 def catalog_from_asap(url: str, s3_endpoint_url: str | None = None) -> list[dict[str, Any]]:
     """Rows for an ASAP-style layout: ``url`` is its root folder or its ``metadata.csv``."""
-    fs, root, records, where, sizes = _open_layout(url, s3_endpoint_url, find_asap_metadata,
-                                                   ASAP_REQUIRED, "ASAP")
+    fs, root, records, where, sizes = _open_layout(
+        url, s3_endpoint_url, find_asap_metadata, ASAP_REQUIRED, "ASAP"
+    )
     rows = []
     for i, rec in enumerate(records):
         midi = str(rec.get("midi_performance") or "")
@@ -187,18 +211,31 @@ def catalog_from_asap(url: str, s3_endpoint_url: str | None = None) -> list[dict
         metadata = dict(rec)
         metadata.update(corpus="asap", midi_uri=_url(fs.protocol, posixpath.join(root, midi)))
         annotations = rec.get("performance_annotations")
-        metadata["annotations_uri"] = _url(fs.protocol, posixpath.join(root, annotations)) if annotations else None
+        metadata["annotations_uri"] = (
+            _url(fs.protocol, posixpath.join(root, annotations)) if annotations else None
+        )
         score_annotations = rec.get("midi_score_annotations")
-        metadata["score_annotations_uri"] = (_url(fs.protocol, posixpath.join(root, score_annotations))
-                                             if score_annotations else None)
-        rows.append(catalog_row(_url(fs.protocol, posixpath.join(root, audio)), posixpath.splitext(midi)[0],
-                                piece, "", metadata, sizes.get(audio, -1)))
+        metadata["score_annotations_uri"] = (
+            _url(fs.protocol, posixpath.join(root, score_annotations))
+            if score_annotations
+            else None
+        )
+        rows.append(
+            catalog_row(
+                _url(fs.protocol, posixpath.join(root, audio)),
+                posixpath.splitext(midi)[0],
+                piece,
+                "",
+                metadata,
+                sizes.get(audio, -1),
+            )
+        )
     _check_unique(rows, where)
     return rows
 
 
 def detect_corpus(url: str, s3_endpoint_url: str | None = None) -> str | None:
-    """"maestro" or "asap" when ``url`` (folder or metadata file) has that layout, else None."""
+    """ "maestro" or "asap" when ``url`` (folder or metadata file) has that layout, else None."""
     fs, path = make_filesystem(url, s3_endpoint_url)
     if not fs.exists(path):
         return None

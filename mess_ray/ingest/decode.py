@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import soundfile as sf
@@ -22,7 +22,14 @@ import soxr
 
 from mess_ray.storage import make_filesystem
 
-REJECT_REASONS = ("unreadable", "truncated", "zero_length", "not_audio", "too_short", "decode_error")
+REJECT_REASONS = (
+    "unreadable",
+    "truncated",
+    "zero_length",
+    "not_audio",
+    "too_short",
+    "decode_error",
+)
 SNIFF_BYTES = 65536
 # Formats whose header states the exact frame count, so reading fewer frames means truncation.
 EXACT_LENGTH_FORMATS = {"WAV", "WAVEX", "RF64", "W64", "AIFF", "AIFC", "FLAC", "CAF", "AU", "WVE"}
@@ -42,11 +49,26 @@ class RejectError(Exception):
         self.detail = detail
 
 
-_MAGIC_AUDIO = [(b"RIFF", "wav"), (b"RF64", "wav"), (b"fLaC", "flac"), (b"OggS", "ogg"), (b"ID3", "mp3"),
-                (b"FORM", "aiff"), (b".snd", "au"), (b"caff", "caf")]
-_MAGIC_OTHER = [(b"MThd", "MIDI file (symbolic music, not audio)"), (b"%PDF", "PDF document"),
-                (b"\x89PNG", "PNG image"), (b"\xff\xd8\xff", "JPEG image"), (b"PK\x03\x04", "zip archive"),
-                (b"PAR1", "Parquet file"), (b"\x1f\x8b", "gzip archive"), (b"GIF8", "GIF image")]
+_MAGIC_AUDIO = [
+    (b"RIFF", "wav"),
+    (b"RF64", "wav"),
+    (b"fLaC", "flac"),
+    (b"OggS", "ogg"),
+    (b"ID3", "mp3"),
+    (b"FORM", "aiff"),
+    (b".snd", "au"),
+    (b"caff", "caf"),
+]
+_MAGIC_OTHER = [
+    (b"MThd", "MIDI file (symbolic music, not audio)"),
+    (b"%PDF", "PDF document"),
+    (b"\x89PNG", "PNG image"),
+    (b"\xff\xd8\xff", "JPEG image"),
+    (b"PK\x03\x04", "zip archive"),
+    (b"PAR1", "Parquet file"),
+    (b"\x1f\x8b", "gzip archive"),
+    (b"GIF8", "GIF image"),
+]
 
 
 def sniff(head: bytes) -> tuple[str, str]:
@@ -80,12 +102,14 @@ def wav_truncation(head: bytes, file_size: int) -> str | None:
         return None
     pos = 12
     while pos + 8 <= len(head):
-        chunk_id, chunk_size = head[pos:pos + 4], struct.unpack("<I", head[pos + 4:pos + 8])[0]
+        chunk_id, chunk_size = head[pos : pos + 4], struct.unpack("<I", head[pos + 4 : pos + 8])[0]
         if chunk_id == b"data":
             end = pos + 8 + chunk_size
             if end > file_size:
-                return (f"WAV data chunk declares {chunk_size} bytes but only {file_size - pos - 8} "
-                        f"are present ({file_size} byte file)")
+                return (
+                    f"WAV data chunk declares {chunk_size} bytes but only {file_size - pos - 8} "
+                    f"are present ({file_size} byte file)"
+                )
             return None
         pos += 8 + chunk_size + (chunk_size & 1)  # chunks are word aligned
     if len(head) >= file_size:
@@ -108,7 +132,9 @@ def open_source(uri: str, s3_endpoint_url: str | None = None):
     """A binary file object for a local path or fsspec URL; I/O failures become 'unreadable'."""
     try:
         fs, path = make_filesystem(uri, s3_endpoint_url)
-        options = {} if fs.protocol in ("file", ("file", "local")) else {"block_size": FSSPEC_BLOCK_SIZE}
+        options = (
+            {} if fs.protocol in ("file", ("file", "local")) else {"block_size": FSSPEC_BLOCK_SIZE}
+        )
         handle = fs.open(path, "rb", **options)
     except FileNotFoundError as err:
         raise RejectError("unreadable", f"file not found: {uri} ({err})") from err
@@ -150,7 +176,9 @@ def _open_soundfile(fobj, uri: str) -> sf.SoundFile:
         fobj.seek(0)
         kind, what = sniff(fobj.read(SNIFF_BYTES))
         if kind == "audio":
-            raise RejectError("unreadable", f"{what} header found but libsndfile cannot open it: {err}") from err
+            raise RejectError(
+                "unreadable", f"{what} header found but libsndfile cannot open it: {err}"
+            ) from err
         raise RejectError("unreadable", f"not a recognised audio format ({what}): {err}") from err
 
 
@@ -163,8 +191,9 @@ def mono_blocks(snd: sf.SoundFile, block_frames: int) -> Iterator[np.ndarray]:
         yield block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0].copy()
 
 
-def resample_blocks(blocks: Iterator[np.ndarray], in_rate: int, out_rate: int,
-                    counter: dict[str, int] | None = None) -> Iterator[np.ndarray]:
+def resample_blocks(
+    blocks: Iterator[np.ndarray], in_rate: int, out_rate: int, counter: dict[str, int] | None = None
+) -> Iterator[np.ndarray]:
     """Stream-resample blocks; the total output length is exactly round(n_in * out / in).
 
     One block of look-ahead tells which block is the last, so the resampler is flushed
@@ -173,8 +202,11 @@ def resample_blocks(blocks: Iterator[np.ndarray], in_rate: int, out_rate: int,
     """
     counter = counter if counter is not None else {}
     counter["in"] = 0
-    stream = soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32", quality="HQ") \
-        if in_rate != out_rate else None
+    stream = (
+        soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32", quality="HQ")
+        if in_rate != out_rate
+        else None
+    )
     produced = 0
     iterator = iter(blocks)
     current = next(iterator, None)
@@ -186,7 +218,7 @@ def resample_blocks(blocks: Iterator[np.ndarray], in_rate: int, out_rate: int,
         if last:
             expected = round(counter["in"] * out_rate / in_rate)
             missing = expected - (produced + len(out))
-            out = np.pad(out, (0, missing)) if missing > 0 else out[:len(out) + missing]
+            out = np.pad(out, (0, missing)) if missing > 0 else out[: len(out) + missing]
         produced += len(out)
         if len(out):
             yield np.asarray(out, dtype=np.float32)
@@ -194,12 +226,19 @@ def resample_blocks(blocks: Iterator[np.ndarray], in_rate: int, out_rate: int,
 
 
 def open_audio_info(snd: sf.SoundFile) -> AudioInfo:
-    return AudioInfo(int(snd.samplerate), int(snd.channels), int(snd.frames), snd.format, snd.subtype)
+    return AudioInfo(
+        int(snd.samplerate), int(snd.channels), int(snd.frames), snd.format, snd.subtype
+    )
 
 
-def decode_stream(uri: str, sample_rate: int, read_block_s: float, min_duration_s: float = 0.0,
-                  s3_endpoint_url: str | None = None,
-                  stats: dict | None = None) -> Iterator[np.ndarray]:
+def decode_stream(
+    uri: str,
+    sample_rate: int,
+    read_block_s: float,
+    min_duration_s: float = 0.0,
+    s3_endpoint_url: str | None = None,
+    stats: dict | None = None,
+) -> Iterator[np.ndarray]:
     """Mono float32 blocks of ``uri`` at ``sample_rate``, read ``read_block_s`` seconds at a time.
 
     Raises :class:`RejectError` (possibly after some blocks were yielded, e.g. a file that is
@@ -214,18 +253,31 @@ def decode_stream(uri: str, sample_rate: int, read_block_s: float, min_duration_
             info = open_audio_info(snd)
             stats["info"] = info
             if info.sample_rate <= 0 or info.channels <= 0:
-                raise RejectError("decode_error", f"invalid stream: {info.sample_rate} Hz, {info.channels} channels")
+                raise RejectError(
+                    "decode_error",
+                    f"invalid stream: {info.sample_rate} Hz, {info.channels} channels",
+                )
             if info.frames == 0:
                 raise RejectError("zero_length", f"{info.format} file holds no audio frames")
-            if info.frames > 0 and info.format != "MP3" and info.frames / info.sample_rate < min_duration_s:
-                raise RejectError("too_short", f"{info.frames / info.sample_rate:.4f} s < "
-                                               f"min_duration_s={min_duration_s} s")
+            if (
+                info.frames > 0
+                and info.format != "MP3"
+                and info.frames / info.sample_rate < min_duration_s
+            ):
+                raise RejectError(
+                    "too_short",
+                    f"{info.frames / info.sample_rate:.4f} s < min_duration_s={min_duration_s} s",
+                )
             block_frames = max(1, round(read_block_s * info.sample_rate))
             counter: dict[str, int] = {}
             try:
-                yield from resample_blocks(mono_blocks(snd, block_frames), info.sample_rate, sample_rate, counter)
+                yield from resample_blocks(
+                    mono_blocks(snd, block_frames), info.sample_rate, sample_rate, counter
+                )
             except (sf.LibsndfileError, RuntimeError, OSError) as err:
-                raise RejectError("decode_error", f"failed after {counter.get('in', 0)} frames: {err}") from err
+                raise RejectError(
+                    "decode_error", f"failed after {counter.get('in', 0)} frames: {err}"
+                ) from err
             frames_read = counter.get("in", 0)
     stats["frames_read"] = frames_read
     stats["duration_s"] = frames_read / info.sample_rate
@@ -233,8 +285,12 @@ def decode_stream(uri: str, sample_rate: int, read_block_s: float, min_duration_
         raise RejectError("zero_length", f"{info.format} file decoded to 0 frames")
     declared = info.frames
     if info.format in EXACT_LENGTH_FORMATS and 0 < frames_read < declared:
-        raise RejectError("truncated", f"decoded {frames_read} of {declared} frames declared by the header")
+        raise RejectError(
+            "truncated", f"decoded {frames_read} of {declared} frames declared by the header"
+        )
     if info.format == "MP3" and frames_read < MP3_LENGTH_TOLERANCE * declared:
         raise RejectError("truncated", f"decoded {frames_read} of ~{declared} MP3 frames declared")
     if stats["duration_s"] < min_duration_s:
-        raise RejectError("too_short", f"{stats['duration_s']:.4f} s < min_duration_s={min_duration_s} s")
+        raise RejectError(
+            "too_short", f"{stats['duration_s']:.4f} s < min_duration_s={min_duration_s} s"
+        )

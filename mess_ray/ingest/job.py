@@ -19,7 +19,8 @@ import logging
 import os
 import posixpath
 from collections import Counter
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -35,15 +36,29 @@ from mess_ray.storage import Storage, new_version
 log = logging.getLogger(__name__)
 
 FILE_FIELDS = [
-    ("file_track_id", pa.string()), ("file_source_uri", pa.string()), ("size", pa.int64()),
-    ("fingerprint", pa.string()), ("status", pa.string()), ("reason", pa.string()),
-    ("detail", pa.string()), ("num_segments", pa.int64()), ("duration_s", pa.float64()),
+    ("file_track_id", pa.string()),
+    ("file_source_uri", pa.string()),
+    ("size", pa.int64()),
+    ("fingerprint", pa.string()),
+    ("status", pa.string()),
+    ("reason", pa.string()),
+    ("detail", pa.string()),
+    ("num_segments", pa.int64()),
+    ("duration_s", pa.float64()),
 ]
-FILES_SCHEMA = pa.schema([
-    ("track_id", pa.string()), ("source_uri", pa.string()), ("size", pa.int64()),
-    ("fingerprint", pa.string()), ("status", pa.string()), ("reason", pa.string()),
-    ("detail", pa.string()), ("num_segments", pa.int64()), ("duration_s", pa.float64()),
-])
+FILES_SCHEMA = pa.schema(
+    [
+        ("track_id", pa.string()),
+        ("source_uri", pa.string()),
+        ("size", pa.int64()),
+        ("fingerprint", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("num_segments", pa.int64()),
+        ("duration_s", pa.float64()),
+    ]
+)
 # One stream carries both segment rows (kind="segment") and per-file status rows (kind="file").
 STREAM_SCHEMA = pa.schema([("kind", pa.string()), *SEGMENT_SCHEMA, *FILE_FIELDS])
 OUTPUT_BATCH_BYTES = 16 * 2**20
@@ -52,8 +67,12 @@ STORAGE_ERROR_MODULES = {"botocore", "aiobotocore", "aiohttp", "urllib3", "reque
 
 def segmentation_settings(cfg: MessRayConfig) -> dict[str, float]:
     """Settings that change the segment table; a previous version is reusable only if equal."""
-    return {"sample_rate": cfg.audio.sample_rate, "window_s": cfg.audio.window_s,
-            "hop_s": cfg.audio.hop_s, "min_duration_s": cfg.audio.min_duration_s}
+    return {
+        "sample_rate": cfg.audio.sample_rate,
+        "window_s": cfg.audio.window_s,
+        "hop_s": cfg.audio.hop_s,
+        "min_duration_s": cfg.audio.min_duration_s,
+    }
 
 
 def _stream_table(segment_rows: list[dict[str, Any]], file_row: dict[str, Any] | None) -> pa.Table:
@@ -63,18 +82,34 @@ def _stream_table(segment_rows: list[dict[str, Any]], file_row: dict[str, Any] |
     return pa.Table.from_pylist(rows, schema=STREAM_SCHEMA)
 
 
-def ingest_file(row: dict[str, Any], settings: dict[str, float], read_block_s: float,
-                s3_endpoint_url: str | None) -> Iterator[pa.Table]:
+def ingest_file(
+    row: dict[str, Any],
+    settings: dict[str, float],
+    read_block_s: float,
+    s3_endpoint_url: str | None,
+) -> Iterator[pa.Table]:
     """Stream tables for one catalog row: segment rows in bounded batches, then its status row."""
     stats: dict[str, Any] = {}
     pending: list[dict[str, Any]] = []
     pending_bytes = 0
     count = 0
-    status = {"file_track_id": row["track_id"], "file_source_uri": row["source_uri"],
-              "size": row["size"], "fingerprint": row["fingerprint"]}
+    status = {
+        "file_track_id": row["track_id"],
+        "file_source_uri": row["source_uri"],
+        "size": row["size"],
+        "fingerprint": row["fingerprint"],
+    }
     try:
-        for seg in segment_track(row, int(settings["sample_rate"]), settings["window_s"], settings["hop_s"],
-                                 read_block_s, settings["min_duration_s"], s3_endpoint_url, stats):
+        for seg in segment_track(
+            row,
+            int(settings["sample_rate"]),
+            settings["window_s"],
+            settings["hop_s"],
+            read_block_s,
+            settings["min_duration_s"],
+            s3_endpoint_url,
+            stats,
+        ):
             pending.append(seg)
             pending_bytes += len(seg["audio"])
             count += 1
@@ -83,23 +118,50 @@ def ingest_file(row: dict[str, Any], settings: dict[str, float], read_block_s: f
                 pending, pending_bytes = [], 0
     except RejectError as err:
         # Segments already emitted for this track are dropped by the job (status "rejected").
-        yield _stream_table([], {**status, "status": "rejected", "reason": err.reason, "detail": err.detail,
-                                 "num_segments": 0, "duration_s": float(stats.get("duration_s") or 0.0)})
+        yield _stream_table(
+            [],
+            {
+                **status,
+                "status": "rejected",
+                "reason": err.reason,
+                "detail": err.detail,
+                "num_segments": 0,
+                "duration_s": float(stats.get("duration_s") or 0.0),
+            },
+        )
         return
     except Exception as err:  # noqa: BLE001 - a decoder failure on one file must not fail the job
         if type(err).__module__.split(".")[0] in STORAGE_ERROR_MODULES:
             raise  # the store is unreachable: retry/fail the task, do not blame the file
         log.warning("decode_error for %s: %r", row["source_uri"], err)
-        yield _stream_table([], {**status, "status": "rejected", "reason": "decode_error",
-                                 "detail": f"{type(err).__name__}: {err}", "num_segments": 0,
-                                 "duration_s": 0.0})
+        yield _stream_table(
+            [],
+            {
+                **status,
+                "status": "rejected",
+                "reason": "decode_error",
+                "detail": f"{type(err).__name__}: {err}",
+                "num_segments": 0,
+                "duration_s": 0.0,
+            },
+        )
         return
-    yield _stream_table(pending, {**status, "status": "segmented", "reason": "", "detail": "",
-                                  "num_segments": count, "duration_s": float(stats["duration_s"])})
+    yield _stream_table(
+        pending,
+        {
+            **status,
+            "status": "segmented",
+            "reason": "",
+            "detail": "",
+            "num_segments": count,
+            "duration_s": float(stats["duration_s"]),
+        },
+    )
 
 
-def ingest_batch(batch: pa.Table, settings: dict[str, float], read_block_s: float,
-                 s3_endpoint_url: str | None) -> Iterator[pa.Table]:
+def ingest_batch(
+    batch: pa.Table, settings: dict[str, float], read_block_s: float, s3_endpoint_url: str | None
+) -> Iterator[pa.Table]:
     """Ray Data UDF: catalog rows in, stream tables out (see :func:`ingest_file`)."""
     for row in batch.to_pylist():
         yield from ingest_file(row, settings, read_block_s, s3_endpoint_url)
@@ -109,7 +171,9 @@ def select_segments(batch: pa.Table, rejected_tracks: list[str]) -> pa.Table:
     """Segment rows of files that were not rejected, in :data:`SEGMENT_SCHEMA`."""
     keep = pc.equal(batch["kind"], "segment")
     if rejected_tracks:
-        keep = pc.and_(keep, pc.invert(pc.is_in(batch["track_id"], pa.array(rejected_tracks, pa.string()))))
+        keep = pc.and_(
+            keep, pc.invert(pc.is_in(batch["track_id"], pa.array(rejected_tracks, pa.string())))
+        )
     return batch.filter(keep).select(SEGMENT_SCHEMA.names).cast(SEGMENT_SCHEMA)
 
 
@@ -120,11 +184,14 @@ def select_file_rows(batch: pa.Table) -> pa.Table:
 
 
 def keep_tracks(batch: pa.Table, track_ids: list[str]) -> pa.Table:
-    return batch.filter(pc.is_in(batch["track_id"], pa.array(track_ids, pa.string()))).cast(SEGMENT_SCHEMA)
+    return batch.filter(pc.is_in(batch["track_id"], pa.array(track_ids, pa.string()))).cast(
+        SEGMENT_SCHEMA
+    )
 
 
-def plan_incremental(rows: list[dict[str, Any]], previous_files: pa.Table | None
-                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def plan_incremental(
+    rows: list[dict[str, Any]], previous_files: pa.Table | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(rows to decode, previous file records to carry over) by fingerprint (uri, size, catalog entry)."""
     if previous_files is None:
         return rows, []
@@ -167,8 +234,9 @@ def _read_table(storage: Storage, rel: str) -> pa.Table:
         return pq.read_table(f)
 
 
-def _previous_for_reuse(cfg: MessRayConfig, storage: Storage, source_key: str
-                        ) -> tuple[str | None, pa.Table | None]:
+def _previous_for_reuse(
+    cfg: MessRayConfig, storage: Storage, source_key: str
+) -> tuple[str | None, pa.Table | None]:
     previous = storage.latest("ingest")
     if previous is None or not cfg.ingest.incremental:
         return None, None
@@ -195,8 +263,13 @@ def run_ingest(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
         row["fingerprint"] = fingerprint(row)
     previous, previous_files = _previous_for_reuse(cfg, storage, source["key"])
     to_decode, carried = plan_incremental(rows, previous_files)
-    log.info("ingest: %d files (%d to decode, %d unchanged from %s)", len(rows), len(to_decode),
-             len(carried), previous)
+    log.info(
+        "ingest: %d files (%d to decode, %d unchanged from %s)",
+        len(rows),
+        len(to_decode),
+        len(carried),
+        previous,
+    )
 
     ensure_ray(cfg.ray)
     version = new_version()
@@ -208,28 +281,54 @@ def run_ingest(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
     decoded_files = pa.Table.from_pylist([], schema=FILES_SCHEMA)
     new_segments = None
     if to_decode:
-        stream = ray.data.from_items(to_decode, override_num_blocks=min(len(to_decode), 256)).map_batches(
-            ingest_batch, batch_size=1, batch_format="pyarrow", num_cpus=cpus,
-            fn_kwargs={"settings": settings, "read_block_s": cfg.ingest.read_block_s,
-                       "s3_endpoint_url": s3_endpoint_url},
-        ).materialize()  # decode once; the status rows and the segments are both read from it
-        file_rows = stream.map_batches(select_file_rows, batch_format="pyarrow", num_cpus=cpus).take_all()
+        stream = (
+            ray.data.from_items(to_decode, override_num_blocks=min(len(to_decode), 256))
+            .map_batches(
+                ingest_batch,
+                batch_size=1,
+                batch_format="pyarrow",
+                num_cpus=cpus,
+                fn_kwargs={
+                    "settings": settings,
+                    "read_block_s": cfg.ingest.read_block_s,
+                    "s3_endpoint_url": s3_endpoint_url,
+                },
+            )
+            .materialize()
+        )  # decode once; the status rows and the segments are both read from it
+        file_rows = stream.map_batches(
+            select_file_rows, batch_format="pyarrow", num_cpus=cpus
+        ).take_all()
         decoded_files = pa.Table.from_pylist(file_rows, schema=FILES_SCHEMA)
-        rejected_tracks = [r["track_id"] for r in decoded_files.to_pylist() if r["status"] == "rejected"]
-        new_segments = stream.map_batches(select_segments, batch_format="pyarrow", num_cpus=cpus,
-                                          fn_kwargs={"rejected_tracks": rejected_tracks})
+        rejected_tracks = [
+            r["track_id"] for r in decoded_files.to_pylist() if r["status"] == "rejected"
+        ]
+        new_segments = stream.map_batches(
+            select_segments,
+            batch_format="pyarrow",
+            num_cpus=cpus,
+            fn_kwargs={"rejected_tracks": rejected_tracks},
+        )
 
     carried_files = pa.Table.from_pylist(carried, schema=FILES_SCHEMA)
     files = pa.concat_tables([decoded_files, carried_files]).sort_by("track_id")
     if files.num_rows != len(rows):
-        raise RuntimeError(f"ingest lost files: {len(rows)} catalogued, {files.num_rows} accounted for")
+        raise RuntimeError(
+            f"ingest lost files: {len(rows)} catalogued, {files.num_rows} accounted for"
+        )
     counts = reconcile(files)
 
     parts = [new_segments] if new_segments is not None else []
     carried_segmented = [r["track_id"] for r in carried if r["status"] == "segmented"]
     if carried_segmented:
-        parts.append(read_segments_ray(storage, previous).map_batches(
-            keep_tracks, batch_format="pyarrow", num_cpus=cpus, fn_kwargs={"track_ids": carried_segmented}))
+        parts.append(
+            read_segments_ray(storage, previous).map_batches(
+                keep_tracks,
+                batch_format="pyarrow",
+                num_cpus=cpus,
+                fn_kwargs={"track_ids": carried_segmented},
+            )
+        )
 
     out_dir = segments_dir(version)
     if counts["segments"] > 0:
@@ -237,7 +336,9 @@ def run_ingest(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
         segments.write_parquet(storage.path(out_dir), filesystem=storage.pyarrow_fs())
     else:
         # Readers open the folder as a dataset: an all-rejected run still has a (empty) table.
-        _write_table(storage, posixpath.join(out_dir, "empty.parquet"), SEGMENT_SCHEMA.empty_table())
+        _write_table(
+            storage, posixpath.join(out_dir, "empty.parquet"), SEGMENT_SCHEMA.empty_table()
+        )
 
     rejected = files.filter(pc.equal(files["status"], "rejected"))
     rejects = rejected.select(REJECT_SCHEMA.names).cast(REJECT_SCHEMA)
@@ -253,9 +354,16 @@ def run_ingest(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
         inputs["source"] = source["url"]
     if previous is not None:
         inputs["reused_from"] = previous
-    manifest = {"inputs": inputs, "counts": counts, "segmentation": settings,
-                "config_digest": cfg.digest(),
-                "files": {"segments": out_dir, "rejects": posixpath.join("ingest", version, "rejects.parquet"),
-                          "files": posixpath.join("ingest", version, "files.parquet")}}
+    manifest = {
+        "inputs": inputs,
+        "counts": counts,
+        "segmentation": settings,
+        "config_digest": cfg.digest(),
+        "files": {
+            "segments": out_dir,
+            "rejects": posixpath.join("ingest", version, "rejects.parquet"),
+            "files": posixpath.join("ingest", version, "files.parquet"),
+        },
+    }
     json.dumps(manifest)  # fail before publishing if anything is not serialisable
     return storage.publish("ingest", version, manifest)

@@ -9,8 +9,9 @@ track of any length is cut with bounded memory.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -46,8 +47,8 @@ class Segmenter:
             raise ValueError(f"need 0 < hop <= window, got window={window} hop={hop}")
         self.window, self.hop = window, hop
         self._buffer = np.zeros(0, dtype=np.float32)
-        self._buffer_start = 0        # absolute sample index of _buffer[0]
-        self._next_start = 0          # next grid start to emit
+        self._buffer_start = 0  # absolute sample index of _buffer[0]
+        self._next_start = 0  # next grid start to emit
         self._last_emitted: int | None = None
         self.total = 0
 
@@ -59,14 +60,14 @@ class Segmenter:
         cuts = []
         while self._next_start + self.window <= self.total:
             offset = self._next_start - self._buffer_start
-            cuts.append(Cut(self._next_start, self._buffer[offset:offset + self.window].copy()))
+            cuts.append(Cut(self._next_start, self._buffer[offset : offset + self.window].copy()))
             self._last_emitted = self._next_start
             self._next_start += self.hop
         # Keep only what a later window can still need: the last `window` samples cover the
         # final-window case, and everything from the next grid start on.
         keep_from = min(self._next_start, max(0, self.total - self.window))
         if keep_from > self._buffer_start:
-            self._buffer = self._buffer[keep_from - self._buffer_start:]
+            self._buffer = self._buffer[keep_from - self._buffer_start :]
             self._buffer_start = keep_from
         return cuts
 
@@ -75,11 +76,11 @@ class Segmenter:
         if self.total == 0:
             return []
         if self.total <= self.window:
-            return [Cut(0, self._buffer[:self.total].copy())] if self._last_emitted is None else []
+            return [Cut(0, self._buffer[: self.total].copy())] if self._last_emitted is None else []
         if self._last_emitted is None or self._last_emitted + self.window < self.total:
             start = self.total - self.window
             offset = start - self._buffer_start
-            return [Cut(start, self._buffer[offset:offset + self.window].copy())]
+            return [Cut(start, self._buffer[offset : offset + self.window].copy())]
         return []
 
 
@@ -90,17 +91,25 @@ def segment_blocks(blocks: Iterable[np.ndarray], window: int, hop: int) -> Itera
     yield from segmenter.finish()
 
 
-def segment_track(row: dict[str, Any], sample_rate: int, window_s: float, hop_s: float,
-                  read_block_s: float, min_duration_s: float = 0.0, s3_endpoint_url: str | None = None,
-                  stats: dict | None = None) -> Iterator[dict[str, Any]]:
+def segment_track(
+    row: dict[str, Any],
+    sample_rate: int,
+    window_s: float,
+    hop_s: float,
+    read_block_s: float,
+    min_duration_s: float = 0.0,
+    s3_endpoint_url: str | None = None,
+    stats: dict | None = None,
+) -> Iterator[dict[str, Any]]:
     """Segment rows (:data:`mess_ray.segments.SEGMENT_SCHEMA`) for one catalog row.
 
     Raises :class:`mess_ray.ingest.decode.RejectError` when the file cannot be ingested;
     rows yielded before such an error belong to a rejected track and must be discarded.
     """
     window, hop = round(window_s * sample_rate), round(hop_s * sample_rate)
-    blocks = decode_stream(row["source_uri"], sample_rate, read_block_s, min_duration_s,
-                           s3_endpoint_url, stats)
+    blocks = decode_stream(
+        row["source_uri"], sample_rate, read_block_s, min_duration_s, s3_endpoint_url, stats
+    )
     for cut in segment_blocks(blocks, window, hop):
         n = len(cut.samples)
         yield {

@@ -64,8 +64,14 @@ class MeanPooledEncoder(nn.Module):
 class Embedder:
     """Batched no-grad inference: float32 [B, T] at cfg.audio.sample_rate -> float32 [B, D]."""
 
-    def __init__(self, model: nn.Module, dim: int, info: dict[str, Any], window_samples: int,
-                 batch_size: int = 16) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        dim: int,
+        info: dict[str, Any],
+        window_samples: int,
+        batch_size: int = 16,
+    ) -> None:
         # On a GPU replica or embedding actor (num_gpus > 0) Ray exposes CUDA: run the model there.
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.eval().to(self.device)
@@ -89,7 +95,9 @@ class Embedder:
         outputs = []
         with torch.inference_mode():
             for start in range(0, len(batch), self.batch_size):
-                chunk = torch.from_numpy(np.ascontiguousarray(batch[start:start + self.batch_size]))
+                chunk = torch.from_numpy(
+                    np.ascontiguousarray(batch[start : start + self.batch_size])
+                )
                 outputs.append(self.model(chunk.to(self.device)).float().cpu().numpy())
         return np.concatenate(outputs).astype(np.float32, copy=False)
 
@@ -97,46 +105,77 @@ class Embedder:
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
-    def from_ref(cls, cfg: MessRayConfig, storage: Storage, ref: str) -> "Embedder":
+    def from_ref(cls, cfg: MessRayConfig, storage: Storage, ref: str) -> Embedder:
         if not ref:
             raise ValueError("model ref must be 'finetune', 'pretrain', 'random' or a folder path")
         if ref == "random":
-            return cls.from_info(cfg, storage, {"ref": "random", "kind": "random",
-                                                "size": cfg.model.size, "seed": cfg.model.seed})
+            return cls.from_info(
+                cfg,
+                storage,
+                {"ref": "random", "kind": "random", "size": cfg.model.size, "seed": cfg.model.seed},
+            )
         if ref in STAGE_REFS:
             version = storage.require_latest(ref)
-            return cls.from_info(cfg, storage, {"ref": ref, "stage": ref, "version": version,
-                                                "path": storage.url(ref, version, MODEL_SUBDIR)})
+            return cls.from_info(
+                cfg,
+                storage,
+                {
+                    "ref": ref,
+                    "stage": ref,
+                    "version": version,
+                    "path": storage.url(ref, version, MODEL_SUBDIR),
+                },
+            )
         return cls.from_info(cfg, storage, {"ref": ref, "path": ref})
 
     @classmethod
-    def from_info(cls, cfg: MessRayConfig, storage: Storage, info: dict[str, Any]) -> "Embedder":
+    def from_info(cls, cfg: MessRayConfig, storage: Storage, info: dict[str, Any]) -> Embedder:
         """Rebuild the embedder described by ``info`` (from a manifest), same version and weights."""
         window = round(cfg.audio.window_s * cfg.audio.sample_rate)
         if info.get("kind") == "random":
             size, seed = info.get("size", cfg.model.size), int(info.get("seed", cfg.model.seed))
-            model = MeanPooledEncoder(build_encoder(size, seed=seed), info.get("layer", cfg.model.ssl_layer))
-            full = {"ref": info.get("ref", "random"), "kind": "random", "size": size, "seed": seed,
-                    "version": None, "path": None, "layer": model.layer,
-                    "sample_rate": cfg.audio.sample_rate, "facet_layout": None}
+            model = MeanPooledEncoder(
+                build_encoder(size, seed=seed), info.get("layer", cfg.model.ssl_layer)
+            )
+            full = {
+                "ref": info.get("ref", "random"),
+                "kind": "random",
+                "size": size,
+                "seed": seed,
+                "version": None,
+                "path": None,
+                "layer": model.layer,
+                "sample_rate": cfg.audio.sample_rate,
+                "facet_layout": None,
+            }
             return cls(model, model.embedding_dim, full, window, cfg.model.inference_batch_size)
         # The recorded layer wins over the config: from_info must rebuild the same vectors.
         layer = info.get("layer", cfg.model.ssl_layer)
         if info.get("stage"):
             rel = posixpath.join(info["stage"], info["version"], MODEL_SUBDIR)
             if not storage.exists(rel):
-                raise FileNotFoundError(f"{storage.url(rel)} does not exist: was the "
-                                        f"'{info['stage']}' artifact {info['version']} deleted?")
+                raise FileNotFoundError(
+                    f"{storage.url(rel)} does not exist: was the "
+                    f"'{info['stage']}' artifact {info['version']} deleted?"
+                )
             with storage.local_dir(rel) as local:
                 model, kind = _load_model_folder(cfg, local, layer)
         elif info.get("path"):
             model, kind = _load_from_path(cfg, str(info["path"]), layer)
         else:
-            raise ValueError(f"embedder info needs kind='random', a stage+version or a path: {info}")
-        full = {"ref": info.get("ref"), "kind": kind, "stage": info.get("stage"),
-                "version": info.get("version"), "path": info.get("path"),
-                "layer": getattr(model, "layer", None), "sample_rate": cfg.audio.sample_rate,
-                "facet_layout": facet_layout_json(model)}
+            raise ValueError(
+                f"embedder info needs kind='random', a stage+version or a path: {info}"
+            )
+        full = {
+            "ref": info.get("ref"),
+            "kind": kind,
+            "stage": info.get("stage"),
+            "version": info.get("version"),
+            "path": info.get("path"),
+            "layer": getattr(model, "layer", None),
+            "sample_rate": cfg.audio.sample_rate,
+            "facet_layout": facet_layout_json(model),
+        }
         return cls(model, model.embedding_dim, full, window, cfg.model.inference_batch_size)
 
 
@@ -144,10 +183,14 @@ def facet_layout_json(model: nn.Module) -> dict[str, list[int]] | None:
     """The model's facet layout as JSON lists (``mess_ray.facets.parse_layout`` reads it back);
     None for models without facet heads (callers must then refuse facet weights)."""
     layout = getattr(model, "facet_layout", None)
-    return {name: [int(start), int(end)] for name, (start, end) in layout.items()} if layout else None
+    return (
+        {name: [int(start), int(end)] for name, (start, end) in layout.items()} if layout else None
+    )
 
 
-def _load_model_folder(cfg: MessRayConfig, folder: Path, layer: int | None) -> tuple[nn.Module, str]:
+def _load_model_folder(
+    cfg: MessRayConfig, folder: Path, layer: int | None
+) -> tuple[nn.Module, str]:
     """An EmbeddingModel folder, or a save_pretrained encoder folder (mean pooled)."""
     folder = Path(folder)
     if (folder / MODEL_SUBDIR).is_dir():  # an artifact folder rather than its model/
@@ -156,8 +199,10 @@ def _load_model_folder(cfg: MessRayConfig, folder: Path, layer: int | None) -> t
         model = EmbeddingModel.load(folder, trust_remote_code=cfg.model.trust_remote_code)
         trained_rate = model.options.get("sample_rate")
         if trained_rate and int(trained_rate) != cfg.audio.sample_rate:
-            raise ValueError(f"model in {folder} was trained at {trained_rate} Hz but "
-                             f"audio.sample_rate is {cfg.audio.sample_rate}")
+            raise ValueError(
+                f"model in {folder} was trained at {trained_rate} Hz but "
+                f"audio.sample_rate is {cfg.audio.sample_rate}"
+            )
         return model, "embedding_model"
     if (folder / "config.json").exists():
         encoder = load_encoder(folder, trust_remote_code=cfg.model.trust_remote_code)
@@ -174,6 +219,7 @@ def _load_from_path(cfg: MessRayConfig, path: str, layer: int | None) -> tuple[n
             return _load_model_folder(cfg, local, layer)
     local = Path(path.removeprefix("file://")).expanduser()
     if not local.is_dir():
-        raise FileNotFoundError(f"model ref {path!r} is neither 'finetune', 'pretrain', 'random' "
-                                "nor an existing folder")
+        raise FileNotFoundError(
+            f"model ref {path!r} is neither 'finetune', 'pretrain', 'random' nor an existing folder"
+        )
     return _load_model_folder(cfg, local, layer)

@@ -79,17 +79,22 @@ def level_contour(waveform: torch.Tensor, hop: int, num_frames: int) -> torch.Te
 class _PartHead(nn.Module):
     """One embedding part: its own weighting over hidden states, pooling and projection."""
 
-    def __init__(self, num_states: int, in_dim: int, out_dim: int, pooling: str, side_dim: int = 0) -> None:
+    def __init__(
+        self, num_states: int, in_dim: int, out_dim: int, pooling: str, side_dim: int = 0
+    ) -> None:
         super().__init__()
         # Zeros -> uniform softmax: every layer starts equally weighted.
         self.layer_logits = nn.Parameter(torch.zeros(num_states))
         self.pool = AttentivePooling(in_dim) if pooling == "attentive" else None
         self.pooling = pooling
         pooled = (2 * in_dim if pooling == "stats" else in_dim) + side_dim
-        self.projection = nn.Sequential(nn.Linear(pooled, in_dim), nn.GELU(), nn.Linear(in_dim, out_dim))
+        self.projection = nn.Sequential(
+            nn.Linear(pooled, in_dim), nn.GELU(), nn.Linear(in_dim, out_dim)
+        )
 
-    def forward(self, states: torch.Tensor, level: torch.Tensor | None,
-                side: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, states: torch.Tensor, level: torch.Tensor | None, side: torch.Tensor | None = None
+    ) -> torch.Tensor:
         weights = self.layer_logits.softmax(dim=0).to(states.dtype).view(-1, 1, 1, 1)
         frames = (weights * states).sum(dim=0)  # [B, T, H]
         if level is not None:
@@ -122,11 +127,18 @@ class EmbeddingModel(nn.Module):
     so the heads learn what to add to them (and how to weigh them) instead of re-deriving them.
     """
 
-    def __init__(self, encoder: PreTrainedModel, embedding_dim: int = 128,
-                 pooling: Literal["mean", "attentive", "stats"] = "attentive",
-                 freeze_encoder: bool = False, freeze_layers: int = 0,
-                 sample_rate: int = 16000, facet_dim: int = 0, level_channel: bool = False,
-                 descriptor_stats: dict[str, list] | None = None) -> None:
+    def __init__(
+        self,
+        encoder: PreTrainedModel,
+        embedding_dim: int = 128,
+        pooling: Literal["mean", "attentive", "stats"] = "attentive",
+        freeze_encoder: bool = False,
+        freeze_layers: int = 0,
+        sample_rate: int = 16000,
+        facet_dim: int = 0,
+        level_channel: bool = False,
+        descriptor_stats: dict[str, list] | None = None,
+    ) -> None:
         super().__init__()
         if pooling not in ("mean", "attentive", "stats"):
             raise ValueError(f"pooling must be 'mean', 'attentive' or 'stats', got {pooling!r}")
@@ -135,10 +147,16 @@ class EmbeddingModel(nn.Module):
         self.encoder = disable_layerdrop(encoder)
         hidden = int(encoder.config.hidden_size)
         num_states = int(encoder.config.num_hidden_layers) + 1  # embeddings output + each layer
-        self.options: dict[str, Any] = dict(embedding_dim=embedding_dim, pooling=pooling,
-                                            freeze_encoder=freeze_encoder, freeze_layers=freeze_layers,
-                                            sample_rate=sample_rate, facet_dim=facet_dim,
-                                            level_channel=level_channel, descriptor_stats=descriptor_stats)
+        self.options: dict[str, Any] = dict(
+            embedding_dim=embedding_dim,
+            pooling=pooling,
+            freeze_encoder=freeze_encoder,
+            freeze_layers=freeze_layers,
+            sample_rate=sample_rate,
+            facet_dim=facet_dim,
+            level_channel=level_channel,
+            descriptor_stats=descriptor_stats,
+        )
         side_dim = self._init_descriptor_channel(descriptor_stats)
         self.hop = int(math.prod(encoder.config.conv_stride))
         in_dim = hidden + (1 if level_channel else 0)
@@ -147,11 +165,17 @@ class EmbeddingModel(nn.Module):
         self.layer_logits = nn.Parameter(torch.zeros(num_states))
         self.pool = AttentivePooling(in_dim) if pooling == "attentive" else None
         pooled = (2 * in_dim if pooling == "stats" else in_dim) + side_dim
-        self.projection = nn.Sequential(nn.Linear(pooled, in_dim), nn.GELU(), nn.Linear(in_dim, embedding_dim))
+        self.projection = nn.Sequential(
+            nn.Linear(pooled, in_dim), nn.GELU(), nn.Linear(in_dim, embedding_dim)
+        )
         self.facet_heads = nn.ModuleDict(
             {name: _PartHead(num_states, in_dim, facet_dim, pooling, side_dim) for name in FACETS}
-            if facet_dim else {})
-        self.facet_layout: Layout | None = make_layout(embedding_dim, facet_dim) if facet_dim else None
+            if facet_dim
+            else {}
+        )
+        self.facet_layout: Layout | None = (
+            make_layout(embedding_dim, facet_dim) if facet_dim else None
+        )
         self.set_frozen(freeze_encoder, freeze_layers)
 
     def _init_descriptor_channel(self, stats: dict[str, list] | None) -> int:
@@ -162,18 +186,23 @@ class EmbeddingModel(nn.Module):
 
         names = tuple(stats.get("names", ()))
         if names != DESCRIPTOR_NAMES:
-            raise ValueError(f"descriptor channel was fitted on descriptors {list(names)}, but this version "
-                             f"computes {list(DESCRIPTOR_NAMES)}: retrain the model")
+            raise ValueError(
+                f"descriptor channel was fitted on descriptors {list(names)}, but this version "
+                f"computes {list(DESCRIPTOR_NAMES)}: retrain the model"
+            )
         mean = torch.tensor(stats["mean"], dtype=torch.float32)
         std = torch.tensor(stats["std"], dtype=torch.float32)
         if mean.shape != (len(names),) or std.shape != (len(names),):
             raise ValueError("descriptor_stats mean and std must have one value per descriptor")
         self.register_buffer("descriptor_mean", mean, persistent=False)
-        self.register_buffer("descriptor_std", torch.where(std > 1e-12, std, torch.ones_like(std)),
-                             persistent=False)
+        self.register_buffer(
+            "descriptor_std", torch.where(std > 1e-12, std, torch.ones_like(std)), persistent=False
+        )
         return len(names)
 
-    def descriptor_input(self, waveform: torch.Tensor, raw: torch.Tensor | None = None) -> torch.Tensor | None:
+    def descriptor_input(
+        self, waveform: torch.Tensor, raw: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """Z-scored audio descriptors of each raw waveform [B, D] (None without the channel).
         Measured in numpy (not differentiable, nothing to learn there) unless the caller has
         them already (``raw``, [B, D] unscaled: fine-tuning measures them for facet targets);
@@ -187,13 +216,19 @@ class EmbeddingModel(nn.Module):
             rate = int(self.options["sample_rate"])
             rows = waveform.detach().float().cpu().numpy()
             raw = torch.from_numpy(np.stack([descriptor_vector(row, rate) for row in rows]))
-        z = (raw.float().to(self.descriptor_mean.device) - self.descriptor_mean) / self.descriptor_std
+        z = (
+            raw.float().to(self.descriptor_mean.device) - self.descriptor_mean
+        ) / self.descriptor_std
         return torch.nan_to_num(z, nan=0.0).clamp(-5.0, 5.0)
 
     @property
     def embedding_dim(self) -> int:
         """Size of the output vector (all parts together when the model has facets)."""
-        return layout_dim(self.facet_layout) if self.facet_layout else int(self.options["embedding_dim"])
+        return (
+            layout_dim(self.facet_layout)
+            if self.facet_layout
+            else int(self.options["embedding_dim"])
+        )
 
     @property
     def part_names(self) -> tuple[str, ...]:
@@ -203,11 +238,16 @@ class EmbeddingModel(nn.Module):
         """Freeze the whole encoder, or its feature extractor and lower ``freeze_layers`` layers."""
         num_layers = int(self.encoder.config.num_hidden_layers)
         if freeze_layers > num_layers:
-            raise ValueError(f"freeze_layers={freeze_layers} exceeds the encoder's {num_layers} layers")
+            raise ValueError(
+                f"freeze_layers={freeze_layers} exceeds the encoder's {num_layers} layers"
+            )
         for p in self.encoder.parameters():
             p.requires_grad_(not freeze_encoder)
         if not freeze_encoder and freeze_layers > 0:
-            lower: list[nn.Module] = [self.encoder.feature_extractor, self.encoder.feature_projection]
+            lower: list[nn.Module] = [
+                self.encoder.feature_extractor,
+                self.encoder.feature_projection,
+            ]
             lower += list(self.encoder.encoder.layers[:freeze_layers])
             for module in lower:
                 for p in module.parameters():
@@ -223,18 +263,26 @@ class EmbeddingModel(nn.Module):
             return self.pool(frames)
         return stats_pool(frames) if self.options["pooling"] == "stats" else mean_pool(frames)
 
-    def forward_parts(self, waveform: torch.Tensor,
-                      descriptors: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward_parts(
+        self, waveform: torch.Tensor, descriptors: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Each part's L2-normalised vector: ``{"overall": [B, d], "tempo": [B, f], ...}``
         (``descriptors``: the waveforms' raw audio descriptors, if measured already)."""
         if waveform.dim() != 2:
-            raise ValueError(f"expected waveform of shape [batch, samples], got {tuple(waveform.shape)}")
+            raise ValueError(
+                f"expected waveform of shape [batch, samples], got {tuple(waveform.shape)}"
+            )
         out = self.encoder(normalize_waveform(waveform), output_hidden_states=True)
         states = torch.stack(out.hidden_states, dim=0)  # [L+1, B, T, H]
         if states.shape[0] != self.layer_logits.shape[0]:
-            raise ValueError(f"encoder returned {states.shape[0]} hidden states, expected {self.layer_logits.shape[0]}")
-        level = (level_contour(waveform.float(), self.hop, states.shape[2])
-                 if self.options.get("level_channel") else None)
+            raise ValueError(
+                f"encoder returned {states.shape[0]} hidden states, expected {self.layer_logits.shape[0]}"
+            )
+        level = (
+            level_contour(waveform.float(), self.hop, states.shape[2])
+            if self.options.get("level_channel")
+            else None
+        )
         weights = self.layer_weights().to(states.dtype).view(-1, 1, 1, 1)
         frames = (weights * states).sum(dim=0)  # [B, T, H]
         if level is not None:
@@ -252,9 +300,13 @@ class EmbeddingModel(nn.Module):
         """The output vector from :meth:`forward_parts` (the facets contract's ``compose``)."""
         if self.facet_layout is None:
             return parts[OVERALL]
-        return torch.cat([parts[name] for name in self.facet_layout], dim=-1) / math.sqrt(len(self.facet_layout))
+        return torch.cat([parts[name] for name in self.facet_layout], dim=-1) / math.sqrt(
+            len(self.facet_layout)
+        )
 
-    def forward(self, waveform: torch.Tensor, descriptors: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, waveform: torch.Tensor, descriptors: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self.compose(self.forward_parts(waveform, descriptors))
 
     # -- persistence -----------------------------------------------------------------------
@@ -274,7 +326,7 @@ class EmbeddingModel(nn.Module):
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, trust_remote_code: bool = False) -> "EmbeddingModel":
+    def load(cls, directory: str | Path, trust_remote_code: bool = False) -> EmbeddingModel:
         directory = Path(directory)
         if not (directory / EMBEDDING_CONFIG).exists():
             raise ValueError(f"{directory} is not an EmbeddingModel folder (no {EMBEDDING_CONFIG})")
@@ -283,13 +335,19 @@ class EmbeddingModel(nn.Module):
         encoder = load_encoder(directory / ENCODER_DIR, trust_remote_code=trust_remote_code)
         model = cls(encoder, **options)
         missing, unexpected = model.load_state_dict(
-            torch.load(directory / HEAD_WEIGHTS, map_location="cpu", weights_only=True), strict=False)
+            torch.load(directory / HEAD_WEIGHTS, map_location="cpu", weights_only=True),
+            strict=False,
+        )
         missing = [k for k in missing if not k.startswith("encoder.")]
         if missing or unexpected:
-            raise ValueError(f"{directory}: head weights do not match (missing {missing}, unexpected {unexpected})")
+            raise ValueError(
+                f"{directory}: head weights do not match (missing {missing}, unexpected {unexpected})"
+            )
         if saved_layout != model.facet_layout:
-            raise ValueError(f"{directory}: saved facet layout {saved_layout} does not match the rebuilt "
-                             f"model's {model.facet_layout}")
+            raise ValueError(
+                f"{directory}: saved facet layout {saved_layout} does not match the rebuilt "
+                f"model's {model.facet_layout}"
+            )
         return model.eval()
 
 

@@ -22,19 +22,37 @@ from transformers import AutoConfig, AutoModel, HubertConfig, HubertModel, PreTr
 
 ENCODER_SIZES: dict[str, dict] = {
     "tiny": dict(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-        conv_dim=(32, 32, 32), conv_stride=(5, 8, 8), conv_kernel=(10, 8, 8),
-        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        conv_dim=(32, 32, 32),
+        conv_stride=(5, 8, 8),
+        conv_kernel=(10, 8, 8),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
     ),
     "small": dict(
-        hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-        conv_dim=(256,) * 7, conv_stride=(5, 2, 2, 2, 2, 2, 2), conv_kernel=(10, 3, 3, 3, 3, 2, 2),
-        num_conv_pos_embeddings=64, num_conv_pos_embedding_groups=16,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        conv_dim=(256,) * 7,
+        conv_stride=(5, 2, 2, 2, 2, 2, 2),
+        conv_kernel=(10, 3, 3, 3, 3, 2, 2),
+        num_conv_pos_embeddings=64,
+        num_conv_pos_embedding_groups=16,
     ),
     "base": dict(
-        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-        conv_dim=(512,) * 7, conv_stride=(5, 2, 2, 2, 2, 2, 2), conv_kernel=(10, 3, 3, 3, 3, 2, 2),
-        num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        conv_dim=(512,) * 7,
+        conv_stride=(5, 2, 2, 2, 2, 2, 2),
+        conv_kernel=(10, 3, 3, 3, 3, 2, 2),
+        num_conv_pos_embeddings=128,
+        num_conv_pos_embedding_groups=16,
     ),
 }
 
@@ -45,8 +63,15 @@ def encoder_config(size: str) -> HubertConfig:
         raise ValueError(f"unknown encoder size {size!r}; choose one of {sorted(ENCODER_SIZES)}")
     # mask_time_prob > 0 creates the learned mask embedding that pretraining's explicit
     # mask_time_indices use; in fine-tuning it acts as SpecAugment (training mode only).
-    return HubertConfig(**ENCODER_SIZES[size], layerdrop=0.0, mask_time_prob=0.05, mask_time_length=5,
-                        mask_feature_prob=0.0, feat_extract_norm="group", do_stable_layer_norm=False)
+    return HubertConfig(
+        **ENCODER_SIZES[size],
+        layerdrop=0.0,
+        mask_time_prob=0.05,
+        mask_time_length=5,
+        mask_feature_prob=0.0,
+        feat_extract_norm="group",
+        do_stable_layer_norm=False,
+    )
 
 
 def build_encoder(size: str, seed: int | None = None) -> HubertModel:
@@ -84,7 +109,9 @@ def load_encoder(name_or_path: str | Path, trust_remote_code: bool = False) -> P
     name = str(name_or_path)
     is_local = Path(name).exists()
     if is_local and not (Path(name) / "config.json").exists():
-        raise ValueError(f"{name} is a folder without config.json: not a save_pretrained checkpoint")
+        raise ValueError(
+            f"{name} is a folder without config.json: not a save_pretrained checkpoint"
+        )
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
         model = AutoModel.from_pretrained(name, config=config, trust_remote_code=trust_remote_code)
@@ -92,11 +119,14 @@ def load_encoder(name_or_path: str | Path, trust_remote_code: bool = False) -> P
         where = "local folder" if is_local else "hub name (no network for model downloads here?)"
         raise ValueError(
             f"cannot load encoder {name!r} as a {where}: {err}. Pass a folder written by "
-            "save_pretrained, or pre-download the checkpoint into the Hugging Face cache.") from err
+            "save_pretrained, or pre-download the checkpoint into the Hugging Face cache."
+        ) from err
     except ValueError as err:
         if "trust_remote_code" in str(err) and not trust_remote_code:
-            raise ValueError(f"{name!r} ships custom model code; set model.trust_remote_code: true "
-                             "to allow running it") from err
+            raise ValueError(
+                f"{name!r} ships custom model code; set model.trust_remote_code: true "
+                "to allow running it"
+            ) from err
         raise
     return disable_layerdrop(model)
 

@@ -6,6 +6,17 @@ from mess_ray.render.sources import Score, ScoreRef, iter_scores, list_score_ref
 from mess_ray.render.synth import render_midi, render_to_wav
 
 __all__ = [
-    "CATALOG_SCHEMA", "Score", "ScoreRef", "apply_style", "as_played", "iter_scores", "list_score_refs",
-    "load_score", "read_catalog", "render_midi", "render_to_wav", "run_render", "track_id",
+    "CATALOG_SCHEMA",
+    "Score",
+    "ScoreRef",
+    "apply_style",
+    "as_played",
+    "iter_scores",
+    "list_score_refs",
+    "load_score",
+    "read_catalog",
+    "render_midi",
+    "render_to_wav",
+    "run_render",
+    "track_id",
 ]

@@ -67,15 +67,18 @@ def rubato_factor(score_times: np.ndarray, boundaries: np.ndarray, depth: float)
     """Tempo multiplier along each phrase: slow at its start and end, fastest mid-phrase."""
     if depth == 0:
         return np.ones_like(score_times)
-    idx = np.clip(np.searchsorted(boundaries, score_times, side="right") - 1, 0, len(boundaries) - 2)
+    idx = np.clip(
+        np.searchsorted(boundaries, score_times, side="right") - 1, 0, len(boundaries) - 2
+    )
     start, stop = boundaries[idx], boundaries[idx + 1]
     position = np.clip((score_times - start) / np.maximum(stop - start, 1e-6), 0.0, 1.0)
     arch = 4.0 * position * (1.0 - position)  # 0 at phrase edges, 1 in the middle
     return 1.0 + depth * RUBATO_SPAN * (arch - 0.5)
 
 
-def jitter_factor(score_times: np.ndarray, beats: np.ndarray, amount: float,
-                  rng: np.random.Generator) -> np.ndarray:
+def jitter_factor(
+    score_times: np.ndarray, beats: np.ndarray, amount: float, rng: np.random.Generator
+) -> np.ndarray:
     """Seeded mean-reverting random walk of log-tempo, one step per beat, interpolated."""
     if amount == 0 or len(beats) == 0:
         return np.ones_like(score_times)
@@ -86,8 +89,9 @@ def jitter_factor(score_times: np.ndarray, beats: np.ndarray, amount: float,
     return np.exp(np.interp(score_times, beats, log_tempo))
 
 
-def tempo_warp(midi: pretty_midi.PrettyMIDI, style: StyleSpec,
-               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def tempo_warp(
+    midi: pretty_midi.PrettyMIDI, style: StyleSpec, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Score-time grid and the performed time of each grid point.
 
     Performed time is the integral of 1 / tempo factor, so a factor of 2 plays twice as
@@ -96,10 +100,15 @@ def tempo_warp(midi: pretty_midi.PrettyMIDI, style: StyleSpec,
     end = max(last_note_end(midi), midi.get_end_time()) + 1.0
     grid = np.arange(0.0, end + WARP_STEP_S, WARP_STEP_S)
     boundaries = phrase_boundaries(midi, style.phrase_bars)
-    factor = (style.tempo_scale * rubato_factor(grid, boundaries, style.rubato)
-              * jitter_factor(grid, midi.get_beats(), style.tempo_jitter, rng))
+    factor = (
+        style.tempo_scale
+        * rubato_factor(grid, boundaries, style.rubato)
+        * jitter_factor(grid, midi.get_beats(), style.tempo_jitter, rng)
+    )
     inverse = 1.0 / factor
-    performed = np.concatenate([[0.0], np.cumsum(0.5 * (inverse[1:] + inverse[:-1]) * np.diff(grid))])
+    performed = np.concatenate(
+        [[0.0], np.cumsum(0.5 * (inverse[1:] + inverse[:-1]) * np.diff(grid))]
+    )
     info = {
         "phrase_boundaries_s": np.round(np.interp(boundaries, grid, performed), 3).tolist(),
         "tempo_factor_mean": round(float(factor.mean()), 4),
@@ -109,8 +118,9 @@ def tempo_warp(midi: pretty_midi.PrettyMIDI, style: StyleSpec,
     return grid, performed, info
 
 
-def apply_timing(midi: pretty_midi.PrettyMIDI, style: StyleSpec,
-                 rng: np.random.Generator) -> tuple[pretty_midi.PrettyMIDI, np.ndarray, np.ndarray, dict[str, Any]]:
+def apply_timing(
+    midi: pretty_midi.PrettyMIDI, style: StyleSpec, rng: np.random.Generator
+) -> tuple[pretty_midi.PrettyMIDI, np.ndarray, np.ndarray, dict[str, Any]]:
     """Warp every note, control change and tempo event; also returns the warp itself."""
     out = copy.deepcopy(midi)
     grid, performed, info = tempo_warp(out, style, rng)
@@ -130,7 +140,9 @@ def shift_to_start(midi: pretty_midi.PrettyMIDI, lead_in_s: float = 0.0) -> pret
     return out
 
 
-def truncate(midi: pretty_midi.PrettyMIDI, max_duration_s: float) -> tuple[pretty_midi.PrettyMIDI, bool]:
+def truncate(
+    midi: pretty_midi.PrettyMIDI, max_duration_s: float
+) -> tuple[pretty_midi.PrettyMIDI, bool]:
     """Cut at ``max_duration_s``: later notes dropped, sounding ones ended there."""
     if max_duration_s <= 0:
         raise ValueError("max_duration_s must be positive")
@@ -159,16 +171,18 @@ def dynamics_curve(position: np.ndarray, arc: str) -> np.ndarray:
     raise ValueError(f"unknown dynamics arc {arc!r}")
 
 
-def apply_dynamics(midi: pretty_midi.PrettyMIDI, style: StyleSpec,
-                   accent_times: np.ndarray) -> tuple[pretty_midi.PrettyMIDI, dict[str, Any]]:
+def apply_dynamics(
+    midi: pretty_midi.PrettyMIDI, style: StyleSpec, accent_times: np.ndarray
+) -> tuple[pretty_midi.PrettyMIDI, dict[str, Any]]:
     """Velocity = level + range * arc(time) (+ accent for notes on accented beats)."""
     out = copy.deepcopy(midi)
     end = max(last_note_end(out), 1e-6)
     accented = 0
     for inst in _pitched(out):
         for n in inst.notes:
-            level = style.velocity + style.velocity_range * float(dynamics_curve(np.array([n.start / end]),
-                                                                                 style.dynamics_arc)[0])
+            level = style.velocity + style.velocity_range * float(
+                dynamics_curve(np.array([n.start / end]), style.dynamics_arc)[0]
+            )
             if len(accent_times) and np.min(np.abs(accent_times - n.start)) < 0.04:
                 level += ACCENT_VELOCITY
                 accented += 1
@@ -214,7 +228,9 @@ def bass_change_times(midi: pretty_midi.PrettyMIDI) -> np.ndarray:
     return np.array(changes)
 
 
-def apply_pedal(midi: pretty_midi.PrettyMIDI, change_times: np.ndarray) -> tuple[pretty_midi.PrettyMIDI, int]:
+def apply_pedal(
+    midi: pretty_midi.PrettyMIDI, change_times: np.ndarray
+) -> tuple[pretty_midi.PrettyMIDI, int]:
     """Sustain pedal (CC64): lift at each change, press again just after, lift at the end."""
     out = copy.deepcopy(midi)
     end = last_note_end(out)
@@ -224,13 +240,17 @@ def apply_pedal(midi: pretty_midi.PrettyMIDI, change_times: np.ndarray) -> tuple
         inst.control_changes = [c for c in inst.control_changes if c.number != CC_SUSTAIN]
         for t in changes:
             inst.control_changes.append(pretty_midi.ControlChange(CC_SUSTAIN, 0, float(t)))
-            inst.control_changes.append(pretty_midi.ControlChange(CC_SUSTAIN, 127, float(t) + PEDAL_LIFT_S))
+            inst.control_changes.append(
+                pretty_midi.ControlChange(CC_SUSTAIN, 127, float(t) + PEDAL_LIFT_S)
+            )
         inst.control_changes.append(pretty_midi.ControlChange(CC_SUSTAIN, 0, end))
         inst.control_changes.sort(key=lambda c: c.time)
     return out, len(changes)
 
 
-def apply_timbre(midi: pretty_midi.PrettyMIDI, program: int, brightness: int) -> pretty_midi.PrettyMIDI:
+def apply_timbre(
+    midi: pretty_midi.PrettyMIDI, program: int, brightness: int
+) -> pretty_midi.PrettyMIDI:
     """Set the General MIDI program of every pitched part and CC74 (brightness) at time 0."""
     if not 0 <= program <= 127 or not 0 <= brightness <= 127:
         raise ValueError("program and brightness must be in 0..127")
@@ -243,8 +263,9 @@ def apply_timbre(midi: pretty_midi.PrettyMIDI, program: int, brightness: int) ->
 
 
 # -- the whole style ------------------------------------------------------------------------
-def apply_style(midi: pretty_midi.PrettyMIDI, style: StyleSpec, seed: int,
-                max_duration_s: float | None = None) -> tuple[pretty_midi.PrettyMIDI, dict[str, Any]]:
+def apply_style(
+    midi: pretty_midi.PrettyMIDI, style: StyleSpec, seed: int, max_duration_s: float | None = None
+) -> tuple[pretty_midi.PrettyMIDI, dict[str, Any]]:
     """Perform ``midi`` in ``style``; returns the new MIDI and every parameter applied."""
     if note_count(midi) == 0:
         raise ValueError("cannot apply a style to a MIDI file without notes")
@@ -253,7 +274,9 @@ def apply_style(midi: pretty_midi.PrettyMIDI, style: StyleSpec, seed: int,
     score = shift_to_start(midi)
     beats_score = score.get_beats()
     downbeats_score = score.get_downbeats()
-    harmony_score = bass_change_times(score) if style.pedal and style.pedal_mode == "harmony" else np.array([])
+    harmony_score = (
+        bass_change_times(score) if style.pedal and style.pedal_mode == "harmony" else np.array([])
+    )
 
     performed, grid, warp, timing = apply_timing(score, style, rng)
 
@@ -290,8 +313,9 @@ def apply_style(midi: pretty_midi.PrettyMIDI, style: StyleSpec, seed: int,
     return performed, params
 
 
-def as_played(midi: pretty_midi.PrettyMIDI,
-              max_duration_s: float | None = None) -> tuple[pretty_midi.PrettyMIDI, dict[str, Any]]:
+def as_played(
+    midi: pretty_midi.PrettyMIDI, max_duration_s: float | None = None
+) -> tuple[pretty_midi.PrettyMIDI, dict[str, Any]]:
     """A human performance kept as played: only leading silence removed and truncation."""
     if note_count(midi) == 0:
         raise ValueError("cannot render a MIDI file without notes")
@@ -299,6 +323,11 @@ def as_played(midi: pretty_midi.PrettyMIDI,
     truncated = False
     if max_duration_s is not None:
         out, truncated = truncate(out, max_duration_s)
-    return out, {"style": None, "max_duration_s": max_duration_s, "truncated": truncated,
-                 "leading_silence_s": round(first_note_start(midi), 4),
-                 "duration_s": round(last_note_end(out), 4), "notes": note_count(out)}
+    return out, {
+        "style": None,
+        "max_duration_s": max_duration_s,
+        "truncated": truncated,
+        "leading_silence_s": round(first_note_start(midi), 4),
+        "duration_s": round(last_note_end(out), 4),
+        "notes": note_count(out),
+    }

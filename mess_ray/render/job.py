@@ -41,20 +41,22 @@ log = logging.getLogger(__name__)
 STAGE = "render"
 TASK_CPUS = 0.5
 CATALOG_FILE = "catalog.parquet"
-CATALOG_SCHEMA = pa.schema([
-    ("track_id", pa.string()),
-    ("path", pa.string()),            # relative to render/<version>/
-    ("midi_path", pa.string()),       # the performed MIDI, relative to render/<version>/
-    ("piece_id", pa.string()),
-    ("composer", pa.string()),
-    ("title", pa.string()),
-    ("style", pa.string()),           # "" for performances rendered as played
-    ("style_params_json", pa.string()),
-    ("seed", pa.int64()),
-    ("duration_s", pa.float64()),
-    ("sample_rate", pa.int32()),
-    ("source", pa.string()),
-])
+CATALOG_SCHEMA = pa.schema(
+    [
+        ("track_id", pa.string()),
+        ("path", pa.string()),  # relative to render/<version>/
+        ("midi_path", pa.string()),  # the performed MIDI, relative to render/<version>/
+        ("piece_id", pa.string()),
+        ("composer", pa.string()),
+        ("title", pa.string()),
+        ("style", pa.string()),  # "" for performances rendered as played
+        ("style_params_json", pa.string()),
+        ("seed", pa.int64()),
+        ("duration_s", pa.float64()),
+        ("sample_rate", pa.int32()),
+        ("source", pa.string()),
+    ]
+)
 MAX_LISTED_FAILURES = 50
 
 
@@ -70,7 +72,9 @@ def track_seed(base_seed: int, tid: str) -> int:
     return (base_seed * 1_000_003 + zlib.crc32(tid.encode())) % (2**31)
 
 
-def plan_tracks(refs: list[ScoreRef], styles: list[StyleSpec]) -> list[tuple[ScoreRef, StyleSpec | None, str]]:
+def plan_tracks(
+    refs: list[ScoreRef], styles: list[StyleSpec]
+) -> list[tuple[ScoreRef, StyleSpec | None, str]]:
     """All (piece, style, track id) triples; performances (a ``variant``) play unstyled."""
     names = [s.name for s in styles]
     if len(set(names)) != len(names):
@@ -86,8 +90,15 @@ def plan_tracks(refs: list[ScoreRef], styles: list[StyleSpec]) -> list[tuple[Sco
     return plan
 
 
-def render_track(score: Score, ref: ScoreRef, style: StyleSpec | None, tid: str, cfg: RenderConfig,
-                 storage: Storage, version: str) -> dict[str, Any]:
+def render_track(
+    score: Score,
+    ref: ScoreRef,
+    style: StyleSpec | None,
+    tid: str,
+    cfg: RenderConfig,
+    storage: Storage,
+    version: str,
+) -> dict[str, Any]:
     """Perform, synthesize and upload one track; returns its catalog row."""
     seed = track_seed(cfg.seed, tid)
     if style is None:
@@ -106,10 +117,18 @@ def render_track(score: Score, ref: ScoreRef, style: StyleSpec | None, tid: str,
         storage.put_file(local_midi, posixpath.join(STAGE, version, midi_rel))
         storage.put_file(local, posixpath.join(STAGE, version, rel))
     return {
-        "track_id": tid, "path": rel, "midi_path": midi_rel, "piece_id": score.piece_id, "composer": score.composer,
-        "title": score.title, "style": style.name if style else "",
-        "style_params_json": json.dumps(params, sort_keys=True), "seed": seed,
-        "duration_s": round(duration, 4), "sample_rate": cfg.sample_rate, "source": ref.source,
+        "track_id": tid,
+        "path": rel,
+        "midi_path": midi_rel,
+        "piece_id": score.piece_id,
+        "composer": score.composer,
+        "title": score.title,
+        "style": style.name if style else "",
+        "style_params_json": json.dumps(params, sort_keys=True),
+        "seed": seed,
+        "duration_s": round(duration, 4),
+        "sample_rate": cfg.sample_rate,
+        "source": ref.source,
     }
 
 
@@ -123,8 +142,15 @@ def _load_task(ref: ScoreRef) -> Score | str:
 
 
 @ray.remote(num_cpus=TASK_CPUS)
-def _render_task(score: Score | str, ref: ScoreRef, style: StyleSpec | None, tid: str, cfg: RenderConfig,
-                 storage_cfg: StorageConfig, version: str) -> dict[str, Any]:
+def _render_task(
+    score: Score | str,
+    ref: ScoreRef,
+    style: StyleSpec | None,
+    tid: str,
+    cfg: RenderConfig,
+    storage_cfg: StorageConfig,
+    version: str,
+) -> dict[str, Any]:
     if isinstance(score, str):
         return {"error": score, "track_id": tid, "piece_id": ref.piece_id}
     try:
@@ -171,8 +197,12 @@ def run_render(cfg: MessRayConfig, storage: Storage) -> dict:
     storage_cfg = _worker_storage_config(storage)
     # One parse per source file, shared by all of its style tasks through the object store.
     loaded = {(ref.piece_id, ref.variant): _load_task.remote(ref) for ref in refs}
-    pending = [_render_task.remote(loaded[(ref.piece_id, ref.variant)], ref, style, tid, rcfg, storage_cfg, version)
-               for ref, style, tid in plan]
+    pending = [
+        _render_task.remote(
+            loaded[(ref.piece_id, ref.variant)], ref, style, tid, rcfg, storage_cfg, version
+        )
+        for ref, style, tid in plan
+    ]
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
     with tqdm(total=len(pending), desc="render", unit="track") as bar:
@@ -186,25 +216,35 @@ def run_render(cfg: MessRayConfig, storage: Storage) -> dict:
                 rows.append(result)
             bar.update(1)
     if not rows:
-        raise RuntimeError(f"render produced no tracks ({len(failures)} failed); first error: "
-                           f"{failures[0]['error'] if failures else 'nothing planned'}")
+        raise RuntimeError(
+            f"render produced no tracks ({len(failures)} failed); first error: "
+            f"{failures[0]['error'] if failures else 'nothing planned'}"
+        )
 
     write_catalog(storage, version, rows)
     rendered_pieces = {r["piece_id"] for r in rows}
     failed_pieces = sorted({f["piece_id"] for f in failures})
     manifest = {
         "inputs": {
-            "source": rcfg.source, "source_path": rcfg.source_path,
-            "pieces": sorted({r.piece_id for r in refs}), "styles": [s.name for s in rcfg.styles],
-            "soundfont": rcfg.soundfont, "config_digest": cfg.digest(),
+            "source": rcfg.source,
+            "source_path": rcfg.source_path,
+            "pieces": sorted({r.piece_id for r in refs}),
+            "styles": [s.name for s in rcfg.styles],
+            "soundfont": rcfg.soundfont,
+            "config_digest": cfg.digest(),
         },
         "counts": {
-            "pieces": len(rendered_pieces), "styles": len({r["style"] for r in rows}),
-            "tracks": len(rows), "failed": len(failures), "failed_pieces": len(failed_pieces),
+            "pieces": len(rendered_pieces),
+            "styles": len({r["style"] for r in rows}),
+            "tracks": len(rows),
+            "failed": len(failures),
+            "failed_pieces": len(failed_pieces),
         },
         "seconds_of_audio": round(sum(r["duration_s"] for r in rows), 3),
         "sample_rate": rcfg.sample_rate,
         "catalog": CATALOG_FILE,
-        "failures": [{k: f[k] for k in ("track_id", "error")} for f in failures[:MAX_LISTED_FAILURES]],
+        "failures": [
+            {k: f[k] for k in ("track_id", "error")} for f in failures[:MAX_LISTED_FAILURES]
+        ],
     }
     return storage.publish(STAGE, version, manifest)

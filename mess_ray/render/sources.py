@@ -21,9 +21,10 @@ import posixpath
 import random
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import pretty_midi
 
@@ -55,11 +56,20 @@ DEFAULT_MUSIC21_PIECES: tuple[str, ...] = (
 
 # Fallback composer names by corpus folder (many corpus files carry no composer metadata).
 _CORPUS_COMPOSERS = {
-    "bach": "J.S. Bach", "cpebach": "C.P.E. Bach", "corelli": "Arcangelo Corelli",
-    "schubert": "Franz Schubert", "joplin": "Scott Joplin", "ciconia": "Johannes Ciconia",
-    "handel": "George Frideric Handel", "verdi": "Giuseppe Verdi", "mozart": "W.A. Mozart",
-    "haydn": "Joseph Haydn", "beethoven": "Ludwig van Beethoven", "schumann": "Robert Schumann",
-    "palestrina": "Giovanni Pierluigi da Palestrina", "luca": "D. Luca",
+    "bach": "J.S. Bach",
+    "cpebach": "C.P.E. Bach",
+    "corelli": "Arcangelo Corelli",
+    "schubert": "Franz Schubert",
+    "joplin": "Scott Joplin",
+    "ciconia": "Johannes Ciconia",
+    "handel": "George Frideric Handel",
+    "verdi": "Giuseppe Verdi",
+    "mozart": "W.A. Mozart",
+    "haydn": "Joseph Haydn",
+    "beethoven": "Ludwig van Beethoven",
+    "schumann": "Robert Schumann",
+    "palestrina": "Giovanni Pierluigi da Palestrina",
+    "luca": "D. Luca",
 }
 
 MIDI_SUFFIXES = (".mid", ".midi")
@@ -104,8 +114,13 @@ def _music21_ref(corpus_path: str) -> ScoreRef:
     folder = corpus_path.split("/", 1)[0]
     composer = _CORPUS_COMPOSERS.get(folder, folder.replace("_", " ").title())
     title = corpus_path.split("/", 1)[-1].replace("/", " ").replace("_", " ")
-    return ScoreRef(piece_id=slugify(corpus_path), composer=composer, title=title,
-                    source="music21", locator=corpus_path)
+    return ScoreRef(
+        piece_id=slugify(corpus_path),
+        composer=composer,
+        title=title,
+        source="music21",
+        locator=corpus_path,
+    )
 
 
 def _strip_repeat_marks(score: Any) -> None:
@@ -166,12 +181,15 @@ def _midi_folder_refs(source_path: str) -> list[ScoreRef]:
         rel = posixpath.relpath(path, base)
         stem = posixpath.splitext(rel)[0]
         parent = posixpath.dirname(rel)
-        refs.append(ScoreRef(
-            piece_id=slugify(stem),
-            composer=parent.split("/")[0].replace("_", " ") if parent else "unknown",
-            title=posixpath.basename(stem).replace("_", " "),
-            source="midi_folder",
-            locator=_join_url(source_path, rel)))
+        refs.append(
+            ScoreRef(
+                piece_id=slugify(stem),
+                composer=parent.split("/")[0].replace("_", " ") if parent else "unknown",
+                title=posixpath.basename(stem).replace("_", " "),
+                source="midi_folder",
+                locator=_join_url(source_path, rel),
+            )
+        )
     _require_unique_ids(refs)
     return sorted(refs, key=lambda r: r.piece_id)
 
@@ -221,14 +239,17 @@ def _asap_refs(source_path: str) -> list[ScoreRef]:
                 # Resolved too, so the evaluation can read the beat annotations of a rendering
                 # (they travel through the render catalog into every segment's metadata_json).
                 extra[f"{column}_uri"] = _join_url(source_path, row[column])
-        refs.append(ScoreRef(
-            piece_id=slugify(row["folder"]),
-            composer=row["composer"],
-            title=row["title"].replace("_", " "),
-            source="asap",
-            locator=_join_url(source_path, performance),
-            variant=slugify(performer),
-            extra=extra))
+        refs.append(
+            ScoreRef(
+                piece_id=slugify(row["folder"]),
+                composer=row["composer"],
+                title=row["title"].replace("_", " "),
+                source="asap",
+                locator=_join_url(source_path, performance),
+                variant=slugify(performer),
+                extra=extra,
+            )
+        )
     _require_unique_ids(refs)
     return refs
 
@@ -243,7 +264,9 @@ def _require_unique_ids(refs: list[ScoreRef]) -> None:
 
 
 # -- public API ---------------------------------------------------------------------------------
-def select_pieces(refs: list[ScoreRef], num_pieces: int, seed: int, shuffle: bool) -> list[ScoreRef]:
+def select_pieces(
+    refs: list[ScoreRef], num_pieces: int, seed: int, shuffle: bool
+) -> list[ScoreRef]:
     """Keep all variants of the first ``num_pieces`` distinct pieces (seeded order if shuffle)."""
     piece_ids = list(dict.fromkeys(ref.piece_id for ref in refs))
     if shuffle:
@@ -270,13 +293,17 @@ def list_score_refs(cfg: RenderConfig) -> list[ScoreRef]:
     if not cfg.source_path:
         raise ValueError(f"render.source={cfg.source!r} needs render.source_path")
     if cfg.source == "midi_folder":
-        return select_pieces(_midi_folder_refs(cfg.source_path), cfg.num_pieces, cfg.seed, shuffle=False)
+        return select_pieces(
+            _midi_folder_refs(cfg.source_path), cfg.num_pieces, cfg.seed, shuffle=False
+        )
     if cfg.source == "asap":
         # Shuffled so that a few pieces are not all from the alphabetically first composer.
         refs = with_min_performances(_asap_refs(cfg.source_path), cfg.min_performances)
         if not refs:
-            raise ValueError(f"no piece under {cfg.source_path!r} has {cfg.min_performances} or more "
-                             "performances (render.min_performances)")
+            raise ValueError(
+                f"no piece under {cfg.source_path!r} has {cfg.min_performances} or more "
+                "performances (render.min_performances)"
+            )
         return select_pieces(refs, cfg.num_pieces, cfg.seed, shuffle=True)
     raise ValueError(f"unknown render.source {cfg.source!r}")
 

@@ -27,7 +27,9 @@ FADE_OUT_S = 0.05
 def fluidsynth_binary() -> str:
     binary = shutil.which("fluidsynth")
     if binary is None:
-        raise FileNotFoundError("the `fluidsynth` command is not installed (apt-get install fluidsynth)")
+        raise FileNotFoundError(
+            "the `fluidsynth` command is not installed (apt-get install fluidsynth)"
+        )
     return binary
 
 
@@ -36,12 +38,14 @@ def check_soundfont(path: str) -> str:
     if not path or not Path(path).is_file():
         raise FileNotFoundError(
             f"SoundFont {path!r} not found: set render.soundfont to a .sf2 file "
-            "(Debian/Ubuntu: apt-get install fluid-soundfont-gm)")
+            "(Debian/Ubuntu: apt-get install fluid-soundfont-gm)"
+        )
     return path
 
 
-def trim_tail(audio: np.ndarray, sample_rate: int, last_note_end_s: float, tail_s: float,
-              silence_db: float) -> np.ndarray:
+def trim_tail(
+    audio: np.ndarray, sample_rate: int, last_note_end_s: float, tail_s: float, silence_db: float
+) -> np.ndarray:
     """Cut the tail after ``last_note_end_s``: at the first point where it stays below
     ``silence_db`` (relative to full scale), and never more than ``tail_s`` after it."""
     if audio.ndim not in (1, 2):
@@ -72,14 +76,29 @@ def render_midi(midi: pretty_midi.PrettyMIDI, cfg: RenderConfig) -> np.ndarray:
     with tempfile.TemporaryDirectory(prefix="mess-ray-synth-") as tmp:
         mid_path, wav_path = os.path.join(tmp, "in.mid"), os.path.join(tmp, "out.wav")
         midi.write(mid_path)
-        cmd = [binary, "-ni", "-q", "-g", str(cfg.gain), "-r", str(cfg.sample_rate),
-               "-T", "wav", "-F", wav_path, soundfont, mid_path]
+        cmd = [
+            binary,
+            "-ni",
+            "-q",
+            "-g",
+            str(cfg.gain),
+            "-r",
+            str(cfg.sample_rate),
+            "-T",
+            "wav",
+            "-F",
+            wav_path,
+            soundfont,
+            mid_path,
+        ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=cfg.synth_timeout_s)
         except subprocess.TimeoutExpired as exc:
             raise RuntimeError(f"fluidsynth ran longer than {cfg.synth_timeout_s}s") from exc
         if proc.returncode != 0 or not os.path.exists(wav_path):
-            raise RuntimeError(f"fluidsynth failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+            raise RuntimeError(
+                f"fluidsynth failed ({proc.returncode}): {proc.stderr.strip()[-500:]}"
+            )
         audio, rate = sf.read(wav_path, dtype="float32", always_2d=True)
     if rate != cfg.sample_rate:
         raise RuntimeError(f"fluidsynth wrote {rate} Hz, asked for {cfg.sample_rate} Hz")

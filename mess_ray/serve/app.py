@@ -16,8 +16,9 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, Path, Query, Request, UploadFile
@@ -29,8 +30,13 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from mess_ray.config import MessRayConfig
-from mess_ray.serve.service import (IndexState, PayloadTooLarge, SearchOptions, SearchService,
-                                    UnsupportedMedia)
+from mess_ray.serve.service import (
+    IndexState,
+    PayloadTooLarge,
+    SearchOptions,
+    SearchService,
+    UnsupportedMedia,
+)
 
 log = logging.getLogger(__name__)
 APP_NAME = "mess-ray"
@@ -42,9 +48,15 @@ class FacetExplanation(BaseModel):
     label: str
     query: dict[str, float] = Field(description="The query passage's descriptors of this facet.")
     hit: dict[str, float] = Field(description="The hit passage's descriptors of this facet.")
-    closeness: float = Field(description="exp(-|difference| / scale) averaged over the facet's descriptors, 0..1.")
-    embedding_similarity: float | None = Field(description="Cosine of this facet's part of a faceted embedding.")
-    text: str = Field(description='E.g. "tempo and rubato: onsets 4.1 vs 4.3/s, timing variability 0.12 vs 0.15".')
+    closeness: float = Field(
+        description="exp(-|difference| / scale) averaged over the facet's descriptors, 0..1."
+    )
+    embedding_similarity: float | None = Field(
+        description="Cosine of this facet's part of a faceted embedding."
+    )
+    text: str = Field(
+        description='E.g. "tempo and rubato: onsets 4.1 vs 4.3/s, timing variability 0.12 vs 0.15".'
+    )
 
 
 class HitModel(BaseModel):
@@ -55,13 +67,17 @@ class HitModel(BaseModel):
     style: str
     start_s: float
     end_s: float
-    similarity: float = Field(description="Inner product with the (facet-weighted) query; cosine without weights.")
+    similarity: float = Field(
+        description="Inner product with the (facet-weighted) query; cosine without weights."
+    )
     source_uri: str
     metadata: dict[str, Any] = Field(default_factory=dict)
     facet_similarities: dict[str, float] = Field(default_factory=dict)
     explanation: list[FacetExplanation] | None = Field(
-        None, description="Per-facet descriptor comparison with the query, most alike first (None: not asked "
-                          "for, or the audio is unavailable).")
+        None,
+        description="Per-facet descriptor comparison with the query, most alike first (None: not asked "
+        "for, or the audio is unavailable).",
+    )
 
 
 class SearchResponse(BaseModel):
@@ -109,7 +125,9 @@ class InfoModel(BaseModel):
     dim: int
     index_type: str
     model: dict[str, Any]
-    facet_layout: dict[str, list[int]] | None = Field(description="Parts of a faceted embedding; None: no facets.")
+    facet_layout: dict[str, list[int]] | None = Field(
+        description="Parts of a faceted embedding; None: no facets."
+    )
     filter_fields: list[str]
     stats: dict[str, Any]
 
@@ -120,12 +138,18 @@ class ReadyModel(InfoModel):
 
 class ErrorModel(BaseModel):
     detail: str = Field(description="What was wrong, in words.")
-    errors: list[dict[str, Any]] | None = Field(None, description="Per-field validation errors (422 only).")
+    errors: list[dict[str, Any]] | None = Field(
+        None, description="Per-field validation errors (422 only)."
+    )
 
 
-ERRORS = {400: {"model": ErrorModel, "description": "Malformed request (e.g. a broken multipart body)"},
-          404: {"model": ErrorModel}, 413: {"model": ErrorModel}, 415: {"model": ErrorModel},
-          422: {"model": ErrorModel}}
+ERRORS = {
+    400: {"model": ErrorModel, "description": "Malformed request (e.g. a broken multipart body)"},
+    404: {"model": ErrorModel},
+    413: {"model": ErrorModel},
+    415: {"model": ErrorModel},
+    422: {"model": ErrorModel},
+}
 
 FILTER_PATTERN = re.compile(r"^([A-Za-z0-9_.\-]+)=(.*)$", re.S)
 
@@ -138,8 +162,12 @@ def _message(err: BaseException) -> str:
 async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
     # One readable sentence (e.g. "query.k: Input should be less than or equal to 1000"), plus
     # the field list: the same {"detail": str} shape as every other error of this API.
-    errors = jsonable_encoder(err.errors(), custom_encoder={bytes: lambda b: b.decode("utf-8", "replace")})
-    detail = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in errors)
+    errors = jsonable_encoder(
+        err.errors(), custom_encoder={bytes: lambda b: b.decode("utf-8", "replace")}
+    )
+    detail = "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in errors
+    )
     for e in errors:
         e.pop("input", None)  # may echo a whole upload back
         e.pop("ctx", None)
@@ -154,37 +182,83 @@ def _json_error(status: int):
 
 
 def search_options(
-        k: int | None = Query(None, ge=1, le=1000, description="Number of hits (default: serve.default_k)"),
-        exclude_track: str | None = Query(None, description="Drop hits from this track (e.g. the query's own)"),
-        min_gap_s: float = Query(0.0, ge=0, le=1e6, description="Min distance between hits of one track (s)"),
-        mmr_lambda: float | None = Query(None, ge=0, le=1, description="Diversity: 1 = pure similarity, lower "
-                                                                        "values prefer hits unlike those above"),
-        w_overall: float | None = Query(None, ge=0, le=1e6, description="Facet weight: overall expression"),
-        w_tempo: float | None = Query(None, ge=0, le=1e6, description="Facet weight: tempo and rubato"),
-        w_dynamics: float | None = Query(None, ge=0, le=1e6, description="Facet weight: dynamics"),
-        w_articulation: float | None = Query(None, ge=0, le=1e6, description="Facet weight: articulation"),
-        w_timbre: float | None = Query(None, ge=0, le=1e6, description="Facet weight: timbre"),
-        composer: str | None = Query(None, max_length=200, description="Metadata filter (substring, any case)"),
-        title: str | None = Query(None, max_length=200, description="Metadata filter (substring, any case)"),
-        piece_id: str | None = Query(None, max_length=200, description="Only this piece"),
-        style: str | None = Query(None, max_length=200, description="Only this style"),
-        filter: list[str] = Query([], description="More metadata filters as field=value (any metadata_json "
-                                                  "field, e.g. catalog=BWV 846)"),
-        explain: bool = Query(True, description="Compare audio descriptors of the query and each hit per facet"),
+    k: int | None = Query(
+        None, ge=1, le=1000, description="Number of hits (default: serve.default_k)"
+    ),
+    exclude_track: str | None = Query(
+        None, description="Drop hits from this track (e.g. the query's own)"
+    ),
+    min_gap_s: float = Query(
+        0.0, ge=0, le=1e6, description="Min distance between hits of one track (s)"
+    ),
+    mmr_lambda: float | None = Query(
+        None,
+        ge=0,
+        le=1,
+        description="Diversity: 1 = pure similarity, lower values prefer hits unlike those above",
+    ),
+    w_overall: float | None = Query(
+        None, ge=0, le=1e6, description="Facet weight: overall expression"
+    ),
+    w_tempo: float | None = Query(None, ge=0, le=1e6, description="Facet weight: tempo and rubato"),
+    w_dynamics: float | None = Query(None, ge=0, le=1e6, description="Facet weight: dynamics"),
+    w_articulation: float | None = Query(
+        None, ge=0, le=1e6, description="Facet weight: articulation"
+    ),
+    w_timbre: float | None = Query(None, ge=0, le=1e6, description="Facet weight: timbre"),
+    composer: str | None = Query(
+        None, max_length=200, description="Metadata filter (substring, any case)"
+    ),
+    title: str | None = Query(
+        None, max_length=200, description="Metadata filter (substring, any case)"
+    ),
+    piece_id: str | None = Query(None, max_length=200, description="Only this piece"),
+    style: str | None = Query(None, max_length=200, description="Only this style"),
+    filter: list[str] = Query(
+        [],
+        description="More metadata filters as field=value (any metadata_json "
+        "field, e.g. catalog=BWV 846)",
+    ),
+    explain: bool = Query(
+        True, description="Compare audio descriptors of the query and each hit per facet"
+    ),
 ) -> SearchOptions:
     """The search options shared by both search endpoints."""
-    weights = {name: value for name, value in (("overall", w_overall), ("tempo", w_tempo), ("dynamics", w_dynamics),
-                                               ("articulation", w_articulation), ("timbre", w_timbre))
-               if value is not None}
-    filters = {name: value for name, value in (("composer", composer), ("title", title), ("piece_id", piece_id),
-                                               ("style", style)) if value}
+    weights = {
+        name: value
+        for name, value in (
+            ("overall", w_overall),
+            ("tempo", w_tempo),
+            ("dynamics", w_dynamics),
+            ("articulation", w_articulation),
+            ("timbre", w_timbre),
+        )
+        if value is not None
+    }
+    filters = {
+        name: value
+        for name, value in (
+            ("composer", composer),
+            ("title", title),
+            ("piece_id", piece_id),
+            ("style", style),
+        )
+        if value
+    }
     for item in filter:
         match = FILTER_PATTERN.match(item)
         if not match:
             raise ValueError(f"filter {item!r} must be field=value")
         filters[match.group(1)] = match.group(2)
-    return SearchOptions(k=k, exclude_track=exclude_track, min_gap_s=min_gap_s, facet_weights=weights or None,
-                         filters=filters or None, mmr_lambda=mmr_lambda, explain=explain)
+    return SearchOptions(
+        k=k,
+        exclude_track=exclude_track,
+        min_gap_s=min_gap_s,
+        facet_weights=weights or None,
+        filters=filters or None,
+        mmr_lambda=mmr_lambda,
+        explain=explain,
+    )
 
 
 def parse_range(header: str, size: int) -> tuple[int, int] | None:
@@ -224,8 +298,11 @@ class BatchedEmbedder:
 def create_app(service: SearchService, embed: Embed | None = None) -> FastAPI:
     """The FastAPI app serving ``service``; ``embed`` turns decoded uploads into query vectors
     (default: one model call per request in the thread pool; the Serve replica batches)."""
-    app = FastAPI(title="mess-ray", version="0.1.0",
-                  description="Expressive music similarity search: find passages played alike.")
+    app = FastAPI(
+        title="mess-ray",
+        version="0.1.0",
+        description="Expressive music similarity search: find passages played alike.",
+    )
 
     async def embed_alone(samples: np.ndarray) -> tuple[np.ndarray, IndexState]:
         vectors, state = await run_in_threadpool(service.embed_clips, [samples])
@@ -235,8 +312,13 @@ def create_app(service: SearchService, embed: Embed | None = None) -> FastAPI:
 
     # Domain errors to HTTP statuses; the most specific class first (the first two subclass ValueError).
     app.add_exception_handler(RequestValidationError, _validation_error)
-    for error, status in ((PayloadTooLarge, 413), (UnsupportedMedia, 415), (ValueError, 422),
-                          (KeyError, 404), (FileNotFoundError, 404)):
+    for error, status in (
+        (PayloadTooLarge, 413),
+        (UnsupportedMedia, 415),
+        (ValueError, 422),
+        (KeyError, 404),
+        (FileNotFoundError, 404),
+    ):
         app.add_exception_handler(error, _json_error(status))
 
     @app.middleware("http")
@@ -244,53 +326,103 @@ def create_app(service: SearchService, embed: Embed | None = None) -> FastAPI:
         started = time.perf_counter()
         # Refuse before the multipart body is parsed and spooled when the client declares its size.
         length = request.headers.get("content-length")
-        if request.url.path == "/search" and length and length.isdigit() and int(length) > service.max_upload_bytes + 2**16:
-            response = JSONResponse({"detail": f"upload exceeds the {service.cfg.serve.max_upload_mb} MiB limit"},
-                                    status_code=413)
+        if (
+            request.url.path == "/search"
+            and length
+            and length.isdigit()
+            and int(length) > service.max_upload_bytes + 2**16
+        ):
+            response = JSONResponse(
+                {"detail": f"upload exceeds the {service.cfg.serve.max_upload_mb} MiB limit"},
+                status_code=413,
+            )
         else:
             response = await call_next(request)
         route = request.scope.get("route")
-        service.metrics.record_request(getattr(route, "path", "unmatched"), response.status_code,
-                                       1000 * (time.perf_counter() - started))
+        service.metrics.record_request(
+            getattr(route, "path", "unmatched"),
+            response.status_code,
+            1000 * (time.perf_counter() - started),
+        )
         return response
 
-    @app.post("/search", response_model=SearchResponse, responses=ERRORS, summary="Search with an audio clip")
-    async def search(file: UploadFile = File(..., description="WAV, FLAC, MP3 or OGG at any sample rate"),
-                     options: SearchOptions = Depends(search_options)) -> dict:
+    @app.post(
+        "/search",
+        response_model=SearchResponse,
+        responses=ERRORS,
+        summary="Search with an audio clip",
+    )
+    async def search(
+        file: UploadFile = File(..., description="WAV, FLAC, MP3 or OGG at any sample rate"),
+        options: SearchOptions = Depends(search_options),
+    ) -> dict:
         started = time.perf_counter()
         data = await file.read(service.max_upload_bytes + 1)
         samples, info = await run_in_threadpool(service.prepare_upload, data)
         vector, state = await embed_upload(samples)
-        return await run_in_threadpool(service.search_vector, vector, state, options, {"kind": "upload", **info},
-                                       samples, started)
+        return await run_in_threadpool(
+            service.search_vector,
+            vector,
+            state,
+            options,
+            {"kind": "upload", **info},
+            samples,
+            started,
+        )
 
-    @app.get("/search/by-track", response_model=SearchResponse, responses=ERRORS,
-             summary="Search with a passage of an indexed track")
-    def search_by_track(track_id: str = Query(..., min_length=1),
-                        start_s: float = Query(..., ge=0, le=1e7),
-                        end_s: float | None = Query(None, gt=0, le=1e7),
-                        options: SearchOptions = Depends(search_options)) -> dict:
+    @app.get(
+        "/search/by-track",
+        response_model=SearchResponse,
+        responses=ERRORS,
+        summary="Search with a passage of an indexed track",
+    )
+    def search_by_track(
+        track_id: str = Query(..., min_length=1),
+        start_s: float = Query(..., ge=0, le=1e7),
+        end_s: float | None = Query(None, gt=0, le=1e7),
+        options: SearchOptions = Depends(search_options),
+    ) -> dict:
         return service.search_by_track(track_id, start_s, end_s, options)
 
     @app.get("/tracks", response_model=list[TrackModel], summary="Indexed tracks")
     def tracks() -> list[dict]:
         return service.index.tracks()
 
-    @app.get("/tracks/{track_id}", response_model=TrackDetail, responses=ERRORS, summary="One track and its segments")
+    @app.get(
+        "/tracks/{track_id}",
+        response_model=TrackDetail,
+        responses=ERRORS,
+        summary="One track and its segments",
+    )
     def track(track_id: str = Path(...)) -> dict:
         return service.index.track(track_id)
 
-    @app.get("/tracks/{track_id}/waveform", response_model=WaveformModel, responses=ERRORS,
-             summary="Min/max peaks of a track, for drawing its waveform")
+    @app.get(
+        "/tracks/{track_id}/waveform",
+        response_model=WaveformModel,
+        responses=ERRORS,
+        summary="Min/max peaks of a track, for drawing its waveform",
+    )
     def waveform(track_id: str = Path(...), points: int = Query(800, ge=16, le=4000)) -> dict:
         return service.waveform(track_id, points)
 
-    @app.get("/audio/{track_id}",
-             responses={200: {"content": {"audio/wav": {}}}, 206: {"description": "Partial content (Range)"},
-                        416: {"model": ErrorModel}, **ERRORS},
-             response_class=Response, summary="WAV of a passage of a track, for playback (HTTP range requests)")
-    def audio(request: Request, track_id: str = Path(...), start_s: float = Query(0.0, ge=0, le=1e7),
-              end_s: float | None = Query(None, gt=0, le=1e7)) -> Response:
+    @app.get(
+        "/audio/{track_id}",
+        responses={
+            200: {"content": {"audio/wav": {}}},
+            206: {"description": "Partial content (Range)"},
+            416: {"model": ErrorModel},
+            **ERRORS,
+        },
+        response_class=Response,
+        summary="WAV of a passage of a track, for playback (HTTP range requests)",
+    )
+    def audio(
+        request: Request,
+        track_id: str = Path(...),
+        start_s: float = Query(0.0, ge=0, le=1e7),
+        end_s: float | None = Query(None, gt=0, le=1e7),
+    ) -> Response:
         data = service.audio(track_id, start_s, end_s)
         headers = {"Accept-Ranges": "bytes"}
         requested = request.headers.get("range")
@@ -298,24 +430,37 @@ def create_app(service: SearchService, embed: Embed | None = None) -> FastAPI:
             return Response(data, media_type="audio/wav", headers=headers)
         span = parse_range(requested, len(data))
         if span is None:
-            return JSONResponse({"detail": f"range {requested!r} not satisfiable for {len(data)} bytes"},
-                                status_code=416, headers={"Content-Range": f"bytes */{len(data)}"})
+            return JSONResponse(
+                {"detail": f"range {requested!r} not satisfiable for {len(data)} bytes"},
+                status_code=416,
+                headers={"Content-Range": f"bytes */{len(data)}"},
+            )
         first, last = span
-        return Response(data[first:last + 1], status_code=206, media_type="audio/wav",
-                        headers={**headers, "Content-Range": f"bytes {first}-{last}/{len(data)}"})
+        return Response(
+            data[first : last + 1],
+            status_code=206,
+            media_type="audio/wav",
+            headers={**headers, "Content-Range": f"bytes {first}-{last}/{len(data)}"},
+        )
 
     @app.get("/healthz", response_model=HealthModel, summary="Liveness")
     def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz", response_model=ReadyModel, responses={503: {"model": ErrorModel}},
-             summary="Readiness: index and model loaded (with the served version and counters)")
+    @app.get(
+        "/readyz",
+        response_model=ReadyModel,
+        responses={503: {"model": ErrorModel}},
+        summary="Readiness: index and model loaded (with the served version and counters)",
+    )
     def readyz() -> Any:
         if len(service.index) == 0:
             return JSONResponse({"detail": "index is empty"}, status_code=503)
         return {"status": "ready", **service.describe()}
 
-    @app.get("/info", response_model=InfoModel, summary="Served index, model, facets and filter fields")
+    @app.get(
+        "/info", response_model=InfoModel, summary="Served index, model, facets and filter fields"
+    )
     def info() -> dict:
         return service.describe()
 
@@ -355,9 +500,13 @@ def build_app(cfg: MessRayConfig):
     """The bound Ray Serve application (deploy with ``serve.run(app, route_prefix="/")``)."""
     deployment = _deployment_class().options(
         num_replicas=cfg.serve.num_replicas,
-        ray_actor_options={"num_cpus": cfg.serve.cpus_per_replica, "num_gpus": cfg.serve.gpus_per_replica},
+        ray_actor_options={
+            "num_cpus": cfg.serve.cpus_per_replica,
+            "num_gpus": cfg.serve.gpus_per_replica,
+        },
         # A replica must accept at least a full batch of uploads at once for batching to fill.
-        max_ongoing_requests=max(16, 2 * cfg.serve.batch_max_size))
+        max_ongoing_requests=max(16, 2 * cfg.serve.batch_max_size),
+    )
     return deployment.bind(cfg.model_dump(mode="json"))
 
 

@@ -27,7 +27,9 @@ def _check(response: httpx.Response) -> dict[str, Any]:
     except ValueError:
         detail = response.text
     if isinstance(detail, list):  # FastAPI's default validation errors (older servers)
-        detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail)
+        detail = "; ".join(
+            f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail
+        )
     raise ServiceError(response.status_code, str(detail))
 
 
@@ -53,9 +55,17 @@ def wait_ready(base_url: str, timeout_s: float = 120.0, poll_s: float = 0.5) -> 
     raise TimeoutError(f"search service at {base_url} not ready after {timeout_s} s: {last}")
 
 
-def search_file(base_url: str, path_or_bytes: str | Path | bytes, k: int = 10, *, exclude_track: str | None = None,
-                min_gap_s: float | None = None, filename: str | None = None,
-                timeout: float = DEFAULT_TIMEOUT_S, **options: Any) -> dict[str, Any]:
+def search_file(
+    base_url: str,
+    path_or_bytes: str | Path | bytes,
+    k: int = 10,
+    *,
+    exclude_track: str | None = None,
+    min_gap_s: float | None = None,
+    filename: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    **options: Any,
+) -> dict[str, Any]:
     """POST an audio file (path or bytes) to /search; returns the SearchResponse dict.
 
     ``options`` are the other query parameters of the API: ``w_tempo=1`` (facet weights),
@@ -68,20 +78,41 @@ def search_file(base_url: str, path_or_bytes: str | Path | bytes, k: int = 10, *
         if not path.is_file():
             raise FileNotFoundError(f"no such audio file: {path}")
         data, name = path.read_bytes(), filename or path.name
-    response = httpx.post(f"{base_url.rstrip('/')}/search",
-                          params=_params(k=k, exclude_track=exclude_track, min_gap_s=min_gap_s, **options),
-                          files={"file": (name, data, "application/octet-stream")}, timeout=timeout)
+    response = httpx.post(
+        f"{base_url.rstrip('/')}/search",
+        params=_params(k=k, exclude_track=exclude_track, min_gap_s=min_gap_s, **options),
+        files={"file": (name, data, "application/octet-stream")},
+        timeout=timeout,
+    )
     return _check(response)
 
 
-def search_by_track(base_url: str, track_id: str, start_s: float, end_s: float | None = None, k: int = 10, *,
-                    exclude_track: str | None = None, min_gap_s: float | None = None,
-                    timeout: float = DEFAULT_TIMEOUT_S, **options: Any) -> dict[str, Any]:
+def search_by_track(
+    base_url: str,
+    track_id: str,
+    start_s: float,
+    end_s: float | None = None,
+    k: int = 10,
+    *,
+    exclude_track: str | None = None,
+    min_gap_s: float | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    **options: Any,
+) -> dict[str, Any]:
     """GET /search/by-track: passages like [start_s, end_s] of an indexed track (``options`` as in search_file)."""
-    response = httpx.get(f"{base_url.rstrip('/')}/search/by-track",
-                         params=_params(track_id=track_id, start_s=start_s, end_s=end_s, k=k,
-                                        exclude_track=exclude_track, min_gap_s=min_gap_s, **options),
-                         timeout=timeout)
+    response = httpx.get(
+        f"{base_url.rstrip('/')}/search/by-track",
+        params=_params(
+            track_id=track_id,
+            start_s=start_s,
+            end_s=end_s,
+            k=k,
+            exclude_track=exclude_track,
+            min_gap_s=min_gap_s,
+            **options,
+        ),
+        timeout=timeout,
+    )
     return _check(response)
 
 
@@ -99,11 +130,23 @@ def format_hits(result: dict[str, Any]) -> str:
         return "no results"
     rows = [("rank", "track", "passage (s)", "similarity", "style", "piece")]
     for hit in hits:
-        rows.append((str(hit["rank"]), str(hit["track_id"]), f"{hit['start_s']:.2f}-{hit['end_s']:.2f}",
-                     f"{hit['similarity']:.4f}", str(hit.get("style", "")), str(hit.get("piece_id", ""))))
+        rows.append(
+            (
+                str(hit["rank"]),
+                str(hit["track_id"]),
+                f"{hit['start_s']:.2f}-{hit['end_s']:.2f}",
+                f"{hit['similarity']:.4f}",
+                str(hit.get("style", "")),
+                str(hit.get("piece_id", "")),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     right = {0, 2, 3}
-    lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-             for r in rows]
+    lines = [
+        "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))
+        ).rstrip()
+        for r in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -11,7 +11,8 @@ of that facet's part of the embedding.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from mess_ray.eval.descriptors import FACET_DESCRIPTORS
 from mess_ray.facets import FACET_LABELS
@@ -43,8 +44,12 @@ def closeness(name: str, a: float, b: float) -> float:
     return math.exp(-abs(a - b) / scale)
 
 
-def compare_facet(facet: str, query: Mapping[str, float], hit: Mapping[str, float],
-                  part_similarity: float | None = None) -> dict[str, Any]:
+def compare_facet(
+    facet: str,
+    query: Mapping[str, float],
+    hit: Mapping[str, float],
+    part_similarity: float | None = None,
+) -> dict[str, Any]:
     """One facet's comparison: values side by side, closeness and the sentence shown to users."""
     names = FACET_DESCRIPTORS[facet]
     phrases = []
@@ -58,16 +63,24 @@ def compare_facet(facet: str, query: Mapping[str, float], hit: Mapping[str, floa
         "query": {n: round(float(query[n]), 4) for n in names},
         "hit": {n: round(float(hit[n]), 4) for n in names},
         "closeness": round(close, 3),
-        "embedding_similarity": None if part_similarity is None else round(float(part_similarity), 4),
+        "embedding_similarity": None
+        if part_similarity is None
+        else round(float(part_similarity), 4),
         "text": f"{FACET_LABELS.get(facet, facet)}: " + ", ".join(phrases),
     }
 
 
-def explain_hit(query: Mapping[str, float], hit: Mapping[str, float],
-                facet_similarities: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+def explain_hit(
+    query: Mapping[str, float],
+    hit: Mapping[str, float],
+    facet_similarities: Mapping[str, float] | None = None,
+) -> list[dict[str, Any]]:
     """Every facet compared, most alike first (by embedding similarity when known, else closeness)."""
     sims = facet_similarities or {}
     rows = [compare_facet(f, query, hit, sims.get(f)) for f in FACET_DESCRIPTORS]
-    key = (lambda r: r["embedding_similarity"]) if all(r["embedding_similarity"] is not None for r in rows) \
+    key = (
+        (lambda r: r["embedding_similarity"])
+        if all(r["embedding_similarity"] is not None for r in rows)
         else (lambda r: r["closeness"])
+    )
     return sorted(rows, key=key, reverse=True)

@@ -31,20 +31,34 @@ class ServiceMetrics:
     def _ray_metrics() -> dict[str, Any] | None:
         try:
             import ray
+
             if not ray.is_initialized():
                 return None
             from ray.util import metrics
         except ImportError:
             return None
         return {
-            "queries": metrics.Counter("mess_ray_requests", "Requests answered, by route and status.",
-                                       tag_keys=("route", "status")),
-            "errors": metrics.Counter("mess_ray_errors", "Requests answered with an error status (4xx/5xx).",
-                                      tag_keys=("route", "status")),
-            "latency": metrics.Histogram("mess_ray_latency_ms", "Request latency in milliseconds, by route.",
-                                         boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("route",)),
-            "batch": metrics.Histogram("mess_ray_embed_batch_size", "Uploads embedded per model call.",
-                                       boundaries=BATCH_BOUNDARIES),
+            "queries": metrics.Counter(
+                "mess_ray_requests",
+                "Requests answered, by route and status.",
+                tag_keys=("route", "status"),
+            ),
+            "errors": metrics.Counter(
+                "mess_ray_errors",
+                "Requests answered with an error status (4xx/5xx).",
+                tag_keys=("route", "status"),
+            ),
+            "latency": metrics.Histogram(
+                "mess_ray_latency_ms",
+                "Request latency in milliseconds, by route.",
+                boundaries=LATENCY_BOUNDARIES_MS,
+                tag_keys=("route",),
+            ),
+            "batch": metrics.Histogram(
+                "mess_ray_embed_batch_size",
+                "Uploads embedded per model call.",
+                boundaries=BATCH_BOUNDARIES,
+            ),
         }
 
     def record_request(self, route: str, status: int, latency_ms: float) -> None:
@@ -65,5 +79,8 @@ class ServiceMetrics:
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return {"requests": dict(self.requests), "errors": dict(self.errors),
-                    "exported_through_ray": self._ray is not None}
+            return {
+                "requests": dict(self.requests),
+                "errors": dict(self.errors),
+                "exported_through_ray": self._ray is not None,
+            }

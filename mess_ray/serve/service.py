@@ -21,8 +21,9 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -51,16 +52,22 @@ class UnsupportedMedia(ValueError):
     """The upload is not decodable audio."""
 
 
-def decode_upload(data: bytes, target_rate: int, max_bytes: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+def decode_upload(
+    data: bytes, target_rate: int, max_bytes: int | None = None
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Decode an uploaded audio file to mono float32 at ``target_rate``; returns (samples, info)."""
     if max_bytes is not None and len(data) > max_bytes:
-        raise PayloadTooLarge(f"upload of {len(data) / 2**20:.1f} MiB exceeds the {max_bytes / 2**20:.1f} MiB limit")
+        raise PayloadTooLarge(
+            f"upload of {len(data) / 2**20:.1f} MiB exceeds the {max_bytes / 2**20:.1f} MiB limit"
+        )
     if not data:
         raise UnsupportedMedia("the upload is empty: send a WAV, FLAC, MP3 or OGG file")
     try:
         samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
-        raise UnsupportedMedia(f"could not decode the upload as audio (WAV, FLAC, MP3 or OGG expected): {err}") from None
+        raise UnsupportedMedia(
+            f"could not decode the upload as audio (WAV, FLAC, MP3 or OGG expected): {err}"
+        ) from None
     if samples.size == 0:
         raise UnsupportedMedia("the uploaded audio contains no samples")
     mono = samples.mean(axis=1)
@@ -68,8 +75,11 @@ def decode_upload(data: bytes, target_rate: int, max_bytes: int | None = None) -
         raise UnsupportedMedia("the uploaded audio contains NaN or infinite samples")
     if rate != target_rate:
         mono = soxr.resample(mono, rate, target_rate)
-    info = {"source_sample_rate": int(rate), "channels": int(samples.shape[1]),
-            "duration_s": round(len(mono) / target_rate, 3)}
+    info = {
+        "source_sample_rate": int(rate),
+        "channels": int(samples.shape[1]),
+        "duration_s": round(len(mono) / target_rate, 3),
+    }
     return np.ascontiguousarray(mono, dtype=np.float32), info
 
 
@@ -80,11 +90,12 @@ def clip_windows(samples: np.ndarray, window: int, hop: int) -> np.ndarray:
     starts = list(range(0, len(samples) - window + 1, hop))
     if starts[-1] + window < len(samples):
         starts.append(len(samples) - window)  # cover the tail instead of dropping it
-    return np.stack([samples[s:s + window] for s in starts])
+    return np.stack([samples[s : s + window] for s in starts])
 
 
-def read_passage_samples(uri: str, start_s: float, end_s: float | None,
-                         s3_endpoint_url: str | None = None) -> tuple[np.ndarray, int]:
+def read_passage_samples(
+    uri: str, start_s: float, end_s: float | None, s3_endpoint_url: str | None = None
+) -> tuple[np.ndarray, int]:
     """[frames, channels] float32 PCM of [start_s, end_s) of the recording at ``uri``, and its rate."""
     if start_s < 0:
         raise ValueError(f"start_s must be >= 0, got {start_s}")
@@ -99,8 +110,12 @@ def read_passage_samples(uri: str, start_s: float, end_s: float | None,
                 rate = sound.samplerate
                 first = int(round(start_s * rate))
                 if first >= sound.frames:
-                    raise ValueError(f"start_s {start_s} is past the end of the recording ({sound.frames / rate:.2f} s)")
-                stop_s = min(end_s if end_s is not None else sound.frames / rate, start_s + MAX_PASSAGE_S)
+                    raise ValueError(
+                        f"start_s {start_s} is past the end of the recording ({sound.frames / rate:.2f} s)"
+                    )
+                stop_s = min(
+                    end_s if end_s is not None else sound.frames / rate, start_s + MAX_PASSAGE_S
+                )
                 sound.seek(first)
                 pcm = sound.read(int(round(stop_s * rate)) - first, dtype="float32", always_2d=True)
         except sf.LibsndfileError as err:
@@ -108,7 +123,9 @@ def read_passage_samples(uri: str, start_s: float, end_s: float | None,
     return pcm, rate
 
 
-def read_passage(uri: str, start_s: float, end_s: float | None, s3_endpoint_url: str | None = None) -> bytes:
+def read_passage(
+    uri: str, start_s: float, end_s: float | None, s3_endpoint_url: str | None = None
+) -> bytes:
     """A WAV of [start_s, end_s) of the recording at ``uri`` (local path or fsspec URL)."""
     pcm, rate = read_passage_samples(uri, start_s, end_s, s3_endpoint_url)
     out = io.BytesIO()
@@ -143,7 +160,9 @@ class LRUCache:
                 self.hits += 1
                 return self._data[key]
             self.misses += 1
-        value = compute()  # outside the lock: computing reads audio; two threads may both compute once
+        value = (
+            compute()
+        )  # outside the lock: computing reads audio; two threads may both compute once
         with self._lock:
             self._data[key] = value
             self._data.move_to_end(key)
@@ -153,7 +172,12 @@ class LRUCache:
 
     def info(self) -> dict[str, int]:
         with self._lock:
-            return {"size": len(self._data), "maxsize": self.maxsize, "hits": self.hits, "misses": self.misses}
+            return {
+                "size": len(self._data),
+                "maxsize": self.maxsize,
+                "hits": self.hits,
+                "misses": self.misses,
+            }
 
 
 @dataclass(frozen=True)
@@ -181,9 +205,15 @@ class SearchOptions:
     explain: bool = True
 
     def search_kwargs(self, serve_cfg: Any) -> dict[str, Any]:
-        return {"k": self.k or serve_cfg.default_k, "exclude_track": self.exclude_track,
-                "min_gap_s": self.min_gap_s, "facet_weights": self.facet_weights or None,
-                "filters": self.filters or None, "mmr_lambda": self.mmr_lambda, "mmr_pool": serve_cfg.mmr_pool}
+        return {
+            "k": self.k or serve_cfg.default_k,
+            "exclude_track": self.exclude_track,
+            "min_gap_s": self.min_gap_s,
+            "facet_weights": self.facet_weights or None,
+            "filters": self.filters or None,
+            "mmr_lambda": self.mmr_lambda,
+            "mmr_pool": serve_cfg.mmr_pool,
+        }
 
 
 @dataclass
@@ -202,15 +232,21 @@ class ServiceStats:
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
             sizes = dict(sorted(self.batch_sizes.items()))
-        return {"embed_batches": sum(sizes.values()), "embed_batch_sizes": {str(k): v for k, v in sizes.items()},
-                "max_embed_batch": max(sizes, default=0), "reloads": self.reloads,
-                "reload_errors": self.reload_errors}
+        return {
+            "embed_batches": sum(sizes.values()),
+            "embed_batch_sizes": {str(k): v for k, v in sizes.items()},
+            "max_embed_batch": max(sizes, default=0),
+            "reloads": self.reloads,
+            "reload_errors": self.reload_errors,
+        }
 
 
 class SearchService:
     """A loaded index + embedder answering search requests (thread-safe; hot-reloadable)."""
 
-    def __init__(self, cfg: MessRayConfig, index: SearchIndex, embedder: Any, storage: Storage | None = None) -> None:
+    def __init__(
+        self, cfg: MessRayConfig, index: SearchIndex, embedder: Any, storage: Storage | None = None
+    ) -> None:
         self.cfg = cfg
         self.storage = storage
         self.window = int(round(cfg.audio.window_s * cfg.audio.sample_rate))
@@ -227,13 +263,17 @@ class SearchService:
     def _check_state(self, state: IndexState) -> IndexState:
         built_rate = state.index.manifest.get("audio", {}).get("sample_rate")
         if built_rate is not None and int(built_rate) != self.cfg.audio.sample_rate:
-            raise ValueError(f"index was built at {built_rate} Hz but audio.sample_rate is {self.cfg.audio.sample_rate}")
+            raise ValueError(
+                f"index was built at {built_rate} Hz but audio.sample_rate is {self.cfg.audio.sample_rate}"
+            )
         if int(state.embedder.dim) != state.index.dim:
-            raise ValueError(f"embedder dimension {state.embedder.dim} does not match the index ({state.index.dim})")
+            raise ValueError(
+                f"embedder dimension {state.embedder.dim} does not match the index ({state.index.dim})"
+            )
         return state
 
     @classmethod
-    def from_config(cls, cfg: MessRayConfig, storage: Storage | None = None) -> "SearchService":
+    def from_config(cls, cfg: MessRayConfig, storage: Storage | None = None) -> SearchService:
         """Load the served index version and rebuild its Embedder from the manifest."""
         storage = storage or Storage.from_config(cfg.storage)
         index = SearchIndex.load(storage, cfg.serve.index_version)
@@ -267,8 +307,11 @@ class SearchService:
                 return False
             try:
                 index = SearchIndex.load(self.storage, latest)
-                embedder = current.embedder if index.manifest.get("model") == current.index.manifest.get("model") \
+                embedder = (
+                    current.embedder
+                    if index.manifest.get("model") == current.index.manifest.get("model")
                     else _embedder_for(self.cfg, self.storage, index)
+                )
                 self._state = self._check_state(IndexState(index, embedder))
             except Exception:
                 self.stats.reload_errors += 1
@@ -309,12 +352,22 @@ class SearchService:
     def describe(self) -> dict[str, Any]:
         index = self.index
         m = index.manifest
-        return {"index_version": index.version, "count": len(index), "dim": index.dim,
-                "index_type": index.spec.type, "model": m.get("model", {}),
-                "facet_layout": {k: list(v) for k, v in index.facet_layout.items()} if index.facet_layout else None,
-                "filter_fields": index.filter_fields(),
-                "stats": {**self.stats.snapshot(), **self.metrics.snapshot(),
-                          "descriptor_cache": self.descriptor_cache.info()}}
+        return {
+            "index_version": index.version,
+            "count": len(index),
+            "dim": index.dim,
+            "index_type": index.spec.type,
+            "model": m.get("model", {}),
+            "facet_layout": {k: list(v) for k, v in index.facet_layout.items()}
+            if index.facet_layout
+            else None,
+            "filter_fields": index.filter_fields(),
+            "stats": {
+                **self.stats.snapshot(),
+                **self.metrics.snapshot(),
+                "descriptor_cache": self.descriptor_cache.info(),
+            },
+        }
 
     # -- embedding -------------------------------------------------------------------------
     def prepare_upload(self, data: bytes) -> tuple[np.ndarray, dict[str, Any]]:
@@ -331,12 +384,16 @@ class SearchService:
         """
         state = self._state
         frames = [clip_windows(c, self.window, self.hop) for c in clips]
-        vectors = state.embedder.embed(np.concatenate(frames)) if frames else np.zeros((0, state.index.dim))
+        vectors = (
+            state.embedder.embed(np.concatenate(frames))
+            if frames
+            else np.zeros((0, state.index.dim))
+        )
         self.stats.record_batch(len(clips))
         self.metrics.record_batch(len(clips))
         out, at = [], 0
         for f in frames:
-            out.append(normalize(vectors[at:at + len(f)].mean(axis=0)))
+            out.append(normalize(vectors[at : at + len(f)].mean(axis=0)))
             at += len(f)
         return out, state
 
@@ -349,24 +406,45 @@ class SearchService:
         started = time.perf_counter()
         samples, info = self.prepare_upload(data)
         (vector,), state = self.embed_clips([samples])
-        return self.search_vector(vector, state, options or SearchOptions(), {"kind": "upload", **info},
-                                  samples, started)
+        return self.search_vector(
+            vector, state, options or SearchOptions(), {"kind": "upload", **info}, samples, started
+        )
 
-    def search_vector(self, vector: np.ndarray, state: IndexState, options: SearchOptions, query: dict[str, Any],
-                      query_samples: np.ndarray | None, started: float) -> dict[str, Any]:
+    def search_vector(
+        self,
+        vector: np.ndarray,
+        state: IndexState,
+        options: SearchOptions,
+        query: dict[str, Any],
+        query_samples: np.ndarray | None,
+        started: float,
+    ) -> dict[str, Any]:
         """Search ``state``'s index with a query vector and explain the hits with the query's audio."""
         hits = state.index.search(vector, **options.search_kwargs(self.cfg.serve))
-        return self._response(state, query, hits, query_samples if options.explain else None, started)
+        return self._response(
+            state, query, hits, query_samples if options.explain else None, started
+        )
 
-    def search_by_track(self, track_id: str, start_s: float, end_s: float | None = None,
-                        options: SearchOptions | None = None) -> dict[str, Any]:
+    def search_by_track(
+        self,
+        track_id: str,
+        start_s: float,
+        end_s: float | None = None,
+        options: SearchOptions | None = None,
+    ) -> dict[str, Any]:
         started = time.perf_counter()
         options = options or SearchOptions()
         state = self._state
-        segment_ids, hits = state.index.search_by_track(track_id, start_s, end_s,
-                                                        **options.search_kwargs(self.cfg.serve))
-        query = {"kind": "track", "track_id": track_id, "start_s": start_s, "end_s": end_s,
-                 "segment_ids": segment_ids}
+        segment_ids, hits = state.index.search_by_track(
+            track_id, start_s, end_s, **options.search_kwargs(self.cfg.serve)
+        )
+        query = {
+            "kind": "track",
+            "track_id": track_id,
+            "start_s": start_s,
+            "end_s": end_s,
+            "segment_ids": segment_ids,
+        }
         query_samples = None
         if options.explain:
             rows = [state.index.segment(s) for s in segment_ids]
@@ -387,11 +465,18 @@ class SearchService:
         track = self.index.track(track_id)
 
         def compute() -> dict[str, Any]:
-            pcm, rate = read_passage_samples(track["source_uri"], 0.0, None, self.cfg.storage.s3_endpoint_url)
+            pcm, rate = read_passage_samples(
+                track["source_uri"], 0.0, None, self.cfg.storage.s3_endpoint_url
+            )
             mono = pcm.mean(axis=1)
             lows, highs = waveform_peaks(mono, points)
-            return {"track_id": track_id, "duration_s": round(len(mono) / rate, 3), "points": len(lows),
-                    "min": [round(v, 4) for v in lows], "max": [round(v, 4) for v in highs]}
+            return {
+                "track_id": track_id,
+                "duration_s": round(len(mono) / rate, 3),
+                "points": len(lows),
+                "min": [round(v, 4) for v in lows],
+                "max": [round(v, 4) for v in highs],
+            }
 
         return self.waveform_cache.get_or_compute((track["source_uri"], points), compute)
 
@@ -407,9 +492,12 @@ class SearchService:
         """Descriptors of an indexed passage, LRU-cached: popular hits come back often."""
         return self.descriptor_cache.get_or_compute(
             (uri, round(start_s, 4), round(end_s, 4)),
-            lambda: describe(self._passage(uri, start_s, end_s), self.cfg.audio.sample_rate))
+            lambda: describe(self._passage(uri, start_s, end_s), self.cfg.audio.sample_rate),
+        )
 
-    def explain(self, query_samples: np.ndarray, hits: list[Hit]) -> list[list[dict[str, Any]] | None]:
+    def explain(
+        self, query_samples: np.ndarray, hits: list[Hit]
+    ) -> list[list[dict[str, Any]] | None]:
         """Per hit, its facet comparison with the query clip (None where the hit's audio is unreadable)."""
         query = describe(query_samples, self.cfg.audio.sample_rate)
         out: list[list[dict[str, Any]] | None] = []
@@ -423,16 +511,30 @@ class SearchService:
             out.append(explain_hit(query, values, hit.facet_similarities or None))
         return out
 
-    def _response(self, state: IndexState, query: dict[str, Any], hits: list[Hit],
-                  query_samples: np.ndarray | None, started: float) -> dict[str, Any]:
-        explanations = self.explain(query_samples, hits) if query_samples is not None and hits else [None] * len(hits)
+    def _response(
+        self,
+        state: IndexState,
+        query: dict[str, Any],
+        hits: list[Hit],
+        query_samples: np.ndarray | None,
+        started: float,
+    ) -> dict[str, Any]:
+        explanations = (
+            self.explain(query_samples, hits)
+            if query_samples is not None and hits
+            else [None] * len(hits)
+        )
         rows = []
         for hit, explanation in zip(hits, explanations):
             row = hit.to_dict()
             row["explanation"] = explanation
             rows.append(row)
-        return {"query": query, "hits": rows, "index_version": state.version,
-                "took_ms": round(1000 * (time.perf_counter() - started), 2)}
+        return {
+            "query": query,
+            "hits": rows,
+            "index_version": state.version,
+            "took_ms": round(1000 * (time.perf_counter() - started), 2),
+        }
 
 
 def _embedder_for(cfg: MessRayConfig, storage: Storage, index: SearchIndex) -> Any:

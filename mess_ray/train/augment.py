@@ -18,10 +18,10 @@ import torch
 
 @dataclass(frozen=True)
 class AugmentSettings:
-    eq_tilt_db: float = 2.0      # max |tilt| in dB per octave around 1 kHz
-    noise_snr_db: float = 30.0   # noise this many dB below the signal (at the loudest draw)
-    reverb_prob: float = 0.5     # chance that a view gets a reverb tail
-    reverb_max_s: float = 0.4    # longest RT60 drawn
+    eq_tilt_db: float = 2.0  # max |tilt| in dB per octave around 1 kHz
+    noise_snr_db: float = 30.0  # noise this many dB below the signal (at the loudest draw)
+    reverb_prob: float = 0.5  # chance that a view gets a reverb tail
+    reverb_max_s: float = 0.4  # longest RT60 drawn
     sample_rate: int = 16000
 
 
@@ -52,8 +52,13 @@ def add_noise(x: torch.Tensor, snr_db: torch.Tensor, generator: torch.Generator)
     return x + noise * scale
 
 
-def synthetic_reverb(x: torch.Tensor, sample_rate: int, rt60_s: torch.Tensor,
-                     generator: torch.Generator, wet: float = 0.15) -> torch.Tensor:
+def synthetic_reverb(
+    x: torch.Tensor,
+    sample_rate: int,
+    rt60_s: torch.Tensor,
+    generator: torch.Generator,
+    wet: float = 0.15,
+) -> torch.Tensor:
     """Convolution with exponentially decaying noise (RT60 ``rt60_s[b]``), gain-normalised.
 
     The direct sound stays at full level and the tail is mixed in at ``wet``, so onsets stay
@@ -66,11 +71,15 @@ def synthetic_reverb(x: torch.Tensor, sample_rate: int, rt60_s: torch.Tensor,
     tail = tail / tail.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     n = x.shape[-1] + length - 1
     size = 1 << (n - 1).bit_length()
-    wet_signal = torch.fft.irfft(torch.fft.rfft(x, size) * torch.fft.rfft(tail, size), size)[..., :x.shape[-1]]
+    wet_signal = torch.fft.irfft(torch.fft.rfft(x, size) * torch.fft.rfft(tail, size), size)[
+        ..., : x.shape[-1]
+    ]
     return match_rms(x + wet * match_rms(wet_signal, x), x)
 
 
-def augment_batch(x: torch.Tensor, settings: AugmentSettings, generator: torch.Generator) -> torch.Tensor:
+def augment_batch(
+    x: torch.Tensor, settings: AugmentSettings, generator: torch.Generator
+) -> torch.Tensor:
     """One augmented view of every row: EQ tilt, then reverb (some rows), then noise."""
     if x.dim() != 2:
         raise ValueError(f"augment_batch expects [batch, samples], got {tuple(x.shape)}")
@@ -89,5 +98,7 @@ def augment_batch(x: torch.Tensor, settings: AugmentSettings, generator: torch.G
             reverbed = synthetic_reverb(out, settings.sample_rate, rt60, generator)
             out = torch.where(chosen.view(-1, 1), reverbed, out)
     if settings.noise_snr_db > 0:
-        out = add_noise(out, uniform(settings.noise_snr_db, settings.noise_snr_db + 20.0), generator)
+        out = add_noise(
+            out, uniform(settings.noise_snr_db, settings.noise_snr_db + 20.0), generator
+        )
     return out

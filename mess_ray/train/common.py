@@ -30,9 +30,10 @@ import os
 import posixpath
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +54,9 @@ TEST_FAILURE_MARKER = "TEST_FAILURE_INJECTED"
 
 
 # -- pure helpers --------------------------------------------------------------------------
-def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> float:
+def lr_at(
+    step: int, base_lr: float, warmup_steps: int, total_steps: int, min_ratio: float = 0.1
+) -> float:
     """Linear warmup to ``base_lr`` then cosine decay to ``min_ratio * base_lr`` (step is 0-based)."""
     if warmup_steps > 0 and step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
@@ -82,12 +85,15 @@ def unwrap(model: nn.Module) -> nn.Module:
 def check_resume_inputs(saved: dict | None, current: dict, run_name: str) -> None:
     """Resuming is only valid on the same data and starting weights as the checkpoint."""
     if saved is not None and saved != current:
-        raise ValueError(f"run_name {run_name!r} has checkpoints trained on {saved}, but this run's inputs are "
-                         f"{current}: choose a new run_name (or delete the old run folder) to train afresh")
+        raise ValueError(
+            f"run_name {run_name!r} has checkpoints trained on {saved}, but this run's inputs are "
+            f"{current}: choose a new run_name (or delete the old run folder) to train afresh"
+        )
 
 
-def maybe_inject_test_failure(tcfg: dict, storage_cfg: dict | None, stage: str, step: int, rank: int,
-                              world_size: int) -> None:
+def maybe_inject_test_failure(
+    tcfg: dict, storage_cfg: dict | None, stage: str, step: int, rank: int, world_size: int
+) -> None:
     """TEST ONLY: kill this worker process after step ``tcfg["test_fail_at_step"]``, once per run.
 
     Simulates a node loss for the fault-tolerance test: the last-rank worker ``os._exit``s (no
@@ -119,26 +125,35 @@ class TrainTask:
     """What differs between pretraining and fine-tuning; everything here must pickle."""
 
     stage: str
-    build_model: Callable[[dict], nn.Module]                  # loop config -> fresh model
-    collate: Callable[[dict, dict], dict[str, torch.Tensor]]  # (numpy batch, loop config) -> tensors
+    build_model: Callable[[dict], nn.Module]  # loop config -> fresh model
+    collate: Callable[
+        [dict, dict], dict[str, torch.Tensor]
+    ]  # (numpy batch, loop config) -> tensors
     loss: Callable[[nn.Module, dict, dict], tuple[torch.Tensor, dict[str, float]]]
-    save_model: Callable[[nn.Module, Path, dict], None]       # (unwrapped model, folder, loop config)
+    save_model: Callable[[nn.Module, Path, dict], None]  # (unwrapped model, folder, loop config)
 
 
-def _endless_batches(shard, batch_size: int, shuffle_buffer: int, collate, loop_config: dict,
-                     seed: int) -> Iterator[tuple[int, dict]]:
+def _endless_batches(
+    shard, batch_size: int, shuffle_buffer: int, collate, loop_config: dict, seed: int
+) -> Iterator[tuple[int, dict]]:
     """(epoch, batch) forever; each epoch re-iterates the shard through a local shuffle buffer."""
     epoch = 0
     while True:
         count = 0
-        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
-                                        local_shuffle_buffer_size=max(shuffle_buffer, batch_size),
-                                        local_shuffle_seed=seed + epoch):
+        for batch in shard.iter_batches(
+            batch_size=batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=max(shuffle_buffer, batch_size),
+            local_shuffle_seed=seed + epoch,
+        ):
             count += 1
             yield epoch, collate(batch, loop_config)
         if count == 0:
-            raise ValueError(f"training shard has fewer than batch_size={batch_size} rows: "
-                             "lower batch_size/num_workers or ingest more audio")
+            raise ValueError(
+                f"training shard has fewer than batch_size={batch_size} rows: "
+                "lower batch_size/num_workers or ingest more audio"
+            )
         epoch += 1
 
 
@@ -193,10 +208,16 @@ def train_loop(loop_config: dict) -> None:
     model = ray.train.torch.prepare_model(model, move_to_device=device if use_gpu else True)
 
     shard = ray.train.get_dataset_shard("train")
-    batches = _endless_batches(shard, tcfg["batch_size"], tcfg["shuffle_buffer"], task.collate, loop_config,
-                               tcfg["seed"] + rank)
+    batches = _endless_batches(
+        shard,
+        tcfg["batch_size"],
+        tcfg["shuffle_buffer"],
+        task.collate,
+        loop_config,
+        tcfg["seed"] + rank,
+    )
     total_steps, accum = tcfg["steps"], tcfg["grad_accum"]
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_gpu else contextlib.nullcontext())
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_gpu else contextlib.nullcontext()
 
     for step in range(start_step, total_steps):
         started = time.perf_counter()
@@ -212,7 +233,7 @@ def train_loop(loop_config: dict) -> None:
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             # Gradients are all-reduced once per step, on the last micro-batch only.
             sync = micro == accum - 1 or not hasattr(model, "no_sync")
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+            with contextlib.nullcontext() if sync else model.no_sync(), autocast:
                 loss, extra = task.loss(model, batch, loop_config)
                 (loss / accum).backward()
             step_loss += float(loss.detach()) / accum
@@ -224,35 +245,67 @@ def train_loop(loop_config: dict) -> None:
         mean_loss = _all_reduce_mean(step_loss)
         history.append(mean_loss)
         history_steps.append(done)
-        timings.append([round(time.perf_counter() - started, 5), round(data_s, 5), round(time.time(), 4)])
-        metrics = {"step": done, "loss": mean_loss, "lr": lr, "epoch": epoch, "grad_norm": grad_norm,
-                   "step_time_s": time.perf_counter() - started, "data_wait_s": data_s, **extra}
+        timings.append(
+            [round(time.perf_counter() - started, 5), round(data_s, 5), round(time.time(), 4)]
+        )
+        metrics = {
+            "step": done,
+            "loss": mean_loss,
+            "lr": lr,
+            "epoch": epoch,
+            "grad_norm": grad_norm,
+            "step_time_s": time.perf_counter() - started,
+            "data_wait_s": data_s,
+            **extra,
+        }
         if done % tcfg["checkpoint_every"] == 0 or done == total_steps:
             previous_checkpoint = (done - 1) // tcfg["checkpoint_every"] * tcfg["checkpoint_every"]
-            since_last = history[previous_checkpoint - done:]
+            since_last = history[previous_checkpoint - done :]
             with tempfile.TemporaryDirectory() as folder:
                 ckpt = None
                 if rank == 0:
-                    torch.save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                                "step": done, "inputs": loop_config["inputs"]}, Path(folder) / STATE_FILE)
+                    torch.save(
+                        {
+                            "model": unwrap(model).state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "step": done,
+                            "inputs": loop_config["inputs"],
+                        },
+                        Path(folder) / STATE_FILE,
+                    )
                     (Path(folder) / HISTORY_FILE).write_text(
-                        json.dumps({"step": done, "losses": history, "steps": history_steps, "resumes": resumes,
-                                    "timings": timings, "inputs": loop_config["inputs"]}))
+                        json.dumps(
+                            {
+                                "step": done,
+                                "losses": history,
+                                "steps": history_steps,
+                                "resumes": resumes,
+                                "timings": timings,
+                                "inputs": loop_config["inputs"],
+                            }
+                        )
+                    )
                     ckpt = ray.train.Checkpoint.from_directory(folder)
-                ray.train.report({**metrics, CHECKPOINT_SCORE: sum(since_last) / len(since_last)},
-                                 checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{done:07d}")
+                ray.train.report(
+                    {**metrics, CHECKPOINT_SCORE: sum(since_last) / len(since_last)},
+                    checkpoint=ckpt,
+                    checkpoint_dir_name=f"checkpoint_{done:07d}",
+                )
         elif done % tcfg["report_every"] == 0:
             # Every step's loss is kept in `history` (checkpoint and manifest); a Ray Train
             # report is a synchronous round trip through the controller (about 1 s on 2 cores
             # here), so it happens every `report_every` steps, with the window's mean loss.
-            window = history[-tcfg["report_every"]:]
+            window = history[-tcfg["report_every"] :]
             ray.train.report({**metrics, "loss_window_mean": sum(window) / len(window)})
-        maybe_inject_test_failure(tcfg, loop_config.get("storage"), task.stage, done, rank,
-                                  context.get_world_size())
+        maybe_inject_test_failure(
+            tcfg, loop_config.get("storage"), task.stage, done, rank, context.get_world_size()
+        )
 
 
 # -- driver side ---------------------------------------------------------------------------
-def with_run_name(cfg: MessRayConfig, stage: str, tcfg: TrainConfig, inputs: dict[str, Any]) -> TrainConfig:
+def with_run_name(
+    cfg: MessRayConfig, stage: str, tcfg: TrainConfig, inputs: dict[str, Any]
+) -> TrainConfig:
     """``tcfg`` with its run name resolved: the configured one, or one derived from the inputs.
 
     A derived name hashes the inputs (ingest version, starting weights) and every setting that
@@ -261,9 +314,16 @@ def with_run_name(cfg: MessRayConfig, stage: str, tcfg: TrainConfig, inputs: dic
     """
     if tcfg.run_name:
         return tcfg
-    key = {"inputs": inputs,
-           "train": {k: v for k, v in train_settings(tcfg).items() if k not in ("run_name", "test_fail_at_step")},
-           "model": cfg.model.model_dump(mode="json"), "audio": cfg.audio.model_dump(mode="json")}
+    key = {
+        "inputs": inputs,
+        "train": {
+            k: v
+            for k, v in train_settings(tcfg).items()
+            if k not in ("run_name", "test_fail_at_step")
+        },
+        "model": cfg.model.model_dump(mode="json"),
+        "audio": cfg.audio.model_dump(mode="json"),
+    }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return tcfg.model_copy(update={"run_name": f"{stage}-{digest}"})
 
@@ -272,8 +332,14 @@ def train_settings(tcfg: TrainConfig) -> dict[str, Any]:
     return tcfg.model_dump(mode="json")
 
 
-def fit(cfg: MessRayConfig, storage: Storage, task: TrainTask, tcfg: TrainConfig, dataset,
-        loop_config: dict[str, Any]):
+def fit(
+    cfg: MessRayConfig,
+    storage: Storage,
+    task: TrainTask,
+    tcfg: TrainConfig,
+    dataset,
+    loop_config: dict[str, Any],
+):
     """Run ``train_loop`` on ``tcfg.num_workers`` Ray Train workers; returns the Result."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -281,15 +347,25 @@ def fit(cfg: MessRayConfig, storage: Storage, task: TrainTask, tcfg: TrainConfig
     from mess_ray.raylocal import ensure_ray
 
     # Fail fast (before Ray retries a worker error max_failures times) on an invalid resume.
-    check_resume_inputs(previous_run_inputs(storage, task.stage, tcfg.run_name), loop_config["inputs"],
-                        tcfg.run_name)
+    check_resume_inputs(
+        previous_run_inputs(storage, task.stage, tcfg.run_name),
+        loop_config["inputs"],
+        tcfg.run_name,
+    )
     ensure_ray(cfg.ray)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={**loop_config, "task": task, "train": train_settings(tcfg),
-                           "storage": storage.config().model_dump()},
-        scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
-                                     resources_per_worker={"CPU": tcfg.cpus_per_worker}),
+        train_loop_config={
+            **loop_config,
+            "task": task,
+            "train": train_settings(tcfg),
+            "storage": storage.config().model_dump(),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=tcfg.num_workers,
+            use_gpu=tcfg.use_gpu,
+            resources_per_worker={"CPU": tcfg.cpus_per_worker},
+        ),
         run_config=RunConfig(
             name=tcfg.run_name,
             # With an explicit filesystem, Ray wants the path inside it (no "s3://" prefix).
@@ -297,9 +373,11 @@ def fit(cfg: MessRayConfig, storage: Storage, task: TrainTask, tcfg: TrainConfig
             storage_filesystem=storage.pyarrow_fs(),
             # Best K by CHECKPOINT_SCORE; Ray never deletes the latest one, so resume still
             # continues from the newest step.
-            checkpoint_config=CheckpointConfig(num_to_keep=tcfg.keep_checkpoints,
-                                               checkpoint_score_attribute=CHECKPOINT_SCORE,
-                                               checkpoint_score_order="min"),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=tcfg.keep_checkpoints,
+                checkpoint_score_attribute=CHECKPOINT_SCORE,
+                checkpoint_score_order="min",
+            ),
             failure_config=FailureConfig(max_failures=tcfg.max_failures),
         ),
         datasets={"train": dataset},
@@ -323,8 +401,16 @@ def previous_run_inputs(storage: Storage, stage: str, run_name: str) -> dict | N
     return None
 
 
-def finish(cfg: MessRayConfig, storage: Storage, task: TrainTask, tcfg: TrainConfig, result,
-           loop_config: dict[str, Any], counts: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def finish(
+    cfg: MessRayConfig,
+    storage: Storage,
+    task: TrainTask,
+    tcfg: TrainConfig,
+    result,
+    loop_config: dict[str, Any],
+    counts: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Rebuild the model from the final checkpoint, save it under the artifact, publish.
 
     The published model is the *last* checkpoint (``result.checkpoint``, step == ``steps``), not
@@ -337,9 +423,14 @@ def finish(cfg: MessRayConfig, storage: Storage, task: TrainTask, tcfg: TrainCon
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
         saved = json.loads((Path(folder) / HISTORY_FILE).read_text())
     history = saved["losses"]
-    best = [{"checkpoint": storage.url(posixpath.relpath(ckpt.path, storage.path())),
-             "step": metrics.get("step"), CHECKPOINT_SCORE: metrics.get(CHECKPOINT_SCORE)}
-            for ckpt, metrics in (result.best_checkpoints or [])]
+    best = [
+        {
+            "checkpoint": storage.url(posixpath.relpath(ckpt.path, storage.path())),
+            "step": metrics.get("step"),
+            CHECKPOINT_SCORE: metrics.get(CHECKPOINT_SCORE),
+        }
+        for ckpt, metrics in (result.best_checkpoints or [])
+    ]
     model.load_state_dict(state["model"])
     version = tcfg.run_name
     rel = posixpath.join(task.stage, version, MODEL_SUBDIR)
@@ -348,20 +439,33 @@ def finish(cfg: MessRayConfig, storage: Storage, task: TrainTask, tcfg: TrainCon
         storage.put_dir(tmp, rel)
     manifest = {
         "inputs": loop_config["inputs"],
-        "counts": {**counts, "steps": int(state["step"]), "parameters": sum(p.numel() for p in model.parameters())},
-        "losses": {"first": history[0] if history else None, "last": history[-1] if history else None,
-                   "history": history, "steps": saved.get("steps", list(range(1, len(history) + 1)))},
+        "counts": {
+            **counts,
+            "steps": int(state["step"]),
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
+        "losses": {
+            "first": history[0] if history else None,
+            "last": history[-1] if history else None,
+            "history": history,
+            "steps": saved.get("steps", list(range(1, len(history) + 1))),
+        },
         "resumed_from_steps": saved.get("resumes", []),
         # Rank 0's [step_time_s, data_wait_s, unix end time] per step (benchmarks/train_throughput.py).
         "step_timings": saved.get("timings", []),
-        "kept_checkpoints": sorted(best, key=lambda c: (c[CHECKPOINT_SCORE] is None, c[CHECKPOINT_SCORE])),
+        "kept_checkpoints": sorted(
+            best, key=lambda c: (c[CHECKPOINT_SCORE] is None, c[CHECKPOINT_SCORE])
+        ),
         "model_path": storage.url(rel),
         "run_path": storage.url(task.stage, "runs", tcfg.run_name),
         "checkpoint": storage.url(posixpath.relpath(result.checkpoint.path, storage.path())),
         "sample_rate": cfg.audio.sample_rate,
         "window_s": cfg.audio.window_s,
-        "config": {"model": cfg.model.model_dump(mode="json"), task.stage: train_settings(tcfg),
-                   "audio": cfg.audio.model_dump(mode="json")},
+        "config": {
+            "model": cfg.model.model_dump(mode="json"),
+            task.stage: train_settings(tcfg),
+            "audio": cfg.audio.model_dump(mode="json"),
+        },
         "config_digest": cfg.digest(),
         **(extra or {}),
     }
@@ -379,12 +483,21 @@ def resolve_init(cfg: MessRayConfig, storage: Storage, init_from: str = "auto") 
     if init_from == "pretrain" and version is None:
         storage.require_latest("pretrain")  # raises a clear FileNotFoundError
     if version is not None:
-        return {"kind": "artifact", "stage": "pretrain", "version": version,
-                "storage": storage.config().model_dump(), "rel": posixpath.join("pretrain", version, MODEL_SUBDIR)}
+        return {
+            "kind": "artifact",
+            "stage": "pretrain",
+            "version": version,
+            "storage": storage.config().model_dump(),
+            "rel": posixpath.join("pretrain", version, MODEL_SUBDIR),
+        }
     if init_from == "pretrained" and not cfg.model.pretrained:
         raise ValueError("init_from='pretrained' needs model.pretrained (a folder or hub name)")
     if init_from in ("auto", "pretrained") and cfg.model.pretrained:
-        return {"kind": "pretrained", "name": cfg.model.pretrained, "trust_remote_code": cfg.model.trust_remote_code}
+        return {
+            "kind": "pretrained",
+            "name": cfg.model.pretrained,
+            "trust_remote_code": cfg.model.trust_remote_code,
+        }
     return {"kind": "random", "size": cfg.model.size, "seed": cfg.model.seed}
 
 
@@ -402,4 +515,3 @@ def load_init_encoder(init: dict[str, Any]):
         with storage.local_dir(init["rel"]) as local:
             return load_encoder(local)
     raise ValueError(f"unknown encoder init {init}")
-

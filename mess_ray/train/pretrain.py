@@ -40,11 +40,21 @@ from mess_ray.config import MessRayConfig
 from mess_ray.models.encoder import conv_stride, encoder_config, normalize_waveform, num_frames
 from mess_ray.segments import read_segments_ray, segments_dataset, split_pieces
 from mess_ray.storage import Storage
-from mess_ray.train.common import (TrainTask, with_run_name, decode_audio_column, finish, fit, load_init_encoder, resolve_init,
-                                   window_samples)
+from mess_ray.train.common import (
+    TrainTask,
+    decode_audio_column,
+    finish,
+    fit,
+    load_init_encoder,
+    resolve_init,
+    window_samples,
+    with_run_name,
+)
 
 log = logging.getLogger(__name__)
-CODEBOOK_FILE = "kmeans_codebook.npz"  # the logmel codebook; other targets: kmeans_codebook_<target>.npz
+CODEBOOK_FILE = (
+    "kmeans_codebook.npz"  # the logmel codebook; other targets: kmeans_codebook_<target>.npz
+)
 TARGET_KINDS = ("logmel", "mfcc", "dynamics", "chroma")
 N_MFCC = 13
 CHROMA_FMIN_HZ = 32.70  # C1
@@ -58,9 +68,16 @@ class LogMelFrames(nn.Module):
     def __init__(self, sample_rate: int, hop: int, n_mels: int) -> None:
         super().__init__()
         n_fft = 1 << max(8, (2 * hop - 1).bit_length())  # power of two covering two hops
-        self.mel = MelSpectrogram(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, hop_length=hop,
-                                  fmax=sample_rate / 2, trainable_mel=False, trainable_STFT=False,
-                                  verbose=False)
+        self.mel = MelSpectrogram(
+            sr=sample_rate,
+            n_fft=n_fft,
+            n_mels=n_mels,
+            hop_length=hop,
+            fmax=sample_rate / 2,
+            trainable_mel=False,
+            trainable_STFT=False,
+            verbose=False,
+        )
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         return torch.log(self.mel(waveform.float()) + 1e-6).transpose(1, 2)
@@ -79,9 +96,16 @@ class MfccFrames(nn.Module):
             raise ValueError(f"mfcc targets need n_mels >= {N_MFCC}, got {n_mels}")
         self.logmel = LogMelFrames(sample_rate, hop, n_mels)
         bands = torch.arange(n_mels, dtype=torch.float64)
-        basis = torch.cos(math.pi / n_mels * (bands[None, :] + 0.5) * torch.arange(N_MFCC, dtype=torch.float64)[:, None])
+        basis = torch.cos(
+            math.pi
+            / n_mels
+            * (bands[None, :] + 0.5)
+            * torch.arange(N_MFCC, dtype=torch.float64)[:, None]
+        )
         basis[0] /= math.sqrt(2.0)
-        self.register_buffer("dct", (basis * math.sqrt(2.0 / n_mels)).float().T.contiguous(), persistent=False)
+        self.register_buffer(
+            "dct", (basis * math.sqrt(2.0 / n_mels)).float().T.contiguous(), persistent=False
+        )
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         return self.logmel(waveform) @ self.dct
@@ -98,19 +122,31 @@ class DynamicsFrames(nn.Module):
     def __init__(self, sample_rate: int, hop: int, n_mels: int) -> None:
         super().__init__()
         n_fft = 1 << max(8, (2 * hop - 1).bit_length())
-        self.mel = MelSpectrogram(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, hop_length=hop,
-                                  fmax=sample_rate / 2, trainable_mel=False, trainable_STFT=False,
-                                  verbose=False)
-        self.register_buffer("bands", torch.arange(n_mels, dtype=torch.float32) / max(1, n_mels - 1),
-                             persistent=False)
+        self.mel = MelSpectrogram(
+            sr=sample_rate,
+            n_fft=n_fft,
+            n_mels=n_mels,
+            hop_length=hop,
+            fmax=sample_rate / 2,
+            trainable_mel=False,
+            trainable_STFT=False,
+            verbose=False,
+        )
+        self.register_buffer(
+            "bands",
+            torch.arange(n_mels, dtype=torch.float32) / max(1, n_mels - 1),
+            persistent=False,
+        )
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        power = self.mel(waveform.float()).transpose(1, 2)            # [B, frames, n_mels]
+        power = self.mel(waveform.float()).transpose(1, 2)  # [B, frames, n_mels]
         logmel = torch.log(power + 1e-6)
         level = torch.log(power.mean(dim=-1) + 1e-6)
         centroid = (power * self.bands).sum(dim=-1) / (power.sum(dim=-1) + 1e-6)
         flux = F.pad(torch.relu(logmel[:, 1:] - logmel[:, :-1]).mean(dim=-1), (1, 0))
-        return torch.stack([level, _frame_delta(level), flux, centroid, _frame_delta(centroid)], dim=-1)
+        return torch.stack(
+            [level, _frame_delta(level), flux, centroid, _frame_delta(centroid)], dim=-1
+        )
 
 
 class ChromaFrames(nn.Module):
@@ -121,16 +157,22 @@ class ChromaFrames(nn.Module):
         from nnAudio.features import CQT1992v2
 
         octaves = CHROMA_OCTAVES
-        while octaves > 1 and CHROMA_FMIN_HZ * 2 ** octaves > sample_rate / 2:
+        while octaves > 1 and CHROMA_FMIN_HZ * 2**octaves > sample_rate / 2:
             octaves -= 1
         self.octaves = octaves
-        self.cqt = CQT1992v2(sr=sample_rate, hop_length=hop, fmin=CHROMA_FMIN_HZ, n_bins=12 * octaves,
-                             bins_per_octave=12, verbose=False)
+        self.cqt = CQT1992v2(
+            sr=sample_rate,
+            hop_length=hop,
+            fmin=CHROMA_FMIN_HZ,
+            n_bins=12 * octaves,
+            bins_per_octave=12,
+            verbose=False,
+        )
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        magnitude = self.cqt(waveform.float())                        # [B, 12 * octaves, frames]
+        magnitude = self.cqt(waveform.float())  # [B, 12 * octaves, frames]
         pitch_class = magnitude.reshape(magnitude.shape[0], self.octaves, 12, -1).sum(dim=1)
-        chroma = torch.log1p(100.0 * pitch_class).transpose(1, 2)     # [B, frames, 12]
+        chroma = torch.log1p(100.0 * pitch_class).transpose(1, 2)  # [B, frames, 12]
         return chroma / (chroma.sum(dim=-1, keepdim=True) + 1e-6)
 
 
@@ -165,23 +207,33 @@ def codebook_file(kind: str) -> str:
     return CODEBOOK_FILE if kind == "logmel" else f"kmeans_codebook_{kind}.npz"
 
 
-def fit_codebook(frames: np.ndarray, num_clusters: int, iterations: int = 20, seed: int = 0) -> dict[str, np.ndarray]:
+def fit_codebook(
+    frames: np.ndarray, num_clusters: int, iterations: int = 20, seed: int = 0
+) -> dict[str, np.ndarray]:
     """FAISS k-means over standardised frames [N, D]; returns centroids and the standardisation."""
     import faiss
 
     frames = np.asarray(frames, dtype=np.float32)
     if frames.ndim != 2 or len(frames) < num_clusters:
-        raise ValueError(f"k-means needs at least num_clusters={num_clusters} frames, got shape {frames.shape}")
+        raise ValueError(
+            f"k-means needs at least num_clusters={num_clusters} frames, got shape {frames.shape}"
+        )
     mean, std = frames.mean(axis=0), frames.std(axis=0) + 1e-5
     standard = np.ascontiguousarray((frames - mean) / std, dtype=np.float32)
-    kmeans = faiss.Kmeans(standard.shape[1], num_clusters, niter=iterations, seed=seed, verbose=False)
+    kmeans = faiss.Kmeans(
+        standard.shape[1], num_clusters, niter=iterations, seed=seed, verbose=False
+    )
     kmeans.train(standard)
-    return {"centroids": kmeans.centroids.astype(np.float32), "mean": mean.astype(np.float32),
-            "std": std.astype(np.float32)}
+    return {
+        "centroids": kmeans.centroids.astype(np.float32),
+        "mean": mean.astype(np.float32),
+        "std": std.astype(np.float32),
+    }
 
 
-def assign_targets(frames: torch.Tensor, centroids: torch.Tensor, mean: torch.Tensor,
-                   std: torch.Tensor) -> torch.Tensor:
+def assign_targets(
+    frames: torch.Tensor, centroids: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+) -> torch.Tensor:
     """Nearest centroid per frame: [B, T, D] -> [B, T] cluster ids."""
     standard = (frames - mean) / std
     flat = standard.reshape(-1, standard.shape[-1])
@@ -191,22 +243,29 @@ def assign_targets(frames: torch.Tensor, centroids: torch.Tensor, mean: torch.Te
 def align_targets(targets: torch.Tensor, encoder_frames: int) -> torch.Tensor:
     """Crop frame targets to the encoder's frame count (the mel has one extra centred frame)."""
     if targets.shape[1] < encoder_frames:
-        raise ValueError(f"{targets.shape[1]} target frames for {encoder_frames} encoder frames: "
-                         "feature hop does not match the encoder stride")
+        raise ValueError(
+            f"{targets.shape[1]} target frames for {encoder_frames} encoder frames: "
+            "feature hop does not match the encoder stride"
+        )
     return targets[:, :encoder_frames]
 
 
 def span_mask(batch_size: int, frames: int, mask_prob: float, mask_length: int) -> torch.Tensor:
     """Boolean [B, frames] spans to mask (HuBERT's sampler, at least 2 spans per row)."""
     if frames <= mask_length:
-        raise ValueError(f"mask_length={mask_length} must be shorter than the {frames} encoder frames "
-                         "of a window: lengthen audio.window_s or shorten pretrain.mask_length")
-    mask = _compute_mask_indices((batch_size, frames), mask_prob=mask_prob, mask_length=mask_length, min_masks=2)
+        raise ValueError(
+            f"mask_length={mask_length} must be shorter than the {frames} encoder frames "
+            "of a window: lengthen audio.window_s or shorten pretrain.mask_length"
+        )
+    mask = _compute_mask_indices(
+        (batch_size, frames), mask_prob=mask_prob, mask_length=mask_length, min_masks=2
+    )
     return torch.from_numpy(mask)
 
 
-def masked_prediction_loss(logits: torch.Tensor, targets: torch.Tensor,
-                           mask: torch.Tensor) -> tuple[torch.Tensor, float]:
+def masked_prediction_loss(
+    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, float]:
     """Cross-entropy on masked frames only; also returns the masked-frame accuracy.
 
     One codebook: logits [B, T, K], targets [B, T]. Several: logits [H, B, T, K] and targets
@@ -217,9 +276,11 @@ def masked_prediction_loss(logits: torch.Tensor, targets: torch.Tensor,
     if logits.dim() == 3:
         logits, targets = logits[None], targets[None]
     if logits.shape[:-1] != targets.shape or targets.shape[1:] != mask.shape:
-        raise ValueError(f"logits {tuple(logits.shape)}, targets {tuple(targets.shape)} and mask "
-                         f"{tuple(mask.shape)} do not line up")
-    chosen_logits, chosen_targets = logits[:, mask], targets[:, mask]        # [H, M, K], [H, M]
+        raise ValueError(
+            f"logits {tuple(logits.shape)}, targets {tuple(targets.shape)} and mask "
+            f"{tuple(mask.shape)} do not line up"
+        )
+    chosen_logits, chosen_targets = logits[:, mask], targets[:, mask]  # [H, M, K], [H, M]
     loss = F.cross_entropy(chosen_logits.flatten(0, 1).float(), chosen_targets.flatten())
     accuracy = float((chosen_logits.argmax(dim=-1) == chosen_targets).float().mean())
     return loss, accuracy
@@ -228,7 +289,9 @@ def masked_prediction_loss(logits: torch.Tensor, targets: torch.Tensor,
 class Codebook(nn.Module):
     """One target kind: its frame features and k-means codebook (centroids + standardisation)."""
 
-    def __init__(self, kind: str, codebook: dict[str, np.ndarray], sample_rate: int, hop: int, n_mels: int) -> None:
+    def __init__(
+        self, kind: str, codebook: dict[str, np.ndarray], sample_rate: int, hop: int, n_mels: int
+    ) -> None:
         super().__init__()
         self.features = TargetFeatures(kind, sample_rate, hop, n_mels)
         # Copies: the arrays arrive read-only (unpickled from the object store).
@@ -247,12 +310,21 @@ class HubertPretrainModel(nn.Module):
     and targets [B, T]; with H of them [H, B, T, K] and [H, B, T].
     """
 
-    def __init__(self, encoder: nn.Module, codebooks: dict, sample_rate: int, n_mels: int,
-                 mask_prob: float, mask_length: int) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        codebooks: dict,
+        sample_rate: int,
+        n_mels: int,
+        mask_prob: float,
+        mask_length: int,
+    ) -> None:
         super().__init__()
         if not hasattr(encoder, "masked_spec_embed"):
-            raise ValueError("this encoder has no mask embedding (its config has mask_time_prob=0): "
-                             "it cannot be pretrained with masked prediction")
+            raise ValueError(
+                "this encoder has no mask embedding (its config has mask_time_prob=0): "
+                "it cannot be pretrained with masked prediction"
+            )
         if "centroids" in codebooks:
             codebooks = {"logmel": codebooks}
         if not codebooks:
@@ -262,20 +334,31 @@ class HubertPretrainModel(nn.Module):
             raise ValueError(f"codebooks must have the same number of codes, got {sizes}")
         self.encoder = encoder
         hop = conv_stride(encoder)
-        self.codebooks = nn.ModuleDict({kind: Codebook(kind, book, sample_rate, hop, n_mels)
-                                        for kind, book in codebooks.items()})
+        self.codebooks = nn.ModuleDict(
+            {
+                kind: Codebook(kind, book, sample_rate, hop, n_mels)
+                for kind, book in codebooks.items()
+            }
+        )
         num_codes = next(iter(sizes.values()))
-        self.heads = nn.ModuleDict({kind: nn.Linear(int(encoder.config.hidden_size), num_codes)
-                                    for kind in codebooks})
+        self.heads = nn.ModuleDict(
+            {kind: nn.Linear(int(encoder.config.hidden_size), num_codes) for kind in codebooks}
+        )
         self.mask_prob, self.mask_length = mask_prob, mask_length
 
     def forward(self, waveform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         frames = num_frames(self.encoder, waveform.shape[1])
         # Targets in float32 even under bf16 autocast: they must match the driver's codebook.
         with torch.no_grad(), torch.autocast(device_type=waveform.device.type, enabled=False):
-            targets = torch.stack([align_targets(book(waveform), frames) for book in self.codebooks.values()])
-        mask = span_mask(waveform.shape[0], frames, self.mask_prob, self.mask_length).to(waveform.device)
-        hidden = self.encoder(normalize_waveform(waveform), mask_time_indices=mask).last_hidden_state
+            targets = torch.stack(
+                [align_targets(book(waveform), frames) for book in self.codebooks.values()]
+            )
+        mask = span_mask(waveform.shape[0], frames, self.mask_prob, self.mask_length).to(
+            waveform.device
+        )
+        hidden = self.encoder(
+            normalize_waveform(waveform), mask_time_indices=mask
+        ).last_hidden_state
         logits = torch.stack([head(hidden) for head in self.heads.values()])
         if len(self.heads) == 1:
             return logits[0], targets[0], mask
@@ -284,16 +367,23 @@ class HubertPretrainModel(nn.Module):
 
 # -- task ----------------------------------------------------------------------------------
 def build_pretrain_model(loop_config: dict) -> nn.Module:
-    return HubertPretrainModel(load_init_encoder(loop_config["init"]), loop_config["codebooks"],
-                               loop_config["sample_rate"], loop_config["n_mels"],
-                               loop_config["mask_prob"], loop_config["mask_length"])
+    return HubertPretrainModel(
+        load_init_encoder(loop_config["init"]),
+        loop_config["codebooks"],
+        loop_config["sample_rate"],
+        loop_config["n_mels"],
+        loop_config["mask_prob"],
+        loop_config["mask_length"],
+    )
 
 
 def collate_audio(batch: dict, loop_config: dict) -> dict[str, torch.Tensor]:
     return {"audio": decode_audio_column(batch["audio"], loop_config["window_samples"])}
 
 
-def pretrain_loss(model: nn.Module, batch: dict, loop_config: dict) -> tuple[torch.Tensor, dict[str, float]]:
+def pretrain_loss(
+    model: nn.Module, batch: dict, loop_config: dict
+) -> tuple[torch.Tensor, dict[str, float]]:
     logits, targets, mask = model(batch["audio"])
     loss, accuracy = masked_prediction_loss(logits, targets, mask)
     return loss, {"masked_accuracy": accuracy, "masked_fraction": float(mask.float().mean())}
@@ -303,12 +393,21 @@ def save_encoder(model: nn.Module, folder: Path, loop_config: dict) -> None:
     model.encoder.save_pretrained(folder)
     # The codebooks the targets came from (inspection, or continuing pretraining elsewhere).
     for kind, book in model.codebooks.items():
-        np.savez(folder / codebook_file(kind), centroids=book.centroids.numpy(), mean=book.mean.numpy(),
-                 std=book.std.numpy())
+        np.savez(
+            folder / codebook_file(kind),
+            centroids=book.centroids.numpy(),
+            mean=book.mean.numpy(),
+            std=book.std.numpy(),
+        )
 
 
-PRETRAIN_TASK = TrainTask(stage="pretrain", build_model=build_pretrain_model, collate=collate_audio,
-                          loss=pretrain_loss, save_model=save_encoder)
+PRETRAIN_TASK = TrainTask(
+    stage="pretrain",
+    build_model=build_pretrain_model,
+    collate=collate_audio,
+    loss=pretrain_loss,
+    save_model=save_encoder,
+)
 
 
 # -- driver --------------------------------------------------------------------------------
@@ -316,8 +415,15 @@ def excluded_pieces(cfg: MessRayConfig, storage: Storage, version: str) -> list[
     """Pieces pretraining must not see: the evaluation hold-out when ``exclude_eval_holdout``."""
     if not cfg.pretrain.exclude_eval_holdout:
         return []
-    pieces = [p for p in segments_dataset(storage, version).to_table(columns=["piece_id"])
-              .column("piece_id").unique().to_pylist() if p]
+    pieces = [
+        p
+        for p in segments_dataset(storage, version)
+        .to_table(columns=["piece_id"])
+        .column("piece_id")
+        .unique()
+        .to_pylist()
+        if p
+    ]
     _, held_out = split_pieces(pieces, cfg.eval.holdout_fraction, cfg.eval.seed)
     return held_out
 
@@ -327,32 +433,45 @@ def drop_pieces(batch, pieces: list[str]):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    listed = pc.fill_null(pc.is_in(batch.column("piece_id"), value_set=pa.array(pieces, pa.string())), False)
+    listed = pc.fill_null(
+        pc.is_in(batch.column("piece_id"), value_set=pa.array(pieces, pa.string())), False
+    )
     return batch.filter(pc.invert(listed))
 
 
-def sample_frames(cfg: MessRayConfig, storage: Storage, version: str, hop: int,
-                  exclude: list[str] = ()) -> dict[str, np.ndarray]:
+def sample_frames(
+    cfg: MessRayConfig, storage: Storage, version: str, hop: int, exclude: list[str] = ()
+) -> dict[str, np.ndarray]:
     """{target kind: frames [N, D]} from randomly chosen segments (none of the ``exclude``
     pieces), about ``kmeans_sample_frames`` each."""
     dataset = segments_dataset(storage, version)
-    piece_ids = np.asarray(dataset.to_table(columns=["piece_id"]).column("piece_id").to_pylist(), dtype=object)
-    eligible = np.flatnonzero(~np.isin(piece_ids, list(exclude))) if len(exclude) else np.arange(len(piece_ids))
+    piece_ids = np.asarray(
+        dataset.to_table(columns=["piece_id"]).column("piece_id").to_pylist(), dtype=object
+    )
+    eligible = (
+        np.flatnonzero(~np.isin(piece_ids, list(exclude)))
+        if len(exclude)
+        else np.arange(len(piece_ids))
+    )
     if len(eligible) == 0:
-        raise ValueError(f"ingest artifact {version} has no segments to pretrain on"
-                         + (f" outside the excluded pieces {list(exclude)}" if len(exclude) else ""))
+        raise ValueError(
+            f"ingest artifact {version} has no segments to pretrain on"
+            + (f" outside the excluded pieces {list(exclude)}" if len(exclude) else "")
+        )
     window = window_samples(cfg)
     frames_per_segment = max(1, window // hop)
     wanted = min(len(eligible), -(-cfg.pretrain.kmeans_sample_frames // frames_per_segment))
     rng = np.random.default_rng(cfg.pretrain.seed)
     rows = np.sort(rng.choice(eligible, size=wanted, replace=False))
     audio = dataset.take(rows, columns=["audio"]).column("audio").to_pylist()
-    extractors = {kind: TargetFeatures(kind, cfg.audio.sample_rate, hop, cfg.pretrain.n_mels)
-                  for kind in cfg.pretrain.targets}
+    extractors = {
+        kind: TargetFeatures(kind, cfg.audio.sample_rate, hop, cfg.pretrain.n_mels)
+        for kind in cfg.pretrain.targets
+    }
     chunks: dict[str, list[np.ndarray]] = {kind: [] for kind in extractors}
     with torch.inference_mode():
         for start in tqdm(range(0, len(audio), 32), desc="k-means features", unit="batch"):
-            waveform = decode_audio_column(audio[start:start + 32], window)
+            waveform = decode_audio_column(audio[start : start + 32], window)
             for kind, extractor in extractors.items():
                 features = extractor(waveform)
                 chunks[kind].append(features.reshape(-1, features.shape[-1]).numpy())
@@ -361,8 +480,9 @@ def sample_frames(cfg: MessRayConfig, storage: Storage, version: str, hop: int,
         frames = np.concatenate(parts)
         if len(frames) > cfg.pretrain.kmeans_sample_frames:
             # Same rows for every kind: the codebooks describe the same moments of audio.
-            keep = np.random.default_rng(cfg.pretrain.seed).choice(len(frames), cfg.pretrain.kmeans_sample_frames,
-                                                                   replace=False)
+            keep = np.random.default_rng(cfg.pretrain.seed).choice(
+                len(frames), cfg.pretrain.kmeans_sample_frames, replace=False
+            )
             frames = frames[keep]
         sampled[kind] = frames
     return sampled
@@ -374,30 +494,61 @@ def run_pretrain(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
     ingest_version = storage.require_latest("ingest")
     init = resolve_init(cfg, storage, "pretrained" if cfg.model.pretrained else "random")
     # Targets need one frame per encoder frame: the feature hop is the encoder's conv stride.
-    hop = (int(np.prod(encoder_config(init["size"]).conv_stride)) if init["kind"] == "random"
-           else conv_stride(load_init_encoder(init)))
+    hop = (
+        int(np.prod(encoder_config(init["size"]).conv_stride))
+        if init["kind"] == "random"
+        else conv_stride(load_init_encoder(init))
+    )
     exclude = excluded_pieces(cfg, storage, ingest_version)
     frames = sample_frames(cfg, storage, ingest_version, hop, exclude)
-    codebooks = {kind: fit_codebook(x, cfg.pretrain.num_clusters, cfg.pretrain.kmeans_iterations, cfg.pretrain.seed)
-                 for kind, x in frames.items()}
-    log.info("k-means codebooks: %s, %d clusters each over %d frames", list(codebooks), cfg.pretrain.num_clusters,
-             len(next(iter(frames.values()))))
+    codebooks = {
+        kind: fit_codebook(
+            x, cfg.pretrain.num_clusters, cfg.pretrain.kmeans_iterations, cfg.pretrain.seed
+        )
+        for kind, x in frames.items()
+    }
+    log.info(
+        "k-means codebooks: %s, %d clusters each over %d frames",
+        list(codebooks),
+        cfg.pretrain.num_clusters,
+        len(next(iter(frames.values()))),
+    )
     inputs = {"ingest": ingest_version, "init": {k: v for k, v in init.items() if k != "storage"}}
     if exclude:
         inputs["excluded_pieces"] = exclude
-    loop_config = {"init": init, "inputs": inputs, "codebooks": codebooks, "sample_rate": cfg.audio.sample_rate,
-                   "n_mels": cfg.pretrain.n_mels, "mask_prob": cfg.pretrain.mask_prob,
-                   "mask_length": cfg.pretrain.mask_length, "window_samples": window_samples(cfg)}
+    loop_config = {
+        "init": init,
+        "inputs": inputs,
+        "codebooks": codebooks,
+        "sample_rate": cfg.audio.sample_rate,
+        "n_mels": cfg.pretrain.n_mels,
+        "mask_prob": cfg.pretrain.mask_prob,
+        "mask_length": cfg.pretrain.mask_length,
+        "window_samples": window_samples(cfg),
+    }
     if exclude:
-        dataset = (read_segments_ray(storage, ingest_version, columns=["audio", "piece_id"])
-                   .map_batches(drop_pieces, fn_kwargs={"pieces": exclude}, batch_format="pyarrow", num_cpus=0.25))
+        dataset = read_segments_ray(
+            storage, ingest_version, columns=["audio", "piece_id"]
+        ).map_batches(
+            drop_pieces, fn_kwargs={"pieces": exclude}, batch_format="pyarrow", num_cpus=0.25
+        )
     else:
         dataset = read_segments_ray(storage, ingest_version, columns=["audio"])
     dataset = dataset.randomize_block_order(seed=cfg.pretrain.seed)
     tcfg = with_run_name(cfg, "pretrain", cfg.pretrain, inputs)
     result = fit(cfg, storage, PRETRAIN_TASK, tcfg, dataset, loop_config)
-    return finish(cfg, storage, PRETRAIN_TASK, tcfg, result, loop_config,
-                  counts={"kmeans_frames": int(len(next(iter(frames.values())))),
-                          "num_clusters": cfg.pretrain.num_clusters, "targets": list(codebooks),
-                          "segments": int(segments_dataset(storage, ingest_version).count_rows()),
-                          "excluded_pieces": len(exclude)})
+    return finish(
+        cfg,
+        storage,
+        PRETRAIN_TASK,
+        tcfg,
+        result,
+        loop_config,
+        counts={
+            "kmeans_frames": int(len(next(iter(frames.values())))),
+            "num_clusters": cfg.pretrain.num_clusters,
+            "targets": list(codebooks),
+            "segments": int(segments_dataset(storage, ingest_version).count_rows()),
+            "excluded_pieces": len(exclude),
+        },
+    )

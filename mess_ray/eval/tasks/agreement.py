@@ -15,12 +15,17 @@ import numpy as np
 from mess_ray.eval import metrics
 from mess_ray.eval.midi_descriptors import EXPRESSIVE_MIDI_DESCRIPTORS, MIDI_DESCRIPTOR_NAMES
 
-NEIGHBOURS_FOR_BANDWIDTH = 10   # the kernel bandwidth is the typical distance to this many neighbours
-RANDOM_RANKINGS = 20            # random rankings averaged for the chance level
+NEIGHBOURS_FOR_BANDWIDTH = (
+    10  # the kernel bandwidth is the typical distance to this many neighbours
+)
+RANDOM_RANKINGS = 20  # random rankings averaged for the chance level
 
 
-def expressive_matrix(descriptors: np.ndarray, names: tuple[str, ...] = MIDI_DESCRIPTOR_NAMES,
-                      use: tuple[str, ...] = EXPRESSIVE_MIDI_DESCRIPTORS) -> tuple[np.ndarray, list[str]]:
+def expressive_matrix(
+    descriptors: np.ndarray,
+    names: tuple[str, ...] = MIDI_DESCRIPTOR_NAMES,
+    use: tuple[str, ...] = EXPRESSIVE_MIDI_DESCRIPTORS,
+) -> tuple[np.ndarray, list[str]]:
     """Z-scored expressive columns with NaN imputed by the column mean (0); columns that are
     unknown everywhere or constant are dropped. Returns (matrix [N, D], column names)."""
     descriptors = np.asarray(descriptors, dtype=np.float64)
@@ -40,13 +45,14 @@ def expressive_matrix(descriptors: np.ndarray, names: tuple[str, ...] = MIDI_DES
     return np.stack(columns, axis=1), kept
 
 
-def graded_relevance(features: np.ndarray, candidates: np.ndarray,
-                     neighbours: int = NEIGHBOURS_FOR_BANDWIDTH) -> np.ndarray:
+def graded_relevance(
+    features: np.ndarray, candidates: np.ndarray, neighbours: int = NEIGHBOURS_FOR_BANDWIDTH
+) -> np.ndarray:
     """Relevance exp(-(d/tau)^2) of each candidate, d the Euclidean descriptor distance and tau
     the median over queries of the distance to the ``neighbours``-th nearest candidate (so about
     that many candidates per query are clearly relevant); 0 outside the candidates."""
     features = np.asarray(features, dtype=np.float64)
-    sq = np.sum(features ** 2, axis=1)
+    sq = np.sum(features**2, axis=1)
     distance = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * features @ features.T, 0.0))
     kth = []
     for q in range(distance.shape[0]):
@@ -55,7 +61,7 @@ def graded_relevance(features: np.ndarray, candidates: np.ndarray,
             kth.append(d[min(neighbours, d.size) - 1])
     tau = float(np.median(kth)) if kth else 1.0
     tau = tau if tau > 1e-12 else 1.0
-    return np.where(candidates, np.exp(-(distance / tau) ** 2), 0.0)
+    return np.where(candidates, np.exp(-((distance / tau) ** 2)), 0.0)
 
 
 def other_piece_candidates(piece_ids) -> np.ndarray:
@@ -63,12 +69,19 @@ def other_piece_candidates(piece_ids) -> np.ndarray:
     return piece_ids[:, None] != piece_ids[None, :]
 
 
-def random_ndcg(relevance: np.ndarray, candidates: np.ndarray, k: int, seed: int,
-                rankings: int = RANDOM_RANKINGS) -> float:
+def random_ndcg(
+    relevance: np.ndarray,
+    candidates: np.ndarray,
+    k: int,
+    seed: int,
+    rankings: int = RANDOM_RANKINGS,
+) -> float:
     """Mean nDCG@k of random rankings: the chance level of the task."""
     rng = np.random.default_rng(seed)
-    scores = [np.nanmean(metrics.ndcg_at_k(rng.random(relevance.shape), relevance, candidates, k=k))
-              for _ in range(rankings)]
+    scores = [
+        np.nanmean(metrics.ndcg_at_k(rng.random(relevance.shape), relevance, candidates, k=k))
+        for _ in range(rankings)
+    ]
     return float(np.mean(scores))
 
 
@@ -84,6 +97,8 @@ def score_agreement(similarity, relevance, candidates, k: int = 10) -> dict[str,
         idx = np.flatnonzero(candidates[q])
         if idx.size >= 3 and np.ptp(relevance[q, idx]) > 0 and np.ptp(similarity[q, idx]) > 0:
             rhos.append(spearmanr(similarity[q, idx], relevance[q, idx]).statistic)
-    return {f"ndcg@{k}": float(np.nanmean(ndcg)) if np.any(~np.isnan(ndcg)) else float("nan"),
-            "spearman": float(np.mean(rhos)) if rhos else float("nan"),
-            "evaluated_queries": int(np.sum(~np.isnan(ndcg)))}
+    return {
+        f"ndcg@{k}": float(np.nanmean(ndcg)) if np.any(~np.isnan(ndcg)) else float("nan"),
+        "spearman": float(np.mean(rhos)) if rhos else float("nan"),
+        "evaluated_queries": int(np.sum(~np.isnan(ndcg))),
+    }

@@ -24,17 +24,22 @@ def overlapping_beats(track_ids, piece_ids, beat_spans) -> tuple[np.ndarray, np.
     piece_ids = np.asarray(piece_ids, dtype=object)
     spans = np.asarray(beat_spans, dtype=np.float64)
     if spans.shape != (track_ids.size, 2) or piece_ids.shape != track_ids.shape:
-        raise ValueError("track_ids, piece_ids and beat_spans [N, 2] must describe the same N segments")
+        raise ValueError(
+            "track_ids, piece_ids and beat_spans [N, 2] must describe the same N segments"
+        )
     if np.isnan(spans).any():
-        raise ValueError("every segment of the passage task needs a beat span (filter NaN spans first)")
+        raise ValueError(
+            "every segment of the passage task needs a beat span (filter NaN spans first)"
+        )
     candidates = track_ids[:, None] != track_ids[None, :]
     same_piece = piece_ids[:, None] == piece_ids[None, :]
     overlap = (spans[:, None, 0] < spans[None, :, 1]) & (spans[None, :, 0] < spans[:, None, 1])
     return candidates, candidates & same_piece & overlap
 
 
-def top_hit_errors(similarity, candidates, piece_ids, track_ids, start_s, beat_spans,
-                   beats: dict[str, np.ndarray]) -> dict[str, float]:
+def top_hit_errors(
+    similarity, candidates, piece_ids, track_ids, start_s, beat_spans, beats: dict[str, np.ndarray]
+) -> dict[str, float]:
     """Timestamp error of each query's top hit when it is another performance of the same piece:
     |hit start - time of the query's first beat in the hit's performance| (s) and
     |hit's first beat - query's first beat| (beats)."""
@@ -63,13 +68,33 @@ def top_hit_errors(similarity, candidates, piece_ids, track_ids, start_s, beat_s
     }
 
 
-def score_passage(similarity, candidates, relevant, piece_ids, track_ids, start_s, beat_spans,
-                  beats: dict[str, np.ndarray], recall_ks=(1, 10), ndcg_k: int = 10) -> dict[str, float]:
+def score_passage(
+    similarity,
+    candidates,
+    relevant,
+    piece_ids,
+    track_ids,
+    start_s,
+    beat_spans,
+    beats: dict[str, np.ndarray],
+    recall_ks=(1, 10),
+    ndcg_k: int = 10,
+) -> dict[str, float]:
     """Ranking metrics (mAP, recall@k, MRR, nDCG) plus the top hit's timestamp error."""
-    summary = metrics.retrieval_summary(similarity, relevant, candidates, recall_ks=recall_ks, ndcg_k=ndcg_k)
-    summary.update(top_hit_errors(similarity, candidates, np.asarray(piece_ids, dtype=object),
-                                  np.asarray(track_ids, dtype=object), np.asarray(start_s, dtype=np.float64),
-                                  np.asarray(beat_spans, dtype=np.float64), beats))
+    summary = metrics.retrieval_summary(
+        similarity, relevant, candidates, recall_ks=recall_ks, ndcg_k=ndcg_k
+    )
+    summary.update(
+        top_hit_errors(
+            similarity,
+            candidates,
+            np.asarray(piece_ids, dtype=object),
+            np.asarray(track_ids, dtype=object),
+            np.asarray(start_s, dtype=np.float64),
+            np.asarray(beat_spans, dtype=np.float64),
+            beats,
+        )
+    )
     summary["cos_positive"] = metrics.mean_pair_similarity(similarity, relevant)
     summary["cos_negative"] = metrics.mean_pair_similarity(similarity, candidates & ~relevant)
     return summary

@@ -19,8 +19,8 @@ AGREEMENT_TASK = "expressive_agreement"
 class PerformanceTasks:
     """The performance set and the masks of tasks 2 and 3 over its rows (None: not run)."""
 
-    perf: Any                                  # PerformanceSet
-    passage_rows: np.ndarray | None = None     # indices into perf
+    perf: Any  # PerformanceSet
+    passage_rows: np.ndarray | None = None  # indices into perf
     passage_candidates: np.ndarray | None = None
     passage_relevant: np.ndarray | None = None
     agreement_rows: np.ndarray | None = None
@@ -38,18 +38,27 @@ def plan_performance_tasks(perf, ndcg_k: int, seed: int) -> PerformanceTasks:
     if rows.size == 0:
         plan.skipped[PASSAGE_TASK] = "no held-out segment lies within annotated beats"
     else:
-        candidates, relevant = passage.overlapping_beats(perf.track_ids[rows], perf.piece_ids[rows],
-                                                         perf.beat_spans[rows])
+        candidates, relevant = passage.overlapping_beats(
+            perf.track_ids[rows], perf.piece_ids[rows], perf.beat_spans[rows]
+        )
         if not relevant.any():
-            plan.skipped[PASSAGE_TASK] = ("no held-out piece has two performances with beat annotations "
-                                          f"(held-out pieces: {perf.holdout_pieces})")
+            plan.skipped[PASSAGE_TASK] = (
+                "no held-out piece has two performances with beat annotations "
+                f"(held-out pieces: {perf.holdout_pieces})"
+            )
         else:
-            plan.passage_rows, plan.passage_candidates, plan.passage_relevant = rows, candidates, relevant
+            plan.passage_rows, plan.passage_candidates, plan.passage_relevant = (
+                rows,
+                candidates,
+                relevant,
+            )
     rows = np.flatnonzero(perf.has_midi)
     if rows.size == 0:
         plan.skipped[AGREEMENT_TASK] = "no held-out segment has performed MIDI"
     elif len(set(perf.piece_ids[rows])) < 2:
-        plan.skipped[AGREEMENT_TASK] = "expressive agreement across pieces needs two held-out pieces with MIDI"
+        plan.skipped[AGREEMENT_TASK] = (
+            "expressive agreement across pieces needs two held-out pieces with MIDI"
+        )
     else:
         try:
             features, kept = agreement.expressive_matrix(perf.midi_descriptors[rows])
@@ -58,14 +67,19 @@ def plan_performance_tasks(perf, ndcg_k: int, seed: int) -> PerformanceTasks:
         else:
             candidates = agreement.other_piece_candidates(perf.piece_ids[rows])
             relevance = agreement.graded_relevance(features, candidates)
-            plan.agreement_rows, plan.agreement_candidates, plan.agreement_relevance = rows, candidates, relevance
+            plan.agreement_rows, plan.agreement_candidates, plan.agreement_relevance = (
+                rows,
+                candidates,
+                relevance,
+            )
             plan.agreement_features = kept
             plan.agreement_chance = agreement.random_ndcg(relevance, candidates, ndcg_k, seed)
     return plan
 
 
-def score_performance_tasks(vectors: np.ndarray, plan: PerformanceTasks, recall_ks, ndcg_k: int
-                            ) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
+def score_performance_tasks(
+    vectors: np.ndarray, plan: PerformanceTasks, recall_ks, ndcg_k: int
+) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
     """Metrics of one system's embeddings of the performance set, per task; and the similarity
     matrices (for the report's histograms)."""
     unit = _unit(vectors)
@@ -76,14 +90,25 @@ def score_performance_tasks(vectors: np.ndarray, plan: PerformanceTasks, recall_
         r = plan.passage_rows
         sim = unit[r] @ unit[r].T
         beats = {t: b for t, b in perf.beats.items()}
-        out[PASSAGE_TASK] = passage.score_passage(sim, plan.passage_candidates, plan.passage_relevant,
-                                                  perf.piece_ids[r], perf.track_ids[r], perf.start_s[r],
-                                                  perf.beat_spans[r], beats, recall_ks=recall_ks, ndcg_k=ndcg_k)
+        out[PASSAGE_TASK] = passage.score_passage(
+            sim,
+            plan.passage_candidates,
+            plan.passage_relevant,
+            perf.piece_ids[r],
+            perf.track_ids[r],
+            perf.start_s[r],
+            perf.beat_spans[r],
+            beats,
+            recall_ks=recall_ks,
+            ndcg_k=ndcg_k,
+        )
         sims[PASSAGE_TASK] = sim
     if plan.agreement_rows is not None:
         r = plan.agreement_rows
         sim = unit[r] @ unit[r].T
-        scores = agreement.score_agreement(sim, plan.agreement_relevance, plan.agreement_candidates, k=ndcg_k)
+        scores = agreement.score_agreement(
+            sim, plan.agreement_relevance, plan.agreement_candidates, k=ndcg_k
+        )
         scores["chance"] = plan.agreement_chance
         out[AGREEMENT_TASK] = scores
         sims[AGREEMENT_TASK] = sim
