@@ -13,4 +13,7 @@ if ! command -v ffmpeg >/dev/null || ! command -v chromium >/dev/null || ! comma
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     ffmpeg chromium chromium-driver >/dev/null
 fi
+# Lint and format first: CI fails on either (ruff is pinned in requirements.lock).
+.venv/bin/ruff check --quiet .
+.venv/bin/ruff format --check --quiet .
 exec .venv/bin/python -m pytest -q "$@"
