@@ -42,7 +42,6 @@ from pretrain_vs_random import cluster_bootstrap_ci, emit  # noqa: E402  (siblin
 from mess_ray.config import load_config  # noqa: E402
 from mess_ray.eval import metrics  # noqa: E402
 from mess_ray.eval.benchmark import DESCRIPTORS, RANDOM, embed_system  # noqa: E402
-from mess_ray.eval.performances import load_performance_set  # noqa: E402
 from mess_ray.eval.tasks.performance import (  # noqa: E402
     AGREEMENT_TASK,
     PASSAGE_TASK,
@@ -50,6 +49,7 @@ from mess_ray.eval.tasks.performance import (  # noqa: E402
     plan_performance_tasks,
     score_performance_tasks,
 )
+from mess_ray.performances import load_performance_set  # noqa: E402
 from mess_ray.storage import Storage  # noqa: E402
 
 

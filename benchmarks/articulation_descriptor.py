@@ -16,7 +16,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from mess_ray.config import load_config
-from mess_ray.eval.descriptors import describe
+from mess_ray.descriptors import describe
 from mess_ray.segments import decode_audio, segments_dataset
 from mess_ray.storage import Storage
 

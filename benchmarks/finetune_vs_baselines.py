@@ -31,6 +31,7 @@ import time
 import numpy as np
 
 from mess_ray.config import load_config
+from mess_ray.descriptors import descriptor_matrix, zscore
 from mess_ray.eval.benchmark import (
     DESCRIPTORS,
     RANDOM,
@@ -39,7 +40,6 @@ from mess_ray.eval.benchmark import (
     load_held_out,
     score_system,
 )
-from mess_ray.eval.descriptors import descriptor_matrix, zscore
 from mess_ray.facets import parse_layout
 from mess_ray.storage import Storage
 

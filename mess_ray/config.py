@@ -229,7 +229,7 @@ class ModelConfig(_Section):
     )
     descriptor_channel: bool = Field(
         True,
-        description="Feed each passage's z-scored audio descriptors (mess_ray.eval.descriptors; their "
+        description="Feed each passage's z-scored audio descriptors (mess_ray.descriptors; their "
         "z-scoring fitted on training segments and saved with the model) to every head next to the pooled "
         "frames.",
     )

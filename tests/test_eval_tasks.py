@@ -22,15 +22,15 @@ from mess_ray.eval.benchmark import (
     STYLE_TASK,
     run_evaluate,
 )
-from mess_ray.eval.performances import segment_beat_span, track_sources
 from mess_ray.eval.tasks.agreement import (
-    expressive_matrix,
     graded_relevance,
     other_piece_candidates,
     random_ndcg,
     score_agreement,
 )
 from mess_ray.eval.tasks.passage import overlapping_beats, score_passage, top_hit_errors
+from mess_ray.midi_descriptors import expressive_matrix
+from mess_ray.performances import segment_beat_span, track_sources
 from mess_ray.segments import SEGMENT_SCHEMA, encode_audio, segment_id, segments_dir, split_pieces
 from mess_ray.storage import Storage, new_version
 
@@ -111,7 +111,7 @@ def test_track_sources_of_a_rendering_and_of_an_asap_recording(tmp_path):
 
 # -- task 3 -----------------------------------------------------------------------------------
 def test_agreement_relevance_prefers_close_descriptors_of_other_pieces():
-    from mess_ray.eval.midi_descriptors import MIDI_DESCRIPTOR_NAMES
+    from mess_ray.midi_descriptors import MIDI_DESCRIPTOR_NAMES
 
     rng = np.random.default_rng(0)
     n = 12
@@ -301,7 +301,7 @@ def test_reuse_or_embed_takes_task1_vectors_and_embeds_only_the_rest(monkeypatch
     from types import SimpleNamespace
 
     import mess_ray.eval.benchmark as bench
-    from mess_ray.eval.performances import PerformanceSet
+    from mess_ray.performances import PerformanceSet
 
     held_out = SimpleNamespace(segment_ids=np.array([10, 20, 30]))
     held_vectors = np.array([[1.0, 0], [2.0, 0], [3.0, 0]])
@@ -341,7 +341,7 @@ def test_plot_labels_shorten_model_folders():
 
 
 def test_load_track_shifts_beats_and_drops_score_beats_that_do_not_match(tmp_path):
-    from mess_ray.eval.performances import TrackSources, load_track
+    from mess_ray.performances import TrackSources, load_track
 
     (tmp_path / "p.txt").write_text("1.0\t1.0\tdb\n1.5\t1.5\tb\n2.0\t2.0\tb\n")
     (tmp_path / "s3.txt").write_text("0\t0\tdb\n1\t1\tb\n2\t2\tb\n")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mess_ray.config import load_config
-from mess_ray.eval.descriptors import DESCRIPTOR_NAMES, FACET_DESCRIPTORS, descriptor_vector
+from mess_ray.descriptors import DESCRIPTOR_NAMES, FACET_DESCRIPTORS, descriptor_vector
 from mess_ray.facets import FACETS, OVERALL, parse_layout
 from mess_ray.models import Embedder, EmbeddingModel, build_encoder
 from mess_ray.segments import encode_audio

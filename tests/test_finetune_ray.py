@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_config
 from test_train_ray import SR, STYLES, _clip, write_tiny_ingest
 
-from mess_ray.eval.descriptors import DESCRIPTOR_NAMES
+from mess_ray.descriptors import DESCRIPTOR_NAMES
 from mess_ray.facets import FACETS, OVERALL, parse_layout, part_similarities
 from mess_ray.models import Embedder
 from mess_ray.segments import SEGMENT_SCHEMA, encode_audio, segment_id

@@ -1,5 +1,5 @@
 """The benchmark on held-out pieces (``run_evaluate``): task 1 here, tasks 2 and 3 in
-:mod:`mess_ray.eval.tasks` over :mod:`mess_ray.eval.performances`.
+:mod:`mess_ray.eval.tasks` over :mod:`mess_ray.performances`.
 
 Task 1, style retrieval. Protocol: every held-out segment with a known style and piece is a query; candidates are
 held-out segments of *other tracks*; a candidate is relevant when it has the query's style
@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mess_ray.config import MessRayConfig
+from mess_ray.descriptors import descriptor_embeddings
 from mess_ray.eval import metrics
-from mess_ray.eval.descriptors import descriptor_embeddings
 from mess_ray.eval.tasks.performance import (
     AGREEMENT_TASK,
     PASSAGE_TASK,
@@ -348,8 +348,8 @@ def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str]) ->
     agreement) need performances with beat annotations / performed MIDI. The report says which
     tasks ran and why the others did not.
     """
-    from mess_ray.eval.performances import load_performance_set, performance_table_summary
     from mess_ray.eval.report import SystemResult, write_report
+    from mess_ray.performances import load_performance_set, performance_table_summary
 
     if isinstance(model_refs, str):
         raise ValueError("model_refs must be a list of refs, e.g. ['finetune', 'pretrain']")

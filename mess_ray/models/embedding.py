@@ -121,7 +121,7 @@ class EmbeddingModel(nn.Module):
     different depths.
 
     With ``descriptor_stats`` (names, mean and std of the audio descriptors of
-    :mod:`mess_ray.eval.descriptors` over training segments) every head also receives the
+    :mod:`mess_ray.descriptors` over training segments) every head also receives the
     passage's z-scored descriptor vector next to its pooled frames: onset timing statistics
     over a whole passage are cheap to measure exactly and slow for a small encoder to learn,
     so the heads learn what to add to them (and how to weigh them) instead of re-deriving them.
@@ -182,7 +182,7 @@ class EmbeddingModel(nn.Module):
         """Buffers for the descriptor side channel's z-scoring; returns its width (0: none)."""
         if stats is None:
             return 0
-        from mess_ray.eval.descriptors import DESCRIPTOR_NAMES
+        from mess_ray.descriptors import DESCRIPTOR_NAMES
 
         names = tuple(stats.get("names", ()))
         if names != DESCRIPTOR_NAMES:
@@ -211,7 +211,7 @@ class EmbeddingModel(nn.Module):
         if self.options.get("descriptor_stats") is None:
             return None
         if raw is None:
-            from mess_ray.eval.descriptors import descriptor_vector
+            from mess_ray.descriptors import descriptor_vector
 
             rate = int(self.options["sample_rate"])
             rows = waveform.detach().float().cpu().numpy()

@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from mess_ray.eval.descriptors import FACET_DESCRIPTORS
+from mess_ray.descriptors import FACET_DESCRIPTORS
 from mess_ray.facets import FACET_LABELS
 
 # name -> (label, unit, format, scale): scale is a difference one hears clearly, so a

@@ -30,7 +30,7 @@ import soundfile as sf
 import soxr
 
 from mess_ray.config import MessRayConfig
-from mess_ray.eval.descriptors import describe
+from mess_ray.descriptors import describe
 from mess_ray.index.searcher import STAGE as INDEX_STAGE
 from mess_ray.index.searcher import Hit, SearchIndex, normalize
 from mess_ray.serve.explain import explain_hit

@@ -7,7 +7,7 @@ them (``hard_negative_weight``) and the triplet loss mines them first. Losses: m
 InfoNCE / NT-Xent (supervised-contrastive form; fixed or learnable temperature) or triplet
 margin. Facet heads (``model.facet_dim > 0``) are supervised by a soft-neighbour KL loss whose
 target distribution comes from each facet's descriptor group
-(:data:`mess_ray.eval.descriptors.FACET_DESCRIPTORS`, read at run time) z-scored on training
+(:data:`mess_ray.descriptors.FACET_DESCRIPTORS`, read at run time) z-scored on training
 segments. Pair source (b) with performed MIDI (``finetune.midi_weight``): for every training
 segment whose recording has MIDI (renderings keep theirs, ASAP-layout corpora name theirs),
 the expressive MIDI descriptors of benchmark task 3 (tempo against the score, rubato, timing,
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mess_ray.config import MessRayConfig
-from mess_ray.eval.descriptors import DESCRIPTOR_NAMES, FACET_DESCRIPTORS, descriptor_vector
+from mess_ray.descriptors import DESCRIPTOR_NAMES, FACET_DESCRIPTORS, descriptor_vector
 from mess_ray.facets import OVERALL
 from mess_ray.models.embedding import EmbeddingModel
 from mess_ray.segments import (
@@ -614,11 +614,11 @@ def training_midi_targets(
     """Z-scored expressive MIDI descriptors of every training-piece segment whose recording has
     performed MIDI (renderings keep theirs; ASAP-layout corpora name theirs): the targets of
     ``finetune.midi_weight``. The descriptors and their z-scoring over the training segments
-    are those of benchmark task 3 on the held-out pieces (:func:`agreement.expressive_matrix`).
+    are those of benchmark task 3 on the held-out pieces (:func:`mess_ray.midi_descriptors.expressive_matrix`).
     Segments in ``exclude`` get none and play no part in the z-scoring.
     Returns (segment id -> vector, descriptor names kept, counts)."""
-    from mess_ray.eval.performances import load_performance_set
-    from mess_ray.eval.tasks.agreement import expressive_matrix
+    from mess_ray.midi_descriptors import expressive_matrix
+    from mess_ray.performances import load_performance_set
 
     perf = load_performance_set(
         storage,

@@ -2,7 +2,7 @@
 
 Each segment with MIDI is a query; candidates are segments of *other pieces*; the graded
 relevance of a candidate is its proximity to the query in expressive-descriptor space
-(:data:`~mess_ray.eval.midi_descriptors.EXPRESSIVE_MIDI_DESCRIPTORS`: tempo relative to the
+(:data:`~mess_ray.midi_descriptors.EXPRESSIVE_MIDI_DESCRIPTORS`: tempo relative to the
 score, rubato, timing, velocity level/range/slope, articulation, pedal), z-scored over the
 evaluated set. nDCG@k then asks: do the passages a system ranks first sound *played* like the
 query, whatever the music? The chance level is the nDCG of random rankings (seeded).
@@ -13,36 +13,11 @@ from __future__ import annotations
 import numpy as np
 
 from mess_ray.eval import metrics
-from mess_ray.eval.midi_descriptors import EXPRESSIVE_MIDI_DESCRIPTORS, MIDI_DESCRIPTOR_NAMES
 
 NEIGHBOURS_FOR_BANDWIDTH = (
     10  # the kernel bandwidth is the typical distance to this many neighbours
 )
 RANDOM_RANKINGS = 20  # random rankings averaged for the chance level
-
-
-def expressive_matrix(
-    descriptors: np.ndarray,
-    names: tuple[str, ...] = MIDI_DESCRIPTOR_NAMES,
-    use: tuple[str, ...] = EXPRESSIVE_MIDI_DESCRIPTORS,
-) -> tuple[np.ndarray, list[str]]:
-    """Z-scored expressive columns with NaN imputed by the column mean (0); columns that are
-    unknown everywhere or constant are dropped. Returns (matrix [N, D], column names)."""
-    descriptors = np.asarray(descriptors, dtype=np.float64)
-    if descriptors.ndim != 2 or descriptors.shape[1] != len(names):
-        raise ValueError(f"descriptors must be [N, {len(names)}], got {descriptors.shape}")
-    columns, kept = [], []
-    for name in use:
-        col = descriptors[:, names.index(name)]
-        known = col[~np.isnan(col)]
-        if known.size < 2 or known.std() < 1e-12:
-            continue
-        z = (col - known.mean()) / known.std()
-        columns.append(np.where(np.isnan(z), 0.0, z))
-        kept.append(name)
-    if not columns:
-        raise ValueError("no expressive descriptor varies over these segments")
-    return np.stack(columns, axis=1), kept
 
 
 def graded_relevance(

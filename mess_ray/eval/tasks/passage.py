@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from mess_ray.eval import metrics
-from mess_ray.eval.midi_descriptors import beat_time
+from mess_ray.midi_descriptors import beat_time
 
 
 def overlapping_beats(track_ids, piece_ids, beat_spans) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Tasks 2 and 3 over a held-out :class:`~mess_ray.eval.performances.PerformanceSet`: which of
+"""Tasks 2 and 3 over a held-out :class:`~mess_ray.performances.PerformanceSet`: which of
 them its data supports (with their masks, or why not), and one system's scores on them."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from mess_ray.eval.tasks import agreement, passage
+from mess_ray.midi_descriptors import expressive_matrix
 
 STYLE_TASK = "style_retrieval"
 PASSAGE_TASK = "passage_retrieval"
@@ -61,7 +62,7 @@ def plan_performance_tasks(perf, ndcg_k: int, seed: int) -> PerformanceTasks:
         )
     else:
         try:
-            features, kept = agreement.expressive_matrix(perf.midi_descriptors[rows])
+            features, kept = expressive_matrix(perf.midi_descriptors[rows])
         except ValueError as err:
             plan.skipped[AGREEMENT_TASK] = str(err)
         else:

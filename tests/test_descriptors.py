@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mess_ray.eval.descriptors import (
+from mess_ray.descriptors import (
     DESCRIPTOR_NAMES,
     describe,
     descriptor_embeddings,
@@ -158,7 +158,7 @@ def test_sustain_ratio_of_a_held_tone_is_one_and_of_silence_defined():
 
 
 def test_sustain_ratio_from_a_hand_made_envelope():
-    from mess_ray.eval.descriptors import sustain_ratio
+    from mess_ray.descriptors import sustain_ratio
 
     # 100 frames/s; onsets at 0 and 50; first note holds 0 dB for 20 frames then drops to -40 dB,
     # the second holds for all of its 50 frames (the last note is followed to the end).
@@ -171,7 +171,7 @@ def test_sustain_ratio_from_a_hand_made_envelope():
 
 
 def test_facet_descriptors_name_known_descriptors_for_every_facet():
-    from mess_ray.eval.descriptors import FACET_DESCRIPTORS
+    from mess_ray.descriptors import FACET_DESCRIPTORS
     from mess_ray.facets import FACETS
 
     assert set(FACET_DESCRIPTORS) == set(FACETS)

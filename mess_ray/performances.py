@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
-from mess_ray.eval.midi_descriptors import (
+from mess_ray.midi_descriptors import (
     MIDI_DESCRIPTOR_NAMES,
     beat_position,
     midi_descriptor_vector,

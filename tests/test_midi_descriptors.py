@@ -8,7 +8,7 @@ import numpy as np
 import pretty_midi
 import pytest
 
-from mess_ray.eval.midi_descriptors import (
+from mess_ray.midi_descriptors import (
     MIDI_DESCRIPTOR_NAMES,
     beat_descriptors,
     beat_position,

@@ -249,3 +249,27 @@ def read_beat_annotations(text: str) -> np.ndarray:
     if np.any(np.diff(beats) <= 0):
         raise ValueError("beat annotation times are not strictly increasing")
     return beats
+
+
+def expressive_matrix(
+    descriptors: np.ndarray,
+    names: tuple[str, ...] = MIDI_DESCRIPTOR_NAMES,
+    use: tuple[str, ...] = EXPRESSIVE_MIDI_DESCRIPTORS,
+) -> tuple[np.ndarray, list[str]]:
+    """Z-scored expressive columns with NaN imputed by the column mean (0); columns that are
+    unknown everywhere or constant are dropped. Returns (matrix [N, D], column names)."""
+    descriptors = np.asarray(descriptors, dtype=np.float64)
+    if descriptors.ndim != 2 or descriptors.shape[1] != len(names):
+        raise ValueError(f"descriptors must be [N, {len(names)}], got {descriptors.shape}")
+    columns, kept = [], []
+    for name in use:
+        col = descriptors[:, names.index(name)]
+        known = col[~np.isnan(col)]
+        if known.size < 2 or known.std() < 1e-12:
+            continue
+        z = (col - known.mean()) / known.std()
+        columns.append(np.where(np.isnan(z), 0.0, z))
+        kept.append(name)
+    if not columns:
+        raise ValueError("no expressive descriptor varies over these segments")
+    return np.stack(columns, axis=1), kept
