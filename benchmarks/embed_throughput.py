@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mess_ray.config import load_config  # noqa: E402
 from mess_ray.models import Embedder  # noqa: E402
 from mess_ray.models.encoder import build_encoder  # noqa: E402
+from mess_ray.segments import window_samples  # noqa: E402
 from mess_ray.storage import Storage  # noqa: E402
 
 
@@ -95,7 +96,7 @@ def train_flops(size: str, cfg, samples: int) -> float:
 
 
 def window(cfg) -> int:
-    return round(cfg.audio.window_s * cfg.audio.sample_rate)
+    return window_samples(cfg.audio.window_s, cfg.audio.sample_rate)
 
 
 def bench_size(size: str, args, out: list[dict]) -> None:

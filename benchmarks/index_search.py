@@ -88,9 +88,9 @@ def embed_ingest(ingest_root: str, model_ref: str, batch: int = 32) -> tuple[str
     embedded in this process by ``model_ref`` (``random``: the random-init tiny encoder, or a
     stage/folder under that root). Read-only on the root: nothing is published there."""
     from mess_ray.config import MessRayConfig
-    from mess_ray.index.embed import segment_audio_matrix, window_samples
+    from mess_ray.index.embed import segment_audio_matrix
     from mess_ray.models import Embedder
-    from mess_ray.segments import read_segment_table
+    from mess_ray.segments import read_segment_table, window_samples
     from mess_ray.storage import Storage
 
     storage = Storage(ingest_root)
@@ -107,7 +107,7 @@ def embed_ingest(ingest_root: str, model_ref: str, batch: int = 32) -> tuple[str
     table = read_segment_table(
         storage, manifest["version"], columns=["segment_id", "sample_rate", "audio"]
     )
-    length = window_samples(cfg.audio)
+    length = window_samples(cfg.audio.window_s, cfg.audio.sample_rate)
     parts = []
     for start in range(0, table.num_rows, batch):
         rows = table.slice(start, batch)
@@ -154,6 +154,7 @@ def real_embeddings(
     else:
         from mess_ray.config import MessRayConfig
         from mess_ray.models import Embedder
+        from mess_ray.segments import window_samples
         from mess_ray.storage import Storage
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -161,7 +162,10 @@ def real_embeddings(
                 {"storage": {"root": tmp}, "audio": {"window_s": 1.0, "hop_s": 0.5}}
             )
             embedder = Embedder.from_ref(cfg, Storage(tmp), "random")
-            rate, length = cfg.audio.sample_rate, int(cfg.audio.window_s * cfg.audio.sample_rate)
+            rate, length = (
+                cfg.audio.sample_rate,
+                window_samples(cfg.audio.window_s, cfg.audio.sample_rate),
+            )
             t = np.arange(length) / rate
             clips = []
             for _ in range(2000):  # notes with random pitch, vibrato, tremolo, brightness and noise

@@ -62,6 +62,7 @@ from mess_ray.segments import (  # noqa: E402
     fit_length,
     segments_dataset,
     split_pieces,
+    window_samples,
 )
 from mess_ray.storage import Storage  # noqa: E402
 
@@ -155,7 +156,7 @@ def labelled_segments(cfg: MessRayConfig, storage: Storage) -> dict[str, np.ndar
     table = table.sort_by("segment_id")
     if table.num_rows == 0:
         raise ValueError(f"ingest {version} has no segment with both a piece and a style label")
-    window = round(cfg.audio.window_s * cfg.audio.sample_rate)
+    window = window_samples(cfg.audio.window_s, cfg.audio.sample_rate)
     return {
         "ingest": version,
         "segment_ids": table["segment_id"].to_numpy(),

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mess_ray.config import load_config  # noqa: E402
 from mess_ray.models.encoder import build_encoder  # noqa: E402
-from mess_ray.segments import SEGMENT_SCHEMA, encode_audio, segment_id  # noqa: E402
+from mess_ray.segments import SEGMENT_SCHEMA, encode_audio, segment_id, window_samples  # noqa: E402
 from mess_ray.storage import Storage  # noqa: E402
 from mess_ray.train.pretrain import HubertPretrainModel, masked_prediction_loss  # noqa: E402
 
@@ -219,9 +219,10 @@ def bench_size(size: str, args, root: str) -> None:
         torch.set_num_threads(max(1, int(cfg.pretrain.cpus_per_worker)))
     rng = np.random.default_rng(1)
     audio = torch.from_numpy(
-        (0.1 * rng.standard_normal((64, round(cfg.audio.window_s * cfg.audio.sample_rate)))).astype(
-            np.float32
-        )
+        (
+            0.1
+            * rng.standard_normal((64, window_samples(cfg.audio.window_s, cfg.audio.sample_rate)))
+        ).astype(np.float32)
     )
     model = make_model(size, codebook, cfg)
     flops = flops_per_sample(model, audio[:2])

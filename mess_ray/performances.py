@@ -34,6 +34,7 @@ from mess_ray.segments import (
     fit_length,
     segments_dataset,
     split_pieces,
+    window_samples,
 )
 from mess_ray.storage import Storage, make_filesystem
 
@@ -243,7 +244,7 @@ def load_performance_set(
         raise ValueError(
             f"segments are at {sorted(rates)} Hz but audio.sample_rate is {sample_rate}"
         )
-    window = round(window_s * sample_rate)
+    window = window_samples(window_s, sample_rate)
     track_ids = np.asarray(table["track_id"].to_pylist(), dtype=object)
     starts = np.asarray(table["start_s"].to_numpy(), dtype=np.float64)
     ends = np.asarray(table["end_s"].to_numpy(), dtype=np.float64)

@@ -49,6 +49,13 @@ REJECT_SCHEMA = pa.schema(
 )
 
 
+def window_samples(seconds: float, sample_rate: int) -> int:
+    """A window (or hop) of ``seconds`` in whole samples at ``sample_rate``, rounded to the
+    nearest sample: the one definition ingest, training, indexing, serving and evaluation share,
+    so a segment cut by ingest is exactly the length every later stage expects."""
+    return int(round(seconds * sample_rate))
+
+
 def segment_id(track_id: str, start_sample: int) -> int:
     """Stable positive 63-bit id: the same track and start always give the same id."""
     digest = hashlib.blake2b(f"{track_id}\x00{start_sample}".encode(), digest_size=8).digest()

@@ -36,6 +36,7 @@ from mess_ray.segments import (
     fit_length,
     segments_dataset,
     split_pieces,
+    window_samples,
 )
 from mess_ray.storage import Storage, new_version
 
@@ -193,7 +194,7 @@ def load_held_out(cfg: MessRayConfig, storage: Storage, version: str) -> HeldOut
         raise ValueError(
             f"segments are at {sorted(rates)} Hz but audio.sample_rate is {cfg.audio.sample_rate}"
         )
-    window = round(cfg.audio.window_s * cfg.audio.sample_rate)
+    window = window_samples(cfg.audio.window_s, cfg.audio.sample_rate)
     audio = np.stack(
         [fit_length(decode_audio(blob), window) for blob in table["audio"].to_pylist()]
     )

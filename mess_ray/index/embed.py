@@ -12,14 +12,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mess_ray.config import AudioConfig, MessRayConfig
-from mess_ray.segments import decode_audio, fit_length
+from mess_ray.config import MessRayConfig
+from mess_ray.segments import decode_audio, fit_length, window_samples
 from mess_ray.storage import Storage
-
-
-def window_samples(audio: AudioConfig) -> int:
-    """Model input length in samples."""
-    return int(round(audio.window_s * audio.sample_rate))
 
 
 def vector_schema(dim: int) -> pa.Schema:
@@ -92,7 +87,7 @@ class SegmentEmbedder:
         storage = Storage.from_config(cfg.storage)
         self.embedder = Embedder.from_info(cfg, storage, embedder_info)
         self.sample_rate = cfg.audio.sample_rate
-        self.length = window_samples(cfg.audio)
+        self.length = window_samples(cfg.audio.window_s, cfg.audio.sample_rate)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         return embed_segment_batch(self.embedder, batch, self.sample_rate, self.length)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from mess_ray.ingest.decode import decode_stream
-from mess_ray.segments import encode_audio, segment_id
+from mess_ray.segments import encode_audio, segment_id, window_samples
 
 
 def window_starts(total: int, window: int, hop: int) -> list[int]:
@@ -106,7 +106,7 @@ def segment_track(
     Raises :class:`mess_ray.ingest.decode.RejectError` when the file cannot be ingested;
     rows yielded before such an error belong to a rejected track and must be discarded.
     """
-    window, hop = round(window_s * sample_rate), round(hop_s * sample_rate)
+    window, hop = window_samples(window_s, sample_rate), window_samples(hop_s, sample_rate)
     blocks = decode_stream(
         row["source_uri"], sample_rate, read_block_s, min_duration_s, s3_endpoint_url, stats
     )

@@ -29,7 +29,7 @@ from torch import nn
 from mess_ray.config import MessRayConfig
 from mess_ray.models.embedding import EmbeddingModel, is_embedding_model_dir
 from mess_ray.models.encoder import build_encoder, load_encoder, normalize_waveform
-from mess_ray.segments import fit_length
+from mess_ray.segments import fit_length, window_samples
 from mess_ray.storage import Storage
 
 MODEL_SUBDIR = "model"
@@ -131,7 +131,7 @@ class Embedder:
     @classmethod
     def from_info(cls, cfg: MessRayConfig, storage: Storage, info: dict[str, Any]) -> Embedder:
         """Rebuild the embedder described by ``info`` (from a manifest), same version and weights."""
-        window = round(cfg.audio.window_s * cfg.audio.sample_rate)
+        window = window_samples(cfg.audio.window_s, cfg.audio.sample_rate)
         if info.get("kind") == "random":
             size, seed = info.get("size", cfg.model.size), int(info.get("seed", cfg.model.seed))
             model = MeanPooledEncoder(

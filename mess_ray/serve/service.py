@@ -33,6 +33,7 @@ from mess_ray.config import MessRayConfig
 from mess_ray.descriptors import describe
 from mess_ray.index.searcher import STAGE as INDEX_STAGE
 from mess_ray.index.searcher import Hit, SearchIndex, normalize
+from mess_ray.segments import window_samples
 from mess_ray.serve.explain import explain_hit
 from mess_ray.serve.metrics import ServiceMetrics
 from mess_ray.storage import Storage, make_filesystem
@@ -249,8 +250,8 @@ class SearchService:
     ) -> None:
         self.cfg = cfg
         self.storage = storage
-        self.window = int(round(cfg.audio.window_s * cfg.audio.sample_rate))
-        self.hop = int(round(cfg.audio.hop_s * cfg.audio.sample_rate))
+        self.window = window_samples(cfg.audio.window_s, cfg.audio.sample_rate)
+        self.hop = window_samples(cfg.audio.hop_s, cfg.audio.sample_rate)
         self._state = self._check_state(IndexState(index, embedder))
         self._reload_lock = threading.Lock()
         self._reloader: threading.Thread | None = None

@@ -73,10 +73,6 @@ def decode_audio_column(blobs, window_samples: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(rows).astype(np.float32, copy=False))
 
 
-def window_samples(cfg: MessRayConfig) -> int:
-    return round(cfg.audio.window_s * cfg.audio.sample_rate)
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DistributedDataParallel (state dicts are saved without the prefix)."""
     return model.module if hasattr(model, "module") else model

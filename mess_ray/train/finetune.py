@@ -44,6 +44,7 @@ from mess_ray.segments import (
     read_segments_ray,
     segments_dataset,
     split_pieces,
+    window_samples,
 )
 from mess_ray.storage import Storage
 from mess_ray.train.augment import AugmentSettings, augment_batch
@@ -54,7 +55,6 @@ from mess_ray.train.common import (
     fit,
     load_init_encoder,
     resolve_init,
-    window_samples,
     with_run_name,
 )
 
@@ -702,7 +702,7 @@ def run_finetune(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
             storage,
             ingest_version,
             train_pieces,
-            window_samples(cfg),
+            window_samples(cfg.audio.window_s, cfg.audio.sample_rate),
             cfg.audio.sample_rate,
             ft.mine_clusters,
             ft.mine_max_segments,
@@ -727,7 +727,7 @@ def run_finetune(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
         "init": init,
         "inputs": inputs,
         "styles": styles,
-        "window_samples": window_samples(cfg),
+        "window_samples": window_samples(cfg.audio.window_s, cfg.audio.sample_rate),
         "mined_from": (len(styles) - len(set(mined.values()))) if mined else None,
         "loss": ft.loss,
         "temperature": ft.temperature,
@@ -761,7 +761,7 @@ def run_finetune(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
             storage,
             ingest_version,
             train_pieces,
-            window_samples(cfg),
+            window_samples(cfg.audio.window_s, cfg.audio.sample_rate),
             cfg.audio.sample_rate,
             ft.descriptor_sample,
             ft.seed,

@@ -38,7 +38,7 @@ from transformers.models.hubert.modeling_hubert import _compute_mask_indices
 
 from mess_ray.config import MessRayConfig
 from mess_ray.models.encoder import conv_stride, encoder_config, normalize_waveform, num_frames
-from mess_ray.segments import read_segments_ray, segments_dataset, split_pieces
+from mess_ray.segments import read_segments_ray, segments_dataset, split_pieces, window_samples
 from mess_ray.storage import Storage
 from mess_ray.train.common import (
     TrainTask,
@@ -47,7 +47,6 @@ from mess_ray.train.common import (
     fit,
     load_init_encoder,
     resolve_init,
-    window_samples,
     with_run_name,
 )
 
@@ -458,7 +457,7 @@ def sample_frames(
             f"ingest artifact {version} has no segments to pretrain on"
             + (f" outside the excluded pieces {list(exclude)}" if len(exclude) else "")
         )
-    window = window_samples(cfg)
+    window = window_samples(cfg.audio.window_s, cfg.audio.sample_rate)
     frames_per_segment = max(1, window // hop)
     wanted = min(len(eligible), -(-cfg.pretrain.kmeans_sample_frames // frames_per_segment))
     rng = np.random.default_rng(cfg.pretrain.seed)
@@ -524,7 +523,7 @@ def run_pretrain(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
         "n_mels": cfg.pretrain.n_mels,
         "mask_prob": cfg.pretrain.mask_prob,
         "mask_length": cfg.pretrain.mask_length,
-        "window_samples": window_samples(cfg),
+        "window_samples": window_samples(cfg.audio.window_s, cfg.audio.sample_rate),
     }
     if exclude:
         dataset = read_segments_ray(
