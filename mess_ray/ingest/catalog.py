@@ -10,9 +10,7 @@ that the ingest job can account for each one (segmented or rejected with a reaso
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import posixpath
 from typing import Any
 
@@ -21,48 +19,14 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from mess_ray.config import MessRayConfig
+from mess_ray.ingest.corpora import catalog_from_asap, catalog_from_maestro, detect_corpus
+from mess_ray.ingest.rows import catalog_row, check_unique_track_ids, file_url
 from mess_ray.storage import Storage, _is_remote, make_filesystem
 
-CATALOG_COLUMNS = ["source_uri", "track_id", "piece_id", "style", "metadata_json", "size"]
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 # Columns of the render catalog that become segment fields rather than metadata.
 _RENDER_FIELDS = {"track_id", "path", "piece_id", "style"}
 _MANIFEST_FIELDS = {"path", "track_id", "piece_id", "style"}
-
-
-def _url(fs_protocol: str | tuple, path: str) -> str:
-    protocol = fs_protocol[0] if isinstance(fs_protocol, tuple) else fs_protocol
-    return path if protocol in ("file", "local") else f"{protocol}://{path}"
-
-
-def _json(obj: dict[str, Any]) -> str:
-    return json.dumps(obj, sort_keys=True, default=str)
-
-
-def catalog_row(
-    source_uri: str,
-    track_id: str,
-    piece_id: str = "",
-    style: str = "",
-    metadata: dict[str, Any] | None = None,
-    size: int = -1,
-) -> dict[str, Any]:
-    if not track_id:
-        raise ValueError(f"empty track_id for {source_uri!r}")
-    return {
-        "source_uri": source_uri,
-        "track_id": str(track_id),
-        "piece_id": str(piece_id or ""),
-        "style": str(style or ""),
-        "metadata_json": _json(metadata or {}),
-        "size": int(size),
-    }
-
-
-def fingerprint(row: dict[str, Any]) -> str:
-    """Identity of an input for incremental runs: the file (uri + size) and its catalog entry."""
-    blob = _json({k: row[k] for k in CATALOG_COLUMNS})
-    return hashlib.blake2b(blob.encode(), digest_size=12).hexdigest()
 
 
 def resolve_catalog_kind(source: str | None, catalog: str) -> str:
@@ -76,17 +40,6 @@ def resolve_catalog_kind(source: str | None, catalog: str) -> str:
     if source is None:
         return "render"
     return "manifest" if source.lower().endswith(MANIFEST_SUFFIXES) else "folder"
-
-
-def _check_unique(rows: list[dict[str, Any]], where: str) -> None:
-    seen: dict[str, str] = {}
-    for row in rows:
-        other = seen.setdefault(row["track_id"], row["source_uri"])
-        if other != row["source_uri"]:
-            raise ValueError(
-                f"{where}: track_id {row['track_id']!r} is used by both "
-                f"{other!r} and {row['source_uri']!r}; track ids must be unique"
-            )
 
 
 def catalog_from_render(
@@ -125,7 +78,7 @@ def catalog_from_render(
                 sizes.get(path, -1),
             )
         )
-    _check_unique(rows, storage.url(rel))
+    check_unique_track_ids(rows, storage.url(rel))
     return rows, version
 
 
@@ -161,7 +114,7 @@ def catalog_from_folder(url: str, s3_endpoint_url: str | None = None) -> list[di
         ext = posixpath.splitext(rel)[1].lower().lstrip(".")
         rows.append(
             catalog_row(
-                _url(fs.protocol, posixpath.join(base, rel)),
+                file_url(fs.protocol, posixpath.join(base, rel)),
                 ids[rel],
                 ids[rel],
                 "",
@@ -210,7 +163,7 @@ def catalog_from_manifest(url: str, s3_endpoint_url: str | None = None) -> list[
                 if posixpath.isabs(entry)
                 else posixpath.normpath(posixpath.join(folder, entry))
             )
-            uri = _url(fs.protocol, file_path)
+            uri = file_url(fs.protocol, file_path)
             default_id = (
                 posixpath.splitext(entry)[0]
                 if not posixpath.isabs(entry)
@@ -232,7 +185,7 @@ def catalog_from_manifest(url: str, s3_endpoint_url: str | None = None) -> list[
                 size,
             )
         )
-    _check_unique(rows, url)
+    check_unique_track_ids(rows, url)
     return rows
 
 
@@ -240,7 +193,6 @@ def build_catalog(
     cfg: MessRayConfig, storage: Storage
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Catalog rows (sorted by track id, cut to ``max_files``) and a description of the source."""
-    from mess_ray.ingest.corpora import catalog_from_asap, catalog_from_maestro, detect_corpus
 
     kind = resolve_catalog_kind(cfg.ingest.source, cfg.ingest.catalog)
     if cfg.ingest.catalog == "auto" and cfg.ingest.source is not None:

@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from mess_ray.ingest.catalog import _check_unique, _url, catalog_row
+from mess_ray.ingest.rows import catalog_row, check_unique_track_ids, file_url
 from mess_ray.storage import make_filesystem
 
 MAESTRO_REQUIRED = ("canonical_composer", "canonical_title", "audio_filename")
@@ -167,10 +167,10 @@ def catalog_from_maestro(url: str, s3_endpoint_url: str | None = None) -> list[d
             corpus="maestro",
         )
         midi = rec.get("midi_filename")
-        metadata["midi_uri"] = _url(fs.protocol, posixpath.join(root, midi)) if midi else None
+        metadata["midi_uri"] = file_url(fs.protocol, posixpath.join(root, midi)) if midi else None
         rows.append(
             catalog_row(
-                _url(fs.protocol, posixpath.join(root, audio)),
+                file_url(fs.protocol, posixpath.join(root, audio)),
                 posixpath.splitext(audio)[0],
                 maestro_piece_id(
                     rec.get("canonical_composer") or "", rec.get("canonical_title") or ""
@@ -180,7 +180,7 @@ def catalog_from_maestro(url: str, s3_endpoint_url: str | None = None) -> list[d
                 sizes.get(posixpath.normpath(audio), -1),
             )
         )
-    _check_unique(rows, where)
+    check_unique_track_ids(rows, where)
     return rows
 
 
@@ -209,20 +209,20 @@ def catalog_from_asap(url: str, s3_endpoint_url: str | None = None) -> list[dict
         audio = _asap_audio(rec, sizes)
         piece = str(rec.get("folder") or posixpath.dirname(posixpath.normpath(midi)))
         metadata = dict(rec)
-        metadata.update(corpus="asap", midi_uri=_url(fs.protocol, posixpath.join(root, midi)))
+        metadata.update(corpus="asap", midi_uri=file_url(fs.protocol, posixpath.join(root, midi)))
         annotations = rec.get("performance_annotations")
         metadata["annotations_uri"] = (
-            _url(fs.protocol, posixpath.join(root, annotations)) if annotations else None
+            file_url(fs.protocol, posixpath.join(root, annotations)) if annotations else None
         )
         score_annotations = rec.get("midi_score_annotations")
         metadata["score_annotations_uri"] = (
-            _url(fs.protocol, posixpath.join(root, score_annotations))
+            file_url(fs.protocol, posixpath.join(root, score_annotations))
             if score_annotations
             else None
         )
         rows.append(
             catalog_row(
-                _url(fs.protocol, posixpath.join(root, audio)),
+                file_url(fs.protocol, posixpath.join(root, audio)),
                 posixpath.splitext(midi)[0],
                 piece,
                 "",
@@ -230,7 +230,7 @@ def catalog_from_asap(url: str, s3_endpoint_url: str | None = None) -> list[dict
                 sizes.get(audio, -1),
             )
         )
-    _check_unique(rows, where)
+    check_unique_track_ids(rows, where)
     return rows
 
 

@@ -27,8 +27,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mess_ray.config import MessRayConfig
-from mess_ray.ingest.catalog import build_catalog, fingerprint
+from mess_ray.ingest.catalog import build_catalog
 from mess_ray.ingest.decode import RejectError
+from mess_ray.ingest.rows import fingerprint
 from mess_ray.ingest.segment import segment_track
 from mess_ray.segments import REJECT_SCHEMA, SEGMENT_SCHEMA, segments_dir
 from mess_ray.storage import Storage, new_version
