@@ -508,18 +508,33 @@ class ServeConfig(_Section):
     )
 
 
+# Settings of evaluation's former own actor pool; evaluation now embeds on the index stage's.
+_REMOVED_EVAL_KEYS = ("min_actors", "max_actors", "cpus_per_actor")
+
+
 class EvalConfig(_Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in _REMOVED_EVAL_KEYS:
+                if key in data:
+                    raise ValueError(
+                        f"eval.{key} was removed: evaluation embeds on the index stage's actor "
+                        f"pool, so set index.{key} instead"
+                    )
+        return data
+
     holdout_fraction: float = Field(0.34, gt=0, lt=1)
     seed: int = 0
     batch_size: int = Field(16, ge=1, description="Segments per embedding batch.")
     ray_data_min_segments: int = Field(
         256,
         ge=0,
-        description="Embed with a Ray Data actor pool from this many held-out segments; fewer: driver-side.",
+        description="Embed from this many held-out segments on the index stage's Ray Data actor "
+        "pool (sized by index.min_actors / index.max_actors / index.cpus_per_actor / "
+        "index.gpus_per_actor / index.batch_size); fewer: driver-side, eval.batch_size at a time.",
     )
-    min_actors: int = Field(1, ge=1)
-    max_actors: int = Field(2, ge=1)
-    cpus_per_actor: float = Field(0.5, gt=0)
     recall_ks: list[int] = Field(
         default_factory=lambda: [1, 10], description="k values of recall@k."
     )

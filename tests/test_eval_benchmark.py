@@ -172,6 +172,16 @@ def eval_config(root: str):
     return cfg, holdout
 
 
+@pytest.mark.parametrize("key", ["min_actors", "max_actors", "cpus_per_actor"])
+def test_removed_eval_pool_settings_name_their_index_replacement(key):
+    from pydantic import ValidationError
+
+    from mess_ray.config import MessRayConfig
+
+    with pytest.raises(ValidationError, match=f"eval.{key} was removed.*index.{key}"):
+        MessRayConfig.model_validate({"eval": {key: 2}})
+
+
 def test_run_evaluate_on_ray_data_actor_pool(ray_local, tmp_path):
     cfg, holdout = eval_config(str(tmp_path / "store"))
     cfg.eval.ray_data_min_segments = 0  # force the Ray Data actor pool path

@@ -33,6 +33,7 @@ from mess_ray.eval.tasks.performance import (
 from mess_ray.segments import (
     METADATA_COLUMNS,
     decode_audio,
+    encode_audio,
     fit_length,
     segments_dataset,
     split_pieces,
@@ -211,56 +212,33 @@ def load_held_out(cfg: MessRayConfig, storage: Storage, version: str) -> HeldOut
 
 
 # -- embedding ----------------------------------------------------------------------------------
-class _EmbedActor:
-    """Ray Data actor: rebuilds the exact embedder described by ``info`` once, then embeds batches."""
-
-    def __init__(
-        self, cfg_json: dict, storage_root: str, s3_endpoint_url: str | None, info: dict
-    ) -> None:
-        from mess_ray.config import MessRayConfig as _Config
-        from mess_ray.models import Embedder
-
-        cfg = _Config.model_validate(cfg_json)
-        self.embedder = Embedder.from_info(cfg, Storage(storage_root, s3_endpoint_url), info)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        audio = np.stack([np.asarray(a, dtype=np.float32) for a in batch["audio"]])
-        return {"segment_id": batch["segment_id"], "embedding": self.embedder.embed(audio)}
-
-
-def embed_with_ray(
-    cfg: MessRayConfig, storage: Storage, info: dict, held_out: HeldOutSet
-) -> np.ndarray:
-    """Embed on a Ray Data actor pool; rows come back in segment_id order."""
+def embed_on_pool(cfg: MessRayConfig, info: dict, held_out: HeldOutSet) -> np.ndarray:
+    """Embed on the index stage's Ray Data actor pool (:func:`mess_ray.index.job.embedding_pool`:
+    ``index.min_actors``..``index.max_actors`` actors, ``index.cpus_per_actor`` /
+    ``index.gpus_per_actor`` each, ``index.batch_size`` rows a batch, the same fault tolerance);
+    rows come back in ``held_out.segment_ids`` order."""
     import ray
 
+    from mess_ray.index.embed import table_to_vectors
+    from mess_ray.index.job import embedding_pool
     from mess_ray.raylocal import ensure_ray
 
     ensure_ray(cfg.ray)
-    source = ray.data.from_items(
-        [{"segment_id": int(s), "audio": a} for s, a in zip(held_out.segment_ids, held_out.audio)]
-    )
-    embedded = source.map_batches(
-        _EmbedActor,
-        fn_constructor_args=(
-            cfg.model_dump(mode="json"),
-            storage.root,
-            storage.s3_endpoint_url,
-            info,
-        ),
-        batch_size=cfg.eval.batch_size,
-        batch_format="numpy",
-        num_cpus=cfg.eval.cpus_per_actor,
-        compute=ray.data.ActorPoolStrategy(
-            min_size=cfg.eval.min_actors, max_size=cfg.eval.max_actors
-        ),
-    )
-    rows = embedded.take_all()
-    by_id = {int(r["segment_id"]): np.asarray(r["embedding"], dtype=np.float32) for r in rows}
-    if len(by_id) != len(held_out):
-        raise RuntimeError(
-            f"Ray Data returned {len(by_id)} embeddings for {len(held_out)} segments"
+    n = len(held_out)
+    source = ray.data.from_arrow(
+        pa.table(
+            {
+                "segment_id": pa.array(held_out.segment_ids, pa.int64()),
+                "sample_rate": pa.array([cfg.audio.sample_rate] * n, pa.int32()),
+                "audio": pa.array([encode_audio(a) for a in held_out.audio], pa.binary()),
+            }
         )
+    )
+    tables = ray.get(embedding_pool(source, cfg, info).to_arrow_refs())
+    vectors, ids = table_to_vectors(pa.concat_tables(tables))
+    by_id = dict(zip(ids.tolist(), vectors))
+    if len(by_id) != n or len(ids) != n:
+        raise RuntimeError(f"the embedding pool returned {len(ids)} embeddings for {n} segments")
     return np.stack([by_id[int(s)] for s in held_out.segment_ids])
 
 
@@ -288,7 +266,7 @@ def embed_system(
 
     embedder = Embedder.from_ref(cfg, storage, ref)
     if len(held_out) >= cfg.eval.ray_data_min_segments:
-        vectors = embed_with_ray(cfg, storage, embedder.info, held_out)
+        vectors = embed_on_pool(cfg, embedder.info, held_out)
     else:
         vectors = embed_on_driver(embedder, held_out, cfg.eval.batch_size)
     return vectors, dict(embedder.info)

@@ -198,10 +198,6 @@ def embed_segments(
     task, so a retried write overwrites rather than adds: the callers' ``reconcile_ids``
     then proves no segment was lost or duplicated (tests/test_index_fault.py kills an actor).
     """
-    if cfg.index.min_actors > cfg.index.max_actors:
-        raise ValueError(
-            f"index.min_actors ({cfg.index.min_actors}) exceeds index.max_actors ({cfg.index.max_actors})"
-        )
     dataset = read_segments_ray(
         storage, ingest_version, columns=["segment_id", "sample_rate", "audio"]
     )
@@ -219,8 +215,15 @@ def embed_segments(
 
 
 def embedding_pool(dataset: Any, cfg: MessRayConfig, embedder_info: dict[str, Any]) -> Any:
-    """The lazy Ray Data stage: segment batches -> vector-shard tables on an autoscaling actor pool."""
+    """The lazy Ray Data stage: segment batches -> vector-shard tables on an autoscaling actor pool.
+
+    The one way segments are embedded on Ray: indexing, reindexing and evaluation all use it."""
     import ray.data
+
+    if cfg.index.min_actors > cfg.index.max_actors:
+        raise ValueError(
+            f"index.min_actors ({cfg.index.min_actors}) exceeds index.max_actors ({cfg.index.max_actors})"
+        )
 
     return dataset.map_batches(
         SegmentEmbedder,
