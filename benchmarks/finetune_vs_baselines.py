@@ -57,7 +57,8 @@ HIGHER_IS_BETTER = {"cos_hard_negative": False}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mess_ray.train.finetune import facet_agreement, facet_groups, run_finetune
+    from mess_ray.train.finetune import run_finetune
+    from mess_ray.train.targets import facet_agreement, facet_groups
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)

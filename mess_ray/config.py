@@ -322,7 +322,48 @@ class PretrainConfig(TrainConfig):
         return value
 
 
+class AugmentConfig(_Section):
+    """Expression-preserving augmentations for fine-tuning (EQ tilt, noise, reverb; never a
+    time-stretch): extra positive views of each row."""
+
+    views: int = Field(
+        0,
+        ge=0,
+        le=2,
+        description="Augmented views of each row added as positives "
+        "(EQ tilt, noise, reverb; never time-stretch).",
+    )
+    eq_tilt_db: float = Field(2.0, ge=0, description="Max EQ tilt, dB per octave around 1 kHz.")
+    noise_snr_db: float = Field(30.0, ge=0, description="Lowest SNR of added noise (0: no noise).")
+    reverb_prob: float = Field(
+        0.5, ge=0, le=1, description="Chance that a view gets a reverb tail."
+    )
+    reverb_max_s: float = Field(0.4, ge=0, description="Longest synthetic reverb RT60.")
+
+
+# finetune.augment_<x> before the settings were nested: finetune.augment.<x>
+_REMOVED_FINETUNE_KEYS = {
+    "augment_views": "views",
+    "augment_eq_tilt_db": "eq_tilt_db",
+    "augment_noise_snr_db": "noise_snr_db",
+    "augment_reverb_prob": "reverb_prob",
+    "augment_reverb_max_s": "reverb_max_s",
+}
+
+
 class FinetuneConfig(TrainConfig):
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for old, new in _REMOVED_FINETUNE_KEYS.items():
+                if old in data:
+                    raise ValueError(
+                        f"finetune.{old} was removed: the augmentation settings are one block, "
+                        f"set finetune.augment.{new} instead"
+                    )
+        return data
+
     steps: int = Field(150, ge=1)
     lr: float = Field(3e-4, gt=0)
     loss: Literal["infonce", "triplet"] = "infonce"
@@ -361,21 +402,11 @@ class FinetuneConfig(TrainConfig):
         ge=8,
         description="Training segments whose descriptors fix the z-scoring of facet targets.",
     )
-    augment_views: int = Field(
-        0,
-        ge=0,
-        le=2,
-        description="Augmented views of each row added as positives "
-        "(EQ tilt, noise, reverb; never time-stretch).",
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig,
+        description="Augmented views added as positives; these are the augmentation settings "
+        "themselves (mess_ray.train.augment.augment_batch reads them).",
     )
-    augment_eq_tilt_db: float = Field(
-        2.0, ge=0, description="Max EQ tilt, dB per octave around 1 kHz."
-    )
-    augment_noise_snr_db: float = Field(
-        30.0, ge=0, description="Lowest SNR of added noise (0: no noise)."
-    )
-    augment_reverb_prob: float = Field(0.5, ge=0, le=1)
-    augment_reverb_max_s: float = Field(0.4, ge=0, description="Longest synthetic reverb RT60.")
     mine_clusters: int = Field(
         0,
         ge=0,

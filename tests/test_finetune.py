@@ -3,6 +3,7 @@ augmentations, collation, and a short training run showing a facet learns its de
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -11,30 +12,32 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mess_ray.config import load_config
+from mess_ray.config import AugmentConfig, load_config
 from mess_ray.descriptors import DESCRIPTOR_NAMES, FACET_DESCRIPTORS, descriptor_vector
 from mess_ray.facets import FACETS, OVERALL, parse_layout
 from mess_ray.models import Embedder, EmbeddingModel, build_encoder
 from mess_ray.segments import encode_audio
 from mess_ray.storage import Storage
 from mess_ray.train.augment import (
-    AugmentSettings,
     add_noise,
     augment_batch,
     eq_tilt,
     synthetic_reverb,
 )
-from mess_ray.train.finetune import (
-    MINED_PREFIX,
-    _filter_training_rows,
-    _positive_mask,
+from mess_ray.train.collate import collate_labelled
+from mess_ray.train.finetune_settings import FinetuneLoop
+from mess_ray.train.losses import (
     batch_hard_triplet,
-    collate_labelled,
+    multi_positive_infonce,
+    positive_mask,
+    soft_neighbour_kl,
+)
+from mess_ray.train.targets import (
+    MINED_PREFIX,
     facet_agreement,
     facet_groups,
+    filter_training_rows,
     mine_descriptor_labels,
-    multi_positive_infonce,
-    soft_neighbour_kl,
     zscore_descriptors,
 )
 
@@ -266,16 +269,14 @@ def test_soft_neighbour_kl_can_leave_pairs_out():
 
 
 def test_unlabelled_rows_are_nobodys_hard_negative():
-    from mess_ray.train.finetune import _hard_negative_mask
+    from mess_ray.train.losses import hard_negative_mask
 
     labels = torch.tensor([0, 1, -1, -2])
     pieces = torch.tensor([5, 5, 5, 5])
-    hard = _hard_negative_mask(labels, pieces)
+    hard = hard_negative_mask(labels, pieces)
     assert hard[0, 1] and hard[1, 0]
     assert not hard[2].any() and not hard[:, 2].any() and not hard[3].any()
-    assert not _positive_mask(labels)[
-        2
-    ].any()  # an unlabelled row has no positive but its own views
+    assert not positive_mask(labels)[2].any()  # an unlabelled row has no positive but its own views
 
 
 def test_facet_groups_follow_the_descriptor_map_at_call_time():
@@ -328,9 +329,9 @@ def test_mined_labels_cluster_descriptors_and_pair_only_across_pieces():
 
     # A mined pair of one piece is not a positive; a style pair of one piece (same rendering) still is.
     tensor_labels, tensor_pieces = torch.tensor([0, 0, 2, 2, 2]), torch.tensor([1, 1, 1, 1, 2])
-    positives = _positive_mask(tensor_labels, tensor_pieces, mined_from=2)
+    positives = positive_mask(tensor_labels, tensor_pieces, mined_from=2)
     assert positives[0, 1] and not positives[2, 3] and positives[2, 4] and positives[3, 4]
-    assert _positive_mask(tensor_labels)[2, 3]
+    assert positive_mask(tensor_labels)[2, 3]
 
     import pyarrow as pa
 
@@ -342,11 +343,11 @@ def test_mined_labels_cluster_descriptors_and_pair_only_across_pieces():
             "piece_id": ["a", "a", "b"],
         }
     )
-    kept = _filter_training_rows(rows, ["a", "b"], {3: "mined:000"})
+    kept = filter_training_rows(rows, ["a", "b"], {3: "mined:000"})
     assert kept.column("style").to_pylist() == ["fast", "mined:000"]
     assert kept.column("segment_id").to_pylist() == [1, 3]  # collate looks MIDI targets up by id
     # Rows with MIDI targets are kept even without a style (it stays empty: a label of their own).
-    kept = _filter_training_rows(rows, ["a", "b"], with_midi={2})
+    kept = filter_training_rows(rows, ["a", "b"], with_midi={2})
     assert kept.column("segment_id").to_pylist() == [1, 2] and kept.column("style").to_pylist() == [
         "fast",
         "",
@@ -385,7 +386,7 @@ def test_augmentations_keep_timing_and_loudness():
     assert torch.allclose(wet.pow(2).mean(dim=1).sqrt(), rms, rtol=1e-3)
     # No time-stretch or shift: the augmented view still lines up with the original at lag 0,
     # and the onset-rate and loudness descriptors barely move.
-    view = augment_batch(x, AugmentSettings(sample_rate=SR), torch.Generator().manual_seed(1))
+    view = augment_batch(x, AugmentConfig(), SR, torch.Generator().manual_seed(1))
     assert view.shape == x.shape
     for a, b in zip(x.numpy(), view.numpy()):
         corr = np.correlate(b, a, mode="full")
@@ -395,10 +396,10 @@ def test_augmentations_keep_timing_and_loudness():
         assert abs(da[i] - db[i]) < 3.0  # reverb fills the gaps between notes a little
         j = DESCRIPTOR_NAMES.index("onset_rate_hz")
         assert abs(da[j] - db[j]) <= 2.0
-    again = augment_batch(x, AugmentSettings(sample_rate=SR), torch.Generator().manual_seed(1))
+    again = augment_batch(x, AugmentConfig(), SR, torch.Generator().manual_seed(1))
     assert torch.equal(view, again)
     with pytest.raises(ValueError, match="batch"):
-        augment_batch(x[0], AugmentSettings(), g)
+        augment_batch(x[0], AugmentConfig(), 16000, g)
 
 
 def test_collate_adds_views_as_positives_and_zscored_descriptors():
@@ -409,15 +410,14 @@ def test_collate_adds_views_as_positives_and_zscored_descriptors():
         "piece_id": np.array(["p1", "p1", "p2"], dtype=object),
     }
     stats = {"mean": [0.0] * len(DESCRIPTOR_NAMES), "std": [2.0] * len(DESCRIPTOR_NAMES)}
-    loop_config = {
-        "styles": ["a", "b"],
-        "window_samples": SR,
-        "augment_views": 1,
-        "augment": {"sample_rate": SR},
-        "descriptor_stats": stats,
-        "embedding": {"sample_rate": SR},
-    }
-    out = collate_labelled(batch, loop_config)
+    loop = FinetuneLoop(
+        styles=("a", "b"),
+        window_samples=SR,
+        sample_rate=SR,
+        augment=AugmentConfig(views=1),
+        descriptor_stats=stats,
+    )
+    out = collate_labelled(batch, loop)
     assert out["audio"].shape == (6, SR) and out["labels"].tolist() == [1, 0, 1, 1, 0, 1]
     assert (
         out["pieces"][:3].tolist() == out["pieces"][3:].tolist()
@@ -430,7 +430,9 @@ def test_collate_adds_views_as_positives_and_zscored_descriptors():
     assert np.allclose(
         out["descriptors"][0].numpy(), zscore_descriptors(raw[None], stats)[0], atol=1e-4
     )
-    plain = collate_labelled(batch, {**loop_config, "augment_views": 0, "descriptor_stats": None})
+    plain = collate_labelled(
+        batch, dataclasses.replace(loop, augment=AugmentConfig(views=0), descriptor_stats=None)
+    )
     assert plain["audio"].shape == (3, SR) and "descriptors" not in plain
 
 
@@ -442,16 +444,15 @@ def test_collate_looks_up_midi_targets_and_labels_unstyled_rows_apart():
         "piece_id": np.array(["p1", "p1", "p2"], dtype=object),
         "segment_id": np.array([10, 11, 12]),
     }
-    loop_config = {
-        "styles": ["a"],
-        "window_samples": SR,
-        "augment_views": 1,
-        "augment": {"sample_rate": SR},
-        "embedding": {"sample_rate": SR},
-        "midi_targets": {11: [1.0, -1.0], 12: [0.5, 0.0]},
-        "midi_target_names": ["rubato", "velocity_mean"],
-    }
-    out = collate_labelled(batch, loop_config)
+    loop = FinetuneLoop(
+        styles=("a",),
+        window_samples=SR,
+        sample_rate=SR,
+        augment=AugmentConfig(views=1),
+        midi_targets={11: [1.0, -1.0], 12: [0.5, 0.0]},
+        midi_target_names=("rubato", "velocity_mean"),
+    )
+    out = collate_labelled(batch, loop)
     labels = out["labels"].tolist()
     assert labels[0] == 0 and labels[1] < 0 and labels[2] < 0 and labels[1] != labels[2]
     assert labels[3:] == labels[:3]  # an augmented view keeps its row's label: its only positive
@@ -526,7 +527,7 @@ def test_descriptor_stats_include_unlabelled_human_performances(tmp_path):
 
     from mess_ray.segments import SEGMENT_SCHEMA, encode_audio, segment_id
     from mess_ray.storage import Storage
-    from mess_ray.train.finetune import training_descriptor_stats
+    from mess_ray.train.targets import training_descriptor_stats
 
     storage = Storage(str(tmp_path / "store"))
     rng = np.random.default_rng(0)
@@ -563,3 +564,14 @@ def test_descriptor_stats_include_unlabelled_human_performances(tmp_path):
         training_descriptor_stats(
             storage, "v1", ["absent"], window=SR, sample_rate=SR, max_segments=100, seed=0
         )
+
+
+def test_removed_flat_augment_keys_name_the_augment_block():
+    from pydantic import ValidationError
+
+    from mess_ray.config import MessRayConfig
+
+    with pytest.raises(ValidationError, match="finetune.augment_views was removed.*augment.views"):
+        MessRayConfig.model_validate({"finetune": {"augment_views": 1}})
+    cfg = MessRayConfig.model_validate({"finetune": {"augment": {"views": 2, "reverb_prob": 0}}})
+    assert cfg.finetune.augment.views == 2 and cfg.finetune.augment.reverb_prob == 0

@@ -59,7 +59,7 @@ def test_faceted_finetune_publishes_layout_and_descriptor_stats(ray_local, tmp_p
             "batch_size": 6,
             "num_workers": 1,
             "checkpoint_every": 3,
-            "augment_views": 1,
+            "augment": {"views": 1},
             "hard_negative_weight": 2.0,
             "descriptor_sample": 16,
             "mine_clusters": 2,
@@ -188,7 +188,7 @@ def test_finetune_on_unstyled_performances_with_midi_targets_and_descriptor_chan
     )
 
     # Segments left out (styled renderings, by default) get no target and do not shape the z-scoring.
-    from mess_ray.train.finetune import training_midi_targets
+    from mess_ray.train.targets import training_midi_targets
 
     every, names, _ = training_midi_targets(
         storage, "perf1", cfg.eval.holdout_fraction, cfg.eval.seed, SR, 2.0

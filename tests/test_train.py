@@ -16,12 +16,8 @@ from mess_ray.models.encoder import num_frames
 from mess_ray.segments import encode_audio, split_pieces
 from mess_ray.storage import Storage
 from mess_ray.train.common import decode_audio_column, lr_at, resolve_init
-from mess_ray.train.finetune import (
-    ContrastiveModel,
-    batch_hard_triplet,
-    multi_positive_infonce,
-    training_selection,
-)
+from mess_ray.train.finetune import ContrastiveModel
+from mess_ray.train.losses import batch_hard_triplet, multi_positive_infonce
 from mess_ray.train.pretrain import (
     HubertPretrainModel,
     LogMelFrames,
@@ -31,6 +27,7 @@ from mess_ray.train.pretrain import (
     masked_prediction_loss,
     span_mask,
 )
+from mess_ray.train.targets import training_selection
 
 SR = 16000
 

@@ -11,18 +11,9 @@ Pure functions on float32 tensors [B, T]; the randomness comes from an explicit 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass(frozen=True)
-class AugmentSettings:
-    eq_tilt_db: float = 2.0  # max |tilt| in dB per octave around 1 kHz
-    noise_snr_db: float = 30.0  # noise this many dB below the signal (at the loudest draw)
-    reverb_prob: float = 0.5  # chance that a view gets a reverb tail
-    reverb_max_s: float = 0.4  # longest RT60 drawn
-    sample_rate: int = 16000
+from mess_ray.config import AugmentConfig
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
@@ -78,9 +69,10 @@ def synthetic_reverb(
 
 
 def augment_batch(
-    x: torch.Tensor, settings: AugmentSettings, generator: torch.Generator
+    x: torch.Tensor, settings: AugmentConfig, sample_rate: int, generator: torch.Generator
 ) -> torch.Tensor:
-    """One augmented view of every row: EQ tilt, then reverb (some rows), then noise."""
+    """One augmented view of every row (``sample_rate`` Hz): EQ tilt, then reverb (some rows),
+    then noise; ``settings`` is the ``finetune.augment`` block."""
     if x.dim() != 2:
         raise ValueError(f"augment_batch expects [batch, samples], got {tuple(x.shape)}")
     b = x.shape[0]
@@ -90,12 +82,12 @@ def augment_batch(
 
     out = x
     if settings.eq_tilt_db > 0:
-        out = eq_tilt(out, settings.sample_rate, uniform(-settings.eq_tilt_db, settings.eq_tilt_db))
+        out = eq_tilt(out, sample_rate, uniform(-settings.eq_tilt_db, settings.eq_tilt_db))
     if settings.reverb_prob > 0 and settings.reverb_max_s > 0:
         chosen = torch.rand(b, generator=generator) < settings.reverb_prob
         if chosen.any():
             rt60 = uniform(0.1, settings.reverb_max_s)
-            reverbed = synthetic_reverb(out, settings.sample_rate, rt60, generator)
+            reverbed = synthetic_reverb(out, sample_rate, rt60, generator)
             out = torch.where(chosen.view(-1, 1), reverbed, out)
     if settings.noise_snr_db > 0:
         out = add_noise(

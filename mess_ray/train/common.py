@@ -122,15 +122,13 @@ class TrainTask:
 
     stage: str
     build_model: Callable[[dict], nn.Module]  # loop config -> fresh model
-    collate: Callable[
-        [dict, dict], dict[str, torch.Tensor]
-    ]  # (numpy batch, loop config) -> tensors
-    loss: Callable[[nn.Module, dict, dict], tuple[torch.Tensor, dict[str, float]]]
-    save_model: Callable[[nn.Module, Path, dict], None]  # (unwrapped model, folder, loop config)
+    collate: Callable[[dict, Any], dict[str, torch.Tensor]]  # (numpy batch, settings) -> tensors
+    loss: Callable[[nn.Module, dict, Any], tuple[torch.Tensor, dict[str, float]]]
+    save_model: Callable[[nn.Module, Path, Any], None]  # (unwrapped model, folder, settings)
 
 
 def _endless_batches(
-    shard, batch_size: int, shuffle_buffer: int, collate, loop_config: dict, seed: int
+    shard, batch_size: int, shuffle_buffer: int, collate, settings: Any, seed: int
 ) -> Iterator[tuple[int, dict]]:
     """(epoch, batch) forever; each epoch re-iterates the shard through a local shuffle buffer."""
     epoch = 0
@@ -144,7 +142,7 @@ def _endless_batches(
             local_shuffle_seed=seed + epoch,
         ):
             count += 1
-            yield epoch, collate(batch, loop_config)
+            yield epoch, collate(batch, settings)
         if count == 0:
             raise ValueError(
                 f"training shard has fewer than batch_size={batch_size} rows: "
@@ -164,12 +162,17 @@ def _all_reduce_mean(value: float) -> float:
 
 
 def train_loop(loop_config: dict) -> None:
-    """The per-worker training loop (runs under Ray Train on every worker)."""
+    """The per-worker training loop (runs under Ray Train on every worker).
+
+    ``loop_config`` is Ray Train's plumbing, built by :func:`fit`: ``task`` (TrainTask),
+    ``train`` (:func:`train_settings`), ``storage`` and ``settings``, the task's own frozen
+    settings object (with ``inputs``), handed to the task's callbacks."""
     import ray.train
     import ray.train.torch
 
     task: TrainTask = loop_config["task"]
     tcfg: dict = loop_config["train"]
+    settings = loop_config["settings"]
     context = ray.train.get_context()
     rank = context.get_world_rank()
     torch.manual_seed(tcfg["seed"] + rank)
@@ -179,7 +182,7 @@ def train_loop(loop_config: dict) -> None:
         # Fractional CPUs per worker: one intra-op thread each keeps workers from thrashing.
         torch.set_num_threads(max(1, int(tcfg["cpus_per_worker"])))
 
-    model = task.build_model(loop_config)
+    model = task.build_model(settings)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: every parameter is frozen")
@@ -193,7 +196,7 @@ def train_loop(loop_config: dict) -> None:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
             saved = json.loads((Path(folder) / HISTORY_FILE).read_text())
-        check_resume_inputs(state.get("inputs"), loop_config["inputs"], tcfg["run_name"])
+        check_resume_inputs(state.get("inputs"), settings.inputs, tcfg["run_name"])
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step = int(state["step"])
@@ -209,7 +212,7 @@ def train_loop(loop_config: dict) -> None:
         tcfg["batch_size"],
         tcfg["shuffle_buffer"],
         task.collate,
-        loop_config,
+        settings,
         tcfg["seed"] + rank,
     )
     total_steps, accum = tcfg["steps"], tcfg["grad_accum"]
@@ -230,7 +233,7 @@ def train_loop(loop_config: dict) -> None:
             # Gradients are all-reduced once per step, on the last micro-batch only.
             sync = micro == accum - 1 or not hasattr(model, "no_sync")
             with contextlib.nullcontext() if sync else model.no_sync(), autocast:
-                loss, extra = task.loss(model, batch, loop_config)
+                loss, extra = task.loss(model, batch, settings)
                 (loss / accum).backward()
             step_loss += float(loss.detach()) / accum
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
@@ -265,7 +268,7 @@ def train_loop(loop_config: dict) -> None:
                             "model": unwrap(model).state_dict(),
                             "optimizer": optimizer.state_dict(),
                             "step": done,
-                            "inputs": loop_config["inputs"],
+                            "inputs": settings.inputs,
                         },
                         Path(folder) / STATE_FILE,
                     )
@@ -277,7 +280,7 @@ def train_loop(loop_config: dict) -> None:
                                 "steps": history_steps,
                                 "resumes": resumes,
                                 "timings": timings,
-                                "inputs": loop_config["inputs"],
+                                "inputs": settings.inputs,
                             }
                         )
                     )
@@ -294,7 +297,7 @@ def train_loop(loop_config: dict) -> None:
             window = history[-tcfg["report_every"] :]
             ray.train.report({**metrics, "loss_window_mean": sum(window) / len(window)})
         maybe_inject_test_failure(
-            tcfg, loop_config.get("storage"), task.stage, done, rank, context.get_world_size()
+            tcfg, loop_config["storage"], task.stage, done, rank, context.get_world_size()
         )
 
 
@@ -334,7 +337,7 @@ def fit(
     task: TrainTask,
     tcfg: TrainConfig,
     dataset,
-    loop_config: dict[str, Any],
+    settings: Any,
 ):
     """Run ``train_loop`` on ``tcfg.num_workers`` Ray Train workers; returns the Result."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -345,17 +348,17 @@ def fit(
     # Fail fast (before Ray retries a worker error max_failures times) on an invalid resume.
     check_resume_inputs(
         previous_run_inputs(storage, task.stage, tcfg.run_name),
-        loop_config["inputs"],
+        settings.inputs,
         tcfg.run_name,
     )
     ensure_ray(cfg.ray)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
-            **loop_config,
             "task": task,
             "train": train_settings(tcfg),
             "storage": storage.config().model_dump(),
+            "settings": settings,
         },
         scaling_config=ScalingConfig(
             num_workers=tcfg.num_workers,
@@ -403,7 +406,7 @@ def finish(
     task: TrainTask,
     tcfg: TrainConfig,
     result,
-    loop_config: dict[str, Any],
+    settings: Any,
     counts: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -414,7 +417,7 @@ def finish(
     pairs (fine-tuning), noisy and not a validation metric, and the end of the cosine schedule
     is the intended model; the kept best-K are listed in the manifest for rollback/inspection.
     """
-    model = task.build_model({**loop_config, "train": train_settings(tcfg)})
+    model = task.build_model(settings)
     with result.checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
         saved = json.loads((Path(folder) / HISTORY_FILE).read_text())
@@ -431,10 +434,10 @@ def finish(
     version = tcfg.run_name
     rel = posixpath.join(task.stage, version, MODEL_SUBDIR)
     with tempfile.TemporaryDirectory(prefix="mess-ray-model-") as tmp:
-        task.save_model(model.eval(), Path(tmp), loop_config)
+        task.save_model(model.eval(), Path(tmp), settings)
         storage.put_dir(tmp, rel)
     manifest = {
-        "inputs": loop_config["inputs"],
+        "inputs": settings.inputs,
         "counts": {
             **counts,
             "steps": int(state["step"]),

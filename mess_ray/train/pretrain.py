@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -365,30 +366,44 @@ class HubertPretrainModel(nn.Module):
 
 
 # -- task ----------------------------------------------------------------------------------
-def build_pretrain_model(loop_config: dict) -> nn.Module:
+@dataclass(frozen=True)
+class PretrainLoop:
+    """The pretraining loop's settings, built once on the driver and shipped to every worker."""
+
+    init: dict[str, Any]  # train.common.resolve_init
+    inputs: dict[str, Any]  # recorded; a resume must match them
+    codebooks: dict[str, Any]  # target kind -> Codebook
+    sample_rate: int
+    n_mels: int
+    mask_prob: float
+    mask_length: int
+    window_samples: int
+
+
+def build_pretrain_model(loop: PretrainLoop) -> nn.Module:
     return HubertPretrainModel(
-        load_init_encoder(loop_config["init"]),
-        loop_config["codebooks"],
-        loop_config["sample_rate"],
-        loop_config["n_mels"],
-        loop_config["mask_prob"],
-        loop_config["mask_length"],
+        load_init_encoder(loop.init),
+        loop.codebooks,
+        loop.sample_rate,
+        loop.n_mels,
+        loop.mask_prob,
+        loop.mask_length,
     )
 
 
-def collate_audio(batch: dict, loop_config: dict) -> dict[str, torch.Tensor]:
-    return {"audio": decode_audio_column(batch["audio"], loop_config["window_samples"])}
+def collate_audio(batch: dict, loop: PretrainLoop) -> dict[str, torch.Tensor]:
+    return {"audio": decode_audio_column(batch["audio"], loop.window_samples)}
 
 
 def pretrain_loss(
-    model: nn.Module, batch: dict, loop_config: dict
+    model: nn.Module, batch: dict, loop: PretrainLoop
 ) -> tuple[torch.Tensor, dict[str, float]]:
     logits, targets, mask = model(batch["audio"])
     loss, accuracy = masked_prediction_loss(logits, targets, mask)
     return loss, {"masked_accuracy": accuracy, "masked_fraction": float(mask.float().mean())}
 
 
-def save_encoder(model: nn.Module, folder: Path, loop_config: dict) -> None:
+def save_encoder(model: nn.Module, folder: Path, loop: PretrainLoop) -> None:
     model.encoder.save_pretrained(folder)
     # The codebooks the targets came from (inspection, or continuing pretraining elsewhere).
     for kind, book in model.codebooks.items():
@@ -515,16 +530,16 @@ def run_pretrain(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
     inputs = {"ingest": ingest_version, "init": {k: v for k, v in init.items() if k != "storage"}}
     if exclude:
         inputs["excluded_pieces"] = exclude
-    loop_config = {
-        "init": init,
-        "inputs": inputs,
-        "codebooks": codebooks,
-        "sample_rate": cfg.audio.sample_rate,
-        "n_mels": cfg.pretrain.n_mels,
-        "mask_prob": cfg.pretrain.mask_prob,
-        "mask_length": cfg.pretrain.mask_length,
-        "window_samples": window_samples(cfg.audio.window_s, cfg.audio.sample_rate),
-    }
+    loop = PretrainLoop(
+        init=init,
+        inputs=inputs,
+        codebooks=codebooks,
+        sample_rate=cfg.audio.sample_rate,
+        n_mels=cfg.pretrain.n_mels,
+        mask_prob=cfg.pretrain.mask_prob,
+        mask_length=cfg.pretrain.mask_length,
+        window_samples=window_samples(cfg.audio.window_s, cfg.audio.sample_rate),
+    )
     if exclude:
         dataset = read_segments_ray(
             storage, ingest_version, columns=["audio", "piece_id"]
@@ -535,14 +550,14 @@ def run_pretrain(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
         dataset = read_segments_ray(storage, ingest_version, columns=["audio"])
     dataset = dataset.randomize_block_order(seed=cfg.pretrain.seed)
     tcfg = with_run_name(cfg, "pretrain", cfg.pretrain, inputs)
-    result = fit(cfg, storage, PRETRAIN_TASK, tcfg, dataset, loop_config)
+    result = fit(cfg, storage, PRETRAIN_TASK, tcfg, dataset, loop)
     return finish(
         cfg,
         storage,
         PRETRAIN_TASK,
         tcfg,
         result,
-        loop_config,
+        loop,
         counts={
             "kmeans_frames": int(len(next(iter(frames.values())))),
             "num_clusters": cfg.pretrain.num_clusters,
