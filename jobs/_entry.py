@@ -14,6 +14,11 @@ if REPO not in sys.path:
 
 
 def run_verb(verb: str) -> None:
+    """Run the registered verb ``verb`` (:mod:`mess_ray.stages`; each jobs/<verb>.py passes its
+    own file name) with this process's arguments."""
     from mess_ray.cli import main
+    from mess_ray.stages import get_stage
+
+    get_stage(verb)
 
     sys.exit(main([verb, *sys.argv[1:]]))

@@ -1,6 +1,8 @@
 """`ray job submit --working-dir . -- python jobs/demo.py --config <yaml>`; same as `mess-ray demo`."""
 
+from pathlib import Path
+
 from _entry import run_verb
 
 if __name__ == "__main__":
-    run_verb("demo")
+    run_verb(Path(__file__).stem)

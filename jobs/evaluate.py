@@ -1,6 +1,8 @@
 """`ray job submit --working-dir . -- python jobs/evaluate.py --config <yaml>`; same as `mess-ray evaluate`."""
 
+from pathlib import Path
+
 from _entry import run_verb
 
 if __name__ == "__main__":
-    run_verb("evaluate")
+    run_verb(Path(__file__).stem)

@@ -1,6 +1,8 @@
 """`ray job submit --working-dir . -- python jobs/ingest.py --config <yaml>`; same as `mess-ray ingest`."""
 
+from pathlib import Path
+
 from _entry import run_verb
 
 if __name__ == "__main__":
-    run_verb("ingest")
+    run_verb(Path(__file__).stem)

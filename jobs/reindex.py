@@ -4,7 +4,9 @@ Embeds only segments added since the latest published index, drops removed ones,
 new index version (nothing when nothing changed). Safe to run on a schedule and to re-run.
 """
 
+from pathlib import Path
+
 from _entry import run_verb
 
 if __name__ == "__main__":
-    run_verb("reindex")
+    run_verb(Path(__file__).stem)

@@ -1,5 +1,7 @@
 """`mess-ray`: one verb per pipeline stage, plus `demo` that runs them all.
 
+The verbs, their help and their options come from the stage registry (:mod:`mess_ray.stages`).
+
 Every verb takes the same ``--config`` (YAML, one schema for all jobs) and any number of
 ``--set section.key=value`` overrides, and reads/writes artifacts under ``storage.root``.
 """
@@ -13,19 +15,7 @@ import sys
 from collections.abc import Callable
 
 from mess_ray.config import MessRayConfig, load_config
-
-STAGE_HELP = {
-    "render": "Render MIDI scores with expressive transforms to audio (FluidSynth, Ray tasks).",
-    "ingest": "Decode, resample and cut recordings into timestamped segments (Ray Data).",
-    "pretrain": "Self-supervised pretraining of the audio encoder (Ray Train).",
-    "finetune": "Contrastive fine-tuning for expressive similarity (Ray Train).",
-    "index": "Embed every segment on an actor pool and publish a versioned FAISS index.",
-    "reindex": "Update the latest index: embed only new segments, drop removed ones, publish a new version.",
-    "serve": "Run the search service and web page (Ray Serve + FastAPI).",
-    "search": "Query a running search service by audio file or by track and time.",
-    "evaluate": "Score retrieval on held-out pieces against baselines; write a report.",
-    "demo": "Run the whole pipeline on a small generated corpus, query it, evaluate it.",
-}
+from mess_ray.stages import STAGES, get_stage
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -44,95 +34,32 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mess-ray", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for verb, text in STAGE_HELP.items():
-        sub = verbs.add_parser(verb, help=text, description=text)
+    for stage in STAGES.values():
+        sub = verbs.add_parser(stage.name, help=stage.help, description=stage.help)
         _add_common(sub)
-        if verb == "index":
-            sub.add_argument(
-                "--model",
-                default="finetune",
-                help="model to embed with: finetune | pretrain | random | a model folder",
-            )
-        if verb == "reindex":
-            sub.add_argument(
-                "--model",
-                default=None,
-                help="optional check that the index was built with this model (default: its own)",
-            )
-        if verb == "evaluate":
-            sub.add_argument(
-                "--models",
-                nargs="*",
-                default=["pretrain", "finetune"],
-                help="model refs to compare (baselines 'descriptors' and 'random' always run)",
-            )
-        if verb == "search":
-            sub.add_argument(
-                "--url", default=None, help="service URL (default: from serve.host/port)"
-            )
-            group = sub.add_mutually_exclusive_group(required=True)
-            group.add_argument("--file", help="audio file to search with")
-            group.add_argument(
-                "--track", help="indexed track id to search with (see --start/--end)"
-            )
-            sub.add_argument(
-                "--start", type=float, default=0.0, help="start time in seconds (with --track)"
-            )
-            sub.add_argument(
-                "--end", type=float, default=None, help="end time in seconds (with --track)"
-            )
-            sub.add_argument("-k", type=int, default=10, help="number of hits")
-            sub.add_argument(
-                "--exclude-track",
-                default=None,
-                help="drop hits from this track (e.g. the query's own)",
-            )
-            sub.add_argument(
-                "--min-gap-s",
-                type=float,
-                default=None,
-                help="min distance between hits of one track",
-            )
-            sub.add_argument(
-                "--facet",
-                action="append",
-                default=[],
-                metavar="FACET=WEIGHT",
-                help="facet weight, repeatable: overall, tempo, dynamics, articulation, timbre",
-            )
-            sub.add_argument(
-                "--mmr",
-                type=float,
-                default=None,
-                metavar="LAMBDA",
-                help="diversity: 1 = pure similarity, lower = more varied hits",
-            )
-            sub.add_argument(
-                "--filter",
-                action="append",
-                default=[],
-                metavar="FIELD=VALUE",
-                help="metadata filter, repeatable (composer=Bach, style=romantic, ...)",
-            )
-            sub.add_argument("--json", action="store_true", help="print the raw JSON response")
+        groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+        for option in stage.options:
+            target = sub
+            if option.exclusive:
+                target = groups.get(option.exclusive) or groups.setdefault(
+                    option.exclusive, sub.add_mutually_exclusive_group(required=True)
+                )
+            target.add_argument(*option.flags, **option.kwargs)
     return parser
 
 
 def _stage_runner(verb: str) -> Callable[[MessRayConfig, argparse.Namespace], object]:
-    from mess_ray import pipeline
+    stage = get_stage(verb)
+    if not stage.batch:
+        return stage.load_runner()
 
-    return {
-        "render": lambda cfg, a: pipeline.run_stage("render", cfg),
-        "ingest": lambda cfg, a: pipeline.run_stage("ingest", cfg),
-        "pretrain": lambda cfg, a: pipeline.run_stage("pretrain", cfg),
-        "finetune": lambda cfg, a: pipeline.run_stage("finetune", cfg),
-        "index": lambda cfg, a: pipeline.run_stage("index", cfg, model_ref=a.model),
-        "reindex": lambda cfg, a: pipeline.run_stage("reindex", cfg, model_ref=a.model),
-        "evaluate": lambda cfg, a: pipeline.run_stage("evaluate", cfg, model_refs=a.models),
-        "serve": lambda cfg, a: pipeline.serve_forever(cfg),
-        "search": lambda cfg, a: pipeline.search_cli(cfg, a),
-        "demo": lambda cfg, a: pipeline.run_demo(cfg),
-    }[verb]
+    def run(cfg: MessRayConfig, args: argparse.Namespace) -> object:
+        from mess_ray import pipeline
+
+        kwargs = {key: getattr(args, attr) for key, attr in stage.kwargs_from_args.items()}
+        return pipeline.run_stage(verb, cfg, **kwargs)
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:

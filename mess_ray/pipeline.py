@@ -17,47 +17,20 @@ import numpy as np
 
 from mess_ray.config import MessRayConfig
 from mess_ray.raylocal import ensure_ray, shutdown_ray
+from mess_ray.stages import get_stage
 from mess_ray.storage import Storage, resolve_endpoint
 
 log = logging.getLogger(__name__)
 
-STAGES = ("render", "ingest", "pretrain", "finetune", "index", "reindex", "evaluate")
-
 
 def run_stage(name: str, cfg: MessRayConfig, storage: Storage | None = None, **kwargs: Any) -> dict:
-    """Run one batch stage on the configured Ray cluster; returns its published manifest."""
-    if name not in STAGES:
-        raise ValueError(f"unknown stage {name!r}; expected one of {', '.join(STAGES)}")
+    """Run one batch stage (:data:`mess_ray.stages.BATCH_STAGES`) on the configured Ray cluster;
+    returns its published manifest."""
+    runner = get_stage(name, batch=True).load_runner()
     cfg = with_storage_resolved(cfg)
     ensure_ray(cfg.ray)
     storage = storage or Storage.from_config(cfg.storage)
-    if name == "render":
-        from mess_ray.render import run_render
-
-        return run_render(cfg, storage)
-    if name == "ingest":
-        from mess_ray.ingest import run_ingest
-
-        return run_ingest(cfg, storage)
-    if name == "pretrain":
-        from mess_ray.train import run_pretrain
-
-        return run_pretrain(cfg, storage)
-    if name == "finetune":
-        from mess_ray.train import run_finetune
-
-        return run_finetune(cfg, storage)
-    if name == "index":
-        from mess_ray.index import run_index
-
-        return run_index(cfg, storage, **kwargs)
-    if name == "reindex":
-        from mess_ray.index import run_reindex
-
-        return run_reindex(cfg, storage, **kwargs)
-    from mess_ray.eval import run_evaluate
-
-    return run_evaluate(cfg, storage, **kwargs)
+    return runner(cfg, storage, **kwargs)
 
 
 def with_storage_resolved(cfg: MessRayConfig) -> MessRayConfig:
@@ -74,6 +47,14 @@ def serve_forever(cfg: MessRayConfig) -> None:
 
     ensure_ray(cfg.ray)
     run_service(with_storage_resolved(cfg), blocking=True)
+
+
+def serve_verb(cfg: MessRayConfig, args: argparse.Namespace) -> None:
+    serve_forever(cfg)
+
+
+def demo_verb(cfg: MessRayConfig, args: argparse.Namespace) -> dict:
+    return run_demo(cfg)
 
 
 def search_options(args: argparse.Namespace) -> dict:

@@ -109,11 +109,39 @@ def test_split_pieces_is_disjoint_and_stable():
 
 
 def test_cli_every_verb_has_help(capsys):
-    for verb in cli.STAGE_HELP:
+    from mess_ray.stages import STAGES
+
+    for verb in STAGES:
         with pytest.raises(SystemExit) as exit_info:
             cli.main([verb, "--help"])
         assert exit_info.value.code == 0
         assert "--config" in capsys.readouterr().out
+
+
+def test_stage_registry_drives_cli_pipeline_jobs_and_kuberay():
+    import argparse
+    from pathlib import Path
+
+    from mess_ray import pipeline
+    from mess_ray.stages import BATCH_STAGES, STAGES
+
+    repo = Path(__file__).resolve().parent.parent
+    verbs = next(
+        a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    assert list(verbs.choices) == list(STAGES)
+    for stage in STAGES.values():
+        assert callable(stage.load_runner()), stage.runner
+        assert (repo / "jobs" / f"{stage.name}.py").is_file(), stage.name
+        assert (stage.resources is not None) == stage.batch, stage.name
+        if stage.batch:
+            assert (repo / "deploy" / "kuberay" / f"rayjob-{stage.name}.yaml").is_file()
+    assert BATCH_STAGES == tuple(s.name for s in STAGES.values() if s.batch)
+    assert {p.stem for p in (repo / "jobs").glob("[a-z]*.py")} == set(STAGES)
+    with pytest.raises(ValueError, match="unknown batch stage 'serve'"):
+        pipeline.run_stage("serve", None)
+    args = cli.build_parser().parse_args(["index", "--model", "pretrain"])
+    assert args.model == "pretrain"
 
 
 def test_cli_reports_bad_config(capsys):

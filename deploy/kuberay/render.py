@@ -1,6 +1,6 @@
 """Render the KubeRay manifests in this folder from one template (`python deploy/kuberay/render.py`).
 
-One RayJob per batch job (``rayjob-<job>.yaml``), a RayCronJob that runs the reindex job on a
+One RayJob per batch stage of the stage registry (``mess_ray.stages``; ``rayjob-<job>.yaml``), a RayCronJob that runs the reindex job on a
 schedule (``raycronjob-reindex.yaml``, KubeRay >= 1.6, alpha) and a RayService for the search
 service (``rayservice.yaml``, its ``serveConfigV2`` is the repository's ``serve_config.yaml``).
 Every Ray cluster has the same shape as ``cluster.yaml``: a head that runs no work
@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from mess_ray.stages import BATCH_STAGES, STAGES
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 API_VERSION = "ray.io/v1"
@@ -29,16 +31,15 @@ CONFIG = f"{APP_DIR}/configs/cluster.yaml"
 SERVICE_ACCOUNT = "mess-ray"  # annotated with an IAM role for S3 (IRSA / Pod Identity)
 REINDEX_SCHEDULE = "0 * * * *"  # hourly: new recordings under ingest.source get indexed
 
-# Per batch job: what it needs from the cluster (GPU workers at most; 0 keeps the group off).
+# Per batch job: what it needs from the cluster (GPU workers at most; 0 keeps the group off),
+# from the stage registry.
 BATCH_JOBS = {
-    "render": {"gpu_max": 0, "cpu_max": 16, "deadline_s": 6 * 3600},
-    "ingest": {"gpu_max": 0, "cpu_max": 16, "deadline_s": 12 * 3600},
-    "pretrain": {"gpu_max": 8, "cpu_max": 4, "deadline_s": 7 * 24 * 3600},
-    "finetune": {"gpu_max": 4, "cpu_max": 4, "deadline_s": 2 * 24 * 3600},
-    "index": {"gpu_max": 8, "cpu_max": 8, "deadline_s": 24 * 3600},
-    # Under the schedule's period, so two scheduled runs never overlap.
-    "reindex": {"gpu_max": 4, "cpu_max": 16, "deadline_s": 50 * 60},
-    "evaluate": {"gpu_max": 1, "cpu_max": 4, "deadline_s": 6 * 3600},
+    name: {
+        "gpu_max": STAGES[name].resources.gpu_max,
+        "cpu_max": STAGES[name].resources.cpu_max,
+        "deadline_s": STAGES[name].resources.deadline_s,
+    }
+    for name in BATCH_STAGES
 }
 
 
