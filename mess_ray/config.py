@@ -473,10 +473,18 @@ class IndexConfig(_Section):
         16,
         ge=1,
         description="IVF lists probed per query (recall@10 >= 0.99 at 1e5 and 1e6 "
-        "clustered vectors in benchmarks/index_search.py; 4 is too few at 1e5).",
+        "clustered vectors in benchmarks/index_search.py; 4 is too few at 1e5). Recorded in the "
+        "index at build time and applied again whenever the search service loads an index (capped "
+        "at its nlist), so --set index.nprobe=... on mess-ray serve takes effect without a rebuild.",
     )
     hnsw_m: int = Field(32, ge=4)
-    ef_search: int = Field(64, ge=1)
+    ef_search: int = Field(
+        64,
+        ge=1,
+        description="HNSW search beam. Recorded in the index at build time and applied again "
+        "whenever the search service loads an index, so --set index.ef_search=... on mess-ray "
+        "serve takes effect without a rebuild.",
+    )
     hnsw_ef_construction: int = Field(
         40,
         ge=8,

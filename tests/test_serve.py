@@ -44,7 +44,11 @@ COMPOSERS = ["J. S. Bach", "Frédéric Chopin", "Johann Sebastian Bach"]
 
 
 def publish_audio_index(
-    cfg: MessRayConfig, audio_dir: Path, n_tracks: int = 3, facet_layout: dict | None = None
+    cfg: MessRayConfig,
+    audio_dir: Path,
+    n_tracks: int = 3,
+    facet_layout: dict | None = None,
+    spec: IndexSpec | None = None,
 ) -> dict:
     """WAV recordings on disk, their segments embedded with the real random Embedder, published as an index.
 
@@ -86,8 +90,12 @@ def publish_audio_index(
         )
         info["facet_layout"] = {name: list(span) for name, span in facet_layout.items()}
     ids = np.array(rows["segment_id"], dtype=np.int64)
-    spec = IndexSpec(type="flat", dim=embedder.dim)
-    index = build_index(spec, [(vectors[0::2], ids[0::2]), (vectors[1::2], ids[1::2])])
+    spec = spec or IndexSpec(type="flat", dim=embedder.dim)
+    # Two shards merged, as the index job does (an HNSW graph is built whole: no merge).
+    parts = [(vectors[0::2], ids[0::2]), (vectors[1::2], ids[1::2])]
+    if spec.type == "hnsw":
+        parts = [(vectors, ids)]
+    index = build_index(spec, parts, train_vectors=vectors)
     return write_index_artifact(
         cfg,
         storage,
@@ -312,3 +320,44 @@ def test_404_when_source_audio_is_gone(published, service):
         assert response.status_code == 404 and "not available" in response.json()["detail"]
     finally:
         shutil.move(backup, moved)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_serve_time_search_knobs_reach_the_loaded_index(tmp_path, kind):
+    import faiss
+    import yaml
+
+    from mess_ray.config import load_config
+
+    cfg = tiny_config(str(tmp_path / "store"))
+    dim = Embedder.from_ref(cfg, Storage.from_config(cfg.storage), "random").dim
+    built = (
+        IndexSpec(type="ivf", dim=dim, nlist=4, nprobe=1)
+        if kind == "ivf"
+        else IndexSpec(type="hnsw", dim=dim, hnsw_m=8, ef_search=16)
+    )
+    publish_audio_index(cfg, tmp_path / "audio", spec=built)
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+
+    def searcher(*overrides: str):
+        index = SearchService.from_config(load_config(path, list(overrides))).index
+        if kind == "ivf":
+            return index.spec, faiss.extract_index_ivf(index.index)
+        inner = faiss.downcast_index(index.index)
+        while not hasattr(inner, "hnsw"):  # inside the id map
+            inner = faiss.downcast_index(inner.index)
+        return index.spec, inner
+
+    if kind == "ivf":
+        spec, ivf = searcher("index.nprobe=1")
+        assert spec.nprobe == 1 and ivf.nprobe == 1
+        spec, ivf = searcher("index.nprobe=3")
+        assert spec.nprobe == 3 and ivf.nprobe == 3
+        spec, ivf = searcher("index.nprobe=99")  # capped at the index's lists
+        assert spec.nprobe == 4 and ivf.nprobe == 4
+    else:
+        spec, hnsw = searcher("index.ef_search=16")
+        assert spec.ef_search == 16 and hnsw.hnsw.efSearch == 16
+        spec, hnsw = searcher("index.ef_search=80")
+        assert spec.ef_search == 80 and hnsw.hnsw.efSearch == 80

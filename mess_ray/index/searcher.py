@@ -13,7 +13,7 @@ import io
 import json
 import posixpath
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import faiss
@@ -129,6 +129,23 @@ def mmr_select(
     return [candidates[i] for i in chosen]
 
 
+def with_search_knobs(
+    spec: IndexSpec, nprobe: int | None = None, ef_search: int | None = None
+) -> IndexSpec:
+    """``spec`` with query-time knobs replaced: ``nprobe`` for IVF indexes (capped at the
+    index's ``nlist``), ``ef_search`` for HNSW; other index types have none. None keeps the
+    built value."""
+    if nprobe is not None and spec.type in ("ivf", "ivfpq"):
+        if nprobe < 1:
+            raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+        spec = replace(spec, nprobe=min(int(nprobe), spec.nlist) if spec.nlist else int(nprobe))
+    if ef_search is not None and spec.type == "hnsw":
+        if ef_search < 1:
+            raise ValueError(f"ef_search must be >= 1, got {ef_search}")
+        spec = replace(spec, ef_search=int(ef_search))
+    return spec
+
+
 class SearchIndex:
     """An index artifact loaded for querying."""
 
@@ -179,8 +196,18 @@ class SearchIndex:
 
     # -- loading -------------------------------------------------------------------------
     @classmethod
-    def load(cls, storage: Storage, version: str | None = None) -> SearchIndex:
-        """The published index ``version`` (default: LATEST), checksums verified."""
+    def load(
+        cls,
+        storage: Storage,
+        version: str | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ) -> SearchIndex:
+        """The published index ``version`` (default: LATEST), checksums verified.
+
+        ``nprobe`` / ``ef_search`` (None: as built) replace the query-time knobs recorded in the
+        manifest (see :func:`with_search_knobs`): the service passes ``index.nprobe`` /
+        ``index.ef_search`` of its own config, so they can be tuned without rebuilding."""
         manifest = storage.manifest(STAGE, version)
         base = posixpath.join(STAGE, manifest["version"])
         files = manifest.get("files", {})
@@ -200,7 +227,7 @@ class SearchIndex:
                 f"checksum mismatch for {metadata_file} of index {manifest['version']}"
             )
         metadata = pq.read_table(io.BytesIO(blob))
-        spec = IndexSpec.from_dict(manifest["index"])
+        spec = with_search_knobs(IndexSpec.from_dict(manifest["index"]), nprobe, ef_search)
         rerank = None
         if spec.rerank:
             rerank = _load_vectors(

@@ -277,7 +277,9 @@ class SearchService:
     def from_config(cls, cfg: MessRayConfig, storage: Storage | None = None) -> SearchService:
         """Load the served index version and rebuild its Embedder from the manifest."""
         storage = storage or Storage.from_config(cfg.storage)
-        index = SearchIndex.load(storage, cfg.serve.index_version)
+        index = SearchIndex.load(
+            storage, cfg.serve.index_version, cfg.index.nprobe, cfg.index.ef_search
+        )
         return cls(cfg, index, _embedder_for(cfg, storage, index), storage)
 
     # -- state -----------------------------------------------------------------------------
@@ -307,7 +309,9 @@ class SearchService:
             if latest is None or latest == current.version:
                 return False
             try:
-                index = SearchIndex.load(self.storage, latest)
+                index = SearchIndex.load(
+                    self.storage, latest, self.cfg.index.nprobe, self.cfg.index.ef_search
+                )
                 embedder = (
                     current.embedder
                     if index.manifest.get("model") == current.index.manifest.get("model")
