@@ -22,7 +22,7 @@ are, then scores on one held-out performance set (the split of ``mess_ray.eval.b
 
 One JSON line per figure. Rerun (the asap-dev corpus; README's figures come from this)::
 
-    nice python benchmarks/agreement_vs_baselines.py --config configs/asap-dev.yaml \\
+    nice python -m benchmarks.agreement_vs_baselines --config configs/asap-dev.yaml \\
         --seeds 0 1 2 --set finetune.init_from=pretrained --set model.pretrained=<SSL model> \\
         --set finetune.steps=600 --set finetune.batch_size=24 --compare ssl=<SSL model> --hybrid ssl
 """
@@ -32,30 +32,27 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pretrain_vs_random import cluster_bootstrap_ci, emit  # noqa: E402  (sibling benchmark)
-
-from mess_ray.config import load_config  # noqa: E402
-from mess_ray.eval import metrics  # noqa: E402
-from mess_ray.eval.benchmark import DESCRIPTORS, RANDOM, embed_system  # noqa: E402
-from mess_ray.eval.tasks.performance import (  # noqa: E402
+from benchmarks.common import cluster_bootstrap_ci, emit_with_load
+from mess_ray.config import load_config
+from mess_ray.eval import metrics
+from mess_ray.eval.benchmark import DESCRIPTORS, RANDOM, embed_system
+from mess_ray.eval.tasks.performance import (
     AGREEMENT_TASK,
     PASSAGE_TASK,
-    _unit,
     plan_performance_tasks,
     score_performance_tasks,
+    unit_rows,
 )
-from mess_ray.performances import load_performance_set  # noqa: E402
-from mess_ray.storage import Storage  # noqa: E402
+from mess_ray.performances import load_performance_set
+from mess_ray.storage import Storage
 
 
 def per_query_agreement(vectors: np.ndarray, plan, k: int) -> np.ndarray:
     """nDCG@k of every task-3 query (NaN where a query has no relevant candidate)."""
-    unit = _unit(
+    unit = unit_rows(
         vectors[plan.agreement_rows]
     )  # float64, as the pipeline scores them (near-ties matter)
     return metrics.ndcg_at_k(
@@ -130,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         # than descriptors and an encoder side by side? Both unit-norm, the encoder's centred.
         other = vectors[name] - vectors[name].mean(axis=0)
         vectors[f"{DESCRIPTORS}+{name}"] = np.concatenate(
-            [_unit(vectors[DESCRIPTORS]), _unit(other)], axis=1
+            [unit_rows(vectors[DESCRIPTORS]), unit_rows(other)], axis=1
         )
     for name, vecs in vectors.items():
         per_query[name] = per_query_agreement(vecs, plan, k)
@@ -174,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 line[f"diff_vs_{base}"] = round(diff, 4)
                 line[f"diff_vs_{base}_ci95"] = [round(low, 4), round(high, 4)]
-        emit({**line, **settings})
-    emit({"figure": "wall_s", "value": round(time.perf_counter() - started, 1)})
+        emit_with_load({**line, **settings})
+    emit_with_load({"figure": "wall_s", "value": round(time.perf_counter() - started, 1)})
     return 0
 
 

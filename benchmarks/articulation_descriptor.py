@@ -3,7 +3,7 @@ set a known note-length ratio (``render.styles[*].articulation``), the Spearman 
 ``sustain_ratio`` with that ratio, beside the same figure for ``flux_mean`` (the articulation
 descriptor before it) measured on the same segments.
 
-    python benchmarks/articulation_descriptor.py --config /work/data/m21-bench.yaml [--per-style 40]
+    python -m benchmarks.articulation_descriptor --config /work/data/m21-bench.yaml [--per-style 40]
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ For each encoder size, prints JSON lines (one per figure):
   benchmarks/train_throughput.py's ``flops_per_sample``), both at this window and rate.
 
 The scaling study (benchmarks/scaling_study.py) reads these lines. Defaults are the cluster
-config's audio (24 kHz, 5 s windows). ``python benchmarks/embed_throughput.py [--sizes tiny base]``
+config's audio (24 kHz, 5 s windows). ``python -m benchmarks.embed_throughput [--sizes tiny base]``
 Every line carries ``os.getloadavg()``: other jobs on the same cores skew CPU figures.
 """
 
@@ -20,29 +20,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from mess_ray.config import load_config  # noqa: E402
-from mess_ray.models import Embedder  # noqa: E402
-from mess_ray.models.encoder import build_encoder  # noqa: E402
-from mess_ray.segments import window_samples  # noqa: E402
-from mess_ray.storage import Storage  # noqa: E402
-
-
-def emit(record: dict, out: list[dict]) -> None:
-    record = {**record, "loadavg": [round(x, 2) for x in os.getloadavg()]}
-    out.append(record)
-    print(json.dumps(record), flush=True)
+from benchmarks.common import emit_with_load
+from mess_ray.config import load_config
+from mess_ray.models import Embedder
+from mess_ray.models.encoder import build_encoder
+from mess_ray.segments import window_samples
+from mess_ray.storage import Storage
 
 
 def timed(fn, batches: list[np.ndarray], warmup: int) -> list[float]:
@@ -70,8 +60,7 @@ def forward_flops(model: torch.nn.Module, batch: torch.Tensor) -> float:
 
 def train_flops(size: str, cfg, samples: int) -> float:
     """Forward+backward FLOPs per sample of the pretraining model (train_throughput's counter)."""
-    from train_throughput import flops_per_sample
-
+    from benchmarks.train_throughput import flops_per_sample
     from mess_ray.train.pretrain import HubertPretrainModel
 
     n_mels, k = cfg.pretrain.n_mels, cfg.pretrain.num_clusters
@@ -131,7 +120,7 @@ def bench_size(size: str, args, out: list[dict]) -> None:
 
     times = timed(embedder.embed, batches, args.warmup)
     per_batch = statistics.median(times)
-    emit(
+    emit_with_load(
         {
             "figure": "embed_cpu",
             **common,
@@ -150,7 +139,7 @@ def bench_size(size: str, args, out: list[dict]) -> None:
             encoder(torch.from_numpy(batch))
 
     base = statistics.median(timed(encoder_only, batches, args.warmup))
-    emit(
+    emit_with_load(
         {
             "figure": "baseline_encoder_only",
             **common,
@@ -164,7 +153,7 @@ def bench_size(size: str, args, out: list[dict]) -> None:
     one = torch.from_numpy(batches[0][:1])
     fwd = forward_flops(embedder.model, one)
     trn = train_flops(size, cfg, samples=1)
-    emit(
+    emit_with_load(
         {
             "figure": "flops",
             **common,

@@ -1,8 +1,8 @@
 """The benchmark's figures as JSON lines: every task's main metrics for every system, each
 beside the two baselines and the chance level measured in the same evaluation run.
 
-    python benchmarks/eval_tasks.py --config configs/asap-dev.yaml --run --models finetune pretrain
-    python benchmarks/eval_tasks.py --config configs/asap-dev.yaml          # the latest eval report
+    python -m benchmarks.eval_tasks --config configs/asap-dev.yaml --run --models finetune pretrain
+    python -m benchmarks.eval_tasks --config configs/asap-dev.yaml          # the latest eval report
 
 ``--run`` runs ``mess-ray evaluate`` first (every task whose data the corpus holds); without it
 the latest published eval artifact of the config's storage root is read.

@@ -15,7 +15,7 @@ similarity, beside the same correlation for the overall part and for a random mo
 
 Rerun (the m21-bench dev corpus; the figures in README were measured with this):
 
-    python benchmarks/finetune_vs_baselines.py --config /work/data/m21-bench.yaml \\
+    python -m benchmarks.finetune_vs_baselines --config /work/data/m21-bench.yaml \\
         --set finetune.steps=300 ...
 
 ``--model PATH`` evaluates an existing fine-tuned model folder instead of the latest one.

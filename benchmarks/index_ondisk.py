@@ -16,7 +16,7 @@ to one ``index.ivfdata`` file, which the searcher then memory-maps. This benchma
 Prints one JSON line per figure (``merge``, ``load_search``, ``run``); the in-memory merge is
 the baseline of the on-disk one in the same run.
 
-Run: ``python benchmarks/index_ondisk.py [--n 1000000] [--dim 128] [--shards 4] [--out FILE]``.
+Run: ``python -m benchmarks.index_ondisk [--n 1000000] [--dim 128] [--shards 4] [--out FILE]``.
 """
 
 from __future__ import annotations
@@ -33,11 +33,7 @@ from typing import Any
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-
-from index_search import emit  # noqa: E402  (one JSON line per figure, as the sibling benchmark)
+from benchmarks.common import emit
 
 K = 10
 
@@ -172,8 +168,8 @@ def run_step(*args: str) -> dict[str, Any]:
 def prepare(work: str, n: int, dim: int, shards: int, n_queries: int) -> dict[str, Any]:
     """Train once, write the shards and queries; exact top-10 of the queries as ground truth."""
     import faiss
-    from index_search import clustered_vectors
 
+    from benchmarks.index_search import clustered_vectors
     from mess_ray.index.faiss_index import (
         add_vectors,
         choose_index_spec,

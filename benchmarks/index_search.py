@@ -15,14 +15,13 @@ in the same run:
   ``--storage``; without either, synthetic tone clips embedded by the random-init encoder);
 - ``target``: whether recall@10 >= 0.95 at p99 < 5 ms was met at the largest size, and by what.
 
-Run: ``python benchmarks/index_search.py [--quick] [--ingest ROOT | --storage ROOT] [--threads 2] [--out FILE]``.
+Run: ``python -m benchmarks.index_search [--quick] [--ingest ROOT | --storage ROOT] [--threads 2] [--out FILE]``.
 Real embeddings only: ``--real-only --ingest /work/data/m21-bench``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -36,9 +35,8 @@ import faiss
 import numpy as np
 import psutil
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mess_ray.index.faiss_index import (  # noqa: E402
+from benchmarks.common import emit
+from mess_ray.index.faiss_index import (
     IndexSpec,
     add_vectors,
     choose_index_spec,
@@ -50,14 +48,6 @@ from mess_ray.index.faiss_index import (  # noqa: E402
 K = 10
 TARGET_RECALL, TARGET_P99_MS = 0.95, 5.0
 RERANK_CANDIDATES = 4 * K * 4  # what SearchIndex fetches for k=10 before exact re-ranking
-
-
-def emit(record: dict[str, Any], out: Any | None) -> None:
-    line = json.dumps(record, sort_keys=False)
-    print(line, flush=True)
-    if out is not None:
-        out.write(line + "\n")
-        out.flush()
 
 
 # -- data ---------------------------------------------------------------------------------

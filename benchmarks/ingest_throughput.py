@@ -17,19 +17,17 @@ Prints one JSON line per figure:
 Default run: a 24-minute mixed corpus (WAV/FLAC, 22.05-48 kHz, mono/stereo) plus the 5- and
 60-minute files, about 2-3 minutes on 2 cores. ``--big`` ingests 40 x 10 minutes instead.
 
-    python benchmarks/ingest_throughput.py [--files 8 --minutes 3] [--big] [--memory-minutes 5,60]
+    python -m benchmarks.ingest_throughput [--files 8 --minutes 3] [--big] [--memory-minutes 5,60]
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import os
 import shutil
 import socket
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,21 +39,16 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import mess_ray  # noqa: E402,F401 - sets the loopback Ray environment
-from mess_ray.config import MessRayConfig  # noqa: E402
-from mess_ray.ingest.job import ingest_file  # noqa: E402
-from mess_ray.ingest.memory import measure_peak_memory, write_long_wav  # noqa: E402
-from mess_ray.storage import Storage  # noqa: E402
+from benchmarks.common import emit
+from mess_ray.config import MessRayConfig
+from mess_ray.ingest.job import ingest_file
+from mess_ray.ingest.memory import measure_peak_memory, write_long_wav
+from mess_ray.storage import Storage
 
 # (extension, sample rate, channels) cycled over the corpus files.
 FORMATS = [(".wav", 44100, 2), (".flac", 48000, 2), (".wav", 22050, 1), (".flac", 44100, 1)]
 SAMPLE_RATE = 16000
-
-
-def emit(**figure) -> None:
-    print(json.dumps(figure), flush=True)
 
 
 def cores() -> int:

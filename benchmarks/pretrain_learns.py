@@ -7,7 +7,7 @@ benchmark, which always adds the random-init encoder and descriptor baselines). 
 lines: the smoothed pretraining loss (first/last/min of a moving average) and each system's
 mAP from the eval manifest. About 5-8 minutes on 2 busy cores:
 
-    python benchmarks/pretrain_learns.py [--steps 700] [--root /tmp/learns]
+    python -m benchmarks.pretrain_learns [--steps 700] [--root /tmp/learns]
 
 One training run, one split of 3 held-out pieces: the mAP difference here is within noise. For
 SSL versus random with error bars (several training seeds and piece splits, a cluster
@@ -17,32 +17,14 @@ bootstrap) on a bigger corpus, use ``benchmarks/pretrain_vs_random.py``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mess_ray.config import load_config  # noqa: E402
-from mess_ray.pipeline import run_stage  # noqa: E402
-
-
-def emit(record: dict) -> None:
-    print(json.dumps({**record, "loadavg": [round(x, 2) for x in os.getloadavg()]}), flush=True)
-
-
-def moving_average(values: list[float], window: int) -> np.ndarray:
-    """Trailing mean over ``window`` steps (shorter at the start)."""
-    x = np.asarray(values, dtype=np.float64)
-    cumulative = np.concatenate([[0.0], np.cumsum(x)])
-    ends = np.arange(1, len(x) + 1)
-    starts = np.maximum(0, ends - window)
-    return (cumulative[ends] - cumulative[starts]) / (ends - starts)
+from benchmarks.common import emit_with_load, moving_average
+from mess_ray.config import load_config
+from mess_ray.pipeline import run_stage
 
 
 def main() -> None:
@@ -87,7 +69,7 @@ def main() -> None:
             timings[stage] = round(time.perf_counter() - started, 1)
         history = manifests["pretrain"]["losses"]["history"]
         smooth = moving_average(history, args.smooth)
-        emit(
+        emit_with_load(
             {
                 "figure": "pretrain_loss",
                 "size": args.size,
@@ -108,7 +90,7 @@ def main() -> None:
         started = time.perf_counter()
         evaluation = run_stage("evaluate", cfg, model_refs=["pretrain"])
         metrics = evaluation["metrics"]
-        emit(
+        emit_with_load(
             {
                 "figure": "eval_map",
                 "map": {name: round(m["map"], 4) for name, m in metrics.items()},

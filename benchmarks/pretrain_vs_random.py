@@ -28,7 +28,7 @@ measured on music it never heard.
 Usage (the ingest artifact of ``--root`` is used; without one, a corpus is rendered and
 ingested there first)::
 
-    nice -n 10 python benchmarks/pretrain_vs_random.py --root /work/data/m21-ssl \
+    nice -n 10 python -m benchmarks.pretrain_vs_random --root /work/data/m21-ssl \
         --steps 400 --train-seeds 0 1 2 --set pretrain.lr=2e-3
 
 Finished runs are reused (their run name hashes the settings), so re-running only evaluates.
@@ -39,24 +39,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from pretrain_learns import moving_average  # noqa: E402  (the loss smoothing of the sibling benchmark)
-
-from mess_ray.config import MessRayConfig, load_config  # noqa: E402
-from mess_ray.eval import metrics  # noqa: E402
-from mess_ray.eval.benchmark import build_protocol  # noqa: E402
-from mess_ray.models.encoder import build_encoder, load_encoder, normalize_waveform  # noqa: E402
-from mess_ray.segments import (  # noqa: E402
+from benchmarks.common import cluster_bootstrap_ci, emit_with_load, moving_average
+from mess_ray.config import MessRayConfig, load_config
+from mess_ray.eval import metrics
+from mess_ray.eval.benchmark import build_protocol
+from mess_ray.models.encoder import build_encoder, load_encoder, normalize_waveform
+from mess_ray.segments import (
     METADATA_COLUMNS,
     decode_audio,
     fit_length,
@@ -64,11 +57,7 @@ from mess_ray.segments import (  # noqa: E402
     split_pieces,
     window_samples,
 )
-from mess_ray.storage import Storage  # noqa: E402
-
-
-def emit(record: dict) -> None:
-    print(json.dumps({**record, "loadavg": [round(x, 2) for x in os.getloadavg()]}), flush=True)
+from mess_ray.storage import Storage
 
 
 # -- pure pieces ----------------------------------------------------------------------------
@@ -105,42 +94,6 @@ def per_query_ap(embeddings: np.ndarray, track_ids, piece_ids, styles) -> tuple[
     ap = metrics.average_precision(unit @ unit.T, protocol.relevant, protocol.candidates)
     chance = float(np.nanmean(metrics.chance_level(protocol.relevant, protocol.candidates)))
     return ap, chance
-
-
-def cluster_bootstrap_ci(
-    strata: list[tuple[np.ndarray, np.ndarray]],
-    iterations: int = 2000,
-    seed: int = 0,
-    level: float = 0.95,
-) -> tuple[float, float, float]:
-    """Mean over strata of the mean per-query value, with a bootstrap interval.
-
-    ``strata``: (values [Q], cluster ids [Q]) per stratum; NaN values are dropped. Each
-    iteration resamples every stratum's clusters with replacement (all queries of a drawn
-    cluster come along), so correlation within a cluster widens the interval as it should.
-    """
-    if not strata:
-        raise ValueError("no strata to bootstrap")
-    rng = np.random.default_rng(seed)
-    point, draws = [], np.zeros((iterations, len(strata)))
-    for column, (values, clusters) in enumerate(strata):
-        values, clusters = np.asarray(values, dtype=np.float64), np.asarray(clusters)
-        keep = ~np.isnan(values)
-        if not keep.any():
-            raise ValueError(f"stratum {column} has no finite value")
-        _, cluster_index = np.unique(clusters[keep], return_inverse=True)
-        sums = np.bincount(cluster_index, weights=values[keep])
-        counts = np.bincount(cluster_index).astype(np.float64)
-        point.append(sums.sum() / counts.sum())
-        picks = rng.integers(0, len(sums), size=(iterations, len(sums)))
-        draws[:, column] = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
-    means = draws.mean(axis=1)
-    tail = (1.0 - level) / 2.0
-    return (
-        float(np.mean(point)),
-        float(np.quantile(means, tail)),
-        float(np.quantile(means, 1.0 - tail)),
-    )
 
 
 # -- corpus, training ------------------------------------------------------------------------
@@ -300,7 +253,7 @@ def main() -> None:
         history = manifest["losses"]["history"]
         smooth = moving_average(history, args.smooth)
         runs.append(manifest["version"])
-        emit(
+        emit_with_load(
             {
                 "figure": "pretrain_loss",
                 "train_seed": seed,
@@ -366,7 +319,7 @@ def main() -> None:
             for name in ("ssl", "random")
         }
         seed_diffs = np.subtract(by_seed["ssl"], by_seed["random"])
-        emit(
+        emit_with_load(
             {
                 "figure": "ssl_vs_random_map",
                 "layer": layer,
@@ -406,7 +359,7 @@ def main() -> None:
                 for h in args.holdout_seeds
             ]
             diff, lo, hi = cluster_bootstrap_ci(strata, args.bootstrap)
-            emit(
+            emit_with_load(
                 {
                     "figure": "ssl_run_vs_run_map",
                     "layer": layer,

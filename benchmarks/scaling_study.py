@@ -5,10 +5,10 @@ with ASSUMPTIONS that cannot be measured here (GPU peak FLOP/s, utilisation, ins
 which are all in :data:`ASSUMPTIONS` and printed with the result. Writes ``docs/scaling.md``'s
 table (``--markdown``), a PNG plot and prints one JSON line per (cluster, corpus size, stage).
 
-    python benchmarks/embed_throughput.py --out docs/scaling/embed_throughput.jsonl
-    python benchmarks/ingest_throughput.py --files 4 --minutes 2 --memory-minutes "" --skip-s3 \\
+    python -m benchmarks.embed_throughput --out docs/scaling/embed_throughput.jsonl
+    python -m benchmarks.ingest_throughput --files 4 --minutes 2 --memory-minutes "" --skip-s3 \\
         | grep '^{' > docs/scaling/ingest_throughput.jsonl
-    python benchmarks/scaling_study.py --markdown docs/scaling/table.md --plot docs/scaling/scaling.png
+    python -m benchmarks.scaling_study --markdown docs/scaling/table.md --plot docs/scaling/scaling.png
 
 Model of each stage (per hour of audio, segments of ``window_s`` every ``hop_s``):
 

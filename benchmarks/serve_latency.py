@@ -15,7 +15,7 @@ figure, each compared with its in-process baseline measured in the same run:
   requests in flight on loopback for ``--duration`` seconds; requests/s, p50/p99 and the error
   count (must be 0).
 
-Run: ``python benchmarks/serve_latency.py [--tracks 40] [--track-s 30] [--requests 60]
+Run: ``python -m benchmarks.serve_latency [--tracks 40] [--track-s 30] [--requests 60]
 [--duration 20] [--concurrency 8] [--out FILE]``.
 """
 
@@ -35,26 +35,9 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import emit, percentiles
 
 CLIP_S = 5.0
-
-
-def emit(record: dict[str, Any], out: Any | None) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    if out is not None:
-        out.write(line + "\n")
-        out.flush()
-
-
-def percentiles(samples_ms: list[float]) -> dict[str, float]:
-    arr = np.asarray(samples_ms)
-    return {
-        "p50_ms": round(float(np.percentile(arr, 50)), 3),
-        "p99_ms": round(float(np.percentile(arr, 99)), 3),
-        "n": int(arr.size),
-    }
 
 
 def wav_bytes(samples: np.ndarray, rate: int) -> bytes:

@@ -13,8 +13,8 @@ For each encoder size, prints JSON lines (one per figure):
   MFU = flops_per_sample * samples_per_s / peak FLOP/s; printed for the measured figures when
   ``--peak-tflops`` is given (e.g. 989 for an H100 SXM bf16 dense).
 
-CPU here (default, < 4 min): ``python benchmarks/train_throughput.py``.
-GPU machine: ``python benchmarks/train_throughput.py --gpu --sizes base --peak-tflops 989``
+CPU here (default, < 4 min): ``python -m benchmarks.train_throughput``.
+GPU machine: ``python -m benchmarks.train_throughput --gpu --sizes base --peak-tflops 989``
 (bf16 autocast, one worker per visible GPU, NCCL; the baseline runs on the same GPU in bf16).
 Every line carries ``os.getloadavg()``: other jobs on the same cores skew CPU figures.
 """
@@ -22,30 +22,21 @@ Every line carries ``os.getloadavg()``: other jobs on the same cores skew CPU fi
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mess_ray.config import load_config  # noqa: E402
-from mess_ray.models.encoder import build_encoder  # noqa: E402
-from mess_ray.segments import SEGMENT_SCHEMA, encode_audio, segment_id, window_samples  # noqa: E402
-from mess_ray.storage import Storage  # noqa: E402
-from mess_ray.train.pretrain import HubertPretrainModel, masked_prediction_loss  # noqa: E402
-
-
-def emit(record: dict) -> None:
-    print(json.dumps({**record, "loadavg": [round(x, 2) for x in os.getloadavg()]}), flush=True)
+from benchmarks.common import emit_with_load
+from mess_ray.config import load_config
+from mess_ray.models.encoder import build_encoder
+from mess_ray.segments import SEGMENT_SCHEMA, encode_audio, segment_id, window_samples
+from mess_ray.storage import Storage
+from mess_ray.train.pretrain import HubertPretrainModel, masked_prediction_loss
 
 
 def write_synthetic_ingest(storage: Storage, segments: int, window_s: float, sr: int) -> str:
@@ -187,7 +178,7 @@ def bench_size(size: str, args, root: str) -> None:
     wall_step_s = (timings[-1][2] - timings[0][2]) / (len(timings) - 1)
     params = manifest["counts"]["parameters"]
     ray_step = throughput(step_s, args.batch_size, workers, cfg.audio.window_s)
-    emit(
+    emit_with_load(
         {
             "figure": "ray_train_step",
             **common,
@@ -198,7 +189,7 @@ def bench_size(size: str, args, root: str) -> None:
             "parameters": params,
         }
     )
-    emit(
+    emit_with_load(
         {
             "figure": "ray_train_wall",
             **common,
@@ -230,7 +221,7 @@ def bench_size(size: str, args, root: str) -> None:
         model, audio, args.batch_size, args.baseline_steps, args.warmup, device, args.gpu
     )
     base = throughput(statistics.median(times), args.batch_size, 1, cfg.audio.window_s)
-    emit(
+    emit_with_load(
         {
             "figure": "baseline_plain_torch",
             **common,
@@ -255,7 +246,7 @@ def bench_size(size: str, args, root: str) -> None:
         record["achieved_tflops_per_worker"] = round(
             flops * ray_step["samples_per_s"] / workers / 1e12, 5
         )
-    emit(record)
+    emit_with_load(record)
 
 
 def main() -> None:

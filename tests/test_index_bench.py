@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-import index_search  # noqa: E402
+from benchmarks import index_search
 
 
 def test_benchmark_prints_all_figures(capsys):
@@ -90,7 +86,7 @@ def test_benchmark_embeds_an_ingest_corpus_as_real_embeddings(tmp_path, capsys):
 
 
 def test_ondisk_benchmark_reports_both_merges_and_identical_answers(tmp_path, capsys):
-    import index_ondisk
+    from benchmarks import index_ondisk
 
     assert (
         index_ondisk.main(

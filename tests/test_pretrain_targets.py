@@ -4,8 +4,6 @@ the pure statistics of benchmarks/pretrain_vs_random.py. No Ray: fast."""
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
+from benchmarks import common as bench_common
+from benchmarks import pretrain_vs_random as bench
 from mess_ray.config import load_config
 from mess_ray.models import build_encoder
 from mess_ray.models.encoder import num_frames
@@ -27,9 +27,6 @@ from mess_ray.train.pretrain import (
     masked_prediction_loss,
     save_encoder,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import pretrain_vs_random as bench  # noqa: E402
 
 SR, HOP = 16000, 320
 
@@ -182,21 +179,25 @@ def test_per_query_ap_matches_the_eval_benchmark():
 def test_cluster_bootstrap_interval():
     clusters = np.repeat(np.arange(10), 4)
     # A constant difference has a zero-width interval at that value.
-    point, lo, hi = bench.cluster_bootstrap_ci([(np.full(40, 0.25), clusters)], iterations=200)
+    point, lo, hi = bench_common.cluster_bootstrap_ci(
+        [(np.full(40, 0.25), clusters)], iterations=200
+    )
     assert point == lo == hi == pytest.approx(0.25)
     # Noise around +0.1 in two strata: the interval covers 0.1 and excludes 0; NaNs are ignored.
     rng = np.random.default_rng(1)
     values = [0.1 + 0.05 * rng.standard_normal(40) for _ in range(2)]
     values[0][3] = np.nan
-    point, lo, hi = bench.cluster_bootstrap_ci([(v, clusters) for v in values], iterations=2000)
+    point, lo, hi = bench_common.cluster_bootstrap_ci(
+        [(v, clusters) for v in values], iterations=2000
+    )
     assert lo < 0.1 < hi and lo > 0 and lo < point < hi
     # Correlated clusters (one value per cluster, repeated) widen the interval vs independent queries.
     per_cluster = np.repeat(rng.standard_normal(10), 4)
-    _, clo, chi = bench.cluster_bootstrap_ci([(per_cluster, clusters)], iterations=2000)
-    _, ilo, ihi = bench.cluster_bootstrap_ci([(per_cluster, np.arange(40))], iterations=2000)
+    _, clo, chi = bench_common.cluster_bootstrap_ci([(per_cluster, clusters)], iterations=2000)
+    _, ilo, ihi = bench_common.cluster_bootstrap_ci([(per_cluster, np.arange(40))], iterations=2000)
     assert chi - clo > 1.5 * (ihi - ilo)
     with pytest.raises(ValueError):
-        bench.cluster_bootstrap_ci([(np.full(4, np.nan), np.arange(4))])
+        bench_common.cluster_bootstrap_ci([(np.full(4, np.nan), np.arange(4))])
 
 
 def test_layer_embeddings_match_the_pipeline_embedder(tmp_path):

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from benchmarks import scaling_study as study
+
 REPO = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location(
-    "scaling_study", REPO / "benchmarks" / "scaling_study.py"
-)
-study = importlib.util.module_from_spec(_spec)
-sys.modules["scaling_study"] = study  # dataclasses look their module up while the class is built
-_spec.loader.exec_module(study)
 
 
 def test_committed_table_is_the_scripts_output_for_the_measured_figures():

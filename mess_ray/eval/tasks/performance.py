@@ -83,7 +83,7 @@ def score_performance_tasks(
 ) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
     """Metrics of one system's embeddings of the performance set, per task; and the similarity
     matrices (for the report's histograms)."""
-    unit = _unit(vectors)
+    unit = unit_rows(vectors)
     out: dict[str, dict[str, float]] = {}
     sims: dict[str, np.ndarray] = {}
     perf = plan.perf
@@ -116,7 +116,8 @@ def score_performance_tasks(
     return out, sims
 
 
-def _unit(vectors: np.ndarray) -> np.ndarray:
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (float64); NaN or infinite values are an error."""
     vectors = np.asarray(vectors, dtype=np.float64)
     if not np.all(np.isfinite(vectors)):
         raise ValueError("embeddings contain NaN or infinite values")

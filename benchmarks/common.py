@@ -1,0 +1,89 @@
+"""What the benchmarks share: JSON-line figures, the machine's load beside them, percentiles,
+moving averages and a paired cluster bootstrap."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+
+def loadavg() -> list[float]:
+    """1-, 5- and 15-minute load averages: other jobs on the same cores skew CPU figures."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def emit(record: dict[str, Any] | None = None, out: Any = None, **fields: Any) -> dict:
+    """Print one figure as a JSON line (``record`` and/or keyword fields). ``out``: a list the
+    record is appended to, or an open text file the line is also written to."""
+    record = {**(record or {}), **fields}
+    line = json.dumps(record)
+    print(line, flush=True)
+    if isinstance(out, list):
+        out.append(record)
+    elif out is not None:
+        out.write(line + "\n")
+        out.flush()
+    return record
+
+
+def emit_with_load(record: dict[str, Any] | None = None, out: Any = None, **fields: Any) -> dict:
+    """:func:`emit` with the load averages added as ``loadavg``."""
+    return emit({**(record or {}), **fields, "loadavg": loadavg()}, out)
+
+
+def percentiles(samples_ms: Any, prefix: str = "") -> dict[str, float]:
+    """p50 and p99 (ms, 3 decimals) and the sample count, keys prefixed by ``prefix``."""
+    arr = np.asarray(samples_ms, dtype=np.float64)
+    return {
+        f"{prefix}p50_ms": round(float(np.percentile(arr, 50)), 3),
+        f"{prefix}p99_ms": round(float(np.percentile(arr, 99)), 3),
+        f"{prefix}n": int(arr.size),
+    }
+
+
+def moving_average(values: list[float], window: int) -> np.ndarray:
+    """Trailing mean over ``window`` steps (shorter at the start)."""
+    x = np.asarray(values, dtype=np.float64)
+    cumulative = np.concatenate([[0.0], np.cumsum(x)])
+    ends = np.arange(1, len(x) + 1)
+    starts = np.maximum(0, ends - window)
+    return (cumulative[ends] - cumulative[starts]) / (ends - starts)
+
+
+def cluster_bootstrap_ci(
+    strata: list[tuple[np.ndarray, np.ndarray]],
+    iterations: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float, float]:
+    """Mean over strata of the mean per-query value, with a bootstrap interval.
+
+    ``strata``: (values [Q], cluster ids [Q]) per stratum; NaN values are dropped. Each
+    iteration resamples every stratum's clusters with replacement (all queries of a drawn
+    cluster come along), so correlation within a cluster widens the interval as it should.
+    """
+    if not strata:
+        raise ValueError("no strata to bootstrap")
+    rng = np.random.default_rng(seed)
+    point, draws = [], np.zeros((iterations, len(strata)))
+    for column, (values, clusters) in enumerate(strata):
+        values, clusters = np.asarray(values, dtype=np.float64), np.asarray(clusters)
+        keep = ~np.isnan(values)
+        if not keep.any():
+            raise ValueError(f"stratum {column} has no finite value")
+        _, cluster_index = np.unique(clusters[keep], return_inverse=True)
+        sums = np.bincount(cluster_index, weights=values[keep])
+        counts = np.bincount(cluster_index).astype(np.float64)
+        point.append(sums.sum() / counts.sum())
+        picks = rng.integers(0, len(sums), size=(iterations, len(sums)))
+        draws[:, column] = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
+    means = draws.mean(axis=1)
+    tail = (1.0 - level) / 2.0
+    return (
+        float(np.mean(point)),
+        float(np.quantile(means, tail)),
+        float(np.quantile(means, 1.0 - tail)),
+    )
