@@ -17,8 +17,9 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 
 import pytest
+from helpers import tiny_config
 
-from mess_ray.config import MessRayConfig, load_config
+from mess_ray.config import MessRayConfig
 
 
 def _free_port() -> int:
@@ -74,31 +75,6 @@ def s3_bucket(s3_endpoint):
     name = f"mess-ray-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
     yield f"s3://{name}"
-
-
-def tiny_config(root: str, **sections) -> MessRayConfig:
-    """The smallest config that still exercises every stage (used by integration tests)."""
-    overrides = [
-        f"storage.root={root}",
-        "audio.window_s=2.0",
-        "audio.hop_s=1.0",
-        "render.num_pieces=4",
-        "render.max_duration_s=8",
-        "pretrain.steps=4",
-        "pretrain.batch_size=4",
-        "pretrain.num_clusters=8",
-        "pretrain.checkpoint_every=2",
-        "pretrain.kmeans_sample_frames=2000",
-        "finetune.steps=6",
-        "finetune.batch_size=8",
-        "finetune.checkpoint_every=3",
-        "index.shards=2",
-    ]
-    cfg = load_config(None, overrides)
-    for section, values in sections.items():
-        for key, value in values.items():
-            setattr(getattr(cfg, section), key, value)
-    return cfg
 
 
 @pytest.fixture

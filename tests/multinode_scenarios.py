@@ -435,7 +435,7 @@ def scenario_train(workdir: Path, temp_dir: str) -> dict:
     from mess_ray.pipeline import run_stage
 
     sys.path.insert(0, str(REPO / "tests"))
-    from test_train_ray import write_tiny_ingest
+    from helpers import write_tiny_ingest
 
     records = workdir / "records"
     records.mkdir(parents=True)

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
-from conftest import tiny_config
+from helpers import tiny_config
 
 from mess_ray.pipeline import run_demo
 from mess_ray.segments import read_segment_table

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import tiny_config
+from helpers import tiny_config
 
 from mess_ray.eval.benchmark import (
     DESCRIPTORS,

@@ -12,7 +12,7 @@ import pretty_midi
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import tiny_config
+from helpers import tiny_config
 
 from mess_ray.eval.benchmark import (
     AGREEMENT_TASK,

@@ -6,8 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import tiny_config
-from test_train_ray import SR, STYLES, _clip, write_tiny_ingest
+from helpers import SR, STYLES, clip, tiny_config, write_tiny_ingest
 
 from mess_ray.descriptors import DESCRIPTOR_NAMES
 from mess_ray.facets import FACETS, OVERALL, parse_layout, part_similarities
@@ -24,7 +23,7 @@ def _add_unlabelled_performances(
     for piece in range(pieces):
         track = f"piece{piece}-human"
         for i in range(per_piece):
-            audio = _clip(piece, STYLES[i % len(STYLES)], 100 + i) * (0.3 + 0.2 * i)
+            audio = clip(piece, STYLES[i % len(STYLES)], 100 + i) * (0.3 + 0.2 * i)
             rows.append(
                 {
                     "segment_id": segment_id(track, i * SR),
@@ -89,7 +88,7 @@ def test_faceted_finetune_publishes_layout_and_descriptor_stats(ray_local, tmp_p
     embedder = Embedder.from_ref(cfg, storage, "finetune")
     layout = parse_layout(embedder.info["facet_layout"])
     assert list(layout) == [OVERALL, *FACETS] and embedder.dim == 16 + 4 * 8
-    vectors = embedder.embed(np.stack([_clip(0, s, 0) for s in STYLES]))
+    vectors = embedder.embed(np.stack([clip(0, s, 0) for s in STYLES]))
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     parts = part_similarities(vectors[0], vectors, layout)
     assert set(parts) == set(layout) and all(
@@ -123,7 +122,7 @@ def _write_performances_with_midi(
             with storage.open(f"sources/{track}.mid", "wb") as f:
                 midi.write(f)
             for i in range(4):
-                audio = _clip(piece, STYLES[perf % len(STYLES)], i) * (velocity / 127)
+                audio = clip(piece, STYLES[perf % len(STYLES)], i) * (velocity / 127)
                 rows.append(
                     {
                         "segment_id": segment_id(track, i * SR),
@@ -182,7 +181,7 @@ def test_finetune_on_unstyled_performances_with_midi_targets_and_descriptor_chan
     assert len(history) == 3 and all(np.isfinite(history))
     embedder = Embedder.from_ref(cfg, storage, "finetune")
     assert embedder.model.options["descriptor_stats"]["names"] == list(DESCRIPTOR_NAMES)
-    vectors = embedder.embed(np.stack([_clip(0, s, 0) for s in STYLES]))
+    vectors = embedder.embed(np.stack([clip(0, s, 0) for s in STYLES]))
     assert vectors.shape == (3, 16 + 4 * 4) and np.allclose(
         np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5
     )

@@ -46,8 +46,8 @@ def test_benchmark_prints_all_figures(capsys):
 
 
 def test_benchmark_embeds_an_ingest_corpus_as_real_embeddings(tmp_path, capsys):
-    import test_index_ray as helpers
-    from conftest import tiny_config
+    import helpers
+    from helpers import tiny_config
 
     from mess_ray.storage import Storage
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 
+import helpers
 import pytest
-import test_index_ray as helpers
-from conftest import tiny_config
+from helpers import tiny_config
 
 import mess_ray.index.job as job_mod
 from mess_ray.index import SearchIndex, run_index

@@ -11,10 +11,10 @@ import posixpath
 import shutil
 
 import faiss
+import helpers
 import numpy as np
 import pytest
-import test_reindex as reindex_helpers
-from conftest import tiny_config
+from helpers import tiny_config
 
 from mess_ray.index import SearchIndex, run_index, run_reindex
 from mess_ray.index.faiss_index import (
@@ -147,7 +147,7 @@ def test_ondisk_index_through_run_index_search_and_reindex(ray_local, tmp_path):
     cfg.index.batch_size = 8
     cfg.index.type, cfg.index.ondisk, cfg.index.shards = "ivf", "always", 3
     storage = Storage.from_config(cfg.storage)
-    table = reindex_helpers.publish_ingest(cfg, storage, [0, 1, 2])
+    table = helpers.publish_ingest(cfg, storage, [0, 1, 2])
 
     manifest = run_index(cfg, storage, model_ref="random")
     base = posixpath.join("index", manifest["version"])
@@ -170,7 +170,7 @@ def test_ondisk_index_through_run_index_search_and_reindex(ray_local, tmp_path):
     )  # reconstruct from disk
 
     # reindex cannot edit memory-mapped lists: it rebuilds, on disk again
-    table = reindex_helpers.publish_ingest(cfg, storage, [0, 1, 2, 3])
+    table = helpers.publish_ingest(cfg, storage, [0, 1, 2, 3])
     updated = run_reindex(cfg, storage)
     assert updated["reindex"]["build"] == "rebuild" and updated["index"]["ondisk"]
     assert len(SearchIndex.load(storage)) == table.num_rows

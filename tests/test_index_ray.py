@@ -2,61 +2,12 @@
 
 from __future__ import annotations
 
-import posixpath
-
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-from conftest import tiny_config
+from helpers import publish_tiny_ingest, tiny_config
 
-from mess_ray.config import MessRayConfig
 from mess_ray.index import SearchIndex, run_index
 from mess_ray.models import Embedder
-from mess_ray.segments import SEGMENT_SCHEMA, encode_audio, segment_id
-from mess_ray.storage import Storage, new_version
-
-
-def tone_track(seconds: float, rate: int, freq: float, seed: int) -> np.ndarray:
-    t = np.arange(int(seconds * rate)) / rate
-    noise = np.random.default_rng(seed).standard_normal(len(t)) * 0.01
-    return (
-        0.3 * np.sin(2 * np.pi * freq * t) * (1 + 0.5 * np.sin(2 * np.pi * 0.5 * t)) + noise
-    ).astype(np.float32)
-
-
-def publish_tiny_ingest(
-    cfg: MessRayConfig, storage: Storage, n_tracks: int = 3, seconds: float = 5.0, files: int = 2
-) -> pa.Table:
-    """Segment rows of a few synthetic tracks, cut with cfg.audio's window and hop, as ingest would."""
-    rate = cfg.audio.sample_rate
-    window, hop = int(cfg.audio.window_s * rate), int(cfg.audio.hop_s * rate)
-    rows = {f.name: [] for f in SEGMENT_SCHEMA}
-    for t in range(n_tracks):
-        audio = tone_track(seconds, rate, 220.0 * (t + 1), seed=t)
-        track = f"track{t}"
-        for start in range(0, len(audio) - window + 1, hop):
-            rows["segment_id"].append(segment_id(track, start))
-            rows["track_id"].append(track)
-            rows["piece_id"].append(f"piece{t}")
-            rows["style"].append("romantic" if t % 2 else "baroque_crisp")
-            rows["start_s"].append(start / rate)
-            rows["end_s"].append((start + window) / rate)
-            rows["start_sample"].append(start)
-            rows["num_samples"].append(window)
-            rows["sample_rate"].append(rate)
-            rows["source_uri"].append(f"/nonexistent/{track}.wav")
-            rows["metadata_json"].append("{}")
-            rows["audio"].append(encode_audio(audio[start : start + window]))
-    table = pa.table(rows, schema=SEGMENT_SCHEMA)
-    version = new_version()
-    step = -(-table.num_rows // files)
-    for i in range(files):
-        with storage.open(
-            posixpath.join("ingest", version, "segments", f"part-{i}.parquet"), "wb"
-        ) as f:
-            pq.write_table(table.slice(i * step, step), f)
-    storage.publish("ingest", version, {"counts": {"segments": table.num_rows}})
-    return table
+from mess_ray.storage import Storage
 
 
 def test_run_index_reconciles_and_finds_itself(ray_local, tmp_path):

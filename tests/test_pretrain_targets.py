@@ -219,8 +219,7 @@ def test_layer_embeddings_match_the_pipeline_embedder(tmp_path):
 
 def test_exclude_eval_holdout_keeps_held_out_pieces_out_of_pretraining(tmp_path):
     import pyarrow as pa
-    from conftest import tiny_config
-    from test_train_ray import write_tiny_ingest
+    from helpers import tiny_config, write_tiny_ingest
 
     from mess_ray.segments import split_pieces
     from mess_ray.storage import Storage

@@ -9,11 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import test_index_ray as helpers
-from conftest import tiny_config
+from helpers import publish_ingest, tiny_config
 
 import mess_ray.index.reindex as reindex_mod
-from mess_ray.config import MessRayConfig
 from mess_ray.facets import make_layout
 from mess_ray.index import SearchIndex, run_index, run_reindex
 from mess_ray.index.embed import vectors_table
@@ -29,8 +27,7 @@ from mess_ray.index.reindex import (
     same_embedder,
 )
 from mess_ray.models import Embedder
-from mess_ray.segments import SEGMENT_SCHEMA, encode_audio, segment_id
-from mess_ray.storage import Storage, new_version
+from mess_ray.storage import Storage
 
 
 def unit_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -154,39 +151,6 @@ def test_model_provenance_records_checkpoint_and_config_digest(tmp_path):
 
 
 # -- Ray integration ------------------------------------------------------------------------
-def publish_ingest(
-    cfg: MessRayConfig, storage: Storage, tracks: list[int], seconds: float = 3.0
-) -> pa.Table:
-    """An ingest artifact holding the given synthetic tracks (ids are stable per track)."""
-    rate = cfg.audio.sample_rate
-    window, hop = int(cfg.audio.window_s * rate), int(cfg.audio.hop_s * rate)
-    rows = {f.name: [] for f in SEGMENT_SCHEMA}
-    for t in tracks:
-        audio = helpers.tone_track(seconds, rate, 220.0 * (t + 1), seed=t)
-        track = f"track{t}"
-        for start in range(0, len(audio) - window + 1, hop):
-            values = {
-                "segment_id": segment_id(track, start),
-                "track_id": track,
-                "piece_id": f"piece{t}",
-                "style": "romantic",
-                "start_s": start / rate,
-                "end_s": (start + window) / rate,
-                "start_sample": start,
-                "num_samples": window,
-                "sample_rate": rate,
-                "source_uri": f"/nonexistent/{track}.wav",
-                "metadata_json": "{}",
-                "audio": encode_audio(audio[start : start + window]),
-            }
-            for name, value in values.items():
-                rows[name].append(value)
-    table = pa.table(rows, schema=SEGMENT_SCHEMA)
-    version = new_version()
-    with storage.open(posixpath.join("ingest", version, "segments", "part-0.parquet"), "wb") as f:
-        pq.write_table(table, f)
-    storage.publish("ingest", version, {"counts": {"segments": table.num_rows}})
-    return table
 
 
 def track_ids(table: pa.Table, track: str) -> set[int]:

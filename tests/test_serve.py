@@ -3,116 +3,22 @@
 from __future__ import annotations
 
 import io
-import json
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import soundfile as sf
 import soxr
-from conftest import tiny_config
 from fastapi.testclient import TestClient
+from helpers import TRACK_SECONDS, publish_audio_index, tiny_config, track_audio, wav_bytes
 
-from mess_ray.config import MessRayConfig
-from mess_ray.facets import compose
-from mess_ray.index.faiss_index import IndexSpec, build_index
-from mess_ray.index.job import INDEX_METADATA_COLUMNS, write_index_artifact
+from mess_ray.index.faiss_index import IndexSpec
 from mess_ray.models import Embedder
-from mess_ray.segments import segment_id
 from mess_ray.serve import SearchService, create_app
 from mess_ray.serve.client import format_hits
 from mess_ray.serve.service import PayloadTooLarge, UnsupportedMedia, clip_windows, decode_upload
-from mess_ray.storage import Storage, new_version
-
-TRACK_SECONDS = 6.0
-
-
-def track_audio(t: int, rate: int) -> np.ndarray:
-    """Distinct synthetic recordings: different pitch, pulse rate and brightness per track."""
-    time = np.arange(int(TRACK_SECONDS * rate)) / rate
-    pulse = 0.5 + 0.5 * np.sign(np.sin(2 * np.pi * (1.5 + 1.5 * t) * time))
-    tone = np.sin(2 * np.pi * 180 * (t + 1) * time) + 0.3 * (t % 2) * np.sin(
-        2 * np.pi * 2000 * time
-    )
-    return (0.25 * pulse * tone).astype(np.float32)
-
-
-COMPOSERS = ["J. S. Bach", "Frédéric Chopin", "Johann Sebastian Bach"]
-
-
-def publish_audio_index(
-    cfg: MessRayConfig,
-    audio_dir: Path,
-    n_tracks: int = 3,
-    facet_layout: dict | None = None,
-    spec: IndexSpec | None = None,
-) -> dict:
-    """WAV recordings on disk, their segments embedded with the real random Embedder, published as an index.
-
-    With ``facet_layout`` the vectors are recomposed as a faceted embedding (each part of the
-    random embedding re-normalised, as facet heads' outputs are) and the layout is published.
-    """
-    storage = Storage.from_config(cfg.storage)
-    rate = cfg.audio.sample_rate
-    window, hop = int(cfg.audio.window_s * rate), int(cfg.audio.hop_s * rate)
-    embedder = Embedder.from_ref(cfg, storage, "random")
-    rows = {c: [] for c in INDEX_METADATA_COLUMNS}
-    frames = []
-    audio_dir.mkdir(parents=True, exist_ok=True)
-    for t in range(n_tracks):
-        audio = track_audio(t, rate)
-        track = f"track{t}"
-        path = audio_dir / f"{track}.wav"
-        sf.write(path, audio, rate)
-        for start in range(0, len(audio) - window + 1, hop):
-            rows["segment_id"].append(segment_id(track, start))
-            rows["track_id"].append(track)
-            rows["piece_id"].append(f"piece{t}")
-            rows["style"].append(["romantic", "baroque_crisp", "soft_legato"][t % 3])
-            rows["start_s"].append(start / rate)
-            rows["end_s"].append((start + window) / rate)
-            rows["sample_rate"].append(rate)
-            rows["source_uri"].append(str(path))
-            rows["metadata_json"].append(
-                json.dumps(
-                    {"title": track, "composer": COMPOSERS[t % 3], "catalog": f"Op. {t + 10}"}
-                )
-            )
-            frames.append(audio[start : start + window])
-    vectors = embedder.embed(np.stack(frames))
-    info = dict(embedder.info)
-    if facet_layout is not None:
-        vectors = compose(
-            {name: vectors[:, a:b] for name, (a, b) in facet_layout.items()}, facet_layout
-        )
-        info["facet_layout"] = {name: list(span) for name, span in facet_layout.items()}
-    ids = np.array(rows["segment_id"], dtype=np.int64)
-    spec = spec or IndexSpec(type="flat", dim=embedder.dim)
-    # Two shards merged, as the index job does (an HNSW graph is built whole: no merge).
-    parts = [(vectors[0::2], ids[0::2]), (vectors[1::2], ids[1::2])]
-    if spec.type == "hnsw":
-        parts = [(vectors, ids)]
-    index = build_index(spec, parts, train_vectors=vectors)
-    return write_index_artifact(
-        cfg,
-        storage,
-        new_version(),
-        index,
-        spec,
-        pa.table(rows),
-        info,
-        {"segments": len(ids), "vectors": len(ids)},
-        {"ingest": "test"},
-    )
-
-
-def wav_bytes(samples: np.ndarray, rate: int, fmt: str = "WAV") -> bytes:
-    out = io.BytesIO()
-    sf.write(out, samples, rate, format=fmt)
-    return out.getvalue()
+from mess_ray.storage import Storage
 
 
 @pytest.fixture(scope="module")

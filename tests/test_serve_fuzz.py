@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 import schemathesis
-from conftest import tiny_config
+from helpers import publish_audio_index, tiny_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
@@ -19,7 +19,6 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from test_serve import publish_audio_index
 
 from mess_ray.facets import make_layout
 from mess_ray.serve import SearchService, create_app

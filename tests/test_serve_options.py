@@ -13,9 +13,8 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import tiny_config
 from fastapi.testclient import TestClient
-from test_serve import publish_audio_index, track_audio, wav_bytes
+from helpers import publish_audio_index, tiny_config, track_audio, wav_bytes
 
 from mess_ray.facets import compose, make_layout
 from mess_ray.index.faiss_index import IndexSpec

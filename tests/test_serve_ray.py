@@ -10,8 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
-from conftest import tiny_config
-from test_serve import publish_audio_index, track_audio, wav_bytes
+from helpers import publish_audio_index, tiny_config, track_audio, wav_bytes
 
 from mess_ray.serve import run_service
 from mess_ray.serve.client import (

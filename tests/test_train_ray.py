@@ -3,62 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from conftest import tiny_config
+from helpers import STYLES, clip, tiny_config, write_tiny_ingest
 
 from mess_ray.models import Embedder
-from mess_ray.segments import SEGMENT_SCHEMA, encode_audio, segment_id, split_pieces
+from mess_ray.segments import split_pieces
 from mess_ray.storage import Storage
-
-SR = 16000
-STYLES = ("staccato", "legato", "noisy")
-
-
-def _clip(piece: int, style: str, index: int, seconds: float = 2.0) -> np.ndarray:
-    """A style-shaped tone: pitch from the piece, envelope/texture from the style."""
-    rng = np.random.default_rng(hash((piece, style, index)) % 2**32)
-    t = np.arange(int(seconds * SR)) / SR
-    tone = np.sin(2 * np.pi * (220 + 55 * piece) * t)
-    if style == "staccato":
-        tone *= np.sin(2 * np.pi * 4 * t) > 0.6
-    elif style == "noisy":
-        tone = 0.5 * tone + 0.5 * rng.standard_normal(len(t))
-    return (0.3 * tone + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
-
-
-def write_tiny_ingest(
-    storage: Storage, pieces: int = 4, per_style: int = 4, version: str = "ing1"
-) -> str:
-    """A segment table with SEGMENT_SCHEMA, one parquet file per piece, published as 'ingest'."""
-    for piece in range(pieces):
-        rows = []
-        for style in STYLES:
-            track = f"piece{piece}-{style}"
-            for i in range(per_style):
-                start = i * SR
-                audio = _clip(piece, style, i)
-                rows.append(
-                    {
-                        "segment_id": segment_id(track, start),
-                        "track_id": track,
-                        "piece_id": f"piece{piece}",
-                        "style": style,
-                        "start_s": start / SR,
-                        "end_s": start / SR + 2.0,
-                        "start_sample": start,
-                        "num_samples": len(audio),
-                        "sample_rate": SR,
-                        "source_uri": f"mem://{track}.wav",
-                        "metadata_json": "{}",
-                        "audio": encode_audio(audio),
-                    }
-                )
-        with storage.open(f"ingest/{version}/segments/part-{piece:03d}.parquet", "wb") as f:
-            pq.write_table(pa.Table.from_pylist(rows, schema=SEGMENT_SCHEMA), f)
-    storage.publish("ingest", version, {"counts": {"segments": pieces * len(STYLES) * per_style}})
-    return version
 
 
 @pytest.fixture
@@ -100,7 +50,7 @@ def test_pretrain_then_finetune_publish_models(ray_local, tiny_store):
     # The default model has facet heads: overall part + 4 facet parts, laid out as the manifest says.
     assert embedder.dim == cfg.model.embedding_dim + 4 * cfg.model.facet_dim
     assert embedder.info["facet_layout"]["overall"] == [0, cfg.model.embedding_dim]
-    vectors = embedder.embed(np.stack([_clip(0, s, 0) for s in STYLES]))
+    vectors = embedder.embed(np.stack([clip(0, s, 0) for s in STYLES]))
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
 
@@ -160,7 +110,7 @@ def test_finetune_on_s3_storage(ray_local, s3_bucket):
     assert any(n.startswith("checkpoint_") for n in storage.listdir("finetune/runs/s3run"))
     embedder = Embedder.from_ref(cfg, storage, "finetune")
     assert embedder.info["version"] == "s3run"
-    assert embedder.embed(np.stack([_clip(1, "legato", 0)])).shape == (1, embedder.dim)
+    assert embedder.embed(np.stack([clip(1, "legato", 0)])).shape == (1, embedder.dim)
 
 
 def test_pretrain_survives_a_killed_worker(ray_local, tiny_store):

@@ -15,8 +15,7 @@ import time
 
 import pytest
 import soundfile as sf
-from conftest import tiny_config
-from test_serve import publish_audio_index, track_audio
+from helpers import publish_audio_index, tiny_config, track_audio
 
 from mess_ray.facets import make_layout
 from mess_ray.serve import SearchService, create_app
