@@ -28,6 +28,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test using the ray_local fixture is a ``ray`` test, and ``slow`` (it waits on Ray's
+    scheduling; the session's Ray start alone takes seconds): ``pytest -m "not slow"`` skips them."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One embedded Ray for the whole session (starting Ray costs seconds)."""

@@ -137,6 +137,8 @@ def submit(address: str, env: dict, job: str, config: Path) -> subprocess.Comple
         time.sleep(3)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_ray_job_submit_runs_render_and_ingest(ray_cluster, tmp_path):
     address, env = ray_cluster
     root = tmp_path / "store"

@@ -15,6 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# Each scenario starts its own multi-node Ray cluster in a subprocess.
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "tests" / "multinode_scenarios.py"
 
