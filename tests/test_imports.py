@@ -1,0 +1,116 @@
+"""The package's import graph, read with ``ast``: lower floors never import evaluation, and no
+import circle exists among mess_ray modules (imports inside functions count too: a lazy import
+is still a dependency, and the circle it hides breaks as soon as someone hoists it)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "mess_ray"
+# Floors below evaluation: they may be used by eval/, never the other way round.
+NO_EVAL = ("models", "train", "serve", "index")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imported_modules(path: Path, known: set[str]) -> set[str]:
+    """The mess_ray modules ``path`` imports (``from a.b import c`` counts as a.b.c when that is
+    a module, else a.b); anywhere in the file, at module level or inside functions."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join([*anchor, base] if base else anchor)
+            targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
+        else:
+            continue
+        for target in targets:
+            if target in known:
+                found.add(target)
+                break
+            # "import mess_ray.a.b" depends on mess_ray.a.b (and runs the packages above it)
+            while target and target not in known:
+                target = target.rpartition(".")[0]
+            if target and not isinstance(node, ast.ImportFrom):
+                found.add(target)
+    found.discard(name)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    known = set(modules())
+    return {name: imported_modules(path, known) for name, path in modules().items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle (as a path a -> ... -> a), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state:
+                cycle = visit(nxt)
+                if cycle:
+                    return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node)
+            if cycle:
+                return cycle
+    return None
+
+
+def test_the_import_graph_reader_sees_imports_and_circles():
+    known = set(modules())
+    graph = import_graph()
+    assert "mess_ray.descriptors" in graph["mess_ray.serve.service"]
+    assert "mess_ray.index.job" in graph["mess_ray.eval.benchmark"]  # a lazy import counts
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+    assert "mess_ray.eval" in known and "mess_ray.eval.tasks.agreement" in known
+
+
+@pytest.mark.parametrize("floor", NO_EVAL)
+def test_lower_floors_never_import_eval(floor):
+    offenders = {
+        name: sorted(
+            dep for dep in deps if dep == "mess_ray.eval" or dep.startswith("mess_ray.eval.")
+        )
+        for name, deps in import_graph().items()
+        if name == f"mess_ray.{floor}" or name.startswith(f"mess_ray.{floor}.")
+    }
+    assert not {k: v for k, v in offenders.items() if v}, (
+        f"mess_ray/{floor} imports eval/: move what it needs below both (package level)"
+    )
+
+
+def test_no_import_circle_among_mess_ray_modules():
+    graph = import_graph()
+    cycle = find_cycle(graph)
+    assert cycle is None, "import circle: " + " -> ".join(cycle)
