@@ -221,6 +221,7 @@ def test_run_evaluate_on_ray_data_actor_pool(ray_local, tmp_path):
     assert manifest["headline"] in md and "| map | " in md
 
 
+@pytest.mark.slow
 def test_run_evaluate_driver_side_on_s3_skips_missing_models_and_is_deterministic(s3_bucket):
     cfg, holdout = eval_config(f"{s3_bucket}/store")
     storage = Storage.from_config(cfg.storage)

@@ -233,6 +233,7 @@ def write_asap_ingest(
     return version
 
 
+@pytest.mark.slow
 def test_run_evaluate_runs_tasks_2_and_3_on_performances_and_says_why_task_1_did_not(tmp_path):
     cfg = tiny_config(str(tmp_path / "store"), audio={"sample_rate": SR})
     cfg.eval.holdout_fraction = 0.9

@@ -461,6 +461,7 @@ def test_collate_looks_up_midi_targets_and_labels_unstyled_rows_apart():
 
 
 # -- it learns -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_dynamics_facet_learns_to_track_loudness():
     """A few dozen steps of the facet loss alone: the dynamics facet's cosine comes to rank
     held-out pairs by their loudness descriptors, far better than the untrained facet."""

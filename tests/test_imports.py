@@ -5,6 +5,7 @@ is still a dependency, and the circle it hides breaks as soon as someone hoists 
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -54,9 +55,15 @@ def imported_modules(path: Path, known: set[str]) -> set[str]:
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
+@functools.cache
+def _graph() -> dict[str, frozenset[str]]:
     known = set(modules())
-    return {name: imported_modules(path, known) for name, path in modules().items()}
+    return {name: frozenset(imported_modules(path, known)) for name, path in modules().items()}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the mess_ray modules it imports (a fresh copy of the cached graph)."""
+    return {name: set(deps) for name, deps in _graph().items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:

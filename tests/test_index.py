@@ -329,6 +329,7 @@ def test_publish_writes_checksummed_manifest_and_latest(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_ivfpq_candidates_are_reranked_exactly():
     x, ids = unit_vectors(3000, 16, seed=5), big_ids(3000)
     spec = choose_index_spec(len(x), 16, "ivf", ivfpq_above=1000, nprobe=64)

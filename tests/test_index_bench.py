@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import index_search
 
 
+@pytest.mark.slow
 def test_benchmark_prints_all_figures(capsys):
     assert (
         index_search.main(

@@ -43,6 +43,7 @@ def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
 def test_ondisk_merge_answers_like_the_in_memory_merge(tmp_path, kind):
     n, d = 6000, 32

@@ -24,6 +24,7 @@ def test_run_in_process_counts_segments(tmp_path):
         run_in_process(str(path), "mmap", 16000, 4.0, 2.0, 1.5)
 
 
+@pytest.mark.slow
 def test_peak_memory_is_flat_in_file_length(tmp_path):
     """4 min vs 16 min of 44.1 kHz stereo: streaming peak grows by < 12 MiB, while the
     whole-file reading of the long file needs the ~160 MiB of float32 frames it holds."""

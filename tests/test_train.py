@@ -241,6 +241,7 @@ def _fail_in_child(storage_root: str) -> None:
     )
 
 
+@pytest.mark.slow
 def test_injected_test_failure_kills_once(tmp_path):
     import multiprocessing
 
