@@ -175,6 +175,31 @@ class RenderConfig(_Section):
     synth_timeout_s: float = Field(
         300.0, gt=0, description="Kill a FluidSynth run after this long."
     )
+    chains: list[str] = Field(
+        default_factory=lambda: ["dry"],
+        min_length=1,
+        description="Recording chains every performance is rendered through (mess_ray.render.chains): "
+        "'dry' (render.soundfont, nothing after it) or 'train-<seed>' (a sampled training-side chain). "
+        "With only 'dry' track ids carry no chain suffix.",
+    )
+    eval_chains: list[str] = Field(
+        default_factory=list,
+        description="Evaluation-only chains ('eval-<seed>': SoundFonts never used for training), "
+        "rendered besides render.chains for the evaluation's held-out pieces only (validation + test "
+        "of eval.holdout_fraction / eval.seed), so no training stage ever hears them.",
+    )
+
+    @field_validator("chains", "eval_chains")
+    @classmethod
+    def _known_chains(cls, value: list[str]) -> list[str]:
+        import re as _re
+
+        if len(set(value)) != len(value):
+            raise ValueError(f"chains must be distinct, got {value}")
+        for name in value:
+            if name != "dry" and not _re.fullmatch(r"(train|eval)-\d+", name):
+                raise ValueError(f"unknown chain {name!r}: 'dry', 'train-<n>' or 'eval-<n>'")
+        return value
 
 
 class IngestConfig(_Section):
