@@ -553,6 +553,27 @@ class EvalConfig(_Section):
     max_plot_points: int = Field(
         2000, ge=10, description="Embeddings drawn in the PCA map (subsampled, seeded)."
     )
+    protocol: bool = Field(
+        True,
+        description="Also write the protocol table (mess_ray.eval.protocol: performer identity, chain "
+        "invariance, passages, agreement x systems x baselines x chains, CIs over pieces).",
+    )
+    validation_share: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="Share of the held-out pieces that are validation (rest: test).",
+    )
+    bootstrap_samples: int = Field(1000, ge=100, description="Draws of the bootstrap over pieces.")
+    max_queries_per_chain: int | None = Field(
+        400, ge=1, description="Queries per split and chain (seeded sample); None: every segment."
+    )
+    head_steps: int = Field(300, ge=1, description="Training steps of the learned descriptor head.")
+    head_max_segments: int = Field(
+        1500,
+        ge=16,
+        description="Training-piece segments the descriptor head trains on (seeded sample).",
+    )
 
 
 class MessRayConfig(_Section):

@@ -402,6 +402,7 @@ def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str]) ->
     results: list[SystemResult] = []
     task_metrics: dict[str, dict[str, dict[str, float]]] = {}
     task_similarities: dict[str, dict[str, np.ndarray]] = {}
+    perf_vectors: dict[str, np.ndarray] = {}  # reused by the protocol table (same segments)
     skipped: dict[str, str] = {}
     for ref in systems:
         try:
@@ -431,6 +432,8 @@ def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str]) ->
                     )
                 else:
                     vectors, info = embed_system(cfg, storage, ref, plan.perf)
+                if ref != DESCRIPTORS:
+                    perf_vectors[ref] = vectors
                 if held_out is None:
                     results.append(
                         SystemResult(
@@ -519,6 +522,24 @@ def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str]) ->
         "held_out_pieces": holdout_pieces,
         "train_pieces": train_pieces,
     }
+    protocol_files: dict[str, str] = {}
+    if ecfg.protocol:
+        from mess_ray.eval.protocol import run_protocol, write_protocol_report
+
+        try:
+            rows, protocol_summary = run_protocol(
+                cfg,
+                storage,
+                ingest_version,
+                [r for r in systems if r not in (DESCRIPTORS, RANDOM)],
+                precomputed=perf_vectors,
+            )
+        except ValueError as err:
+            manifest["protocol"] = {"skipped": str(err)}
+            log.warning("protocol table skipped: %s", err)
+        else:
+            manifest["protocol"] = {"summary": protocol_summary, "rows": rows}
+            protocol_files = write_protocol_report(storage, version, rows, protocol_summary)
     if plan is not None and plan.perf.problems:
         manifest["performance_problems"] = {t: p for t, p in list(plan.perf.problems.items())[:50]}
     manifest["files"] = write_report(
@@ -533,5 +554,6 @@ def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str]) ->
         task_similarities=task_similarities,
         plan=plan,
     )
+    manifest["files"].update(protocol_files)
     log.info(line)
     return storage.publish("eval", version, manifest)
