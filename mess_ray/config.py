@@ -82,7 +82,14 @@ class StyleSpec(_Section):
     )
     pedal: bool = False
     program: int = Field(0, ge=0, le=127, description="General MIDI program (timbre).")
-    brightness: int = Field(64, ge=0, le=127, description="CC74 brightness.")
+    brightness: int = Field(
+        64,
+        ge=0,
+        le=127,
+        description="CC74 brightness, written into the MIDI only: FluidSynth renders bit-identical "
+        "audio for CC74 0 and 127 with every chain SoundFont (python -m benchmarks.brightness_centroid), "
+        "so it does not distinguish styles in the audio.",
+    )
     phrase_bars: int = Field(4, ge=1, le=32, description="Bars per phrase for the rubato arch.")
     pedal_mode: Literal["bar", "harmony"] = Field(
         "bar", description="Re-pedal at each bar or at bass changes."

@@ -191,3 +191,43 @@ def test_content_baselines_shapes_and_errors():
         bl.feature_embeddings("nope", audio, sr)
     with pytest.raises(ValueError):
         bl.chroma_statistics(np.zeros((0, 10)), sr)
+
+
+def test_protocol_benchmark_prints_headline_figures_and_refuses_a_missing_table():
+    from benchmarks.protocol import figure_lines
+
+    data, systems = synthetic()
+    rows = score_table(build_views(data), systems, data, reference="pianist_model", n_boot=100)
+    lines = figure_lines({"protocol": {"rows": rows}})
+    assert lines and all(r["figure"] == "protocol" and "ci_low" in r for r in lines)
+    assert {r["metric"] for r in lines} <= {"map", "recall@1", "ndcg@10", "top_hit_error_s"}
+    assert any(r.get("reference_verdict") == "wins" for r in lines)
+    with pytest.raises(RuntimeError):
+        figure_lines({"protocol": {"skipped": "no data"}})
+
+
+def test_mess_ray_evaluate_writes_the_protocol_table(tmp_path):
+    import posixpath
+
+    from conftest import tiny_config
+    from test_eval_tasks import SR, write_asap_ingest
+
+    from mess_ray.eval import run_evaluate
+    from mess_ray.storage import Storage
+
+    cfg = tiny_config(str(tmp_path / "store"), audio={"sample_rate": SR})
+    cfg.eval.holdout_fraction = 0.9
+    cfg.eval.head_steps = 5
+    storage = Storage.from_config(cfg.storage)
+    write_asap_ingest(storage, tmp_path / "asap", cfg.audio.window_s, cfg.audio.hop_s)
+    manifest = run_evaluate(cfg, storage, ["finetune"])
+    protocol = manifest["protocol"]
+    summary = protocol["summary"]
+    assert set(summary["split"]) == {"train", "validation", "test"}
+    assert "finetune" in summary["skipped"] and "random" in summary["systems"]
+    assert {"chroma", "mfcc", "descriptors", "descriptor_head", "chance"} <= set(summary["systems"])
+    passage = [r for r in protocol["rows"] if r["task"] == PASSAGE and r["metric"] == "map"]
+    assert {r["split"] for r in passage} == {"validation", "test"}
+    assert all(r["ci_low"] <= r["value"] <= r["ci_high"] for r in passage)
+    for name in ("table.json", "table.md", "table.png"):
+        assert storage.exists(posixpath.join("eval", manifest["version"], "protocol", name)), name

@@ -554,6 +554,6 @@ def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str]) ->
         task_similarities=task_similarities,
         plan=plan,
     )
-    manifest["files"].update(protocol_files)
+    manifest["files"] = [*manifest["files"], *protocol_files.values()]
     log.info(line)
     return storage.publish("eval", version, manifest)

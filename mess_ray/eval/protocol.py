@@ -366,6 +366,7 @@ def load_eval_data(cfg, storage, version: str, validation_share: float = 0.5):
         cfg.audio.sample_rate,
         cfg.audio.window_s,
         pieces="train",
+        with_audio=False,  # the descriptor head reads the audio of its sample only
     )
     data = EvalData(perf, labels, split.as_dict(), train_pianists)
     return data, train
