@@ -231,3 +231,83 @@ def test_mess_ray_evaluate_writes_the_protocol_table(tmp_path):
     assert all(r["ci_low"] <= r["value"] <= r["ci_high"] for r in passage)
     for name in ("table.json", "table.md", "table.png"):
         assert storage.exists(posixpath.join("eval", manifest["version"], "protocol", name)), name
+
+
+def test_protocol_on_renderings_through_two_chains(tmp_path):
+    """Render an ASAP-layout folder through a training and an evaluation-only chain (no Ray: the
+    render task function itself), segment it as ingest does, and evaluate: the table has the
+    cross-chain conditions, chain invariance among them, and the catalog's chain reaches it."""
+    import posixpath
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import soundfile as sf
+    from conftest import tiny_config
+    from test_render import make_asap_folder
+
+    from mess_ray.eval import run_evaluate
+    from mess_ray.ingest.catalog import catalog_from_render
+    from mess_ray.render.job import chain_plan, plan_tracks, render_track, write_catalog
+    from mess_ray.render.sources import list_score_refs, load_score
+    from mess_ray.segments import SEGMENT_SCHEMA, encode_audio, segment_id, segments_dir
+    from mess_ray.splits import split_by_piece
+    from mess_ray.storage import Storage, new_version
+
+    sr = 16000
+    cfg = tiny_config(
+        str(tmp_path / "store"), audio={"sample_rate": sr, "window_s": 2.0, "hop_s": 1.0}
+    )
+    cfg.render = cfg.render.model_copy(
+        update={
+            "source": "asap",
+            "source_path": str(make_asap_folder(tmp_path / "asap")),
+            "sample_rate": sr,
+        }
+    )
+    cfg.eval.holdout_fraction = 0.6
+    cfg.eval.head_steps = 5
+    storage = Storage.from_config(cfg.storage)
+    refs = list_score_refs(cfg.render)
+    held = set(split_by_piece([r.piece_id for r in refs], 0.6, 0).held_out)
+    version = new_version()
+    rows = [
+        render_track(load_score(ref), ref, style, tid, cfg.render, storage, version, chain)
+        for ref, style, tid, chain in chain_plan(plan_tracks(refs, []), ["dry"], ["eval-1"], held)
+    ]
+    write_catalog(storage, version, rows)
+    storage.publish("render", version, {"counts": {"tracks": len(rows)}})
+    segments = []
+    for row in catalog_from_render(storage)[0]:
+        with storage.open(row["source_uri"].replace(storage.root.rstrip("/") + "/", ""), "rb") as f:
+            audio, rate = sf.read(f, dtype="float32")
+        assert rate == sr
+        win, hop = 2 * sr, sr
+        for start in range(0, len(audio) - win + 1, hop):
+            segments.append(
+                {
+                    "segment_id": segment_id(row["track_id"], start),
+                    "track_id": row["track_id"],
+                    "piece_id": row["piece_id"],
+                    "style": "",
+                    "start_s": start / sr,
+                    "end_s": (start + win) / sr,
+                    "start_sample": start,
+                    "num_samples": win,
+                    "sample_rate": sr,
+                    "source_uri": row["source_uri"],
+                    "metadata_json": row["metadata_json"],
+                    "audio": encode_audio(audio[start : start + win]),
+                }
+            )
+    ingest = new_version()
+    with storage.open(posixpath.join(segments_dir(ingest), "part-00000.parquet"), "wb") as f:
+        pq.write_table(pa.Table.from_pylist(segments, schema=SEGMENT_SCHEMA), f)
+    storage.publish("ingest", ingest, {"counts": {"segments": len(segments)}})
+
+    manifest = run_evaluate(cfg, storage, ["finetune"])
+    protocol = manifest["protocol"]
+    assert set(protocol["summary"]["chains"]) == {"dry", "eval-1"}
+    invariance = [r for r in protocol["rows"] if r["task"] == CHAIN_INVARIANCE]
+    assert {r["chains"] for r in invariance} == {"dry->eval-1", "eval-1->dry"}
+    chance = [r for r in invariance if r["system"] == "chance" and r["metric"] == "recall@1"]
+    assert chance and all(0 <= r["value"] <= 1 for r in chance)

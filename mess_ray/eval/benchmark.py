@@ -390,7 +390,7 @@ def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str]) ->
         tasks_skipped.update(plan.skipped)
         if plan.passage_rows is None and plan.agreement_rows is None:
             plan = None
-    if held_out is None and plan is None:
+    if held_out is None and plan is None and not ecfg.protocol:
         raise ValueError(
             "no benchmark task can run on ingest "
             + ingest_version
@@ -495,8 +495,11 @@ def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str]) ->
         else None
     )
     line = full_headline(task_metrics, style_line, ecfg.ndcg_k) or "no system could be evaluated"
-    holdout_pieces = held_out.holdout_pieces if held_out is not None else plan.perf.holdout_pieces
-    train_pieces = held_out.train_pieces if held_out is not None else plan.perf.train_pieces
+    holdout_pieces, train_pieces = [], []
+    if held_out is not None:
+        holdout_pieces, train_pieces = held_out.holdout_pieces, held_out.train_pieces
+    elif plan is not None:
+        holdout_pieces, train_pieces = plan.perf.holdout_pieces, plan.perf.train_pieces
     manifest = {
         "inputs": {
             "ingest": ingest_version,
@@ -535,6 +538,11 @@ def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str]) ->
                 precomputed=perf_vectors,
             )
         except ValueError as err:
+            if held_out is None and plan is None:
+                raise ValueError(
+                    f"no benchmark task can run on ingest {ingest_version}: protocol: {err}; "
+                    + "; ".join(f"{k}: {v}" for k, v in tasks_skipped.items())
+                ) from err
             manifest["protocol"] = {"skipped": str(err)}
             log.warning("protocol table skipped: %s", err)
         else:
