@@ -103,12 +103,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=["finetune", "pretrain"])
     parser.add_argument("--skip", nargs="*", default=[], choices=STAGES)
     parser.add_argument("--lock", default="/tmp/mess-ray-ray.lock", help="'' for none")
+    parser.add_argument(
+        "--reuse",
+        nargs="*",
+        default=[],
+        choices=STAGES[:-1],
+        help="stages not rerun when their artifact is already published (checked under the lock)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
     from mess_ray.pipeline import run_stage
+    from mess_ray.storage import Storage
 
     cfg = load_config(args.config, args.set)
     started = time.time()
@@ -122,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             waited = time.time() - t0
             for stage in ray_stages:
                 t1 = time.time()
+                if stage in args.reuse and Storage.from_config(cfg.storage).latest(stage):
+                    emit({"figure": "stage_reused", "stage": stage})
+                    continue
                 manifest = run_stage(stage, cfg)
                 ray.shutdown()
                 emit(stage_record(stage, t1, waited, manifest))
@@ -136,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from mess_ray.eval import run_evaluate
         from mess_ray.pipeline import with_storage_resolved
-        from mess_ray.storage import Storage
 
         cfg = with_storage_resolved(cfg)
         manifest = run_evaluate(cfg, Storage.from_config(cfg.storage), args.models)
