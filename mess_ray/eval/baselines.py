@@ -53,7 +53,7 @@ def chroma_statistics(audio: np.ndarray, sample_rate: int) -> np.ndarray:
     audio = _check_audio(audio)
     rows = []
     for x in audio:
-        chroma = librosa.feature.chroma_cqt(y=x, sr=sample_rate, hop_length=1024)
+        chroma = librosa.feature.chroma_cqt(y=x, sr=sample_rate, hop_length=2048)
         rows.append(np.concatenate([chroma.mean(axis=1), chroma.std(axis=1)]))
     return np.asarray(rows, dtype=np.float64)
 
