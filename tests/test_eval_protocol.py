@@ -106,7 +106,9 @@ def test_views_cover_tasks_splits_and_chain_conditions():
 
 def test_scores_separate_a_pianist_model_from_chance_with_verdicts():
     data, systems = synthetic()
-    rows = score_table(build_views(data), systems, data, reference="pianist_model", n_boot=200)
+    rows = score_table(
+        build_views(data), systems, data, reference="pianist_model", n_boot=200, min_pieces=2
+    )
     get = {(r["task"], r["split"], r["chains"], r["system"], r["metric"]): r for r in rows}
     good = get[(PERFORMER, "test", "dry->eval-1", "pianist_model", "map")]
     chance = get[(PERFORMER, "test", "dry->eval-1", "chance", "map")]
@@ -129,9 +131,17 @@ def test_scores_separate_a_pianist_model_from_chance_with_verdicts():
     assert err["value"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_no_verdict_from_too_few_pieces():
+    data, systems = synthetic()
+    rows = score_table(build_views(data), systems, data, reference="pianist_model", n_boot=50)
+    assert {r["reference_verdict"] for r in rows if "reference_verdict" in r} == {"too few pieces"}
+
+
 def test_table_markdown_and_plot(tmp_path):
     data, systems = synthetic()
-    rows = score_table(build_views(data), systems, data, reference="pianist_model", n_boot=100)
+    rows = score_table(
+        build_views(data), systems, data, reference="pianist_model", n_boot=100, min_pieces=2
+    )
     summary = {
         "split": data.split,
         "chains": list(CHAINS),
@@ -197,7 +207,9 @@ def test_protocol_benchmark_prints_headline_figures_and_refuses_a_missing_table(
     from benchmarks.protocol import figure_lines
 
     data, systems = synthetic()
-    rows = score_table(build_views(data), systems, data, reference="pianist_model", n_boot=100)
+    rows = score_table(
+        build_views(data), systems, data, reference="pianist_model", n_boot=100, min_pieces=2
+    )
     lines = figure_lines({"protocol": {"rows": rows}})
     assert lines and all(r["figure"] == "protocol" and "ci_low" in r for r in lines)
     assert {r["metric"] for r in lines} <= {"map", "recall@1", "ndcg@10", "top_hit_error_s"}

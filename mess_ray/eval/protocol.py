@@ -261,6 +261,7 @@ def score_table(
     ndcg_k: int = 10,
     n_boot: int = 1000,
     seed: int = 0,
+    min_pieces: int = 5,
 ) -> list[dict[str, Any]]:
     """One row per (task, split, condition, system, metric): value, 95 % CI over pieces, the
     paired difference to ``reference`` with its CI and verdict; performer tasks also carry the
@@ -308,7 +309,9 @@ def score_table(
                     )
                     # the reference's verdict against this system: lower is better for errors
                     v = verdict(diff)
-                    if metric == "top_hit_error_s" and v != "ties":
+                    if diff.clusters < min_pieces:
+                        v = "too few pieces"  # a bootstrap over 1-4 pieces decides nothing
+                    elif metric == "top_hit_error_s" and v in ("wins", "loses"):
                         v = "wins" if v == "loses" else "loses"
                     row.update(
                         reference=reference,
