@@ -3,7 +3,10 @@
 of every task x split x chain condition x system, with its 95 % CI over pieces and the paired
 verdict of the first model against it).
 
-    python -m benchmarks.protocol                      # everything, ~40-70 min on 2 cores
+    python -m benchmarks.protocol                      # everything: ~15 min of stages on 2 shared
+                                                       # cores (render 256 s, ingest 25, pretrain 86,
+                                                       # finetune 100, evaluate 414; load 5-12)
+    python -m benchmarks.protocol --reuse render       # keep a published render
     python -m benchmarks.protocol --skip render ingest # reuse the corpus, retrain and evaluate
     python -m benchmarks.protocol --skip render ingest pretrain finetune   # evaluate only
 
