@@ -82,7 +82,14 @@ class StyleSpec(_Section):
     )
     pedal: bool = False
     program: int = Field(0, ge=0, le=127, description="General MIDI program (timbre).")
-    brightness: int = Field(64, ge=0, le=127, description="CC74 brightness.")
+    brightness: int = Field(
+        64,
+        ge=0,
+        le=127,
+        description="CC74 brightness, written into the MIDI only: FluidSynth renders bit-identical "
+        "audio for CC74 0 and 127 with every chain SoundFont (python -m benchmarks.brightness_centroid), "
+        "so it does not distinguish styles in the audio.",
+    )
     phrase_bars: int = Field(4, ge=1, le=32, description="Bars per phrase for the rubato arch.")
     pedal_mode: Literal["bar", "harmony"] = Field(
         "bar", description="Re-pedal at each bar or at bass changes."
@@ -175,6 +182,31 @@ class RenderConfig(_Section):
     synth_timeout_s: float = Field(
         300.0, gt=0, description="Kill a FluidSynth run after this long."
     )
+    chains: list[str] = Field(
+        default_factory=lambda: ["dry"],
+        min_length=1,
+        description="Recording chains every performance is rendered through (mess_ray.render.chains): "
+        "'dry' (render.soundfont, nothing after it) or 'train-<seed>' (a sampled training-side chain). "
+        "With only 'dry' track ids carry no chain suffix.",
+    )
+    eval_chains: list[str] = Field(
+        default_factory=list,
+        description="Evaluation-only chains ('eval-<seed>': SoundFonts never used for training), "
+        "rendered besides render.chains for the evaluation's held-out pieces only (validation + test "
+        "of eval.holdout_fraction / eval.seed), so no training stage ever hears them.",
+    )
+
+    @field_validator("chains", "eval_chains")
+    @classmethod
+    def _known_chains(cls, value: list[str]) -> list[str]:
+        import re as _re
+
+        if len(set(value)) != len(value):
+            raise ValueError(f"chains must be distinct, got {value}")
+        for name in value:
+            if name != "dry" and not _re.fullmatch(r"(train|eval)-\d+", name):
+                raise ValueError(f"unknown chain {name!r}: 'dry', 'train-<n>' or 'eval-<n>'")
+        return value
 
 
 class IngestConfig(_Section):
@@ -581,6 +613,27 @@ class EvalConfig(_Section):
     triplet_margin: float = Field(0.2, ge=0)
     max_plot_points: int = Field(
         2000, ge=10, description="Embeddings drawn in the PCA map (subsampled, seeded)."
+    )
+    protocol: bool = Field(
+        True,
+        description="Also write the protocol table (mess_ray.eval.protocol: performer identity, chain "
+        "invariance, passages, agreement x systems x baselines x chains, CIs over pieces).",
+    )
+    validation_share: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="Share of the held-out pieces that are validation (rest: test).",
+    )
+    bootstrap_samples: int = Field(1000, ge=100, description="Draws of the bootstrap over pieces.")
+    max_queries_per_chain: int | None = Field(
+        400, ge=1, description="Queries per split and chain (seeded sample); None: every segment."
+    )
+    head_steps: int = Field(300, ge=1, description="Training steps of the learned descriptor head.")
+    head_max_segments: int = Field(
+        1500,
+        ge=16,
+        description="Training-piece segments the descriptor head trains on (seeded sample).",
     )
 
 

@@ -369,7 +369,7 @@ def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str]) ->
         tasks_skipped.update(plan.skipped)
         if plan.passage_rows is None and plan.agreement_rows is None:
             plan = None
-    if held_out is None and plan is None:
+    if held_out is None and plan is None and not ecfg.protocol:
         raise ValueError(
             "no benchmark task can run on ingest "
             + ingest_version
@@ -381,6 +381,7 @@ def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str]) ->
     results: list[SystemResult] = []
     task_metrics: dict[str, dict[str, dict[str, float]]] = {}
     task_similarities: dict[str, dict[str, np.ndarray]] = {}
+    perf_vectors: dict[str, np.ndarray] = {}  # reused by the protocol table (same segments)
     skipped: dict[str, str] = {}
     for ref in systems:
         try:
@@ -410,6 +411,8 @@ def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str]) ->
                     )
                 else:
                     vectors, info = embed_system(cfg, storage, ref, plan.perf)
+                if ref != DESCRIPTORS:
+                    perf_vectors[ref] = vectors
                 if held_out is None:
                     results.append(
                         SystemResult(
@@ -471,8 +474,11 @@ def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str]) ->
         else None
     )
     line = full_headline(task_metrics, style_line, ecfg.ndcg_k) or "no system could be evaluated"
-    holdout_pieces = held_out.holdout_pieces if held_out is not None else plan.perf.holdout_pieces
-    train_pieces = held_out.train_pieces if held_out is not None else plan.perf.train_pieces
+    holdout_pieces, train_pieces = [], []
+    if held_out is not None:
+        holdout_pieces, train_pieces = held_out.holdout_pieces, held_out.train_pieces
+    elif plan is not None:
+        holdout_pieces, train_pieces = plan.perf.holdout_pieces, plan.perf.train_pieces
     manifest = {
         "inputs": {
             "ingest": ingest_version,
@@ -498,6 +504,29 @@ def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str]) ->
         "held_out_pieces": holdout_pieces,
         "train_pieces": train_pieces,
     }
+    protocol_files: dict[str, str] = {}
+    if ecfg.protocol:
+        from mess_ray.eval.protocol import run_protocol, write_protocol_report
+
+        try:
+            rows, protocol_summary = run_protocol(
+                cfg,
+                storage,
+                ingest_version,
+                [r for r in systems if r not in (DESCRIPTORS, RANDOM)],
+                precomputed=perf_vectors,
+            )
+        except ValueError as err:
+            if held_out is None and plan is None:
+                raise ValueError(
+                    f"no benchmark task can run on ingest {ingest_version}: protocol: {err}; "
+                    + "; ".join(f"{k}: {v}" for k, v in tasks_skipped.items())
+                ) from err
+            manifest["protocol"] = {"skipped": str(err)}
+            log.warning("protocol table skipped: %s", err)
+        else:
+            manifest["protocol"] = {"summary": protocol_summary, "rows": rows}
+            protocol_files = write_protocol_report(storage, version, rows, protocol_summary)
     if plan is not None and plan.perf.problems:
         manifest["performance_problems"] = {t: p for t, p in list(plan.perf.problems.items())[:50]}
     manifest["files"] = write_report(
@@ -512,5 +541,6 @@ def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str]) ->
         task_similarities=task_similarities,
         plan=plan,
     )
+    manifest["files"] = [*manifest["files"], *protocol_files.values()]
     log.info(line)
     return storage.publish("eval", version, manifest)

@@ -31,9 +31,11 @@ import ray
 from tqdm import tqdm
 
 from mess_ray.config import MessRayConfig, RenderConfig, StorageConfig, StyleSpec
+from mess_ray.render.chains import DRY, render_with_chain, resolve_chain
 from mess_ray.render.expressive import apply_style, as_played
 from mess_ray.render.sources import Score, ScoreRef, list_score_refs, load_score
 from mess_ray.render.synth import check_soundfont, fluidsynth_binary, render_to_wav
+from mess_ray.splits import split_by_piece
 from mess_ray.storage import Storage, new_version
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,9 @@ CATALOG_SCHEMA = pa.schema(
         ("duration_s", pa.float64()),
         ("sample_rate", pa.int32()),
         ("source", pa.string()),
+        ("performance_id", pa.string()),  # the track id without the chain: one per performance
+        ("chain_id", pa.string()),  # chain name + parameter digest (mess_ray.render.chains)
+        ("chain_json", pa.string()),  # every parameter of the recording chain
     ]
 )
 MAX_LISTED_FAILURES = 50
@@ -90,6 +95,24 @@ def plan_tracks(
     return plan
 
 
+def chain_plan(
+    plan: list[tuple[ScoreRef, StyleSpec | None, str]],
+    chains: list[str],
+    eval_chains: list[str],
+    held_out_pieces: set[str],
+) -> list[tuple[ScoreRef, StyleSpec | None, str, str]]:
+    """Every planned track through every chain: (ref, style, track id, chain name). Only
+    ``chains == ['dry']`` keeps the bare track ids; otherwise ``<track id>__<chain>``.
+    Evaluation-only chains render held-out pieces only."""
+    bare = list(chains) == [DRY] and not eval_chains
+    out = []
+    for ref, style, tid in plan:
+        names = list(chains) + (list(eval_chains) if ref.piece_id in held_out_pieces else [])
+        for name in names:
+            out.append((ref, style, tid if bare else f"{tid}__{name}", name))
+    return out
+
+
 def render_track(
     score: Score,
     ref: ScoreRef,
@@ -98,9 +121,13 @@ def render_track(
     cfg: RenderConfig,
     storage: Storage,
     version: str,
+    chain_name: str = DRY,
 ) -> dict[str, Any]:
-    """Perform, synthesize and upload one track; returns its catalog row."""
-    seed = track_seed(cfg.seed, tid)
+    """Perform, synthesize, record through the chain and upload one track; returns its catalog
+    row. The performance (expressive MIDI) depends on the performance id only, so every chain
+    of one performance plays the same notes."""
+    performance_id = tid[: -len(f"__{chain_name}")] if tid.endswith(f"__{chain_name}") else tid
+    seed = track_seed(cfg.seed, performance_id)
     if style is None:
         midi, params = as_played(score.midi, cfg.max_duration_s)
         params.update(ref.extra)
@@ -110,7 +137,12 @@ def render_track(
     midi_rel = posixpath.join("audio", f"{tid}.mid")
     with tempfile.TemporaryDirectory(prefix="mess-ray-render-") as tmp:
         local = os.path.join(tmp, f"{tid}.wav")
-        duration = render_to_wav(midi, cfg, local)
+        chain = resolve_chain(chain_name, cfg.soundfont)
+        if chain_name == DRY:
+            duration = render_to_wav(midi, cfg, local)
+            chain_params = chain.model_dump(mode="json")
+        else:
+            duration, chain_params = render_with_chain(midi, cfg, chain, local)
         # Kept beside the audio: MIDI descriptors of a segment come from exactly what was played.
         local_midi = os.path.join(tmp, f"{tid}.mid")
         midi.write(local_midi)
@@ -129,6 +161,9 @@ def render_track(
         "duration_s": round(duration, 4),
         "sample_rate": cfg.sample_rate,
         "source": ref.source,
+        "performance_id": performance_id,
+        "chain_id": chain.chain_id,
+        "chain_json": json.dumps(chain_params, sort_keys=True),
     }
 
 
@@ -150,11 +185,14 @@ def _render_task(
     cfg: RenderConfig,
     storage_cfg: StorageConfig,
     version: str,
+    chain_name: str = DRY,
 ) -> dict[str, Any]:
     if isinstance(score, str):
         return {"error": score, "track_id": tid, "piece_id": ref.piece_id}
     try:
-        return render_track(score, ref, style, tid, cfg, Storage.from_config(storage_cfg), version)
+        return render_track(
+            score, ref, style, tid, cfg, Storage.from_config(storage_cfg), version, chain_name
+        )
     except Exception as exc:
         log.debug("render of %s failed:\n%s", tid, traceback.format_exc())
         return {"error": f"{type(exc).__name__}: {exc}", "track_id": tid, "piece_id": ref.piece_id}
@@ -189,7 +227,15 @@ def run_render(cfg: MessRayConfig, storage: Storage) -> dict:
     check_soundfont(rcfg.soundfont)  # fail before starting any task
     fluidsynth_binary()
     refs = list_score_refs(rcfg)
-    plan = plan_tracks(refs, rcfg.styles)
+    held_out = set(
+        split_by_piece(
+            [r.piece_id for r in refs], cfg.eval.holdout_fraction, cfg.eval.seed
+        ).held_out
+    )
+    for name in [*rcfg.chains, *rcfg.eval_chains]:
+        chain = resolve_chain(name, rcfg.soundfont)  # fail before starting any task
+        check_soundfont(chain.soundfont or rcfg.soundfont)
+    plan = chain_plan(plan_tracks(refs, rcfg.styles), rcfg.chains, rcfg.eval_chains, held_out)
     version = new_version()
     log.info("render %s: %d pieces, %d tracks", version, len({r.piece_id for r in refs}), len(plan))
 
@@ -199,9 +245,9 @@ def run_render(cfg: MessRayConfig, storage: Storage) -> dict:
     loaded = {(ref.piece_id, ref.variant): _load_task.remote(ref) for ref in refs}
     pending = [
         _render_task.remote(
-            loaded[(ref.piece_id, ref.variant)], ref, style, tid, rcfg, storage_cfg, version
+            loaded[(ref.piece_id, ref.variant)], ref, style, tid, rcfg, storage_cfg, version, chain
         )
-        for ref, style, tid in plan
+        for ref, style, tid, chain in plan
     ]
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
@@ -231,6 +277,8 @@ def run_render(cfg: MessRayConfig, storage: Storage) -> dict:
             "pieces": sorted({r.piece_id for r in refs}),
             "styles": [s.name for s in rcfg.styles],
             "soundfont": rcfg.soundfont,
+            "chains": list(rcfg.chains),
+            "eval_chains": list(rcfg.eval_chains),
             "config_digest": cfg.digest(),
         },
         "counts": {

@@ -1,0 +1,176 @@
+"""The yardstick end to end (issue 15): render -> ingest -> pretrain -> finetune -> evaluate on
+``configs/protocol.yaml``, then one JSON line per figure of the protocol table (headline metric
+of every task x split x chain condition x system, with its 95 % CI over pieces and the paired
+verdict of the first model against it).
+
+    python -m benchmarks.protocol                      # everything: ~15 min of stages on 2 shared
+                                                       # cores (render 256 s, ingest 25, pretrain 86,
+                                                       # finetune 100, evaluate 414; load 5-12)
+    python -m benchmarks.protocol --reuse render       # keep a published render
+    python -m benchmarks.protocol --skip render ingest # reuse the corpus, retrain and evaluate
+    python -m benchmarks.protocol --skip render ingest pretrain finetune   # evaluate only
+
+Each stage runs in this process with its own embedded Ray, which is shut down after the stage;
+with ``--lock PATH`` (default /tmp/mess-ray-ray.lock) the Ray stages hold an exclusive flock on
+PATH, once for all of them (several users of one machine take turns). Evaluate embeds on the
+driver when ``eval.ray_data_min_segments`` exceeds 100000 (configs/protocol.yaml) and then
+starts no Ray and takes no lock. A stage line gives its seconds and the 1-minute load
+average. Every setting is chosen on the validation pieces; the test rows are the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+
+from mess_ray.config import load_config
+
+STAGES = ("render", "ingest", "pretrain", "finetune", "evaluate")
+
+
+@contextmanager
+def exclusive(path: str | None):
+    if not path:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+DRIVER_ONLY = 100_000  # eval.ray_data_min_segments above this: evaluate never starts Ray
+
+
+def stage_record(stage: str, t0: float, waited: float, manifest: dict) -> dict:
+    return {
+        "figure": "stage_seconds",
+        "stage": stage,
+        "seconds": round(time.time() - t0, 1),
+        "waited_for_lock_s": round(waited, 1),
+        "load1": round(os.getloadavg()[0], 2),
+        "version": manifest.get("version"),
+        "counts": manifest.get("counts"),
+    }
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record, default=float), flush=True)
+
+
+def figure_lines(manifest: dict) -> list[dict]:
+    """The headline rows of the protocol table as JSON-line records."""
+    from mess_ray.eval.protocol import headline_rows
+
+    protocol = manifest.get("protocol") or {}
+    if "rows" not in protocol:
+        raise RuntimeError(f"the evaluation wrote no protocol table: {protocol.get('skipped')}")
+    keys = (
+        "split",
+        "task",
+        "chains",
+        "metric",
+        "system",
+        "value",
+        "ci_low",
+        "ci_high",
+        "pieces",
+        "queries",
+        "chance",
+        "ci_low_pianists",
+        "ci_high_pianists",
+        "pianists",
+        "reference",
+        "diff",
+        "diff_low",
+        "diff_high",
+        "reference_verdict",
+    )
+    return [
+        {"figure": "protocol", **{k: r[k] for k in keys if k in r}}
+        for r in headline_rows(protocol["rows"])
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/protocol.yaml")
+    parser.add_argument("--set", action="append", default=[], help="config override key=value")
+    parser.add_argument("--models", nargs="+", default=["finetune", "pretrain"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=STAGES)
+    parser.add_argument("--lock", default="/tmp/mess-ray-ray.lock", help="'' for none")
+    parser.add_argument(
+        "--reuse",
+        nargs="*",
+        default=[],
+        choices=STAGES[:-1],
+        help="stages not rerun when their artifact is already published (checked under the lock)",
+    )
+    args = parser.parse_args(argv)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    from mess_ray.pipeline import run_stage
+    from mess_ray.storage import Storage
+
+    cfg = load_config(args.config, args.set)
+    started = time.time()
+    manifest: dict = {}
+    ray_stages = [s for s in STAGES[:-1] if s not in args.skip]
+    # The Ray stages run back to back under one hold of the lock (no queueing between them);
+    # evaluate embeds on the driver (eval.ray_data_min_segments above the corpus) and needs none.
+    if ray_stages:
+        t0 = time.time()
+        with exclusive(args.lock):
+            waited = time.time() - t0
+            for stage in ray_stages:
+                t1 = time.time()
+                if stage in args.reuse and Storage.from_config(cfg.storage).latest(stage):
+                    emit({"figure": "stage_reused", "stage": stage})
+                    continue
+                manifest = run_stage(stage, cfg)
+                ray.shutdown()
+                emit(stage_record(stage, t1, waited, manifest))
+                waited = 0.0
+    if "evaluate" in args.skip:
+        return 0
+    t1 = time.time()
+    if cfg.eval.ray_data_min_segments <= DRIVER_ONLY:
+        with exclusive(args.lock):
+            manifest = run_stage("evaluate", cfg, model_refs=args.models)
+            ray.shutdown()
+    else:
+        from mess_ray.eval import run_evaluate
+        from mess_ray.pipeline import with_storage_resolved
+
+        cfg = with_storage_resolved(cfg)
+        manifest = run_evaluate(cfg, Storage.from_config(cfg.storage), args.models)
+    emit(stage_record("evaluate", t1, 0.0, manifest))
+    for record in figure_lines(manifest):
+        emit(record)
+    summary = manifest["protocol"]["summary"]
+    emit(
+        {
+            "figure": "protocol_summary",
+            "split": summary["split"],
+            "chains": summary["chains"],
+            "segments": summary["segments"],
+            "pianists": summary["pianists"],
+            "skipped": summary["skipped"],
+            "eval_version": manifest.get("version"),
+            "total_seconds": round(time.time() - started, 1),
+        }
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

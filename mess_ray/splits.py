@@ -1,0 +1,95 @@
+"""The fixed train / validation / test split by piece, and the split by pianist.
+
+Both are deterministic from the ids (a seeded hash per id), so a new corpus splits stably:
+adding pieces or pianists never moves an existing one to another side (outside the small-corpus
+clamp of :func:`mess_ray.segments.split_pieces`).
+
+* **By piece.** The hold-out side is exactly :func:`mess_ray.segments.split_pieces` on
+  ``eval.holdout_fraction`` / ``eval.seed`` (so pretraining's ``exclude_eval_holdout`` and
+  fine-tuning, which train on its training side, already leave validation *and* test out);
+  a second hash divides the hold-out into validation (settings are chosen there) and test
+  (reported once per model).
+* **By pianist** (performer identity with unseen pianists): a pianist is a test pianist when
+  its own seeded hash is below ``test_fraction``. Pianists come from ASAP performer tags
+  (``Yarden03``, ``ParkJH05``, ``Shi05M``: the name before the take number).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from mess_ray.segments import split_pieces
+
+TRAIN, VALIDATION, TEST = "train", "validation", "test"
+SPLITS = (TRAIN, VALIDATION, TEST)
+_PERFORMER = re.compile(r"^([A-Za-z][A-Za-z_\-]*?)[-_]?(\d+)[A-Za-z]*$")
+
+
+def _score(key: str, seed: int, salt: str) -> float:
+    digest = hashlib.blake2b(f"{salt}\x00{seed}\x00{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+@dataclass(frozen=True)
+class PieceSplit:
+    train: tuple[str, ...]
+    validation: tuple[str, ...]
+    test: tuple[str, ...]
+
+    def side(self, piece_id: str) -> str | None:
+        """The side a piece is on (None: unknown piece)."""
+        for name in SPLITS:
+            if piece_id in getattr(self, name):
+                return name
+        return None
+
+    @property
+    def held_out(self) -> tuple[str, ...]:
+        return tuple(sorted(self.validation + self.test))
+
+    def as_dict(self) -> dict[str, list[str]]:
+        return {name: list(getattr(self, name)) for name in SPLITS}
+
+
+def split_by_piece(
+    piece_ids, holdout_fraction: float, seed: int = 0, validation_share: float = 0.5
+) -> PieceSplit:
+    """Train / validation / test pieces (each sorted). The hold-out is ``split_pieces``'s;
+    within it a piece is validation when its second seeded hash is below ``validation_share``.
+    With two or more held-out pieces each of validation and test keeps at least one."""
+    if not 0.0 < validation_share < 1.0:
+        raise ValueError(f"validation_share must be in (0, 1), got {validation_share}")
+    pieces = sorted({str(p) for p in piece_ids if p})
+    train, held_out = split_pieces(pieces, holdout_fraction, seed)
+    order = sorted(held_out, key=lambda p: (_score(p, seed, "validation"), p))
+    n_val = sum(_score(p, seed, "validation") < validation_share for p in order)
+    if len(order) >= 2:
+        n_val = min(max(n_val, 1), len(order) - 1)
+    return PieceSplit(tuple(train), tuple(sorted(order[:n_val])), tuple(sorted(order[n_val:])))
+
+
+def pianist_of(performer: str) -> str:
+    """The pianist of an ASAP performer tag: ``Yarden03`` -> ``yarden``, ``ParkJH05`` ->
+    ``parkjh``, ``Shi05M`` -> ``shi``; a tag without a take number is its own pianist."""
+    if not isinstance(performer, str) or not performer.strip():
+        raise ValueError(f"performer tag must be a non-empty string, got {performer!r}")
+    tag = performer.strip()
+    match = _PERFORMER.match(tag)
+    return (match.group(1) if match else tag).lower()
+
+
+@dataclass(frozen=True)
+class PianistSplit:
+    train: tuple[str, ...]
+    test: tuple[str, ...]
+
+
+def split_by_pianist(pianists, test_fraction: float = 0.5, seed: int = 0) -> PianistSplit:
+    """Train / test pianists by a seeded hash of each name (stable when pianists are added)."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    names = sorted({str(p) for p in pianists if p})
+    test = [p for p in names if _score(p, seed, "pianist") < test_fraction]
+    return PianistSplit(tuple(p for p in names if p not in set(test)), tuple(test))

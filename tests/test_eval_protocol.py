@@ -1,0 +1,325 @@
+"""The protocol's tasks on a synthetic held-out set: masks, per-query scores, CIs and verdicts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mess_ray.eval import baselines as bl
+from mess_ray.eval.midi_descriptors import MIDI_DESCRIPTOR_NAMES
+from mess_ray.eval.performances import PerformanceSet
+from mess_ray.eval.protocol import (
+    AGREEMENT,
+    CHAIN_INVARIANCE,
+    PASSAGE,
+    PERFORMER,
+    PERFORMER_UNSEEN,
+    EvalData,
+    SegmentLabels,
+    build_views,
+    labels_from_metadata,
+    markdown_table,
+    plot_table,
+    score_table,
+)
+
+PIECES, PIANISTS, CHAINS, SEGMENTS = 4, 3, ("dry", "eval-1"), 5
+
+
+def synthetic() -> tuple[EvalData, dict[str, np.ndarray]]:
+    """Every pianist plays every piece, through two chains; 5 segments of 2 s each."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for p in range(PIECES):
+        for a in range(PIANISTS):
+            for c in CHAINS:
+                for s in range(SEGMENTS):
+                    rows.append((f"piece{p}", f"pianist{a}", c, s))
+    n = len(rows)
+    piece = np.array([r[0] for r in rows], dtype=object)
+    pianist = np.array([r[1] for r in rows], dtype=object)
+    chain = np.array([r[2] for r in rows], dtype=object)
+    seg = np.array([r[3] for r in rows])
+    performance = np.array([f"{r[0]}__{r[1]}" for r in rows], dtype=object)
+    track = np.array([f"{r[0]}__{r[1]}__{r[2]}" for r in rows], dtype=object)
+    beats = {t: np.arange(0, 30, 0.5) for t in set(track)}
+    midi = rng.normal(size=(n, len(MIDI_DESCRIPTOR_NAMES)))
+    perf = PerformanceSet(
+        segment_ids=np.arange(n),
+        track_ids=track,
+        piece_ids=piece,
+        start_s=seg * 2.0,
+        end_s=seg * 2.0 + 4.0,
+        beat_spans=np.stack([seg * 4.0, seg * 4.0 + 8.0], axis=1),
+        midi_descriptors=midi,
+        has_midi=np.ones(n, bool),
+        audio=np.zeros((n, 0), np.float32),
+        beats=beats,
+        holdout_pieces=[f"piece{p}" for p in range(PIECES)],
+        train_pieces=[],
+    )
+    side = np.where(np.isin(piece, ["piece0", "piece1"]), "validation", "test").astype(object)
+    labels = SegmentLabels(chain, performance, pianist, side)
+    data = EvalData(
+        perf,
+        labels,
+        {"validation": ["piece0", "piece1"], "test": ["piece2", "piece3"]},
+        {"pianist0"},
+    )
+    # A system that knows the pianist (+ noise), one that knows the performance and position, chance.
+    pianist_code = np.array([int(p[-1]) for p in pianist])
+    knows_pianist = np.eye(PIANISTS)[pianist_code] * 3 + rng.normal(0, 0.3, (n, PIANISTS))
+    perf_code = np.unique(performance, return_inverse=True)[1]
+    knows_passage = np.concatenate(
+        [np.eye(perf_code.max() + 1)[perf_code], np.eye(SEGMENTS)[seg] * 3], axis=1
+    ) + rng.normal(0, 0.05, (n, perf_code.max() + 1 + SEGMENTS))
+    systems = {
+        "pianist_model": knows_pianist,
+        "passage_model": knows_passage,
+        "chance": bl.chance_embeddings(n, 0),
+    }
+    return data, systems
+
+
+def test_views_cover_tasks_splits_and_chain_conditions():
+    data, _ = synthetic()
+    views = build_views(data)
+    keys = {(v.task, v.split, v.condition) for v in views}
+    for split in ("validation", "test"):
+        assert (PERFORMER, split, "dry") in keys and (PERFORMER, split, "dry->eval-1") in keys
+        assert (CHAIN_INVARIANCE, split, "dry->eval-1") in keys
+        assert (CHAIN_INVARIANCE, split, "dry") not in keys  # needs two chains
+        assert (PASSAGE, split, "eval-1") in keys and (AGREEMENT, split, "dry") in keys
+    for v in views:
+        q_piece = data.perf.piece_ids[v.rows][v.queries]
+        cand_piece = data.perf.piece_ids[v.rows]
+        if v.task in (PERFORMER, PERFORMER_UNSEEN, AGREEMENT):
+            # candidates from other pieces only
+            assert not (v.candidates & (q_piece[:, None] == cand_piece[None, :])).any()
+        if v.task == CHAIN_INVARIANCE:
+            assert ((v.relevance > 0).sum(axis=1) == 1).all()
+        # no validation piece meets a test piece
+        assert set(cand_piece) <= set(data.split[v.split])
+    unseen = [v for v in views if v.task == PERFORMER_UNSEEN]
+    assert unseen and all("pianist0" not in set(v.pianists) for v in unseen)
+
+
+def test_scores_separate_a_pianist_model_from_chance_with_verdicts():
+    data, systems = synthetic()
+    rows = score_table(
+        build_views(data), systems, data, reference="pianist_model", n_boot=200, min_pieces=2
+    )
+    get = {(r["task"], r["split"], r["chains"], r["system"], r["metric"]): r for r in rows}
+    good = get[(PERFORMER, "test", "dry->eval-1", "pianist_model", "map")]
+    chance = get[(PERFORMER, "test", "dry->eval-1", "chance", "map")]
+    assert good["value"] > 0.9 and chance["value"] < 0.6
+    assert (
+        chance["reference_verdict"] == "wins"
+        and chance["ci_low"] <= chance["value"] <= chance["ci_high"]
+    )
+    assert good["chance"] == pytest.approx(1 / PIANISTS, abs=0.01)
+    assert "ci_low_pianists" in good and good["pianists"] == PIANISTS
+    inv = get[(CHAIN_INVARIANCE, "validation", "eval-1->dry", "passage_model", "recall@1")]
+    assert inv["value"] == 1.0
+    assert (
+        get[(CHAIN_INVARIANCE, "validation", "eval-1->dry", "passage_model", "recall@1")][
+            "reference_verdict"
+        ]
+        == "loses"
+    )
+    err = get[(PASSAGE, "test", "dry", "passage_model", "top_hit_error_s")]
+    assert err["value"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_no_verdict_from_too_few_pieces():
+    data, systems = synthetic()
+    rows = score_table(build_views(data), systems, data, reference="pianist_model", n_boot=50)
+    assert {r["reference_verdict"] for r in rows if "reference_verdict" in r} == {"too few pieces"}
+
+
+def test_table_markdown_and_plot(tmp_path):
+    data, systems = synthetic()
+    rows = score_table(
+        build_views(data), systems, data, reference="pianist_model", n_boot=100, min_pieces=2
+    )
+    summary = {
+        "split": data.split,
+        "chains": list(CHAINS),
+        "reference": "pianist_model",
+        "bootstrap": {"samples": 100},
+    }
+    text = markdown_table(rows, summary)
+    assert "performer_identity" in text and "| test |" in text and "wins" in text
+    plot_table(rows, str(tmp_path / "t.png"))
+    assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_labels_come_from_catalog_metadata():
+    meta = [
+        {
+            "chain_json": '{"name": "train-1"}',
+            "performance_id": "p__yarden03",
+            "style_params_json": '{"performer": "Yarden03"}',
+        },
+        {},
+    ]
+    labels = labels_from_metadata(meta, ["p__yarden03__train-1", "q__x"], {"p": "test"}, ["p", "q"])
+    assert list(labels.chain) == ["train-1", "dry"]
+    assert list(labels.performance) == ["p__yarden03", "q__x"]
+    assert list(labels.pianist) == ["yarden", ""] and list(labels.side) == ["test", ""]
+
+
+def test_descriptor_head_learns_with_finetune_losses():
+    rng = np.random.default_rng(0)
+    n = 160
+    pieces = np.array([f"p{i % 4}" for i in range(n)], dtype=object)
+    x = rng.normal(size=(n, 10)).astype(np.float32)
+    midi = rng.normal(size=(n, len(MIDI_DESCRIPTOR_NAMES)))
+    embed = bl.train_descriptor_head(x, pieces, midi, steps=30, seed=0)
+    out = embed(x)
+    assert out.shape == (n, 32) and np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(
+        out, bl.train_descriptor_head(x, pieces, midi, steps=30, seed=0)(x), atol=1e-6
+    )
+    with pytest.raises(ValueError):
+        bl.train_descriptor_head(x, np.array(["p"] * n, dtype=object), None, steps=2)
+
+
+def test_content_baselines_shapes_and_errors():
+    sr = 16000
+    t = np.arange(sr * 2) / sr
+    audio = np.stack([np.sin(2 * np.pi * f * t) * 0.3 for f in (261.6, 329.6, 392.0)]).astype(
+        np.float32
+    )
+    chroma = bl.chroma_statistics(audio, sr)
+    assert chroma.shape == (3, 24)
+    assert (
+        len(set(np.argmax(chroma[:, :12], axis=1))) == 3
+    )  # C, E, G peak at different pitch classes
+    assert bl.feature_embeddings(bl.MFCC, audio, sr).shape == (3, 2 * bl.N_MFCC)
+    with pytest.raises(ValueError):
+        bl.feature_embeddings("nope", audio, sr)
+    with pytest.raises(ValueError):
+        bl.chroma_statistics(np.zeros((0, 10)), sr)
+
+
+def test_protocol_benchmark_prints_headline_figures_and_refuses_a_missing_table():
+    from benchmarks.protocol import figure_lines
+
+    data, systems = synthetic()
+    rows = score_table(
+        build_views(data), systems, data, reference="pianist_model", n_boot=100, min_pieces=2
+    )
+    lines = figure_lines({"protocol": {"rows": rows}})
+    assert lines and all(r["figure"] == "protocol" and "ci_low" in r for r in lines)
+    assert {r["metric"] for r in lines} <= {"map", "recall@1", "ndcg@10", "top_hit_error_s"}
+    assert any(r.get("reference_verdict") == "wins" for r in lines)
+    with pytest.raises(RuntimeError):
+        figure_lines({"protocol": {"skipped": "no data"}})
+
+
+def test_mess_ray_evaluate_writes_the_protocol_table(tmp_path):
+    import posixpath
+
+    from conftest import tiny_config
+    from test_eval_tasks import SR, write_asap_ingest
+
+    from mess_ray.eval import run_evaluate
+    from mess_ray.storage import Storage
+
+    cfg = tiny_config(str(tmp_path / "store"), audio={"sample_rate": SR})
+    cfg.eval.holdout_fraction = 0.9
+    cfg.eval.head_steps = 5
+    storage = Storage.from_config(cfg.storage)
+    write_asap_ingest(storage, tmp_path / "asap", cfg.audio.window_s, cfg.audio.hop_s)
+    manifest = run_evaluate(cfg, storage, ["finetune"])
+    protocol = manifest["protocol"]
+    summary = protocol["summary"]
+    assert set(summary["split"]) == {"train", "validation", "test"}
+    assert "finetune" in summary["skipped"] and "random" in summary["systems"]
+    assert {"chroma", "mfcc", "descriptors", "descriptor_head", "chance"} <= set(summary["systems"])
+    passage = [r for r in protocol["rows"] if r["task"] == PASSAGE and r["metric"] == "map"]
+    assert {r["split"] for r in passage} == {"validation", "test"}
+    assert all(r["ci_low"] <= r["value"] <= r["ci_high"] for r in passage)
+    for name in ("table.json", "table.md", "table.png"):
+        assert storage.exists(posixpath.join("eval", manifest["version"], "protocol", name)), name
+
+
+def test_protocol_on_renderings_through_two_chains(tmp_path):
+    """Render an ASAP-layout folder through a training and an evaluation-only chain (no Ray: the
+    render task function itself), segment it as ingest does, and evaluate: the table has the
+    cross-chain conditions, chain invariance among them, and the catalog's chain reaches it."""
+    import posixpath
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import soundfile as sf
+    from conftest import tiny_config
+    from test_render import make_asap_folder
+
+    from mess_ray.eval import run_evaluate
+    from mess_ray.ingest.catalog import catalog_from_render
+    from mess_ray.render.job import chain_plan, plan_tracks, render_track, write_catalog
+    from mess_ray.render.sources import list_score_refs, load_score
+    from mess_ray.segments import SEGMENT_SCHEMA, encode_audio, segment_id, segments_dir
+    from mess_ray.splits import split_by_piece
+    from mess_ray.storage import Storage, new_version
+
+    sr = 16000
+    cfg = tiny_config(
+        str(tmp_path / "store"), audio={"sample_rate": sr, "window_s": 2.0, "hop_s": 1.0}
+    )
+    cfg.render = cfg.render.model_copy(
+        update={
+            "source": "asap",
+            "source_path": str(make_asap_folder(tmp_path / "asap")),
+            "sample_rate": sr,
+        }
+    )
+    cfg.eval.holdout_fraction = 0.6
+    cfg.eval.head_steps = 5
+    storage = Storage.from_config(cfg.storage)
+    refs = list_score_refs(cfg.render)
+    held = set(split_by_piece([r.piece_id for r in refs], 0.6, 0).held_out)
+    version = new_version()
+    rows = [
+        render_track(load_score(ref), ref, style, tid, cfg.render, storage, version, chain)
+        for ref, style, tid, chain in chain_plan(plan_tracks(refs, []), ["dry"], ["eval-1"], held)
+    ]
+    write_catalog(storage, version, rows)
+    storage.publish("render", version, {"counts": {"tracks": len(rows)}})
+    segments = []
+    for row in catalog_from_render(storage)[0]:
+        with storage.open(row["source_uri"].replace(storage.root.rstrip("/") + "/", ""), "rb") as f:
+            audio, rate = sf.read(f, dtype="float32")
+        assert rate == sr
+        win, hop = 2 * sr, sr
+        for start in range(0, len(audio) - win + 1, hop):
+            segments.append(
+                {
+                    "segment_id": segment_id(row["track_id"], start),
+                    "track_id": row["track_id"],
+                    "piece_id": row["piece_id"],
+                    "style": "",
+                    "start_s": start / sr,
+                    "end_s": (start + win) / sr,
+                    "start_sample": start,
+                    "num_samples": win,
+                    "sample_rate": sr,
+                    "source_uri": row["source_uri"],
+                    "metadata_json": row["metadata_json"],
+                    "audio": encode_audio(audio[start : start + win]),
+                }
+            )
+    ingest = new_version()
+    with storage.open(posixpath.join(segments_dir(ingest), "part-00000.parquet"), "wb") as f:
+        pq.write_table(pa.Table.from_pylist(segments, schema=SEGMENT_SCHEMA), f)
+    storage.publish("ingest", ingest, {"counts": {"segments": len(segments)}})
+
+    manifest = run_evaluate(cfg, storage, ["finetune"])
+    protocol = manifest["protocol"]
+    assert set(protocol["summary"]["chains"]) == {"dry", "eval-1"}
+    invariance = [r for r in protocol["rows"] if r["task"] == CHAIN_INVARIANCE]
+    assert {r["chains"] for r in invariance} == {"dry->eval-1", "eval-1->dry"}
+    chance = [r for r in invariance if r["system"] == "chance" and r["metric"] == "recall@1"]
+    assert chance and all(0 <= r["value"] <= 1 for r in chance)
