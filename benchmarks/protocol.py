@@ -11,7 +11,7 @@ verdict of the first model against it).
     python -m benchmarks.protocol --skip render ingest pretrain finetune   # evaluate only
 
 Each stage runs in this process with its own embedded Ray, which is shut down after the stage;
-with ``--lock PATH`` (default /tmp/mess-ray-ray.lock) the Ray stages hold an exclusive flock on
+with ``--lock PATH`` (none by default) the Ray stages hold an exclusive flock on
 PATH, once for all of them (several users of one machine take turns). Evaluate embeds on the
 driver when ``eval.ray_data_min_segments`` exceeds 100000 (configs/protocol.yaml) and then
 starts no Ray and takes no lock. A stage line gives its seconds and the 1-minute load
@@ -105,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], help="config override key=value")
     parser.add_argument("--models", nargs="+", default=["finetune", "pretrain"])
     parser.add_argument("--skip", nargs="*", default=[], choices=STAGES)
-    parser.add_argument("--lock", default="/tmp/mess-ray-ray.lock", help="'' for none")
+    parser.add_argument(
+        "--lock",
+        default="",
+        help="a lock file to hold while the Ray stages run (several users sharing one machine); none by default",
+    )
     parser.add_argument(
         "--reuse",
         nargs="*",

@@ -6,8 +6,6 @@ import numpy as np
 import pytest
 
 from mess_ray.eval import baselines as bl
-from mess_ray.eval.midi_descriptors import MIDI_DESCRIPTOR_NAMES
-from mess_ray.eval.performances import PerformanceSet
 from mess_ray.eval.protocol import (
     AGREEMENT,
     CHAIN_INVARIANCE,
@@ -22,6 +20,8 @@ from mess_ray.eval.protocol import (
     plot_table,
     score_table,
 )
+from mess_ray.midi_descriptors import MIDI_DESCRIPTOR_NAMES
+from mess_ray.performances import PerformanceSet
 
 PIECES, PIANISTS, CHAINS, SEGMENTS = 4, 3, ("dry", "eval-1"), 5
 

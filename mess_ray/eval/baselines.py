@@ -4,7 +4,7 @@
   pitch class: *what* is played (content), blind to how;
 * ``mfcc``: MFCC (librosa, on a log-mel spectrogram) mean and standard deviation: timbre and
   level, the recording chain's fingerprint;
-* ``descriptors``: the hand-crafted expressive descriptors (:mod:`mess_ray.eval.descriptors`);
+* ``descriptors``: the hand-crafted expressive descriptors (:mod:`mess_ray.descriptors`);
 * ``descriptor_head``: a small MLP on those descriptors trained on the training pieces with the
   fine-tuning losses (:func:`train_descriptor_head`), so a learned model's win over the
   descriptors is not just "learning a metric";
@@ -112,11 +112,8 @@ def train_descriptor_head(
     import torch.nn.functional as F
     from torch import nn
 
-    from mess_ray.train.finetune import (
-        mine_descriptor_labels,
-        multi_positive_infonce,
-        soft_neighbour_kl,
-    )
+    from mess_ray.train.losses import multi_positive_infonce, soft_neighbour_kl
+    from mess_ray.train.targets import mine_descriptor_labels
 
     x = np.asarray(descriptors_z, dtype=np.float32)
     pieces = np.asarray(piece_ids, dtype=object)

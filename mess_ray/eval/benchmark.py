@@ -514,7 +514,9 @@ def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str]) ->
                 storage,
                 ingest_version,
                 [r for r in systems if r not in (DESCRIPTORS, RANDOM)],
+                embed_system,
                 precomputed=perf_vectors,
+                random_ref=RANDOM,
             )
         except ValueError as err:
             if held_out is None and plan is None:

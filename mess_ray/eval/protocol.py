@@ -3,7 +3,7 @@ figure with a 95 % interval from a bootstrap over pieces, every system paired ag
 model ref for a wins / ties / losses verdict.
 
 Data: the held-out segments that have beat annotations or performed MIDI
-(:func:`mess_ray.eval.performances.load_performance_set`), each with its recording chain, its
+(:func:`mess_ray.performances.load_performance_set`), each with its recording chain, its
 performance (the track without the chain) and its pianist (ASAP performer tag) from the catalog
 metadata. Pieces are split by :func:`mess_ray.splits.split_by_piece`: train pieces are what the
 models and the learned descriptor head train on; validation is where settings are chosen; test
@@ -36,8 +36,8 @@ import numpy as np
 
 from mess_ray.eval import metrics
 from mess_ray.eval.bootstrap import cluster_bootstrap, paired_difference, verdict
-from mess_ray.eval.midi_descriptors import beat_time
 from mess_ray.eval.tasks import agreement
+from mess_ray.midi_descriptors import beat_time, expressive_matrix
 from mess_ray.splits import TEST, TRAIN, VALIDATION, pianist_of, split_by_piece
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def build_views(
         features = None
         if has_midi.sum() >= 2:
             try:
-                features, _ = agreement.expressive_matrix(perf.midi_descriptors[rows])
+                features, _ = expressive_matrix(perf.midi_descriptors[rows])
             except ValueError:
                 features = None
         chains = sorted(set(chain))
@@ -329,7 +329,7 @@ def load_eval_data(cfg, storage, version: str, validation_share: float = 0.5):
     descriptor head): (EvalData, PerformanceSet of training pieces or None)."""
     import pyarrow.compute as pc
 
-    from mess_ray.eval.performances import load_performance_set
+    from mess_ray.performances import load_performance_set
     from mess_ray.segments import segments_dataset
 
     ecfg = cfg.eval
@@ -403,8 +403,8 @@ def baseline_vectors(
 ) -> dict[str, np.ndarray]:
     """Every baseline's vectors for the held-out segments (chroma, mfcc, descriptors, the learned
     descriptor head trained on the training pieces, chance)."""
+    from mess_ray.descriptors import descriptor_matrix, zscore
     from mess_ray.eval import baselines as bl
-    from mess_ray.eval.descriptors import descriptor_matrix, zscore
 
     ecfg = cfg.eval
     sr = cfg.audio.sample_rate
@@ -448,12 +448,15 @@ def run_protocol(
     storage,
     version: str,
     model_refs: list[str],
+    embed_system,
     precomputed: dict[str, np.ndarray] | None = None,
+    random_ref: str = "random",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The full table for ``model_refs`` (plus the random-init encoder) and every baseline.
+    """The full table for ``model_refs`` (plus the random-init encoder ``random_ref``) and every
+    baseline. ``embed_system(cfg, storage, ref, held_out) -> (vectors, info)`` embeds one model
+    (the evaluate stage passes its own, so this module does not import it back).
     Returns (rows, summary: split, counts, skipped systems)."""
-    from mess_ray.eval.benchmark import RANDOM, embed_system
-
+    RANDOM = random_ref
     ecfg = cfg.eval
     data, train = load_eval_data(cfg, storage, version, ecfg.validation_share)
     systems: dict[str, np.ndarray] = {}
