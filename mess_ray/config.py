@@ -532,7 +532,8 @@ class ContentConfig(_Section):
         0.35,
         gt=0,
         le=2,
-        description="Alignments with a higher mean chroma cosine distance per step are not a match.",
+        description="Alignments with a higher mean cosine distance of centred chroma per step are "
+        "not a match (0: identical, ~1: unrelated music).",
     )
     curve_points: int = Field(64, ge=8, le=1000, description="Samples per returned curve.")
     smooth_s: float = Field(
@@ -547,7 +548,8 @@ class ContentConfig(_Section):
     identify_top: int = Field(
         5,
         ge=1,
-        description="Works (by shingle votes) tried for a query whose piece is unknown.",
+        description="For a query whose piece is unknown: the best tracks by chroma-shingle votes; "
+        "they and every performance of their works are aligned.",
     )
 
 

@@ -122,7 +122,7 @@ class Alignment:
 
     start_s: float  # in the candidate (seconds from the candidate's start)
     end_s: float
-    cost: float  # mean cosine distance per path step (0 identical .. 1 unrelated)
+    cost: float  # mean cosine distance of centred chroma per path step (0 identical, ~1 unrelated)
     path: np.ndarray  # int [L, 2]: (query frame, candidate frame), increasing
 
 
@@ -130,6 +130,13 @@ class Alignment:
 _STEPS = np.array([[1, 1], [1, 2], [2, 1]])
 _WEIGHTS_ADD = np.zeros(3)
 _WEIGHTS_MUL = np.array([1.0, 1.0, 1.0])
+
+
+def centred(chroma: np.ndarray) -> np.ndarray:
+    """Chroma frames minus their mean over the 12 bins, re-normalised (flat frames: zero)."""
+    c = chroma - chroma.mean(axis=0, keepdims=True)
+    norms = np.linalg.norm(c, axis=0, keepdims=True)
+    return np.where(norms > 1e-6, c / np.maximum(norms, 1e-12), 0.0).astype(np.float32)
 
 
 def align_passage(query: Features, candidate: Features) -> Alignment:
@@ -147,7 +154,9 @@ def align_passage(query: Features, candidate: Features) -> Alignment:
         raise ValueError("query passage is too short to align (fewer than 4 feature frames)")
     if m < (n + 1) // 2:
         raise ValueError("candidate recording is shorter than half the query passage")
-    cost = 1.0 - query.chroma.T @ candidate.chroma  # cosine distance of unit vectors
+    # Cosine distance of mean-centred chroma: a flat (noisy, percussive) frame carries no pitch
+    # class and matches nothing, which doubles the gap between the same and other music.
+    cost = 1.0 - centred(query.chroma).T @ centred(candidate.chroma)
     np.clip(cost, 0.0, 2.0, out=cost)
     D, wp = librosa.sequence.dtw(
         C=cost,
