@@ -23,6 +23,7 @@ STAGE_HELP = {
     "reindex": "Update the latest index: embed only new segments, drop removed ones, publish a new version.",
     "serve": "Run the search service and web page (Ray Serve + FastAPI).",
     "search": "Query a running search service by audio file or by track and time.",
+    "passages": "Find a passage in every other performance of its work (aligned, with expression curves).",
     "evaluate": "Score retrieval on held-out pieces against baselines; write a report.",
     "demo": "Run the whole pipeline on a small generated corpus, query it, evaluate it.",
 }
@@ -115,6 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
                 help="metadata filter, repeatable (composer=Bach, style=romantic, ...)",
             )
             sub.add_argument("--json", action="store_true", help="print the raw JSON response")
+        if verb == "passages":
+            sub.add_argument(
+                "--url", default=None, help="service URL (default: from serve.host/port)"
+            )
+            group = sub.add_mutually_exclusive_group(required=True)
+            group.add_argument("--file", help="audio clip of the passage")
+            group.add_argument("--track", help="indexed track id (with --start and --end)")
+            sub.add_argument("--start", type=float, default=None, help="passage start (s)")
+            sub.add_argument("--end", type=float, default=None, help="passage end (s)")
+            sub.add_argument("--json", action="store_true", help="print the raw JSON response")
     return parser
 
 
@@ -131,6 +142,7 @@ def _stage_runner(verb: str) -> Callable[[MessRayConfig, argparse.Namespace], ob
         "evaluate": lambda cfg, a: pipeline.run_stage("evaluate", cfg, model_refs=a.models),
         "serve": lambda cfg, a: pipeline.serve_forever(cfg),
         "search": lambda cfg, a: pipeline.search_cli(cfg, a),
+        "passages": lambda cfg, a: pipeline.passages_cli(cfg, a),
         "demo": lambda cfg, a: pipeline.run_demo(cfg),
     }[verb]
 
@@ -147,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mess-ray: bad config: {err}", file=sys.stderr)
         return 2
     result = _stage_runner(args.verb)(cfg, args)
-    if isinstance(result, dict) and args.verb not in ("search", "demo"):
+    if isinstance(result, dict) and args.verb not in ("search", "passages", "demo"):
         print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -233,3 +233,22 @@ def test_an_index_without_content_features_answers_503(tmp_path):
     client = TestClient(create_app(SearchService.from_config(cfg)))
     r = client.get("/passages", params={"track_id": "t", "start_s": 0, "end_s": 2})
     assert r.status_code == 503 and "no content features" in r.json()["detail"]
+
+
+def test_cli_passages_verb_prints_the_aligned_versions(client, published, monkeypatch, capsys):
+    import mess_ray.serve.client as http_client
+    from mess_ray.cli import main
+
+    def routed_get(url, params=None, timeout=None):
+        return client.get(url.replace("http://svc", ""), params=params)
+
+    monkeypatch.setattr(http_client.httpx, "get", routed_get)
+    _, _, onsets = published
+    argv = ["passages", "--url", "http://svc", "--track", "anna"]
+    assert main([*argv, "--start", str(onsets["anna"][8]), "--end", str(onsets["anna"][28])]) == 0
+    out = capsys.readouterr().out
+    assert "aligned (s)" in out and "ben" in out and "cleo" in out
+    with pytest.raises(SystemExit, match="--start and --end"):
+        main(argv)
+    with pytest.raises(http_client.ServiceError, match="404"):
+        main(["passages", "--url", "http://svc", "--track", "solo", "--start", "1", "--end", "6"])
