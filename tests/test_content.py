@@ -142,3 +142,17 @@ def test_shingles_of_the_same_piece_are_closer_than_of_another(two_tempi):
     b = shingles(track_features(fast, SR))
     c = shingles(track_features(other, SR))
     assert (a @ b.T).max(axis=1).mean() > (a @ c.T).max(axis=1).mean()
+
+
+def test_coarse_to_fine_finds_the_same_span_in_a_long_recording(two_tempi):
+    tune, (slow, slow_on), (fast, fast_on) = two_tempi
+    other, _ = render(melody(seed=5, notes=60), 0.5, seed=4)
+    long = np.concatenate([other, fast, other])  # the performance in the middle of 60+ s
+    lead = len(other) / SR
+    cand = track_features(long, SR)
+    query = track_features(slow, SR).slice(slow_on[10], slow_on[30])
+    fine = align_passage(query, cand, coarse_factor=1)
+    coarse = align_passage(query, cand)
+    assert cand.duration_s > 30 and query.frames * 4 < cand.frames  # the coarse pass runs
+    assert abs(coarse.start_s - (lead + fast_on[10])) < 0.15
+    assert abs(coarse.start_s - fine.start_s) < 0.05 and abs(coarse.end_s - fine.end_s) < 0.05
