@@ -215,6 +215,7 @@ def retrieval_and_errors(tracks: dict, cfg, out) -> None:
     hits = {"alignment": [], "chroma_stats": []}
     aps = {"alignment": [], "chroma_stats": []}
     recalls = {"alignment": [], "chroma_stats": []}
+    misses: dict[str, dict[str, int]] = {"alignment": {}, "chroma_stats": {}}
     errs = {4: ([], []), 10: ([], [])}
     align_ms = []
     for qi in range(n):
@@ -262,6 +263,8 @@ def retrieval_and_errors(tracks: dict, cfg, out) -> None:
             order = idx[np.argsort(-sim[idx], kind="stable")]
             rel = relevant[order]
             hits[name].append(bool(rel[:10].any()))
+            if not rel[:10].any():
+                misses[name][tq] = misses[name].get(tq, 0) + 1
             recalls[name].append(rel[:10].sum() / rel.sum())
             prec = np.cumsum(rel) / np.arange(1, len(rel) + 1)
             aps[name].append(float((prec * rel).sum() / rel.sum()))
@@ -287,6 +290,11 @@ def retrieval_and_errors(tracks: dict, cfg, out) -> None:
                 "hit_at_10": round(float(np.mean(hits[name])), 4),
                 "mAP": round(float(np.mean(aps[name])), 4),
                 "recall_at_10": round(float(np.mean(recalls[name])), 4),
+                "target": "hit@10 >= 0.99" if name == "alignment" else None,
+                "met": bool(np.mean(hits[name]) >= 0.99) if name == "alignment" else None,
+                "misses_by_query_track": dict(
+                    sorted(misses[name].items(), key=lambda kv: -kv[1])[:5]
+                ),
             },
             out,
         )
@@ -491,6 +499,11 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--out", default=None)
     parser.add_argument(
+        "--exclude-tracks",
+        default="",
+        help="comma-separated track ids left out of the test set (a sensitivity run; say why)",
+    )
+    parser.add_argument(
         "--figures",
         default="calibration,retrieval,plays_alike,latency",
         help="comma-separated subset",
@@ -516,12 +529,15 @@ def main() -> None:
     if "calibration" in figures:
         calibration(load_tracks(storage, cfg, set(train)), cfg, out)
     test = load_tracks(storage, cfg, set(holdout))
+    excluded = [t for t in args.exclude_tracks.split(",") if t]
+    test = {k: v for k, v in test.items() if k not in excluded}
     emit(
         {
             "figure": "test_set",
             "tracks": len(test),
             "pieces": len({t["piece"] for t in test.values()}),
             "hours": round(sum(t["duration"] for t in test.values()) / 3600, 3),
+            "excluded_tracks": excluded,
         },
         out,
     )
