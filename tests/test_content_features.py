@@ -79,11 +79,7 @@ def test_manifest_entry_lists_checksums_and_tracks_without_features(tmp_path):
     base = "index/v1"
     rows = {name: [] for name in ("track_id", "segments_digest", "rate", "frames", "features")}
     for track, rate in (("a", SR), ("b", 22050)):
-        row = (
-            features_of_group(group(track, tone(6.0, 300.0)), SR, 20.0)
-            if rate == SR
-            else (features_of_group(group(track, tone(6.0, 300.0), rate=rate), SR, 20.0))
-        )
+        row = features_of_group(group(track, tone(6.0, 300.0), rate=rate), SR, 20.0)
         for name in rows:
             rows[name].append(row[name][0])
     _write(storage, base, "part-0.parquet", rows)
