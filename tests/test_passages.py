@@ -126,6 +126,7 @@ def test_passage_is_found_in_every_other_performance_of_the_work(client, publish
     assert body["query"]["work_from"] == "catalog" and body["query"]["piece_id"] == "tune"
     got = {p["track_id"]: p for p in body["performances"]}
     assert set(got) == {"ben", "cleo", "dan"}
+    assert body["candidates"] == {"considered": 3, "aligned": 3, "matched": 3}
     for track, perf in got.items():
         assert abs(perf["start_s"] - onsets[track][8]) < 0.2, (track, perf["start_s"])
         assert abs(perf["end_s"] - onsets[track][28]) < 0.2, (track, perf["end_s"])

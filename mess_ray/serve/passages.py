@@ -281,6 +281,11 @@ class PassageFinder:
             },
             "score_s": [round(float(v), 3) for v in own["score_s"]],
             "performances": rows,
+            "candidates": {
+                "considered": len(candidates),
+                "aligned": min(len(candidates), cfg.max_candidates),
+                "matched": len(rows),
+            },
             "ranked_by": "distance.combined: tempo and loudness shape versus the query (lower: played more alike)",
             "index_version": index.version,
             "took_ms": round(1000 * (time.perf_counter() - started), 2),
@@ -336,10 +341,17 @@ class PassageQueryModel(BaseModel):
     curves: CurvesModel
 
 
+class CandidatesModel(BaseModel):
+    considered: int = Field(description="Other performances of the work (or shingle matches).")
+    aligned: int = Field(description="Of those, aligned (at most content.max_candidates).")
+    matched: int = Field(description="Alignments with cost <= content.max_cost (returned).")
+
+
 class PassagesResponse(BaseModel):
     query: PassageQueryModel
     score_s: list[float] = Field(description="Score position: seconds into the query passage.")
     performances: list[PerformanceModel]
+    candidates: CandidatesModel
     ranked_by: str
     index_version: str | None
     took_ms: float
