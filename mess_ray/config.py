@@ -583,6 +583,51 @@ class ServeConfig(_Section):
 _REMOVED_EVAL_KEYS = ("min_actors", "max_actors", "cpus_per_actor")
 
 
+class ContentConfig(_Section):
+    """The content view (mess_ray/content.py): chroma features precomputed by the index job,
+    subsequence alignment of a passage in every other performance, expression curves."""
+
+    features: bool = Field(
+        True,
+        description="Compute content features (chroma, onset strength, level) for every track in the "
+        "index job and reindex; GET /passages needs them.",
+    )
+    feature_rate: float = Field(
+        20.0, gt=1, le=100, description="Feature frames per second (rounded to a CQT hop)."
+    )
+    cpus_per_task: float = Field(
+        0.5, gt=0, description="Ray CPUs per feature-extraction task in the index job."
+    )
+    min_query_s: float = Field(2.0, gt=0, description="Shortest passage a query may span.")
+    max_query_s: float = Field(60.0, gt=0, description="Longest passage a query may span.")
+    max_candidates: int = Field(
+        50, ge=1, description="Most other performances aligned per query (the work's tracks first)."
+    )
+    max_cost: float = Field(
+        0.35,
+        gt=0,
+        le=2,
+        description="Alignments with a higher mean cosine distance of centred chroma per step are "
+        "not a match (0: identical, ~1: unrelated music).",
+    )
+    curve_points: int = Field(64, ge=8, le=1000, description="Samples per returned curve.")
+    smooth_s: float = Field(
+        1.0, gt=0, description="Smoothing of the tempo and onset curves (seconds of the query)."
+    )
+    tempo_weight: float = Field(
+        1.0, ge=0, description="Weight of the tempo-shape distance in the 'plays it alike' ranking."
+    )
+    loudness_weight: float = Field(
+        1.0, ge=0, description="Weight of the loudness-shape distance in the ranking."
+    )
+    identify_top: int = Field(
+        5,
+        ge=1,
+        description="For a query whose piece is unknown: the best tracks by chroma-shingle votes; "
+        "they and every performance of their works are aligned.",
+    )
+
+
 class EvalConfig(_Section):
     @model_validator(mode="before")
     @classmethod
@@ -648,6 +693,7 @@ class MessRayConfig(_Section):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    content: ContentConfig = Field(default_factory=ContentConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     def digest(self) -> str:

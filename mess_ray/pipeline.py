@@ -94,6 +94,23 @@ def search_cli(cfg: MessRayConfig, args: argparse.Namespace) -> dict:
     return result
 
 
+def passages_cli(cfg: MessRayConfig, args: argparse.Namespace) -> dict:
+    """`mess-ray passages`: GET /passages (--track --start --end) or POST /passages (--file)."""
+    import json
+
+    from mess_ray.serve import client
+
+    url = args.url or service_url(cfg)
+    if args.file:
+        result = client.passages_file(url, args.file)
+    else:
+        if args.start is None or args.end is None:
+            raise SystemExit("mess-ray passages: --track needs --start and --end (seconds)")
+        result = client.passages_by_track(url, args.track, args.start, args.end)
+    print(json.dumps(result, indent=2) if args.json else client.format_passages(result))
+    return result
+
+
 def _wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
     import soundfile as sf
 

@@ -180,6 +180,26 @@ _STAGES = (
         options=_SEARCH_OPTIONS,
     ),
     Stage(
+        "passages",
+        "Find a passage in every other performance of its work (aligned, with expression curves).",
+        "mess_ray.pipeline:passages_cli",
+        batch=False,
+        options=(
+            Option(
+                ("--url",), {"default": None, "help": "service URL (default: from serve.host/port)"}
+            ),
+            Option(("--file",), {"help": "audio clip of the passage"}, exclusive="query"),
+            Option(
+                ("--track",),
+                {"help": "indexed track id (with --start and --end)"},
+                exclusive="query",
+            ),
+            Option(("--start",), {"type": float, "default": None, "help": "passage start (s)"}),
+            Option(("--end",), {"type": float, "default": None, "help": "passage end (s)"}),
+            Option(("--json",), {"action": "store_true", "help": "print the raw JSON response"}),
+        ),
+    ),
+    Stage(
         "evaluate",
         "Score retrieval on held-out pieces against baselines; write a report.",
         "mess_ray.eval:run_evaluate",

@@ -221,7 +221,7 @@ def test_protocol_benchmark_prints_headline_figures_and_refuses_a_missing_table(
 def test_mess_ray_evaluate_writes_the_protocol_table(tmp_path):
     import posixpath
 
-    from conftest import tiny_config
+    from helpers import tiny_config
     from test_eval_tasks import SR, write_asap_ingest
 
     from mess_ray.eval import run_evaluate
@@ -254,7 +254,7 @@ def test_protocol_on_renderings_through_two_chains(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
     import soundfile as sf
-    from conftest import tiny_config
+    from helpers import tiny_config
     from test_render import make_asap_folder
 
     from mess_ray.eval import run_evaluate

@@ -14,6 +14,7 @@ from helpers import publish_ingest, tiny_config
 import mess_ray.index.reindex as reindex_mod
 from mess_ray.facets import make_layout
 from mess_ray.index import SearchIndex, run_index, run_reindex
+from mess_ray.index.content_features import load_content, read_content_table
 from mess_ray.index.embed import vectors_table
 from mess_ray.index.faiss_index import build_index, choose_index_spec, training_points_needed
 from mess_ray.index.job import IndexIntegrityError, keep_segment_ids, model_provenance
@@ -217,6 +218,14 @@ def test_reindex_adds_removes_noops_and_resumes(ray_local, tmp_path, monkeypatch
     assert added["count"] == table.num_rows and added["reindex"]["build"] == "in_place"
     assert added["model"]["kind"] == "random" and not storage.exists("index/_pending")
     assert added["facet_layout"] == layout
+    # content features: the three unchanged tracks carried over bit for bit, the new one computed
+    assert added["content"]["reused"] == 3 and added["content"]["computed"] == 1
+    old_content = read_content_table(storage, first)
+    new_content = read_content_table(storage, added)
+    assert sorted(new_content.column("track_id").to_pylist()) == [f"track{i}" for i in range(4)]
+    old_blob = dict(zip(old_content["track_id"].to_pylist(), old_content["features"].to_pylist()))
+    new_blob = dict(zip(new_content["track_id"].to_pylist(), new_content["features"].to_pylist()))
+    assert all(new_blob[t] == old_blob[t] for t in old_blob)
     index = SearchIndex.load(storage)
     embedder = Embedder.from_info(cfg, storage, added["model"])
     row = table.column("segment_id").to_pylist().index(min(new_ids))
@@ -246,6 +255,8 @@ def test_reindex_adds_removes_noops_and_resumes(ray_local, tmp_path, monkeypatch
         "build": "rebuild",
     }
     assert removed["index"]["type"] == "ivf" and removed["facet_layout"] == layout
+    assert removed["content"]["reused"] == 3 and removed["content"]["computed"] == 0
+    assert "track1" not in load_content(storage, removed)
     assert (
         removed["previous_version"] == added["version"]
         and removed["inputs"]["previous_index"] == added["version"]

@@ -284,6 +284,15 @@ def run_index(cfg: MessRayConfig, storage: Storage, model_ref: str = "finetune")
         )
 
     counts.update({"vector_files": len(files), "shards": cfg.index.shards})
+    extra = None
+    if cfg.content.features:  # the content view's features, stored with this version
+        from mess_ray.index.content_features import build_content
+
+        extra = {
+            "content": build_content(
+                cfg, storage, ingest_version, posixpath.join(STAGE, version), segments
+            )
+        }
     return write_index_artifact(
         cfg,
         storage,
@@ -294,6 +303,7 @@ def run_index(cfg: MessRayConfig, storage: Storage, model_ref: str = "finetune")
         embedder.info,
         counts,
         {"ingest": ingest_version, "model_ref": model_ref},
+        extra,
     )
 
 

@@ -318,6 +318,13 @@ def run_reindex(
         )
 
     counts.update({"vector_files": len(files), "shards": cfg.index.shards, **delta})
+    content_extra = {}
+    if cfg.content.features:  # unchanged tracks keep their features, new ones get computed
+        from mess_ray.index.content_features import carry_over_content
+
+        content_extra["content"] = carry_over_content(
+            cfg, storage, ingest_version, posixpath.join(STAGE, version), segments, previous
+        )
     # The same weights (checked above) have the same facets: a layout the rebuilt info lacks is carried over.
     info = {
         **embedder.info,
@@ -341,6 +348,7 @@ def run_reindex(
             "previous_version": previous_version,
             "reindex": {**delta, "build": build},
             "changed": True,
+            **content_extra,
         },
     )
     _clear_pending(storage)

@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from mess_ray.config import MessRayConfig
+from mess_ray.serve.passages import add_passage_routes
 from mess_ray.serve.service import (
     IndexState,
     PayloadTooLarge,
@@ -463,6 +464,9 @@ def create_app(service: SearchService, embed: Embed | None = None) -> FastAPI:
     )
     def info() -> dict:
         return service.describe()
+
+    # The content view: GET/POST /passages (mess_ray/serve/passages.py).
+    add_passage_routes(app, service, ERRORS)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:

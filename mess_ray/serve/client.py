@@ -150,3 +150,60 @@ def format_hits(result: dict[str, Any]) -> str:
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# -- the content view: GET/POST /passages ---------------------------------------------------
+def passages_by_track(
+    base_url: str, track_id: str, start_s: float, end_s: float, timeout: float = DEFAULT_TIMEOUT_S
+) -> dict[str, Any]:
+    """GET /passages: [start_s, end_s) of an indexed track in every other performance of its work."""
+    response = httpx.get(
+        f"{base_url.rstrip('/')}/passages",
+        params={"track_id": track_id, "start_s": start_s, "end_s": end_s},
+        timeout=timeout,
+    )
+    return _check(response)
+
+
+def passages_file(
+    base_url: str, path_or_bytes: str | Path | bytes, timeout: float = DEFAULT_TIMEOUT_S
+) -> dict[str, Any]:
+    """POST /passages: an audio clip aligned in the indexed performances of its work."""
+    if isinstance(path_or_bytes, bytes):
+        data, name = path_or_bytes, "query.wav"
+    else:
+        data, name = Path(path_or_bytes).read_bytes(), Path(path_or_bytes).name
+    response = httpx.post(
+        f"{base_url.rstrip('/')}/passages", files={"file": (name, data)}, timeout=timeout
+    )
+    return _check(response)
+
+
+def format_passages(result: dict[str, Any]) -> str:
+    """A plain-text table: rank (most alike first), track, aligned span, cost, tempo, distances."""
+    rows = [("rank", "track", "aligned (s)", "cost", "tempo x", "d_tempo", "d_loud", "piece")]
+    for p in result.get("performances", []):
+        rows.append(
+            (
+                str(p["rank"]),
+                str(p["track_id"]),
+                f"{p['start_s']:.2f}-{p['end_s']:.2f}",
+                f"{p['cost']:.3f}",
+                f"{p['tempo_ratio']:.2f}",
+                f"{p['distance']['tempo']:.3f}",
+                f"{p['distance']['loudness']:.3f}",
+                str(p.get("piece_id", "")),
+            )
+        )
+    if len(rows) == 1:
+        return "no other performance"
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(
+            c.rjust(w) if i != 1 and i != 7 else c.ljust(w)
+            for i, (c, w) in enumerate(zip(r, widths))
+        ).rstrip()
+        for r in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

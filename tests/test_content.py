@@ -1,0 +1,158 @@
+"""The content view: chroma features, subsequence alignment and expression curves on generated audio."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mess_ray.content import (
+    Features,
+    align_passage,
+    curve_distance,
+    expression_curves,
+    feature_hop,
+    shingles,
+    track_features,
+)
+
+SR = 16000
+
+
+def melody(seed: int = 0, notes: int = 48) -> list[tuple[int, float, float]]:
+    """(midi pitch, duration in beats, velocity 0..1) of a random but fixed tune with chords."""
+    rng = np.random.default_rng(seed)
+    pitches = rng.integers(55, 80, size=notes)
+    durations = rng.choice([0.5, 1.0, 1.0, 1.5], size=notes)
+    velocity = 0.4 + 0.5 * rng.random(notes)
+    return list(zip(pitches.tolist(), durations.tolist(), velocity.tolist()))
+
+
+def render(
+    tune, seconds_per_beat: float, lead_s: float = 0.0, loud=None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Harmonic tones (pitch + a third below) played at the given tempo; also the note onsets."""
+    total = lead_s + sum(d for _, d, _ in tune) * seconds_per_beat + 1.0
+    y = np.zeros(int(total * SR), dtype=np.float64)
+    t0 = lead_s
+    onsets = []
+    for i, (pitch, dur, vel) in enumerate(tune):
+        length = dur * seconds_per_beat
+        n = int(length * SR)
+        t = np.arange(n) / SR
+        env = np.exp(-3.0 * t) * np.minimum(1.0, t / 0.01)
+        tone = np.zeros(n)
+        for p in (pitch, pitch - 4):
+            f = 440.0 * 2 ** ((p - 69) / 12)
+            for h in range(1, 5):
+                tone += np.sin(2 * np.pi * f * h * t) / h
+        gain = vel * (loud[i] if loud is not None else 1.0)
+        s = int(t0 * SR)
+        y[s : s + n] += 0.1 * gain * env * tone
+        onsets.append(t0)
+        t0 += length
+    y += 1e-4 * np.random.default_rng(seed).standard_normal(len(y))
+    return y.astype(np.float32), np.asarray(onsets)
+
+
+@pytest.fixture(scope="module")
+def two_tempi():
+    tune = melody()
+    slow, slow_on = render(tune, 0.5)
+    fast, fast_on = render(tune, 0.4, lead_s=1.3, seed=1)
+    return tune, (slow, slow_on), (fast, fast_on)
+
+
+def test_feature_rate_is_the_nearest_cqt_hop():
+    assert feature_hop(16000, 20.0) % 64 == 0
+    assert abs(16000 / feature_hop(16000, 20.0) - 20.0) < 1.0
+    with pytest.raises(ValueError):
+        feature_hop(16000, 0)
+
+
+def test_features_round_trip_through_bytes(two_tempi):
+    _, (slow, _), _ = two_tempi
+    f = track_features(slow, SR)
+    g = Features.from_bytes(f.to_bytes())
+    assert g.frames == f.frames and g.rate == pytest.approx(f.rate)
+    assert np.allclose(g.chroma, f.chroma, atol=1e-2)
+    assert np.allclose(np.linalg.norm(f.chroma[:, 10:-10], axis=0), 1.0, atol=1e-3)
+
+
+def test_passage_found_in_a_faster_performance_with_small_start_and_end_error(two_tempi):
+    _, (slow, slow_on), (fast, fast_on) = two_tempi
+    q0, q1 = 10, 30  # the query spans notes 10..29 of the slow version
+    query = track_features(slow, SR).slice(slow_on[q0], slow_on[q1])
+    result = align_passage(query, track_features(fast, SR))
+    assert abs(result.start_s - fast_on[q0]) < 0.15
+    assert abs(result.end_s - fast_on[q1]) < 0.15
+    assert 0.0 <= result.cost < 0.2
+
+
+def test_tempo_ratio_is_recovered_from_the_warping_path(two_tempi):
+    _, (slow, slow_on), (fast, _) = two_tempi
+    query = track_features(slow, SR).slice(slow_on[8], slow_on[36])
+    cand = track_features(fast, SR)
+    curves = expression_curves(query, cand, align_passage(query, cand))
+    inner = curves["tempo"][5:-5]
+    assert np.median(inner) == pytest.approx(0.5 / 0.4, rel=0.06)
+    self_curves = expression_curves(query, query, None)
+    assert np.allclose(self_curves["tempo"], 1.0)
+
+
+def test_unrelated_music_aligns_with_a_higher_cost(two_tempi):
+    _, (slow, slow_on), (fast, _) = two_tempi
+    other, _ = render(melody(seed=7), 0.45)
+    query = track_features(slow, SR).slice(slow_on[10], slow_on[30])
+    same = align_passage(query, track_features(fast, SR)).cost
+    different = align_passage(query, track_features(other, SR)).cost
+    assert different > same + 0.1
+
+
+def test_loudness_shape_ranks_the_version_played_alike_first():
+    tune = melody(seed=3, notes=40)
+    swell = np.linspace(0.3, 1.0, len(tune))  # a crescendo through the passage
+    query_audio, on = render(tune, 0.5, loud=swell)
+    alike, _ = render(tune, 0.45, loud=swell * 0.7, seed=2)  # quieter overall, same shape
+    unlike, _ = render(tune, 0.45, loud=swell[::-1], seed=3)  # a diminuendo
+    q = track_features(query_audio, SR).slice(on[5], on[35])
+    mine = expression_curves(q, q, None)
+    dist = {}
+    for name, audio in (("alike", alike), ("unlike", unlike)):
+        cand = track_features(audio, SR)
+        dist[name] = curve_distance(mine, expression_curves(q, cand, align_passage(q, cand)))
+    assert dist["alike"]["loudness"] < dist["unlike"]["loudness"]
+    assert dist["alike"]["combined"] < dist["unlike"]["combined"]
+
+
+def test_bad_input_is_refused_with_a_clear_error(two_tempi):
+    _, (slow, _), _ = two_tempi
+    f = track_features(slow, SR)
+    with pytest.raises(ValueError, match="too short"):
+        align_passage(f.slice(1.0, 1.1), f)
+    with pytest.raises(ValueError, match="too short"):
+        track_features(np.zeros(100, np.float32), SR)
+    with pytest.raises(ValueError, match="mono"):
+        track_features(np.zeros((2, 32000), np.float32), SR)
+
+
+def test_shingles_of_the_same_piece_are_closer_than_of_another(two_tempi):
+    _, (slow, _), (fast, _) = two_tempi
+    other, _ = render(melody(seed=9), 0.5)
+    a = shingles(track_features(slow, SR))
+    b = shingles(track_features(fast, SR))
+    c = shingles(track_features(other, SR))
+    assert (a @ b.T).max(axis=1).mean() > (a @ c.T).max(axis=1).mean()
+
+
+def test_coarse_to_fine_finds_the_same_span_in_a_long_recording(two_tempi):
+    tune, (slow, slow_on), (fast, fast_on) = two_tempi
+    other, _ = render(melody(seed=5, notes=60), 0.5, seed=4)
+    long = np.concatenate([other, fast, other])  # the performance in the middle of 60+ s
+    lead = len(other) / SR
+    cand = track_features(long, SR)
+    query = track_features(slow, SR).slice(slow_on[10], slow_on[30])
+    fine = align_passage(query, cand, coarse_factor=1)
+    coarse = align_passage(query, cand)
+    assert cand.duration_s > 30 and query.frames * 4 < cand.frames  # the coarse pass runs
+    assert abs(coarse.start_s - (lead + fast_on[10])) < 0.15
+    assert abs(coarse.start_s - fine.start_s) < 0.05 and abs(coarse.end_s - fine.end_s) < 0.05

@@ -1,0 +1,104 @@
+"""The page's content view in headless Chromium: align a span of a track in every other
+performance, overlay tempo and loudness curves, play a version from its aligned start."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from helpers import tiny_config
+from test_passages import publish
+from test_web_page import CHROMEDRIVER, CHROMIUM, _free_port, _wait, browser  # noqa: F401
+
+from mess_ray.serve import SearchService, create_app
+
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="Debian's chromium and chromium-driver are not installed (scripts/test.sh installs them)",
+)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    import uvicorn
+
+    root = tmp_path_factory.mktemp("web-passages")
+    cfg = tiny_config(str(root / "store"))
+    cfg.serve.reload_interval_s = 0
+    _, onsets = publish(cfg, root)
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(SearchService.from_config(cfg)),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    yield f"http://127.0.0.1:{port}", onsets
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _ink(driver, canvas_id: str) -> int:
+    """Non-transparent pixels drawn on a canvas."""
+    return driver.execute_script(
+        "const c = document.getElementById(arguments[0]);"
+        "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        "let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n;",
+        canvas_id,
+    )
+
+
+def test_passage_overlay_and_playback_from_the_aligned_start(browser, served):  # noqa: F811
+    from selenium.webdriver.common.by import By
+
+    base_url, onsets = served
+    browser.get(base_url + "/")
+    _wait(browser, lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
+    start, end = onsets["anna"][8], onsets["anna"][28]
+    browser.execute_script(
+        "document.getElementById('track').value = 'anna';"
+        "document.getElementById('start').value = arguments[0];"
+        "document.getElementById('end').value = arguments[1];",
+        f"{start:.2f}",
+        f"{end:.2f}",
+    )
+    browser.find_element(By.ID, "passages-track").click()
+    _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#passages-list li.passage")) > 0)
+    rows = browser.find_elements(By.CSS_SELECTOR, "#passages-list li.passage")
+    tracks = [r.get_attribute("data-track-id") for r in rows]
+    assert sorted(tracks) == ["ben", "cleo", "dan"]
+    assert _ink(browser, "passages-tempo") > 500 and _ink(browser, "passages-loudness") > 500
+
+    # Play the first version: the player seeks to its aligned start.
+    rows[0].find_element(By.CSS_SELECTOR, "button.play-passage").click()
+    _wait(
+        browser,
+        lambda d: d.execute_script(
+            "const p = document.getElementById('player'); return p.readyState >= 1 && !p.seeking"
+        ),
+        timeout=30,
+    )
+    src, position = browser.execute_script(
+        "const p = document.getElementById('player'); return [p.currentSrc, p.currentTime]"
+    )
+    assert f"/audio/{tracks[0]}" in src
+    assert abs(position - onsets[tracks[0]][8]) < 0.5, (position, onsets[tracks[0]][8])
+
+    # An error path shows the API's sentence, not a broken chart.
+    browser.execute_script(
+        "document.getElementById('track').value = 'solo';"
+        "document.getElementById('start').value = '1'; document.getElementById('end').value = '6';"
+    )
+    browser.find_element(By.ID, "passages-track").click()
+    _wait(browser, lambda d: "404" in d.find_element(By.ID, "status").text)
+    assert "no other indexed performance" in browser.find_element(By.ID, "status").text
+    assert not browser.find_element(By.ID, "passages").is_displayed()
