@@ -25,6 +25,8 @@ STAGE_HELP = {
     "search": "Query a running search service by audio file or by track and time.",
     "evaluate": "Score retrieval on held-out pieces against baselines; write a report.",
     "demo": "Run the whole pipeline on a small generated corpus, query it, evaluate it.",
+    "quickstart": "Search your own recordings: ingest a folder (or s3:// prefix), index it with "
+    "the shipped model, serve the web page.",
 }
 
 
@@ -50,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "index":
             sub.add_argument(
                 "--model",
-                default="finetune",
-                help="model to embed with: finetune | pretrain | random | a model folder",
+                default="auto",
+                help="model to embed with: auto (finetune if trained here, else the shipped "
+                "model) | finetune | pretrain | shipped[:NAME] | random | a model folder",
             )
         if verb == "reindex":
             sub.add_argument(
@@ -65,6 +68,27 @@ def build_parser() -> argparse.ArgumentParser:
                 nargs="*",
                 default=["pretrain", "finetune"],
                 help="model refs to compare (baselines 'descriptors' and 'random' always run)",
+            )
+        if verb == "quickstart":
+            sub.add_argument(
+                "--audio", required=True, help="folder (or s3:// prefix) of WAV/FLAC/MP3/... files"
+            )
+            sub.add_argument(
+                "--manifest",
+                default=None,
+                help="CSV/Parquet with a 'path' column and composer/title/performer/... columns "
+                "(default: manifest.csv or manifest.parquet in the folder, if any)",
+            )
+            sub.add_argument(
+                "--model", default="shipped", help="model ref (default: the shipped model)"
+            )
+            sub.add_argument(
+                "--no-serve", action="store_true", help="stop after indexing (no service)"
+            )
+            sub.add_argument(
+                "--exit-after-ready",
+                action="store_true",
+                help="exit once the page is ready instead of serving until Ctrl-C",
             )
         if verb == "search":
             sub.add_argument(
@@ -132,24 +156,64 @@ def _stage_runner(verb: str) -> Callable[[MessRayConfig, argparse.Namespace], ob
         "serve": lambda cfg, a: pipeline.serve_forever(cfg),
         "search": lambda cfg, a: pipeline.search_cli(cfg, a),
         "demo": lambda cfg, a: pipeline.run_demo(cfg),
+        "quickstart": _quickstart,
     }[verb]
+
+
+def _quickstart(cfg: MessRayConfig, args: argparse.Namespace) -> dict:
+    from mess_ray.quickstart import run_quickstart
+
+    return run_quickstart(
+        cfg,
+        args.audio,
+        manifest=args.manifest,
+        model_ref=args.model,
+        serve=not args.no_serve,
+        block=not args.exit_after_ready,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     try:
         cfg = load_config(args.config, args.overrides)
     except (OSError, ValueError) as err:  # pydantic's ValidationError is a ValueError
         print(f"mess-ray: bad config: {err}", file=sys.stderr)
         return 2
-    result = _stage_runner(args.verb)(cfg, args)
-    if isinstance(result, dict) and args.verb not in ("search", "demo"):
-        print(json.dumps(result, indent=2, default=str))
+    if args.verb == "search":  # no Ray: plain logging, its table on stdout
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
+        _stage_runner(args.verb)(cfg, args)
+        return 0
+    from mess_ray import console
+
+    # Default: one bar and one line per stage, Ray's and the libraries' output to a log file.
+    with console.quiet_console(cfg.storage.root, verbose=args.verbose):
+        try:
+            result = _stage_runner(args.verb)(cfg, args)
+        except KeyboardInterrupt:
+            console.error("interrupted")
+            return 130
+        except Exception as err:
+            logging.getLogger("mess_ray").exception("%s failed", args.verb)
+            if args.verbose:
+                raise
+            console.error(f"{args.verb} failed: {type(err).__name__}: {err}")
+            return 1
+        if isinstance(result, dict) and args.verb not in ("search", "demo", "quickstart"):
+            if console.is_quiet():
+                console.say(f"manifest: {_manifest_location(cfg, args.verb, result)}")
+            else:
+                print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _manifest_location(cfg: MessRayConfig, verb: str, manifest: dict) -> str:
+    from mess_ray.storage import Storage
+
+    stage = manifest.get("stage") or verb
+    return Storage.from_config(cfg.storage).url(
+        stage, str(manifest.get("version")), "manifest.json"
+    )
 
 
 if __name__ == "__main__":

@@ -250,7 +250,7 @@ def write_verified(storage: Storage, rel: str, data: bytes) -> str:
     return digest
 
 
-def run_index(cfg: MessRayConfig, storage: Storage, model_ref: str = "finetune") -> dict[str, Any]:
+def run_index(cfg: MessRayConfig, storage: Storage, model_ref: str = "auto") -> dict[str, Any]:
     """Embed the latest ingest artifact with ``model_ref`` and publish an ``index`` artifact."""
     from mess_ray.models import Embedder
     from mess_ray.raylocal import ensure_ray
@@ -374,6 +374,17 @@ def model_provenance(storage: Storage, embedder_info: dict[str, Any]) -> dict[st
     if embedder_info.get("kind") == "random":
         return {"checkpoint": None, "trained_config_digest": None}
     out: dict[str, Any] = {"checkpoint": embedder_info.get("path"), "trained_config_digest": None}
+    if embedder_info.get("shipped"):  # a model shipped in the package: its recorded recipe
+        from mess_ray.models.shipped import shipped_manifest
+
+        shipped = shipped_manifest(embedder_info["shipped"])
+        out.update(
+            {
+                "trained_config_digest": shipped.get("recipe", {}).get("config_digest"),
+                "weights_sha256": shipped.get("weights_sha256"),
+            }
+        )
+        return out
     stage, version = embedder_info.get("stage"), embedder_info.get("version")
     if stage and version:
         try:
