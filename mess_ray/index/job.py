@@ -222,11 +222,14 @@ def embedding_pool(dataset: Any, cfg: MessRayConfig, embedder_info: dict[str, An
     """The lazy Ray Data stage: segment batches -> vector-shard tables on an autoscaling actor pool."""
     import ray.data
 
+    from mess_ray import console
+
     return dataset.map_batches(
         SegmentEmbedder,
         fn_constructor_kwargs={
             "cfg_json": cfg.model_dump(mode="json"),
             "embedder_info": embedder_info,
+            "progress": console.progress_handle(),  # the console's bar (None: not shown)
         },
         compute=ray.data.ActorPoolStrategy(
             min_size=cfg.index.min_actors, max_size=cfg.index.max_actors
@@ -266,6 +269,9 @@ def run_index(cfg: MessRayConfig, storage: Storage, model_ref: str = "auto") -> 
     log.info(
         "embedding %d segments of ingest %s with %s", segments.num_rows, ingest_version, model_ref
     )
+    from mess_ray import console
+
+    console.report(console.progress_handle(), total=segments.num_rows)
 
     embed_segments(cfg, storage, ingest_version, embedder.info, vectors_rel)
     files = vector_files(storage, vectors_rel)
