@@ -233,6 +233,9 @@ def test_page_at_phone_and_desktop_width_states_and_long_titles(
         assert empty.is_displayed() and "No search yet" in empty.text and "Search" in empty.text
         assert "3 recordings indexed" in browser.find_element(By.ID, "status").text
         assert _no_horizontal_overflow(browser)
+        # On a phone the options start folded (results follow the query); open on a desktop.
+        folded = not browser.find_element(By.ID, "k").is_displayed()
+        assert folded == (screen == "phone")
         _screenshot(browser, tmp_path, f"{screen}-empty")
 
         # Results, with a hit whose title and track id are very long: nothing overflows.
@@ -253,6 +256,7 @@ def test_page_at_phone_and_desktop_width_states_and_long_titles(
             "return [li.getBoundingClientRect().right, document.documentElement.clientWidth]"
         )
         assert widths[0] <= widths[1] + 1, widths
+        browser.execute_script("document.getElementById('status').scrollIntoView()")
         _screenshot(browser, tmp_path, f"{screen}-results")
 
         # Loading: a search that has not answered yet shows a busy status and disables Search.
@@ -273,6 +277,8 @@ def test_page_at_phone_and_desktop_width_states_and_long_titles(
         assert status.text.startswith("Search failed: network down")
         assert status.get_attribute("role") == "alert" and not _hits(browser)
         assert browser.find_element(By.ID, "search-track").is_enabled()
+        assert "did not complete" in browser.find_element(By.ID, "empty").text
+        browser.execute_script("document.getElementById('status').scrollIntoView()")
         _screenshot(browser, tmp_path, f"{screen}-error")
     finally:
         browser.set_window_size(1200, 1000)
@@ -308,6 +314,6 @@ def test_page_works_from_the_keyboard(browser, base_url):
     assert len(_hits(browser)) == 4
     # A filter that matches nothing: an empty state that says what to change.
     _fresh_results(browser)
-    browser.find_element(By.ID, "performer").send_keys("Nobody Atall", Keys.ENTER)
+    browser.find_element(By.ID, "title").send_keys("Nobody Atall", Keys.ENTER)
     _wait(browser, lambda d: "0 passages" in d.find_element(By.ID, "status").text)
     assert "Loosen the filters" in browser.find_element(By.ID, "empty").text
