@@ -72,3 +72,22 @@ def test_reference_clip_is_deterministic_and_audible():
     np.testing.assert_array_equal(a, shipped.reference_clip(0, 16000, 4.0))
     assert not np.allclose(a, shipped.reference_clip(1, 16000, 4.0))
     assert 0.01 < float(np.sqrt(np.mean(a**2))) < 1.0
+
+
+def test_every_shipped_file_is_package_data():
+    """A wheel (not only an editable install) must carry the model: pyproject's globs cover it."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["mess_ray"]
+    package = root / "mess_ray"
+    files = [p for p in shipped.shipped_dir().rglob("*") if p.is_file()]
+    assert files
+    for path in files:
+        rel = path.relative_to(package).as_posix()
+        # setuptools globs: '*' does not cross '/'.
+        assert any(fnmatch.fnmatch(rel, g) and rel.count("/") == g.count("/") for g in globs), rel
