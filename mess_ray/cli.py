@@ -66,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--models",
                 nargs="*",
-                default=["pretrain", "finetune"],
-                help="model refs to compare (baselines 'descriptors' and 'random' always run)",
+                default=None,
+                help="model refs to compare (baselines 'descriptors' and 'random' always run; "
+                "default: pretrain and finetune where trained here, else the shipped model)",
             )
         if verb == "quickstart":
             sub.add_argument(
@@ -152,7 +153,9 @@ def _stage_runner(verb: str) -> Callable[[MessRayConfig, argparse.Namespace], ob
         "finetune": lambda cfg, a: pipeline.run_stage("finetune", cfg),
         "index": lambda cfg, a: pipeline.run_stage("index", cfg, model_ref=a.model),
         "reindex": lambda cfg, a: pipeline.run_stage("reindex", cfg, model_ref=a.model),
-        "evaluate": lambda cfg, a: pipeline.run_stage("evaluate", cfg, model_refs=a.models),
+        "evaluate": lambda cfg, a: pipeline.run_stage(
+            "evaluate", cfg, model_refs=a.models or pipeline.default_eval_models(cfg)
+        ),
         "serve": lambda cfg, a: pipeline.serve_forever(cfg),
         "search": lambda cfg, a: pipeline.search_cli(cfg, a),
         "demo": lambda cfg, a: pipeline.run_demo(cfg),

@@ -70,6 +70,13 @@ def _run_stage(name: str, cfg: MessRayConfig, storage: Storage | None, **kwargs:
     return run_evaluate(cfg, storage, **kwargs)
 
 
+def default_eval_models(cfg: MessRayConfig) -> list[str]:
+    """The models `mess-ray evaluate` compares by default: those trained under this storage
+    root, else the model shipped in the package."""
+    storage = Storage.from_config(with_storage_resolved(cfg).storage)
+    return [ref for ref in ("pretrain", "finetune") if storage.latest(ref)] or ["shipped"]
+
+
 def with_storage_resolved(cfg: MessRayConfig) -> MessRayConfig:
     """A copy of ``cfg`` whose storage section names its S3 endpoint explicitly (for workers)."""
     return cfg.model_copy(update={"storage": resolve_endpoint(cfg.storage)})
