@@ -181,17 +181,13 @@ def run_demo(cfg: MessRayConfig, shutdown: bool = True) -> dict:
         ):
             t0 = time.monotonic()
             manifests[stage] = run_stage(stage, cfg, storage, **kwargs)
-            timings[stage] = round(time.monotonic() - t0, 1)
-            if not console.is_quiet():  # quiet: run_stage printed the stage's summary line
-                console.say(
-                    f"[{stage}] done in {timings[stage]} s: version "
-                    f"{manifests[stage].get('version')}, counts {manifests[stage].get('counts')}"
-                )
+            timings[stage] = round(time.monotonic() - t0, 1)  # run_stage printed its summary
 
         t0 = time.monotonic()
-        run_service(cfg, blocking=False)
         url = service_url(cfg)
-        client.wait_ready(url, timeout_s=120)
+        with console.stage("serve", unit="s"):  # a live bar while Serve starts
+            run_service(cfg, blocking=False)
+            client.wait_ready(url, timeout_s=120)
         query = pick_demo_query(storage, cfg)
         wav = _wav_bytes(query["audio"], cfg.audio.sample_rate)
         result = client.search_file(url, wav, k=5, filename="query.wav")
@@ -213,8 +209,7 @@ def run_demo(cfg: MessRayConfig, shutdown: bool = True) -> dict:
             "evaluate", cfg, storage, model_refs=["pretrain", "finetune"]
         )
         timings["evaluate"] = round(time.monotonic() - t0, 1)
-        if not console.is_quiet():
-            console.say(f"\n[evaluate] {manifests['evaluate'].get('headline')}")
+
         console.say(f"report: {storage.url('eval', manifests['evaluate']['version'], 'report.md')}")
     finally:
         if shutdown:

@@ -20,10 +20,6 @@ from mess_ray.storage import make_filesystem
 MANIFEST_NAMES = ("manifest.csv", "manifest.parquet")
 
 
-def _skip(*_: Any) -> None:
-    """Quiet console: run_stage already printed the stage's summary line."""
-
-
 def find_manifest(audio: str, s3_endpoint_url: str | None = None) -> str | None:
     """``audio``'s own manifest file (manifest.csv/.parquet at its top level), if it has one."""
     fs, base = make_filesystem(audio, s3_endpoint_url)
@@ -77,13 +73,10 @@ def run_quickstart(
     timings["ingest"] = round(time.monotonic() - t0, 1)
     counts = manifests["ingest"].get("counts", {})
     rejects = counts.get("rejects_by_reason") or {}
-    (say if not console.is_quiet() else _skip)(
-        f"[ingest] {counts.get('files_segmented', 0)} recordings "
-        f"({counts.get('seconds_audio', 0) / 60:.1f} min of audio), {counts.get('segments', 0)} "
-        f"passages; {counts.get('files_rejected', 0)} files skipped"
-        + (f" {rejects}" if rejects else "")
-        + f" ({timings['ingest']} s)"
-    )
+    if rejects:
+        say(
+            f"skipped files (by reason): {rejects}; details in the ingest artifact's rejects.parquet"
+        )
     if not counts.get("segments"):
         raise ValueError(
             f"nothing to search: no file under {source} could be decoded as audio "
@@ -92,12 +85,6 @@ def run_quickstart(
     t0 = time.monotonic()
     manifests["index"] = pipeline.run_stage("index", cfg, model_ref=model_ref)
     timings["index"] = round(time.monotonic() - t0, 1)
-    model = manifests["index"].get("model", {})
-    (say if not console.is_quiet() else _skip)(
-        f"[index] {manifests['index']['counts']['vectors']} vectors, model "
-        f"{model.get('shipped') or model.get('version') or model.get('ref')} "
-        f"({timings['index']} s)"
-    )
     url = pipeline.service_url(cfg)
     result = {"manifests": manifests, "timings": timings, "service_url": url, "source": source}
     if not serve:
@@ -106,8 +93,9 @@ def run_quickstart(
     from mess_ray.serve import run_service
 
     t0 = time.monotonic()
-    run_service(pipeline.with_storage_resolved(cfg), blocking=False)
-    client.wait_ready(url, timeout_s=180)
+    with console.stage("serve", unit="s"):  # a live bar while Serve starts
+        run_service(pipeline.with_storage_resolved(cfg), blocking=False)
+        client.wait_ready(url, timeout_s=180)
     timings["serve"] = round(time.monotonic() - t0, 1)
     result["total_s"] = round(time.monotonic() - started, 1)
     say(f"ready in {result['total_s']} s. Open {url}/ in a browser (Ctrl-C stops the service).")
