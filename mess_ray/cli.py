@@ -202,12 +202,36 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             console.error(f"{args.verb} failed: {type(err).__name__}: {err}")
             return 1
+        finally:
+            # Inside the quiet console: Ray's and Serve's shutdown chatter goes to the log too.
+            _shutdown_ray(cfg)
         if isinstance(result, dict) and args.verb not in ("search", "demo", "quickstart"):
             if console.is_quiet():
                 console.say(f"manifest: {_manifest_location(cfg, args.verb, result)}")
             else:
                 print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _shutdown_ray(cfg: MessRayConfig) -> None:
+    """Stop what this process started: the embedded Ray (and its Serve); on a cluster, only
+    disconnect (Serve there may be serving others)."""
+    import os
+
+    import ray
+
+    if not ray.is_initialized():
+        return
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        ray.shutdown()
+        return
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:  # Serve never started or is already gone
+        pass
+    ray.shutdown()
 
 
 def _manifest_location(cfg: MessRayConfig, verb: str, manifest: dict) -> str:
