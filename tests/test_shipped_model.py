@@ -29,7 +29,7 @@ def test_default_shipped_model_is_in_the_package_small_and_documented():
     # Its benchmark figures say which split they come from.
     assert manifest["benchmark"]["split"].startswith("test")
     assert manifest["benchmark"]["held_out_pieces"]
-    assert "finetune" in manifest["benchmark"]["tasks"]["style"]["metrics"]
+    assert "finetune" in manifest["benchmark"]["tasks"]["style_retrieval"]["metrics"]
 
 
 def test_shipped_weights_embed_the_reference_clips_as_recorded(cfg):
