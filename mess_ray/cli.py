@@ -193,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     with console.quiet_console(cfg.storage.root, verbose=args.verbose):
         try:
             result = _stage_runner(args.verb)(cfg, args)
-        except KeyboardInterrupt:
-            console.error("interrupted")
+        except KeyboardInterrupt:  # Ctrl-C is how `serve` and `quickstart` are meant to stop
+            console.say("stopped (Ctrl-C)")
             return 130
         except Exception as err:
             logging.getLogger("mess_ray").exception("%s failed", args.verb)
