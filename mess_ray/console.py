@@ -114,7 +114,8 @@ def _bar(desc: str, total: int | None, unit: str):
         dynamic_ncols=True,
         leave=True,
         mininterval=0.5,
-        bar_format=None if total else "{desc}: {n_fmt} {unit} [{elapsed}{postfix}]",
+        # No total (yet): a running clock; set when the stage reports its total.
+        bar_format=None if total else "{desc} running {elapsed}{postfix}",
     )
 
 
