@@ -85,3 +85,16 @@ def test_quickstart_on_a_folder_without_audio_says_so(ray_local, tmp_path):
     cfg = tiny_config(str(tmp_path / "store"))
     with pytest.raises(ValueError, match="nothing to search"):
         run_quickstart(cfg, str(folder), serve=False, say=lambda *_: None)
+
+
+def test_an_s3_prefix_and_its_manifest_are_found(s3_bucket, tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.pipe(f"{s3_bucket}/music/a.wav", b"RIFF")
+    cfg = tiny_config(str(tmp_path / "store"))
+    assert quickstart_config(cfg, f"{s3_bucket}/music")[1] == f"{s3_bucket}/music"
+    fs.pipe(f"{s3_bucket}/music/manifest.parquet", b"PAR1")
+    assert find_manifest(f"{s3_bucket}/music/") == f"{s3_bucket}/music/manifest.parquet"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        quickstart_config(cfg, f"{s3_bucket}/nothing-here")
