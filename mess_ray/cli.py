@@ -64,19 +64,74 @@ def _stage_runner(verb: str) -> Callable[[MessRayConfig, argparse.Namespace], ob
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     try:
         cfg = load_config(args.config, args.overrides)
     except (OSError, ValueError) as err:  # pydantic's ValidationError is a ValueError
         print(f"mess-ray: bad config: {err}", file=sys.stderr)
         return 2
-    result = _stage_runner(args.verb)(cfg, args)
-    if isinstance(result, dict) and args.verb not in ("search", "demo"):
-        print(json.dumps(result, indent=2, default=str))
+    if args.verb in ("search", "passages"):  # no Ray: plain logging, the table on stdout
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
+        _stage_runner(args.verb)(cfg, args)
+        return 0
+    from mess_ray import console
+
+    # Default: one bar and one line per stage, Ray's and the libraries' output to a log file.
+    with console.quiet_console(cfg.storage.root, verbose=args.verbose):
+        try:
+            result = _stage_runner(args.verb)(cfg, args)
+        except KeyboardInterrupt:  # Ctrl-C is how `serve` and `quickstart` are meant to stop
+            console.say("stopped (Ctrl-C)")
+            return 130
+        except Exception as err:
+            logging.getLogger("mess_ray").exception("%s failed", args.verb)
+            if args.verbose:
+                raise
+            console.error(f"{args.verb} failed: {type(err).__name__}: {err}")
+            return 1
+        finally:
+            # Inside the quiet console: Ray's and Serve's shutdown chatter goes to the log too.
+            _shutdown_ray(cfg)
+        if isinstance(result, dict) and args.verb not in (
+            "search",
+            "passages",
+            "demo",
+            "quickstart",
+        ):
+            if console.is_quiet():
+                console.say(f"manifest: {_manifest_location(cfg, args.verb, result)}")
+            else:
+                print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _shutdown_ray(cfg: MessRayConfig) -> None:
+    """Stop what this process started: the embedded Ray (and its Serve); on a cluster, only
+    disconnect (Serve there may be serving others)."""
+    import os
+
+    import ray
+
+    if not ray.is_initialized():
+        return
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        ray.shutdown()
+        return
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:  # Serve never started or is already gone
+        pass
+    ray.shutdown()
+
+
+def _manifest_location(cfg: MessRayConfig, verb: str, manifest: dict) -> str:
+    from mess_ray.storage import Storage
+
+    stage = manifest.get("stage") or verb
+    return Storage.from_config(cfg.storage).url(
+        stage, str(manifest.get("version")), "manifest.json"
+    )
 
 
 if __name__ == "__main__":

@@ -154,6 +154,12 @@ def default_styles() -> list[StyleSpec]:
 class RenderConfig(_Section):
     source: Literal["music21", "midi_folder", "asap"] = "music21"
     source_path: str | None = Field(None, description="Folder for midi_folder/asap sources.")
+    midi_as_played: bool = Field(
+        False,
+        description="midi_folder: the files are performances (e-piano recordings, MAESTRO-style "
+        "MIDI): render each once as played, no style transforms (style ''); false: each file "
+        "is a score rendered in every render.styles.",
+    )
     _pin_paths = field_validator("source_path", "soundfont")(pin_local_path)
     pieces: list[str] = Field(
         default_factory=list, description="music21 corpus paths; empty: the default list."
@@ -322,6 +328,11 @@ class TrainConfig(_Section):
         "(mixes tracks and styles within batches).",
     )
     seed: int = 0
+    deterministic: bool = Field(
+        False,
+        description="Deterministic torch kernels and one intra-op thread on every worker (with "
+        "num_workers: 1 a rerun from the same seeds gives the same weights; slower).",
+    )
 
 
 class PretrainConfig(TrainConfig):

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from mess_ray import console
 from mess_ray.config import MessRayConfig
 from mess_ray.raylocal import ensure_ray, shutdown_ray
 from mess_ray.stages import get_stage
@@ -29,8 +30,11 @@ def run_stage(name: str, cfg: MessRayConfig, storage: Storage | None = None, **k
     runner = get_stage(name, batch=True).load_runner()
     cfg = with_storage_resolved(cfg)
     ensure_ray(cfg.ray)
-    storage = storage or Storage.from_config(cfg.storage)
-    return runner(cfg, storage, **kwargs)
+    started = time.monotonic()
+    with console.stage(name, unit=console.STAGE_UNITS.get(name, "it")) as shown:
+        manifest = runner(cfg, storage or Storage.from_config(cfg.storage), **kwargs)
+        shown.summary = console.summary_line(name, manifest, time.monotonic() - started)
+    return manifest
 
 
 def with_storage_resolved(cfg: MessRayConfig) -> MessRayConfig:
@@ -46,6 +50,7 @@ def serve_forever(cfg: MessRayConfig) -> None:
     from mess_ray.serve import run_service
 
     ensure_ray(cfg.ray)
+    console.say(f"search service and web page on {service_url(cfg)}/ (Ctrl-C stops it)")
     run_service(with_storage_resolved(cfg), blocking=True)
 
 
@@ -149,7 +154,7 @@ def run_demo(cfg: MessRayConfig, shutdown: bool = True) -> dict:
     cfg = with_storage_resolved(cfg)
     ensure_ray(cfg.ray)
     storage = Storage.from_config(cfg.storage)
-    print(f"mess-ray demo: storage root {storage.url()}")
+    console.say(f"mess-ray demo: storage root {storage.url()}")
     manifests: dict[str, dict] = {}
     try:
         for stage, kwargs in (
@@ -161,39 +166,36 @@ def run_demo(cfg: MessRayConfig, shutdown: bool = True) -> dict:
         ):
             t0 = time.monotonic()
             manifests[stage] = run_stage(stage, cfg, storage, **kwargs)
-            timings[stage] = round(time.monotonic() - t0, 1)
-            print(
-                f"[{stage}] done in {timings[stage]} s: version {manifests[stage].get('version')}, "
-                f"counts {manifests[stage].get('counts')}"
-            )
+            timings[stage] = round(time.monotonic() - t0, 1)  # run_stage printed its summary
 
         t0 = time.monotonic()
-        run_service(cfg, blocking=False)
         url = service_url(cfg)
-        client.wait_ready(url, timeout_s=120)
+        with console.stage("serve", unit="s"):  # a live bar while Serve starts
+            run_service(cfg, blocking=False)
+            client.wait_ready(url, timeout_s=120)
         query = pick_demo_query(storage, cfg)
         wav = _wav_bytes(query["audio"], cfg.audio.sample_rate)
         result = client.search_file(url, wav, k=5, filename="query.wav")
         timings["serve+query"] = round(time.monotonic() - t0, 1)
-        print(
+        console.say(
             f"\nHTTP query: {query['track_id']} {query['start_s']:.2f}-{query['end_s']:.2f} s "
             f"(style {query['style']!r}, piece {query['piece_id']!r}) -> POST {url}/search"
         )
-        print(client.format_hits(result))
+        console.say(client.format_hits(result))
         # The same clip with its own recording excluded: passages of other recordings played alike.
         elsewhere = client.search_file(
             url, wav, k=5, filename="query.wav", exclude_track=query["track_id"]
         )
-        print(f"\nSame query, other recordings only (exclude_track={query['track_id']}):")
-        print(client.format_hits(elsewhere))
+        console.say(f"\nSame query, other recordings only (exclude_track={query['track_id']}):")
+        console.say(client.format_hits(elsewhere))
 
         t0 = time.monotonic()
         manifests["evaluate"] = run_stage(
             "evaluate", cfg, storage, model_refs=["pretrain", "finetune"]
         )
         timings["evaluate"] = round(time.monotonic() - t0, 1)
-        print(f"\n[evaluate] {manifests['evaluate'].get('headline')}")
-        print(f"report: {storage.url('eval', manifests['evaluate']['version'], 'report.md')}")
+
+        console.say(f"report: {storage.url('eval', manifests['evaluate']['version'], 'report.md')}")
     finally:
         if shutdown:
             try:
@@ -204,7 +206,7 @@ def run_demo(cfg: MessRayConfig, shutdown: bool = True) -> dict:
                 pass
             shutdown_ray()
     total = round(time.monotonic() - started, 1)
-    print(f"\ndemo finished in {total} s; stage timings {timings}")
+    console.say(f"\ndemo finished in {total} s; stage timings {timings}")
     return {
         "manifests": manifests,
         "timings": timings,

@@ -141,8 +141,9 @@ _STAGES = (
             Option(
                 ("--model",),
                 {
-                    "default": "finetune",
-                    "help": "model to embed with: finetune | pretrain | random | a model folder",
+                    "default": "auto",
+                    "help": "model to embed with: auto (finetune if trained here, else the shipped "
+                    "model) | finetune | pretrain | shipped[:NAME] | random | a model folder",
                 },
             ),
         ),
@@ -208,13 +209,50 @@ _STAGES = (
                 ("--models",),
                 {
                     "nargs": "*",
-                    "default": ["pretrain", "finetune"],
-                    "help": "model refs to compare (baselines 'descriptors' and 'random' always run)",
+                    "default": None,
+                    "help": "model refs to compare (baselines 'descriptors' and 'random' always "
+                    "run; default: pretrain and finetune where trained here, else the shipped model)",
                 },
             ),
         ),
         kwargs_from_args={"model_refs": "models"},
         resources=Resources(cpu_max=4, gpu_max=1, deadline_s=6 * 3600),
+    ),
+    Stage(
+        "quickstart",
+        "Search your own recordings: ingest a folder (or s3:// prefix), index it with the shipped "
+        "model, serve the web page.",
+        "mess_ray.quickstart:quickstart_verb",
+        batch=False,
+        options=(
+            Option(
+                ("--audio",),
+                {"required": True, "help": "folder (or s3:// prefix) of WAV/FLAC/MP3/... files"},
+            ),
+            Option(
+                ("--manifest",),
+                {
+                    "default": None,
+                    "help": "CSV/Parquet with a 'path' column and composer/title/performer/... "
+                    "columns (default: manifest.csv or manifest.parquet in the folder, if any)",
+                },
+            ),
+            Option(
+                ("--model",),
+                {"default": "shipped", "help": "model ref (default: the shipped model)"},
+            ),
+            Option(
+                ("--no-serve",),
+                {"action": "store_true", "help": "stop after indexing (no service)"},
+            ),
+            Option(
+                ("--exit-after-ready",),
+                {
+                    "action": "store_true",
+                    "help": "exit once the page is ready instead of serving until Ctrl-C",
+                },
+            ),
+        ),
     ),
     Stage(
         "demo",

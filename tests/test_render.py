@@ -459,3 +459,47 @@ def test_run_render_asap_as_played(ray_local, tmp_path):
     assert ex.note_count(played) > 0 and ex.last_note_end(played) == pytest.approx(
         params["duration_s"], abs=0.01
     )
+
+
+def test_midi_folder_as_played_renders_each_performance_once_unstyled(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("performances")
+    store = tmp_path_factory.mktemp("store")
+    # A "performance": irregular onsets and velocities that a style transform would rewrite.
+    perf = make_score(bars=2, tempo=90.0)
+    for i, note in enumerate(perf.instruments[0].notes):
+        note.velocity = 30 + (i * 13) % 90
+        note.start += 0.03 * (i % 3)
+    (tmp_path / "Pianist_A").mkdir()
+    perf.write(str(tmp_path / "Pianist_A" / "take1.mid"))
+    write_midi(tmp_path / "take2.mid", bars=1)
+    cfg = RenderConfig(
+        source="midi_folder",
+        source_path=str(tmp_path),
+        num_pieces=10,
+        midi_as_played=True,
+        sample_rate=16000,
+    )
+    refs = list_score_refs(cfg)
+    plan = plan_tracks(refs, cfg.styles)
+    # One track per file, no style: four styles configured, none applied.
+    assert [(tid, style) for _, style, tid in plan] == [
+        ("pianist-a-take1__played", None),
+        ("take2__played", None),
+    ]
+    from mess_ray.render.job import render_track
+
+    storage = Storage(str(store))
+    ref = refs[0]
+    row = render_track(load_score(ref), ref, None, plan[0][2], cfg, storage, "v1")
+    assert row["style"] == "" and row["source"] == "midi_folder"
+    played = pretty_midi.PrettyMIDI(str(store / "render" / "v1" / row["midi_path"]))
+    original = sorted((n.start, n.pitch, n.velocity) for n in perf.instruments[0].notes)
+    rendered = sorted((n.start, n.pitch, n.velocity) for n in played.instruments[0].notes)
+    # As played: the same onsets (to MIDI tick precision) and velocities.
+    assert [(p, v) for _, p, v in rendered] == [(p, v) for _, p, v in original]
+    assert np.allclose([s for s, _, _ in rendered], [s for s, _, _ in original], atol=0.01)
+    # Off by default: the same folder renders as scores in every style.
+    styled = plan_tracks(
+        list_score_refs(cfg.model_copy(update={"midi_as_played": False})), cfg.styles
+    )
+    assert len(styled) == 2 * len(cfg.styles) and all(s is not None for _, s, _ in styled)

@@ -319,9 +319,10 @@ def reuse_or_embed(
 
 
 # -- entry point --------------------------------------------------------------------------------
-def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str]) -> dict:
+def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str] | None = None) -> dict:
     """Benchmark ``model_refs`` plus the descriptor and random baselines on every task whose data
-    the latest ingest holds; publish "eval".
+    the latest ingest holds; publish "eval". ``model_refs=None``: the models trained under this
+    storage root (pretrain, finetune), else the model shipped in the package.
 
     Task 1 (style retrieval) needs style labels; tasks 2 (passage retrieval) and 3 (expressive
     agreement) need performances with beat annotations / performed MIDI. The report says which
@@ -332,6 +333,8 @@ def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str]) ->
 
     if isinstance(model_refs, str):
         raise ValueError("model_refs must be a list of refs, e.g. ['finetune', 'pretrain']")
+    if model_refs is None:
+        model_refs = [ref for ref in ("pretrain", "finetune") if storage.latest(ref)] or ["shipped"]
     systems = system_order(list(model_refs))
     ingest_version = storage.require_latest("ingest")
     ecfg = cfg.eval

@@ -80,9 +80,12 @@ def table_to_vectors(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
 class SegmentEmbedder:
     """Ray Data callable class: the Embedder is loaded once per actor, not per batch."""
 
-    def __init__(self, cfg_json: dict[str, Any], embedder_info: dict[str, Any]) -> None:
+    def __init__(
+        self, cfg_json: dict[str, Any], embedder_info: dict[str, Any], progress: Any = None
+    ) -> None:
         from mess_ray.models import Embedder
 
+        self.progress = progress
         cfg = MessRayConfig.model_validate(cfg_json)
         storage = Storage.from_config(cfg.storage)
         self.embedder = Embedder.from_info(cfg, storage, embedder_info)
@@ -90,4 +93,7 @@ class SegmentEmbedder:
         self.length = window_samples(cfg.audio.window_s, cfg.audio.sample_rate)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        return embed_segment_batch(self.embedder, batch, self.sample_rate, self.length)
+        table = embed_segment_batch(self.embedder, batch, self.sample_rate, self.length)
+        if self.progress is not None:  # the driver's console bar: fire and forget
+            self.progress.update.remote(add=table.num_rows)
+        return table

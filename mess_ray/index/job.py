@@ -224,12 +224,14 @@ def embedding_pool(dataset: Any, cfg: MessRayConfig, embedder_info: dict[str, An
         raise ValueError(
             f"index.min_actors ({cfg.index.min_actors}) exceeds index.max_actors ({cfg.index.max_actors})"
         )
+    from mess_ray import console
 
     return dataset.map_batches(
         SegmentEmbedder,
         fn_constructor_kwargs={
             "cfg_json": cfg.model_dump(mode="json"),
             "embedder_info": embedder_info,
+            "progress": console.progress_handle(),  # the console's bar (None: not shown)
         },
         compute=ray.data.ActorPoolStrategy(
             min_size=cfg.index.min_actors, max_size=cfg.index.max_actors
@@ -253,7 +255,7 @@ def write_verified(storage: Storage, rel: str, data: bytes) -> str:
     return digest
 
 
-def run_index(cfg: MessRayConfig, storage: Storage, model_ref: str = "finetune") -> dict[str, Any]:
+def run_index(cfg: MessRayConfig, storage: Storage, model_ref: str = "auto") -> dict[str, Any]:
     """Embed the latest ingest artifact with ``model_ref`` and publish an ``index`` artifact."""
     from mess_ray.models import Embedder
     from mess_ray.raylocal import ensure_ray
@@ -269,6 +271,9 @@ def run_index(cfg: MessRayConfig, storage: Storage, model_ref: str = "finetune")
     log.info(
         "embedding %d segments of ingest %s with %s", segments.num_rows, ingest_version, model_ref
     )
+    from mess_ray import console
+
+    console.report(console.progress_handle(), total=segments.num_rows)
 
     embed_segments(cfg, storage, ingest_version, embedder.info, vectors_rel)
     files = vector_files(storage, vectors_rel)
@@ -387,6 +392,17 @@ def model_provenance(storage: Storage, embedder_info: dict[str, Any]) -> dict[st
     if embedder_info.get("kind") == "random":
         return {"checkpoint": None, "trained_config_digest": None}
     out: dict[str, Any] = {"checkpoint": embedder_info.get("path"), "trained_config_digest": None}
+    if embedder_info.get("shipped"):  # a model shipped in the package: its recorded recipe
+        from mess_ray.models.shipped import shipped_manifest
+
+        shipped = shipped_manifest(embedder_info["shipped"])
+        out.update(
+            {
+                "trained_config_digest": shipped.get("recipe", {}).get("config_digest"),
+                "weights_sha256": shipped.get("weights_sha256"),
+            }
+        )
+        return out
     stage, version = embedder_info.get("stage"), embedder_info.get("version")
     if stage and version:
         try:

@@ -64,6 +64,7 @@ EMBEDDER_IDENTITY_KEYS = (
     "kind",
     "stage",
     "version",
+    "shipped",
     "path",
     "size",
     "seed",

@@ -22,7 +22,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from mess_ray.facets import Layout, compose, parse_layout, part_similarities, weighted_query
+from mess_ray.facets import (
+    OVERALL,
+    Layout,
+    compose,
+    parse_layout,
+    part_similarities,
+    weighted_query,
+)
 from mess_ray.index.embed import table_to_vectors
 from mess_ray.index.faiss_index import IndexSpec, configure_for_search, load_index, sha256_bytes
 from mess_ray.storage import Storage
@@ -46,9 +53,25 @@ class Hit:
     metadata: dict[str, Any] = field(default_factory=dict)
     # Cosine of each part of a faceted embedding (overall, tempo, ...); empty without a facet layout.
     facet_similarities: dict[str, float] = field(default_factory=dict)
+    # Percentage of a fixed corpus sample less similar to the query (SearchIndex.corpus_sample).
+    percentile: float | None = None
+    # The facet part whose similarity ranks highest against the same sample (None: no facets).
+    closest_facet: str | None = None
+    facet_percentiles: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+PERCENTILE_SAMPLE = 2048
+PERCENTILE_SEED = 0
+
+
+def percentile_of(sorted_scores: np.ndarray, value: float) -> float:
+    """Percentage of ``sorted_scores`` strictly below ``value`` (ties count half), one decimal."""
+    below = np.searchsorted(sorted_scores, value, side="left")
+    upto = np.searchsorted(sorted_scores, value, side="right")
+    return round(float(100.0 * (below + 0.5 * (upto - below)) / max(1, len(sorted_scores))), 1)
 
 
 def normalize(vectors: np.ndarray) -> np.ndarray:
@@ -175,6 +198,7 @@ class SearchIndex:
         for i, track in enumerate(self._cols["track_id"]):
             self._track_rows.setdefault(track, []).append(i)
         self._rerank = rerank_vectors
+        self._sample: np.ndarray | None = None
         self._metadata = (
             [_parse_metadata(raw) for raw in self._cols["metadata_json"]]
             if "metadata_json" in self._cols
@@ -422,7 +446,52 @@ class SearchIndex:
             )
             for i, hit in enumerate(hits):
                 hit.facet_similarities = {name: round(float(v[i]), 6) for name, v in parts.items()}
+        self._add_percentiles(hits, q[0], plain[0])
         return hits
+
+    def corpus_sample(self) -> np.ndarray | None:
+        """Vectors of a fixed random sample of indexed passages (``PERCENTILE_SAMPLE``, seed
+        ``PERCENTILE_SEED``; all of them in a smaller index), drawn once per loaded index; None
+        when the index cannot give its vectors back."""
+        if self._sample is None:
+            ids = np.asarray(sorted(self._rows), dtype=np.int64)
+            if len(ids) > PERCENTILE_SAMPLE:
+                rng = np.random.default_rng(PERCENTILE_SEED)
+                ids = np.sort(rng.choice(ids, PERCENTILE_SAMPLE, replace=False))
+            try:
+                self._sample = np.stack([self.vector(int(s)) for s in ids]).astype(np.float32)
+            except RuntimeError:  # an index without reconstruct: no percentiles
+                self._sample = np.zeros((0, self.dim), dtype=np.float32)
+        return self._sample if len(self._sample) else None
+
+    def _add_percentiles(self, hits: list[Hit], query: np.ndarray, plain: np.ndarray) -> None:
+        """Each hit's percentile among the query's similarities to the corpus sample, and per
+        facet part: which facet made it close."""
+        sample = self.corpus_sample() if hits else None
+        if sample is None:
+            return
+        scores = np.sort(sample @ query)
+        part_scores = (
+            {
+                name: np.sort(v)
+                for name, v in part_similarities(plain, sample, self.facet_layout).items()
+            }
+            if self.facet_layout is not None
+            else {}
+        )
+        for hit in hits:
+            hit.percentile = percentile_of(scores, hit.similarity)
+            hit.facet_percentiles = {
+                name: percentile_of(part_scores[name], value)
+                for name, value in hit.facet_similarities.items()
+                if name in part_scores and name != OVERALL
+            }
+            if hit.facet_percentiles:
+                # Ties (several parts above the whole sample): the higher cosine wins.
+                hit.closest_facet = max(
+                    hit.facet_percentiles,
+                    key=lambda n: (hit.facet_percentiles[n], hit.facet_similarities[n]),
+                )
 
     def search_by_segment(
         self,

@@ -161,11 +161,19 @@ def ingest_file(
 
 
 def ingest_batch(
-    batch: pa.Table, settings: dict[str, float], read_block_s: float, s3_endpoint_url: str | None
+    batch: pa.Table,
+    settings: dict[str, float],
+    read_block_s: float,
+    s3_endpoint_url: str | None,
+    progress: Any = None,
 ) -> Iterator[pa.Table]:
-    """Ray Data UDF: catalog rows in, stream tables out (see :func:`ingest_file`)."""
+    """Ray Data UDF: catalog rows in, stream tables out (see :func:`ingest_file`).
+
+    ``progress``: the console's progress actor (mess_ray.console), told of each finished file."""
     for row in batch.to_pylist():
         yield from ingest_file(row, settings, read_block_s, s3_endpoint_url)
+        if progress is not None:
+            progress.update.remote(add=1)
 
 
 def select_segments(batch: pa.Table, rejected_tracks: list[str]) -> pa.Table:
@@ -281,6 +289,10 @@ def run_ingest(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
 
     decoded_files = pa.Table.from_pylist([], schema=FILES_SCHEMA)
     new_segments = None
+    from mess_ray import console
+
+    progress = console.progress_handle()
+    console.report(progress, total=len(to_decode))
     if to_decode:
         stream = (
             ray.data.from_items(to_decode, override_num_blocks=min(len(to_decode), 256))
@@ -293,6 +305,7 @@ def run_ingest(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
                     "settings": settings,
                     "read_block_s": cfg.ingest.read_block_s,
                     "s3_endpoint_url": s3_endpoint_url,
+                    "progress": progress,
                 },
             )
             .materialize()

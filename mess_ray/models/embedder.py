@@ -7,6 +7,9 @@
   states of ``cfg.model.ssl_layer`` (middle layer by default), no projection head;
 - ``"random"``: a randomly initialised encoder of ``cfg.model.size`` seeded with
   ``cfg.model.seed`` (deterministic: the same config gives the same vectors);
+- ``"shipped"`` / ``"shipped:<name>"``: a model shipped inside the package
+  (:mod:`mess_ray.models.shipped`);
+- ``"auto"``: the latest ``finetune`` artifact if one exists, else the shipped default;
 - a local folder or remote URL of either kind of model folder (an artifact folder holding
   ``model/`` works too).
 
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mess_ray.config import MessRayConfig
+from mess_ray.models import shipped
 from mess_ray.models.embedding import EmbeddingModel, is_embedding_model_dir
 from mess_ray.models.encoder import build_encoder, load_encoder, normalize_waveform
 from mess_ray.segments import fit_length, window_samples
@@ -107,7 +111,15 @@ class Embedder:
     @classmethod
     def from_ref(cls, cfg: MessRayConfig, storage: Storage, ref: str) -> Embedder:
         if not ref:
-            raise ValueError("model ref must be 'finetune', 'pretrain', 'random' or a folder path")
+            raise ValueError(
+                "model ref must be 'auto', 'finetune', 'pretrain', 'shipped', 'random' or a folder"
+            )
+        if ref == shipped.AUTO:
+            ref = "finetune" if storage.latest("finetune") else shipped.SHIPPED_PREFIX
+        if shipped.is_shipped_ref(ref):
+            name = shipped.shipped_name(ref)
+            shipped.shipped_dir(name)  # a clear error for an unknown name
+            return cls.from_info(cfg, storage, {"ref": ref, "shipped": name})
         if ref == "random":
             return cls.from_info(
                 cfg,
@@ -151,7 +163,12 @@ class Embedder:
             return cls(model, model.embedding_dim, full, window, cfg.model.inference_batch_size)
         # The recorded layer wins over the config: from_info must rebuild the same vectors.
         layer = info.get("layer", cfg.model.ssl_layer)
-        if info.get("stage"):
+        if info.get("shipped"):
+            # By name, not path: every node resolves it inside its own installed package.
+            model, kind = _load_model_folder(
+                cfg, shipped.shipped_dir(info["shipped"]) / shipped.MODEL_DIR, layer
+            )
+        elif info.get("stage"):
             rel = posixpath.join(info["stage"], info["version"], MODEL_SUBDIR)
             if not storage.exists(rel):
                 raise FileNotFoundError(
@@ -172,6 +189,7 @@ class Embedder:
             "stage": info.get("stage"),
             "version": info.get("version"),
             "path": info.get("path"),
+            "shipped": info.get("shipped"),
             "layer": getattr(model, "layer", None),
             "sample_rate": cfg.audio.sample_rate,
             "facet_layout": facet_layout_json(model),

@@ -3,7 +3,9 @@
 Three kinds, chosen by ``cfg.render.source``:
 
 * ``music21``: short pieces of the music21 corpus (offline, ships with the package);
-* ``midi_folder``: every ``.mid``/``.midi`` file under ``source_path`` (local or fsspec URL);
+* ``midi_folder``: every ``.mid``/``.midi`` file under ``source_path`` (local or fsspec URL),
+  a score rendered in each style; with ``midi_as_played: true`` the files are performances
+  (e-piano recordings, MAESTRO-style MIDI) rendered once each as played (variant ``played``);
 * ``asap``: human piano performances of the ASAP dataset layout (``metadata.csv`` plus
   MIDI files); they are rendered as played, so each performance is its own *variant*.
 
@@ -169,7 +171,10 @@ def load_music21(corpus_path: str) -> tuple[pretty_midi.PrettyMIDI, dict[str, st
 
 
 # -- MIDI folder --------------------------------------------------------------------------------
-def _midi_folder_refs(source_path: str) -> list[ScoreRef]:
+AS_PLAYED_VARIANT = "played"
+
+
+def _midi_folder_refs(source_path: str, as_played: bool = False) -> list[ScoreRef]:
     fs, base = make_filesystem(source_path)
     if not fs.isdir(base):
         raise ValueError(f"render.source_path {source_path!r} is not a folder")
@@ -188,6 +193,9 @@ def _midi_folder_refs(source_path: str) -> list[ScoreRef]:
                 title=posixpath.basename(stem).replace("_", " "),
                 source="midi_folder",
                 locator=_join_url(source_path, rel),
+                # A performance plays once, unstyled (render_track renders variants as played).
+                variant=AS_PLAYED_VARIANT if as_played else "",
+                extra={"midi_performance": rel} if as_played else {},
             )
         )
     _require_unique_ids(refs)
@@ -294,7 +302,10 @@ def list_score_refs(cfg: RenderConfig) -> list[ScoreRef]:
         raise ValueError(f"render.source={cfg.source!r} needs render.source_path")
     if cfg.source == "midi_folder":
         return select_pieces(
-            _midi_folder_refs(cfg.source_path), cfg.num_pieces, cfg.seed, shuffle=False
+            _midi_folder_refs(cfg.source_path, cfg.midi_as_played),
+            cfg.num_pieces,
+            cfg.seed,
+            shuffle=False,
         )
     if cfg.source == "asap":
         # Shuffled so that a few pieces are not all from the alphabetically first composer.

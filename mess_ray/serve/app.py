@@ -74,6 +74,21 @@ class HitModel(BaseModel):
     source_uri: str
     metadata: dict[str, Any] = Field(default_factory=dict)
     facet_similarities: dict[str, float] = Field(default_factory=dict)
+    percentile: float | None = Field(
+        None,
+        description="Where this similarity stands among the query's similarities to the corpus: "
+        "the percentage of a fixed random sample of indexed passages (up to 2048, seed 0) that are "
+        "less similar to the query. 99.9 = closer than almost everything; 60 = barely above average.",
+    )
+    closest_facet: str | None = Field(
+        None,
+        description="The facet (tempo, dynamics, articulation, timbre) whose part of the embedding "
+        "ranks this hit highest against the same corpus sample: what made it close. None without "
+        "facet heads.",
+    )
+    facet_percentiles: dict[str, float] = Field(
+        default_factory=dict, description="Each facet part's percentile against the sample."
+    )
     explanation: list[FacetExplanation] | None = Field(
         None,
         description="Per-facet descriptor comparison with the query, most alike first (None: not asked "

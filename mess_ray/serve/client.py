@@ -124,24 +124,39 @@ def list_tracks(base_url: str, timeout: float = DEFAULT_TIMEOUT_S) -> list[dict[
 
 
 def format_hits(result: dict[str, Any]) -> str:
-    """A plain-text table of hits: rank, track, start-end, similarity (plus style and piece)."""
+    """A plain-text table of hits: rank, track, start-end, similarity, its percentile among the
+    query's similarities to the corpus, the facet that made it close, style and piece."""
     hits = result.get("hits", [])
     if not hits:
         return "no results"
-    rows = [("rank", "track", "passage (s)", "similarity", "style", "piece")]
+    rows = [
+        (
+            "rank",
+            "track",
+            "passage (s)",
+            "similarity",
+            "percentile",
+            "closest facet",
+            "style",
+            "piece",
+        )
+    ]
     for hit in hits:
+        pct = hit.get("percentile")
         rows.append(
             (
                 str(hit["rank"]),
                 str(hit["track_id"]),
                 f"{hit['start_s']:.2f}-{hit['end_s']:.2f}",
                 f"{hit['similarity']:.4f}",
+                "-" if pct is None else f"{pct:.1f}",
+                hit.get("closest_facet") or "-",
                 str(hit.get("style", "")),
                 str(hit.get("piece_id", "")),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    right = {0, 2, 3}
+    right = {0, 2, 3, 4}
     lines = [
         "  ".join(
             c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))
@@ -149,6 +164,12 @@ def format_hits(result: dict[str, Any]) -> str:
         for r in rows
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if any(h.get("percentile") is not None for h in hits):
+        lines.append(
+            "percentile: share of the corpus less similar to the query (from a fixed random "
+            "sample of up to 2048 passages); closest facet: the part of the embedding that ranks "
+            "the hit highest"
+        )
     return "\n".join(lines)
 
 

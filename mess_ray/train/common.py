@@ -181,6 +181,11 @@ def train_loop(loop_config: dict) -> None:
     if not use_gpu:
         # Fractional CPUs per worker: one intra-op thread each keeps workers from thrashing.
         torch.set_num_threads(max(1, int(tcfg["cpus_per_worker"])))
+    if tcfg["deterministic"]:
+        # Reproducible weights (the shipped model's recipe): deterministic kernels, one thread
+        # (float sums in a fixed order).
+        torch.use_deterministic_algorithms(True)
+        torch.set_num_threads(1)
 
     model = task.build_model(settings)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -296,6 +301,9 @@ def train_loop(loop_config: dict) -> None:
             # here), so it happens every `report_every` steps, with the window's mean loss.
             window = history[-tcfg["report_every"] :]
             ray.train.report({**metrics, "loss_window_mean": sum(window) / len(window)})
+        if rank == 0 and loop_config.get("progress") is not None:
+            # The driver's console bar (mess_ray.console): fire and forget, no round trip.
+            loop_config["progress"].update.remote(n=done, total=total_steps, loss=mean_loss)
         maybe_inject_test_failure(
             tcfg, loop_config["storage"], task.stage, done, rank, context.get_world_size()
         )
@@ -352,9 +360,12 @@ def fit(
         tcfg.run_name,
     )
     ensure_ray(cfg.ray)
+    from mess_ray import console
+
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
+            "progress": console.progress_handle(),
             "task": task,
             "train": train_settings(tcfg),
             "storage": storage.config().model_dump(),
