@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 # Before anything imports ray: loopback only, no auth, no usage reporting.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -12,7 +13,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.pop("RAY_ADDRESS", None)
 # Dummy credentials: the S3 endpoint is moto on 127.0.0.1, never AWS.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+# A distinctive secret: test_secrets_stay_out_of_ray_logs greps Ray's session logs for it.
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "mess-ray-canary-secret-5f3a9c")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 
@@ -95,6 +97,9 @@ def tiny_config(root: str, **sections) -> MessRayConfig:
         "index.shards=2",
     ]
     cfg = load_config(None, overrides)
+    # Tests keep recordings beside the store (root/../audio): the service may read them.
+    if "://" not in cfg.storage.root:
+        cfg.serve.source_prefixes = [str(Path(cfg.storage.root).parent)]
     for section, values in sections.items():
         for key, value in values.items():
             setattr(getattr(cfg, section), key, value)
