@@ -44,7 +44,11 @@ COMPOSERS = ["J. S. Bach", "Frédéric Chopin", "Johann Sebastian Bach"]
 
 
 def publish_audio_index(
-    cfg: MessRayConfig, audio_dir: Path, n_tracks: int = 3, facet_layout: dict | None = None
+    cfg: MessRayConfig,
+    audio_dir: Path,
+    n_tracks: int = 3,
+    facet_layout: dict | None = None,
+    track_ids: list[str] | None = None,
 ) -> dict:
     """WAV recordings on disk, their segments embedded with the real random Embedder, published as an index.
 
@@ -60,8 +64,9 @@ def publish_audio_index(
     audio_dir.mkdir(parents=True, exist_ok=True)
     for t in range(n_tracks):
         audio = track_audio(t, rate)
-        track = f"track{t}"
+        track = track_ids[t] if track_ids else f"track{t}"
         path = audio_dir / f"{track}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
         sf.write(path, audio, rate)
         for start in range(0, len(audio) - window + 1, hop):
             rows["segment_id"].append(segment_id(track, start))

@@ -393,7 +393,8 @@ def _under(uri: str, prefix: str) -> str | None:
 
 
 class SourcePolicy:
-    """Which ``source_uri``s the service may read: under the storage root or a configured prefix.
+    """Which ``source_uri``s the service may read: under the storage root, ingest.source or
+    serve.source_prefixes.
 
     A tampered index must not make the service fetch ``http://127.0.0.1:...`` or read files
     outside these folders; responses show sources relative to the prefix they lie under.
@@ -404,7 +405,12 @@ class SourcePolicy:
 
     @classmethod
     def from_config(cls, cfg: MessRayConfig) -> SourcePolicy:
-        return cls([cfg.storage.root, *(cfg.serve.source_prefixes or [])])
+        # The ingested folder (ingest.source) is where an index's recordings usually live; a
+        # manifest file names recordings beside it.
+        ingested = cfg.ingest.source or ""
+        if ingested and os.path.isfile(ingested):
+            ingested = os.path.dirname(ingested)
+        return cls([cfg.storage.root, ingested, *cfg.serve.source_prefixes])
 
     def relative(self, uri: str) -> str | None:
         for prefix in self.prefixes:
