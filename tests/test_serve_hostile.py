@@ -372,6 +372,9 @@ def test_api_key_guards_every_endpoint_but_liveness(published, monkeypatch):
     env_client = TestClient(create_app(SearchService.from_config(published[0])))
     assert env_client.get("/tracks").status_code == 401
     assert env_client.get("/tracks", headers={"X-API-Key": "from-env"}).status_code == 200
+    from mess_ray.serve.client import _headers
+
+    assert _headers() == {"X-API-Key": "from-env"}
 
 
 # -- 7. small leaks and contract gaps ----------------------------------------------------
