@@ -303,6 +303,27 @@ def test_range_request_decodes_only_its_bytes(long_track):
     assert head == reference.getvalue()[:100]
 
 
+def test_whole_passage_is_streamed_in_blocks(long_track):
+    service, client, _ = long_track
+
+    def drain() -> tuple[int, bytes]:
+        total, first = 0, b""
+        for chunk in service.audio_stream("Long/Perf1"):
+            first = first or chunk
+            total += len(chunk)
+        return total, first
+
+    (total, header), peak = peak_bytes(drain)
+    assert total == 44 + 2 * 16000 * 600 and header[:4] == b"RIFF"
+    assert peak < 4 * 2**20, f"streaming 10 minutes peaked at {peak / 2**20:.1f} MiB"
+    uri = service.index.track("Long/Perf1")["source_uri"]
+    for span in (None, (0, 43), (40, 70_000), (100_001, 300_000)):
+        streamed = b"".join(
+            service_module.passage_chunks(uri, 290.0, 320.0, byte_span=span, block_frames=1000)
+        )
+        assert streamed == read_passage(uri, 290.0, 320.0, byte_span=span)[0], span
+
+
 def test_waveform_is_decoded_once_per_track(long_track):
     service, client, _ = long_track
     before = service.waveform_cache.info()["misses"]

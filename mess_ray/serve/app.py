@@ -27,7 +27,7 @@ from fastapi import Depends, FastAPI, File, Path, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from ray import serve
 
@@ -539,8 +539,13 @@ def create_app(service: SearchService, embed: Embed | None = None) -> FastAPI:
                 return Response(
                     media_type="audio/wav", headers={**headers, "Content-Length": str(size)}
                 )
-            data, _ = service.audio(track_id, start_s, end_s)
-            return Response(data, media_type="audio/wav", headers=headers)
+            # Sized (and 404/422 raised) from the header first; then streamed block by block.
+            size = service.audio_size(track_id, start_s, end_s)
+            return StreamingResponse(
+                service.audio_stream(track_id, start_s, end_s),
+                media_type="audio/wav",
+                headers={**headers, "Content-Length": str(size)},
+            )
         size = service.audio_size(track_id, start_s, end_s)
         span = parse_range(requested, size)
         if span is None:

@@ -26,7 +26,7 @@ import re
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -311,6 +311,46 @@ def read_passage(
     return bytes(out), span.size
 
 
+def passage_chunks(
+    uri: str,
+    start_s: float,
+    end_s: float | None,
+    s3_endpoint_url: str | None = None,
+    byte_span: tuple[int, int] | None = None,
+    block_frames: int = 2**16,
+    slot: Callable[[], Any] = contextlib.nullcontext,
+) -> Iterator[bytes]:
+    """The same bytes as :func:`read_passage`, decoded and yielded a block at a time.
+
+    A whole passage (up to MAX_PASSAGE_S) is streamed: memory is one block, whatever its
+    length. ``slot`` is entered around each block's decode (the replica's decode slots).
+    """
+    with open_sound(uri, s3_endpoint_url) as sound:
+        span = passage_span(sound, start_s, end_s)
+        first_b, last_b = byte_span if byte_span is not None else (0, span.size - 1)
+        last_b = min(last_b, span.size - 1)
+        if first_b < WAV_HEADER_BYTES:
+            yield span.header()[first_b : last_b + 1]
+        if last_b < WAV_HEADER_BYTES:
+            return
+        f = (max(first_b, WAV_HEADER_BYTES) - WAV_HEADER_BYTES) // span.frame_bytes
+        stop = (last_b - WAV_HEADER_BYTES) // span.frame_bytes + 1
+        while f < stop:
+            n = min(block_frames, stop - f)
+            try:
+                with slot():
+                    pcm = _read_frames(sound, span.first + f, n)
+            except (sf.LibsndfileError, RuntimeError) as err:
+                raise FileNotFoundError(
+                    f"source audio {uri} cannot be decoded: {_plain(err)}"
+                ) from None
+            raw = io.BytesIO()
+            sf.write(raw, pcm, span.rate, format="RAW", subtype="PCM_16")
+            at = WAV_HEADER_BYTES + f * span.frame_bytes  # byte offset of this block
+            yield raw.getvalue()[max(first_b, at) - at : last_b + 1 - at]
+            f += n
+
+
 def track_peaks(
     uri: str,
     s3_endpoint_url: str | None = None,
@@ -356,16 +396,6 @@ def downsample_peaks(
         [float(v) for v in np.minimum.reduceat(lows, starts)],
         [float(v) for v in np.maximum.reduceat(highs, starts)],
     )
-
-
-def waveform_peaks(samples: np.ndarray, points: int) -> tuple[list[float], list[float]]:
-    """Min and max of ``points`` equal bins of a mono signal (what a waveform view draws)."""
-    if points < 1:
-        raise ValueError(f"points must be >= 1, got {points}")
-    edges = np.linspace(0, len(samples), min(points, max(1, len(samples))) + 1).astype(int)
-    lows = [float(samples[a:b].min()) if b > a else 0.0 for a, b in zip(edges[:-1], edges[1:])]
-    highs = [float(samples[a:b].max()) if b > a else 0.0 for a, b in zip(edges[:-1], edges[1:])]
-    return lows, highs
 
 
 def _local_path(uri: str) -> str | None:
@@ -804,6 +834,24 @@ class SearchService:
         uri = self._source(track_id)
         with self.decoding():
             return read_passage(uri, start_s, end_s, self.cfg.storage.s3_endpoint_url, byte_span)
+
+    def audio_stream(
+        self,
+        track_id: str,
+        start_s: float = 0.0,
+        end_s: float | None = None,
+        byte_span: tuple[int, int] | None = None,
+    ) -> Iterator[bytes]:
+        """The passage's WAV (or bytes ``byte_span`` of it) in blocks, each decoded in a slot."""
+        uri = self._source(track_id)
+        return passage_chunks(
+            uri,
+            start_s,
+            end_s,
+            self.cfg.storage.s3_endpoint_url,
+            byte_span,
+            slot=self.decoding,
+        )
 
     def audio_size(self, track_id: str, start_s: float = 0.0, end_s: float | None = None) -> int:
         """Size of the passage's WAV, read from the source's header (nothing decoded)."""
