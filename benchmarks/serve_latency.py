@@ -205,12 +205,14 @@ def hostile_client(url: str, track: str, files: dict[str, bytes], deadline: floa
 
 
 def replica_pids() -> list[int]:
-    from ray.util.state import list_actors
+    """PIDs of the Serve replicas, from the GCS actor table (the embedded Ray has no dashboard,
+    so no state API)."""
+    from ray._private.state import actors
 
     return [
-        int(a.pid)
-        for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
-        if "SearchDeployment" in (a.class_name or "") and a.pid
+        int(a["Pid"])
+        for a in actors().values()
+        if a["State"] == "ALIVE" and "SearchDeployment" in a["ActorClassName"] and a["Pid"]
     ]
 
 
