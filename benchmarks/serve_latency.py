@@ -15,8 +15,15 @@ figure, each compared with its in-process baseline measured in the same run:
   requests in flight on loopback for ``--duration`` seconds; requests/s, p50/p99 and the error
   count (must be 0).
 
+- ``adversarial``: the same by-id load (second process) for ``--duration`` seconds twice:
+  alone, then while ``--hostile`` threads of this process send hostile requests (a WAV
+  declaring 1 Hz, an 8-channel 96 kHz 240 s FLAC of silence, a 64 MiB chunked body without
+  Content-Length, 1 KiB ranges of /audio, waveforms at random resolutions); p50/p99 of the
+  normal queries, the replica's peak resident memory in each phase (VmHWM, reset between
+  phases) and the hostile requests' statuses.
+
 Run: ``python -m benchmarks.serve_latency [--tracks 40] [--track-s 30] [--requests 60]
-[--duration 20] [--concurrency 8] [--out FILE]``.
+[--duration 20] [--concurrency 8] [--only adversarial] [--hostile 3] [--out FILE]``.
 """
 
 from __future__ import annotations
@@ -107,6 +114,158 @@ def run_load(args: argparse.Namespace) -> None:
             }
         )
     )
+
+
+# -- hostile requests (issue 18) ---------------------------------------------------------
+BOUNDARY = "benchboundary"
+
+
+def hostile_requests(work: str, rate: int) -> dict[str, Any]:
+    """What an attacker sends: small files that declare huge audio, and a body with no end."""
+    import soundfile as sf
+
+    one_hz = io.BytesIO()
+    sf.write(one_hz, np.zeros(10_000, np.float32), 1, format="WAV")  # 20 KB, 10 000 s at 1 Hz
+    flac = io.BytesIO()
+    with sf.SoundFile(flac, "w", 96000, 8, format="FLAC", subtype="PCM_16") as f:
+        block = np.zeros((96000 * 10, 8), np.float32)
+        for _ in range(24):
+            f.write(block)
+    return {"wav_1hz": one_hz.getvalue(), "flac_8ch_96k_240s": flac.getvalue()}
+
+
+def hostile_client(url: str, track: str, files: dict[str, bytes], deadline: float, seed: int):
+    """Send hostile requests round-robin until ``deadline``; a Counter of kind -> status."""
+    from collections import Counter
+
+    import httpx
+
+    rng = np.random.default_rng(seed)
+    statuses: Counter = Counter()
+
+    def chunked_body():
+        yield (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="q.wav"\r\n'
+            "Content-Type: audio/wav\r\n\r\n"
+        ).encode()
+        mib = b"\0" * 2**20
+        for _ in range(64):
+            yield mib
+
+    kinds = ["wav_1hz", "flac_8ch_96k_240s", "chunked_64mib", "range_1kib", "waveform"]
+    with httpx.Client(timeout=120) as client:
+        i = seed
+        while time.monotonic() < deadline:
+            kind = kinds[i % len(kinds)]
+            i += 1
+            try:
+                if kind in files:
+                    r = client.post(
+                        f"{url}/search",
+                        params={"explain": False},
+                        files={"file": ("q.bin", files[kind])},
+                    )
+                elif kind == "chunked_64mib":
+                    r = client.post(
+                        f"{url}/search",
+                        content=chunked_body(),
+                        headers={"content-type": f"multipart/form-data; boundary={BOUNDARY}"},
+                    )
+                elif kind == "range_1kib":
+                    first = int(rng.integers(44, 400_000))
+                    r = client.get(
+                        f"{url}/audio/{track}", headers={"Range": f"bytes={first}-{first + 1023}"}
+                    )
+                else:
+                    r = client.get(
+                        f"{url}/tracks/{track}/waveform",
+                        params={"points": int(rng.integers(16, 4000))},
+                    )
+                statuses[f"{kind} {r.status_code}"] += 1
+            except httpx.HTTPError as err:  # e.g. the server closing a cut chunked body
+                statuses[f"{kind} {type(err).__name__}"] += 1
+    return statuses
+
+
+def replica_pids() -> list[int]:
+    """PIDs of the Serve replicas, from the GCS actor table (the embedded Ray has no dashboard,
+    so no state API)."""
+    from ray._private.state import actors
+
+    return [
+        int(a["Pid"])
+        for a in actors().values()
+        if a["State"] == "ALIVE" and "SearchDeployment" in a["ActorClassName"] and a["Pid"]
+    ]
+
+
+def reset_peak_rss(pids: list[int]) -> None:
+    for pid in pids:  # "5" resets VmHWM (the peak resident set) to the current RSS
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+
+
+def peak_rss_mb(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) / 1024
+    return round(total, 1)
+
+
+def run_adversarial(args, url: str, by_id: dict, track: str, work: str, rate: int, out) -> None:
+    """Normal by-id load alone, then with hostile requests alongside (same duration)."""
+    files = hostile_requests(work, rate)
+    pids = replica_pids()
+    for phase in ("normal", "normal+hostile"):
+        reset_peak_rss(pids)
+        spec = json.dumps(
+            {"url": url, "kind": "by-track", "params": {**by_id, "explain": False}, "clip": ""}
+        )
+        load = subprocess.Popen(
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--load",
+                spec,
+                "--duration",
+                str(args.duration),
+                "--concurrency",
+                str(args.concurrency),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        statuses: dict[str, int] = {}
+        if phase == "normal+hostile":
+            deadline = time.monotonic() + args.duration
+            with ThreadPoolExecutor(args.hostile) as pool:
+                futures = [
+                    pool.submit(hostile_client, url, track, files, deadline, seed)
+                    for seed in range(args.hostile)
+                ]
+                for future in futures:
+                    for key, value in future.result().items():
+                        statuses[key] = statuses.get(key, 0) + value
+        stdout, _ = load.communicate()
+        result = json.loads(stdout.strip().splitlines()[-1])
+        emit(
+            {
+                "figure": "adversarial",
+                "phase": phase,
+                "query": "by_id",
+                "concurrency": args.concurrency,
+                **result,
+                "replica_peak_rss_mb": peak_rss_mb(pids),
+                "replicas": len(pids),
+                "hostile_threads": args.hostile if phase != "normal" else 0,
+                "hostile_statuses": dict(sorted(statuses.items())),
+                "load_avg_1m": round(os.getloadavg()[0], 1),
+            },
+            out,
+        )
 
 
 # -- the benchmark ------------------------------------------------------------------------
@@ -207,6 +366,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--out", default=None)
     parser.add_argument(
+        "--only",
+        choices=["all", "adversarial"],
+        default="all",
+        help="adversarial: only the corpus and the adversarial-mix figures",
+    )
+    parser.add_argument("--hostile", type=int, default=3, help="threads sending hostile requests")
+    parser.add_argument(
         "--load", default=None, help=argparse.SUPPRESS
     )  # internal: be the load client
     args = parser.parse_args()
@@ -231,6 +397,7 @@ def main() -> None:
             "audio.hop_s=1.0",
             f"serve.port={free_port()}",
             "serve.reload_interval_s=0",
+            f"serve.source_prefixes=[{work}]",  # the recordings lie beside the store
         ],
     )
     started = time.perf_counter()
@@ -252,6 +419,22 @@ def main() -> None:
     clip_path = os.path.join(work, "clip.wav")
     with open(clip_path, "wb") as f:
         f.write(wav_bytes(clip, rate))
+
+    if args.only == "adversarial":
+        from ray import serve
+
+        url = f"http://127.0.0.1:{cfg.serve.port}"
+        run_service(cfg, blocking=False)
+        try:
+            wait_ready(url, timeout_s=300)
+            index = SearchService.from_config(cfg).index
+            tracks = index.tracks()
+            track = tracks[min(7, len(tracks) - 1)]["track_id"]
+            by_id = {"track_id": track, "start_s": 4.0, "k": 10}
+            run_adversarial(args, url, by_id, track, work, rate, out)
+        finally:
+            serve.shutdown()
+        return
 
     # -- direct, in process --------------------------------------------------------------
     import torch

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -29,8 +29,25 @@ def pin_local_path(value: str | None) -> str | None:
     return str(Path(value.removeprefix("file://")).expanduser().resolve())
 
 
+def _is_number_field(annotation: Any) -> bool:
+    """int/float (optionally None) but not bool: such a field must not take ``true``."""
+    args = get_args(annotation) or (annotation,)
+    return bool not in args and any(a in (int, float) for a in args)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        # pydantic's lax mode reads `port: true` as 1; in a config that is always a mistake.
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                if isinstance(value, bool) and field and _is_number_field(field.annotation):
+                    raise ValueError(f"{name}: expected a number, got {str(value).lower()}")
+        return data
 
 
 class StorageConfig(_Section):
@@ -588,6 +605,43 @@ class ServeConfig(_Section):
     mmr_pool: int = Field(
         50, ge=1, le=10000, description="Candidates re-ranked when diversity (MMR) is asked for."
     )
+    min_upload_rate_hz: int = Field(
+        4000, ge=1, description="Uploads declaring a lower sample rate are refused (415)."
+    )
+    max_upload_rate_hz: int = Field(
+        384000, ge=1, description="Uploads declaring a higher sample rate are refused (415)."
+    )
+    max_upload_channels: int = Field(
+        8, ge=1, le=1024, description="Uploads declaring more channels are refused (415)."
+    )
+    max_decode_samples: int = Field(
+        8_000_000,
+        ge=1000,
+        description="Work budget of one upload: at most this many source samples (frames x "
+        "channels) are decoded, whatever the file declares; decoding also stops at max_query_s. "
+        "8 M float32 samples bound a request's decoded audio to about 32 MiB.",
+    )
+    max_concurrent_decodes: int = Field(
+        2,
+        ge=1,
+        description="Decodes (uploads, /audio passages, waveforms, hit passages) running at once "
+        "per replica; further requests wait for a slot.",
+    )
+    api_key: str | None = Field(
+        None,
+        description="When set (or MESS_RAY_API_KEY in the environment), every endpoint but "
+        "/healthz and the page itself requires it as X-API-Key or Authorization: Bearer.",
+    )
+    source_prefixes: list[str] = Field(
+        default_factory=list,
+        description="Folders or URL prefixes (besides storage.root) that indexed source_uris may "
+        "point into; a source anywhere else (another folder, http://...) is never read.",
+    )
+
+    @field_validator("source_prefixes")
+    @classmethod
+    def _pin_prefixes(cls, value: list[str]) -> list[str]:
+        return [pin_local_path(v) for v in value]
 
 
 # Settings of evaluation's former own actor pool; evaluation now embeds on the index stage's.
@@ -723,6 +777,47 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+MAX_CONFIG_BYTES = 2**20
+
+
+class StrictLoader(yaml.SafeLoader):
+    """YAML safe loader for config files: no aliases (so no billion-laughs expansion; config
+    files never need them) and no duplicate keys (the second would silently win)."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "YAML aliases (*name) are not allowed in a config", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # unhashable key: the base class reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, source: str = "config") -> Any:
+    """Parse YAML config text with :class:`StrictLoader`; errors name ``source``."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{source}: a config must be under {MAX_CONFIG_BYTES // 1024} KiB")
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{source}: {err}") from None
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None
 ) -> MessRayConfig:
@@ -734,7 +829,7 @@ def load_config(
     tree: dict[str, Any] = {}
     if path is not None:
         text = Path(path).read_text()
-        loaded = yaml.safe_load(text) or {}
+        loaded = load_yaml(text, str(path)) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a config must be a mapping of sections")
         tree = loaded
@@ -742,7 +837,7 @@ def load_config(
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        _set_dotted(tree, key.strip(), load_yaml(raw, f"override {key.strip()}"))
     return MessRayConfig.model_validate(tree)
 
 

@@ -21,14 +21,23 @@ LOCAL_ENV = {
     "RAY_TRAIN_V2_ENABLED": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
-# Forwarded to workers so they reach the same object store as the driver.
+# Forwarded to workers so they reach the same object store as the driver: where it is and
+# how to find credentials, never the credentials themselves. Ray writes a job's runtime_env
+# verbatim into its session logs (runtime_env_agent.log, world-readable), so secrets
+# (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) must not travel this way.
+# Locally, workers are children of the raylet this process starts and inherit its
+# environment (credentials included); on a cluster, nodes get them from the instance profile
+# / IRSA service account or an on-disk credentials file (AWS_SHARED_CREDENTIALS_FILE names
+# a path, not a secret). An S3-compatible store (MinIO, moto) needs the endpoint on every
+# node, and the region and metadata switch are not secret either.
 FORWARDED_ENV = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION",
+    "AWS_REGION",
     "AWS_ENDPOINT_URL",
     "AWS_EC2_METADATA_DISABLED",
+    "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
 )
 
 

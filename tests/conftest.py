@@ -12,7 +12,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.pop("RAY_ADDRESS", None)
 # Dummy credentials: the S3 endpoint is moto on 127.0.0.1, never AWS.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+# A distinctive secret: test_secrets_stay_out_of_ray_logs greps Ray's session logs for it.
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "mess-ray-canary-secret-5f3a9c")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 

@@ -49,6 +49,9 @@ def tiny_config(root: str, **sections) -> MessRayConfig:
         "index.shards=2",
     ]
     cfg = load_config(None, overrides)
+    # Tests keep recordings beside the store (root/../audio): the service may read them.
+    if "://" not in cfg.storage.root:
+        cfg.serve.source_prefixes = [str(Path(cfg.storage.root).parent)]
     for section, values in sections.items():
         for key, value in values.items():
             setattr(getattr(cfg, section), key, value)
@@ -206,6 +209,7 @@ def publish_audio_index(
     n_tracks: int = 3,
     facet_layout: dict | None = None,
     spec: IndexSpec | None = None,
+    track_ids: list[str] | None = None,
 ) -> dict:
     """WAV recordings on disk, their segments embedded with the real random Embedder, published as an index.
 
@@ -221,8 +225,9 @@ def publish_audio_index(
     audio_dir.mkdir(parents=True, exist_ok=True)
     for t in range(n_tracks):
         audio = track_audio(t, rate)
-        track = f"track{t}"
+        track = track_ids[t] if track_ids else f"track{t}"
         path = audio_dir / f"{track}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
         sf.write(path, audio, rate)
         for start in range(0, len(audio) - window + 1, hop):
             rows["segment_id"].append(segment_id(track, start))

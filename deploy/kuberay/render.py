@@ -191,6 +191,10 @@ def raycronjob_reindex(ray_version: str) -> dict:
 
 def rayservice(ray_version: str, serve_config: Path = REPO / "serve_config.yaml") -> dict:
     serve = yaml.safe_load(serve_config.read_text())
+    # serve_config.yaml binds loopback; in a pod the proxy must listen on the pod's address
+    # for the Kubernetes Service to reach it. Who can reach that is the Service's type
+    # (ClusterIP: inside the cluster only) and a NetworkPolicy, plus serve.api_key.
+    serve["http_options"]["host"] = "0.0.0.0"
     for app in serve["applications"]:
         # The app's config path, relative in serve_config.yaml, is the image's copy.
         config = app.get("args", {}).get("config")

@@ -235,9 +235,17 @@ class SearchIndex:
         manifest = storage.manifest(STAGE, version)
         base = posixpath.join(STAGE, manifest["version"])
         files = manifest.get("files", {})
-        checksums = manifest.get("checksums", {})
+        checksums = manifest.get("checksums") or {}
         index_file = files.get("index", "index.faiss")
         metadata_file = files.get("metadata", "metadata.parquet")
+        # Every file is verified: a manifest whose checksums were removed is refused, not trusted.
+        ivfdata_file = files.get("ivfdata")
+        required = [index_file, metadata_file, *([ivfdata_file] if ivfdata_file else [])]
+        missing = [name for name in required if not checksums.get(name)]
+        if missing:
+            raise ValueError(
+                f"index {manifest.get('version')} manifest lacks checksums for {', '.join(missing)}"
+            )
         # An on-disk IVF index (index.ivfdata beside it) is memory-mapped; its checksum is verified too.
         index = load_index(
             storage,
@@ -254,6 +262,10 @@ class SearchIndex:
         spec = with_search_knobs(IndexSpec.from_dict(manifest["index"]), nprobe, ef_search)
         rerank = None
         if spec.rerank:
+            if manifest.get("vector_checksums") is None:
+                raise ValueError(
+                    f"index {manifest.get('version')} manifest lacks checksums for its vectors"
+                )
             rerank = _load_vectors(
                 storage,
                 posixpath.join(base, files.get("vectors", "vectors")),

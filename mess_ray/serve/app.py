@@ -13,7 +13,9 @@ ids, missing source audio), 413 (oversize upload), 415 (not audio), 416 (bad byt
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -25,7 +27,7 @@ from fastapi import Depends, FastAPI, File, Path, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from ray import serve
 
@@ -37,6 +39,7 @@ from mess_ray.serve.service import (
     SearchOptions,
     SearchService,
     UnsupportedMedia,
+    _plain,
 )
 
 log = logging.getLogger(__name__)
@@ -171,8 +174,8 @@ FILTER_PATTERN = re.compile(r"^([A-Za-z0-9_.\-]+)=(.*)$", re.S)
 
 
 def _message(err: BaseException) -> str:
-    # KeyError's str() is the repr of its argument; show the plain message.
-    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    # KeyError's str() is the repr of its argument; show the plain message, never object reprs.
+    return _plain(str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err))
 
 
 async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
@@ -277,9 +280,22 @@ def search_options(
     )
 
 
+SINGLE_RANGE = re.compile(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*")
+
+
+def range_applies(header: str) -> bool:
+    """Whether a ``Range`` header is one this API answers (a single ``bytes`` range).
+
+    Other units and multi-range requests are ignored (RFC 9110: a server may ignore Range),
+    so they get the whole passage with 200.
+    """
+    match = SINGLE_RANGE.fullmatch(header)
+    return bool(match) and bool(match.group(1) or match.group(2))
+
+
 def parse_range(header: str, size: int) -> tuple[int, int] | None:
     """The byte span [first, last] of a single-range ``Range`` header; None when unsatisfiable."""
-    match = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    match = SINGLE_RANGE.fullmatch(header)
     if not match or (not match.group(1) and not match.group(2)):
         return None
     if not match.group(1):  # suffix range: the last N bytes
@@ -291,6 +307,93 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
 
 
 Embed = Callable[[np.ndarray], Awaitable[tuple[np.ndarray, IndexState]]]
+
+# Multipart framing around an upload of exactly max_upload_mb.
+MULTIPART_SLACK = 2**16
+
+
+class BodyLimit:
+    """ASGI middleware: refuse a request body above ``limit`` bytes with 413 while it arrives.
+
+    A declared Content-Length above the limit is refused before anything is read; a chunked
+    body (no Content-Length) is counted as it arrives and stopped at the limit, so no body
+    larger than the limit is ever buffered (the multipart parser spools what it reads).
+    """
+
+    def __init__(self, app: Any, limit: Callable[[], int], paths: tuple[str, ...]) -> None:
+        self.app = app
+        self.limit = limit
+        self.paths = paths
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope.get("path") not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit()
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length", b"").decode("latin-1").strip()
+        if length.isdigit() and int(length) > limit:
+            await self._refuse(send, limit)
+            return
+        state = {"received": 0, "over": False, "started": False}
+
+        async def counted_receive() -> dict:
+            if state["over"]:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                state["received"] += len(message.get("body", b""))
+                if state["received"] > limit:
+                    state["over"] = True
+                    raise PayloadTooLarge(f"upload exceeds the {limit / 2**20:.1f} MiB limit")
+            return message
+
+        async def guarded_send(message: dict) -> None:
+            if state["over"]:
+                return  # the app's answer to a cut body is replaced by the 413 below
+            state["started"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not state["over"]:
+                raise
+        if state["over"] and not state["started"]:
+            await self._refuse(send, limit)
+
+    @staticmethod
+    async def _refuse(send: Callable, limit: int) -> None:
+        body = JSONResponse(
+            {"detail": f"upload exceeds the {limit / 2**20:.1f} MiB limit"}, status_code=413
+        )
+        await body(
+            {"type": "http"},
+            _no_receive,
+            send,
+        )
+
+
+async def _no_receive() -> dict:
+    return {"type": "http.disconnect"}
+
+
+# Open without an API key: liveness probes and the page itself (it calls the API with the key).
+OPEN_PATHS = {"/healthz", "/"}
+
+
+def api_key_of(service: SearchService) -> str | None:
+    """serve.api_key, else the MESS_RAY_API_KEY environment variable; None: no key asked."""
+    return service.cfg.serve.api_key or os.environ.get("MESS_RAY_API_KEY") or None
+
+
+def key_matches(expected: str, request: Request) -> bool:
+    """X-API-Key or ``Authorization: Bearer`` equal to ``expected`` (constant-time compare)."""
+    given = request.headers.get("x-api-key")
+    if given is None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip() if scheme.lower() == "bearer" else ""
+    return hmac.compare_digest(given.encode(), expected.encode())
 
 
 class BatchedEmbedder:
@@ -328,6 +431,12 @@ def create_app(service: SearchService, embed: Embed | None = None) -> FastAPI:
 
     # Domain errors to HTTP statuses; the most specific class first (the first two subclass ValueError).
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_middleware(
+        BodyLimit,
+        limit=lambda: service.max_upload_bytes + MULTIPART_SLACK,
+        paths=("/search", "/passages"),
+    )
+    api_key = api_key_of(service)
     for error, status in (
         (PayloadTooLarge, 413),
         (UnsupportedMedia, 415),
@@ -340,17 +449,11 @@ def create_app(service: SearchService, embed: Embed | None = None) -> FastAPI:
     @app.middleware("http")
     async def _reject_oversize_and_measure(request: Request, call_next):
         started = time.perf_counter()
-        # Refuse before the multipart body is parsed and spooled when the client declares its size.
-        length = request.headers.get("content-length")
-        if (
-            request.url.path == "/search"
-            and length
-            and length.isdigit()
-            and int(length) > service.max_upload_bytes + 2**16
-        ):
+        if api_key and request.url.path not in OPEN_PATHS and not key_matches(api_key, request):
             response = JSONResponse(
-                {"detail": f"upload exceeds the {service.cfg.serve.max_upload_mb} MiB limit"},
-                status_code=413,
+                {"detail": "missing or wrong API key (X-API-Key or Authorization: Bearer)"},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
             )
         else:
             response = await call_next(request)
@@ -374,6 +477,7 @@ def create_app(service: SearchService, embed: Embed | None = None) -> FastAPI:
     ) -> dict:
         started = time.perf_counter()
         data = await file.read(service.max_upload_bytes + 1)
+        await file.close()
         samples, info = await run_in_threadpool(service.prepare_upload, data)
         vector, state = await embed_upload(samples)
         return await run_in_threadpool(
@@ -402,19 +506,12 @@ def create_app(service: SearchService, embed: Embed | None = None) -> FastAPI:
 
     @app.get("/tracks", response_model=list[TrackModel], summary="Indexed tracks")
     def tracks() -> list[dict]:
-        return service.index.tracks()
+        return service.tracks()
 
+    # Track ids may contain "/" (ASAP and MAESTRO ids are paths): path-typed parameters. The
+    # waveform route comes first, so ".../waveform" is never read as part of an id.
     @app.get(
-        "/tracks/{track_id}",
-        response_model=TrackDetail,
-        responses=ERRORS,
-        summary="One track and its segments",
-    )
-    def track(track_id: str = Path(...)) -> dict:
-        return service.index.track(track_id)
-
-    @app.get(
-        "/tracks/{track_id}/waveform",
+        "/tracks/{track_id:path}/waveform",
         response_model=WaveformModel,
         responses=ERRORS,
         summary="Min/max peaks of a track, for drawing its waveform",
@@ -423,7 +520,16 @@ def create_app(service: SearchService, embed: Embed | None = None) -> FastAPI:
         return service.waveform(track_id, points)
 
     @app.get(
-        "/audio/{track_id}",
+        "/tracks/{track_id:path}",
+        response_model=TrackDetail,
+        responses=ERRORS,
+        summary="One track and its segments",
+    )
+    def track(track_id: str = Path(...)) -> dict:
+        return service.track(track_id)
+
+    @app.get(
+        "/audio/{track_id:path}",
         responses={
             200: {"content": {"audio/wav": {}}},
             206: {"description": "Partial content (Range)"},
@@ -439,25 +545,52 @@ def create_app(service: SearchService, embed: Embed | None = None) -> FastAPI:
         start_s: float = Query(0.0, ge=0, le=1e7),
         end_s: float | None = Query(None, gt=0, le=1e7),
     ) -> Response:
-        data = service.audio(track_id, start_s, end_s)
+        # Only the frames under the requested bytes are decoded; HEAD decodes nothing.
         headers = {"Accept-Ranges": "bytes"}
         requested = request.headers.get("range")
+        if requested is not None and not range_applies(requested):
+            requested = None  # multi-range or another unit: ignored, the whole passage
+        head = request.method == "HEAD"
         if requested is None:
-            return Response(data, media_type="audio/wav", headers=headers)
-        span = parse_range(requested, len(data))
+            if head:
+                size = service.audio_size(track_id, start_s, end_s)
+                return Response(
+                    media_type="audio/wav", headers={**headers, "Content-Length": str(size)}
+                )
+            # Sized (and 404/422 raised) from the header first; then streamed block by block.
+            size = service.audio_size(track_id, start_s, end_s)
+            return StreamingResponse(
+                service.audio_stream(track_id, start_s, end_s),
+                media_type="audio/wav",
+                headers={**headers, "Content-Length": str(size)},
+            )
+        size = service.audio_size(track_id, start_s, end_s)
+        span = parse_range(requested, size)
         if span is None:
             return JSONResponse(
-                {"detail": f"range {requested!r} not satisfiable for {len(data)} bytes"},
+                {"detail": f"range {requested!r} not satisfiable for {size} bytes"},
                 status_code=416,
-                headers={"Content-Range": f"bytes */{len(data)}"},
+                headers={"Content-Range": f"bytes */{size}"},
             )
         first, last = span
-        return Response(
-            data[first : last + 1],
-            status_code=206,
-            media_type="audio/wav",
-            headers={**headers, "Content-Range": f"bytes {first}-{last}/{len(data)}"},
-        )
+        range_headers = {**headers, "Content-Range": f"bytes {first}-{last}/{size}"}
+        if head:
+            return Response(
+                status_code=206,
+                media_type="audio/wav",
+                headers={**range_headers, "Content-Length": str(last - first + 1)},
+            )
+        data, _ = service.audio(track_id, start_s, end_s, byte_span=span)
+        return Response(data, status_code=206, media_type="audio/wav", headers=range_headers)
+
+    # HEAD answers the same headers without decoding (players probe the size first).
+    app.add_api_route(
+        "/audio/{track_id:path}",
+        audio,
+        methods=["HEAD"],
+        response_class=Response,
+        include_in_schema=False,
+    )
 
     @app.get("/healthz", response_model=HealthModel, summary="Liveness")
     def healthz() -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,12 @@ def _check(response: httpx.Response) -> dict[str, Any]:
     raise ServiceError(response.status_code, str(detail))
 
 
+def _headers() -> dict[str, str]:
+    """The API key of a service that asks for one (MESS_RAY_API_KEY), as X-API-Key."""
+    key = os.environ.get("MESS_RAY_API_KEY")
+    return {"X-API-Key": key} if key else {}
+
+
 def _params(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
@@ -45,7 +52,7 @@ def wait_ready(base_url: str, timeout_s: float = 120.0, poll_s: float = 0.5) -> 
     last = "no answer"
     while time.monotonic() < deadline:
         try:
-            response = httpx.get(f"{base_url}/readyz", timeout=5.0)
+            response = httpx.get(f"{base_url}/readyz", timeout=5.0, headers=_headers())
             if response.status_code == 200:
                 return response.json()
             last = f"{response.status_code} {response.text[:200]}"
@@ -83,6 +90,7 @@ def search_file(
         params=_params(k=k, exclude_track=exclude_track, min_gap_s=min_gap_s, **options),
         files={"file": (name, data, "application/octet-stream")},
         timeout=timeout,
+        headers=_headers(),
     )
     return _check(response)
 
@@ -112,12 +120,13 @@ def search_by_track(
             **options,
         ),
         timeout=timeout,
+        headers=_headers(),
     )
     return _check(response)
 
 
 def list_tracks(base_url: str, timeout: float = DEFAULT_TIMEOUT_S) -> list[dict[str, Any]]:
-    response = httpx.get(f"{base_url.rstrip('/')}/tracks", timeout=timeout)
+    response = httpx.get(f"{base_url.rstrip('/')}/tracks", timeout=timeout, headers=_headers())
     if not response.is_success:
         _check(response)
     return response.json()

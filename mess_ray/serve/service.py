@@ -16,12 +16,17 @@ Errors: :class:`PayloadTooLarge` (413), :class:`UnsupportedMedia` (415), ``Value
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import math
+import os
+import posixpath
+import re
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,10 +58,54 @@ class UnsupportedMedia(ValueError):
     """The upload is not decodable audio."""
 
 
+class SourceNotAllowed(FileNotFoundError):
+    """A source_uri outside the storage root and the configured source prefixes (answered as 404)."""
+
+
+_OBJECT_REPR = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>")
+
+
+def _plain(err: BaseException | str) -> str:
+    """An error message without Python object reprs (``<_io.BytesIO object at 0x...>``)."""
+    return _OBJECT_REPR.sub("the upload", str(err))
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What an upload may declare and how much of it is decoded (see ServeConfig)."""
+
+    min_rate: int = 4000
+    max_rate: int = 384000
+    max_channels: int = 8
+    max_decode_samples: int = 8_000_000
+    block_samples: int = 2**18  # samples (frames x channels) per soundfile read
+
+    @classmethod
+    def from_config(cls, serve_cfg: Any) -> DecodeLimits:
+        return cls(
+            min_rate=serve_cfg.min_upload_rate_hz,
+            max_rate=serve_cfg.max_upload_rate_hz,
+            max_channels=serve_cfg.max_upload_channels,
+            max_decode_samples=serve_cfg.max_decode_samples,
+        )
+
+
 def decode_upload(
-    data: bytes, target_rate: int, max_bytes: int | None = None
+    data: bytes,
+    target_rate: int,
+    max_bytes: int | None = None,
+    max_seconds: float | None = None,
+    limits: DecodeLimits | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Decode an uploaded audio file to mono float32 at ``target_rate``; returns (samples, info)."""
+    """Decode an uploaded audio file to mono float32 at ``target_rate``; returns (samples, info).
+
+    Only what the query needs is decoded: the file is read in blocks and reading stops after
+    ``max_seconds`` of audio or ``limits.max_decode_samples`` source samples (frames x
+    channels), whichever comes first, so memory and time depend on these bounds, not on what
+    the header declares. Declared rates and channel counts outside ``limits`` are refused
+    (:class:`UnsupportedMedia`) before any sample is read.
+    """
+    limits = limits or DecodeLimits()
     if max_bytes is not None and len(data) > max_bytes:
         raise PayloadTooLarge(
             f"upload of {len(data) / 2**20:.1f} MiB exceeds the {max_bytes / 2**20:.1f} MiB limit"
@@ -64,22 +113,51 @@ def decode_upload(
     if not data:
         raise UnsupportedMedia("the upload is empty: send a WAV, FLAC, MP3 or OGG file")
     try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        sound = sf.SoundFile(io.BytesIO(data))
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
         raise UnsupportedMedia(
-            f"could not decode the upload as audio (WAV, FLAC, MP3 or OGG expected): {err}"
+            f"could not decode the upload as audio (WAV, FLAC, MP3 or OGG expected): {_plain(err)}"
         ) from None
-    if samples.size == 0:
+    with sound:
+        rate, channels = int(sound.samplerate), int(sound.channels)
+        if not limits.min_rate <= rate <= limits.max_rate:
+            raise UnsupportedMedia(
+                f"the upload declares a sample rate of {rate} Hz; accepted: "
+                f"{limits.min_rate}..{limits.max_rate} Hz"
+            )
+        if not 1 <= channels <= limits.max_channels:
+            raise UnsupportedMedia(
+                f"the upload declares {channels} channels; accepted: 1..{limits.max_channels}"
+            )
+        # Frames to read: the query's length at the declared rate, within the sample budget.
+        wanted = limits.max_decode_samples // channels
+        if max_seconds is not None:
+            wanted = min(wanted, int(math.ceil(max_seconds * rate)))
+        block = max(1, min(wanted, limits.block_samples // channels))
+        pieces, read = [], 0
+        try:
+            while read < wanted:
+                chunk = sound.read(min(block, wanted - read), dtype="float32", always_2d=True)
+                if len(chunk) == 0:
+                    break
+                read += len(chunk)
+                pieces.append(chunk.mean(axis=1, dtype=np.float32) if channels > 1 else chunk[:, 0])
+            more = len(sound.read(1, dtype="float32", always_2d=True)) > 0 if read else False
+        except (sf.LibsndfileError, RuntimeError, ValueError) as err:
+            raise UnsupportedMedia(f"the upload's audio data is corrupt: {_plain(err)}") from None
+    if read == 0:
         raise UnsupportedMedia("the uploaded audio contains no samples")
-    mono = samples.mean(axis=1)
+    mono = np.concatenate(pieces) if len(pieces) > 1 else np.ascontiguousarray(pieces[0])
+    del pieces
     if not np.all(np.isfinite(mono)):
         raise UnsupportedMedia("the uploaded audio contains NaN or infinite samples")
     if rate != target_rate:
         mono = soxr.resample(mono, rate, target_rate)
     info = {
-        "source_sample_rate": int(rate),
-        "channels": int(samples.shape[1]),
+        "source_sample_rate": rate,
+        "channels": channels,
         "duration_s": round(len(mono) / target_rate, 3),
+        "truncated": bool(more),
     }
     return np.ascontiguousarray(mono, dtype=np.float32), info
 
@@ -94,54 +172,296 @@ def clip_windows(samples: np.ndarray, window: int, hop: int) -> np.ndarray:
     return np.stack([samples[s : s + window] for s in starts])
 
 
-def read_passage_samples(
-    uri: str, start_s: float, end_s: float | None, s3_endpoint_url: str | None = None
-) -> tuple[np.ndarray, int]:
-    """[frames, channels] float32 PCM of [start_s, end_s) of the recording at ``uri``, and its rate."""
-    if start_s < 0:
-        raise ValueError(f"start_s must be >= 0, got {start_s}")
-    if end_s is not None and end_s <= start_s:
-        raise ValueError(f"end_s ({end_s}) must be greater than start_s ({start_s})")
+WAV_HEADER_BYTES = 44  # what libsndfile writes for PCM_16 WAV (checked by the tests)
+# Fixed resolution of the cached waveform of a track; each `points` value is drawn from it.
+WAVEFORM_BINS = 4000
+
+
+@contextlib.contextmanager
+def open_sound(uri: str, s3_endpoint_url: str | None = None):
+    """The recording at ``uri`` as an open :class:`soundfile.SoundFile` (404-style errors)."""
     fs, path = make_filesystem(uri, s3_endpoint_url)
     if not fs.exists(path):
         raise FileNotFoundError(f"source audio {uri} is not available")
     with fs.open(path, "rb") as f:
         try:
-            with sf.SoundFile(f) as sound:
-                rate = sound.samplerate
-                first = int(round(start_s * rate))
-                if first >= sound.frames:
-                    raise ValueError(
-                        f"start_s {start_s} is past the end of the recording ({sound.frames / rate:.2f} s)"
-                    )
-                stop_s = min(
-                    end_s if end_s is not None else sound.frames / rate, start_s + MAX_PASSAGE_S
-                )
-                sound.seek(first)
-                pcm = sound.read(int(round(stop_s * rate)) - first, dtype="float32", always_2d=True)
-        except sf.LibsndfileError as err:
-            raise FileNotFoundError(f"source audio {uri} cannot be decoded: {err}") from None
-    return pcm, rate
+            sound = sf.SoundFile(f)
+        except (sf.LibsndfileError, RuntimeError) as err:
+            raise FileNotFoundError(
+                f"source audio {uri} cannot be decoded: {_plain(err)}"
+            ) from None
+        with sound:
+            yield sound
+
+
+@dataclass(frozen=True)
+class PassageSpan:
+    """Frames [first, first + frames) of a recording, served as a PCM_16 WAV."""
+
+    rate: int
+    channels: int
+    first: int
+    frames: int
+
+    @property
+    def frame_bytes(self) -> int:
+        return 2 * self.channels
+
+    @property
+    def size(self) -> int:
+        return WAV_HEADER_BYTES + self.frames * self.frame_bytes
+
+    def header(self) -> bytes:
+        out = io.BytesIO()
+        sf.write(
+            out,
+            np.zeros((0, self.channels), np.float32),
+            self.rate,
+            format="WAV",
+            subtype="PCM_16",
+        )
+        header = bytearray(out.getvalue())
+        data = self.frames * self.frame_bytes
+        header[4:8] = (WAV_HEADER_BYTES - 8 + data).to_bytes(4, "little")
+        header[40:44] = data.to_bytes(4, "little")
+        return bytes(header)
+
+
+def passage_span(sound: sf.SoundFile, start_s: float, end_s: float | None) -> PassageSpan:
+    """The frames of [start_s, end_s) (at most MAX_PASSAGE_S) of an open recording."""
+    if start_s < 0:
+        raise ValueError(f"start_s must be >= 0, got {start_s}")
+    if end_s is not None and end_s <= start_s:
+        raise ValueError(f"end_s ({end_s}) must be greater than start_s ({start_s})")
+    rate = sound.samplerate
+    first = int(round(start_s * rate))
+    if first >= sound.frames:
+        raise ValueError(
+            f"start_s {start_s} is past the end of the recording ({sound.frames / rate:.2f} s)"
+        )
+    stop_s = min(end_s if end_s is not None else sound.frames / rate, start_s + MAX_PASSAGE_S)
+    stop = min(int(round(stop_s * rate)), sound.frames)
+    return PassageSpan(rate, sound.channels, first, max(0, stop - first))
+
+
+def _read_frames(sound: sf.SoundFile, first: int, count: int) -> np.ndarray:
+    """[count, channels] float32 from frame ``first`` (zero-padded where the file ends early)."""
+    sound.seek(first)
+    pcm = sound.read(count, dtype="float32", always_2d=True)
+    if len(pcm) < count:
+        pcm = np.pad(pcm, ((0, count - len(pcm)), (0, 0)))
+    return pcm
+
+
+def read_passage_samples(
+    uri: str, start_s: float, end_s: float | None, s3_endpoint_url: str | None = None
+) -> tuple[np.ndarray, int]:
+    """[frames, channels] float32 PCM of [start_s, end_s) of the recording at ``uri``, and its rate."""
+    with open_sound(uri, s3_endpoint_url) as sound:
+        span = passage_span(sound, start_s, end_s)
+        try:
+            return _read_frames(sound, span.first, span.frames), span.rate
+        except (sf.LibsndfileError, RuntimeError) as err:
+            raise FileNotFoundError(
+                f"source audio {uri} cannot be decoded: {_plain(err)}"
+            ) from None
+
+
+def passage_size(
+    uri: str, start_s: float, end_s: float | None, s3_endpoint_url: str | None = None
+) -> int:
+    """Bytes of the WAV :func:`read_passage` returns (from the header alone: nothing decoded)."""
+    with open_sound(uri, s3_endpoint_url) as sound:
+        return passage_span(sound, start_s, end_s).size
 
 
 def read_passage(
-    uri: str, start_s: float, end_s: float | None, s3_endpoint_url: str | None = None
-) -> bytes:
-    """A WAV of [start_s, end_s) of the recording at ``uri`` (local path or fsspec URL)."""
-    pcm, rate = read_passage_samples(uri, start_s, end_s, s3_endpoint_url)
-    out = io.BytesIO()
-    sf.write(out, pcm, rate, format="WAV", subtype="PCM_16")
-    return out.getvalue()
+    uri: str,
+    start_s: float,
+    end_s: float | None,
+    s3_endpoint_url: str | None = None,
+    byte_span: tuple[int, int] | None = None,
+) -> tuple[bytes, int]:
+    """Bytes ``byte_span`` = [first, last] (default: all) of a PCM_16 WAV of [start_s, end_s)
+    of the recording at ``uri``, and the WAV's total size.
+
+    Only the frames under the requested bytes are decoded (seek, then read): a 1 KiB range
+    of a long passage costs a 1 KiB read, not the passage.
+    """
+    with open_sound(uri, s3_endpoint_url) as sound:
+        span = passage_span(sound, start_s, end_s)
+        first_b, last_b = byte_span if byte_span is not None else (0, span.size - 1)
+        last_b = min(last_b, span.size - 1)
+        out = bytearray()
+        if first_b < WAV_HEADER_BYTES:
+            out += span.header()[first_b : last_b + 1]
+        if last_b >= WAV_HEADER_BYTES:
+            from_b = max(first_b, WAV_HEADER_BYTES) - WAV_HEADER_BYTES
+            f0 = from_b // span.frame_bytes
+            f1 = (last_b - WAV_HEADER_BYTES) // span.frame_bytes + 1
+            try:
+                pcm = _read_frames(sound, span.first + f0, f1 - f0)
+            except (sf.LibsndfileError, RuntimeError) as err:
+                raise FileNotFoundError(
+                    f"source audio {uri} cannot be decoded: {_plain(err)}"
+                ) from None
+            raw = io.BytesIO()
+            sf.write(raw, pcm, span.rate, format="RAW", subtype="PCM_16")
+            offset = f0 * span.frame_bytes
+            out += raw.getvalue()[from_b - offset : last_b + 1 - WAV_HEADER_BYTES - offset]
+    return bytes(out), span.size
 
 
-def waveform_peaks(samples: np.ndarray, points: int) -> tuple[list[float], list[float]]:
-    """Min and max of ``points`` equal bins of a mono signal (what a waveform view draws)."""
+def passage_chunks(
+    uri: str,
+    start_s: float,
+    end_s: float | None,
+    s3_endpoint_url: str | None = None,
+    byte_span: tuple[int, int] | None = None,
+    block_frames: int = 2**16,
+    slot: Callable[[], Any] = contextlib.nullcontext,
+) -> Iterator[bytes]:
+    """The same bytes as :func:`read_passage`, decoded and yielded a block at a time.
+
+    A whole passage (up to MAX_PASSAGE_S) is streamed: memory is one block, whatever its
+    length. ``slot`` is entered around each block's decode (the replica's decode slots).
+    """
+    with open_sound(uri, s3_endpoint_url) as sound:
+        span = passage_span(sound, start_s, end_s)
+        first_b, last_b = byte_span if byte_span is not None else (0, span.size - 1)
+        last_b = min(last_b, span.size - 1)
+        if first_b < WAV_HEADER_BYTES:
+            yield span.header()[first_b : last_b + 1]
+        if last_b < WAV_HEADER_BYTES:
+            return
+        f = (max(first_b, WAV_HEADER_BYTES) - WAV_HEADER_BYTES) // span.frame_bytes
+        stop = (last_b - WAV_HEADER_BYTES) // span.frame_bytes + 1
+        while f < stop:
+            n = min(block_frames, stop - f)
+            try:
+                with slot():
+                    pcm = _read_frames(sound, span.first + f, n)
+            except (sf.LibsndfileError, RuntimeError) as err:
+                raise FileNotFoundError(
+                    f"source audio {uri} cannot be decoded: {_plain(err)}"
+                ) from None
+            raw = io.BytesIO()
+            sf.write(raw, pcm, span.rate, format="RAW", subtype="PCM_16")
+            at = WAV_HEADER_BYTES + f * span.frame_bytes  # byte offset of this block
+            yield raw.getvalue()[max(first_b, at) - at : last_b + 1 - at]
+            f += n
+
+
+def track_peaks(
+    uri: str,
+    s3_endpoint_url: str | None = None,
+    bins: int = WAVEFORM_BINS,
+    block_frames: int = 2**20,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Min and max of ``bins`` equal bins of a whole recording (mono), and its duration.
+
+    Streams the file in blocks of about ``block_frames``: memory does not grow with its length.
+    """
+    with open_sound(uri, s3_endpoint_url) as sound:
+        total, rate = int(sound.frames), int(sound.samplerate)
+        edges = np.linspace(0, total, min(bins, max(1, total)) + 1).astype(np.int64)
+        n = len(edges) - 1
+        lows, highs = np.zeros(n, np.float32), np.zeros(n, np.float32)
+        i = 0
+        try:
+            while i < n and total > 0:
+                j = int(np.searchsorted(edges, edges[i] + block_frames, side="right")) - 1
+                j = min(n, max(i + 1, j))
+                mono = _read_frames(sound, int(edges[i]), int(edges[j] - edges[i])).mean(axis=1)
+                starts = edges[i:j] - edges[i]
+                lows[i:j] = np.minimum.reduceat(mono, starts)
+                highs[i:j] = np.maximum.reduceat(mono, starts)
+                i = j
+        except (sf.LibsndfileError, RuntimeError) as err:
+            raise FileNotFoundError(
+                f"source audio {uri} cannot be decoded: {_plain(err)}"
+            ) from None
+    return lows, highs, total / rate
+
+
+def downsample_peaks(
+    lows: np.ndarray, highs: np.ndarray, points: int
+) -> tuple[list[float], list[float]]:
+    """``points`` bins of min/max peaks from finer ones (min of mins, max of maxes)."""
     if points < 1:
         raise ValueError(f"points must be >= 1, got {points}")
-    edges = np.linspace(0, len(samples), min(points, max(1, len(samples))) + 1).astype(int)
-    lows = [float(samples[a:b].min()) if b > a else 0.0 for a, b in zip(edges[:-1], edges[1:])]
-    highs = [float(samples[a:b].max()) if b > a else 0.0 for a, b in zip(edges[:-1], edges[1:])]
-    return lows, highs
+    if points >= len(lows):
+        return [float(v) for v in lows], [float(v) for v in highs]
+    starts = np.linspace(0, len(lows), points + 1).astype(np.int64)[:-1]
+    return (
+        [float(v) for v in np.minimum.reduceat(lows, starts)],
+        [float(v) for v in np.maximum.reduceat(highs, starts)],
+    )
+
+
+def _local_path(uri: str) -> str | None:
+    """The real path of a local ``uri`` (plain path or file://); None for other schemes."""
+    if uri.startswith("file://"):
+        uri = uri.removeprefix("file://")
+    elif "://" in uri or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri):
+        return None
+    return os.path.realpath(uri)
+
+
+def _under(uri: str, prefix: str) -> str | None:
+    """``uri`` relative to ``prefix`` when it lies under it (no ``..`` escapes); else None."""
+    local, base = _local_path(uri), _local_path(prefix)
+    if local is not None and base is not None:
+        return os.path.relpath(local, base) if os.path.commonpath([local, base]) == base else None
+    if local is not None or base is not None:
+        return None
+    scheme, _, rest = uri.partition("://")
+    pscheme, _, prest = prefix.partition("://")
+    if scheme.lower() != pscheme.lower() or not rest or not prest:
+        return None
+    rest, prest = posixpath.normpath(rest), posixpath.normpath(prest).rstrip("/")
+    return rest[len(prest) + 1 :] if rest.startswith(prest + "/") else None
+
+
+class SourcePolicy:
+    """Which ``source_uri``s the service may read: under the storage root, ingest.source or
+    serve.source_prefixes.
+
+    A tampered index must not make the service fetch ``http://127.0.0.1:...`` or read files
+    outside these folders; responses show sources relative to the prefix they lie under.
+    """
+
+    def __init__(self, prefixes: list[str]) -> None:
+        self.prefixes = [p for p in prefixes if p]
+
+    @classmethod
+    def from_config(cls, cfg: MessRayConfig) -> SourcePolicy:
+        # The ingested folder (ingest.source) is where an index's recordings usually live; a
+        # manifest file names recordings beside it.
+        ingested = cfg.ingest.source or ""
+        if ingested and os.path.isfile(ingested):
+            ingested = os.path.dirname(ingested)
+        return cls([cfg.storage.root, ingested, *cfg.serve.source_prefixes])
+
+    def relative(self, uri: str) -> str | None:
+        for prefix in self.prefixes:
+            rel = _under(uri, prefix)
+            if rel is not None:
+                return rel
+        return None
+
+    def check(self, uri: str) -> str:
+        if self.relative(uri) is None:
+            raise SourceNotAllowed(
+                f"source audio {self.display(uri)} lies outside the storage root and "
+                "serve.source_prefixes"
+            )
+        return uri
+
+    def display(self, uri: str) -> str:
+        """What responses show for ``uri``: its path under an allowed prefix, else its file name."""
+        rel = self.relative(uri)
+        return rel if rel is not None else posixpath.basename(uri.rstrip("/"))
 
 
 class LRUCache:
@@ -259,7 +579,19 @@ class SearchService:
         self.stats = ServiceStats()
         self.metrics = ServiceMetrics()
         self.descriptor_cache = LRUCache(cfg.serve.descriptor_cache_size)
-        self.waveform_cache = LRUCache(64)
+        # One fixed-resolution waveform per track; every `points` value is drawn from it.
+        self.waveform_cache = LRUCache(256)
+        self.limits = DecodeLimits.from_config(cfg.serve)
+        self.sources = SourcePolicy.from_config(cfg)
+        # Decoding (uploads, passages, waveforms) is the costly part of a request: at most
+        # serve.max_concurrent_decodes at once per replica, the others wait their turn.
+        self._decode_slots = threading.BoundedSemaphore(cfg.serve.max_concurrent_decodes)
+
+    @contextlib.contextmanager
+    def decoding(self):
+        """Hold one of the replica's decode slots."""
+        with self._decode_slots:
+            yield
 
     def _check_state(self, state: IndexState) -> IndexState:
         built_rate = state.index.manifest.get("audio", {}).get("sample_rate")
@@ -362,7 +694,7 @@ class SearchService:
             "count": len(index),
             "dim": index.dim,
             "index_type": index.spec.type,
-            "model": m.get("model", {}),
+            "model": self._public(m.get("model", {})),
             "facet_layout": {k: list(v) for k, v in index.facet_layout.items()}
             if index.facet_layout
             else None,
@@ -374,12 +706,43 @@ class SearchService:
             },
         }
 
+    def _public(self, value: Any) -> Any:
+        """``value`` with absolute paths and URLs (checkpoints, sources) shown by name only."""
+        if isinstance(value, dict):
+            return {k: self._public(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._public(v) for v in value]
+        if isinstance(value, str) and (value.startswith("/") or "://" in value):
+            return self.sources.display(value)
+        return value
+
+    def _public_track(self, track: dict[str, Any]) -> dict[str, Any]:
+        return {**track, "source_uri": self.sources.display(track["source_uri"])}
+
+    def tracks(self) -> list[dict[str, Any]]:
+        """Indexed tracks, sources shown relative to the folder they lie in."""
+        return [self._public_track(t) for t in self.index.tracks()]
+
+    def track(self, track_id: str) -> dict[str, Any]:
+        return self._public_track(self.index.track(track_id))
+
     # -- embedding -------------------------------------------------------------------------
     def prepare_upload(self, data: bytes) -> tuple[np.ndarray, dict[str, Any]]:
-        """Decode an upload and cut it to serve.max_query_s (the part done outside the embedding batch)."""
-        samples, info = decode_upload(data, self.cfg.audio.sample_rate, self.max_upload_bytes)
+        """Decode an upload and cut it to serve.max_query_s (the part done outside the embedding batch).
+
+        Decoding stops at max_query_s of audio or serve.max_decode_samples source samples
+        (see :func:`decode_upload`), so what an upload declares does not set its cost.
+        """
+        with self.decoding():
+            samples, info = decode_upload(
+                data,
+                self.cfg.audio.sample_rate,
+                self.max_upload_bytes,
+                max_seconds=self.cfg.serve.max_query_s,
+                limits=self.limits,
+            )
         max_samples = int(self.cfg.serve.max_query_s * self.cfg.audio.sample_rate)
-        info["truncated"] = len(samples) > max_samples
+        info["truncated"] = info["truncated"] or len(samples) > max_samples
         return samples[:max_samples], info
 
     def embed_clips(self, clips: list[np.ndarray]) -> tuple[list[np.ndarray], IndexState]:
@@ -461,33 +824,73 @@ class SearchService:
         return self._response(state, query, hits, query_samples, started)
 
     # -- audio -----------------------------------------------------------------------------
-    def audio(self, track_id: str, start_s: float = 0.0, end_s: float | None = None) -> bytes:
-        track = self.index.track(track_id)  # KeyError for unknown tracks
-        return read_passage(track["source_uri"], start_s, end_s, self.cfg.storage.s3_endpoint_url)
+    def _source(self, track_id: str) -> str:
+        """The readable source of a track (KeyError: unknown; SourceNotAllowed: outside the roots)."""
+        return self.sources.check(self.index.track(track_id)["source_uri"])
+
+    def audio(
+        self,
+        track_id: str,
+        start_s: float = 0.0,
+        end_s: float | None = None,
+        byte_span: tuple[int, int] | None = None,
+    ) -> tuple[bytes, int]:
+        """Bytes ``byte_span`` (default: all) of the passage's WAV, and the WAV's total size."""
+        uri = self._source(track_id)
+        with self.decoding():
+            return read_passage(uri, start_s, end_s, self.cfg.storage.s3_endpoint_url, byte_span)
+
+    def audio_stream(
+        self,
+        track_id: str,
+        start_s: float = 0.0,
+        end_s: float | None = None,
+        byte_span: tuple[int, int] | None = None,
+    ) -> Iterator[bytes]:
+        """The passage's WAV (or bytes ``byte_span`` of it) in blocks, each decoded in a slot."""
+        uri = self._source(track_id)
+        return passage_chunks(
+            uri,
+            start_s,
+            end_s,
+            self.cfg.storage.s3_endpoint_url,
+            byte_span,
+            slot=self.decoding,
+        )
+
+    def audio_size(self, track_id: str, start_s: float = 0.0, end_s: float | None = None) -> int:
+        """Size of the passage's WAV, read from the source's header (nothing decoded)."""
+        return passage_size(
+            self._source(track_id), start_s, end_s, self.cfg.storage.s3_endpoint_url
+        )
 
     def waveform(self, track_id: str, points: int = 800) -> dict[str, Any]:
-        """Min/max peaks of a whole track for drawing (cached per track and resolution)."""
-        track = self.index.track(track_id)
+        """Min/max peaks of a whole track for drawing.
 
-        def compute() -> dict[str, Any]:
-            pcm, rate = read_passage_samples(
-                track["source_uri"], 0.0, None, self.cfg.storage.s3_endpoint_url
-            )
-            mono = pcm.mean(axis=1)
-            lows, highs = waveform_peaks(mono, points)
-            return {
-                "track_id": track_id,
-                "duration_s": round(len(mono) / rate, 3),
-                "points": len(lows),
-                "min": [round(v, 4) for v in lows],
-                "max": [round(v, 4) for v in highs],
-            }
+        The track is decoded once (streamed) into WAVEFORM_BINS bins, cached per track;
+        each ``points`` value is drawn from those bins.
+        """
+        uri = self._source(track_id)
 
-        return self.waveform_cache.get_or_compute((track["source_uri"], points), compute)
+        def compute() -> tuple[np.ndarray, np.ndarray, float]:
+            with self.decoding():
+                return track_peaks(uri, self.cfg.storage.s3_endpoint_url)
+
+        lows, highs, duration = self.waveform_cache.get_or_compute(uri, compute)
+        low, high = downsample_peaks(lows, highs, points)
+        return {
+            "track_id": track_id,
+            "duration_s": round(duration, 3),
+            "points": len(low),
+            "min": [round(v, 4) for v in low],
+            "max": [round(v, 4) for v in high],
+        }
 
     # -- explanations ----------------------------------------------------------------------
     def _passage(self, uri: str, start_s: float, end_s: float) -> np.ndarray:
-        pcm, rate = read_passage_samples(uri, start_s, end_s, self.cfg.storage.s3_endpoint_url)
+        self.sources.check(uri)
+        with self.decoding():
+            pcm, rate = read_passage_samples(uri, start_s, end_s, self.cfg.storage.s3_endpoint_url)
         mono = pcm.mean(axis=1)
         if rate != self.cfg.audio.sample_rate:
             mono = soxr.resample(mono, rate, self.cfg.audio.sample_rate)
@@ -532,6 +935,7 @@ class SearchService:
         rows = []
         for hit, explanation in zip(hits, explanations):
             row = hit.to_dict()
+            row["source_uri"] = self.sources.display(row["source_uri"])
             row["explanation"] = explanation
             rows.append(row)
         return {
