@@ -294,5 +294,5 @@ def test_finetune_starts_from_named_published_weights_over_a_local_artifact(
     assert embedder.model.encoder_input.sampling_rate == FAMILIES[family][1]
     seen = _capture_inputs(encoder)
     vectors = embedder.embed(np.stack([_clip(0, s, 0) for s in STYLES]))
-    assert vectors.shape == (3, 16) and np.isfinite(vectors).all()
+    assert vectors.shape == (3, 16 + 4 * cfg.model.facet_dim) and np.isfinite(vectors).all()
     assert seen[0].shape[1] == 2 * FAMILIES[family][1] and SR == cfg.audio.sample_rate
