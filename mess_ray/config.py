@@ -257,10 +257,17 @@ class IngestConfig(_Section):
 class ModelConfig(_Section):
     size: Literal["tiny", "small", "base"] = "tiny"
     pretrained: str | None = Field(
-        None, description="Path or hub name of a checkpoint to start from."
+        None,
+        description="Folder (or cached hub name) of a published checkpoint to start from: "
+        "Wav2Vec2, HuBERT, Data2Vec-audio or MERT (remote code); its preprocessor_config.json "
+        "sets the rate the encoder hears (audio is resampled to it). When set it wins over a "
+        "local pretrain artifact under finetune.init_from: auto, unless that artifact was "
+        "pretrained from this same checkpoint; init_from: pretrain forces the artifact.",
     )
     trust_remote_code: bool = Field(
-        False, description="Explicit opt-in for checkpoints with custom code (MERT)."
+        False,
+        description="Explicit opt-in for checkpoints with custom code (MERT): runs the "
+        "modeling_*.py shipped in the folder.",
     )
     embedding_dim: int = Field(
         128, ge=8, description="Size of the overall part of the fine-tuned embedding."
@@ -434,7 +441,9 @@ class FinetuneConfig(TrainConfig):
     freeze_layers: int = Field(0, ge=0)
     init_from: Literal["auto", "pretrain", "pretrained", "random"] = Field(
         "auto",
-        description="Encoder start: auto = latest pretrain artifact, else model.pretrained, else random.",
+        description="Encoder start: auto = model.pretrained when set (or the latest pretrain "
+        "artifact if it was pretrained from it), else the latest pretrain artifact, else "
+        "random; pretrain/pretrained/random force one.",
     )
     hard_negative_weight: float = Field(
         2.0,

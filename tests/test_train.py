@@ -173,7 +173,7 @@ def test_training_selection_uses_train_pieces_and_labelled_rows():
         training_selection(pa.table({"piece_id": ["", ""], "style": ["a", "b"]}), 0.34, 0)
 
 
-def test_resolve_init_order(tmp_path):
+def test_resolve_init_order_named_weights_win_over_unrelated_artifact(tmp_path):
     cfg = load_config(None, [f"storage.root={tmp_path}"])
     storage = Storage(str(tmp_path))
     assert resolve_init(cfg, storage, "auto")["kind"] == "random"
@@ -181,11 +181,22 @@ def test_resolve_init_order(tmp_path):
         resolve_init(cfg, storage, "pretrain")
     with pytest.raises(ValueError, match="model.pretrained"):
         resolve_init(cfg, storage, "pretrained")
-    cfg.model.pretrained = "/some/folder"
-    assert resolve_init(cfg, storage, "auto")["kind"] == "pretrained"
-    storage.publish("pretrain", "p1", {})
+    storage.publish("pretrain", "p1", {"inputs": {"init": {"kind": "random"}}})
     init = resolve_init(cfg, storage, "auto")
     assert init["kind"] == "artifact" and init["version"] == "p1"
+    # Named published weights win over a pretrain artifact that did not start from them...
+    cfg.model.pretrained = "/some/folder"
+    init = resolve_init(cfg, storage, "auto")
+    assert init["kind"] == "pretrained" and init["name"] == "/some/folder"
+    assert resolve_init(cfg, storage, "pretrain")["version"] == "p1"  # unless forced
+    # ...but not over one pretrained from those same weights (their continuation).
+    storage.publish(
+        "pretrain", "p2", {"inputs": {"init": {"kind": "pretrained", "name": "/some/folder"}}}
+    )
+    init = resolve_init(cfg, storage, "auto")
+    assert init["kind"] == "artifact" and init["version"] == "p2"
+    cfg.model.pretrained = "/other/folder"
+    assert resolve_init(cfg, storage, "auto")["kind"] == "pretrained"
     assert resolve_init(cfg, storage, "random")["kind"] == "random"
 
 

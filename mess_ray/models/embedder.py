@@ -32,7 +32,7 @@ from torch import nn
 from mess_ray.config import MessRayConfig
 from mess_ray.models import shipped
 from mess_ray.models.embedding import EmbeddingModel, is_embedding_model_dir
-from mess_ray.models.encoder import build_encoder, load_encoder, normalize_waveform
+from mess_ray.models.encoder import build_encoder, encoder_input, load_encoder
 from mess_ray.segments import fit_length, window_samples
 from mess_ray.storage import Storage
 
@@ -52,16 +52,21 @@ def resolve_layer(num_layers: int, layer: int | None) -> int:
 
 
 class MeanPooledEncoder(nn.Module):
-    """Encoder without a head: one hidden layer averaged over time, L2-normalised."""
+    """Encoder without a head: one hidden layer averaged over time, L2-normalised
+    (waveform at ``sample_rate``; a published encoder hears it at its own rate)."""
 
-    def __init__(self, encoder: nn.Module, layer: int | None = None) -> None:
+    def __init__(
+        self, encoder: nn.Module, layer: int | None = None, sample_rate: int = 16000
+    ) -> None:
         super().__init__()
         self.encoder = encoder
+        self.sample_rate = int(sample_rate)
         self.layer = resolve_layer(int(encoder.config.num_hidden_layers), layer)
         self.embedding_dim = int(encoder.config.hidden_size)
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        out = self.encoder(normalize_waveform(waveform), output_hidden_states=True)
+        encoder_in = encoder_input(self.encoder).prepare(waveform, self.sample_rate)
+        out = self.encoder(encoder_in, output_hidden_states=True)
         return F.normalize(out.hidden_states[self.layer].mean(dim=1).float(), dim=-1)
 
 
@@ -147,7 +152,9 @@ class Embedder:
         if info.get("kind") == "random":
             size, seed = info.get("size", cfg.model.size), int(info.get("seed", cfg.model.seed))
             model = MeanPooledEncoder(
-                build_encoder(size, seed=seed), info.get("layer", cfg.model.ssl_layer)
+                build_encoder(size, seed=seed),
+                info.get("layer", cfg.model.ssl_layer),
+                cfg.audio.sample_rate,
             )
             full = {
                 "ref": info.get("ref", "random"),
@@ -224,7 +231,7 @@ def _load_model_folder(
         return model, "embedding_model"
     if (folder / "config.json").exists():
         encoder = load_encoder(folder, trust_remote_code=cfg.model.trust_remote_code)
-        return MeanPooledEncoder(encoder, layer), "encoder"
+        return MeanPooledEncoder(encoder, layer, cfg.audio.sample_rate), "encoder"
     raise ValueError(f"{folder} holds neither an EmbeddingModel nor a save_pretrained encoder")
 
 

@@ -3,7 +3,8 @@ optionally with facet heads (tempo, dynamics, articulation, timbre; see mess_ray
 
 Saved as a folder::
 
-    <dir>/encoder/                 save_pretrained of the encoder
+    <dir>/encoder/                 save_pretrained of the encoder (plus the preprocessor_config.json
+                                   of a published encoder: its sample rate and normalisation)
     <dir>/head.pt                  layer weights, pooling and projection parameters
     <dir>/embedding_config.json    sizes and options needed to rebuild the module, and the
                                    facet layout (``facet_layout``, half-open ranges) if any
@@ -23,7 +24,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from mess_ray.facets import FACETS, OVERALL, Layout, layout_dim, make_layout, parse_layout
-from mess_ray.models.encoder import disable_layerdrop, load_encoder, normalize_waveform
+from mess_ray.models.encoder import disable_layerdrop, encoder_input, load_encoder, save_encoder
 
 EMBEDDING_CONFIG = "embedding_config.json"
 HEAD_WEIGHTS = "head.pt"
@@ -111,7 +112,11 @@ class _PartHead(nn.Module):
 
 
 class EmbeddingModel(nn.Module):
-    """Waveform [B, T] -> L2-normalised embedding [B, embedding_dim].
+    """Waveform [B, T] at ``sample_rate`` -> L2-normalised embedding [B, embedding_dim].
+
+    The encoder hears the waveform as its :class:`~mess_ray.models.encoder.EncoderInput` says
+    (a published encoder's own rate and normalisation); the level and descriptor channels
+    measure the waveform as given.
 
     With ``facet_dim > 0`` the model has one head per facet of expression besides the
     ``overall`` head, and the output is the faceted embedding of :mod:`mess_ray.facets`
@@ -158,7 +163,16 @@ class EmbeddingModel(nn.Module):
             descriptor_stats=descriptor_stats,
         )
         side_dim = self._init_descriptor_channel(descriptor_stats)
-        self.hop = int(math.prod(encoder.config.conv_stride))
+        self.encoder_input = encoder_input(encoder)
+        # Samples of the *given* waveform per encoder frame (the level channel's hop).
+        self.hop = max(
+            1,
+            round(
+                math.prod(encoder.config.conv_stride)
+                * sample_rate
+                / self.encoder_input.rate(sample_rate)
+            ),
+        )
         in_dim = hidden + (1 if level_channel else 0)
         # The overall head keeps the attribute names of models saved before facets existed
         # (layer_logits, pool, projection), so their head.pt files still load.
@@ -272,7 +286,8 @@ class EmbeddingModel(nn.Module):
             raise ValueError(
                 f"expected waveform of shape [batch, samples], got {tuple(waveform.shape)}"
             )
-        out = self.encoder(normalize_waveform(waveform), output_hidden_states=True)
+        encoder_in = self.encoder_input.prepare(waveform, int(self.options["sample_rate"]))
+        out = self.encoder(encoder_in, output_hidden_states=True)
         states = torch.stack(out.hidden_states, dim=0)  # [L+1, B, T, H]
         if states.shape[0] != self.layer_logits.shape[0]:
             raise ValueError(
@@ -316,7 +331,7 @@ class EmbeddingModel(nn.Module):
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.encoder.save_pretrained(directory / ENCODER_DIR)
+        save_encoder(self.encoder, directory / ENCODER_DIR)
         torch.save(self.head_state_dict(), directory / HEAD_WEIGHTS)
         config = dict(sorted(self.options.items()))
         if self.facet_layout is not None:

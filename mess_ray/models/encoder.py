@@ -10,13 +10,26 @@ Sizes (all share HuBERT's total conv stride of 320 samples, i.e. 50 frames/s at 
 
 ``layerdrop`` is always 0: skipping layers at random makes DDP ranks disagree on which
 parameters received gradients.
+
+Published raw-waveform encoders load from a ``save_pretrained`` folder too: Wav2Vec2, HuBERT,
+Data2Vec-audio, and remote-code checkpoints such as MERT (``trust_remote_code``). Such a folder's
+``preprocessor_config.json`` says what the encoder was trained to hear (``sampling_rate``,
+``do_normalize``); :class:`EncoderInput` carries that with the loaded model and turns pipeline
+audio (at ``audio.sample_rate``) into the encoder's input in one place, resampling with soxr.
+The project's own encoders (no ``preprocessor_config.json``) take the pipeline's audio as it is,
+normalised per example, as before. Every supported encoder takes raw waveform (its conv stack is
+its front end); frame-level (spectrogram) encoders are refused with a clear error.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import soxr
 import torch
 from transformers import AutoConfig, AutoModel, HubertConfig, HubertModel, PreTrainedModel
 
@@ -100,8 +113,146 @@ def disable_layerdrop(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+
+
+@dataclass(frozen=True)
+class EncoderInput:
+    """What an encoder is fed: raw waveform at ``sampling_rate`` (None: the pipeline's own
+    rate, as for the project's encoders), zero-mean unit-variance per example if ``do_normalize``.
+
+    Read from a checkpoint folder's ``preprocessor_config.json`` (:meth:`from_pretrained`),
+    written back next to the weights when the encoder is saved (:func:`save_encoder`).
+    """
+
+    sampling_rate: int | None = None
+    do_normalize: bool = True
+
+    @classmethod
+    def from_preprocessor_config(
+        cls, data: dict, where: str = "preprocessor config"
+    ) -> EncoderInput:
+        feature_size = data.get("feature_size", 1)
+        if feature_size != 1:
+            raise ValueError(
+                f"{where}: feature_size={feature_size} means the encoder takes frames of "
+                f"{feature_size} features (a spectrogram front end); only raw-waveform encoders "
+                "(feature_size 1: Wav2Vec2, HuBERT, Data2Vec-audio, MERT) are supported"
+            )
+        rate = data.get("sampling_rate")
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int) or rate <= 0):
+            raise ValueError(f"{where}: sampling_rate must be a positive integer, got {rate!r}")
+        do_normalize = data.get("do_normalize", True)
+        if not isinstance(do_normalize, bool):
+            raise ValueError(f"{where}: do_normalize must be true or false, got {do_normalize!r}")
+        return cls(sampling_rate=rate, do_normalize=do_normalize)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path) -> EncoderInput:
+        """The input spec of a checkpoint folder (or a hub name in the local cache); the
+        default (pipeline rate, normalised) when it has no ``preprocessor_config.json``."""
+        path = Path(name_or_path) / PREPROCESSOR_CONFIG
+        if not Path(name_or_path).exists():
+            from transformers.utils import cached_file
+
+            cached = cached_file(
+                str(name_or_path),
+                PREPROCESSOR_CONFIG,
+                local_files_only=True,
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+            )
+            path = Path(cached) if cached else path
+        if not path.is_file():
+            return cls()
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object")
+        return cls.from_preprocessor_config(data, str(path))
+
+    def preprocessor_config(self) -> dict:
+        """A ``preprocessor_config.json`` that transformers' Wav2Vec2FeatureExtractor reads too."""
+        return {
+            "feature_extractor_type": "Wav2Vec2FeatureExtractor",
+            "feature_size": 1,
+            "sampling_rate": self.sampling_rate,
+            "do_normalize": self.do_normalize,
+            "padding_side": "right",
+            "padding_value": 0.0,
+            "return_attention_mask": False,
+        }
+
+    def rate(self, sample_rate: int) -> int:
+        """The rate the encoder hears audio given at ``sample_rate``."""
+        return int(self.sampling_rate or sample_rate)
+
+    def prepare(self, waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
+        """Pipeline audio [B, T] at ``sample_rate`` -> the encoder's input [B, T']: resampled
+        to the encoder's rate (soxr) when the two differ, then normalised if the encoder wants."""
+        target = self.rate(sample_rate)
+        if target != int(sample_rate):
+            waveform = resample_batch(waveform, int(sample_rate), target)
+        return normalize_waveform(waveform) if self.do_normalize else waveform
+
+
+def resample_batch(waveform: torch.Tensor, rate_in: int, rate_out: int) -> torch.Tensor:
+    """Resample every row of [B, T] with soxr (HQ), keeping dtype and device (not differentiable:
+    it is applied to input audio only)."""
+    if waveform.dim() != 2:
+        raise ValueError(f"expected a batch [B, T], got shape {tuple(waveform.shape)}")
+    rows = waveform.detach().float().cpu().numpy()
+    # soxr resamples [frames, channels] at once: the batch rows are its channels.
+    out = soxr.resample(np.ascontiguousarray(rows.T), rate_in, rate_out, quality="HQ")
+    return torch.from_numpy(np.ascontiguousarray(out.T)).to(
+        device=waveform.device, dtype=waveform.dtype
+    )
+
+
+def encoder_input(model: PreTrainedModel) -> EncoderInput:
+    """The input spec :func:`load_encoder` attached (the default for built encoders)."""
+    return getattr(model, "mess_encoder_input", None) or EncoderInput()
+
+
+def save_encoder(model: PreTrainedModel, folder: str | Path) -> Path:
+    """``save_pretrained`` plus the ``preprocessor_config.json`` of a published encoder, so a
+    model fine-tuned from MERT still hears 24 kHz audio after a round trip."""
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    spec = encoder_input(model)
+    if spec != EncoderInput():
+        (folder / PREPROCESSOR_CONFIG).write_text(json.dumps(spec.preprocessor_config(), indent=2))
+    return folder
+
+
+def _check_waveform_encoder(model: PreTrainedModel, name: str) -> None:
+    config = model.config
+    missing = [
+        what
+        for what, ok in (
+            ("config.conv_stride", hasattr(config, "conv_stride")),
+            ("config.hidden_size", hasattr(config, "hidden_size")),
+            ("a conv feature_extractor", hasattr(model, "feature_extractor")),
+            (
+                "_get_feat_extract_output_lengths",
+                hasattr(model, "_get_feat_extract_output_lengths"),
+            ),
+        )
+        if not ok
+    ]
+    if missing:
+        raise ValueError(
+            f"{name!r} loads as {type(model).__name__}, which lacks {', '.join(missing)}: "
+            "only raw-waveform encoders of the wav2vec 2.0 family (Wav2Vec2, HuBERT, "
+            "Data2Vec-audio, MERT) are supported"
+        )
+
+
 def load_encoder(name_or_path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
-    """An encoder saved with ``save_pretrained`` (a folder) or a hub name available offline.
+    """An encoder saved with ``save_pretrained`` (a folder) or a hub name available offline,
+    with its :class:`EncoderInput` (from ``preprocessor_config.json``) attached.
 
     Checkpoints with custom code (MERT) need ``trust_remote_code=True``: running code from a
     checkpoint is an explicit opt-in, never a default.
@@ -111,6 +262,12 @@ def load_encoder(name_or_path: str | Path, trust_remote_code: bool = False) -> P
     if is_local and not (Path(name) / "config.json").exists():
         raise ValueError(
             f"{name} is a folder without config.json: not a save_pretrained checkpoint"
+        )
+    if is_local and not trust_remote_code and _has_custom_code(Path(name)):
+        # Checked here: transformers would otherwise ask on stdin in an interactive session.
+        raise ValueError(
+            f"{name!r} ships custom model code (config.json auto_map); set "
+            "model.trust_remote_code: true to allow running it"
         )
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
@@ -128,7 +285,17 @@ def load_encoder(name_or_path: str | Path, trust_remote_code: bool = False) -> P
                 "to allow running it"
             ) from err
         raise
+    _check_waveform_encoder(model, name)
+    model.mess_encoder_input = EncoderInput.from_pretrained(name)
     return disable_layerdrop(model)
+
+
+def _has_custom_code(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{folder}/config.json cannot be read: {err}") from err
+    return isinstance(config, dict) and bool(config.get("auto_map"))
 
 
 def conv_stride(model: PreTrainedModel) -> int:

@@ -485,10 +485,20 @@ def finish(
 def resolve_init(cfg: MessRayConfig, storage: Storage, init_from: str = "auto") -> dict[str, Any]:
     """Where the encoder weights come from (a picklable description, loaded on each worker).
 
-    ``auto``: the latest pretrain artifact, else ``model.pretrained``, else a seeded random init.
+    ``auto``: ``model.pretrained`` when set (a user who names published weights means them,
+    not whatever pretrain artifact the store holds), unless the latest pretrain artifact was
+    itself pretrained from those same weights (then it is their continuation, and wins); else
+    the latest pretrain artifact, else a seeded random init. ``pretrain``, ``pretrained`` and
+    ``random`` force one source.
     """
     if init_from not in ("auto", "pretrain", "pretrained", "random"):
         raise ValueError(f"unknown init_from {init_from!r}")
+    if init_from == "auto" and cfg.model.pretrained:
+        latest = storage.latest("pretrain")
+        continued = latest is not None and _pretrained_from(storage, latest) == str(
+            cfg.model.pretrained
+        )
+        init_from = "pretrain" if continued else "pretrained"
     version = storage.latest("pretrain") if init_from in ("auto", "pretrain") else None
     if init_from == "pretrain" and version is None:
         storage.require_latest("pretrain")  # raises a clear FileNotFoundError
@@ -499,6 +509,8 @@ def resolve_init(cfg: MessRayConfig, storage: Storage, init_from: str = "auto") 
             "version": version,
             "storage": storage.config().model_dump(),
             "rel": posixpath.join("pretrain", version, MODEL_SUBDIR),
+            # An artifact pretrained from a remote-code checkpoint keeps its custom code.
+            "trust_remote_code": cfg.model.trust_remote_code,
         }
     if init_from == "pretrained" and not cfg.model.pretrained:
         raise ValueError("init_from='pretrained' needs model.pretrained (a folder or hub name)")
@@ -509,6 +521,15 @@ def resolve_init(cfg: MessRayConfig, storage: Storage, init_from: str = "auto") 
             "trust_remote_code": cfg.model.trust_remote_code,
         }
     return {"kind": "random", "size": cfg.model.size, "seed": cfg.model.seed}
+
+
+def _pretrained_from(storage: Storage, version: str) -> str | None:
+    """The published checkpoint a pretrain artifact started from (None: random or unknown)."""
+    try:
+        init = storage.manifest("pretrain", version).get("inputs", {}).get("init", {})
+    except FileNotFoundError:
+        return None
+    return str(init["name"]) if init.get("kind") == "pretrained" and init.get("name") else None
 
 
 def load_init_encoder(init: dict[str, Any]):
@@ -523,5 +544,5 @@ def load_init_encoder(init: dict[str, Any]):
     if init["kind"] == "artifact":
         storage = Storage.from_config(StorageConfig(**init["storage"]))
         with storage.local_dir(init["rel"]) as local:
-            return load_encoder(local)
+            return load_encoder(local, trust_remote_code=init.get("trust_remote_code", False))
     raise ValueError(f"unknown encoder init {init}")

@@ -38,7 +38,14 @@ from tqdm import tqdm
 from transformers.models.hubert.modeling_hubert import _compute_mask_indices
 
 from mess_ray.config import MessRayConfig
-from mess_ray.models.encoder import conv_stride, encoder_config, normalize_waveform, num_frames
+from mess_ray.models.encoder import (
+    conv_stride,
+    encoder_config,
+    encoder_input,
+    normalize_waveform,
+    num_frames,
+)
+from mess_ray.models.encoder import save_encoder as save_encoder_folder
 from mess_ray.segments import read_segments_ray, segments_dataset, split_pieces, window_samples
 from mess_ray.storage import Storage
 from mess_ray.train.common import (
@@ -332,7 +339,9 @@ class HubertPretrainModel(nn.Module):
         sizes = {kind: int(np.shape(book["centroids"])[0]) for kind, book in codebooks.items()}
         if len(set(sizes.values())) != 1:
             raise ValueError(f"codebooks must have the same number of codes, got {sizes}")
+        check_pretrain_rate(encoder, sample_rate)
         self.encoder = encoder
+        self.sample_rate = int(sample_rate)
         hop = conv_stride(encoder)
         self.codebooks = nn.ModuleDict(
             {
@@ -356,13 +365,24 @@ class HubertPretrainModel(nn.Module):
         mask = span_mask(waveform.shape[0], frames, self.mask_prob, self.mask_length).to(
             waveform.device
         )
-        hidden = self.encoder(
-            normalize_waveform(waveform), mask_time_indices=mask
-        ).last_hidden_state
+        encoder_in = encoder_input(self.encoder).prepare(waveform, self.sample_rate)
+        hidden = self.encoder(encoder_in, mask_time_indices=mask).last_hidden_state
         logits = torch.stack([head(hidden) for head in self.heads.values()])
         if len(self.heads) == 1:
             return logits[0], targets[0], mask
         return logits, targets, mask
+
+
+def check_pretrain_rate(encoder: nn.Module, sample_rate: int) -> None:
+    """Masked prediction aligns targets (computed at ``sample_rate``) frame by frame with the
+    encoder's frames: a published encoder trained at another rate cannot be pretrained here."""
+    rate = encoder_input(encoder).rate(sample_rate)
+    if rate != int(sample_rate):
+        raise ValueError(
+            f"the encoder hears {rate} Hz audio (its preprocessor_config.json) but "
+            f"audio.sample_rate is {sample_rate}: set audio.sample_rate: {rate} to continue "
+            "pretraining it (fine-tuning resamples on its own)"
+        )
 
 
 # -- task ----------------------------------------------------------------------------------
@@ -404,7 +424,7 @@ def pretrain_loss(
 
 
 def save_encoder(model: nn.Module, folder: Path, loop: PretrainLoop) -> None:
-    model.encoder.save_pretrained(folder)
+    save_encoder_folder(model.encoder, folder)
     # The codebooks the targets came from (inspection, or continuing pretraining elsewhere).
     for kind, book in model.codebooks.items():
         np.savez(
@@ -508,11 +528,12 @@ def run_pretrain(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
     ingest_version = storage.require_latest("ingest")
     init = resolve_init(cfg, storage, "pretrained" if cfg.model.pretrained else "random")
     # Targets need one frame per encoder frame: the feature hop is the encoder's conv stride.
-    hop = (
-        int(np.prod(encoder_config(init["size"]).conv_stride))
-        if init["kind"] == "random"
-        else conv_stride(load_init_encoder(init))
-    )
+    if init["kind"] == "random":
+        hop = int(np.prod(encoder_config(init["size"]).conv_stride))
+    else:
+        encoder = load_init_encoder(init)
+        check_pretrain_rate(encoder, cfg.audio.sample_rate)  # fail before fitting codebooks
+        hop = conv_stride(encoder)
     exclude = excluded_pieces(cfg, storage, ingest_version)
     frames = sample_frames(cfg, storage, ingest_version, hop, exclude)
     codebooks = {
