@@ -1,50 +1,44 @@
-"""Embedding throughput per CPU worker, and model FLOPs per segment (for GPU projections).
+"""Embedding throughput per CPU worker, old vs new path, and model FLOPs per segment.
 
 For each encoder size, prints JSON lines (one per figure):
 
-- ``embed_cpu``: ``Embedder.embed`` (what each index actor runs per batch: encoder, pooling,
-  projection) on random audio, one intra-op thread like one Ray CPU worker: segments/s and
-  seconds of audio per second.
-- ``baseline_encoder_only``: the bare transformers encoder forward on the same batches and
-  thread count, no pooling or projection: the gap is the embedder's own cost.
+- ``embed_cpu_baseline``: the previous inference path (plain float32 module forward, the
+  HuBERT conv front end as torch convolutions), ``Embedder(fast=False, precision="float32")``.
+- ``embed_cpu``: today's ``Embedder.embed`` (what each index actor and the service's upload
+  path run per batch): conv front end as GEMMs with the first layer's GroupNorm folded in, and
+  bf16 GEMMs where the CPU has native bf16 and the front end is wide (``--precision``, default
+  ``model.inference_precision: auto``; ``bfloat16`` also runs the transformer under autocast).
+  Both on the same piano-like segments (varied notes, loudness and noise), one intra-op thread
+  like one Ray CPU worker; each gives segments per CPU-second (process CPU time, robust to other
+  load on the machine) and per wall second, and ``speedup_per_cpu_s`` = new / old.
+- ``retrieval_agreement``: recall@10 of the new vectors' cosine neighbours against the old
+  vectors' (each segment queries the others), and the smallest old-vs-new cosine.
 - ``flops``: forward FLOPs per segment (``torch.utils.flop_counter``), and training FLOPs per
   sample (forward + backward of the pretraining model, counted with
   benchmarks/train_throughput.py's ``flops_per_sample``), both at this window and rate.
 
 The scaling study (benchmarks/scaling_study.py) reads these lines. Defaults are the cluster
-config's audio (24 kHz, 5 s windows). ``python -m benchmarks.embed_throughput [--sizes tiny base]``
-Every line carries ``os.getloadavg()``: other jobs on the same cores skew CPU figures.
+config's audio (24 kHz, 5 s windows).
+``python -m benchmarks.embed_throughput [--sizes tiny base] [--segments tiny=256 base=48]``
+Every line carries ``os.getloadavg()``: other jobs on the same cores skew wall figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.common import emit_with_load
+from benchmarks.common import emit_with_load as emit
 from mess_ray.config import load_config
-from mess_ray.models import Embedder
+from mess_ray.models import Embedder, MeanPooledEncoder
 from mess_ray.models.encoder import build_encoder
 from mess_ray.segments import window_samples
 from mess_ray.storage import Storage
-
-
-def timed(fn, batches: list[np.ndarray], warmup: int) -> list[float]:
-    """Seconds per batch, after ``warmup`` untimed calls."""
-    for batch in batches[:warmup]:
-        fn(batch)
-    times = []
-    for batch in batches[warmup:]:
-        started = time.perf_counter()
-        fn(batch)
-        times.append(time.perf_counter() - started)
-    return times
 
 
 def forward_flops(model: torch.nn.Module, batch: torch.Tensor) -> float:
@@ -88,6 +82,55 @@ def window(cfg) -> int:
     return window_samples(cfg.audio.window_s, cfg.audio.sample_rate)
 
 
+def piano_like_segments(count: int, length: int, rate: int, seed: int) -> np.ndarray:
+    """[count, length] float32 clips of decaying harmonic notes at random pitches, onsets,
+    loudness and noise levels: varied enough that nearest neighbours are meaningful."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(length) / rate
+    out = np.zeros((count, length), np.float32)
+    for i in range(count):
+        clip = np.zeros(length)
+        onset = 0.0
+        spacing, decay = rng.uniform(0.08, 0.7), rng.uniform(1.0, 8.0)
+        while onset < t[-1]:
+            pitch = 440.0 * 2 ** ((rng.integers(36, 90) - 69) / 12)
+            local = np.clip(t - onset, 0.0, None)
+            env = (t >= onset) * np.exp(-decay * local) * rng.uniform(0.1, 1.0)
+            clip += env * sum(np.sin(2 * np.pi * pitch * h * local) / h**1.5 for h in (1, 2, 3, 4))
+            onset += spacing * rng.uniform(0.5, 1.5)
+        clip *= rng.uniform(0.02, 0.5) / (np.abs(clip).max() + 1e-9)
+        out[i] = clip + rng.uniform(1e-4, 2e-2) * rng.standard_normal(length)
+    return out
+
+
+def embed_all(embedder: Embedder, segments: np.ndarray, batch_size: int, warmup: int):
+    """(vectors, CPU seconds, wall seconds) of embedding ``segments`` batch by batch."""
+    embedder.embed(segments[:batch_size])  # allocator, oneDNN kernels: untimed
+    for _ in range(warmup - 1):
+        embedder.embed(segments[:batch_size])
+    cpu, wall = time.process_time(), time.perf_counter()
+    vectors = np.concatenate(
+        [
+            embedder.embed(segments[start : start + batch_size])
+            for start in range(0, len(segments), batch_size)
+        ]
+    )
+    return vectors, time.process_time() - cpu, time.perf_counter() - wall
+
+
+def recall_at_k(old: np.ndarray, new: np.ndarray, k: int = 10) -> float:
+    """Mean overlap of each segment's k cosine neighbours (itself excluded), new vs old."""
+
+    def neighbours(vectors: np.ndarray) -> np.ndarray:
+        unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        sims = unit @ unit.T
+        np.fill_diagonal(sims, -np.inf)
+        return np.argsort(-sims, axis=1)[:, :k]
+
+    a, b = neighbours(old), neighbours(new)
+    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b)]))
+
+
 def bench_size(size: str, args, out: list[dict]) -> None:
     cfg = load_config(
         None,
@@ -98,62 +141,76 @@ def bench_size(size: str, args, out: list[dict]) -> None:
             f"model.size={size}",
             f"model.inference_batch_size={args.batch_size}",
             f"pretrain.num_clusters={args.clusters}",
+            f"model.inference_precision={args.precision}",
         ],
     )
     storage = Storage(str(Path(args.workdir) if args.workdir else Path.cwd() / ".bench-unused"))
-    embedder = Embedder.from_info(
-        cfg, storage, {"ref": "random", "kind": "random", "size": size, "seed": 0}
+    info = {"ref": "random", "kind": "random", "size": size, "seed": 0}
+    embedder = Embedder.from_info(cfg, storage, info)
+    # The previous path on its own copy of the same weights (the fast path patches its model).
+    old = Embedder(
+        MeanPooledEncoder(build_encoder(size, seed=0), cfg.model.ssl_layer),
+        embedder.dim,
+        embedder.info,
+        embedder.window_samples,
+        args.batch_size,
+        precision="float32",
+        fast=False,
     )
-    rng = np.random.default_rng(0)
-    batches = [
-        (0.1 * rng.standard_normal((args.batch_size, window(cfg)))).astype(np.float32)
-        for _ in range(args.warmup + args.batches)
-    ]
+    count = args.segments.get(size, 64)
+    segments = piano_like_segments(count, window(cfg), cfg.audio.sample_rate, seed=0)
     common = {
         "size": size,
         "threads": torch.get_num_threads(),
         "batch_size": args.batch_size,
         "window_s": cfg.audio.window_s,
         "sample_rate": cfg.audio.sample_rate,
+        "segments": count,
         "parameters": sum(p.numel() for p in embedder.model.parameters()),
     }
-
-    times = timed(embedder.embed, batches, args.warmup)
-    per_batch = statistics.median(times)
-    emit_with_load(
+    figures = {}
+    for name, emb in (("embed_cpu_baseline", old), ("embed_cpu", embedder)):
+        vectors, cpu, wall = embed_all(emb, segments, args.batch_size, args.warmup)
+        figures[name] = (vectors, cpu)
+        emit(
+            {
+                "figure": name,
+                **common,
+                "fast_front_end": emb.fast,
+                "front_end_dtype": str(emb.front_end_dtype).removeprefix("torch."),
+                "autocast_dtype": str(emb.dtype).removeprefix("torch."),
+                "cpu_s": round(cpu, 3),
+                "wall_s": round(wall, 3),
+                "segments_per_cpu_s": round(count / cpu, 3),
+                "segments_per_s": round(count / wall, 3),
+                "audio_s_per_cpu_s": round(count * cfg.audio.window_s / cpu, 2),
+                **(
+                    {"speedup_per_cpu_s": round(figures["embed_cpu_baseline"][1] / cpu, 2)}
+                    if name == "embed_cpu"
+                    else {}
+                ),
+            },
+            out,
+        )
+    old_vectors, new_vectors = figures["embed_cpu_baseline"][0], figures["embed_cpu"][0]
+    cosine = np.sum(old_vectors * new_vectors, axis=1) / (
+        np.linalg.norm(old_vectors, axis=1) * np.linalg.norm(new_vectors, axis=1)
+    )
+    emit(
         {
-            "figure": "embed_cpu",
+            "figure": "retrieval_agreement",
             **common,
-            "batches_timed": len(times),
-            "batch_s_median": round(per_batch, 4),
-            "segments_per_s": round(args.batch_size / per_batch, 3),
-            "audio_s_per_s": round(args.batch_size * cfg.audio.window_s / per_batch, 2),
+            "recall_at_10_new_vs_old": round(recall_at_k(old_vectors, new_vectors, 10), 4),
+            "min_cosine_new_vs_old": round(float(cosine.min()), 6),
         },
         out,
     )
+    per_batch = args.batch_size * figures["embed_cpu"][1] / count
 
-    encoder = build_encoder(size, seed=0).eval()
-
-    def encoder_only(batch: np.ndarray) -> None:
-        with torch.inference_mode():
-            encoder(torch.from_numpy(batch))
-
-    base = statistics.median(timed(encoder_only, batches, args.warmup))
-    emit_with_load(
-        {
-            "figure": "baseline_encoder_only",
-            **common,
-            "batch_s_median": round(base, 4),
-            "segments_per_s": round(args.batch_size / base, 3),
-            "embedder_over_encoder_ratio": round(per_batch / base, 3),
-        },
-        out,
-    )
-
-    one = torch.from_numpy(batches[0][:1])
+    one = torch.from_numpy(segments[:1])
     fwd = forward_flops(embedder.model, one)
     trn = train_flops(size, cfg, samples=1)
-    emit_with_load(
+    emit(
         {
             "figure": "flops",
             **common,
@@ -161,7 +218,7 @@ def bench_size(size: str, args, out: list[dict]) -> None:
             "train_flops_per_sample": trn,
             "train_over_forward": round(trn / fwd, 3),
             "forward_gflops_per_audio_s": round(fwd / cfg.audio.window_s / 1e9, 3),
-            "cpu_achieved_gflops_per_thread": round(fwd * args.batch_size / per_batch / 1e9, 3),
+            "cpu_achieved_gflops_per_cpu_s": round(fwd * args.batch_size / per_batch / 1e9, 3),
         },
         out,
     )
@@ -172,9 +229,17 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", nargs="+", default=["tiny", "base"])
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--batches", type=int, default=3, help="timed batches")
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="model.inference_batch_size's default"
+    )
+    parser.add_argument(
+        "--segments",
+        nargs="+",
+        default=["tiny=256", "small=64", "base=48"],
+        help="SIZE=N segments embedded per size (old and new path, and recall@10 over them)",
+    )
+    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--warmup", type=int, default=1, help="untimed batches per path")
     parser.add_argument("--window-s", type=float, default=5.0)
     parser.add_argument("--sample-rate", type=int, default=24000)
     parser.add_argument(
@@ -189,6 +254,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the JSON lines to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    args.segments = {k: int(v) for k, v in (item.split("=") for item in args.segments)}
     out: list[dict] = []
     for size in args.sizes:
         bench_size(size, args, out)

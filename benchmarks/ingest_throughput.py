@@ -8,8 +8,10 @@ Prints one JSON line per figure:
   files (local, and after fetching each whole object from S3) and the streaming decoder in a
   single process without Ray. Throughput per core = audio seconds / wall seconds / cores used
   (the Ray runs use every core of the machine; the single-process ones one core). Each line
-  also gives the CPU seconds the process tree consumed and audio seconds per CPU second, which
-  stay meaningful when other work loads the machine (``load_avg_1m``). Ray's start-up and a
+  also gives the CPU seconds consumed and audio seconds per CPU second, which stay meaningful
+  when other work loads the machine (``load_avg_1m``): for the Ray runs that is every process
+  of the embedded Ray session (driver, GCS, raylet and the raylet's workers, which are not the
+  driver's descendants), before/after snapshots per pid (:func:`consumed_cpu`). Ray's start-up and a
   first small ingest (one worker per concurrent task) are timed apart, as fixed costs.
 - ``peak_memory``: peak RSS and tracemalloc peak of ingesting one file in a fresh process, for
   each file length (default 5 and 60 minutes of 44.1 kHz stereo), streaming vs whole-file.
@@ -94,19 +96,53 @@ def config(root: str, source: str, read_block_s: float) -> MessRayConfig:
     )
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process and all its descendants (the embedded Ray's raylet and workers),
-    including descendants that already exited and were reaped (``children_*`` of their parent)."""
+def cpu_by_pid(roots: list[int]) -> dict[int, float]:
+    """CPU seconds (user + system, plus reaped children's) of each process in the trees rooted
+    at ``roots``, by pid."""
     import psutil
 
-    total = 0.0
-    for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+    out: dict[int, float] = {}
+    for root in roots:
         try:
-            times = proc.cpu_times()
-            total += times.user + times.system + times.children_user + times.children_system
-        except psutil.Error:  # a process that exited meanwhile
-            pass
-    return total
+            top = psutil.Process(root)
+            procs = [top, *top.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for proc in procs:
+            try:
+                t = proc.cpu_times()
+            except psutil.Error:  # a process that exited meanwhile
+                continue
+            out[proc.pid] = t.user + t.system + t.children_user + t.children_system
+    return out
+
+
+def consumed_cpu(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds spent between two :func:`cpu_by_pid` snapshots: each process's growth, a
+    process born in between counted whole. (A process gone by ``after`` counts through its
+    parent's reaped-children times when that parent is in the tree, else it is missed: Ray's
+    workers live for the whole session.)"""
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+
+
+def ray_roots() -> list[int]:
+    """This process plus every process the embedded Ray session started (GCS, raylet: the
+    raylet's children are the Ray workers, which are NOT descendants of the driver)."""
+    roots = [os.getpid()]
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node = ray._private.worker._global_node
+            for infos in node.all_processes.values():
+                roots += [info.process.pid for info in infos if info.process is not None]
+    except (ImportError, AttributeError):
+        pass
+    return sorted(set(roots))
+
+
+def cpu_snapshot() -> dict[int, float]:
+    return cpu_by_pid(ray_roots())
 
 
 def throughput(
@@ -129,10 +165,12 @@ def throughput(
 
 
 def timed(fn, *args, **kwargs):
-    """(result, wall seconds, CPU seconds of this process tree)."""
-    cpu, began = cpu_seconds(), time.perf_counter()
+    """(result, wall seconds, CPU seconds of this process, its descendants and every process of
+    the embedded Ray session, Ray workers included)."""
+    before, began = cpu_snapshot(), time.perf_counter()
     result = fn(*args, **kwargs)
-    return result, time.perf_counter() - began, cpu_seconds() - cpu
+    wall = time.perf_counter() - began
+    return result, wall, consumed_cpu(before, cpu_snapshot())
 
 
 def ray_ingest(root: str, source: str, read_block_s: float) -> dict:

@@ -31,7 +31,7 @@ Figures:
   cyclically; candidate length 60 s and 300 s), alignment + curves + distance per candidate,
   p50/p90 over repeats, single thread (OMP/NUMBA threads = 1).
 
-Run: ``nice -n 10 python benchmarks/passages.py --config configs/asap-dev.yaml [--out FILE]``
+Run: ``nice -n 10 python -m benchmarks.passages --config configs/asap-dev.yaml [--out FILE]``
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -54,8 +53,7 @@ import numpy as np  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from benchmarks import common  # noqa: E402
 from mess_ray.config import load_config  # noqa: E402
 from mess_ray.content import (  # noqa: E402
     Alignment,
@@ -65,9 +63,9 @@ from mess_ray.content import (  # noqa: E402
     expression_curves,
     track_features,
 )
-from mess_ray.eval.midi_descriptors import beat_position, beat_time  # noqa: E402
-from mess_ray.eval.performances import load_track, track_sources  # noqa: E402
 from mess_ray.index.content_features import stitch  # noqa: E402
+from mess_ray.midi_descriptors import beat_position, beat_time  # noqa: E402
+from mess_ray.performances import load_track, track_sources  # noqa: E402
 from mess_ray.segments import segments_dataset, split_pieces  # noqa: E402
 from mess_ray.storage import Storage  # noqa: E402
 
@@ -75,12 +73,7 @@ LONG_QUERY_S = 10.0
 
 
 def emit(record: dict[str, Any], out) -> None:
-    record = {**record, "loadavg_1m": round(os.getloadavg()[0], 2)}
-    line = json.dumps(record)
-    print(line, flush=True)
-    if out is not None:
-        out.write(line + "\n")
-        out.flush()
+    common.emit({**record, "loadavg_1m": round(os.getloadavg()[0], 2)}, out)
 
 
 def pct(values, q) -> float:

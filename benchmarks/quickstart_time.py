@@ -1,6 +1,6 @@
 """End-to-end time of `mess-ray quickstart` on a folder of generated recordings.
 
-    flock /tmp/mess-ray-ray.lock nice -n 10 .venv/bin/python benchmarks/quickstart_time.py --minutes 30
+    nice -n 10 .venv/bin/python -m benchmarks.quickstart_time --minutes 30
 
 Writes ``--minutes`` of audio as 60 s files (a third each WAV, FLAC and MP3, 44.1 kHz stereo
 like a user's folder) with a manifest.csv (composer/title/performer), then times

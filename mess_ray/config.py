@@ -306,6 +306,14 @@ class ModelConfig(_Section):
     inference_batch_size: int = Field(
         16, ge=1, description="Rows per forward pass in Embedder.embed."
     )
+    inference_precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Embedder arithmetic on CPU: 'float32' throughout; 'auto' = the conv "
+        "front end's GEMMs in bf16 where the CPU has native bf16 (AVX512-BF16/AMX) and the "
+        "front end has >= 256 channels, the transformer in float32; 'bfloat16' = the whole "
+        "model under bf16 autocast. benchmarks/embed_throughput.py measures recall@10 of "
+        "each against float32 vectors.",
+    )
 
 
 class TrainConfig(_Section):

@@ -1,6 +1,6 @@
 """Regenerate the shipped default model from its recipe (configs/shipped-tiny.yaml).
 
-    flock /tmp/mess-ray-ray.lock nice -n 10 .venv/bin/python scripts/ship_model.py
+    nice -n 10 .venv/bin/python scripts/ship_model.py
 
 Renders the demo corpus, ingests it, pretrains and fine-tunes the tiny encoder on one
 deterministic worker, evaluates it on the held-out pieces (the *test* split of the evaluate
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         "what": "tiny HuBERT-style encoder (SSL-pretrained, then contrastively fine-tuned with "
         "facet heads) trained on 8 music21 pieces x 4 synthetic expressive styles (FluidSynth)",
         "recipe": {
-            "command": "flock /tmp/mess-ray-ray.lock nice -n 10 .venv/bin/python scripts/ship_model.py",
+            "command": "nice -n 10 .venv/bin/python scripts/ship_model.py",
             "config_file": str(Path(args.config).resolve().relative_to(ROOT))
             if Path(args.config).resolve().is_relative_to(ROOT)
             else args.config,

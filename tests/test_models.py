@@ -15,8 +15,8 @@ from mess_ray.models import (
     encoder_config,
     load_encoder,
 )
-from mess_ray.models.embedder import resolve_layer
-from mess_ray.models.encoder import conv_stride, num_frames
+from mess_ray.models.embedder import MeanPooledEncoder, resolve_layer
+from mess_ray.models.encoder import conv_stride, normalize_waveform, num_frames
 from mess_ray.storage import Storage
 
 SR = 16000
@@ -208,3 +208,71 @@ def test_embedder_loads_from_s3(s3_bucket, tmp_path):
         expected,
         atol=1e-5,
     )
+
+
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_fast_conv_front_end_computes_the_same_features_as_the_module(size):
+    from mess_ray.models.encoder import enable_fast_inference, fast_conv_features
+
+    encoder = build_encoder(size, seed=1).eval()
+    audio = torch.from_numpy(
+        (0.2 * np.random.default_rng(0).standard_normal((3, 16000))).astype(np.float32)
+    )
+    audio[1] += 0.3  # a DC offset: the folded GroupNorm must still remove each channel's mean
+    with torch.inference_mode():
+        expected = encoder.feature_extractor(audio)
+        assert enable_fast_inference(encoder)
+        fast = encoder.feature_extractor(audio)
+        # chunked over time in pieces smaller than the clip: same result
+        chunked = fast_conv_features(encoder.feature_extractor, audio, chunk_frames=7)
+    assert fast.shape == expected.shape
+    scale = expected.abs().max()
+    assert torch.allclose(fast, expected, atol=1e-5 * scale)
+    assert torch.allclose(chunked, expected, atol=1e-5 * scale)
+    # with gradients (training) the module's own code runs
+    assert encoder.feature_extractor(audio).requires_grad
+
+
+def test_mean_pooled_encoder_stops_at_its_layer_with_the_same_vectors():
+    audio = torch.from_numpy(
+        (0.1 * np.random.default_rng(2).standard_normal((2, 16000))).astype(np.float32)
+    )
+    for layer in (None, 0, 1, -1):
+        model = MeanPooledEncoder(build_encoder("small", seed=0), layer).eval()
+        ran = []
+        for i, block in enumerate(model.encoder.encoder.layers):
+            block.register_forward_hook(lambda *_, i=i, ran=ran: ran.append(i))
+        with torch.inference_mode():
+            fast = model(audio)
+        assert ran == list(range(model.layer))
+        full = model.encoder(normalize_waveform(audio), output_hidden_states=True).hidden_states[
+            model.layer
+        ]
+        expected = torch.nn.functional.normalize(full.mean(dim=1), dim=-1)
+        assert torch.allclose(fast, expected.detach(), atol=1e-6)
+
+
+def test_embedder_precisions_agree_with_the_plain_float32_forward():
+    from mess_ray.models.embedder import resolve_precision
+
+    audio = (0.1 * np.random.default_rng(3).standard_normal((5, 16000))).astype(np.float32)
+    info = {"ref": "random"}
+    plain = Embedder(
+        MeanPooledEncoder(build_encoder("tiny", seed=0)), 64, info, 16000, 2, "float32", False
+    )
+    assert not plain.fast
+    expected = plain.embed(audio)
+    for precision, tolerance in (("float32", 1e-5), ("auto", 1e-3), ("bfloat16", 2e-2)):
+        fast = Embedder(
+            MeanPooledEncoder(build_encoder("tiny", seed=0)), 64, info, 16000, 2, precision
+        )
+        assert fast.fast
+        got = fast.embed(audio)
+        assert got.dtype == np.float32 and got.shape == expected.shape
+        assert np.abs(got - expected).max() < tolerance, precision
+    cpu = torch.device("cpu")
+    assert resolve_precision("float32", cpu) == (torch.float32, torch.float32)
+    # a narrow front end never trades precision for speed under 'auto'
+    assert resolve_precision("auto", cpu, build_encoder("tiny")) == (torch.float32,) * 2
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("fp8", cpu)

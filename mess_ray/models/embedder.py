@@ -32,7 +32,12 @@ from torch import nn
 from mess_ray.config import MessRayConfig
 from mess_ray.models import shipped
 from mess_ray.models.embedding import EmbeddingModel, is_embedding_model_dir
-from mess_ray.models.encoder import build_encoder, encoder_input, load_encoder
+from mess_ray.models.encoder import (
+    build_encoder,
+    enable_fast_inference,
+    encoder_input,
+    load_encoder,
+)
 from mess_ray.segments import fit_length, window_samples
 from mess_ray.storage import Storage
 
@@ -66,12 +71,76 @@ class MeanPooledEncoder(nn.Module):
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         encoder_in = encoder_input(self.encoder).prepare(waveform, self.sample_rate)
-        out = self.encoder(encoder_in, output_hidden_states=True)
-        return F.normalize(out.hidden_states[self.layer].mean(dim=1).float(), dim=-1)
+        if not self.training and not torch.is_grad_enabled() and _stops_early(self.encoder):
+            states = _hidden_state_up_to(self.encoder, encoder_in, self.layer)
+        else:
+            states = self.encoder(encoder_in, output_hidden_states=True).hidden_states[self.layer]
+        return F.normalize(states.mean(dim=1).float(), dim=-1)
+
+
+def _stops_early(encoder: nn.Module) -> bool:
+    """A plain HuBERT encoder (post-norm layers), whose hidden state k is the output of its
+    first k layers: inference can stop there instead of running the whole stack."""
+    return type(encoder).__name__ == "HubertModel" and type(encoder.encoder).__name__ == (
+        "HubertEncoder"
+    )
+
+
+def _hidden_state_up_to(encoder: nn.Module, waveform: torch.Tensor, layer: int) -> torch.Tensor:
+    """``encoder(waveform, output_hidden_states=True).hidden_states[layer]`` in eval mode, running
+    only the first ``layer`` transformer layers (tests check both agree)."""
+    features = encoder.feature_extractor(waveform).transpose(1, 2)
+    hidden = encoder.feature_projection(features)
+    stack = encoder.encoder
+    hidden = stack.layer_norm(hidden + stack.pos_conv_embed(hidden))
+    for block in stack.layers[:layer]:
+        hidden = block(hidden, attention_mask=None)
+        if isinstance(hidden, tuple):  # older transformers return (hidden, attentions)
+            hidden = hidden[0]
+    return hidden
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (AVX512-BF16 / AMX via oneDNN)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(
+    precision: str, device: torch.device, encoder: nn.Module | None = None
+) -> tuple[torch.dtype, torch.dtype]:
+    """(front-end dtype, autocast dtype) of CPU inference.
+
+    - ``float32``: everything in float32 (the same function as the module's own forward).
+    - ``bfloat16``: the conv front end's GEMMs after its first layer in bf16, and the rest of
+      the model under bf16 autocast (fastest; neighbour rankings of nearly collinear vectors,
+      as a random ``tiny`` encoder makes, can move).
+    - ``auto``: the front end's GEMMs in bf16 where the CPU has native bf16 (AVX512-BF16 / AMX)
+      and the front end is wide enough (>= 256 channels) for it to pay, the transformer in
+      float32: recall@10 against float32 vectors >= 0.99 in benchmarks/embed_throughput.py.
+    GPUs keep float32 until their bf16 figures are measured.
+    """
+    if precision not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"precision must be 'auto', 'float32' or 'bfloat16', got {precision!r}")
+    if device.type != "cpu" or precision == "float32":
+        return torch.float32, torch.float32
+    if precision == "bfloat16":
+        return torch.bfloat16, torch.bfloat16
+    widths = getattr(getattr(encoder, "config", None), "conv_dim", None) or (0,)
+    wide = min(widths) >= 256
+    return (torch.bfloat16 if wide and cpu_has_native_bf16() else torch.float32), torch.float32
 
 
 class Embedder:
-    """Batched no-grad inference: float32 [B, T] at cfg.audio.sample_rate -> float32 [B, D]."""
+    """Batched no-grad inference: float32 [B, T] at cfg.audio.sample_rate -> float32 [B, D].
+
+    On CPU, ``fast`` (default) computes the encoder's convolutional front end as cache-sized
+    GEMMs (:func:`mess_ray.models.encoder.enable_fast_inference`; the same function up to float
+    rounding), and ``precision`` (see :func:`resolve_precision`) picks bf16 where it pays.
+    ``fast=False, precision="float32"`` is the plain module forward (the benchmarks' baseline).
+    """
 
     def __init__(
         self,
@@ -80,6 +149,8 @@ class Embedder:
         info: dict[str, Any],
         window_samples: int,
         batch_size: int = 16,
+        precision: str = "auto",
+        fast: bool = True,
     ) -> None:
         # On a GPU replica or embedding actor (num_gpus > 0) Ray exposes CUDA: run the model there.
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -88,6 +159,12 @@ class Embedder:
         self.info = info
         self.window_samples = int(window_samples)
         self.batch_size = int(batch_size)
+        encoder = getattr(self.model, "encoder", None)
+        front_dtype, self.dtype = resolve_precision(precision, self.device, encoder)
+        self.fast = (
+            bool(fast) and self.device.type == "cpu" and enable_fast_inference(encoder, front_dtype)
+        )
+        self.front_end_dtype = front_dtype if self.fast else torch.float32
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         batch = np.asarray(batch, dtype=np.float32)
@@ -102,7 +179,10 @@ class Embedder:
         if batch.shape[1] != self.window_samples:
             batch = np.stack([fit_length(row, self.window_samples) for row in batch])
         outputs = []
-        with torch.inference_mode():
+        autocast = torch.autocast(
+            self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
+        )
+        with torch.inference_mode(), autocast:
             for start in range(0, len(batch), self.batch_size):
                 chunk = torch.from_numpy(
                     np.ascontiguousarray(batch[start : start + self.batch_size])
@@ -167,7 +247,14 @@ class Embedder:
                 "sample_rate": cfg.audio.sample_rate,
                 "facet_layout": None,
             }
-            return cls(model, model.embedding_dim, full, window, cfg.model.inference_batch_size)
+            return cls(
+                model,
+                model.embedding_dim,
+                full,
+                window,
+                cfg.model.inference_batch_size,
+                cfg.model.inference_precision,
+            )
         # The recorded layer wins over the config: from_info must rebuild the same vectors.
         layer = info.get("layer", cfg.model.ssl_layer)
         if info.get("shipped"):
@@ -201,7 +288,14 @@ class Embedder:
             "sample_rate": cfg.audio.sample_rate,
             "facet_layout": facet_layout_json(model),
         }
-        return cls(model, model.embedding_dim, full, window, cfg.model.inference_batch_size)
+        return cls(
+            model,
+            model.embedding_dim,
+            full,
+            window,
+            cfg.model.inference_batch_size,
+            cfg.model.inference_precision,
+        )
 
 
 def facet_layout_json(model: nn.Module) -> dict[str, list[int]] | None:

@@ -317,3 +317,163 @@ def normalize_waveform(waveform: torch.Tensor, eps: float = 1e-5) -> torch.Tenso
     mean = waveform.mean(dim=-1, keepdim=True)
     std = waveform.std(dim=-1, keepdim=True)
     return (waveform - mean) / (std + eps)
+
+
+# -- fast inference path of the convolutional feature encoder ---------------------------------
+# HuBERT's feature encoder is a stack of strided 1-D convolutions over the raw waveform; on CPU
+# it is about half of a `base` forward pass and nearly all of a `tiny` one. Inference computes
+# the same function time-major ([B, T, C], which is the layout the encoder wants next anyway):
+# each strided convolution is a window view of its input times the reshaped kernel (one GEMM;
+# a free reshape when kernel == stride), and the first layer's per-channel GroupNorm is folded
+# into one scale-and-shift. Under bf16 autocast the GEMMs run on the CPU's matrix units.
+
+
+def _conv_as_matmul(hidden: torch.Tensor, conv: torch.nn.Conv1d) -> torch.Tensor:
+    """``conv`` applied to time-major ``hidden`` [B, T, C] -> [B, T_out, C_out]."""
+    (kernel,), (stride,) = conv.kernel_size, conv.stride
+    batch, length, channels = hidden.shape
+    steps = (length - kernel) // stride + 1
+    hidden = hidden.contiguous()
+    windows = hidden.as_strided(
+        (batch, steps, kernel, channels), (length * channels, stride * channels, channels, 1)
+    ).reshape(batch, steps, kernel * channels)
+    weight = conv.weight.permute(0, 2, 1).reshape(conv.out_channels, kernel * channels)
+    out = windows @ weight.t().to(windows.dtype)
+    return out if conv.bias is None else out + conv.bias.to(out.dtype)
+
+
+def _fast_path_supported(feature_encoder: torch.nn.Module) -> bool:
+    layers = getattr(feature_encoder, "conv_layers", None)
+    if not layers:
+        return False
+    for layer in layers:
+        conv = getattr(layer, "conv", None)
+        if not isinstance(conv, torch.nn.Conv1d) or not hasattr(layer, "activation"):
+            return False
+        if conv.padding != (0,) or conv.dilation != (1,) or conv.groups != 1:
+            return False
+        norm = getattr(layer, "layer_norm", None)
+        if norm is None:
+            continue
+        per_channel_group = (
+            isinstance(norm, torch.nn.GroupNorm)
+            and norm.num_groups == norm.num_channels == conv.out_channels
+        )
+        if not (per_channel_group or isinstance(norm, torch.nn.LayerNorm)):
+            return False
+    return layers[0].conv.in_channels == 1
+
+
+def _first_conv_group_norm_stats(
+    windows: torch.Tensor, conv: torch.nn.Conv1d, norm: torch.nn.GroupNorm
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example kernel [B, k, C] and shift [B, C] of the first layer (1 input channel) with
+    its per-channel GroupNorm folded in: with windows X [T, k] and kernel W [k, C], h = X W has
+    per-channel mean m W and second moment diag(W^T (X^T X / T) W), from the k x k Gram matrix,
+    so normalising h is a rescaling of W plus a shift and conv + norm cost one matmul."""
+    kernel = conv.kernel_size[0]
+    steps = windows.shape[1]
+    weight = conv.weight.float().reshape(conv.out_channels, kernel).t()  # [k, C]
+    gram = torch.bmm(windows.transpose(1, 2), windows) / steps  # [B, k, k]
+    mean_h = windows.mean(dim=1) @ weight  # [B, C]
+    second = torch.einsum("bij,ic,jc->bc", gram, weight, weight)
+    var = (second - mean_h.square()).clamp_min(0.0)
+    scale = norm.weight.float() * torch.rsqrt(var + norm.eps)  # [B, C]
+    shift = norm.bias.float() - mean_h * scale
+    # A conv bias shifts each channel's mean only, which the norm removes: it cancels out.
+    return weight[None] * scale[:, None, :], shift
+
+
+def _first_two_layers(
+    feature_encoder: torch.nn.Module, waveform: torch.Tensor, chunk_frames: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Layers 0 (conv + folded GroupNorm + activation) and 1 (conv + norm-free activation)
+    chunk by chunk over time, so that layer 0's full-rate output (the largest tensor of the
+    encoder: C x T/5 per clip) never leaves the cache. Returns layer 1's output [B, T1, C1]."""
+    first, second = feature_encoder.conv_layers[0], feature_encoder.conv_layers[1]
+    (k0,), (s0,) = first.conv.kernel_size, first.conv.stride
+    (k1,), (s1,) = second.conv.kernel_size, second.conv.stride
+    windows = waveform.float().unfold(-1, k0, s0)  # [B, T0, k0] view
+    kernels, shifts = _first_conv_group_norm_stats(windows, first.conv, first.layer_norm)
+    channels = first.conv.out_channels
+    w1 = second.conv.weight.permute(0, 2, 1).reshape(second.conv.out_channels, k1 * channels)
+    w1 = w1.t().to(dtype)
+    steps0 = windows.shape[1]
+    steps1 = (steps0 - k1) // s1 + 1
+    step = max(1, chunk_frames // s1)
+    outputs = []
+    for b in range(waveform.shape[0]):
+        rows = []
+        for t1 in range(0, steps1, step):
+            n1 = min(step, steps1 - t1)
+            a0, n0 = t1 * s1, (n1 - 1) * s1 + k1
+            h0 = torch.addmm(shifts[b], windows[b, a0 : a0 + n0], kernels[b])  # [n0, C]
+            h0 = first.activation(h0).to(dtype)
+            cols = h0.as_strided((n1, k1 * channels), (s1 * channels, 1))
+            rows.append(cols @ w1)
+        outputs.append(torch.cat(rows))
+    hidden = torch.stack(outputs)
+    if second.conv.bias is not None:
+        hidden = hidden + second.conv.bias
+    return hidden
+
+
+def fast_conv_features(
+    feature_encoder: torch.nn.Module,
+    waveform: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    chunk_frames: int = 2048,
+) -> torch.Tensor:
+    """The feature encoder's output [B, C, T] (a transposed view), computed time-major.
+
+    ``dtype`` is the arithmetic of the convolutions after the first (bf16 runs them on the
+    CPU's matrix units); the first layer, its norm statistics and the output stay float32."""
+    layers = feature_encoder.conv_layers
+    fused = (
+        len(layers) > 1
+        and isinstance(getattr(layers[0], "layer_norm", None), torch.nn.GroupNorm)
+        and getattr(layers[1], "layer_norm", None) is None
+    )
+    if fused:
+        hidden = layers[1].activation(
+            _first_two_layers(feature_encoder, waveform, chunk_frames, dtype)
+        )
+        rest = layers[2:]
+    else:
+        hidden, rest = waveform[:, :, None], layers  # [B, T, 1]
+    for i, layer in enumerate(rest):
+        if fused or i > 0:
+            hidden = hidden.to(dtype)
+        hidden = _conv_as_matmul(hidden, layer.conv)
+        norm = getattr(layer, "layer_norm", None)
+        if isinstance(norm, torch.nn.GroupNorm):  # one group per channel, over time
+            var, mean = torch.var_mean(hidden.float(), dim=1, keepdim=True, correction=0)
+            scale = norm.weight * torch.rsqrt(var + norm.eps)
+            hidden = torch.addcmul(norm.bias - mean * scale, hidden.float(), scale)
+        elif isinstance(norm, torch.nn.LayerNorm):  # over channels
+            hidden = norm(hidden)
+        hidden = layer.activation(hidden)
+    return hidden.float().transpose(1, 2)
+
+
+def enable_fast_inference(encoder: torch.nn.Module, dtype: torch.dtype = torch.float32) -> bool:
+    """Route ``encoder``'s feature encoder through :func:`fast_conv_features` whenever it runs
+    without gradients in eval mode (training and autograd keep the original module code), its
+    later convolutions in ``dtype``.
+    Returns False, changing nothing, for encoders of another structure."""
+    feature_encoder = getattr(encoder, "feature_extractor", None)
+    if feature_encoder is None or not _fast_path_supported(feature_encoder):
+        return False
+    feature_encoder._fast_dtype = dtype
+    if getattr(feature_encoder, "_fast_inference", False):
+        return True
+    original = feature_encoder.forward
+
+    def forward(input_values: torch.Tensor) -> torch.Tensor:
+        if feature_encoder.training or torch.is_grad_enabled():
+            return original(input_values)
+        return fast_conv_features(feature_encoder, input_values, feature_encoder._fast_dtype)
+
+    feature_encoder.forward = forward
+    feature_encoder._fast_inference = True
+    return True
