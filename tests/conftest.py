@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 # Before anything imports ray: loopback only, no auth, no usage reporting.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -18,15 +17,9 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 
 import pytest
-from helpers import tiny_config
+from helpers import CHROMEDRIVER, CHROMIUM, free_port, tiny_config
 
 from mess_ray.config import MessRayConfig
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -61,7 +54,7 @@ def s3_endpoint():
     """moto's ThreadedMotoServer on 127.0.0.1: a real S3 protocol endpoint (as s3fs tests do)."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -90,3 +83,34 @@ def s3_bucket(s3_endpoint):
 @pytest.fixture
 def tiny_cfg(tmp_path) -> MessRayConfig:
     return tiny_config(str(tmp_path / "store"))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium per test module (Debian's chromium + chromium-driver); skips the
+    module's browser tests where they are not installed."""
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip(
+            "Debian's chromium and chromium-driver are not installed (scripts/test.sh installs them)"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1200,1000",
+        "--autoplay-policy=no-user-gesture-required",
+        # A fake microphone (a beep) and auto-accepted permission for the Record button.
+        "--use-fake-device-for-media-stream",
+        "--use-fake-ui-for-media-stream",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()

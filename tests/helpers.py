@@ -5,18 +5,24 @@ Test files import these from here (``from helpers import ...``), never from each
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import posixpath
+import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
+import pretty_midi
 import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile as sf
 
 from mess_ray.config import MessRayConfig, load_config
+from mess_ray.content import track_features
 from mess_ray.facets import compose
+from mess_ray.index.content_features import CONTENT_DIR, finish_content, segments_digest
 from mess_ray.index.faiss_index import (
     IndexSpec,
     build_index,
@@ -26,7 +32,7 @@ from mess_ray.index.job import (
     write_index_artifact,
 )
 from mess_ray.models import Embedder
-from mess_ray.segments import SEGMENT_SCHEMA, encode_audio, segment_id
+from mess_ray.segments import SEGMENT_SCHEMA, encode_audio, segment_id, segments_dir
 from mess_ray.storage import Storage, new_version
 
 
@@ -275,3 +281,286 @@ def wav_bytes(samples: np.ndarray, rate: int, fmt: str = "WAV") -> bytes:
     out = io.BytesIO()
     sf.write(out, samples, rate, format=fmt)
     return out.getvalue()
+
+
+# -- scores and ASAP-layout folders (render, eval) ----------------------------------------
+def make_score(
+    bars: int = 8, tempo: float = 120.0, program: int = 0, seed: int = 0
+) -> pretty_midi.PrettyMIDI:
+    """A 4/4 two-voice score: quarter-note melody over a half-note bass, ``bars`` bars."""
+    midi = pretty_midi.PrettyMIDI(initial_tempo=tempo)
+    midi.time_signature_changes.append(pretty_midi.TimeSignature(4, 4, 0.0))
+    beat = 60.0 / tempo
+    rng = np.random.default_rng(seed)
+    melody = pretty_midi.Instrument(program=program, name="melody")
+    bass = pretty_midi.Instrument(program=program, name="bass")
+    for i in range(bars * 4):
+        pitch = 60 + int(rng.integers(0, 12))
+        melody.notes.append(pretty_midi.Note(80, pitch, i * beat, (i + 1) * beat))
+    for i in range(bars * 2):
+        bass.notes.append(pretty_midi.Note(70, 36 + (i * 5) % 12, i * 2 * beat, (i + 1) * 2 * beat))
+    midi.instruments += [melody, bass]
+    return midi
+
+
+def write_midi(path: Path, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_score(**kwargs).write(str(path))
+    return path
+
+
+def make_asap_folder(root: Path) -> Path:
+    """A tiny ASAP-layout folder: two performances of one piece, one of another."""
+    rows = []
+    for composer, work, performer, seed in [
+        ("Bach", "Prelude/bwv_846", "Shi05M", 0),
+        ("Bach", "Prelude/bwv_846", "Lee01", 1),
+        ("Chopin", "Etude/op_10/3", "Kim07", 2),
+    ]:
+        folder = f"{composer}/{work}"
+        write_midi(root / folder / f"{performer}.mid", bars=2, seed=seed)
+        (root / folder / f"{performer}_annotations.txt").write_text("0.0\t0.0\tdb,4/4,0\n")
+        rows.append(
+            {
+                "composer": composer,
+                "title": work.replace("/", "_"),
+                "folder": folder,
+                "midi_score": f"{folder}/midi_score.mid",
+                "midi_performance": f"{folder}/{performer}.mid",
+                "performance_annotations": f"{folder}/{performer}_annotations.txt",
+                "midi_score_annotations": f"{folder}/midi_score_annotations.txt",
+            }
+        )
+    with open(root / "metadata.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+ASAP_PIECES = ["bach-a", "bach-b", "chopin-c", "chopin-d"]
+ASAP_SECONDS = 8.0
+
+
+def write_performance(root, piece_index: int, perf_index: int):
+    """A performance MIDI + its beats + the score's beats; the piece sets pitches, the performer
+    tempo, loudness and articulation. Returns (midi, midi path, annotation paths)."""
+    beat = 0.5 if perf_index == 0 else 0.4
+    velocity = 50 if perf_index == 0 else 100
+    hold = 0.3 if perf_index == 0 else 1.0
+    midi = pretty_midi.PrettyMIDI()
+    piano = pretty_midi.Instrument(program=0)
+    n_beats = (
+        int(ASAP_SECONDS / 0.4) + 2
+    )  # the same beats for every performance: annotated one to one
+    for i in range(n_beats):
+        pitch = 55 + (i * (piece_index + 2)) % 12 + 2 * piece_index
+        piano.notes.append(pretty_midi.Note(velocity, pitch, i * beat, i * beat + hold * beat))
+    midi.instruments.append(piano)
+    folder = root / ASAP_PIECES[piece_index]
+    folder.mkdir(parents=True, exist_ok=True)
+    midi_path = folder / f"perf{perf_index}.mid"
+    midi.write(str(midi_path))
+    (folder / f"perf{perf_index}_annotations.txt").write_text(
+        "".join(f"{i * beat:.6f}\t{i * beat:.6f}\tb\n" for i in range(n_beats))
+    )
+    (folder / "midi_score_annotations.txt").write_text(
+        "".join(f"{i * 0.5:.6f}\t{i * 0.5:.6f}\tb\n" for i in range(n_beats))
+    )
+    return midi, midi_path, folder
+
+
+def synth_sine_notes(midi: pretty_midi.PrettyMIDI) -> np.ndarray:
+    out = np.zeros(int((midi.get_end_time() + 1) * SR))
+    for note in midi.instruments[0].notes:
+        i, n = int(note.start * SR), int((note.end - note.start) * SR)
+        t = np.arange(n) / SR
+        f0 = pretty_midi.note_number_to_hz(note.pitch)
+        env = np.minimum(t / 0.005, 1) * np.minimum((t[-1] - t) / 0.02 if n else t, 1)
+        out[i : i + n] += note.velocity / 127 * 0.3 * env * np.sin(2 * np.pi * f0 * t)
+    return out[: int(ASAP_SECONDS * SR)].astype(np.float32)
+
+
+def write_asap_ingest(
+    storage: Storage, root, window_s: float, hop_s: float, styled: bool = False
+) -> str:
+    """Performances with MIDI and beats; ``styled``: renderings instead, with a style per
+    performer and MIDI but no beat annotations."""
+    rows = []
+    for p, piece in enumerate(ASAP_PIECES):
+        for k in range(2):
+            midi, midi_path, folder = write_performance(root, p, k)
+            audio = synth_sine_notes(midi)
+            track = f"{piece}/perf{k}"
+            meta = {
+                "corpus": "asap",
+                "midi_uri": str(midi_path),
+                "annotations_uri": str(folder / f"perf{k}_annotations.txt"),
+                "score_annotations_uri": str(folder / "midi_score_annotations.txt"),
+            }
+            if styled:
+                # As the render stage writes it: the performed MIDI beside the audio in the render
+                # artifact (so under s3:// when the storage root is there), found via midi_path.
+                rel = f"audio/{piece}__perf{k}.mid"
+                storage.put_file(midi_path, f"render/vtest/{rel}")
+                meta = {
+                    "midi_path": rel,
+                    "render_version": "vtest",
+                    "style_params_json": json.dumps(
+                        {"style": f"style{k}", "leading_silence_s": 0.0}
+                    ),
+                }
+            win, hop = int(window_s * SR), int(hop_s * SR)
+            for start in range(0, len(audio) - win + 1, hop):
+                rows.append(
+                    {
+                        "segment_id": segment_id(track, start),
+                        "track_id": track,
+                        "piece_id": piece,
+                        "style": f"style{k}" if styled else "",
+                        "start_s": start / SR,
+                        "end_s": (start + win) / SR,
+                        "start_sample": start,
+                        "num_samples": win,
+                        "sample_rate": SR,
+                        "source_uri": f"{folder}/perf{k}.wav",
+                        "metadata_json": json.dumps(meta),
+                        "audio": encode_audio(audio[start : start + win]),
+                    }
+                )
+    version = new_version()
+    with storage.open(posixpath.join(segments_dir(version), "part-00000.parquet"), "wb") as f:
+        pq.write_table(pa.Table.from_pylist(rows, schema=SEGMENT_SCHEMA), f)
+    storage.publish("ingest", version, {"counts": {"segments": len(rows)}})
+    return version
+
+
+# -- melodies and the passages index (content view) --------------------------------------
+def melody(seed: int = 0, notes: int = 48) -> list[tuple[int, float, float]]:
+    """(midi pitch, duration in beats, velocity 0..1) of a random but fixed tune with chords."""
+    rng = np.random.default_rng(seed)
+    pitches = rng.integers(55, 80, size=notes)
+    durations = rng.choice([0.5, 1.0, 1.0, 1.5], size=notes)
+    velocity = 0.4 + 0.5 * rng.random(notes)
+    return list(zip(pitches.tolist(), durations.tolist(), velocity.tolist()))
+
+
+def render_melody(
+    tune, seconds_per_beat: float, lead_s: float = 0.0, loud=None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Harmonic tones (pitch + a third below) played at the given tempo; also the note onsets."""
+    total = lead_s + sum(d for _, d, _ in tune) * seconds_per_beat + 1.0
+    y = np.zeros(int(total * SR), dtype=np.float64)
+    t0 = lead_s
+    onsets = []
+    for i, (pitch, dur, vel) in enumerate(tune):
+        length = dur * seconds_per_beat
+        n = int(length * SR)
+        t = np.arange(n) / SR
+        env = np.exp(-3.0 * t) * np.minimum(1.0, t / 0.01)
+        tone = np.zeros(n)
+        for p in (pitch, pitch - 4):
+            f = 440.0 * 2 ** ((p - 69) / 12)
+            for h in range(1, 5):
+                tone += np.sin(2 * np.pi * f * h * t) / h
+        gain = vel * (loud[i] if loud is not None else 1.0)
+        s = int(t0 * SR)
+        y[s : s + n] += 0.1 * gain * env * tone
+        onsets.append(t0)
+        t0 += length
+    y += 1e-4 * np.random.default_rng(seed).standard_normal(len(y))
+    return y.astype(np.float32), np.asarray(onsets)
+
+
+PASSAGE_TUNE = melody(seed=11, notes=40)
+PASSAGE_SWELL = np.linspace(0.3, 1.0, len(PASSAGE_TUNE))
+# (track, piece, seconds per beat, loudness shape): four performances of one work, one of
+# another work with a single performance, one unlabelled performance of the first work.
+PASSAGE_PERFORMANCES = [
+    ("anna", "tune", 0.50, PASSAGE_SWELL, PASSAGE_TUNE),
+    ("ben", "tune", 0.42, PASSAGE_SWELL * 0.8, PASSAGE_TUNE),
+    ("cleo", "tune", 0.58, PASSAGE_SWELL[::-1], PASSAGE_TUNE),
+    ("dan", "tune", 0.46, np.ones(len(PASSAGE_TUNE)), PASSAGE_TUNE),
+    ("solo", "other", 0.5, None, melody(seed=23, notes=30)),
+    ("nolabel", "", 0.48, PASSAGE_SWELL, PASSAGE_TUNE),
+]
+
+
+def publish_passages_index(cfg, root) -> tuple[dict, dict]:
+    storage = Storage.from_config(cfg.storage)
+    rate = cfg.audio.sample_rate
+    window, hop = int(cfg.audio.window_s * rate), int(cfg.audio.hop_s * rate)
+    embedder = Embedder.from_ref(cfg, storage, "random")
+    rows = {c: [] for c in INDEX_METADATA_COLUMNS}
+    frames, content, onsets = (
+        [],
+        {c: [] for c in ("track_id", "segments_digest", "rate", "frames", "features")},
+        {},
+    )
+    version = new_version()
+    for i, (track, piece, spb, loud, tune) in enumerate(PASSAGE_PERFORMANCES):
+        audio, on = render_melody(tune, spb, lead_s=0.3 * i, loud=loud, seed=i)
+        audio = audio[: int(rate * (len(audio) // rate))]
+        onsets[track] = on
+        path = root / f"{track}.wav"
+        sf.write(path, audio, rate)
+        ids = []
+        for start in range(0, len(audio) - window + 1, hop):
+            ids.append(segment_id(track, start))
+            rows["segment_id"].append(ids[-1])
+            rows["track_id"].append(track)
+            rows["piece_id"].append(piece)
+            rows["style"].append("romantic")
+            rows["start_s"].append(start / rate)
+            rows["end_s"].append((start + window) / rate)
+            rows["sample_rate"].append(rate)
+            rows["source_uri"].append(str(path))
+            rows["metadata_json"].append(json.dumps({"performer": track}))
+            frames.append(audio[start : start + window])
+        feats = track_features(audio, rate, cfg.content.feature_rate)
+        for name, value in (
+            ("track_id", track),
+            ("segments_digest", segments_digest(ids)),
+            ("rate", feats.rate),
+            ("frames", feats.frames),
+            ("features", feats.to_bytes()),
+        ):
+            content[name].append(value)
+    buffer = io.BytesIO()
+    pq.write_table(pa.table(content), buffer)
+    base = posixpath.join("index", version)
+    storage.write_bytes(posixpath.join(base, CONTENT_DIR, "part-0.parquet"), buffer.getvalue())
+    digests = {t: d for t, d in zip(content["track_id"], content["segments_digest"])}
+    vectors = embedder.embed(np.stack(frames))
+    ids = np.array(rows["segment_id"], dtype=np.int64)
+    spec = IndexSpec(type="flat", dim=embedder.dim)
+    manifest = write_index_artifact(
+        cfg,
+        storage,
+        version,
+        build_index(spec, [(vectors, ids)]),
+        spec,
+        pa.table(rows),
+        embedder.info,
+        {"segments": len(ids), "vectors": len(ids)},
+        {"ingest": "test"},
+        {"content": finish_content(storage, base, digests, cfg.content.feature_rate)},
+    )
+    return manifest, onsets
+
+
+# -- loopback servers and the browser (web page tests) -----------------------------------
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(driver, condition, timeout: float = 60):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(condition)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import SR, melody, render_melody
 
 from mess_ray.content import (
     Features,
@@ -15,50 +16,12 @@ from mess_ray.content import (
     track_features,
 )
 
-SR = 16000
-
-
-def melody(seed: int = 0, notes: int = 48) -> list[tuple[int, float, float]]:
-    """(midi pitch, duration in beats, velocity 0..1) of a random but fixed tune with chords."""
-    rng = np.random.default_rng(seed)
-    pitches = rng.integers(55, 80, size=notes)
-    durations = rng.choice([0.5, 1.0, 1.0, 1.5], size=notes)
-    velocity = 0.4 + 0.5 * rng.random(notes)
-    return list(zip(pitches.tolist(), durations.tolist(), velocity.tolist()))
-
-
-def render(
-    tune, seconds_per_beat: float, lead_s: float = 0.0, loud=None, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Harmonic tones (pitch + a third below) played at the given tempo; also the note onsets."""
-    total = lead_s + sum(d for _, d, _ in tune) * seconds_per_beat + 1.0
-    y = np.zeros(int(total * SR), dtype=np.float64)
-    t0 = lead_s
-    onsets = []
-    for i, (pitch, dur, vel) in enumerate(tune):
-        length = dur * seconds_per_beat
-        n = int(length * SR)
-        t = np.arange(n) / SR
-        env = np.exp(-3.0 * t) * np.minimum(1.0, t / 0.01)
-        tone = np.zeros(n)
-        for p in (pitch, pitch - 4):
-            f = 440.0 * 2 ** ((p - 69) / 12)
-            for h in range(1, 5):
-                tone += np.sin(2 * np.pi * f * h * t) / h
-        gain = vel * (loud[i] if loud is not None else 1.0)
-        s = int(t0 * SR)
-        y[s : s + n] += 0.1 * gain * env * tone
-        onsets.append(t0)
-        t0 += length
-    y += 1e-4 * np.random.default_rng(seed).standard_normal(len(y))
-    return y.astype(np.float32), np.asarray(onsets)
-
 
 @pytest.fixture(scope="module")
 def two_tempi():
     tune = melody()
-    slow, slow_on = render(tune, 0.5)
-    fast, fast_on = render(tune, 0.4, lead_s=1.3, seed=1)
+    slow, slow_on = render_melody(tune, 0.5)
+    fast, fast_on = render_melody(tune, 0.4, lead_s=1.3, seed=1)
     return tune, (slow, slow_on), (fast, fast_on)
 
 
@@ -101,7 +64,7 @@ def test_tempo_ratio_is_recovered_from_the_warping_path(two_tempi):
 
 def test_unrelated_music_aligns_with_a_higher_cost(two_tempi):
     _, (slow, slow_on), (fast, _) = two_tempi
-    other, _ = render(melody(seed=7), 0.45)
+    other, _ = render_melody(melody(seed=7), 0.45)
     query = track_features(slow, SR).slice(slow_on[10], slow_on[30])
     same = align_passage(query, track_features(fast, SR)).cost
     different = align_passage(query, track_features(other, SR)).cost
@@ -111,9 +74,9 @@ def test_unrelated_music_aligns_with_a_higher_cost(two_tempi):
 def test_loudness_shape_ranks_the_version_played_alike_first():
     tune = melody(seed=3, notes=40)
     swell = np.linspace(0.3, 1.0, len(tune))  # a crescendo through the passage
-    query_audio, on = render(tune, 0.5, loud=swell)
-    alike, _ = render(tune, 0.45, loud=swell * 0.7, seed=2)  # quieter overall, same shape
-    unlike, _ = render(tune, 0.45, loud=swell[::-1], seed=3)  # a diminuendo
+    query_audio, on = render_melody(tune, 0.5, loud=swell)
+    alike, _ = render_melody(tune, 0.45, loud=swell * 0.7, seed=2)  # quieter overall, same shape
+    unlike, _ = render_melody(tune, 0.45, loud=swell[::-1], seed=3)  # a diminuendo
     q = track_features(query_audio, SR).slice(on[5], on[35])
     mine = expression_curves(q, q, None)
     dist = {}
@@ -137,7 +100,7 @@ def test_bad_input_is_refused_with_a_clear_error(two_tempi):
 
 def test_shingles_of_the_same_piece_are_closer_than_of_another(two_tempi):
     _, (slow, _), (fast, _) = two_tempi
-    other, _ = render(melody(seed=9), 0.5)
+    other, _ = render_melody(melody(seed=9), 0.5)
     a = shingles(track_features(slow, SR))
     b = shingles(track_features(fast, SR))
     c = shingles(track_features(other, SR))
@@ -146,7 +109,7 @@ def test_shingles_of_the_same_piece_are_closer_than_of_another(two_tempi):
 
 def test_coarse_to_fine_finds_the_same_span_in_a_long_recording(two_tempi):
     tune, (slow, slow_on), (fast, fast_on) = two_tempi
-    other, _ = render(melody(seed=5, notes=60), 0.5, seed=4)
+    other, _ = render_melody(melody(seed=5, notes=60), 0.5, seed=4)
     long = np.concatenate([other, fast, other])  # the performance in the middle of 60+ s
     lead = len(other) / SR
     cand = track_features(long, SR)

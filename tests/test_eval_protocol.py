@@ -221,8 +221,7 @@ def test_protocol_benchmark_prints_headline_figures_and_refuses_a_missing_table(
 def test_mess_ray_evaluate_writes_the_protocol_table(tmp_path):
     import posixpath
 
-    from helpers import tiny_config
-    from test_eval_tasks import SR, write_asap_ingest
+    from helpers import SR, tiny_config, write_asap_ingest
 
     from mess_ray.eval import run_evaluate
     from mess_ray.storage import Storage
@@ -254,8 +253,7 @@ def test_protocol_on_renderings_through_two_chains(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
     import soundfile as sf
-    from helpers import tiny_config
-    from test_render import make_asap_folder
+    from helpers import make_asap_folder, tiny_config
 
     from mess_ray.eval import run_evaluate
     from mess_ray.ingest.catalog import catalog_from_render

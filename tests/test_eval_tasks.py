@@ -8,11 +8,8 @@ import math
 import posixpath
 
 import numpy as np
-import pretty_midi
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from helpers import tiny_config
+from helpers import ASAP_PIECES, SR, tiny_config, write_asap_ingest
 
 from mess_ray.eval.benchmark import (
     AGREEMENT_TASK,
@@ -31,8 +28,8 @@ from mess_ray.eval.tasks.agreement import (
 from mess_ray.eval.tasks.passage import overlapping_beats, score_passage, top_hit_errors
 from mess_ray.midi_descriptors import expressive_matrix
 from mess_ray.performances import segment_beat_span, track_sources
-from mess_ray.segments import SEGMENT_SCHEMA, encode_audio, segment_id, segments_dir, split_pieces
-from mess_ray.storage import Storage, new_version
+from mess_ray.segments import split_pieces
+from mess_ray.storage import Storage
 
 
 # -- task 2 -----------------------------------------------------------------------------------
@@ -138,106 +135,11 @@ def test_agreement_relevance_prefers_close_descriptors_of_other_pieces():
 
 
 # -- end to end on a tiny ASAP-layout corpus ----------------------------------------------------
-PIECES = ["bach-a", "bach-b", "chopin-c", "chopin-d"]
-SR, SECONDS = 16000, 8.0
-
-
-def write_performance(root, piece_index: int, perf_index: int):
-    """A performance MIDI + its beats + the score's beats; the piece sets pitches, the performer
-    tempo, loudness and articulation. Returns (midi, midi path, annotation paths)."""
-    beat = 0.5 if perf_index == 0 else 0.4
-    velocity = 50 if perf_index == 0 else 100
-    hold = 0.3 if perf_index == 0 else 1.0
-    midi = pretty_midi.PrettyMIDI()
-    piano = pretty_midi.Instrument(program=0)
-    n_beats = int(SECONDS / 0.4) + 2  # the same beats for every performance: annotated one to one
-    for i in range(n_beats):
-        pitch = 55 + (i * (piece_index + 2)) % 12 + 2 * piece_index
-        piano.notes.append(pretty_midi.Note(velocity, pitch, i * beat, i * beat + hold * beat))
-    midi.instruments.append(piano)
-    folder = root / PIECES[piece_index]
-    folder.mkdir(parents=True, exist_ok=True)
-    midi_path = folder / f"perf{perf_index}.mid"
-    midi.write(str(midi_path))
-    (folder / f"perf{perf_index}_annotations.txt").write_text(
-        "".join(f"{i * beat:.6f}\t{i * beat:.6f}\tb\n" for i in range(n_beats))
-    )
-    (folder / "midi_score_annotations.txt").write_text(
-        "".join(f"{i * 0.5:.6f}\t{i * 0.5:.6f}\tb\n" for i in range(n_beats))
-    )
-    return midi, midi_path, folder
-
-
-def synth(midi: pretty_midi.PrettyMIDI) -> np.ndarray:
-    out = np.zeros(int((midi.get_end_time() + 1) * SR))
-    for note in midi.instruments[0].notes:
-        i, n = int(note.start * SR), int((note.end - note.start) * SR)
-        t = np.arange(n) / SR
-        f0 = pretty_midi.note_number_to_hz(note.pitch)
-        env = np.minimum(t / 0.005, 1) * np.minimum((t[-1] - t) / 0.02 if n else t, 1)
-        out[i : i + n] += note.velocity / 127 * 0.3 * env * np.sin(2 * np.pi * f0 * t)
-    return out[: int(SECONDS * SR)].astype(np.float32)
-
-
-def write_asap_ingest(
-    storage: Storage, root, window_s: float, hop_s: float, styled: bool = False
-) -> str:
-    """Performances with MIDI and beats; ``styled``: renderings instead, with a style per
-    performer and MIDI but no beat annotations."""
-    rows = []
-    for p, piece in enumerate(PIECES):
-        for k in range(2):
-            midi, midi_path, folder = write_performance(root, p, k)
-            audio = synth(midi)
-            track = f"{piece}/perf{k}"
-            meta = {
-                "corpus": "asap",
-                "midi_uri": str(midi_path),
-                "annotations_uri": str(folder / f"perf{k}_annotations.txt"),
-                "score_annotations_uri": str(folder / "midi_score_annotations.txt"),
-            }
-            if styled:
-                # As the render stage writes it: the performed MIDI beside the audio in the render
-                # artifact (so under s3:// when the storage root is there), found via midi_path.
-                rel = f"audio/{piece}__perf{k}.mid"
-                storage.put_file(midi_path, f"render/vtest/{rel}")
-                meta = {
-                    "midi_path": rel,
-                    "render_version": "vtest",
-                    "style_params_json": json.dumps(
-                        {"style": f"style{k}", "leading_silence_s": 0.0}
-                    ),
-                }
-            win, hop = int(window_s * SR), int(hop_s * SR)
-            for start in range(0, len(audio) - win + 1, hop):
-                rows.append(
-                    {
-                        "segment_id": segment_id(track, start),
-                        "track_id": track,
-                        "piece_id": piece,
-                        "style": f"style{k}" if styled else "",
-                        "start_s": start / SR,
-                        "end_s": (start + win) / SR,
-                        "start_sample": start,
-                        "num_samples": win,
-                        "sample_rate": SR,
-                        "source_uri": f"{folder}/perf{k}.wav",
-                        "metadata_json": json.dumps(meta),
-                        "audio": encode_audio(audio[start : start + win]),
-                    }
-                )
-    version = new_version()
-    with storage.open(posixpath.join(segments_dir(version), "part-00000.parquet"), "wb") as f:
-        pq.write_table(pa.Table.from_pylist(rows, schema=SEGMENT_SCHEMA), f)
-    storage.publish("ingest", version, {"counts": {"segments": len(rows)}})
-    return version
-
-
 @pytest.mark.slow
 def test_run_evaluate_runs_tasks_2_and_3_on_performances_and_says_why_task_1_did_not(tmp_path):
     cfg = tiny_config(str(tmp_path / "store"), audio={"sample_rate": SR})
     cfg.eval.holdout_fraction = 0.9
-    _, holdout = split_pieces(PIECES, cfg.eval.holdout_fraction, cfg.eval.seed)
+    _, holdout = split_pieces(ASAP_PIECES, cfg.eval.holdout_fraction, cfg.eval.seed)
     storage = Storage.from_config(cfg.storage)
     write_asap_ingest(storage, tmp_path / "asap", cfg.audio.window_s, cfg.audio.hop_s)
 

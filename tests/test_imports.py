@@ -121,3 +121,46 @@ def test_no_import_circle_among_mess_ray_modules():
     graph = import_graph()
     cycle = find_cycle(graph)
     assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+TESTS = Path(__file__).resolve().parent
+
+
+def imported_test_modules(path: Path) -> set[str]:
+    """The top-level names of ``test_*`` modules and ``conftest`` that ``path`` imports, anywhere
+    in the file (a test file's lazy import inside a test counts too)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""]
+        else:
+            continue
+        found.update(
+            top
+            for top in (name.partition(".")[0] for name in names)
+            if top.startswith("test_") or top == "conftest"
+        )
+    return found
+
+
+def test_the_test_import_reader_sees_test_modules(tmp_path):
+    sample = tmp_path / "test_sample.py"
+    sample.write_text(
+        "import os\nfrom helpers import tiny_config\nimport test_a\n"
+        "def test_x():\n    from test_b import helper\n    from conftest import thing\n"
+    )
+    assert imported_test_modules(sample) == {"test_a", "test_b", "conftest"}
+
+
+def test_test_files_never_import_each_other():
+    """Shared test helpers live in tests/helpers.py and shared fixtures in tests/conftest.py: a
+    test file importing another test file (or conftest) runs that file's module-level setup and
+    re-registers its fixtures and tests under a second name."""
+    offenders = {
+        path.name: sorted(found)
+        for path in sorted(TESTS.rglob("*.py"))
+        if (found := imported_test_modules(path))
+    }
+    assert not offenders, f"move what these need into tests/helpers.py or conftest.py: {offenders}"

@@ -4,102 +4,25 @@ features were written the way the index job writes them."""
 from __future__ import annotations
 
 import io
-import json
-import posixpath
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 from fastapi.testclient import TestClient
-from helpers import tiny_config
-from test_content import melody, render
+from helpers import (
+    PASSAGE_SWELL,
+    PASSAGE_TUNE,
+    publish_passages_index,
+    render_melody,
+    tiny_config,
+)
 
-from mess_ray.content import track_features
-from mess_ray.index.content_features import CONTENT_DIR, finish_content, segments_digest
 from mess_ray.index.faiss_index import IndexSpec, build_index
 from mess_ray.index.job import INDEX_METADATA_COLUMNS, write_index_artifact
 from mess_ray.models import Embedder
-from mess_ray.segments import segment_id
 from mess_ray.serve import SearchService, create_app
 from mess_ray.storage import Storage, new_version
-
-TUNE = melody(seed=11, notes=40)
-SWELL = np.linspace(0.3, 1.0, len(TUNE))
-# (track, piece, seconds per beat, loudness shape): four performances of one work, one of
-# another work with a single performance, one unlabelled performance of the first work.
-PERFORMANCES = [
-    ("anna", "tune", 0.50, SWELL, TUNE),
-    ("ben", "tune", 0.42, SWELL * 0.8, TUNE),
-    ("cleo", "tune", 0.58, SWELL[::-1], TUNE),
-    ("dan", "tune", 0.46, np.ones(len(TUNE)), TUNE),
-    ("solo", "other", 0.5, None, melody(seed=23, notes=30)),
-    ("nolabel", "", 0.48, SWELL, TUNE),
-]
-
-
-def publish(cfg, root) -> tuple[dict, dict]:
-    storage = Storage.from_config(cfg.storage)
-    rate = cfg.audio.sample_rate
-    window, hop = int(cfg.audio.window_s * rate), int(cfg.audio.hop_s * rate)
-    embedder = Embedder.from_ref(cfg, storage, "random")
-    rows = {c: [] for c in INDEX_METADATA_COLUMNS}
-    frames, content, onsets = (
-        [],
-        {c: [] for c in ("track_id", "segments_digest", "rate", "frames", "features")},
-        {},
-    )
-    version = new_version()
-    for i, (track, piece, spb, loud, tune) in enumerate(PERFORMANCES):
-        audio, on = render(tune, spb, lead_s=0.3 * i, loud=loud, seed=i)
-        audio = audio[: int(rate * (len(audio) // rate))]
-        onsets[track] = on
-        path = root / f"{track}.wav"
-        sf.write(path, audio, rate)
-        ids = []
-        for start in range(0, len(audio) - window + 1, hop):
-            ids.append(segment_id(track, start))
-            rows["segment_id"].append(ids[-1])
-            rows["track_id"].append(track)
-            rows["piece_id"].append(piece)
-            rows["style"].append("romantic")
-            rows["start_s"].append(start / rate)
-            rows["end_s"].append((start + window) / rate)
-            rows["sample_rate"].append(rate)
-            rows["source_uri"].append(str(path))
-            rows["metadata_json"].append(json.dumps({"performer": track}))
-            frames.append(audio[start : start + window])
-        feats = track_features(audio, rate, cfg.content.feature_rate)
-        for name, value in (
-            ("track_id", track),
-            ("segments_digest", segments_digest(ids)),
-            ("rate", feats.rate),
-            ("frames", feats.frames),
-            ("features", feats.to_bytes()),
-        ):
-            content[name].append(value)
-    buffer = io.BytesIO()
-    pq.write_table(pa.table(content), buffer)
-    base = posixpath.join("index", version)
-    storage.write_bytes(posixpath.join(base, CONTENT_DIR, "part-0.parquet"), buffer.getvalue())
-    digests = {t: d for t, d in zip(content["track_id"], content["segments_digest"])}
-    vectors = embedder.embed(np.stack(frames))
-    ids = np.array(rows["segment_id"], dtype=np.int64)
-    spec = IndexSpec(type="flat", dim=embedder.dim)
-    manifest = write_index_artifact(
-        cfg,
-        storage,
-        version,
-        build_index(spec, [(vectors, ids)]),
-        spec,
-        pa.table(rows),
-        embedder.info,
-        {"segments": len(ids), "vectors": len(ids)},
-        {"ingest": "test"},
-        {"content": finish_content(storage, base, digests, cfg.content.feature_rate)},
-    )
-    return manifest, onsets
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +30,7 @@ def published(tmp_path_factory):
     root = tmp_path_factory.mktemp("passages")
     cfg = tiny_config(str(root / "store"))
     cfg.content.identify_top = 4
-    manifest, onsets = publish(cfg, root)
+    manifest, onsets = publish_passages_index(cfg, root)
     return cfg, manifest, onsets
 
 
@@ -157,7 +80,7 @@ def test_a_track_without_piece_finds_its_work_from_audio(client, published):
 
 def test_an_uploaded_passage_is_aligned_in_the_indexed_performances(client, published):
     cfg, _, _ = published
-    audio, on = render(TUNE, 0.55, loud=SWELL, seed=99)
+    audio, on = render_melody(PASSAGE_TUNE, 0.55, loud=PASSAGE_SWELL, seed=99)
     clip = audio[int(on[10] * 16000) : int(on[30] * 16000)]
     buf = io.BytesIO()
     sf.write(buf, clip, 16000, format="WAV")

@@ -262,8 +262,7 @@ def test_finetune_starts_from_named_published_weights_over_a_local_artifact(
 ):
     """model.pretrained wins over an unrelated pretrain artifact (finetune.init_from: auto);
     two DDP workers train a published encoder (layerdrop off) at its own rate."""
-    from conftest import tiny_config
-    from test_train_ray import SR, STYLES, _clip, write_tiny_ingest
+    from helpers import SR, STYLES, clip, tiny_config, write_tiny_ingest
 
     from mess_ray.train import run_finetune
 
@@ -293,6 +292,6 @@ def test_finetune_starts_from_named_published_weights_over_a_local_artifact(
     assert type(encoder).__name__ == FAMILIES[family][0] and encoder.config.layerdrop == 0.0
     assert embedder.model.encoder_input.sampling_rate == FAMILIES[family][1]
     seen = _capture_inputs(encoder)
-    vectors = embedder.embed(np.stack([_clip(0, s, 0) for s in STYLES]))
+    vectors = embedder.embed(np.stack([clip(0, s, 0) for s in STYLES]))
     assert vectors.shape == (3, 16 + 4 * cfg.model.facet_dim) and np.isfinite(vectors).all()
     assert seen[0].shape[1] == 2 * FAMILIES[family][1] and SR == cfg.audio.sample_rate

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pretty_midi
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
+from helpers import make_asap_folder, make_score, write_midi
 
 from mess_ray.config import RenderConfig, StyleSpec, load_config
 from mess_ray.render import expressive as ex
@@ -21,31 +21,6 @@ from mess_ray.storage import Storage
 
 
 # -- fixtures -------------------------------------------------------------------------------
-def make_score(
-    bars: int = 8, tempo: float = 120.0, program: int = 0, seed: int = 0
-) -> pretty_midi.PrettyMIDI:
-    """A 4/4 two-voice score: quarter-note melody over a half-note bass, ``bars`` bars."""
-    midi = pretty_midi.PrettyMIDI(initial_tempo=tempo)
-    midi.time_signature_changes.append(pretty_midi.TimeSignature(4, 4, 0.0))
-    beat = 60.0 / tempo
-    rng = np.random.default_rng(seed)
-    melody = pretty_midi.Instrument(program=program, name="melody")
-    bass = pretty_midi.Instrument(program=program, name="bass")
-    for i in range(bars * 4):
-        pitch = 60 + int(rng.integers(0, 12))
-        melody.notes.append(pretty_midi.Note(80, pitch, i * beat, (i + 1) * beat))
-    for i in range(bars * 2):
-        bass.notes.append(pretty_midi.Note(70, 36 + (i * 5) % 12, i * 2 * beat, (i + 1) * 2 * beat))
-    midi.instruments += [melody, bass]
-    return midi
-
-
-def write_midi(path: Path, **kwargs) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    make_score(**kwargs).write(str(path))
-    return path
-
-
 def onsets(midi: pretty_midi.PrettyMIDI) -> list[tuple[float, int]]:
     return sorted((n.start, n.pitch) for inst in midi.instruments for n in inst.notes)
 
@@ -258,35 +233,6 @@ def test_source_errors_are_clear(tmp_path):
         list_score_refs(RenderConfig(source="midi_folder", source_path=str(tmp_path)))
     with pytest.raises(ValueError, match="metadata.csv"):
         list_score_refs(RenderConfig(source="asap", source_path=str(tmp_path)))
-
-
-def make_asap_folder(root: Path) -> Path:
-    """A tiny ASAP-layout folder: two performances of one piece, one of another."""
-    rows = []
-    for composer, work, performer, seed in [
-        ("Bach", "Prelude/bwv_846", "Shi05M", 0),
-        ("Bach", "Prelude/bwv_846", "Lee01", 1),
-        ("Chopin", "Etude/op_10/3", "Kim07", 2),
-    ]:
-        folder = f"{composer}/{work}"
-        write_midi(root / folder / f"{performer}.mid", bars=2, seed=seed)
-        (root / folder / f"{performer}_annotations.txt").write_text("0.0\t0.0\tdb,4/4,0\n")
-        rows.append(
-            {
-                "composer": composer,
-                "title": work.replace("/", "_"),
-                "folder": folder,
-                "midi_score": f"{folder}/midi_score.mid",
-                "midi_performance": f"{folder}/{performer}.mid",
-                "performance_annotations": f"{folder}/{performer}_annotations.txt",
-                "midi_score_annotations": f"{folder}/midi_score_annotations.txt",
-            }
-        )
-    with open(root / "metadata.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return root
 
 
 def test_asap_source_lists_performances_per_piece(tmp_path):

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pretty_midi
 import pytest
-from test_render import make_asap_folder, make_score
+from helpers import make_asap_folder, make_score
 
 from mess_ray.config import RenderConfig, load_config
 from mess_ray.render.chains import (

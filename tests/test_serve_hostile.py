@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import yaml
-from conftest import tiny_config
 from fastapi.testclient import TestClient
-from helpers import publish_audio_index, track_audio, wav_bytes
+from helpers import publish_audio_index, tiny_config, track_audio, wav_bytes
 
 from mess_ray.config import load_config, load_yaml
 from mess_ray.index.searcher import SearchIndex

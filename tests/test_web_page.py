@@ -8,20 +8,24 @@ searches by uploading a file and by recording from Chromium's fake microphone.
 
 from __future__ import annotations
 
-import shutil
-import socket
 import threading
 import time
 
 import pytest
 import soundfile as sf
-from helpers import publish_audio_index, tiny_config, track_audio
+from helpers import (
+    CHROMEDRIVER,
+    CHROMIUM,
+    free_port,
+    publish_audio_index,
+    tiny_config,
+    track_audio,
+    wait_for,
+)
 
 from mess_ray.facets import make_layout
 from mess_ray.serve import SearchService, create_app
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.slow,
@@ -32,12 +36,6 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory):
     import uvicorn
@@ -46,7 +44,7 @@ def base_url(tmp_path_factory):
     cfg = tiny_config(str(root / "store"))
     cfg.serve.reload_interval_s = 0
     publish_audio_index(cfg, root / "audio", facet_layout=make_layout(32, 8))
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(SearchService.from_config(cfg)),
@@ -64,37 +62,6 @@ def base_url(tmp_path_factory):
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--window-size=1200,1000",
-        "--autoplay-policy=no-user-gesture-required",
-        # A fake microphone (a beep) and auto-accepted permission for the Record button.
-        "--use-fake-device-for-media-stream",
-        "--use-fake-ui-for-media-stream",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(60)
-    yield driver
-    driver.quit()
-
-
-def _wait(driver, condition, timeout: float = 60):
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(driver, timeout).until(condition)
 
 
 def _hits(driver) -> list[dict]:
@@ -116,7 +83,7 @@ def test_search_by_track_time_on_the_waveform_and_play_a_hit(browser, base_url):
     from selenium.webdriver.common.by import By
 
     browser.get(base_url + "/")
-    _wait(browser, lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
+    wait_for(browser, lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
     assert (
         browser.execute_script("return document.getElementById('waveform').dataset.ready")
         == "track0"
@@ -131,7 +98,7 @@ def test_search_by_track_time_on_the_waveform_and_play_a_hit(browser, base_url):
     assert 2.7 <= start <= 3.3, start
     browser.execute_script("document.getElementById('w-tempo').value = 1;")
     browser.find_element(By.ID, "search-track").click()
-    _wait(browser, lambda d: len(_hits(d)) > 0)
+    wait_for(browser, lambda d: len(_hits(d)) > 0)
     hits = _hits(browser)
     assert len(hits) == 10 and all(
         h["track"] != "track0" for h in hits
@@ -141,7 +108,7 @@ def test_search_by_track_time_on_the_waveform_and_play_a_hit(browser, base_url):
 
     # Play the first hit: the player loads /audio/<track> and seeks to the hit's start.
     browser.find_elements(By.CSS_SELECTOR, "#results li.hit button.play")[0].click()
-    _wait(
+    wait_for(
         browser,
         lambda d: d.execute_script(
             "const p = document.getElementById('player'); return p.readyState >= 1 && !p.seeking"
@@ -161,13 +128,13 @@ def test_search_by_upload(browser, base_url, tmp_path):
     clip = tmp_path / "clip.wav"
     sf.write(clip, track_audio(2, 16000)[8000:40000], 16000)
     browser.get(base_url + "/")
-    _wait(browser, lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
+    wait_for(browser, lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
     browser.find_element(By.ID, "tab-upload").click()
     browser.find_element(By.ID, "file").send_keys(str(clip))
     browser.find_element(By.ID, "k").clear()
     browser.find_element(By.ID, "k").send_keys("3")
     browser.find_element(By.ID, "search-upload").click()
-    _wait(browser, lambda d: len(_hits(d)) > 0)
+    wait_for(browser, lambda d: len(_hits(d)) > 0)
     hits = _hits(browser)
     assert len(hits) == 3 and hits[0]["track"] == "track2" and "dynamics" in hits[0]["why"]
 
@@ -175,7 +142,7 @@ def test_search_by_upload(browser, base_url, tmp_path):
     _fresh_results(browser)
     browser.find_element(By.ID, "composer").send_keys("Mozart")
     browser.find_element(By.ID, "search-upload").click()
-    _wait(browser, lambda d: "passages" in d.find_element(By.ID, "status").text)
+    wait_for(browser, lambda d: "passages" in d.find_element(By.ID, "status").text)
     assert browser.find_element(By.ID, "status").text.startswith("0 passages")
 
 
@@ -183,15 +150,15 @@ def test_search_by_recording(browser, base_url):
     from selenium.webdriver.common.by import By
 
     browser.get(base_url + "/")
-    _wait(browser, lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
+    wait_for(browser, lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
     browser.find_element(By.ID, "tab-record").click()
     browser.find_element(By.ID, "record").click()
-    _wait(
+    wait_for(
         browser, lambda d: d.find_element(By.ID, "record-status").text == "recording…", timeout=20
     )
     time.sleep(2.5)
     browser.find_element(By.ID, "stop").click()
-    _wait(
+    wait_for(
         browser,
         lambda d: (
             len(_hits(d)) > 0 or "error" in d.find_element(By.ID, "status").get_attribute("class")
@@ -230,7 +197,7 @@ def test_page_at_phone_and_desktop_width_states_and_long_titles(
     browser.set_window_size(*SCREENS[screen])
     try:
         browser.get(base_url + "/")
-        _wait(browser, lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
+        wait_for(browser, lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
         # Empty state: says what to do; the status says what is loaded.
         empty = browser.find_element(By.ID, "empty")
         assert empty.is_displayed() and "No search yet" in empty.text and "Search" in empty.text
@@ -243,7 +210,7 @@ def test_page_at_phone_and_desktop_width_states_and_long_titles(
 
         # Results, with a hit whose title and track id are very long: nothing overflows.
         browser.find_element(By.ID, "search-track").click()
-        _wait(browser, lambda d: len(_hits(d)) > 0)
+        wait_for(browser, lambda d: len(_hits(d)) > 0)
         assert not browser.find_element(By.ID, "empty").is_displayed()
         pct = browser.find_elements(By.CSS_SELECTOR, "#results li.hit .pct")[0].text
         assert "percentile" in pct and "closest in " in pct
@@ -272,10 +239,12 @@ def test_page_at_phone_and_desktop_width_states_and_long_titles(
 
         # Error: a failed request says so, as an alert, and clears stale results.
         browser.get(base_url + "/")
-        _wait(browser, lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
+        wait_for(browser, lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
         browser.execute_script("window.fetch = () => Promise.reject(new Error('network down'));")
         browser.find_element(By.ID, "search-track").click()
-        _wait(browser, lambda d: "error" in d.find_element(By.ID, "status").get_attribute("class"))
+        wait_for(
+            browser, lambda d: "error" in d.find_element(By.ID, "status").get_attribute("class")
+        )
         status = browser.find_element(By.ID, "status")
         assert status.text.startswith("Search failed: network down")
         assert status.get_attribute("role") == "alert" and not _hits(browser)
@@ -292,7 +261,7 @@ def test_page_works_from_the_keyboard(browser, base_url):
     from selenium.webdriver.common.keys import Keys
 
     browser.get(base_url + "/")
-    _wait(browser, lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
+    wait_for(browser, lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
     # Every control is reachable with Tab, in order, starting with the tabs.
     focusable = browser.execute_script(
         "return [...document.querySelectorAll('button, input, select, canvas[tabindex]')]"
@@ -307,16 +276,16 @@ def test_page_works_from_the_keyboard(browser, base_url):
     canvas.send_keys(Keys.ARROW_RIGHT, Keys.ARROW_RIGHT)
     assert float(browser.find_element(By.ID, "start").get_attribute("value")) == 1.0
     canvas.send_keys(Keys.ENTER)
-    _wait(browser, lambda d: len(_hits(d)) > 0)
+    wait_for(browser, lambda d: len(_hits(d)) > 0)
     # Enter in a field submits too: fewer results from the options row.
     _fresh_results(browser)
     k = browser.find_element(By.ID, "k")
     k.clear()
     k.send_keys("4", Keys.ENTER)
-    _wait(browser, lambda d: len(_hits(d)) > 0)
+    wait_for(browser, lambda d: len(_hits(d)) > 0)
     assert len(_hits(browser)) == 4
     # A filter that matches nothing: an empty state that says what to change.
     _fresh_results(browser)
     browser.find_element(By.ID, "title").send_keys("Nobody Atall", Keys.ENTER)
-    _wait(browser, lambda d: "0 passages" in d.find_element(By.ID, "status").text)
+    wait_for(browser, lambda d: "0 passages" in d.find_element(By.ID, "status").text)
     assert "Loosen the filters" in browser.find_element(By.ID, "empty").text

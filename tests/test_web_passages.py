@@ -7,9 +7,7 @@ import threading
 import time
 
 import pytest
-from helpers import tiny_config
-from test_passages import publish
-from test_web_page import CHROMEDRIVER, CHROMIUM, _free_port, _wait, browser  # noqa: F401
+from helpers import CHROMEDRIVER, CHROMIUM, free_port, publish_passages_index, tiny_config, wait_for
 
 from mess_ray.serve import SearchService, create_app
 
@@ -26,8 +24,8 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("web-passages")
     cfg = tiny_config(str(root / "store"))
     cfg.serve.reload_interval_s = 0
-    _, onsets = publish(cfg, root)
-    port = _free_port()
+    _, onsets = publish_passages_index(cfg, root)
+    port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(SearchService.from_config(cfg)),
@@ -62,7 +60,7 @@ def test_passage_overlay_and_playback_from_the_aligned_start(browser, served):  
 
     base_url, onsets = served
     browser.get(base_url + "/")
-    _wait(browser, lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
+    wait_for(browser, lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
     start, end = onsets["anna"][8], onsets["anna"][28]
     browser.execute_script(
         "document.getElementById('track').value = 'anna';"
@@ -72,7 +70,9 @@ def test_passage_overlay_and_playback_from_the_aligned_start(browser, served):  
         f"{end:.2f}",
     )
     browser.find_element(By.ID, "passages-track").click()
-    _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#passages-list li.passage")) > 0)
+    wait_for(
+        browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#passages-list li.passage")) > 0
+    )
     rows = browser.find_elements(By.CSS_SELECTOR, "#passages-list li.passage")
     tracks = [r.get_attribute("data-track-id") for r in rows]
     assert sorted(tracks) == ["ben", "cleo", "dan"]
@@ -80,7 +80,7 @@ def test_passage_overlay_and_playback_from_the_aligned_start(browser, served):  
 
     # Play the first version: the player seeks to its aligned start.
     rows[0].find_element(By.CSS_SELECTOR, "button.play-passage").click()
-    _wait(
+    wait_for(
         browser,
         lambda d: d.execute_script(
             "const p = document.getElementById('player'); return p.readyState >= 1 && !p.seeking"
@@ -99,6 +99,6 @@ def test_passage_overlay_and_playback_from_the_aligned_start(browser, served):  
         "document.getElementById('start').value = '1'; document.getElementById('end').value = '6';"
     )
     browser.find_element(By.ID, "passages-track").click()
-    _wait(browser, lambda d: "404" in d.find_element(By.ID, "status").text)
+    wait_for(browser, lambda d: "404" in d.find_element(By.ID, "status").text)
     assert "no other indexed performance" in browser.find_element(By.ID, "status").text
     assert not browser.find_element(By.ID, "passages").is_displayed()
