@@ -138,9 +138,12 @@ def _sine(freq: float, rate: int, seconds: float, amplitude: float = 0.3) -> np.
 
 
 def _capture_inputs(encoder: torch.nn.Module) -> list[torch.Tensor]:
-    """Record what the encoder itself is fed (after resampling and normalisation)."""
+    """Record what the encoder itself is fed (after resampling and normalisation): the input of
+    its conv front end, which every path runs (inference may stop the stack early)."""
     seen: list[torch.Tensor] = []
-    encoder.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    encoder.feature_extractor.register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].detach().clone())
+    )
     return seen
 
 
