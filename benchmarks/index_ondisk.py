@@ -149,7 +149,9 @@ def step_search(work: str, mode: str, nprobe: int) -> dict[str, Any]:
 
 def run_step(*args: str) -> dict[str, Any]:
     result = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--step", *args],
+        [sys.executable, "-m", "benchmarks.index_ondisk", "--step", *args],
+        # The repository root, so that `benchmarks` imports wherever this was started from.
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         capture_output=True,
         text=True,
         check=False,

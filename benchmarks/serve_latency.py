@@ -227,7 +227,8 @@ def run_adversarial(args, url: str, by_id: dict, track: str, work: str, rate: in
         load = subprocess.Popen(
             [
                 sys.executable,
-                os.path.abspath(__file__),
+                "-m",
+                "benchmarks.serve_latency",
                 "--load",
                 spec,
                 "--duration",
@@ -551,7 +552,8 @@ def main() -> None:
             proc = subprocess.run(
                 [
                     sys.executable,
-                    os.path.abspath(__file__),
+                    "-m",
+                    "benchmarks.serve_latency",
                     "--load",
                     spec,
                     "--duration",

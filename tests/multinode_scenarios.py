@@ -82,7 +82,7 @@ def read_records(folder: Path, kind: str) -> list[dict]:
     return sorted(out, key=lambda r: r["time"])
 
 
-def recording_ingest_batch(batch, settings, read_block_s, s3_endpoint_url):
+def recording_ingest_batch(batch, settings, read_block_s, s3_endpoint_url, progress=None):
     """The ingest UDF (mess_ray.ingest.job.ingest_batch), recording each file's node."""
     from mess_ray.ingest.job import ingest_file
 

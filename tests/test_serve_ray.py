@@ -51,7 +51,10 @@ def test_serve_run_over_http(ray_local, tmp_path):
         assert result["hits"][0]["track_id"] == "track1" and len(result["hits"]) == 3
         table = format_hits(result)
         assert (
-            table.splitlines()[0].split()[:2] == ["rank", "track"] and len(table.splitlines()) == 5
+            table.splitlines()[0].split()[:2] == ["rank", "track"]
+            # header, rule, three hits, the footnote on percentile and closest facet
+            and len(table.splitlines()) == 6
+            and "percentile" in table.splitlines()[-1]
         )
 
         by_track = search_by_track(base_url, "track0", 2.0, k=2, exclude_track="track0")

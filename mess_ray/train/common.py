@@ -161,6 +161,11 @@ def _all_reduce_mean(value: float) -> float:
     return value
 
 
+def seed_numpy(seed: int, rank: int, step: int) -> None:
+    """Seed NumPy's global generator for worker ``rank`` at ``step`` (one stream per each)."""
+    np.random.seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
+
+
 def train_loop(loop_config: dict) -> None:
     """The per-worker training loop (runs under Ray Train on every worker).
 
@@ -176,6 +181,9 @@ def train_loop(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     torch.manual_seed(tcfg["seed"] + rank)
+    # Libraries that draw from NumPy's global generator (HuBERT's span masking) are seeded too,
+    # so a run is a function of its seed; re-seeded below with the step a resume starts from.
+    seed_numpy(tcfg["seed"], rank, 0)
     use_gpu = bool(tcfg["use_gpu"])
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
     if not use_gpu:
@@ -205,6 +213,7 @@ def train_loop(loop_config: dict) -> None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step = int(state["step"])
+        seed_numpy(tcfg["seed"], rank, start_step)
         history = saved["losses"]
         history_steps = saved.get("steps", list(range(1, len(history) + 1)))
         resumes = saved.get("resumes", []) + ([start_step] if start_step < tcfg["steps"] else [])
