@@ -47,6 +47,21 @@ from benchmarks.common import emit, percentiles
 CLIP_S = 5.0
 
 
+def load_command(spec: str, args: argparse.Namespace) -> list[str]:
+    """The load generator: this module in a second process (``--load SPEC``)."""
+    return [
+        sys.executable,
+        "-m",
+        "benchmarks.serve_latency",
+        "--load",
+        spec,
+        "--duration",
+        str(args.duration),
+        "--concurrency",
+        str(args.concurrency),
+    ]
+
+
 def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
     import soundfile as sf
 
@@ -225,17 +240,7 @@ def run_adversarial(args, url: str, by_id: dict, track: str, work: str, rate: in
             {"url": url, "kind": "by-track", "params": {**by_id, "explain": False}, "clip": ""}
         )
         load = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "benchmarks.serve_latency",
-                "--load",
-                spec,
-                "--duration",
-                str(args.duration),
-                "--concurrency",
-                str(args.concurrency),
-            ],
+            load_command(spec, args),
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -550,17 +555,7 @@ def main() -> None:
                 }
             )
             proc = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "benchmarks.serve_latency",
-                    "--load",
-                    spec,
-                    "--duration",
-                    str(args.duration),
-                    "--concurrency",
-                    str(args.concurrency),
-                ],
+                load_command(spec, args),
                 capture_output=True,
                 text=True,
                 check=True,

@@ -5,12 +5,15 @@ Test files import these from here (``from helpers import ...``), never from each
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import posixpath
 import shutil
 import socket
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -564,3 +567,33 @@ def wait_for(driver, condition, timeout: float = 60):
     from selenium.webdriver.support.ui import WebDriverWait
 
     return WebDriverWait(driver, timeout).until(condition)
+
+
+@contextlib.contextmanager
+def serve_app_in_thread(cfg: MessRayConfig):
+    """The search app of ``cfg`` served by uvicorn in a thread on a free loopback port (no Ray);
+    yields its base URL."""
+    import uvicorn
+
+    from mess_ray.serve import SearchService, create_app
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(SearchService.from_config(cfg)),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -15,7 +15,7 @@ from mess_ray.models import build_encoder
 from mess_ray.models.encoder import num_frames
 from mess_ray.segments import encode_audio, split_pieces
 from mess_ray.storage import Storage
-from mess_ray.train.common import decode_audio_column, lr_at, resolve_init
+from mess_ray.train.common import decode_audio_column, lr_at, resolve_init, seed_numpy
 from mess_ray.train.finetune import ContrastiveModel
 from mess_ray.train.losses import batch_hard_triplet, multi_positive_infonce
 from mess_ray.train.pretrain import (
@@ -284,3 +284,16 @@ def test_injected_test_failure_kills_once(tmp_path):
     maybe_inject_test_failure(
         tcfg, {"root": storage.root}, "pretrain", step=3, rank=1, world_size=2
     )
+
+
+def test_span_masks_are_a_function_of_seed_worker_and_step():
+    """HuBERT's span sampler draws from NumPy's global generator: seeding it per worker and
+    resume step makes a training run a function of its seed (the shipped model's recipe)."""
+
+    def masks(seed: int, rank: int, step: int) -> np.ndarray:
+        seed_numpy(seed, rank, step)
+        return np.stack([span_mask(4, 50, 0.5, 5).numpy() for _ in range(3)])
+
+    np.testing.assert_array_equal(masks(0, 0, 0), masks(0, 0, 0))
+    for other in ((1, 0, 0), (0, 1, 0), (0, 0, 3)):
+        assert not np.array_equal(masks(0, 0, 0), masks(*other)), other

@@ -8,7 +8,6 @@ searches by uploading a file and by recording from Chromium's fake microphone.
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -16,15 +15,14 @@ import soundfile as sf
 from helpers import (
     CHROMEDRIVER,
     CHROMIUM,
-    free_port,
     publish_audio_index,
+    serve_app_in_thread,
     tiny_config,
     track_audio,
     wait_for,
 )
 
 from mess_ray.facets import make_layout
-from mess_ray.serve import SearchService, create_app
 
 pytestmark = [
     pytest.mark.browser,
@@ -38,30 +36,12 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory):
-    import uvicorn
-
     root = tmp_path_factory.mktemp("web")
     cfg = tiny_config(str(root / "store"))
     cfg.serve.reload_interval_s = 0
     publish_audio_index(cfg, root / "audio", facet_layout=make_layout(32, 8))
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(SearchService.from_config(cfg)),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_app_in_thread(cfg) as url:
+        yield url
 
 
 def _hits(driver) -> list[dict]:

@@ -3,13 +3,15 @@ performance, overlay tempo and loudness curves, play a version from its aligned 
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
-from helpers import CHROMEDRIVER, CHROMIUM, free_port, publish_passages_index, tiny_config, wait_for
-
-from mess_ray.serve import SearchService, create_app
+from helpers import (
+    CHROMEDRIVER,
+    CHROMIUM,
+    publish_passages_index,
+    serve_app_in_thread,
+    tiny_config,
+    wait_for,
+)
 
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER),
@@ -19,30 +21,12 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    import uvicorn
-
     root = tmp_path_factory.mktemp("web-passages")
     cfg = tiny_config(str(root / "store"))
     cfg.serve.reload_interval_s = 0
     _, onsets = publish_passages_index(cfg, root)
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(SearchService.from_config(cfg)),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}", onsets
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_app_in_thread(cfg) as url:
+        yield url, onsets
 
 
 def _ink(driver, canvas_id: str) -> int:
