@@ -109,20 +109,9 @@ def _shutdown_ray(cfg: MessRayConfig) -> None:
     disconnect (Serve there may be serving others)."""
     import os
 
-    import ray
+    from mess_ray.raylocal import shutdown_ray
 
-    if not ray.is_initialized():
-        return
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        ray.shutdown()
-        return
-    try:
-        from ray import serve
-
-        serve.shutdown()
-    except Exception:  # Serve never started or is already gone
-        pass
-    ray.shutdown()
+    shutdown_ray(stop_serve=not (cfg.ray.address or os.environ.get("RAY_ADDRESS")))
 
 
 def _manifest_location(cfg: MessRayConfig, verb: str, manifest: dict) -> str:

@@ -198,13 +198,7 @@ def run_demo(cfg: MessRayConfig, shutdown: bool = True) -> dict:
         console.say(f"report: {storage.url('eval', manifests['evaluate']['version'], 'report.md')}")
     finally:
         if shutdown:
-            try:
-                from ray import serve
-
-                serve.shutdown()
-            except Exception:  # Serve may never have started
-                pass
-            shutdown_ray()
+            shutdown_ray(stop_serve=True)
     total = round(time.monotonic() - started, 1)
     console.say(f"\ndemo finished in {total} s; stage timings {timings}")
     return {

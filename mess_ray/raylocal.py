@@ -80,6 +80,16 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     )
 
 
-def shutdown_ray() -> None:
-    if ray.is_initialized():
-        ray.shutdown()
+def shutdown_ray(stop_serve: bool = False) -> None:
+    """Disconnect from Ray (an embedded Ray stops with it); ``stop_serve`` first stops the Serve
+    applications this process started (their shutdown chatter then lands where output goes now)."""
+    if not ray.is_initialized():
+        return
+    if stop_serve:
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        except Exception:  # Serve never started or is already gone
+            pass
+    ray.shutdown()

@@ -456,13 +456,12 @@ def run_protocol(
     baseline. ``embed_system(cfg, storage, ref, held_out) -> (vectors, info)`` embeds one model
     (the evaluate stage passes its own, so this module does not import it back).
     Returns (rows, summary: split, counts, skipped systems)."""
-    RANDOM = random_ref
     ecfg = cfg.eval
     data, train = load_eval_data(cfg, storage, version, ecfg.validation_share)
     systems: dict[str, np.ndarray] = {}
     skipped: dict[str, str] = {}
     precomputed = precomputed or {}
-    for ref in [*model_refs, RANDOM]:
+    for ref in [*model_refs, random_ref]:
         if ref in systems:
             continue
         if ref in precomputed and len(precomputed[ref]) == len(data.perf):
