@@ -40,27 +40,42 @@ PAIRS = (  # audio expression feature -> performed-MIDI descriptor that asks the
 TASK_KEYS = ("performer_identity", "performer_identity_excerpt", "chain_invariance")
 
 
-def cached_systems(
-    cfg, storage, version, data, train, model_ref: str, cache: str | None, expression
-):
-    from mess_ray.eval.benchmark import embed_system
-    from mess_ray.eval.protocol import baseline_vectors
-
-    key = hashlib.sha256(
-        f"{version}|{model_ref}|{storage.latest(model_ref) if model_ref in ('finetune', 'pretrain') else ''}|"
-        f"{len(data.perf)}".encode()
-    ).hexdigest()[:12]
-    path = os.path.join(cache, f"systems-{key}.npz") if cache else None
+def _cached(cache: str | None, name: str, make):
+    path = os.path.join(cache, f"{name}.npz") if cache else None
     if path and os.path.exists(path):
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    systems = {model_ref: embed_system(cfg, storage, model_ref, data.perf)[0]}
-    systems.update(
-        baseline_vectors(cfg, storage, version, data, train, cfg.eval.seed, expression=expression)
-    )
+    out = make()
     if path:
         os.makedirs(cache, exist_ok=True)
-        np.savez(path, **systems)
+        np.savez(path, **out)
+    return out
+
+
+def cached_systems(cfg, storage, version, data, train, model_refs, cache, expression):
+    """The baselines (cached per ingest version and segment set) and each model's vectors
+    (cached per model version or folder)."""
+    from mess_ray.eval.benchmark import embed_system
+    from mess_ray.eval.protocol import baseline_vectors
+
+    segs = hashlib.sha256(data.perf.segment_ids.tobytes()).hexdigest()[:10]
+    systems = _cached(
+        cache,
+        f"baselines-{version}-{segs}",
+        lambda: baseline_vectors(
+            cfg, storage, version, data, train, cfg.eval.seed, expression=expression
+        ),
+    )
+    for ref in model_refs:
+        stamp = storage.latest(ref) if ref in ("finetune", "pretrain") else ref
+        key = hashlib.sha256(f"{stamp}|{segs}".encode()).hexdigest()[:10]
+        systems.update(
+            _cached(
+                cache,
+                f"model-{key}",
+                lambda ref=ref: {ref: embed_system(cfg, storage, ref, data.perf)[0]},
+            )
+        )
     return systems
 
 
@@ -117,7 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/protocol.yaml")
     parser.add_argument("--set", action="append", default=[], help="config override key=value")
-    parser.add_argument("--model", default="finetune")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["finetune"],
+        help="model refs (or folders); first: reference",
+    )
     parser.add_argument("--split", default="validation", choices=["validation", "test"])
     parser.add_argument("--cache", default="", help="folder for embeddings/features (reused)")
     parser.add_argument("--boot", type=int, default=300, help="bootstrap draws (sweep)")
@@ -143,10 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     data, train = load_eval_data(cfg, storage, version, cfg.eval.validation_share)
     cache = args.cache or None
     expression = expression_raw(data, cfg.audio.sample_rate, cache)
-    systems = cached_systems(cfg, storage, version, data, train, args.model, cache, expression)
+    systems = cached_systems(cfg, storage, version, data, train, args.models, cache, expression)
     for rec in feature_agreement(data, expression, args.split):
         emit_with_load(rec)
-    bases = [args.model, bl.DESCRIPTORS, bl.DESCRIPTOR_HEAD, AUDIO_EXPRESSION, MIDI_REFERENCE]
+    bases = [*args.models, bl.DESCRIPTORS, bl.DESCRIPTOR_HEAD, AUDIO_EXPRESSION, MIDI_REFERENCE]
     plain = {k: v for k, v in systems.items() if WORK_REL not in k}
     for mode, aligned, by_chain in itertools.product(
         ("center", "standardise"), (False, True), (False, True)

@@ -289,6 +289,12 @@ class ModelConfig(_Section):
         description="Feed the raw audio's log-RMS level per frame to the heads "
         "(the encoder only sees loudness-normalised audio).",
     )
+    level_reference: Literal["absolute", "window"] = Field(
+        "absolute",
+        description="The level channel's reference: absolute (dB re full scale: carries the "
+        "recording chain's gain) or window (relative to the passage's median level, so a "
+        "chain's gain cancels; issue 20, item 3).",
+    )
     descriptor_channel: bool = Field(
         True,
         description="Feed each passage's z-scored audio descriptors (mess_ray.descriptors; their "

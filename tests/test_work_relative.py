@@ -159,6 +159,7 @@ def published_index(tmp_path, enabled: bool = True):
             rows["metadata_json"].append(json.dumps({"performance_id": f"{work}-{who}"}))
             vecs.append(content[int(work[1])] + style[who] + rng.normal(0, 0.05, dim))
     x = np.asarray(vecs, dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)  # embedders give unit vectors
     ids = np.asarray(rows["segment_id"], dtype=np.int64)
     storage = Storage(str(tmp_path / "store"))
     version = new_version()
@@ -308,3 +309,32 @@ def test_chord_groups_and_imputation():
     assert [len(g) for g in groups] == [3, 1, 2]
     x = impute_columns(np.array([[1.0, np.nan], [3.0, np.nan]]))
     np.testing.assert_allclose(x, [[1.0, 0.0], [3.0, 0.0]])
+
+
+def test_the_service_answers_a_work_relative_query_with_the_index_norms(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from mess_ray.serve.app import create_app
+    from mess_ray.serve.service import SearchService
+
+    storage, manifest, ids, _ = published_index(tmp_path)
+    cfg = MessRayConfig()
+    cfg.storage.root = storage.root
+    from types import SimpleNamespace
+
+    # by-track queries use the stored vectors: the embedder is never called
+    embedder = SimpleNamespace(dim=8, info={"ref": "random"})
+    service = SearchService(cfg, SearchIndex.load(storage), embedder, storage=storage)
+    client = TestClient(create_app(service))
+    params = {"track_id": "t0", "start_s": 0.0, "end_s": 4.0, "k": 2, "explain": False}
+    plain = client.get("/search/by-track", params={**params, "exclude_track": "t0"}).json()
+    assert {h["piece_id"] for h in plain["hits"]} == {"W0"}
+    assert all(h["work_relative"] is None for h in plain["hits"])
+    rel = client.get(
+        "/search/by-track",
+        params={**params, "exclude_track": "t0", "work_relative": True, "piece_id": "W1"},
+    )
+    assert rel.status_code == 200, rel.text
+    hits = rel.json()["hits"]
+    assert hits and all(h["track_id"] == "t2" for h in hits)  # alice again, in another work
+    assert all(h["work_relative"].startswith("relative to the norm of 2") for h in hits)
