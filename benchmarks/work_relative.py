@@ -66,16 +66,16 @@ def cached_systems(cfg, storage, version, data, train, model_refs, cache, expres
             cfg, storage, version, data, train, cfg.eval.seed, expression=expression
         ),
     )
-    for ref in model_refs:
+    for spec in model_refs:
+        name, ref = spec.split("=", 1) if "=" in spec else (spec, spec)
         stamp = storage.latest(ref) if ref in ("finetune", "pretrain") else ref
         key = hashlib.sha256(f"{stamp}|{segs}".encode()).hexdigest()[:10]
-        systems.update(
-            _cached(
-                cache,
-                f"model-{key}",
-                lambda ref=ref: {ref: embed_system(cfg, storage, ref, data.perf)[0]},
-            )
+        vectors = _cached(
+            cache,
+            f"model-{key}",
+            lambda ref=ref: {ref: embed_system(cfg, storage, ref, data.perf)[0]},
         )
+        systems[name] = vectors[ref]
     return systems
 
 
@@ -128,6 +128,83 @@ def feature_agreement(data, expression: np.ndarray, split: str) -> list[dict]:
     return out
 
 
+def training_piece_study(cfg, storage, version, cache: str | None) -> list[dict]:
+    """Performer identity of the *unlearned* systems (descriptors, audio expression features,
+    performed-MIDI reference; plain and work-relative in every setting) on the 40 training
+    pieces (dry chain): no model is involved, so these pieces are fair for them, and they hold
+    many more pianists who play two pieces than the 10 validation pieces."""
+    import json
+
+    import pyarrow.compute as pc
+
+    from mess_ray.descriptors import descriptor_matrix, zscore
+    from mess_ray.eval.protocol import (
+        EvalData,
+        _read_audio,
+        expression_vectors,
+        labels_from_metadata,
+        score_all,
+        work_relative_systems,
+    )
+    from mess_ray.performances import load_performance_set
+    from mess_ray.segments import segments_dataset
+
+    ecfg, sr = cfg.eval, cfg.audio.sample_rate
+    train = load_performance_set(
+        storage,
+        version,
+        ecfg.holdout_fraction,
+        ecfg.seed,
+        sr,
+        cfg.audio.window_s,
+        pieces="train",
+        with_audio=False,
+    )
+    audio = _read_audio(storage, version, train.segment_ids, sr, cfg.audio.window_s)
+    train.audio = audio
+    meta = segments_dataset(storage, version).to_table(
+        columns=["segment_id", "metadata_json"],
+        filter=pc.field("segment_id").isin(list(train.segment_ids)),
+    )
+    meta_of = dict(zip(meta["segment_id"].to_pylist(), meta["metadata_json"].to_pylist()))
+    metadata = [json.loads(meta_of[int(sid)] or "{}") for sid in train.segment_ids]
+    pieces = sorted(set(train.piece_ids))
+    labels = labels_from_metadata(
+        metadata, train.track_ids, dict.fromkeys(pieces, "train"), train.piece_ids
+    )
+    data = EvalData(train, labels, {"train": pieces})
+    segs = hashlib.sha256(train.segment_ids.tobytes()).hexdigest()[:10]
+
+    def make():
+        desc = descriptor_matrix(list(audio), sr)
+        out = {"descriptors": zscore(desc)[0]}
+        out.update(expression_vectors(data, desc, sr, expression_raw(data, sr, cache)))
+        return out
+
+    systems = _cached(cache, f"train-features-{version}-{segs}", make)
+    systems = {k: v for k, v in systems.items() if "rec-rel" not in k}
+    out = []
+    for mode, aligned in itertools.product(("center", "standardise"), (False, True)):
+        c = cfg.model_copy(deep=True)
+        c.work_relative.mode, c.work_relative.aligned = mode, aligned
+        rel = work_relative_systems(c, data, systems, list(systems))
+        scored = {**systems, **rel} if (mode, aligned) == ("center", False) else rel
+        for r in score_all(c, data, scored, None, splits=("train",)):
+            if r["task"].startswith("performer_identity") and r["metric"] == "map":
+                out.append(
+                    {
+                        "figure": "work_relative_training_pieces",
+                        "mode": mode,
+                        "aligned": aligned,
+                        **{k: r[k] for k in ("task", "chains", "system", "pieces", "queries")},
+                        "value": round(r["value"], 4),
+                        "ci": [round(r["ci_low"], 4), round(r["ci_high"], 4)],
+                        "chance": round(r.get("chance", float("nan")), 4),
+                    }
+                )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/protocol.yaml")
@@ -141,6 +218,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="validation", choices=["validation", "test"])
     parser.add_argument("--cache", default="", help="folder for embeddings/features (reused)")
     parser.add_argument("--boot", type=int, default=300, help="bootstrap draws (sweep)")
+    parser.add_argument(
+        "--final",
+        default="",
+        help="no sweep: score every system (plain and +work-rel with the configured "
+        "work_relative settings) on validation and test together, write the markdown table here",
+    )
+    parser.add_argument(
+        "--training-pieces",
+        action="store_true",
+        help="only the unlearned systems' performer identity on the training pieces",
+    )
     args = parser.parse_args(argv)
 
     from mess_ray.eval import baselines as bl
@@ -160,13 +248,71 @@ def main(argv: list[str] | None = None) -> int:
     )
     storage = Storage.from_config(cfg.storage)
     version = storage.require_latest("ingest")
-    data, train = load_eval_data(cfg, storage, version, cfg.eval.validation_share)
     cache = args.cache or None
+    if args.training_pieces:
+        for rec in training_piece_study(cfg, storage, version, cache):
+            emit_with_load(rec)
+        return 0
+    data, train = load_eval_data(cfg, storage, version, cfg.eval.validation_share)
     expression = expression_raw(data, cfg.audio.sample_rate, cache)
     systems = cached_systems(cfg, storage, version, data, train, args.models, cache, expression)
+    names = [m.split("=", 1)[0] for m in args.models]
     for rec in feature_agreement(data, expression, args.split):
         emit_with_load(rec)
-    bases = [*args.models, bl.DESCRIPTORS, bl.DESCRIPTOR_HEAD, AUDIO_EXPRESSION, MIDI_REFERENCE]
+    if args.final:
+        from mess_ray.eval.protocol import headline_rows, markdown_table
+
+        every = {
+            **systems,
+            **work_relative_systems(
+                cfg,
+                data,
+                systems,
+                [
+                    *args.models,
+                    bl.DESCRIPTORS,
+                    bl.DESCRIPTOR_HEAD,
+                    AUDIO_EXPRESSION,
+                    MIDI_REFERENCE,
+                ],
+            ),
+        }
+        rows = score_all(cfg, data, every, names[0])
+        summary = {
+            "split": data.split,
+            "reference": names[0],
+            "chains": sorted(set(data.labels.chain)),
+            "bootstrap": {"samples": cfg.eval.bootstrap_samples},
+        }
+        with open(args.final, "w") as f:
+            f.write(markdown_table(rows, summary))
+        keep = (
+            "split",
+            "task",
+            "chains",
+            "metric",
+            "system",
+            "value",
+            "ci_low",
+            "ci_high",
+            "pieces",
+            "queries",
+            "chance",
+            "diff",
+            "diff_low",
+            "diff_high",
+            "reference_verdict",
+        )
+        for r in headline_rows(rows):
+            emit_with_load(
+                {
+                    "figure": "work_relative_final",
+                    **{k: r[k] for k in keep if k in r},
+                    "work_relative": cfg.work_relative.model_dump(mode="json"),
+                }
+            )
+        return 0
+    bases = [*names, bl.DESCRIPTORS, bl.DESCRIPTOR_HEAD, AUDIO_EXPRESSION, MIDI_REFERENCE]
     plain = {k: v for k, v in systems.items() if WORK_REL not in k}
     for mode, aligned, by_chain in itertools.product(
         ("center", "standardise"), (False, True), (False, True)
