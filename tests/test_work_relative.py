@@ -255,6 +255,8 @@ def chords(
     for k in range(count):
         for j, f in enumerate(notes):
             start = int((0.1 + k * ioi + j * step) * SR)
+            if start >= y.size:
+                continue  # past the end of the clip
             t = np.arange(int(duty * ioi * SR)) / SR
             tone = 0.2 * (np.sin(2 * np.pi * f * t) + 0.5 * np.sin(4 * np.pi * f * t))
             tone *= np.exp(-decay * t)
