@@ -289,6 +289,12 @@ class ModelConfig(_Section):
         description="Feed the raw audio's log-RMS level per frame to the heads "
         "(the encoder only sees loudness-normalised audio).",
     )
+    level_reference: Literal["absolute", "window"] = Field(
+        "absolute",
+        description="The level channel's reference: absolute (dB re full scale: carries the "
+        "recording chain's gain) or window (relative to the passage's median level, so a "
+        "chain's gain cancels; issue 20, item 3).",
+    )
     descriptor_channel: bool = Field(
         True,
         description="Feed each passage's z-scored audio descriptors (mess_ray.descriptors; their "
@@ -764,6 +770,34 @@ class EvalConfig(_Section):
     )
 
 
+class WorkRelativeConfig(_Section):
+    """Expression relative to the work (mess_ray.work_relative; issue 20, item 5)."""
+
+    enabled: bool = Field(
+        True,
+        description="The index job fits per-work norms of the embeddings (works with "
+        "min_performances or more performances) and stores them in the index artifact; "
+        "work-relative search uses them. The protocol scores the '+work-rel' systems.",
+    )
+    mode: Literal["center", "standardise"] = Field(
+        "standardise",
+        description="center: subtract the work's mean vector (scale by the corpus spread); "
+        "standardise: also divide by the work's own spread per dimension.",
+    )
+    min_performances: int = Field(
+        2, ge=2, description="Performances a work needs in the corpus to have a norm."
+    )
+    aligned: bool = Field(
+        False,
+        description="Protocol: norm each passage by the passages of the other performances "
+        "that cover the same score beats (else by the whole work).",
+    )
+    by_chain: bool = Field(
+        False,
+        description="Protocol: one norm per (work, recording chain) instead of per work.",
+    )
+
+
 class MessRayConfig(_Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -777,6 +811,7 @@ class MessRayConfig(_Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     content: ContentConfig = Field(default_factory=ContentConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    work_relative: WorkRelativeConfig = Field(default_factory=WorkRelativeConfig)
 
     def digest(self) -> str:
         """Short stable hash of the config, recorded in artifact manifests."""

@@ -11,6 +11,8 @@ descriptor vector z-scored over the evaluated set, so every descriptor weighs th
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy.ndimage import median_filter
 from scipy.signal import find_peaks
@@ -217,3 +219,147 @@ def descriptor_embeddings(
     z, _, _ = zscore(descriptor_matrix(segments, sr, progress=progress))
     norms = np.linalg.norm(z, axis=1, keepdims=True)
     return (z / np.where(norms > 1e-12, norms, 1.0)).astype(np.float32)
+
+
+# -- audio counterparts of the performed-MIDI features (issue 20, item 5) ----------------------
+# The same questions mess_ray.midi_descriptors asks of the performed MIDI, asked of the audio:
+# tempo, note rate, timing variability, onset asynchrony within chords, articulation, pedal /
+# sustain (how slowly the sound decays between onsets), loudness level and spread (the velocity
+# level and range of the notes' attacks). Onsets and tempo come from librosa; the level from
+# pyloudnorm (ITU-R BS.1770) and librosa's RMS. Used as expressive vectors in their own right
+# and, standardised within the work (mess_ray.work_relative), as the audio side of the
+# symbolic reference.
+EXPRESSION_NAMES: tuple[str, ...] = (
+    "tempo_bpm",
+    "onset_rate_hz",
+    "timing_deviation",
+    "chord_asynchrony_ms",
+    "articulation_ratio",
+    "decay_db_per_s",
+    "loudness_lufs",
+    "loudness_spread_db",
+    "attack_level_db",
+    "attack_range_db",
+    "loudness_slope_db_per_s",
+)
+# Columns that carry the recording chain's absolute level or colour (recording_relative).
+CHAIN_LEVEL_EXPRESSION = ("loudness_lufs", "attack_level_db")
+CHAIN_LEVEL_DESCRIPTORS = ("loudness_mean_db", "centroid_mean_hz")
+
+ONSET_HOP_S = 0.002  # fine onset grid: chord asynchrony is tens of milliseconds
+ONSET_WAIT_S = 0.008  # two detected onsets at least this far apart
+CHORD_GROUP_S = 0.07  # onsets this close to a group's first one belong to one chord
+LEVEL_HOP_S = 0.01
+LUFS_FLOOR = -70.0  # gated-out (near-silent) audio reads as this level
+
+
+def _onset_times_librosa(y: np.ndarray, sr: int) -> np.ndarray:
+    import librosa
+
+    hop = max(1, int(round(ONSET_HOP_S * sr)))
+    envelope = librosa.onset.onset_strength(y=y, sr=sr, hop_length=hop, n_fft=256, n_mels=40)
+    if envelope.size == 0 or float(envelope.max()) <= 1e-6:
+        return np.zeros(0)
+    frames = max(1, int(round(ONSET_WAIT_S * sr / hop)))
+    onsets = librosa.onset.onset_detect(
+        onset_envelope=envelope,
+        sr=sr,
+        hop_length=hop,
+        units="time",
+        pre_max=frames,
+        post_max=frames,
+        pre_avg=4 * frames,
+        post_avg=frames,
+        wait=frames,
+        delta=0.1,
+    )
+    return np.asarray(onsets, dtype=np.float64)
+
+
+def chord_groups(onsets: np.ndarray, window_s: float = CHORD_GROUP_S) -> list[np.ndarray]:
+    """Onsets grouped into chords: each group spans at most ``window_s`` from its first onset."""
+    groups: list[list[float]] = []
+    for t in np.sort(np.asarray(onsets, dtype=np.float64)):
+        if groups and t - groups[-1][0] <= window_s:
+            groups[-1].append(float(t))
+        else:
+            groups.append([float(t)])
+    return [np.asarray(g) for g in groups]
+
+
+def expression_features(audio: np.ndarray, sr: int) -> dict[str, float]:
+    """Named audio expression features of one passage (:data:`EXPRESSION_NAMES`); NaN where the
+    passage has too few onsets to say (never a made-up 0)."""
+    import librosa
+    import pyloudnorm
+
+    y = _validate(audio, sr).astype(np.float32)
+    duration = y.size / sr
+    out = dict.fromkeys(EXPRESSION_NAMES, math.nan)
+    hop = max(1, int(round(LEVEL_HOP_S * sr)))
+    rms = librosa.feature.rms(y=y, frame_length=4 * hop, hop_length=hop, center=True)[0]
+    level = np.maximum(20 * np.log10(np.maximum(rms, 1e-12)), FLOOR_DB)
+    frame_rate = sr / hop
+    active = level > max(level.max() - ACTIVE_BELOW_PEAK_DB, FLOOR_DB)
+    out["loudness_spread_db"] = float(level[active].std()) if active.any() else math.nan
+    times = np.arange(level.size) / frame_rate
+    out["loudness_slope_db_per_s"] = (
+        float(np.polyfit(times, level, 1)[0]) if level.size >= 2 else math.nan
+    )
+    if duration >= 0.4:  # BS.1770 needs one 400 ms block
+        lufs = pyloudnorm.Meter(sr).integrated_loudness(y.astype(np.float64))
+        out["loudness_lufs"] = float(lufs) if np.isfinite(lufs) else LUFS_FLOOR
+    onsets = _onset_times_librosa(y, sr)
+    out["onset_rate_hz"] = onsets.size / duration
+    groups = chord_groups(onsets)
+    firsts = np.array([g[0] for g in groups]) if groups else np.zeros(0)
+    if groups:
+        out["chord_asynchrony_ms"] = 1000.0 * float(np.mean([g[-1] - g[0] for g in groups]))
+        search = max(1, int(round(PEAK_SEARCH_S * frame_rate)))
+        starts = np.clip(np.round(firsts * frame_rate).astype(int), 0, level.size - 1)
+        peaks = np.array([level[s : s + search].max() for s in starts])
+        out["attack_level_db"] = float(np.mean(peaks))
+        if peaks.size >= 2:
+            out["attack_range_db"] = float(np.percentile(peaks, 95) - np.percentile(peaks, 5))
+        out["articulation_ratio"] = sustain_ratio(level, starts, frame_rate)
+        decays = []
+        for s, e in zip(starts, np.append(starts[1:], level.size)):
+            peak = s + int(np.argmax(level[s : min(s + search, e)]))
+            if e - peak >= max(3, int(0.1 * frame_rate)):
+                seg = level[peak:e]
+                decays.append(-np.polyfit(np.arange(seg.size) / frame_rate, seg, 1)[0])
+        if decays:
+            out["decay_db_per_s"] = float(np.median(decays))
+    iois = np.diff(firsts)
+    if iois.size >= 2 and iois.mean() > 0:
+        out["timing_deviation"] = float(iois.std() / iois.mean())
+    if firsts.size >= 4:
+        envelope = librosa.onset.onset_strength(y=y, sr=sr, hop_length=512)
+        tempo = librosa.feature.tempo(onset_envelope=envelope, sr=sr, hop_length=512)
+        out["tempo_bpm"] = float(np.atleast_1d(tempo)[0])
+    return out
+
+
+def expression_vector(audio: np.ndarray, sr: int) -> np.ndarray:
+    values = expression_features(audio, sr)
+    return np.array([values[n] for n in EXPRESSION_NAMES], dtype=np.float64)
+
+
+def expression_matrix(segments, sr: int, progress: bool = False) -> np.ndarray:
+    """[N, len(EXPRESSION_NAMES)] audio expression features of many passages (NaN: unknown)."""
+    from tqdm.auto import tqdm
+
+    rows = [
+        expression_vector(s, sr) for s in tqdm(segments, desc="expression", disable=not progress)
+    ]
+    return np.stack(rows) if rows else np.zeros((0, len(EXPRESSION_NAMES)))
+
+
+def impute_columns(matrix: np.ndarray) -> np.ndarray:
+    """NaN replaced by the column's mean over known rows (0 where nothing is known)."""
+    x = np.asarray(matrix, dtype=np.float64).copy()
+    for j in range(x.shape[1]):
+        col = x[:, j]
+        known = ~np.isnan(col)
+        col[~known] = col[known].mean() if known.any() else 0.0
+    return x

@@ -321,3 +321,56 @@ def test_protocol_on_renderings_through_two_chains(tmp_path):
     assert {r["chains"] for r in invariance} == {"dry->eval-1", "eval-1->dry"}
     chance = [r for r in invariance if r["system"] == "chance" and r["metric"] == "recall@1"]
     assert chance and all(0 <= r["value"] <= 1 for r in chance)
+
+
+def test_excerpt_level_performer_identity_pools_each_performance_per_chain():
+    from mess_ray.eval.protocol import (
+        PERFORMER_EXCERPT,
+        excerpt_groups,
+        excerpt_views,
+        pool_excerpts,
+    )
+
+    data, systems = synthetic()
+    groups, first = excerpt_groups(data)
+    assert first.size == PIECES * PIANISTS * len(CHAINS)  # one excerpt per performance x chain
+    assert (np.bincount(groups) == SEGMENTS).all()
+    views = excerpt_views(data, first)
+    assert {(v.split, v.condition) for v in views} >= {("test", "dry"), ("test", "dry->eval-1")}
+    piece = data.perf.piece_ids[first]
+    for v in views:
+        assert v.task == PERFORMER_EXCERPT
+        qp, cp = piece[v.rows][v.queries], piece[v.rows]
+        assert not (v.candidates & (qp[:, None] == cp[None, :])).any()
+    pooled = {k: pool_excerpts(x, groups, first.size) for k, x in systems.items()}
+    rows = score_table(views, pooled, data, "pianist_model", n_boot=100, min_pieces=2)
+    got = {(r["split"], r["chains"], r["system"]): r["value"] for r in rows if r["metric"] == "map"}
+    assert got[("test", "dry", "pianist_model")] == pytest.approx(1.0)
+    assert got[("test", "dry", "chance")] < 0.9  # 3 candidates, 1 relevant: chance 0.61
+
+
+def test_work_relative_systems_remove_what_the_work_dictates():
+    from mess_ray.config import MessRayConfig
+    from mess_ray.eval.protocol import WORK_REL, work_relative_systems
+
+    data, systems = synthetic()
+    rng = np.random.default_rng(1)
+    piece_code = np.unique(data.perf.piece_ids, return_inverse=True)[1]
+    pianist_code = np.array([int(p[-1]) for p in data.labels.pianist])
+    # each work sets the level of every dimension (large); the pianist deviates from it (small)
+    content = rng.normal(0, 3.0, (PIECES, PIANISTS))
+    mixed = content[piece_code] + np.eye(PIANISTS)[pianist_code] * 0.5
+    systems = {"mixed": mixed + rng.normal(0, 0.1, mixed.shape)}
+    cfg = MessRayConfig()
+    for aligned in (False, True):
+        cfg.work_relative.aligned = aligned
+        rel = work_relative_systems(cfg, data, systems, ["mixed", "absent"])
+        assert set(rel) == {"mixed" + WORK_REL}
+        both = {**systems, **rel}
+        rows = score_table(build_views(data), both, data, None, n_boot=100, min_pieces=2)
+        get = {
+            (r["split"], r["chains"], r["system"]): r["value"]
+            for r in rows
+            if r["task"] == PERFORMER and r["metric"] == "map"
+        }
+        assert get[("test", "dry", "mixed" + WORK_REL)] > get[("test", "dry", "mixed")] + 0.3

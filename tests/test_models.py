@@ -276,3 +276,25 @@ def test_embedder_precisions_agree_with_the_plain_float32_forward():
     assert resolve_precision("auto", cpu, build_encoder("tiny")) == (torch.float32,) * 2
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("fp8", cpu)
+
+
+def test_window_relative_level_channel_makes_the_embedding_blind_to_the_chains_gain(tmp_path):
+    x = torch.randn(2, 2 * SR) * 0.1
+    out = {}
+    for reference in ("absolute", "window"):
+        torch.manual_seed(0)
+        model = EmbeddingModel(
+            build_encoder("tiny", seed=0),
+            embedding_dim=16,
+            pooling="mean",
+            level_channel=True,
+            level_reference=reference,
+        ).eval()
+        with torch.no_grad():
+            out[reference] = (model(x), model(x * 4.0))  # +12 dB through another chain
+        model.save(tmp_path / reference)
+        assert EmbeddingModel.load(tmp_path / reference).options["level_reference"] == reference
+    assert not torch.allclose(*out["absolute"], atol=1e-3)
+    assert torch.allclose(*out["window"], atol=1e-4)
+    with pytest.raises(ValueError, match="level_reference"):
+        EmbeddingModel(build_encoder("tiny", seed=0), level_reference="lufs")

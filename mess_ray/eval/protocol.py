@@ -21,6 +21,15 @@ corpus in B != A):
   plus the top hit's time error in seconds where the top hit is the right piece.
 * ``expressive_agreement``: graded relevance from performed-MIDI descriptors over other pieces
   (nDCG@k).
+* ``performer_identity_excerpt``: performer identity with each whole excerpt (a performance in
+  one chain) pooled into one vector (the mean of its segments' unit vectors).
+
+Besides the models and baselines, the table holds the audio expression features
+(``audio-expression``, :func:`mess_ray.descriptors.expression_features`), the performed-MIDI
+reference (``midi-reference``: the MIDI descriptors of the same segments, z-scored), their
+chain-normalised variants (``+rec-rel``: level columns relative to the recording's median) and
+the work-relative variants (``+work-rel``, :mod:`mess_ray.work_relative`) of the reference model,
+the descriptors, the descriptor head, the audio expression features and the MIDI reference.
 """
 
 from __future__ import annotations
@@ -47,9 +56,11 @@ PERFORMER_UNSEEN = "performer_identity_unseen"
 CHAIN_INVARIANCE = "chain_invariance"
 PASSAGE = "passage_retrieval"
 AGREEMENT = "expressive_agreement"
-TASKS = (PERFORMER, PERFORMER_UNSEEN, CHAIN_INVARIANCE, PASSAGE, AGREEMENT)
+PERFORMER_EXCERPT = "performer_identity_excerpt"
+TASKS = (PERFORMER, PERFORMER_UNSEEN, CHAIN_INVARIANCE, PASSAGE, AGREEMENT, PERFORMER_EXCERPT)
 HEADLINE = {
     PERFORMER: "map",
+    PERFORMER_EXCERPT: "map",
     PERFORMER_UNSEEN: "map",
     CHAIN_INVARIANCE: "recall@1",
     PASSAGE: "map",
@@ -205,6 +216,49 @@ def build_views(
                     full_cand[q_all] = cand
                     relevance = agreement.graded_relevance(features, full_cand)[q_all]
                     add(AGREEMENT, qm, cand, relevance)
+    return views
+
+
+def excerpt_groups(data: EvalData) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, its excerpt (one performance through one chain): (group index [N], the first
+    row of each group [E])."""
+    keys = [f"{p}\x00{c}" for p, c in zip(data.labels.performance, data.labels.chain)]
+    _, first, groups = np.unique(
+        np.asarray(keys, dtype=object), return_index=True, return_inverse=True
+    )
+    return groups.astype(np.int64), first.astype(np.int64)
+
+
+def pool_excerpts(vectors: np.ndarray, groups: np.ndarray, count: int) -> np.ndarray:
+    """[E, D] mean of each excerpt's unit vectors."""
+    unit = _unit(vectors)
+    out = np.zeros((count, unit.shape[1]))
+    np.add.at(out, groups, unit)
+    return out / np.maximum(np.bincount(groups, minlength=count), 1)[:, None]
+
+
+def excerpt_views(data: EvalData, first: np.ndarray, splits=(VALIDATION, TEST)) -> list[View]:
+    """Performer identity between whole excerpts: relevant = the same pianist in another piece
+    (candidates: other pieces in chain B), within and across chains; rows index excerpts."""
+    lab = data.labels
+    piece = data.perf.piece_ids[first]
+    chain, pianist, side = lab.chain[first], lab.pianist[first], lab.side[first]
+    views: list[View] = []
+    for split in splits:
+        rows = np.flatnonzero(side == split)
+        if rows.size == 0:
+            continue
+        p, c, who = piece[rows], chain[rows], pianist[rows]
+        for a in sorted(set(c)):
+            q_all = np.flatnonzero(c == a)
+            for b in sorted(set(c)):
+                cand = (c[None, :] == b) & (p[q_all, None] != p[None, :])
+                known = who[q_all] != ""
+                rel = cand & (who[None, :] == who[q_all, None]) & known[:, None]
+                cond = a if a == b else f"{a}->{b}"
+                _add_view(
+                    views, split, cond, rows, q_all, p, who, PERFORMER_EXCERPT, known, cand, rel
+                )
     return views
 
 
@@ -399,7 +453,7 @@ def _read_audio(
 
 
 def baseline_vectors(
-    cfg, storage, version: str, data: EvalData, train, seed: int = 0
+    cfg, storage, version: str, data: EvalData, train, seed: int = 0, expression=None
 ) -> dict[str, np.ndarray]:
     """Every baseline's vectors for the held-out segments (chroma, mfcc, descriptors, the learned
     descriptor head trained on the training pieces, chance)."""
@@ -440,7 +494,111 @@ def baseline_vectors(
     else:
         log.warning("no training pieces with segments: the learned descriptor head is left out")
     out[bl.CHANCE] = bl.chance_embeddings(len(audio), seed)
+    out.update(expression_vectors(data, held_desc, sr, expression))
     return out
+
+
+AUDIO_EXPRESSION = "audio-expression"
+MIDI_REFERENCE = "midi-reference"
+WORK_REL = "+work-rel"
+REC_REL = "+rec-rel"
+
+
+def expression_vectors(
+    data: EvalData, held_desc: np.ndarray, sr: int, expression: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """The audio expression features and the performed-MIDI reference (z-scored over the
+    evaluated set, NaN imputed by the column mean), and the chain-normalised ``+rec-rel``
+    variants of the descriptors and the expression features (level columns relative to the
+    recording's median)."""
+    from mess_ray.descriptors import (
+        CHAIN_LEVEL_DESCRIPTORS,
+        CHAIN_LEVEL_EXPRESSION,
+        DESCRIPTOR_NAMES,
+        EXPRESSION_NAMES,
+        expression_matrix,
+        impute_columns,
+        zscore,
+    )
+    from mess_ray.work_relative import recording_relative
+
+    perf = data.perf
+    out: dict[str, np.ndarray] = {}
+    if expression is None:  # [N, len(EXPRESSION_NAMES)] raw features, NaN unknown
+        expression = expression_matrix(list(perf.audio), sr, progress=True)
+    expression = impute_columns(expression)
+    out[AUDIO_EXPRESSION] = zscore(expression)[0].astype(np.float32)
+    if perf.has_midi.any():
+        out[MIDI_REFERENCE] = zscore(impute_columns(perf.midi_descriptors))[0].astype(np.float32)
+    recordings = perf.track_ids
+    level_cols = [DESCRIPTOR_NAMES.index(n) for n in CHAIN_LEVEL_DESCRIPTORS]
+    out["descriptors" + REC_REL] = zscore(recording_relative(held_desc, recordings, level_cols))[
+        0
+    ].astype(np.float32)
+    expr_cols = [EXPRESSION_NAMES.index(n) for n in CHAIN_LEVEL_EXPRESSION]
+    out[AUDIO_EXPRESSION + REC_REL] = zscore(recording_relative(expression, recordings, expr_cols))[
+        0
+    ].astype(np.float32)
+    return out
+
+
+def work_relative_systems(
+    cfg, data: EvalData, systems: dict[str, np.ndarray], names: list[str]
+) -> dict[str, np.ndarray]:
+    """``name+work-rel`` for each of ``names`` in ``systems``: every segment relative to its
+    work's norm over the evaluated corpus (cfg.work_relative: mode, aligned, by_chain)."""
+    from mess_ray.work_relative import WorkNorms, aligned_relative
+
+    wcfg = cfg.work_relative
+    works = np.asarray(data.perf.piece_ids, dtype=object)
+    if wcfg.by_chain:
+        works = np.asarray([f"{w}|{c}" for w, c in zip(works, data.labels.chain)], dtype=object)
+    perfs = data.labels.performance
+    out: dict[str, np.ndarray] = {}
+    for name in names:
+        if name not in systems:
+            continue
+        x = np.asarray(systems[name], dtype=np.float64)
+        if wcfg.aligned:
+            rel = aligned_relative(
+                x,
+                works,
+                perfs,
+                data.perf.beat_spans,
+                min_performances=wcfg.min_performances,
+                mode=wcfg.mode,
+            )
+        else:
+            norms = WorkNorms.fit(
+                x, works, perfs, min_performances=wcfg.min_performances, mode=wcfg.mode
+            )
+            rel = norms.transform(x, works)
+        out[name + WORK_REL] = rel.vectors.astype(np.float32)
+    return out
+
+
+def score_all(
+    cfg,
+    data: EvalData,
+    systems: dict[str, np.ndarray],
+    reference: str | None,
+    splits=(VALIDATION, TEST),
+) -> list[dict[str, Any]]:
+    """Segment-level rows of every view, then excerpt-level performer identity rows."""
+    ecfg = cfg.eval
+    views = build_views(
+        data,
+        splits=splits,
+        hop_s=cfg.audio.hop_s,
+        max_queries=ecfg.max_queries_per_chain,
+        seed=ecfg.seed,
+    )
+    kw = dict(ndcg_k=ecfg.ndcg_k, n_boot=ecfg.bootstrap_samples, seed=ecfg.seed)
+    rows = score_table(views, systems, data, reference, **kw)
+    groups, first = excerpt_groups(data)
+    pooled = {name: pool_excerpts(v, groups, first.size) for name, v in systems.items()}
+    rows += score_table(excerpt_views(data, first, splits), pooled, data, reference, **kw)
+    return rows
 
 
 def run_protocol(
@@ -472,19 +630,25 @@ def run_protocol(
         except FileNotFoundError as err:
             skipped[ref] = str(err)
     systems.update(baseline_vectors(cfg, storage, version, data, train, ecfg.seed))
-    views = build_views(
-        data, hop_s=cfg.audio.hop_s, max_queries=ecfg.max_queries_per_chain, seed=ecfg.seed
-    )
     reference = next((r for r in model_refs if r in systems), None)
-    rows = score_table(
-        views,
-        systems,
-        data,
-        reference,
-        ndcg_k=ecfg.ndcg_k,
-        n_boot=ecfg.bootstrap_samples,
-        seed=ecfg.seed,
-    )
+    if cfg.work_relative.enabled:
+        from mess_ray.eval import baselines as bl
+
+        systems.update(
+            work_relative_systems(
+                cfg,
+                data,
+                systems,
+                [
+                    *([reference] if reference else []),
+                    bl.DESCRIPTORS,
+                    bl.DESCRIPTOR_HEAD,
+                    AUDIO_EXPRESSION,
+                    MIDI_REFERENCE,
+                ],
+            )
+        )
+    rows = score_all(cfg, data, systems, reference)
     summary = {
         "split": data.split,
         "reference": reference,
@@ -499,7 +663,7 @@ def run_protocol(
             )
             for s in (VALIDATION, TEST)
         },
-        "views": len(views),
+        "work_relative": cfg.work_relative.model_dump(mode="json"),
         "bootstrap": {"samples": ecfg.bootstrap_samples, "over": "pieces", "level": 0.95},
     }
     return rows, summary

@@ -482,6 +482,15 @@ def write_index_artifact(
         for name in storage.listdir(posixpath.join(base, VECTORS_DIR))
         if name.endswith(".parquet")
     }
+    work_norms = None
+    if cfg.work_relative.enabled:  # per-work norms of these vectors (work-relative search)
+        from mess_ray.index.work_norms import fit_from_files, write_work_norms
+
+        files_here = vector_files(storage, posixpath.join(base, VECTORS_DIR))
+        if files_here:
+            work_norms = write_work_norms(
+                storage, base, fit_from_files(storage, files_here, segments, cfg.work_relative)
+            )
     manifest = {
         "inputs": inputs,
         # Enough to rebuild the embedder (Embedder.from_info) plus its provenance.
@@ -506,6 +515,8 @@ def write_index_artifact(
             "window_s": cfg.audio.window_s,
             "hop_s": cfg.audio.hop_s,
         },
+        # Per-work norms (mess_ray.work_relative): None when disabled or no vectors.
+        "work_norms": work_norms,
         **(extra or {}),
     }
     return storage.publish(STAGE, version, manifest)

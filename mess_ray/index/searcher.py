@@ -33,6 +33,7 @@ from mess_ray.facets import (
 from mess_ray.index.embed import table_to_vectors
 from mess_ray.index.faiss_index import IndexSpec, configure_for_search, load_index, sha256_bytes
 from mess_ray.storage import Storage
+from mess_ray.work_relative import WorkNorms
 
 STAGE = "index"
 
@@ -58,6 +59,8 @@ class Hit:
     # The facet part whose similarity ranks highest against the same sample (None: no facets).
     closest_facet: str | None = None
     facet_percentiles: dict[str, float] = field(default_factory=dict)
+    # Work-relative search only: how the query was normed (its work's norm, or why it fell back).
+    work_relative: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -179,6 +182,7 @@ class SearchIndex:
         spec: IndexSpec,
         manifest: dict[str, Any] | None = None,
         rerank_vectors: dict[int, np.ndarray] | None = None,
+        work_norms: WorkNorms | None = None,
     ) -> None:
         if index.ntotal != metadata.num_rows:
             raise ValueError(
@@ -199,6 +203,10 @@ class SearchIndex:
             self._track_rows.setdefault(track, []).append(i)
         self._rerank = rerank_vectors
         self._sample: np.ndarray | None = None
+        self.work_norms = work_norms
+        if work_norms is not None and work_norms.dim != self.dim:
+            raise ValueError(f"work norms have dimension {work_norms.dim}, the index {self.dim}")
+        self._relative: np.ndarray | None = None  # work-relative unit vectors, row order
         self._metadata = (
             [_parse_metadata(raw) for raw in self._cols["metadata_json"]]
             if "metadata_json" in self._cols
@@ -271,7 +279,9 @@ class SearchIndex:
                 posixpath.join(base, files.get("vectors", "vectors")),
                 manifest.get("vector_checksums"),
             )
-        return cls(index, metadata, spec, manifest, rerank)
+        from mess_ray.index.work_norms import load_work_norms
+
+        return cls(index, metadata, spec, manifest, rerank, load_work_norms(storage, manifest))
 
     # -- lookups -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -461,6 +471,73 @@ class SearchIndex:
         self._add_percentiles(hits, q[0], plain[0])
         return hits
 
+    def work_of(self, segment_id: int) -> str:
+        """The work (piece) of a stored segment."""
+        return str(self._cols["piece_id"][self._row(segment_id)] or "")
+
+    def _relative_corpus(self) -> np.ndarray:
+        """Every stored vector relative to its work's norm, unit length, in row order."""
+        if self._relative is None:
+            ids = self._cols["segment_id"]
+            raw = np.stack([self.vector(int(s)) for s in ids]).astype(np.float64)
+            rel = self.work_norms.transform(raw, self._cols["piece_id"]).vectors
+            self._relative = normalize(rel.astype(np.float32))
+        return self._relative
+
+    def search_work_relative(
+        self,
+        query: np.ndarray,
+        work: str | None,
+        k: int = 10,
+        exclude_track: str | None = None,
+        min_gap_s: float = 0.0,
+        exclude_segments: Iterable[int] = (),
+        *,
+        filters: dict[str, str] | None = None,
+    ) -> list[Hit]:
+        """Nearest passages once the query and every stored passage are expressed relative to
+        their work's norm (mess_ray.work_relative: how they are played *differently from other
+        performances of the same music*). ``work``: the query's work (its ``piece_id``, or the
+        work the content view identified); unknown, or with one performance in the corpus, the
+        query falls back to the corpus-wide norm and every hit says so. Exact search over the
+        work-relative vectors (computed once per loaded index)."""
+        if self.work_norms is None:
+            raise ValueError(
+                "this index has no work norms (built before they existed, or with "
+                "work_relative.enabled=false): rebuild it to search relative to the work"
+            )
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        raw = np.asarray(query, dtype=np.float64).reshape(1, -1)
+        if raw.shape[1] != self.dim:
+            raise ValueError(f"query has dimension {raw.shape[1]}, the index {self.dim}")
+        rel = self.work_norms.transform(raw, [work or ""])
+        q = normalize(rel.vectors.astype(np.float32))[0]
+        corpus = self._relative_corpus()
+        scores = corpus @ q
+        allowed = self.filter_rows(filters)
+        ids = self._cols["segment_id"]
+        order = np.argsort(-scores, kind="stable")
+        candidates = [
+            (int(ids[r]), float(scores[r]))
+            for r in order
+            if allowed is None or int(ids[r]) in allowed
+        ]
+        kept = select_hits(
+            candidates,
+            self._rows,
+            self._cols["track_id"],
+            self._cols["start_s"],
+            k,
+            exclude_track,
+            {int(s) for s in exclude_segments},
+            min_gap_s,
+        )
+        hits = [self._hit(rank, sid, score) for rank, (sid, score) in enumerate(kept, start=1)]
+        for hit in hits:
+            hit.work_relative = rel.reasons[0]
+        return hits
+
     def corpus_sample(self) -> np.ndarray | None:
         """Vectors of a fixed random sample of indexed passages (``PERCENTILE_SAMPLE``, seed
         ``PERCENTILE_SEED``; all of them in a smaller index), drawn once per loaded index; None
@@ -513,7 +590,19 @@ class SearchIndex:
         min_gap_s: float = 0.0,
         **options: Any,
     ) -> list[Hit]:
-        """Passages like a stored segment (the segment itself excluded); ``options`` as in :meth:`search`."""
+        """Passages like a stored segment (the segment itself excluded); ``options`` as in
+        :meth:`search`; ``work_relative=True``: :meth:`search_work_relative` with the segment's
+        own work."""
+        if options.pop("work_relative", False):
+            return self.search_work_relative(
+                self.vector(segment_id),
+                self.work_of(segment_id),
+                k,
+                exclude_track,
+                min_gap_s,
+                exclude_segments=[segment_id],
+                filters=options.pop("filters", None),
+            )
         return self.search(
             self.vector(segment_id),
             k,

@@ -143,10 +143,15 @@ class EmbeddingModel(nn.Module):
         facet_dim: int = 0,
         level_channel: bool = False,
         descriptor_stats: dict[str, list] | None = None,
+        level_reference: Literal["absolute", "window"] = "absolute",
     ) -> None:
         super().__init__()
         if pooling not in ("mean", "attentive", "stats"):
             raise ValueError(f"pooling must be 'mean', 'attentive' or 'stats', got {pooling!r}")
+        if level_reference not in ("absolute", "window"):
+            raise ValueError(
+                f"level_reference must be 'absolute' or 'window', got {level_reference!r}"
+            )
         if facet_dim < 0:
             raise ValueError(f"facet_dim must be >= 0 (0 = no facet heads), got {facet_dim}")
         self.encoder = disable_layerdrop(encoder)
@@ -161,6 +166,7 @@ class EmbeddingModel(nn.Module):
             facet_dim=facet_dim,
             level_channel=level_channel,
             descriptor_stats=descriptor_stats,
+            level_reference=level_reference,
         )
         side_dim = self._init_descriptor_channel(descriptor_stats)
         self.encoder_input = encoder_input(encoder)
@@ -298,6 +304,9 @@ class EmbeddingModel(nn.Module):
             if self.options.get("level_channel")
             else None
         )
+        if level is not None and self.options.get("level_reference") == "window":
+            # relative to the passage's own median level: the chain's gain cancels
+            level = level - level.median(dim=1, keepdim=True).values
         weights = self.layer_weights().to(states.dtype).view(-1, 1, 1, 1)
         frames = (weights * states).sum(dim=0)  # [B, T, H]
         if level is not None:

@@ -92,6 +92,11 @@ class HitModel(BaseModel):
     facet_percentiles: dict[str, float] = Field(
         default_factory=dict, description="Each facet part's percentile against the sample."
     )
+    work_relative: str | None = Field(
+        None,
+        description="Work-relative search only: the norm the query was compared by (its work's, "
+        "or why it fell back to the corpus-wide norm).",
+    )
     explanation: list[FacetExplanation] | None = Field(
         None,
         description="Per-facet descriptor comparison with the query, most alike first (None: not asked "
@@ -241,6 +246,12 @@ def search_options(
     explain: bool = Query(
         True, description="Compare audio descriptors of the query and each hit per facet"
     ),
+    work_relative: bool = Query(
+        False,
+        description="Rank by how passages are played relative to other performances of their "
+        "work (the index's per-work norms); the query's work is its track's piece, or for an "
+        "upload the one the content view identifies. Each hit says which norm was used.",
+    ),
 ) -> SearchOptions:
     """The search options shared by both search endpoints."""
     weights = {
@@ -277,6 +288,7 @@ def search_options(
         filters=filters or None,
         mmr_lambda=mmr_lambda,
         explain=explain,
+        work_relative=work_relative,
     )
 
 

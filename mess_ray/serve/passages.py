@@ -162,6 +162,21 @@ class PassageFinder:
             started,
         )
 
+    def identify_work(self, samples: np.ndarray) -> str | None:
+        """The work (piece_id) an uploaded passage most likely comes from, by chroma-shingle
+        votes; None when the index has no content features or nothing matches."""
+        try:
+            state = self.content()
+            query = track_features(
+                samples, self.service.cfg.audio.sample_rate, self.cfg.feature_rate
+            )
+            ranked = self._identify(state, query, exclude=None)
+        except (ContentUnavailable, NoMatch, ValueError):
+            return None
+        return (
+            str(self.service.index.track(ranked[0])["piece_id"] or "") or None if ranked else None
+        )
+
     # -- parts -----------------------------------------------------------------------------
     def _check_span(self, start_s: float, end_s: float, duration: float, what: str) -> None:
         if start_s < 0 or end_s <= start_s:
@@ -360,6 +375,7 @@ class PassagesResponse(BaseModel):
 def add_passage_routes(app: FastAPI, service: Any, errors: dict[int, Any]) -> PassageFinder:
     """Register ``GET /passages`` and ``POST /passages`` (and their error statuses) on ``app``."""
     finder = PassageFinder(service)
+    service.identify_work = finder.identify_work
 
     async def _lookup(_, err: Exception) -> JSONResponse:
         return JSONResponse({"detail": str(err)}, status_code=404)

@@ -524,6 +524,9 @@ class SearchOptions:
     filters: dict[str, str] | None = None
     mmr_lambda: float | None = None
     explain: bool = True
+    # relative to the query's work (SearchIndex.search_work_relative); facet weights and MMR
+    # do not apply there
+    work_relative: bool = False
 
     def search_kwargs(self, serve_cfg: Any) -> dict[str, Any]:
         return {
@@ -586,6 +589,9 @@ class SearchService:
         # Decoding (uploads, passages, waveforms) is the costly part of a request: at most
         # serve.max_concurrent_decodes at once per replica, the others wait their turn.
         self._decode_slots = threading.BoundedSemaphore(cfg.serve.max_concurrent_decodes)
+        # (samples) -> the work an uploaded passage is from, or None; set by the passage routes
+        # (the content view's chroma-shingle identification)
+        self.identify_work: Any = None
 
     @contextlib.contextmanager
     def decoding(self):
@@ -788,9 +794,28 @@ class SearchService:
         started: float,
     ) -> dict[str, Any]:
         """Search ``state``'s index with a query vector and explain the hits with the query's audio."""
-        hits = state.index.search(vector, **options.search_kwargs(self.cfg.serve))
+        if options.work_relative:
+            work = None
+            if query_samples is not None and self.identify_work is not None:
+                work = self.identify_work(query_samples)
+            query = {**query, "work": work}
+            hits = self._work_relative(state, vector, work, options)
+        else:
+            hits = state.index.search(vector, **options.search_kwargs(self.cfg.serve))
         return self._response(
             state, query, hits, query_samples if options.explain else None, started
+        )
+
+    def _work_relative(self, state, vector, work, options: SearchOptions, exclude=()) -> list:
+        kw = options.search_kwargs(self.cfg.serve)
+        return state.index.search_work_relative(
+            vector,
+            work,
+            kw["k"],
+            kw["exclude_track"],
+            kw["min_gap_s"],
+            exclude_segments=exclude,
+            filters=kw["filters"],
         )
 
     def search_by_track(
@@ -803,9 +828,15 @@ class SearchService:
         started = time.perf_counter()
         options = options or SearchOptions()
         state = self._state
-        segment_ids, hits = state.index.search_by_track(
-            track_id, start_s, end_s, **options.search_kwargs(self.cfg.serve)
-        )
+        if options.work_relative:
+            vector, segment_ids = state.index.span_vector(track_id, start_s, end_s)
+            hits = self._work_relative(
+                state, vector, state.index.track(track_id)["piece_id"], options, segment_ids
+            )
+        else:
+            segment_ids, hits = state.index.search_by_track(
+                track_id, start_s, end_s, **options.search_kwargs(self.cfg.serve)
+            )
         query = {
             "kind": "track",
             "track_id": track_id,

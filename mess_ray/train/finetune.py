@@ -205,6 +205,7 @@ def finetune_loop(
             sample_rate=cfg.audio.sample_rate,
             facet_dim=cfg.model.facet_dim,
             level_channel=cfg.model.level_channel,
+            level_reference=cfg.model.level_reference,
             descriptor_stats=(
                 {k: descriptor_stats[k] for k in ("names", "mean", "std")}
                 if cfg.model.descriptor_channel

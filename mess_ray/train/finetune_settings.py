@@ -22,6 +22,7 @@ class EmbeddingOptions:
     sample_rate: int = 16000
     facet_dim: int = 0
     level_channel: bool = False
+    level_reference: Literal["absolute", "window"] = "absolute"
     # mean/std/names of the training descriptors, with the model's descriptor channel
     descriptor_stats: dict[str, list] | None = None
 
