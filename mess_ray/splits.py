@@ -12,6 +12,10 @@ clamp of :func:`mess_ray.segments.split_pieces`).
 * **By pianist** (performer identity with unseen pianists): a pianist is a test pianist when
   its own seeded hash is below ``test_fraction``. Pianists come from ASAP performer tags
   (``Yarden03``, ``ParkJH05``, ``Shi05M``: the name before the take number).
+* **Unseen pianists** (:func:`pianist_holdout`, ``eval.test_pianist_fraction``): the one rule by
+  which pretraining, fine-tuning and the evaluation's descriptor head leave out every track of a
+  test-side pianist; each training manifest records the pianists it heard
+  (:meth:`PianistHoldout.record`), and the protocol reads them back from there.
 """
 
 from __future__ import annotations
