@@ -149,8 +149,24 @@ def test_cens_dtw_in_the_table_scores_passages_and_is_na_elsewhere(data):
         "reference": "chance",
         "bootstrap": {"samples": 100},
     }
+    summary["cens_dtw"] = {
+        "seconds": 1.0,
+        "alignments": 10,
+        "unscored_queries": 3,
+        "max_queries_per_view": 5,
+        "feature_rate_hz": 10.0,
+        "cens_smooth_frames": 5,
+    }
+    summary["unseen_pianists"] = {
+        "test_pianist_fraction": 0.3,
+        "left_out": ["bob"],
+        "heard": 1,
+        "heard_from": {"finetune/v1": "manifest: 1 pianists heard"},
+        "coverage": [{"split": "test", "chains": "dry", "pieces": 2, "pianists": 1, "queries": 9}],
+    }
     text = markdown_table(rows, summary)
     assert f"| {PERFORMER} | dry | map | {bl.CENS_DTW} | n/a |" in text
+    assert "3 queries left unscored" in text and "test dry: 2 pieces, 1 pianists, 9 queries" in text
 
 
 def test_stitching_puts_overlapping_segments_back_together():
