@@ -118,10 +118,13 @@ class CensDtw:
     segments) and of every query segment on its own audio (no context beyond the query). For a
     query, :func:`mess_ray.content.align_passage` (the content view's subsequence DTW) finds its
     best span [a, b] in each candidate performance with a cost c (mean cosine distance per path
-    step, 0..2); a candidate segment [s, s + w] of that performance scores
-    ``(overlap([s, s + w], [a, b]) / w + 0.001) * (2 - c)``: segments covering the matched span
-    first, cheaper alignments first, the rest ordered by their performance's cost. Queries beyond
-    ``max_queries`` per view are left unscored (a seeded sample is kept).
+    step, 0..2); a candidate segment [s, s + w] of that performance, overlapping the span by o
+    seconds, scores ``[o > 0] * (2 - c) + 0.1 * o / w + 0.001 * (2 - c)``: every segment that
+    meets a matched span, cheaper alignments first (more overlap breaks near-ties), then the rest
+    by their performance's cost. (Chosen on the protocol's validation pieces over
+    ``(o / w + 0.001) * (2 - c)``, which ranks a wrong piece's full match above the right
+    piece's partial ones: mean passage mAP 0.88 vs 0.53 over the four chain conditions.) Queries
+    beyond ``max_queries`` per view are left unscored (a seeded sample is kept).
     """
 
     def __init__(
@@ -194,7 +197,8 @@ class CensDtw:
                     0.0,
                     None,
                 )
-                sim[i, cols] = (overlap / self.window_s + 1e-3) * (2.0 - hit.cost)
+                match = 2.0 - hit.cost
+                sim[i, cols] = (overlap > 0) * match + 0.1 * overlap / self.window_s + 1e-3 * match
         return sim, scored
 
 
