@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             "segments": summary["segments"],
             "pianists": summary["pianists"],
             "skipped": summary["skipped"],
+            "unseen_pianists": summary.get("unseen_pianists"),
+            "cens_dtw": summary.get("cens_dtw"),
             "eval_version": manifest.get("version"),
             "total_seconds": round(time.time() - started, 1),
         }

@@ -758,6 +758,22 @@ class EvalConfig(_Section):
         lt=1,
         description="Share of the held-out pieces that are validation (rest: test).",
     )
+    test_pianist_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of pianists on the test side of the seeded pianist split "
+        "(mess_ray.splits.pianist_holdout, eval.seed): pretraining and fine-tuning (and the "
+        "evaluation's learned descriptor head) leave out every performance by those pianists, in "
+        "every piece and chain, and record the pianists they heard in their manifests; the protocol's "
+        "performer_identity_unseen rows read them there. 0: every pianist may be heard.",
+    )
+    dtw_max_queries: int | None = Field(
+        None,
+        ge=1,
+        description="Queries per view the CENS subsequence-DTW passage baseline scores (a seeded "
+        "sample; its rows cover those, the table's footnote says so); None: every query.",
+    )
     bootstrap_samples: int = Field(1000, ge=100, description="Draws of the bootstrap over pieces.")
     max_queries_per_chain: int | None = Field(
         400, ge=1, description="Queries per split and chain (seeded sample); None: every segment."

@@ -85,8 +85,14 @@ class Features:
             )
 
 
-def track_features(samples: np.ndarray, sample_rate: int, feature_rate: float = 20.0) -> Features:
-    """CQT chroma, onset strength and RMS level of mono ``samples`` at ``feature_rate`` Hz."""
+def track_features(
+    samples: np.ndarray, sample_rate: int, feature_rate: float = 20.0, cens_smooth: int = 0
+) -> Features:
+    """CQT chroma, onset strength and RMS level of mono ``samples`` at ``feature_rate`` Hz.
+
+    ``cens_smooth`` > 0: the chroma is CENS instead (librosa's chroma energy normalised
+    statistics from the same CQT: quantised energy distribution, Hann-smoothed over that many
+    frames, unit L2 norm), which is robust to dynamics, articulation and timbre."""
     import librosa
 
     y = np.asarray(samples, dtype=np.float32)
@@ -103,6 +109,17 @@ def track_features(samples: np.ndarray, sample_rate: int, feature_rate: float = 
     # Near-silent frames carry no pitch content: zero vectors (cosine distance 1 to anything).
     loud = norms > 1e-4 * max(float(norms.max()), 1e-12)
     chroma = np.where(loud, chroma / np.maximum(norms, 1e-12), 0.0)
+    if cens_smooth > 0:
+        # The CQT above has 12 bins per octave from A0 (chroma_cqt's defaults assume 36 from C1).
+        cens = librosa.feature.chroma_cens(
+            C=cqt,
+            sr=sample_rate,
+            hop_length=hop,
+            fmin=librosa.note_to_hz("A0"),
+            bins_per_octave=12,
+            win_len_smooth=cens_smooth,
+        )
+        chroma = np.where(loud, np.nan_to_num(cens), 0.0)
     log_cqt = librosa.amplitude_to_db(cqt, ref=np.max(cqt) if cqt.size else 1.0)
     onset = librosa.onset.onset_strength(S=log_cqt, sr=sample_rate, hop_length=hop)
     rms = librosa.feature.rms(y=y, frame_length=2 * hop, hop_length=hop)[0]

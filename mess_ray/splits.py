@@ -12,11 +12,16 @@ clamp of :func:`mess_ray.segments.split_pieces`).
 * **By pianist** (performer identity with unseen pianists): a pianist is a test pianist when
   its own seeded hash is below ``test_fraction``. Pianists come from ASAP performer tags
   (``Yarden03``, ``ParkJH05``, ``Shi05M``: the name before the take number).
+* **Unseen pianists** (:func:`pianist_holdout`, ``eval.test_pianist_fraction``): the one rule by
+  which pretraining, fine-tuning and the evaluation's descriptor head leave out every track of a
+  test-side pianist; each training manifest records the pianists it heard
+  (:meth:`PianistHoldout.record`), and the protocol reads them back from there.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 
@@ -93,3 +98,90 @@ def split_by_pianist(pianists, test_fraction: float = 0.5, seed: int = 0) -> Pia
     names = sorted({str(p) for p in pianists if p})
     test = [p for p in names if _score(p, seed, "pianist") < test_fraction]
     return PianistSplit(tuple(p for p in names if p not in set(test)), tuple(test))
+
+
+# -- leaving the test pianists out of training --------------------------------------------------
+def pianist_from_metadata(meta: dict) -> str:
+    """A segment's pianist from its catalog metadata: the performer tag a rendering carries in
+    ``style_params_json`` (ASAP renders) or a catalog's own ``performer`` column; "" unknown."""
+    raw = meta.get("style_params_json")
+    params: dict = {}
+    if isinstance(raw, str) and raw:
+        try:
+            params = json.loads(raw)
+        except json.JSONDecodeError:
+            params = {}
+    performer = params.get("performer") or meta.get("performer") or ""
+    return pianist_of(performer) if isinstance(performer, str) and performer.strip() else ""
+
+
+def track_pianists(table) -> dict[str, tuple[str, str]]:
+    """``{track id: (piece id, pianist or "")}`` from a segment table (pyarrow) holding
+    ``track_id``, ``piece_id`` and ``metadata_json`` (a track's first row speaks for it)."""
+    out: dict[str, tuple[str, str]] = {}
+    for tid, piece, blob in zip(
+        *(table.column(c).to_pylist() for c in ("track_id", "piece_id", "metadata_json"))
+    ):
+        if tid not in out:
+            out[tid] = (piece or "", pianist_from_metadata(json.loads(blob or "{}")))
+    return out
+
+
+@dataclass(frozen=True)
+class PianistHoldout:
+    """The performances training leaves out so that the test-side pianists stay unheard: every
+    track (all chains, all pieces) of a pianist on the test side of :func:`split_by_pianist`
+    over the corpus's pianists. ``test_fraction`` 0: nothing is left out."""
+
+    test_fraction: float
+    seed: int
+    pianists: tuple[str, ...]
+    tracks: tuple[str, ...]
+
+    def heard(self, tracks: dict[str, tuple[str, str]], pieces=None) -> list[str]:
+        """The pianists a stage training on ``pieces`` (None: every piece) hears."""
+        left_out = set(self.tracks)
+        wanted = None if pieces is None else set(pieces)
+        return sorted(
+            {
+                pianist
+                for tid, (piece, pianist) in tracks.items()
+                if pianist and tid not in left_out and (wanted is None or piece in wanted)
+            }
+        )
+
+    def record(self, tracks: dict[str, tuple[str, str]], pieces=None) -> dict:
+        """The training manifest's ``pianists`` block; the evaluation reads ``heard`` from it."""
+        return {
+            "test_fraction": self.test_fraction,
+            "seed": self.seed,
+            "left_out": list(self.pianists),
+            "left_out_tracks": len(self.tracks),
+            "heard": self.heard(tracks, pieces),
+        }
+
+
+def pianist_holdout(
+    tracks: dict[str, tuple[str, str]], test_fraction: float, seed: int = 0
+) -> PianistHoldout:
+    """The one rule pretraining, fine-tuning and the evaluation share (``eval.test_pianist_fraction``,
+    ``eval.seed``): which pianists are test-side and which tracks training therefore leaves out."""
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_pianist_fraction must be in [0, 1), got {test_fraction}")
+    if test_fraction == 0.0:
+        return PianistHoldout(0.0, seed, (), ())
+    names = {pianist for _, pianist in tracks.values() if pianist}
+    test = split_by_pianist(names, test_fraction, seed).test if names else ()
+    chosen = set(test)
+    left_out = tuple(sorted(t for t, (_, pianist) in tracks.items() if pianist in chosen))
+    return PianistHoldout(test_fraction, seed, tuple(test), left_out)
+
+
+def read_track_pianists(storage, version: str) -> dict[str, tuple[str, str]]:
+    """:func:`track_pianists` of an ingest artifact."""
+    from mess_ray.segments import segments_dataset
+
+    table = segments_dataset(storage, version).to_table(
+        columns=["track_id", "piece_id", "metadata_json"]
+    )
+    return track_pianists(table)

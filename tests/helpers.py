@@ -597,3 +597,59 @@ def serve_app_in_thread(cfg: MessRayConfig):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+# -- a catalog whose performances carry pianists (the unseen-pianist holdout) ----------------
+PIANIST_TAGS = ("Alpha01", "Bravo02", "Charlie03", "Delta04", "Echo05", "Foxtrot06")
+
+
+def publish_pianist_ingest(
+    cfg: MessRayConfig, storage: Storage, pieces: int = 4, seconds: float = 3.0
+) -> pa.Table:
+    """Every pianist of :data:`PIANIST_TAGS` plays every piece (an ASAP-rendering-like catalog:
+    the performer tag in ``style_params_json``); two styles, and the third and fifth pianists
+    unlabelled (fine-tuning mines labels for them)."""
+    rate = cfg.audio.sample_rate
+    window, hop = int(cfg.audio.window_s * rate), int(cfg.audio.hop_s * rate)
+    rows = {f.name: [] for f in SEGMENT_SCHEMA}
+    for p in range(pieces):
+        for k, tag in enumerate(PIANIST_TAGS):
+            audio = tone_track(seconds, rate, 110.0 * (p + 2) + 7 * k, seed=10 * p + k)
+            track = f"piece{p}__{tag.lower()}"
+            meta = json.dumps({"style_params_json": json.dumps({"performer": tag})})
+            for start in range(0, len(audio) - window + 1, hop):
+                values = {
+                    "segment_id": segment_id(track, start),
+                    "track_id": track,
+                    "piece_id": f"piece{p}",
+                    "style": "" if k in (2, 4) else ("legato" if k % 2 else "staccato"),
+                    "start_s": start / rate,
+                    "end_s": (start + window) / rate,
+                    "start_sample": start,
+                    "num_samples": window,
+                    "sample_rate": rate,
+                    "source_uri": f"/nonexistent/{track}.wav",
+                    "metadata_json": meta,
+                    "audio": encode_audio(audio[start : start + window]),
+                }
+                for name, value in values.items():
+                    rows[name].append(value)
+    table = pa.table(rows, schema=SEGMENT_SCHEMA)
+    version = new_version()
+    with storage.open(posixpath.join("ingest", version, "segments", "part-0.parquet"), "wb") as f:
+        pq.write_table(table, f)
+    storage.publish("ingest", version, {"counts": {"segments": table.num_rows}})
+    return table
+
+
+class EagerDataset:
+    """Stands in for a Ray Data dataset in driver tests: map_batches runs at once on the table."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+
+    def map_batches(self, fn, fn_kwargs=None, **_):
+        return EagerDataset(fn(self.table, **(fn_kwargs or {})))
+
+    def randomize_block_order(self, seed=None):
+        return self

@@ -102,6 +102,8 @@ def test_views_cover_tasks_splits_and_chain_conditions():
         assert set(cand_piece) <= set(data.split[v.split])
     unseen = [v for v in views if v.task == PERFORMER_UNSEEN]
     assert unseen and all("pianist0" not in set(v.pianists) for v in unseen)
+    data.heard_pianists = None  # who the models heard is unknown: no unseen rows, not a guess
+    assert not [v for v in build_views(data) if v.task == PERFORMER_UNSEEN]
 
 
 def test_scores_separate_a_pianist_model_from_chance_with_verdicts():

@@ -223,7 +223,7 @@ def test_exclude_eval_holdout_keeps_held_out_pieces_out_of_pretraining(tmp_path)
 
     from mess_ray.segments import split_pieces
     from mess_ray.storage import Storage
-    from mess_ray.train.pretrain import drop_pieces, excluded_pieces, sample_frames
+    from mess_ray.train.pretrain import drop_excluded, excluded_pieces, sample_frames
 
     storage = Storage(str(tmp_path / "store"))
     write_tiny_ingest(storage, pieces=4, per_style=2)
@@ -247,7 +247,7 @@ def test_exclude_eval_holdout_keeps_held_out_pieces_out_of_pretraining(tmp_path)
     batch = pa.table(
         {"piece_id": ["piece0", "piece1", "piece2", "piece3", ""], "x": [0, 1, 2, 3, 4]}
     )
-    kept = drop_pieces(batch, held).column("piece_id").to_pylist()
+    kept = drop_excluded(batch, held).column("piece_id").to_pylist()
     assert not set(kept) & set(held) and "" in kept and len(kept) == 5 - len(held)
     # k-means frames come only from the pieces that remain: one piece of four is a quarter of them.
     everything = ["piece0", "piece1", "piece2", "piece3"]

@@ -13,8 +13,10 @@ Tasks, each *within* a chain (queries and corpus in chain A) and *across* chains
 corpus in B != A):
 
 * ``performer_identity``: relevant = the query's pianist in *another piece*; candidates are other
-  pieces only (mAP, R@1). Also on the queries whose pianist plays no training piece
-  (``performer_identity_unseen``).
+  pieces only (mAP, R@1). Also on the queries whose pianist no training stage of any evaluated
+  system heard (``performer_identity_unseen``): who was heard is read from the training
+  manifests' ``pianists`` blocks (:func:`heard_pianists`), and ``eval.test_pianist_fraction``
+  leaves the test-side pianists out of training so that these rows have queries.
 * ``chain_invariance`` (across chains only): the same passage of the same performance through
   chain B must come first among every segment of the query's piece in chain B (R@1, mAP).
 * ``passage_retrieval``: the same beats of the same piece played by another performance (mAP),
@@ -47,7 +49,15 @@ from mess_ray.eval import metrics
 from mess_ray.eval.bootstrap import cluster_bootstrap, paired_difference, verdict
 from mess_ray.eval.tasks import agreement
 from mess_ray.midi_descriptors import beat_time, expressive_matrix
-from mess_ray.splits import TEST, TRAIN, VALIDATION, pianist_of, split_by_piece
+from mess_ray.splits import (
+    TEST,
+    TRAIN,
+    VALIDATION,
+    pianist_from_metadata,
+    pianist_holdout,
+    split_by_piece,
+    track_pianists,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +99,7 @@ def labels_from_metadata(
         if isinstance(raw, str) and raw:
             chain = json.loads(raw).get("name") or "dry"
         perfs.append(meta.get("performance_id") or tid)
-        params: dict[str, Any] = {}
-        raw_params = meta.get("style_params_json")
-        if isinstance(raw_params, str) and raw_params:
-            try:
-                params = json.loads(raw_params)
-            except json.JSONDecodeError:
-                params = {}
-        performer = params.get("performer") or meta.get("performer") or ""
-        pianists.append(pianist_of(performer) if performer else "")
+        pianists.append(pianist_from_metadata(meta))
         chains.append(chain)
         sides.append(split_of.get(piece, ""))
     return SegmentLabels(*(np.asarray(x, dtype=object) for x in (chains, perfs, pianists, sides)))
@@ -124,7 +126,9 @@ class EvalData:
     perf: Any  # PerformanceSet (held-out segments)
     labels: SegmentLabels
     split: dict[str, list[str]]
-    train_pianists: set[str] = field(default_factory=set)
+    # Pianists some training stage of an evaluated system heard (read from the training manifests,
+    # :func:`heard_pianists`); None: unknown, and the unseen-pianist rows are left out.
+    heard_pianists: set[str] | None = field(default_factory=set)
 
 
 def _add_view(views, split, cond, rows, q_all, piece, pianist, task, qmask, cand, rel) -> None:
@@ -193,8 +197,10 @@ def build_views(
                 cand = in_b[None, :] & other_piece
                 rel = cand & (pianist[None, :] == pianist[q_all, None]) & known[:, None]
                 add(PERFORMER, known, cand, rel)
-                unseen = known & np.array([p not in data.train_pianists for p in pianist[q_all]])
-                add(PERFORMER_UNSEEN, unseen, cand, rel)
+                if data.heard_pianists is not None:
+                    heard = data.heard_pianists
+                    unseen = known & np.array([p not in heard for p in pianist[q_all]], dtype=bool)
+                    add(PERFORMER_UNSEEN, unseen, cand, rel)
                 if a != b:
                     cand = in_b[None, :] & same_piece
                     rel = (
@@ -282,12 +288,64 @@ def top_hit_time_errors(view: View, similarity: np.ndarray, data: EvalData) -> n
     return out
 
 
+class ContentScorer:
+    """A system without vectors that scores the views of some tasks itself (``scorer.scores(
+    queries, rows, candidates) -> (similarity [Q, len(rows)], scored queries)``): n/a elsewhere."""
+
+    def __init__(self, scorer, tasks: tuple[str, ...], why: str) -> None:
+        self.scorer, self.tasks, self.why = scorer, tasks, why
+        self.seconds = 0.0
+        self.unscored = 0
+
+
+def _subview(view: View, keep: np.ndarray) -> View:
+    return View(
+        view.task,
+        view.split,
+        view.condition,
+        view.rows,
+        view.queries[keep],
+        view.candidates[keep],
+        view.relevance[keep],
+        view.clusters[keep],
+        view.pianists[keep],
+    )
+
+
 def score_view(
     view: View, unit: np.ndarray, data: EvalData, ndcg_k: int = 10
 ) -> dict[str, np.ndarray]:
     """Per-query values of every metric of the view's task for one system's unit vectors."""
     sub = unit[view.rows]
-    sim = sub[view.queries] @ sub.T
+    return score_similarity(view, sub[view.queries] @ sub.T, data, ndcg_k)
+
+
+def score_content(
+    view: View, system: ContentScorer, data: EvalData, ndcg_k: int = 10
+) -> dict[str, np.ndarray] | None:
+    """Per-query metric values of a :class:`ContentScorer` (NaN for queries it left unscored);
+    None where its task is not one it can do."""
+    import time
+
+    if view.task not in system.tasks:
+        return None
+    t0 = time.perf_counter()
+    sim, scored = system.scorer.scores(view.rows[view.queries], view.rows, view.candidates)
+    system.seconds += time.perf_counter() - t0
+    system.unscored += int((~scored).sum())
+    part = score_similarity(_subview(view, scored), sim[scored], data, ndcg_k)
+    out = {}
+    for metric, values in part.items():
+        full = np.full(view.queries.size, np.nan)
+        full[scored] = values
+        out[metric] = full
+    return out
+
+
+def score_similarity(
+    view: View, sim: np.ndarray, data: EvalData, ndcg_k: int = 10
+) -> dict[str, np.ndarray]:
+    """Per-query values of every metric of the view's task for similarities [Q, len(rows)]."""
     if view.task == AGREEMENT:
         return {f"ndcg@{ndcg_k}": metrics.ndcg_at_k(sim, view.relevance, view.candidates, k=ndcg_k)}
     out = {
@@ -320,10 +378,34 @@ def score_table(
     """One row per (task, split, condition, system, metric): value, 95 % CI over pieces, the
     paired difference to ``reference`` with its CI and verdict; performer tasks also carry the
     CI over pianists."""
-    units = {name: _unit(v) for name, v in systems.items()}
+    units = {name: v if isinstance(v, ContentScorer) else _unit(v) for name, v in systems.items()}
     rows: list[dict[str, Any]] = []
     for view in views:
-        per_system = {name: score_view(view, u, data, ndcg_k) for name, u in units.items()}
+        per_system = {}
+        for name, u in units.items():
+            if not isinstance(u, ContentScorer):
+                per_system[name] = score_view(view, u, data, ndcg_k)
+                continue
+            values = score_content(view, u, data, ndcg_k)
+            if values is None:  # a content baseline on a task it cannot do: n/a, never 0
+                rows.append(
+                    {
+                        "task": view.task,
+                        "split": view.split,
+                        "chains": view.condition,
+                        "system": name,
+                        "metric": HEADLINE[view.task],
+                        "value": None,
+                        "ci_low": None,
+                        "ci_high": None,
+                        "pieces": int(len(set(view.clusters))),
+                        "queries": int(view.queries.size),
+                        "reference_verdict": "n/a",
+                        "n/a": u.why,
+                    }
+                )
+            else:
+                per_system[name] = values
         chance = metrics.chance_level(view.relevance > 0, view.candidates)
         for name, values in per_system.items():
             for metric, per_query in values.items():
@@ -378,9 +460,58 @@ def score_table(
     return rows
 
 
+def heard_pianists(
+    storage, refs, tracks: dict[str, tuple[str, str]]
+) -> tuple[set[str] | None, dict[str, str]]:
+    """The pianists that some training stage behind the model ``refs`` heard, read from the
+    training manifests (a fine-tuned model's pretraining included, through its ``inputs.init``):
+    their ``pianists.heard`` list, or for a manifest written before that record existed, the
+    pianists of the pieces it recorded training on (``train_pieces``; pretraining: every piece
+    but ``inputs.excluded_pieces``), ``tracks`` being ``{track: (piece, pianist)}`` of the
+    evaluated ingest. Returns (heard, where each part came from); heard is None when a ref is no
+    training artifact of this store (a shipped model, a folder): who it heard is unknown."""
+    heard: set[str] = set()
+    sources: dict[str, str] = {}
+    todo: list[tuple[str, str]] = []
+    for ref in refs:
+        if ref not in ("pretrain", "finetune"):
+            sources[ref] = (
+                "not a training artifact of this store: the pianists it heard are unknown"
+            )
+            return None, sources
+        version = storage.latest(ref)
+        if version is not None:
+            todo.append((ref, version))
+    while todo:
+        stage, version = todo.pop()
+        key = f"{stage}/{version}"
+        if key in sources:
+            continue
+        manifest = storage.manifest(stage, version)
+        block = manifest.get("pianists")
+        if isinstance(block, dict) and "heard" in block:
+            heard.update(block["heard"])
+            sources[key] = f"manifest: {len(block['heard'])} pianists heard"
+        else:
+            if stage == "finetune":
+                pieces = set(manifest.get("train_pieces") or ())
+            else:
+                left = set((manifest.get("inputs") or {}).get("excluded_pieces") or ())
+                pieces = {piece for piece, _ in tracks.values()} - left
+            found = {p for tid, (piece, p) in tracks.items() if p and piece in pieces}
+            heard.update(found)
+            sources[key] = f"manifest's pieces (no pianists record): {len(found)} pianists heard"
+        init = (manifest.get("inputs") or {}).get("init") or {}
+        if init.get("kind") == "artifact" and init.get("stage") and init.get("version"):
+            todo.append((init["stage"], init["version"]))
+    return heard, sources
+
+
 def load_eval_data(cfg, storage, version: str, validation_share: float = 0.5):
-    """Held-out segments with their labels, and the training pieces' segments (for the
-    descriptor head): (EvalData, PerformanceSet of training pieces or None)."""
+    """Held-out segments with their labels, the training pieces' segments (for the descriptor
+    head; the test-side pianists' tracks left out as training leaves them out) and every track's
+    piece and pianist: (EvalData, PerformanceSet of training pieces or None, tracks). The
+    EvalData's heard pianists are left for :func:`run_protocol` to fill from the manifests."""
     import pyarrow.compute as pc
 
     from mess_ray.performances import load_performance_set
@@ -389,6 +520,7 @@ def load_eval_data(cfg, storage, version: str, validation_share: float = 0.5):
     ecfg = cfg.eval
     dataset = segments_dataset(storage, version)
     meta = dataset.to_table(columns=["segment_id", "track_id", "piece_id", "metadata_json"])
+    tracks = track_pianists(meta)
     pieces = [p for p in pc.unique(meta["piece_id"]).to_pylist() if p]
     split = split_by_piece(pieces, ecfg.holdout_fraction, ecfg.seed, validation_share)
     split_of = {p: s for s in (TRAIN, VALIDATION, TEST) for p in getattr(split, s)}
@@ -407,14 +539,6 @@ def load_eval_data(cfg, storage, version: str, validation_share: float = 0.5):
     meta_of = dict(zip(meta["segment_id"].to_pylist(), meta["metadata_json"].to_pylist()))
     metadata = [json.loads(meta_of[int(s)] or "{}") for s in perf.segment_ids]
     labels = labels_from_metadata(metadata, perf.track_ids, split_of, perf.piece_ids)
-    train_pianists = set()
-    for blob, piece in zip(meta["metadata_json"].to_pylist(), meta["piece_id"].to_pylist()):
-        if split_of.get(piece) == TRAIN:
-            tag = json.loads(json.loads(blob or "{}").get("style_params_json") or "{}").get(
-                "performer"
-            )
-            if tag:
-                train_pianists.add(pianist_of(tag))
     train = load_performance_set(
         storage,
         version,
@@ -425,8 +549,12 @@ def load_eval_data(cfg, storage, version: str, validation_share: float = 0.5):
         pieces="train",
         with_audio=False,  # the descriptor head reads the audio of its sample only
     )
-    data = EvalData(perf, labels, split.as_dict(), train_pianists)
-    return data, train
+    holdout = pianist_holdout(tracks, ecfg.test_pianist_fraction, ecfg.seed)
+    if train is not None and holdout.tracks:
+        kept = ~np.isin(train.track_ids, list(holdout.tracks))
+        train = train.subset(kept) if kept.any() else None
+    data = EvalData(perf, labels, split.as_dict(), None)
+    return data, train, tracks
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -583,20 +711,27 @@ def score_all(
     systems: dict[str, np.ndarray],
     reference: str | None,
     splits=(VALIDATION, TEST),
+    views: list[View] | None = None,
 ) -> list[dict[str, Any]]:
-    """Segment-level rows of every view, then excerpt-level performer identity rows."""
+    """Segment-level rows of every view (``views``, built here when not given), then
+    excerpt-level performer identity rows (content scorers have no vector to pool: left out)."""
     ecfg = cfg.eval
-    views = build_views(
-        data,
-        splits=splits,
-        hop_s=cfg.audio.hop_s,
-        max_queries=ecfg.max_queries_per_chain,
-        seed=ecfg.seed,
-    )
+    if views is None:
+        views = build_views(
+            data,
+            splits=splits,
+            hop_s=cfg.audio.hop_s,
+            max_queries=ecfg.max_queries_per_chain,
+            seed=ecfg.seed,
+        )
     kw = dict(ndcg_k=ecfg.ndcg_k, n_boot=ecfg.bootstrap_samples, seed=ecfg.seed)
     rows = score_table(views, systems, data, reference, **kw)
     groups, first = excerpt_groups(data)
-    pooled = {name: pool_excerpts(v, groups, first.size) for name, v in systems.items()}
+    pooled = {
+        name: pool_excerpts(v, groups, first.size)
+        for name, v in systems.items()
+        if not isinstance(v, ContentScorer)
+    }
     rows += score_table(excerpt_views(data, first, splits), pooled, data, reference, **kw)
     return rows
 
@@ -614,9 +749,13 @@ def run_protocol(
     baseline. ``embed_system(cfg, storage, ref, held_out) -> (vectors, info)`` embeds one model
     (the evaluate stage passes its own, so this module does not import it back).
     Returns (rows, summary: split, counts, skipped systems)."""
+    import time
+
+    from mess_ray.eval import baselines as bl
+
     ecfg = cfg.eval
-    data, train = load_eval_data(cfg, storage, version, ecfg.validation_share)
-    systems: dict[str, np.ndarray] = {}
+    data, train, tracks = load_eval_data(cfg, storage, version, ecfg.validation_share)
+    systems: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     precomputed = precomputed or {}
     for ref in [*model_refs, random_ref]:
@@ -630,10 +769,36 @@ def run_protocol(
         except FileNotFoundError as err:
             skipped[ref] = str(err)
     systems.update(baseline_vectors(cfg, storage, version, data, train, ecfg.seed))
-    reference = next((r for r in model_refs if r in systems), None)
+    # Unseen pianists: nobody behind an evaluated system heard them (the training manifests say
+    # whom each stage heard; the descriptor head trained here on what `train` kept).
+    heard, heard_from = heard_pianists(
+        storage, [r for r in model_refs if r in systems and r != random_ref], tracks
+    )
+    if heard is not None and bl.DESCRIPTOR_HEAD in systems and train is not None:
+        head_heard = {tracks[t][1] for t in set(train.track_ids) if t in tracks and tracks[t][1]}
+        heard |= head_heard
+        heard_from["descriptor_head"] = f"its training segments: {len(head_heard)} pianists"
+    data.heard_pianists = heard
+    t0 = time.perf_counter()
+    cens = ContentScorer(
+        bl.CensDtw(
+            data.perf.track_ids,
+            data.perf.start_s,
+            data.perf.audio,
+            cfg.audio.sample_rate,
+            max_queries=ecfg.dtw_max_queries,
+            seed=ecfg.seed,
+        ),
+        (PASSAGE,),
+        "a content baseline (CENS alignment): no vector for this task",
+    )
+    cens.seconds = time.perf_counter() - t0  # features of every track and query, then alignments
+    systems[bl.CENS_DTW] = cens
+    reference = next(
+        (r for r in model_refs if r in systems and not isinstance(systems[r], ContentScorer)),
+        None,
+    )
     if cfg.work_relative.enabled:
-        from mess_ray.eval import baselines as bl
-
         systems.update(
             work_relative_systems(
                 cfg,
@@ -648,7 +813,10 @@ def run_protocol(
                 ],
             )
         )
-    rows = score_all(cfg, data, systems, reference)
+    views = build_views(
+        data, hop_s=cfg.audio.hop_s, max_queries=ecfg.max_queries_per_chain, seed=ecfg.seed
+    )
+    rows = score_all(cfg, data, systems, reference, views=views)
     summary = {
         "split": data.split,
         "reference": reference,
@@ -665,6 +833,33 @@ def run_protocol(
         },
         "work_relative": cfg.work_relative.model_dump(mode="json"),
         "bootstrap": {"samples": ecfg.bootstrap_samples, "over": "pieces", "level": 0.95},
+        "unseen_pianists": {
+            "test_pianist_fraction": ecfg.test_pianist_fraction,
+            "left_out": list(
+                pianist_holdout(tracks, ecfg.test_pianist_fraction, ecfg.seed).pianists
+            ),
+            "heard": None if heard is None else len(heard),
+            "heard_from": heard_from,
+            "coverage": [
+                {
+                    "split": v.split,
+                    "chains": v.condition,
+                    "pieces": int(len(set(v.clusters))),
+                    "pianists": int(len(set(v.pianists))),
+                    "queries": int(v.queries.size),
+                }
+                for v in views
+                if v.task == PERFORMER_UNSEEN
+            ],
+        },
+        "cens_dtw": {
+            "seconds": round(cens.seconds, 1),
+            "alignments": cens.scorer.alignments,
+            "unscored_queries": cens.unscored,
+            "max_queries_per_view": ecfg.dtw_max_queries,
+            "feature_rate_hz": cens.scorer.feature_rate,
+            "cens_smooth_frames": cens.scorer.cens_smooth,
+        },
     }
     return rows, summary
 
@@ -694,6 +889,12 @@ def markdown_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     for r in sorted(
         headline_rows(rows), key=lambda r: (r["split"], r["task"], r["chains"], r["metric"])
     ):
+        if r["value"] is None:
+            lines.append(
+                f"| {r['split']} | {r['task']} | {r['chains']} | {r['metric']} | {r['system']} | "
+                f"n/a | | {r['pieces']} | {r['queries']} | | | n/a |"
+            )
+            continue
         diff = (
             f"{r['diff']:+.3f} [{r['diff_low']:+.3f}, {r['diff_high']:+.3f}]" if "diff" in r else ""
         )
@@ -707,7 +908,47 @@ def markdown_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
             f"{r['value']:.3f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['pieces']} | {r['queries']} | "
             f"{chance} | {diff} | {r.get('reference_verdict', '')} |"
         )
+    lines += _footnotes(summary)
     return "\n".join(lines) + "\n"
+
+
+def _footnotes(summary: dict[str, Any]) -> list[str]:
+    notes = []
+    dtw = summary.get("cens_dtw")
+    if dtw:
+        sampled = (
+            f"; {dtw['unscored_queries']} queries left unscored (at most "
+            f"{dtw['max_queries_per_view']} per view, a seeded sample; its rows and verdicts cover "
+            "the scored ones)"
+            if dtw.get("unscored_queries")
+            else "; every query scored"
+        )
+        notes.append(
+            f"- cens_dtw: CENS ({dtw['feature_rate_hz']} Hz, {dtw['cens_smooth_frames']}-frame "
+            f"smoothing) aligned by subsequence DTW to every candidate performance, passage tasks "
+            f"only (n/a elsewhere); {dtw['alignments']} alignments in {dtw['seconds']} s{sampled}."
+        )
+    unseen = summary.get("unseen_pianists")
+    if unseen:
+        if unseen.get("heard") is None:
+            notes.append(
+                "- performer_identity_unseen: left out, who the models heard is unknown "
+                f"({unseen['heard_from']})."
+            )
+        else:
+            cover = "; ".join(
+                f"{c['split']} {c['chains']}: {c['pieces']} pieces, {c['pianists']} pianists, "
+                f"{c['queries']} queries"
+                for c in unseen["coverage"]
+            )
+            notes.append(
+                f"- performer_identity_unseen: queries whose pianist none of the evaluated "
+                f"systems' training heard ({unseen['heard']} pianists heard, read from "
+                f"{', '.join(unseen['heard_from'])}); eval.test_pianist_fraction "
+                f"{unseen['test_pianist_fraction']} left out of training: "
+                f"{', '.join(unseen['left_out']) or 'nobody'}. Coverage: {cover or 'none'}."
+            )
+    return ["", *notes] if notes else []
 
 
 def plot_table(rows: list[dict[str, Any]], path: str) -> None:
@@ -717,7 +958,7 @@ def plot_table(rows: list[dict[str, Any]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    head = [r for r in rows if r["metric"] == HEADLINE.get(r["task"])]
+    head = [r for r in rows if r["metric"] == HEADLINE.get(r["task"]) and r["value"] is not None]
     panels = sorted({(r["split"], r["task"]) for r in head})
     if not panels:
         return

@@ -18,8 +18,10 @@ the expressive MIDI descriptors of benchmark task 3 (tempo against the score, ru
 velocity, articulation, pedal) give soft-neighbour targets for the searched vector over
 *other pieces'* passages; such segments take part even without a style (a label of their own).
 Only *training pieces* are used (``split_pieces`` on ``eval.holdout_fraction``/``eval.seed``),
-so evaluation on the holdout pieces measures generalisation to unseen music; segments with
-neither a style, a mined label nor MIDI are skipped.
+so evaluation on the holdout pieces measures generalisation to unseen music, and with
+``eval.test_pianist_fraction`` none of the test-side pianists' performances
+(:func:`mess_ray.splits.pianist_holdout`; the manifest's ``pianists`` block says who was heard);
+segments with neither a style, a mined label nor MIDI are skipped.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def run_finetune(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
     ft = cfg.finetune
     ingest_version = storage.require_latest("ingest")
     metadata = read_segment_table(
-        storage, ingest_version, columns=["segment_id", "piece_id", "style"]
+        storage, ingest_version, columns=["segment_id", "piece_id", "style", "track_id"]
     )
     rows = select_training_rows(cfg, storage, ingest_version, metadata)
     init = resolve_init(cfg, storage, ft.init_from)
@@ -120,11 +122,14 @@ def run_finetune(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
             cfg.audio.sample_rate,
             ft.descriptor_sample,
             ft.seed,
+            left_out_tracks=rows.left_out_tracks,
         )
     loop = finetune_loop(cfg, init, inputs, rows, descriptor_stats)
     dataset = (
         read_segments_ray(
-            storage, ingest_version, columns=["segment_id", "audio", "style", "piece_id"]
+            storage,
+            ingest_version,
+            columns=["segment_id", "audio", "style", "piece_id", "track_id"],
         )
         .map_batches(
             filter_training_rows,
@@ -132,6 +137,7 @@ def run_finetune(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
                 "train_pieces": rows.train_pieces,
                 "mined": rows.mined,
                 "with_midi": set(rows.midi_targets),
+                "left_out_tracks": rows.left_out_tracks,
             },
             batch_format="pyarrow",
             num_cpus=0.25,
@@ -155,6 +161,7 @@ def run_finetune(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
             "train_pieces": len(rows.train_pieces),
             "styles": len(rows.styles),
             "segments": metadata.num_rows,
+            "excluded_tracks": len(rows.left_out_tracks),
         },
         extra={
             "train_pieces": rows.train_pieces,
@@ -168,6 +175,8 @@ def run_finetune(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
             ),
             "descriptor_stats": descriptor_stats,
             "facet_groups": loop.facet_groups,
+            # Which pianists fine-tuning heard (the protocol's unseen-pianist rows read it here).
+            "pianists": rows.pianists,
         },
     )
 

@@ -47,6 +47,7 @@ from mess_ray.models.encoder import (
 )
 from mess_ray.models.encoder import save_encoder as save_encoder_folder
 from mess_ray.segments import read_segments_ray, segments_dataset, split_pieces, window_samples
+from mess_ray.splits import pianist_holdout, read_track_pianists
 from mess_ray.storage import Storage
 from mess_ray.train.common import (
     TrainTask,
@@ -462,35 +463,49 @@ def excluded_pieces(cfg: MessRayConfig, storage: Storage, version: str) -> list[
     return held_out
 
 
-def drop_pieces(batch, pieces: list[str]):
-    """Ray Data batch (pyarrow) without the rows of ``pieces``."""
+def drop_excluded(batch, pieces: list[str], tracks: list[str] = ()):
+    """Ray Data batch (pyarrow) without the rows of ``pieces`` or of ``tracks`` (the test-side
+    pianists' performances, :func:`mess_ray.splits.pianist_holdout`)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     listed = pc.fill_null(
-        pc.is_in(batch.column("piece_id"), value_set=pa.array(pieces, pa.string())), False
+        pc.is_in(batch.column("piece_id"), value_set=pa.array(list(pieces), pa.string())), False
     )
+    if len(tracks):
+        by_pianist = pc.fill_null(
+            pc.is_in(batch.column("track_id"), value_set=pa.array(list(tracks), pa.string())),
+            False,
+        )
+        listed = pc.or_(listed, by_pianist)
     return batch.filter(pc.invert(listed))
 
 
 def sample_frames(
-    cfg: MessRayConfig, storage: Storage, version: str, hop: int, exclude: list[str] = ()
+    cfg: MessRayConfig,
+    storage: Storage,
+    version: str,
+    hop: int,
+    exclude: list[str] = (),
+    exclude_tracks: list[str] = (),
 ) -> dict[str, np.ndarray]:
     """{target kind: frames [N, D]} from randomly chosen segments (none of the ``exclude``
-    pieces), about ``kmeans_sample_frames`` each."""
+    pieces or ``exclude_tracks``), about ``kmeans_sample_frames`` each."""
     dataset = segments_dataset(storage, version)
-    piece_ids = np.asarray(
-        dataset.to_table(columns=["piece_id"]).column("piece_id").to_pylist(), dtype=object
-    )
-    eligible = (
-        np.flatnonzero(~np.isin(piece_ids, list(exclude)))
-        if len(exclude)
-        else np.arange(len(piece_ids))
-    )
+    ids = dataset.to_table(columns=["piece_id", "track_id"])
+    piece_ids = np.asarray(ids.column("piece_id").to_pylist(), dtype=object)
+    track_ids = np.asarray(ids.column("track_id").to_pylist(), dtype=object)
+    keep = np.ones(len(piece_ids), dtype=bool)
+    if len(exclude):
+        keep &= ~np.isin(piece_ids, list(exclude))
+    if len(exclude_tracks):
+        keep &= ~np.isin(track_ids, list(exclude_tracks))
+    eligible = np.flatnonzero(keep)
     if len(eligible) == 0:
         raise ValueError(
             f"ingest artifact {version} has no segments to pretrain on"
             + (f" outside the excluded pieces {list(exclude)}" if len(exclude) else "")
+            + (" and the test-side pianists' tracks" if len(exclude_tracks) else "")
         )
     window = window_samples(cfg.audio.window_s, cfg.audio.sample_rate)
     frames_per_segment = max(1, window // hop)
@@ -535,7 +550,9 @@ def run_pretrain(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
         check_pretrain_rate(encoder, cfg.audio.sample_rate)  # fail before fitting codebooks
         hop = conv_stride(encoder)
     exclude = excluded_pieces(cfg, storage, ingest_version)
-    frames = sample_frames(cfg, storage, ingest_version, hop, exclude)
+    tracks = read_track_pianists(storage, ingest_version)
+    holdout = pianist_holdout(tracks, cfg.eval.test_pianist_fraction, cfg.eval.seed)
+    frames = sample_frames(cfg, storage, ingest_version, hop, exclude, holdout.tracks)
     codebooks = {
         kind: fit_codebook(
             x, cfg.pretrain.num_clusters, cfg.pretrain.kmeans_iterations, cfg.pretrain.seed
@@ -551,6 +568,8 @@ def run_pretrain(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
     inputs = {"ingest": ingest_version, "init": {k: v for k, v in init.items() if k != "storage"}}
     if exclude:
         inputs["excluded_pieces"] = exclude
+    if holdout.tracks:
+        inputs["excluded_tracks"] = list(holdout.tracks)
     loop = PretrainLoop(
         init=init,
         inputs=inputs,
@@ -561,11 +580,14 @@ def run_pretrain(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
         mask_length=cfg.pretrain.mask_length,
         window_samples=window_samples(cfg.audio.window_s, cfg.audio.sample_rate),
     )
-    if exclude:
+    if exclude or holdout.tracks:
         dataset = read_segments_ray(
-            storage, ingest_version, columns=["audio", "piece_id"]
+            storage, ingest_version, columns=["audio", "piece_id", "track_id"]
         ).map_batches(
-            drop_pieces, fn_kwargs={"pieces": exclude}, batch_format="pyarrow", num_cpus=0.25
+            drop_excluded,
+            fn_kwargs={"pieces": exclude, "tracks": list(holdout.tracks)},
+            batch_format="pyarrow",
+            num_cpus=0.25,
         )
     else:
         dataset = read_segments_ray(storage, ingest_version, columns=["audio"])
@@ -585,5 +607,12 @@ def run_pretrain(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
             "targets": list(codebooks),
             "segments": int(segments_dataset(storage, ingest_version).count_rows()),
             "excluded_pieces": len(exclude),
+            "excluded_tracks": len(holdout.tracks),
+        },
+        # Which pianists this encoder heard (the protocol's unseen-pianist rows read it here).
+        extra={
+            "pianists": holdout.record(
+                tracks, {piece for piece, _ in tracks.values()} - set(exclude)
+            )
         },
     )

@@ -22,6 +22,7 @@ from mess_ray.segments import (
     split_pieces,
     window_samples,
 )
+from mess_ray.splits import pianist_holdout, read_track_pianists
 from mess_ray.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -81,16 +82,21 @@ def facet_agreement(
 
 
 def training_selection(
-    metadata: pa.Table, holdout_fraction: float, seed: int, require_styles: bool = True
+    metadata: pa.Table,
+    holdout_fraction: float,
+    seed: int,
+    require_styles: bool = True,
+    left_out_tracks=(),
 ) -> tuple[list[str], list[str]]:
-    """(train pieces, styles) for fine-tuning; the holdout pieces are left for evaluation."""
+    """(train pieces, styles) for fine-tuning; the holdout pieces are left for evaluation (and
+    the ``left_out_tracks`` of test-side pianists play no part in the styles)."""
     pieces = [p for p in metadata.column("piece_id").to_pylist() if p]
     if not pieces:
         raise ValueError(
             "no segment has a piece_id: fine-tuning needs pieces to split train/holdout"
         )
     train_pieces, _ = split_pieces(pieces, holdout_fraction, seed)
-    keep = keep_mask(metadata, train_pieces)
+    keep = keep_mask(metadata, train_pieces, left_out_tracks)
     styles = sorted(set(metadata.filter(keep).column("style").to_pylist()))
     if require_styles and len(styles) < 2:
         raise ValueError(
@@ -99,10 +105,19 @@ def training_selection(
     return train_pieces, styles
 
 
-def keep_mask(table: pa.Table, train_pieces: list[str]) -> pa.Array:
+def keep_mask(table: pa.Table, train_pieces: list[str], left_out_tracks=()) -> pa.Array:
     in_train = pc.is_in(table.column("piece_id"), value_set=pa.array(train_pieces, pa.string()))
     has_style = pc.not_equal(pc.fill_null(table.column("style"), ""), "")
-    return pc.and_(pc.fill_null(in_train, False), has_style)
+    keep = pc.and_(pc.fill_null(in_train, False), has_style)
+    return pc.and_(keep, pc.invert(left_out(table, left_out_tracks)))
+
+
+def left_out(table: pa.Table, tracks) -> pa.Array:
+    """Rows of ``tracks`` (a test-side pianist's performances: :func:`mess_ray.splits.pianist_holdout`)."""
+    if not len(tracks):
+        return pa.array([False] * table.num_rows, pa.bool_())
+    listed = pc.is_in(table.column("track_id"), value_set=pa.array(list(tracks), pa.string()))
+    return pc.fill_null(listed, False)
 
 
 def filter_training_rows(
@@ -110,9 +125,11 @@ def filter_training_rows(
     train_pieces: list[str],
     mined: dict[int, str] | None = None,
     with_midi: set[int] | None = None,
+    left_out_tracks=(),
 ) -> pa.Table:
     """Labelled training rows, plus mined rows (their ``style`` set to the mined label), plus
-    rows with MIDI targets (``with_midi`` segment ids; their style may stay empty)."""
+    rows with MIDI targets (``with_midi`` segment ids; their style may stay empty); never a row
+    of ``left_out_tracks`` (the test-side pianists)."""
     keep = keep_mask(batch, train_pieces)
     if with_midi:
         batch = batch.set_column(
@@ -130,7 +147,7 @@ def filter_training_rows(
             batch.schema.get_field_index("style"), "style", pa.array(styles, pa.string())
         )
         keep = pc.or_(keep, is_mined)
-    return batch.filter(keep)
+    return batch.filter(pc.and_(keep, pc.invert(left_out(batch, left_out_tracks))))
 
 
 MINED_PREFIX = "mined:"
@@ -186,11 +203,15 @@ def mine_unlabelled_training_rows(
     num_clusters: int,
     max_segments: int,
     seed: int,
+    left_out_tracks=(),
 ) -> tuple[dict[int, str], dict[str, Any]]:
     """Mine labels for training-piece segments without a style (a seeded sample of at most
-    ``max_segments``): their descriptors are z-scored among themselves, then clustered."""
+    ``max_segments``, none of ``left_out_tracks``): their descriptors are z-scored among
+    themselves, then clustered."""
     dataset = segments_dataset(storage, version)
     unlabelled = pc.field("piece_id").isin(train_pieces) & (pc.field("style") == "")
+    if len(left_out_tracks):
+        unlabelled = unlabelled & ~pc.field("track_id").isin(list(left_out_tracks))
     meta = dataset.to_table(columns=["segment_id", "piece_id"], filter=unlabelled)
     if meta.num_rows == 0:
         return {}, {"unlabelled_segments": 0}
@@ -235,12 +256,16 @@ def training_descriptor_stats(
     sample_rate: int,
     max_segments: int,
     seed: int,
+    left_out_tracks=(),
 ) -> dict[str, Any]:
-    """Mean and std of every descriptor over a seeded sample of training-piece segments
-    (the z-scoring of facet targets; recorded in the manifest). Labels play no part here, so
-    unlabelled human performances (pair source (b), mined labels) count like renderings."""
+    """Mean and std of every descriptor over a seeded sample of training-piece segments (none
+    of ``left_out_tracks``: the z-scoring of facet targets; recorded in the manifest). Labels
+    play no part here, so unlabelled human performances (pair source (b), mined labels) count
+    like renderings."""
     dataset = segments_dataset(storage, version)
     in_train = pc.field("piece_id").isin(train_pieces)
+    if len(left_out_tracks):
+        in_train = in_train & ~pc.field("track_id").isin(list(left_out_tracks))
     ids = dataset.to_table(columns=["segment_id"], filter=in_train)["segment_id"].to_numpy()
     if ids.size == 0:
         raise ValueError(f"no training-piece segment in ingest {version} to z-score descriptors on")
@@ -272,12 +297,13 @@ def training_midi_targets(
     sample_rate: int,
     window_s: float,
     exclude: set[int] | None = None,
+    left_out_tracks=(),
 ) -> tuple[dict[int, list[float]], list[str], dict[str, Any]]:
     """Z-scored expressive MIDI descriptors of every training-piece segment whose recording has
     performed MIDI (renderings keep theirs; ASAP-layout corpora name theirs): the targets of
     ``finetune.midi_weight``. The descriptors and their z-scoring over the training segments
     are those of benchmark task 3 on the held-out pieces (:func:`mess_ray.midi_descriptors.expressive_matrix`).
-    Segments in ``exclude`` get none and play no part in the z-scoring.
+    Segments in ``exclude`` or of ``left_out_tracks`` get none and play no part in the z-scoring.
     Returns (segment id -> vector, descriptor names kept, counts)."""
     from mess_ray.midi_descriptors import expressive_matrix
     from mess_ray.performances import load_performance_set
@@ -297,7 +323,11 @@ def training_midi_targets(
             f"finetune.midi_weight > 0, but no training-piece segment of ingest {version} has "
             "performed MIDI (renderings keep theirs; recorded corpora need an ASAP/MAESTRO layout)"
         )
-    wanted = perf.has_midi & ~np.isin(perf.segment_ids, np.fromiter(exclude or (), dtype=np.int64))
+    wanted = (
+        perf.has_midi
+        & ~np.isin(perf.segment_ids, np.fromiter(exclude or (), dtype=np.int64))
+        & ~np.isin(perf.track_ids, list(left_out_tracks))
+    )
     if not wanted.any():
         raise ValueError(
             f"every training-piece segment with performed MIDI in ingest {version} has a style, "
@@ -330,6 +360,8 @@ class TrainingRows:
     midi_targets: dict[int, list[float]] = field(default_factory=dict)
     midi_names: list[str] = field(default_factory=list)
     midi_counts: dict[str, Any] = field(default_factory=dict)
+    left_out_tracks: list[str] = field(default_factory=list)  # test-side pianists' tracks
+    pianists: dict[str, Any] = field(default_factory=dict)  # the manifest's record
 
 
 def select_training_rows(
@@ -340,10 +372,17 @@ def select_training_rows(
     by descriptor proximity. Raises when they cannot make a fine-tuning run."""
     ft = cfg.finetune
     mining = ft.mine_clusters > 0
+    tracks = read_track_pianists(storage, version)
+    holdout = pianist_holdout(tracks, cfg.eval.test_pianist_fraction, cfg.eval.seed)
+    left = list(holdout.tracks)
     train_pieces, styles = training_selection(
-        metadata, cfg.eval.holdout_fraction, cfg.eval.seed, require_styles=False
+        metadata,
+        cfg.eval.holdout_fraction,
+        cfg.eval.seed,
+        require_styles=False,
+        left_out_tracks=left,
     )
-    keep = keep_mask(metadata, train_pieces)
+    keep = keep_mask(metadata, train_pieces, left)
     train_rows = int(pc.sum(keep.cast(pa.int64())).as_py() or 0)
     midi_targets, midi_names, midi_counts = {}, [], {}
     styled = set(metadata.filter(keep).column("segment_id").to_pylist())
@@ -357,6 +396,7 @@ def select_training_rows(
                 cfg.audio.sample_rate,
                 cfg.audio.window_s,
                 exclude=styled if ft.midi_targets_for == "unstyled" else None,
+                left_out_tracks=left,
             )
         except ValueError as err:
             # Recorded corpora without MIDI still fine-tune on styles / mined labels: the manifest
@@ -382,6 +422,7 @@ def select_training_rows(
             ft.mine_clusters,
             ft.mine_max_segments,
             ft.seed,
+            left_out_tracks=left,
         )
         train_rows += sum(1 for i in mined if i not in midi_targets)
         styles = styles + sorted(set(mined.values()))
@@ -403,4 +444,6 @@ def select_training_rows(
         midi_targets=midi_targets,
         midi_names=midi_names,
         midi_counts=midi_counts,
+        left_out_tracks=left,
+        pianists=holdout.record(tracks, train_pieces),
     )
