@@ -85,6 +85,12 @@ class Features:
             )
 
 
+# Bumped whenever track_features computes different numbers for the same audio: stored features
+# of another version are recomputed on reindex and refused at load (2: chroma from the CQT's
+# real 12 bins per octave from A0; 1 folded three semitones and the octave into one class).
+FEATURES_VERSION = 2
+
+
 def track_features(
     samples: np.ndarray, sample_rate: int, feature_rate: float = 20.0, cens_smooth: int = 0
 ) -> Features:
@@ -104,13 +110,21 @@ def track_features(
     cqt = np.abs(
         librosa.cqt(y, sr=sample_rate, hop_length=hop, fmin=librosa.note_to_hz("A0"), n_bins=84)
     )
-    chroma = librosa.feature.chroma_cqt(C=cqt, sr=sample_rate, hop_length=hop, norm=None)
+    # The CQT has 12 bins per octave from A0; chroma_cqt's defaults assume 36 from C1 (which
+    # would fold three semitones and the octave into one class).
+    chroma = librosa.feature.chroma_cqt(
+        C=cqt,
+        sr=sample_rate,
+        hop_length=hop,
+        fmin=librosa.note_to_hz("A0"),
+        bins_per_octave=12,
+        norm=None,
+    )
     norms = np.linalg.norm(chroma, axis=0, keepdims=True)
     # Near-silent frames carry no pitch content: zero vectors (cosine distance 1 to anything).
     loud = norms > 1e-4 * max(float(norms.max()), 1e-12)
     chroma = np.where(loud, chroma / np.maximum(norms, 1e-12), 0.0)
     if cens_smooth > 0:
-        # The CQT above has 12 bins per octave from A0 (chroma_cqt's defaults assume 36 from C1).
         cens = librosa.feature.chroma_cens(
             C=cqt,
             sr=sample_rate,

@@ -97,3 +97,23 @@ def test_manifest_entry_lists_checksums_and_tracks_without_features(tmp_path):
     # a file the manifest does not list is refused on load
     with pytest.raises(ContentIntegrityError, match="differ from its manifest"):
         load_content(storage, {"version": "v1", "content": info})
+
+
+def test_chroma_puts_a_tone_in_its_own_pitch_class_in_every_octave():
+    t = np.arange(2 * SR) / SR
+    for hz, pitch_class in ((110.0, 9), (440.0, 9), (261.63, 0), (392.0, 7)):
+        feats = track_features(np.sin(2 * np.pi * hz * t).astype(np.float32), SR)
+        assert int(feats.chroma.mean(axis=1).argmax()) == pitch_class, hz
+
+
+def test_features_of_an_older_version_are_refused_on_load(tmp_path):
+    storage = Storage(str(tmp_path))
+    base = "index/v1"
+    row = features_of_group(group("a", tone(6.0, 300.0)), SR, 20.0)
+    _write(storage, base, "part-0.parquet", row)
+    segments = pa.table({"segment_id": [1], "track_id": ["a"]})
+    info = finish_content(storage, base, track_digests(segments), 20.0)
+    assert set(load_content(storage, {"version": "v1", "content": info})) == {"a"}
+    old = {k: v for k, v in info.items() if k != "features_version"}  # written before version 2
+    with pytest.raises(ContentIntegrityError, match="rebuild it"):
+        load_content(storage, {"version": "v1", "content": old})

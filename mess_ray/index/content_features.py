@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mess_ray.config import MessRayConfig
-from mess_ray.content import Features, track_features
+from mess_ray.content import FEATURES_VERSION, Features, track_features
 from mess_ray.index.faiss_index import sha256_bytes
 from mess_ray.segments import decode_audio, read_segments_ray
 from mess_ray.storage import Storage
@@ -167,6 +167,7 @@ def finish_content(
     return {
         "dir": CONTENT_DIR,
         "feature_rate": feature_rate,
+        "features_version": FEATURES_VERSION,
         "tracks": len(tracks - empty),
         "tracks_without_features": sorted((set(digests) - tracks) | empty),
         "checksums": checksums,
@@ -198,8 +199,10 @@ def carry_over_content(
     out_rel = posixpath.join(base, CONTENT_DIR)
     reusable: list[pa.Table] = []
     prev_info = previous.get("content")
-    same_rate = prev_info is not None and float(prev_info.get("feature_rate", -1)) == float(
-        cfg.content.feature_rate
+    same_rate = (
+        prev_info is not None
+        and float(prev_info.get("feature_rate", -1)) == float(cfg.content.feature_rate)
+        and prev_info.get("features_version", 1) == FEATURES_VERSION
     )
     if same_rate:
         table = read_content_table(storage, previous)
@@ -233,6 +236,12 @@ def read_content_table(storage: Storage, manifest: dict[str, Any]) -> pa.Table:
         raise FileNotFoundError(
             f"index {manifest.get('version')} has no content features: rebuild it with "
             "content.features on (`mess-ray index`)"
+        )
+    if info.get("features_version", 1) != FEATURES_VERSION:
+        raise ContentIntegrityError(
+            f"index {manifest['version']} holds content features of version "
+            f"{info.get('features_version', 1)}, this release computes version {FEATURES_VERSION}: "
+            "rebuild it (`mess-ray index` or `mess-ray reindex`)"
         )
     rel = posixpath.join("index", manifest["version"], info.get("dir", CONTENT_DIR))
     checksums = info.get("checksums", {})
