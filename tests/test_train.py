@@ -297,3 +297,23 @@ def test_span_masks_are_a_function_of_seed_worker_and_step():
     np.testing.assert_array_equal(masks(0, 0, 0), masks(0, 0, 0))
     for other in ((1, 0, 0), (0, 1, 0), (0, 0, 3)):
         assert not np.array_equal(masks(0, 0, 0), masks(*other)), other
+
+
+def test_ddp_skips_the_per_step_buffer_broadcast_only_without_running_statistics():
+    """The training models hold constant buffers (mel filterbank, codebook): DDP need not
+    broadcast them before every forward; a batch-norm model keeps the broadcast."""
+    from mess_ray.train.common import ddp_kwargs
+
+    rng = np.random.default_rng(0)
+    codebook = {
+        "centroids": rng.standard_normal((8, 64)).astype(np.float32),
+        "mean": np.zeros(64, np.float32),
+        "std": np.ones(64, np.float32),
+    }
+    model = HubertPretrainModel(build_encoder("tiny", seed=0), codebook, SR, 64, 0.5, 5)
+    assert any(True for _ in model.buffers())
+    assert ddp_kwargs(model) == {"forward_sync_buffers": False}
+    with_bn = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    assert ddp_kwargs(with_bn) == {"forward_sync_buffers": True}
+    frozen_stats = torch.nn.BatchNorm1d(4, track_running_stats=False)
+    assert ddp_kwargs(frozen_stats) == {"forward_sync_buffers": False}
