@@ -38,7 +38,7 @@ from mess_ray.config import load_config
 from mess_ray.models.encoder import build_encoder
 from mess_ray.segments import SEGMENT_SCHEMA, encode_audio, segment_id, window_samples
 from mess_ray.storage import Storage
-from mess_ray.train.common import TIMING_COLUMNS
+from mess_ray.train.common import TIMING_COLUMNS, decode_audio_column
 from mess_ray.train.pretrain import HubertPretrainModel, masked_prediction_loss
 
 
@@ -286,13 +286,10 @@ def bench_size(size: str, args, root: str) -> None:
     device = torch.device("cuda" if args.gpu else "cpu")
     if not args.gpu:
         torch.set_num_threads(max(1, int(cfg.pretrain.cpus_per_worker)))
-    rng = np.random.default_rng(1)
-    audio = torch.from_numpy(
-        (
-            0.1
-            * rng.standard_normal((64, window_samples(cfg.audio.window_s, cfg.audio.sample_rate)))
-        ).astype(np.float32)
-    )
+    # The same audio the Ray run trained on (its first 64 segments), decoded up front.
+    with storage.open("ingest/bench/segments/part-000.parquet") as f:
+        blobs = pq.read_table(f, columns=["audio"]).column("audio").to_pylist()[:64]
+    audio = decode_audio_column(blobs, window_samples(cfg.audio.window_s, cfg.audio.sample_rate))
     model = make_model(size, codebook, cfg)
     flops = flops_per_sample(model, audio[:2])
     base_rows = baseline(
