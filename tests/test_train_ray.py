@@ -31,6 +31,15 @@ def test_pretrain_then_finetune_publish_models(ray_local, tiny_store):
     assert np.isfinite(manifest["losses"]["first"]) and np.isfinite(manifest["losses"]["last"])
     assert manifest["losses"]["first"] > 0  # cross-entropy over 8 clusters
     assert manifest["inputs"]["ingest"] == "ing1"
+    # Per-step phase timings (rank 0): the checkpoint at step 2 was saved and reported after
+    # its step; steps 1 and 3 neither reported (report_every=10) nor saved anything.
+    from mess_ray.train.common import TIMING_COLUMNS
+
+    rows = [dict(zip(TIMING_COLUMNS, r, strict=True)) for r in manifest["step_timings"]]
+    assert [r["step_s"] > 0 for r in rows] == [True] * 4
+    assert rows[1]["checkpoint_s"] > 0 and rows[1]["report_s"] > 0
+    assert all(rows[i]["report_s"] == rows[i]["checkpoint_s"] == 0 for i in (0, 2))
+    assert all(r["forward_s"] > 0 and r["backward_s"] > 0 for r in rows)
     assert tiny_store.exists("pretrain", pre_version, "model", "config.json")
     with tiny_store.open(f"pretrain/{pre_version}/model/kmeans_codebook.npz") as f:
         assert np.load(f)["centroids"].shape == (cfg.pretrain.num_clusters, cfg.pretrain.n_mels)
