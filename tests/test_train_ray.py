@@ -161,3 +161,39 @@ def test_pretrain_survives_a_killed_worker(ray_local, tiny_store):
     )
     assert "checkpoint_0000006" in on_disk and len(on_disk) <= 2
     assert time.perf_counter() - started < 90
+
+
+def test_materialized_corpus_gives_the_same_batches_every_epoch(ray_local, tiny_store):
+    """Small corpora are read into the object store once (train.materialize_below_mb); with
+    ordered execution (the shipped recipe) each epoch's batches are those of the streamed read."""
+    from ray.data import DataContext
+
+    from mess_ray.segments import read_segments_ray
+
+    def epochs(dataset) -> list[list[list[str]]]:
+        shard = dataset.streaming_split(1, equal=True)[0]
+        return [
+            [
+                list(batch["segment_id"])
+                for batch in shard.iter_batches(
+                    batch_size=4,
+                    batch_format="numpy",
+                    drop_last=True,
+                    local_shuffle_buffer_size=8,
+                    local_shuffle_seed=epoch,
+                )
+            ]
+            for epoch in range(2)
+        ]
+
+    context = DataContext.get_current()
+    preserve = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True
+    try:
+        dataset = read_segments_ray(tiny_store, "ing1", columns=["segment_id", "audio"])
+        dataset = dataset.randomize_block_order(seed=0)
+        streamed = epochs(dataset)
+        assert streamed[0] and streamed[0] != streamed[1]  # reshuffled per epoch
+        assert epochs(dataset.materialize()) == streamed
+    finally:
+        context.execution_options.preserve_order = preserve

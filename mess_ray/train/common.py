@@ -417,7 +417,8 @@ def with_run_name(
         "train": {
             k: v
             for k, v in train_settings(tcfg).items()
-            if k not in ("run_name", "test_fail_at_step")
+            # Settings that do not shape the model leave the name (and resuming) alone.
+            if k not in ("run_name", "test_fail_at_step", "materialize_below_mb")
         },
         "model": cfg.model.model_dump(mode="json"),
         "audio": cfg.audio.model_dump(mode="json"),
@@ -452,6 +453,12 @@ def fit(
     )
     ensure_ray(cfg.ray)
     from mess_ray import console
+
+    ingest = settings.inputs.get("ingest")
+    if ingest is not None and 0 < ingest_size_mb(storage, ingest) <= tcfg.materialize_below_mb:
+        # A small corpus is read once: each epoch then replays the object store's blocks (same
+        # blocks, same order) instead of restarting the read, which stalls every worker.
+        dataset = dataset.materialize()
 
     trainer = TorchTrainer(
         train_loop,
@@ -489,6 +496,14 @@ def fit(
     if result.checkpoint is None:
         raise RuntimeError(f"{task.stage} training reported no checkpoint")
     return result
+
+
+def ingest_size_mb(storage: Storage, version: str) -> float:
+    """Total size of an ingest artifact's segment files on storage, in MB."""
+    from mess_ray.segments import segments_dataset
+
+    files = segments_dataset(storage, version).files
+    return sum(info.size or 0 for info in storage.pyarrow_fs().get_file_info(files)) / 1e6
 
 
 def previous_run_inputs(storage: Storage, stage: str, run_name: str) -> dict | None:
