@@ -1,22 +1,37 @@
 """Pretraining throughput on Ray Train vs a plain PyTorch loop, plus model FLOPs per sample.
 
-For each encoder size, prints JSON lines (one per figure):
+For each encoder size, prints JSON lines (one per figure), baseline and Ray figures from the
+same run, each with ``os.getloadavg()`` (other jobs on the same cores skew CPU figures):
 
-- ``ray_train``: ``run_pretrain`` on a synthetic segment table with ``num_workers`` workers.
-  ``step_*`` figures use rank 0's per-step ``step_time_s`` (forward+backward+all-reduce+optimizer,
-  data wait included) over the steps after warm-up; ``wall_*`` figures use the wall time between
-  step ends over the same steps, so Ray Data loading, metric reports and checkpoints count too.
-- ``baseline``: the same model (encoder + k-means head), batch and optimiser in one process,
-  no Ray, no DDP, one intra-op thread like a Ray worker here: the gap to ``step_*`` is Ray's
-  overhead (DDP all-reduce, data streaming).
+- ``ray_train_step``: ``run_pretrain`` on a synthetic segment table (331 segments like the demo
+  corpus) with ``num_workers`` workers at the demo's cadence (batch 8 per worker, a report every
+  10 steps, a checkpoint at step 20 of 40). Rank 0's per-step phase timings
+  (``train.common.TIMING_COLUMNS``): medians of the step (data + forward + backward + optimizer
+  + loss bookkeeping) and of each phase over the steps after warm-up.
+- ``ray_train_wall``: the wall time between step ends over the same steps, so epoch boundaries
+  (``data_s_max``), metric reports and checkpoints count too (``report_s_per_step``,
+  ``checkpoint_s_per_step``; ``step_s_mean`` is the in-step part).
+- ``baseline_plain_torch``: the same model (encoder + k-means head), codebook, audio, batch and
+  optimiser in one process, no Ray, no DDP, with the Ray worker's intra-op thread count (one
+  here: ``cpus_per_worker`` 0.5 gives ``max(1, int(0.5))``; the line prints ``threads``), so the
+  comparison is like for like. ``ray_step_overhead_ratio`` = Ray step median / this one.
+- ``baseline_plain_ddp`` (2+ CPU workers): the same loop in ``num_workers`` plain processes
+  under torch DDP (gloo, same DDP settings as ``train.common.ddp_kwargs``): what data
+  parallelism itself costs on these cores, without Ray.
 - ``flops``: model FLOPs for one forward+backward per sample (``torch.utils.flop_counter``), so
   MFU = flops_per_sample * samples_per_s / peak FLOP/s; printed for the measured figures when
   ``--peak-tflops`` is given (e.g. 989 for an H100 SXM bf16 dense).
 
-CPU here (default, < 4 min): ``python -m benchmarks.train_throughput``.
+Where the time goes (tiny, CPU, 2 cores shared with other jobs, load average 9.5-11.6; see the
+README's benchmark list for the figures and the spread over 3 runs): with one worker the Ray
+step equals the plain loop's (0.98x, wall 1.07x); with the demo's two workers each step is
+forward + backward at the speed two processes get from two busy cores (the plain DDP loop is no
+faster), reports and checkpoints cost about 1 ms per step, and before ``materialize_below_mb``
+each epoch boundary restarted the Ray Data read and stalled every worker 4.7-7.2 s.
+
+CPU here (default, about 4 min): ``python -m benchmarks.train_throughput --sizes tiny``.
 GPU machine: ``python -m benchmarks.train_throughput --gpu --sizes base --peak-tflops 989``
 (bf16 autocast, one worker per visible GPU, NCCL; the baseline runs on the same GPU in bf16).
-Every line carries ``os.getloadavg()``: other jobs on the same cores skew CPU figures.
 """
 
 from __future__ import annotations
