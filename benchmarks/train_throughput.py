@@ -27,7 +27,9 @@ README's benchmark list for the figures and the spread over 3 runs): with one wo
 step equals the plain loop's (0.98x, wall 1.07x); with the demo's two workers each step is
 forward + backward at the speed two processes get from two busy cores (the plain DDP loop is no
 faster), reports and checkpoints cost about 1 ms per step, and before ``materialize_below_mb``
-each epoch boundary restarted the Ray Data read and stalled every worker 4.7-7.2 s.
+each epoch boundary restarted the Ray Data read and stalled every worker 4.7-7.2 s; with it
+(load 2.2-2.9) the longest data wait is 0.14-0.22 s and the 2-worker Ray step is 1.09-1.18x
+the single plain process (wall 1.10-1.21x) and 1.01-1.09x the plain DDP loop.
 
 CPU here (default, about 4 min): ``python -m benchmarks.train_throughput --sizes tiny``.
 GPU machine: ``python -m benchmarks.train_throughput --gpu --sizes base --peak-tflops 989``
