@@ -1,30 +1,49 @@
 """Pretraining throughput on Ray Train vs a plain PyTorch loop, plus model FLOPs per sample.
 
-For each encoder size, prints JSON lines (one per figure):
+For each encoder size, prints JSON lines (one per figure), baseline and Ray figures from the
+same run, each with ``os.getloadavg()`` (other jobs on the same cores skew CPU figures):
 
-- ``ray_train``: ``run_pretrain`` on a synthetic segment table with ``num_workers`` workers.
-  ``step_*`` figures use rank 0's per-step ``step_time_s`` (forward+backward+all-reduce+optimizer,
-  data wait included) over the steps after warm-up; ``wall_*`` figures use the wall time between
-  step ends over the same steps, so Ray Data loading, metric reports and checkpoints count too.
-- ``baseline``: the same model (encoder + k-means head), batch and optimiser in one process,
-  no Ray, no DDP, one intra-op thread like a Ray worker here: the gap to ``step_*`` is Ray's
-  overhead (DDP all-reduce, data streaming).
+- ``ray_train_step``: ``run_pretrain`` on a synthetic segment table (331 segments like the demo
+  corpus) with ``num_workers`` workers at the demo's cadence (batch 8 per worker, a report every
+  10 steps, a checkpoint at step 20 of 40). Rank 0's per-step phase timings
+  (``train.common.TIMING_COLUMNS``): medians of the step (data + forward + backward + optimizer
+  + loss bookkeeping) and of each phase over the steps after warm-up.
+- ``ray_train_wall``: the wall time between step ends over the same steps, so epoch boundaries
+  (``data_s_max``), metric reports and checkpoints count too (``report_s_per_step``,
+  ``checkpoint_s_per_step``; ``step_s_mean`` is the in-step part).
+- ``baseline_plain_torch``: the same model (encoder + k-means head), codebook, audio, batch and
+  optimiser in one process, no Ray, no DDP, with the Ray worker's intra-op thread count (one
+  here: ``cpus_per_worker`` 0.5 gives ``max(1, int(0.5))``; the line prints ``threads``), so the
+  comparison is like for like. ``ray_step_overhead_ratio`` = Ray step median / this one.
+- ``baseline_plain_ddp`` (2+ CPU workers): the same loop in ``num_workers`` plain processes
+  under torch DDP (gloo, same DDP settings as ``train.common.ddp_kwargs``): what data
+  parallelism itself costs on these cores, without Ray.
 - ``flops``: model FLOPs for one forward+backward per sample (``torch.utils.flop_counter``), so
   MFU = flops_per_sample * samples_per_s / peak FLOP/s; printed for the measured figures when
   ``--peak-tflops`` is given (e.g. 989 for an H100 SXM bf16 dense).
 
-CPU here (default, < 4 min): ``python -m benchmarks.train_throughput``.
+Where the time goes (tiny, CPU, 2 cores shared with other jobs, load average 9.5-11.6; see the
+README's benchmark list for the figures and the spread over 3 runs): with one worker the Ray
+step equals the plain loop's (0.98x, wall 1.07x); with the demo's two workers each step is
+forward + backward at the speed two processes get from two busy cores (the plain DDP loop is no
+faster), reports and checkpoints cost about 1 ms per step, and before ``materialize_below_mb``
+each epoch boundary restarted the Ray Data read and stalled every worker 4.7-7.2 s; with it
+(load 2.2-2.9) the longest data wait is 0.14-0.22 s and the 2-worker Ray step is 1.09-1.18x
+the single plain process (wall 1.10-1.21x) and 1.01-1.09x the plain DDP loop.
+
+CPU here (default, about 4 min): ``python -m benchmarks.train_throughput --sizes tiny``.
 GPU machine: ``python -m benchmarks.train_throughput --gpu --sizes base --peak-tflops 989``
 (bf16 autocast, one worker per visible GPU, NCCL; the baseline runs on the same GPU in bf16).
-Every line carries ``os.getloadavg()``: other jobs on the same cores skew CPU figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +55,7 @@ from mess_ray.config import load_config
 from mess_ray.models.encoder import build_encoder
 from mess_ray.segments import SEGMENT_SCHEMA, encode_audio, segment_id, window_samples
 from mess_ray.storage import Storage
+from mess_ray.train.common import TIMING_COLUMNS, decode_audio_column
 from mess_ray.train.pretrain import HubertPretrainModel, masked_prediction_loss
 
 
@@ -108,23 +128,84 @@ def baseline(
     model = model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    times = []
+    rows_out = []
     for step in range(warmup + steps):
         rows = torch.randint(0, len(audio), (batch_size,))
         started = time.perf_counter()
         batch = audio[rows].to(device)
+        forward_at = time.perf_counter()
         with autocast:
             logits, targets, mask = model(batch)
             loss, _ = masked_prediction_loss(logits, targets, mask)
+        backward_at = time.perf_counter()
         loss.backward()
+        optimizer_at = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
+        ended = time.perf_counter()
         if step >= warmup:
-            times.append(time.perf_counter() - started)
-    return times
+            rows_out.append(
+                {
+                    "step_s": ended - started,
+                    "data_s": forward_at - started,
+                    "forward_s": backward_at - forward_at,
+                    "backward_s": optimizer_at - backward_at,
+                    "optimizer_s": ended - optimizer_at,
+                }
+            )
+    return rows_out
+
+
+def _ddp_worker(rank: int, world: int, port: int, spec: dict, out: str) -> None:
+    """One process of the plain DDP baseline (gloo, no Ray); rank 0 writes its step rows."""
+    import torch.distributed as dist
+
+    from mess_ray.train.common import ddp_kwargs
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    torch.manual_seed(rank)
+    torch.set_num_threads(spec["threads"])
+    model = make_model(spec["size"], spec["codebook"], spec["cfg"])
+    model = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs(model))
+    rows = baseline(
+        model,
+        spec["audio"],
+        spec["batch_size"],
+        spec["steps"],
+        spec["warmup"],
+        torch.device("cpu"),
+        False,
+    )
+    if rank == 0:
+        Path(out).write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+def ddp_baseline(workers: int, spec: dict) -> list[dict]:
+    """Step rows (rank 0) of the same loop in ``workers`` plain processes under torch DDP."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="mess-ray-ddp-") as tmp:
+        out = str(Path(tmp) / "rows.json")
+        mp.spawn(_ddp_worker, args=(workers, port, spec, out), nprocs=workers, join=True)
+        return json.loads(Path(out).read_text())
+
+
+def phase_medians(rows: list[dict]) -> dict:
+    return {
+        f"{k}_median": round(statistics.median(r[k] for r in rows), 4)
+        for k in ("data_s", "forward_s", "backward_s", "optimizer_s")
+    }
 
 
 def throughput(
@@ -150,7 +231,7 @@ def bench_size(size: str, args, root: str) -> None:
             f"pretrain.batch_size={args.batch_size}",
             f"pretrain.num_workers={workers}",
             f"pretrain.use_gpu={args.gpu}",
-            f"pretrain.checkpoint_every={args.steps}",
+            f"pretrain.checkpoint_every={args.checkpoint_every or args.steps}",
             f"pretrain.report_every={args.report_every}",
             f"pretrain.warmup_steps={args.warmup}",
             "pretrain.kmeans_sample_frames=2000",
@@ -170,12 +251,24 @@ def bench_size(size: str, args, root: str) -> None:
     started = time.perf_counter()
     manifest = run_pretrain(cfg, storage)
     total_wall = time.perf_counter() - started
-    timings = manifest["step_timings"][args.warmup :]
+    rows = [dict(zip(TIMING_COLUMNS, t, strict=True)) for t in manifest["step_timings"]]
+    if args.dump_timings:
+        Path(args.dump_timings).write_text(json.dumps(rows, indent=1))
+    timings = rows[args.warmup :]
     if len(timings) < 2:
         raise ValueError(f"--steps must exceed --warmup + 1 (got {args.steps}, {args.warmup})")
-    step_s = statistics.median(t[0] for t in timings)
-    data_s = statistics.median(t[1] for t in timings)
-    wall_step_s = (timings[-1][2] - timings[0][2]) / (len(timings) - 1)
+    step_s = statistics.median(t["step_s"] for t in timings)
+    wall_step_s = (timings[-1]["end_unix"] - timings[0]["end_unix"]) / (len(timings) - 1)
+    # Reports and checkpoints between the first and the last measured step end (per step).
+    between = timings[:-1]
+    after_step = {
+        f"{k}_per_step": round(sum(t[k] for t in between) / len(between), 4)
+        for k in ("report_s", "checkpoint_s")
+    }
+    # The wall step = mean step (its data wait included: an epoch boundary restarts the Ray
+    # Data stream) + reports + checkpoints + the rest (unaccounted: Ray's own threads).
+    after_step["step_s_mean"] = round(statistics.mean(t["step_s"] for t in timings[1:]), 4)
+    after_step["data_s_max"] = round(max(t["data_s"] for t in timings[1:]), 4)
     params = manifest["counts"]["parameters"]
     ray_step = throughput(step_s, args.batch_size, workers, cfg.audio.window_s)
     emit_with_load(
@@ -184,7 +277,8 @@ def bench_size(size: str, args, root: str) -> None:
             **common,
             "workers": workers,
             **ray_step,
-            "data_wait_s_median": round(data_s, 4),
+            **phase_medians(timings),
+            "losses_s_median": round(statistics.median(t["losses_s"] for t in timings), 4),
             "steps_measured": len(timings),
             "parameters": params,
         }
@@ -198,6 +292,7 @@ def bench_size(size: str, args, root: str) -> None:
                 wall_step_s, args.batch_size, workers, cfg.audio.window_s, stat="step_s_mean_wall"
             ),
             "report_every": args.report_every,
+            **after_step,
             "run_total_wall_s": round(total_wall, 1),
         }
     )
@@ -208,19 +303,18 @@ def bench_size(size: str, args, root: str) -> None:
     device = torch.device("cuda" if args.gpu else "cpu")
     if not args.gpu:
         torch.set_num_threads(max(1, int(cfg.pretrain.cpus_per_worker)))
-    rng = np.random.default_rng(1)
-    audio = torch.from_numpy(
-        (
-            0.1
-            * rng.standard_normal((64, window_samples(cfg.audio.window_s, cfg.audio.sample_rate)))
-        ).astype(np.float32)
-    )
+    # The same audio the Ray run trained on (its first 64 segments), decoded up front.
+    with storage.open("ingest/bench/segments/part-000.parquet") as f:
+        blobs = pq.read_table(f, columns=["audio"]).column("audio").to_pylist()[:64]
+    audio = decode_audio_column(blobs, window_samples(cfg.audio.window_s, cfg.audio.sample_rate))
     model = make_model(size, codebook, cfg)
     flops = flops_per_sample(model, audio[:2])
-    times = baseline(
+    base_rows = baseline(
         model, audio, args.batch_size, args.baseline_steps, args.warmup, device, args.gpu
     )
-    base = throughput(statistics.median(times), args.batch_size, 1, cfg.audio.window_s)
+    base = throughput(
+        statistics.median(r["step_s"] for r in base_rows), args.batch_size, 1, cfg.audio.window_s
+    )
     emit_with_load(
         {
             "figure": "baseline_plain_torch",
@@ -228,9 +322,46 @@ def bench_size(size: str, args, root: str) -> None:
             "workers": 1,
             "threads": torch.get_num_threads(),
             **base,
+            **phase_medians(base_rows),
             "ray_step_overhead_ratio": round(step_s / base["step_s_median"], 3),
+            "ray_wall_overhead_ratio": round(wall_step_s / base["step_s_median"], 3),
         }
     )
+    if workers > 1 and not args.gpu:
+        # The same loop in `workers` plain processes under torch DDP (gloo, same threads, same
+        # DDP settings as the Ray loop): what data parallelism itself costs on these cores,
+        # so Ray's own share is the gap between this and the Ray step.
+        ddp_rows = ddp_baseline(
+            workers,
+            {
+                "threads": torch.get_num_threads(),
+                "size": size,
+                "codebook": codebook,
+                "cfg": cfg,
+                "audio": audio,
+                "batch_size": args.batch_size,
+                "steps": args.baseline_steps,
+                "warmup": args.warmup,
+            },
+        )
+        ddp = throughput(
+            statistics.median(r["step_s"] for r in ddp_rows),
+            args.batch_size,
+            workers,
+            cfg.audio.window_s,
+        )
+        emit_with_load(
+            {
+                "figure": "baseline_plain_ddp",
+                **common,
+                "workers": workers,
+                "threads": torch.get_num_threads(),
+                **ddp,
+                **phase_medians(ddp_rows),
+                "ray_step_overhead_ratio": round(step_s / ddp["step_s_median"], 3),
+                "ray_wall_overhead_ratio": round(wall_step_s / ddp["step_s_median"], 3),
+            }
+        )
     record = {
         "figure": "flops",
         **common,
@@ -260,13 +391,18 @@ def main() -> None:
     parser.add_argument(
         "--workers", type=int, default=0, help="0: 2 on CPU, one per GPU with --gpu"
     )
-    parser.add_argument("--steps", type=int, default=14)
+    # Defaults: the demo's pretraining (batch 8 per worker, 2 workers, a report every 10 steps,
+    # about 330 segments, so an epoch every ~20 steps), shortened to 40 steps with a checkpoint
+    # at 20 so reports, a checkpoint and an epoch boundary fall inside the measured steps.
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the figures")
-    parser.add_argument("--baseline-steps", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=4, help="per worker")
+    parser.add_argument("--baseline-steps", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=8, help="per worker (the demo's)")
     parser.add_argument("--window-s", type=float, default=4.0)
-    parser.add_argument("--segments", type=int, default=96)
-    parser.add_argument("--report-every", type=int, default=5)
+    parser.add_argument("--segments", type=int, default=331, help="the demo corpus has 331")
+    parser.add_argument("--dump-timings", default="", help="write the Ray run's step rows here")
+    parser.add_argument("--report-every", type=int, default=10)
+    parser.add_argument("--checkpoint-every", type=int, default=20, help="0: only at the last step")
     parser.add_argument(
         "--peak-tflops", type=float, default=0.0, help="device peak for MFU (H100 bf16: 989)"
     )

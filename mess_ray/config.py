@@ -365,6 +365,14 @@ class TrainConfig(_Section):
         description="Rows in each worker's local shuffle buffer "
         "(mixes tracks and styles within batches).",
     )
+    materialize_below_mb: float = Field(
+        256.0,
+        ge=0,
+        description="Training data whose ingest segment files total at most this many MB (on "
+        "storage) is read once into Ray's object store before training, so each epoch replays "
+        "it instead of restarting the read (every epoch boundary otherwise stalls all workers "
+        "for seconds); larger corpora stream. 0: always stream. Does not change the batches.",
+    )
     seed: int = 0
     deterministic: bool = Field(
         False,

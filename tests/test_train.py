@@ -231,6 +231,9 @@ def test_derived_run_name_is_stable_and_tracks_inputs():
     assert with_run_name(cfg, "pretrain", cfg.pretrain, {**inputs, "ingest": "v2"}).run_name != name
     more_steps = cfg.pretrain.model_copy(update={"steps": 99})
     assert with_run_name(cfg, "pretrain", more_steps, inputs).run_name != name
+    # Reading the corpus into the object store (or streaming it) is not a model setting.
+    streamed = cfg.pretrain.model_copy(update={"materialize_below_mb": 0})
+    assert with_run_name(cfg, "pretrain", streamed, inputs).run_name == name
     # An explicit run name is kept as given.
     named = cfg.pretrain.model_copy(update={"run_name": "mine"})
     assert with_run_name(cfg, "pretrain", named, inputs).run_name == "mine"
@@ -297,3 +300,36 @@ def test_span_masks_are_a_function_of_seed_worker_and_step():
     np.testing.assert_array_equal(masks(0, 0, 0), masks(0, 0, 0))
     for other in ((1, 0, 0), (0, 1, 0), (0, 0, 3)):
         assert not np.array_equal(masks(0, 0, 0), masks(*other)), other
+
+
+def test_ddp_skips_the_per_step_buffer_broadcast_only_without_running_statistics():
+    """The training models hold constant buffers (mel filterbank, codebook): DDP need not
+    broadcast them before every forward; a batch-norm model keeps the broadcast."""
+    from mess_ray.train.common import ddp_kwargs
+
+    rng = np.random.default_rng(0)
+    codebook = {
+        "centroids": rng.standard_normal((8, 64)).astype(np.float32),
+        "mean": np.zeros(64, np.float32),
+        "std": np.ones(64, np.float32),
+    }
+    model = HubertPretrainModel(build_encoder("tiny", seed=0), codebook, SR, 64, 0.5, 5)
+    assert any(True for _ in model.buffers())
+    assert ddp_kwargs(model) == {"forward_sync_buffers": False}
+    with_bn = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    assert ddp_kwargs(with_bn) == {"forward_sync_buffers": True}
+    frozen_stats = torch.nn.BatchNorm1d(4, track_running_stats=False)
+    assert ddp_kwargs(frozen_stats) == {"forward_sync_buffers": False}
+
+
+def test_ingest_size_is_the_segment_files_on_storage(tmp_path):
+    from helpers import write_tiny_ingest
+
+    from mess_ray.segments import segments_dir
+    from mess_ray.train.common import ingest_size_mb
+
+    storage = Storage(str(tmp_path / "store"))
+    write_tiny_ingest(storage, pieces=3, per_style=2)
+    folder = tmp_path / "store" / segments_dir("ing1")
+    on_disk = sum(f.stat().st_size for f in folder.rglob("*.parquet"))
+    assert on_disk > 0 and ingest_size_mb(storage, "ing1") == pytest.approx(on_disk / 1e6)

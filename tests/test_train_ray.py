@@ -31,6 +31,15 @@ def test_pretrain_then_finetune_publish_models(ray_local, tiny_store):
     assert np.isfinite(manifest["losses"]["first"]) and np.isfinite(manifest["losses"]["last"])
     assert manifest["losses"]["first"] > 0  # cross-entropy over 8 clusters
     assert manifest["inputs"]["ingest"] == "ing1"
+    # Per-step phase timings (rank 0): the checkpoint at step 2 was saved and reported after
+    # its step; steps 1 and 3 neither reported (report_every=10) nor saved anything.
+    from mess_ray.train.common import TIMING_COLUMNS
+
+    rows = [dict(zip(TIMING_COLUMNS, r, strict=True)) for r in manifest["step_timings"]]
+    assert [r["step_s"] > 0 for r in rows] == [True] * 4
+    assert rows[1]["checkpoint_s"] > 0 and rows[1]["report_s"] > 0
+    assert all(rows[i]["report_s"] == rows[i]["checkpoint_s"] == 0 for i in (0, 2))
+    assert all(r["forward_s"] > 0 and r["backward_s"] > 0 for r in rows)
     assert tiny_store.exists("pretrain", pre_version, "model", "config.json")
     with tiny_store.open(f"pretrain/{pre_version}/model/kmeans_codebook.npz") as f:
         assert np.load(f)["centroids"].shape == (cfg.pretrain.num_clusters, cfg.pretrain.n_mels)
@@ -152,3 +161,39 @@ def test_pretrain_survives_a_killed_worker(ray_local, tiny_store):
     )
     assert "checkpoint_0000006" in on_disk and len(on_disk) <= 2
     assert time.perf_counter() - started < 90
+
+
+def test_materialized_corpus_gives_the_same_batches_every_epoch(ray_local, tiny_store):
+    """Small corpora are read into the object store once (train.materialize_below_mb); with
+    ordered execution (the shipped recipe) each epoch's batches are those of the streamed read."""
+    from ray.data import DataContext
+
+    from mess_ray.segments import read_segments_ray
+
+    def epochs(dataset) -> list[list[list[str]]]:
+        shard = dataset.streaming_split(1, equal=True)[0]
+        return [
+            [
+                list(batch["segment_id"])
+                for batch in shard.iter_batches(
+                    batch_size=4,
+                    batch_format="numpy",
+                    drop_last=True,
+                    local_shuffle_buffer_size=8,
+                    local_shuffle_seed=epoch,
+                )
+            ]
+            for epoch in range(2)
+        ]
+
+    context = DataContext.get_current()
+    preserve = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True
+    try:
+        dataset = read_segments_ray(tiny_store, "ing1", columns=["segment_id", "audio"])
+        dataset = dataset.randomize_block_order(seed=0)
+        streamed = epochs(dataset)
+        assert streamed[0] and streamed[0] != streamed[1]  # reshuffled per epoch
+        assert epochs(dataset.materialize()) == streamed
+    finally:
+        context.execution_options.preserve_order = preserve

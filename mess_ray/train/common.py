@@ -4,8 +4,9 @@ A stage supplies a :class:`TrainTask` (how to build the model, turn a Ray Data b
 tensors, compute the loss, and save the final model). :func:`fit` builds the
 ``TorchTrainer`` (scaling, storage, checkpoints, failures), :func:`train_loop` is the
 per-worker loop (AdamW, warmup + cosine, gradient accumulation, bf16 autocast on GPU, DDP,
-metrics every step, checkpoints every N steps, resume), and :func:`finish` writes the final
-model to ``<stage>/<run_name>/model/`` and publishes the artifact.
+metrics every ``report_every`` steps, checkpoints every N steps, resume, per-phase step
+timings), and :func:`finish` writes the final model to ``<stage>/<run_name>/model/`` and
+publishes the artifact.
 
 Resume: Ray Train V2 keeps a checkpoint-manager snapshot in ``<storage_path>/<run_name>/``;
 re-running with the same ``run_name`` restores it, so ``ray.train.get_checkpoint()`` returns
@@ -51,6 +52,24 @@ MODEL_SUBDIR = "model"
 # carries a checkpoint carries it.
 CHECKPOINT_SCORE = "checkpoint_loss"
 TEST_FAILURE_MARKER = "TEST_FAILURE_INJECTED"
+# Columns of a run's per-step timing rows (rank 0; ``step_timings`` in the manifest), seconds:
+# step (data + forward + backward + optimizer + losses), data wait (Ray Data iterator +
+# collation + host-to-device), the step's end as a Unix time, forward, backward (DDP's gradient
+# all-reduce included), optimizer (clip + step + zero_grad), losses (the cross-worker loss
+# all-reduce, only on steps that report) and, after the step, the Ray Train report and the
+# checkpoint save (zero on steps without them). On GPU the phases are host times (kernels run
+# asynchronously); the step total is synchronised by the loss at reporting steps only.
+TIMING_COLUMNS = (
+    "step_s",
+    "data_s",
+    "end_unix",
+    "forward_s",
+    "backward_s",
+    "optimizer_s",
+    "losses_s",
+    "report_s",
+    "checkpoint_s",
+)
 
 
 # -- pure helpers --------------------------------------------------------------------------
@@ -76,6 +95,18 @@ def decode_audio_column(blobs, window_samples: int) -> torch.Tensor:
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DistributedDataParallel (state dicts are saved without the prefix)."""
     return model.module if hasattr(model, "module") else model
+
+
+def ddp_kwargs(model: nn.Module) -> dict[str, Any]:
+    """DistributedDataParallel settings for ``model``: buffers are broadcast from rank 0 before
+    every forward only when some module keeps running statistics (batch norm); the models here
+    hold constant buffers (mel filterbanks, codebooks, descriptor statistics), so the extra
+    collective per step, which also makes each worker wait for the slowest, is skipped."""
+    running = any(
+        isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+        for m in model.modules()
+    )
+    return {"forward_sync_buffers": running}
 
 
 def check_resume_inputs(saved: dict | None, current: dict, run_name: str) -> None:
@@ -151,14 +182,15 @@ def _endless_batches(
         epoch += 1
 
 
-def _all_reduce_mean(value: float) -> float:
+def _all_reduce_mean(values: list[float]) -> list[float]:
+    """Each value's mean over the workers (one collective for the whole list)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([value], dtype=torch.float64)
+    if values and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t)
-        return float(t.item() / dist.get_world_size())
-    return value
+        return [float(v) / dist.get_world_size() for v in t.tolist()]
+    return list(values)
 
 
 def seed_numpy(seed: int, rank: int, step: int) -> None:
@@ -202,7 +234,7 @@ def train_loop(loop_config: dict) -> None:
     optimizer = torch.optim.AdamW(params, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
     # history: every step's mean loss and its step number; resumes: the step each restored
     # attempt continued from (a worker-group restart or a re-run with the same run name).
-    # timings: per step [step_time_s, data_wait_s, unix end time] (throughput benchmarks).
+    # timings: per step, the TIMING_COLUMNS (throughput benchmarks).
     start_step, history, history_steps, resumes, timings = 0, [], [], [], []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -218,7 +250,11 @@ def train_loop(loop_config: dict) -> None:
         history_steps = saved.get("steps", list(range(1, len(history) + 1)))
         resumes = saved.get("resumes", []) + ([start_step] if start_step < tcfg["steps"] else [])
         timings = saved.get("timings", [])
-    model = ray.train.torch.prepare_model(model, move_to_device=device if use_gpu else True)
+    model = ray.train.torch.prepare_model(
+        model,
+        move_to_device=device if use_gpu else True,
+        parallel_strategy_kwargs=ddp_kwargs(model),
+    )
 
     shard = ray.train.get_dataset_shard("train")
     batches = _endless_batches(
@@ -232,46 +268,83 @@ def train_loop(loop_config: dict) -> None:
     total_steps, accum = tcfg["steps"], tcfg["grad_accum"]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_gpu else contextlib.nullcontext()
 
+    world_size = context.get_world_size()
+    # This rank's step losses (micro-batch loss tensors) not yet averaged across workers: they
+    # are converted and all-reduced in one go when metrics are reported or a checkpoint is
+    # made, not every step (a per-step collective and host sync cost more than the tensor).
+    pending: list[list[torch.Tensor]] = []
+
+    def flush_losses() -> None:
+        """Append the pending steps' worker-mean losses to ``history`` (all ranks together)."""
+        local = [sum(float(loss) / accum for loss in micro) for micro in pending]
+        history.extend(_all_reduce_mean(local))
+        pending.clear()
+
+    progress_at = 0.0
     for step in range(start_step, total_steps):
         started = time.perf_counter()
         lr = lr_at(step, tcfg["lr"], tcfg["warmup_steps"], total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
-        step_loss, extra, epoch, data_s = 0.0, {}, 0, 0.0
+        micro_losses, extra, epoch = [], {}, 0
+        data_s = forward_s = backward_s = 0.0
         for micro in range(accum):
             waited = time.perf_counter()
             epoch, batch = next(batches)
-            data_s += time.perf_counter() - waited
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            forward_at = time.perf_counter()
+            data_s += forward_at - waited
             # Gradients are all-reduced once per step, on the last micro-batch only.
             sync = micro == accum - 1 or not hasattr(model, "no_sync")
             with contextlib.nullcontext() if sync else model.no_sync(), autocast:
                 loss, extra = task.loss(model, batch, settings)
+                backward_at = time.perf_counter()
                 (loss / accum).backward()
-            step_loss += float(loss.detach()) / accum
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+            backward_s += time.perf_counter() - backward_at
+            forward_s += backward_at - forward_at
+            micro_losses.append(loss.detach())
+        optimizer_at = time.perf_counter()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        pending.append(micro_losses)
 
         done = step + 1
-        mean_loss = _all_reduce_mean(step_loss)
-        history.append(mean_loss)
+        checkpoint_due = done % tcfg["checkpoint_every"] == 0 or done == total_steps
+        report_due = checkpoint_due or done % tcfg["report_every"] == 0
+        metrics_at = time.perf_counter()
+        if report_due or world_size == 1:
+            flush_losses()
         history_steps.append(done)
-        timings.append(
-            [round(time.perf_counter() - started, 5), round(data_s, 5), round(time.time(), 4)]
-        )
-        metrics = {
-            "step": done,
-            "loss": mean_loss,
-            "lr": lr,
-            "epoch": epoch,
-            "grad_norm": grad_norm,
-            "step_time_s": time.perf_counter() - started,
-            "data_wait_s": data_s,
-            **extra,
-        }
-        if done % tcfg["checkpoint_every"] == 0 or done == total_steps:
+        ended = time.perf_counter()
+        # One row per step, columns TIMING_COLUMNS; report_s and checkpoint_s are filled in
+        # after the report below (a checkpoint's own row is saved before they are known).
+        timing = [
+            round(ended - started, 5),
+            round(data_s, 5),
+            round(time.time(), 4),
+            round(forward_s, 5),
+            round(backward_s, 5),
+            round(metrics_at - optimizer_at, 5),
+            round(ended - metrics_at, 5),
+            0.0,
+            0.0,
+        ]
+        timings.append(timing)
+        if report_due:
+            metrics = {
+                "step": done,
+                "loss": history[-1],
+                "lr": lr,
+                "epoch": epoch,
+                "grad_norm": float(grad_norm),
+                "step_time_s": ended - started,
+                "data_wait_s": data_s,
+                **extra,
+            }
+        if checkpoint_due:
+            checkpoint_at = time.perf_counter()
             previous_checkpoint = (done - 1) // tcfg["checkpoint_every"] * tcfg["checkpoint_every"]
             since_last = history[previous_checkpoint - done :]
             with tempfile.TemporaryDirectory() as folder:
@@ -299,23 +372,32 @@ def train_loop(loop_config: dict) -> None:
                         )
                     )
                     ckpt = ray.train.Checkpoint.from_directory(folder)
+                report_at = time.perf_counter()
                 ray.train.report(
                     {**metrics, CHECKPOINT_SCORE: sum(since_last) / len(since_last)},
                     checkpoint=ckpt,
                     checkpoint_dir_name=f"checkpoint_{done:07d}",
                 )
-        elif done % tcfg["report_every"] == 0:
+            timing[7] = round(time.perf_counter() - report_at, 5)
+            timing[8] = round(report_at - checkpoint_at, 5)
+        elif report_due:
             # Every step's loss is kept in `history` (checkpoint and manifest); a Ray Train
             # report is a synchronous round trip through the controller (about 1 s on 2 cores
             # here), so it happens every `report_every` steps, with the window's mean loss.
+            report_at = time.perf_counter()
             window = history[-tcfg["report_every"] :]
             ray.train.report({**metrics, "loss_window_mean": sum(window) / len(window)})
-        if rank == 0 and loop_config.get("progress") is not None:
-            # The driver's console bar (mess_ray.console): fire and forget, no round trip.
-            loop_config["progress"].update.remote(n=done, total=total_steps, loss=mean_loss)
-        maybe_inject_test_failure(
-            tcfg, loop_config["storage"], task.stage, done, rank, context.get_world_size()
-        )
+            timing[7] = round(time.perf_counter() - report_at, 5)
+        progress = loop_config.get("progress")
+        if rank == 0 and progress is not None and (ended - progress_at >= 0.5 or report_due):
+            # The driver's console bar (mess_ray.console): fire and forget, at most twice a
+            # second (the driver redraws it at its own pace). Its loss is rank 0's own (the
+            # worker mean is only known at reports).
+            progress_at = ended
+            progress.update.remote(
+                n=done, total=total_steps, loss=sum(float(x) for x in micro_losses) / accum
+            )
+        maybe_inject_test_failure(tcfg, loop_config["storage"], task.stage, done, rank, world_size)
 
 
 # -- driver side ---------------------------------------------------------------------------
@@ -335,7 +417,8 @@ def with_run_name(
         "train": {
             k: v
             for k, v in train_settings(tcfg).items()
-            if k not in ("run_name", "test_fail_at_step")
+            # Settings that do not shape the model leave the name (and resuming) alone.
+            if k not in ("run_name", "test_fail_at_step", "materialize_below_mb")
         },
         "model": cfg.model.model_dump(mode="json"),
         "audio": cfg.audio.model_dump(mode="json"),
@@ -370,6 +453,12 @@ def fit(
     )
     ensure_ray(cfg.ray)
     from mess_ray import console
+
+    ingest = settings.inputs.get("ingest")
+    if ingest is not None and 0 < ingest_size_mb(storage, ingest) <= tcfg.materialize_below_mb:
+        # A small corpus is read once: each epoch then replays the object store's blocks (same
+        # blocks, same order) instead of restarting the read, which stalls every worker.
+        dataset = dataset.materialize()
 
     trainer = TorchTrainer(
         train_loop,
@@ -407,6 +496,14 @@ def fit(
     if result.checkpoint is None:
         raise RuntimeError(f"{task.stage} training reported no checkpoint")
     return result
+
+
+def ingest_size_mb(storage: Storage, version: str) -> float:
+    """Total size of an ingest artifact's segment files on storage, in MB."""
+    from mess_ray.segments import segments_dataset
+
+    files = segments_dataset(storage, version).files
+    return sum(info.size or 0 for info in storage.pyarrow_fs().get_file_info(files)) / 1e6
 
 
 def previous_run_inputs(storage: Storage, stage: str, run_name: str) -> dict | None:
