@@ -99,18 +99,22 @@ class StyleSpec(_Section):
     )
     pedal: bool = False
     program: int = Field(0, ge=0, le=127, description="General MIDI program (timbre).")
-    brightness: int = Field(
-        64,
-        ge=0,
-        le=127,
-        description="CC74 brightness, written into the MIDI only: FluidSynth renders bit-identical "
-        "audio for CC74 0 and 127 with every chain SoundFont (python -m benchmarks.brightness_centroid), "
-        "so it does not distinguish styles in the audio.",
-    )
     phrase_bars: int = Field(4, ge=1, le=32, description="Bars per phrase for the rubato arch.")
     pedal_mode: Literal["bar", "harmony"] = Field(
         "bar", description="Re-pedal at each bar or at bass changes."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "brightness" in data:
+            raise ValueError(
+                "style key 'brightness' was removed: CC74 leaves FluidSynth's audio bit-identical "
+                "with every chain SoundFont (FluidR3_GM, TimGM6mb, MuseScore_General_Lite; measured by "
+                "python -m benchmarks.brightness_centroid), so it never distinguished styles in the "
+                "audio; delete the key (program sets the timbre)"
+            )
+        return data
 
     @model_validator(mode="after")
     def _name_is_slug(self) -> StyleSpec:
@@ -143,7 +147,6 @@ def default_styles() -> list[StyleSpec]:
             velocity_range=6,
             accent_every=4,
             articulation=0.45,
-            brightness=100,
         ),
         StyleSpec(
             name="soft_legato",
@@ -153,7 +156,6 @@ def default_styles() -> list[StyleSpec]:
             velocity_range=8,
             articulation=1.05,
             pedal=True,
-            brightness=30,
         ),
         StyleSpec(
             name="march_marcato",
