@@ -170,6 +170,34 @@ def default_styles() -> list[StyleSpec]:
     ]
 
 
+class StyleGridConfig(_Section):
+    """Renderings of the style parameter grid (mess_ray.style_grid; issue 15 task 6): the score of
+    a piece performed with sampled parameter values, one instrument, loudness-normalised."""
+
+    eval_renders: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Evaluation-grid combinations rendered for each held-out piece (validation + "
+        "test of eval.holdout_fraction / eval.seed) that has a score (music21 / midi_folder scores, "
+        "ASAP midi_score); they feed the protocol's style_parameters task only. 0: none.",
+    )
+    train_renders: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Training-grid combinations rendered for each training piece (their style "
+        "labels are fine-tuning classes like presets). Training values never equal an evaluation "
+        "value. 0: none.",
+    )
+    lufs: float = Field(
+        -23.0,
+        ge=-40,
+        le=-10,
+        description="Integrated loudness of every grid rendering (pyloudnorm).",
+    )
+
+
 class RenderConfig(_Section):
     source: Literal["music21", "midi_folder", "asap"] = "music21"
     source_path: str | None = Field(None, description="Folder for midi_folder/asap sources.")
@@ -213,6 +241,10 @@ class RenderConfig(_Section):
         description="Recording chains every performance is rendered through (mess_ray.render.chains): "
         "'dry' (render.soundfont, nothing after it) or 'train-<seed>' (a sampled training-side chain). "
         "With only 'dry' track ids carry no chain suffix.",
+    )
+    style_grid: StyleGridConfig = Field(
+        default_factory=StyleGridConfig,
+        description="Style-parameter grid renderings (held-out values for evaluation).",
     )
     eval_chains: list[str] = Field(
         default_factory=list,
