@@ -186,9 +186,9 @@ class StyleGridConfig(_Section):
         0,
         ge=0,
         le=64,
-        description="Training-grid combinations rendered for each training piece (their style "
-        "labels are fine-tuning classes like presets). Training values never equal an evaluation "
-        "value. 0: none.",
+        description="Training-grid combinations rendered for every training piece (the same "
+        "combinations for all, so their style labels are fine-tuning classes like presets). "
+        "Training values never equal an evaluation value. 0: none.",
     )
     lufs: float = Field(
         -23.0,

@@ -101,6 +101,8 @@ def test_grid_plan_gives_held_out_pieces_eval_values_and_training_pieces_train_v
         side = g.EVAL if ref.piece_id in held else g.TRAIN
         assert style.name.startswith(f"grid-{side[0]}-") and tid == f"{ref.piece_id}__{style.name}"
     assert plan == grid_plan(refs, cfg, held)  # deterministic
+    train_styles = [{s.name for r, s, _, _ in plan if r.piece_id == p} for p in pieces[1:]]
+    assert train_styles[0] == train_styles[1]  # shared by training pieces: fine-tuning classes
     assert grid_plan(refs, RenderConfig(source="asap", source_path=str(folder)), held) == []
 
 

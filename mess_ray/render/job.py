@@ -137,7 +137,8 @@ def grid_plan(
 ) -> list[tuple[ScoreRef, StyleSpec, str, str]]:
     """Style-grid renderings (:mod:`mess_ray.style_grid`): for each piece with a score,
     ``style_grid.eval_renders`` evaluation combinations if it is held out, else
-    ``style_grid.train_renders`` training combinations; (score ref, style, track id, chain)."""
+    ``style_grid.train_renders`` training combinations (the same ones for every training piece);
+    (score ref, style, track id, chain)."""
     grid = cfg.style_grid
     if not (grid.eval_renders or grid.train_renders):
         return []
@@ -155,7 +156,10 @@ def grid_plan(
         seen.add(ref.piece_id)
         side = style_grid.EVAL if ref.piece_id in held_out_pieces else style_grid.TRAIN
         count = grid.eval_renders if side == style_grid.EVAL else grid.train_renders
-        for combo in style_grid.sample_combinations(side, count, cfg.seed, ref.piece_id):
+        # Training combinations are shared by every training piece: their style labels are
+        # fine-tuning classes, whose positives are other pieces. Evaluation ones vary by piece.
+        key = ref.piece_id if side == style_grid.EVAL else "train-pieces"
+        for combo in style_grid.sample_combinations(side, count, cfg.seed, key):
             style = style_grid.style_spec(combo, side)
             out.append((score, style, track_id(ref.piece_id, style.name), style_grid.CHAIN))
     return out
