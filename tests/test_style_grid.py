@@ -241,3 +241,33 @@ def test_protocol_table_has_the_style_parameters_task(tmp_path):
     assert sum(summary["segments"].values()) == held_grid
     with storage.open(posixpath.join("eval", manifest["version"], "protocol", "table.md")) as f:
         assert "style_parameters" in f.read().decode()
+
+
+def test_run_render_adds_eval_grid_renderings_of_held_out_scores(ray_local, tmp_path):
+    from mess_ray.render.job import read_catalog, run_render
+    from mess_ray.splits import split_by_piece
+    from mess_ray.storage import Storage
+
+    root = make_asap_folder_with_scores(tmp_path / "asap", pieces=4)
+    cfg = load_config(
+        None,
+        [
+            f"storage.root={tmp_path / 'store'}",
+            "render.source=asap",
+            f"render.source_path={root}",
+            "render.sample_rate=16000",
+            "render.max_duration_s=4",
+            "render.style_grid.eval_renders=2",
+            "eval.holdout_fraction=0.5",
+        ],
+    )
+    storage = Storage.from_config(cfg.storage)
+    manifest = run_render(cfg, storage)
+    rows = read_catalog(storage, manifest["version"]).to_pylist()
+    held = set(split_by_piece([r["piece_id"] for r in rows], 0.5, 0).held_out)
+    grid = [r for r in rows if g.is_grid_style(r["style"])]
+    assert manifest["counts"]["style_grid_tracks"] == len(grid) == 2 * len(held)
+    assert {r["piece_id"] for r in grid} == held
+    assert all(r["style"].startswith("grid-e-") for r in grid)
+    assert all(json.loads(r["chain_json"])["name"] == g.CHAIN for r in grid)
+    assert len(rows) - len(grid) == 8  # every performance still rendered as played
