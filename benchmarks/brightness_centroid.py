@@ -1,9 +1,11 @@
-"""Does the styles' CC74 ``brightness`` change what FluidSynth renders? (issue 15, task 1)
+"""Does CC74 ("brightness") change what FluidSynth renders? (issue 15, task 6)
 
-Renders the same notes with CC74 = 0, 64 and 127 through every available chain SoundFont and
-prints one JSON line per SoundFont with the spectral centroid (librosa, mean over frames) of
-each and the largest relative difference. FluidSynth has no default CC74 modulator, so a
-SoundFont without its own CC74 modulator should render identical audio.
+The evidence for dropping the styles' former ``brightness`` key: renders the same notes with
+CC74 = 0, 64 and 127 at time 0 through every available chain SoundFont and prints one JSON line
+per SoundFont with the spectral centroid (librosa, mean over frames) of each, the largest
+relative difference and the largest sample difference. FluidSynth has no default CC74
+modulator, and none of FluidR3_GM, TimGM6mb, MuseScore_General_Lite brings one: the audio is
+bit-identical (max_sample_difference_0_vs_127 = 0), so StyleSpec no longer has the key.
 
     python -m benchmarks.brightness_centroid
 """
@@ -18,13 +20,16 @@ import pretty_midi
 
 from mess_ray.config import RenderConfig
 from mess_ray.render.chains import EVAL_SOUNDFONTS, TRAIN_SOUNDFONTS, find_soundfont
-from mess_ray.render.expressive import apply_timbre
 from mess_ray.render.synth import render_midi
 
+CC_BRIGHTNESS = 74
 
-def notes() -> pretty_midi.PrettyMIDI:
+
+def notes(cc74: int) -> pretty_midi.PrettyMIDI:
+    """24 piano notes with CC74 set to ``cc74`` at time 0."""
     midi = pretty_midi.PrettyMIDI()
     inst = pretty_midi.Instrument(0)
+    inst.control_changes.append(pretty_midi.ControlChange(CC_BRIGHTNESS, cc74, 0.0))
     for i in range(24):
         pitch = 48 + (i * 7) % 36
         inst.notes.append(pretty_midi.Note(80, pitch, i * 0.25, i * 0.25 + 0.5))
@@ -44,7 +49,7 @@ def main() -> int:
         cfg = RenderConfig(sample_rate=sr, soundfont=font)
         centroids, audio = {}, {}
         for value in (0, 64, 127):
-            x = render_midi(apply_timbre(notes(), 0, value), cfg)
+            x = render_midi(notes(value), cfg)
             audio[value] = x
             centroids[value] = float(librosa.feature.spectral_centroid(y=x, sr=sr).mean())
         n = min(len(a) for a in audio.values())

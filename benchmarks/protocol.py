@@ -1,7 +1,8 @@
 """The yardstick end to end (issue 15): render -> ingest -> pretrain -> finetune -> evaluate on
 ``configs/protocol.yaml``, then one JSON line per figure of the protocol table (headline metric
 of every task x split x chain condition x system, with its 95 % CI over pieces and the paired
-verdict of the first model against it).
+verdict of the first model against it; ``style_parameters`` on the held-out pieces' style-grid
+renderings, ``render.style_grid``).
 
     python -m benchmarks.protocol                      # everything: ~15 min of stages on 2 shared
                                                        # cores (render 256 s, ingest 25, pretrain 86,
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             "chains": summary["chains"],
             "segments": summary["segments"],
             "pianists": summary["pianists"],
+            "style_parameters": summary.get("style_parameters"),
             "skipped": summary["skipped"],
             "unseen_pianists": summary.get("unseen_pianists"),
             "cens_dtw": summary.get("cens_dtw"),

@@ -99,18 +99,22 @@ class StyleSpec(_Section):
     )
     pedal: bool = False
     program: int = Field(0, ge=0, le=127, description="General MIDI program (timbre).")
-    brightness: int = Field(
-        64,
-        ge=0,
-        le=127,
-        description="CC74 brightness, written into the MIDI only: FluidSynth renders bit-identical "
-        "audio for CC74 0 and 127 with every chain SoundFont (python -m benchmarks.brightness_centroid), "
-        "so it does not distinguish styles in the audio.",
-    )
     phrase_bars: int = Field(4, ge=1, le=32, description="Bars per phrase for the rubato arch.")
     pedal_mode: Literal["bar", "harmony"] = Field(
         "bar", description="Re-pedal at each bar or at bass changes."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "brightness" in data:
+            raise ValueError(
+                "style key 'brightness' was removed: CC74 leaves FluidSynth's audio bit-identical "
+                "with every chain SoundFont (FluidR3_GM, TimGM6mb, MuseScore_General_Lite; measured by "
+                "python -m benchmarks.brightness_centroid), so it never distinguished styles in the "
+                "audio; delete the key (program sets the timbre)"
+            )
+        return data
 
     @model_validator(mode="after")
     def _name_is_slug(self) -> StyleSpec:
@@ -143,7 +147,6 @@ def default_styles() -> list[StyleSpec]:
             velocity_range=6,
             accent_every=4,
             articulation=0.45,
-            brightness=100,
         ),
         StyleSpec(
             name="soft_legato",
@@ -153,7 +156,6 @@ def default_styles() -> list[StyleSpec]:
             velocity_range=8,
             articulation=1.05,
             pedal=True,
-            brightness=30,
         ),
         StyleSpec(
             name="march_marcato",
@@ -166,6 +168,34 @@ def default_styles() -> list[StyleSpec]:
             program=1,
         ),
     ]
+
+
+class StyleGridConfig(_Section):
+    """Renderings of the style parameter grid (mess_ray.style_grid; issue 15 task 6): the score of
+    a piece performed with sampled parameter values, one instrument, loudness-normalised."""
+
+    eval_renders: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Evaluation-grid combinations rendered for each held-out piece (validation + "
+        "test of eval.holdout_fraction / eval.seed) that has a score (music21 / midi_folder scores, "
+        "ASAP midi_score); they feed the protocol's style_parameters task only. 0: none.",
+    )
+    train_renders: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Training-grid combinations rendered for every training piece (the same "
+        "combinations for all, so their style labels are fine-tuning classes like presets). "
+        "Training values never equal an evaluation value. 0: none.",
+    )
+    lufs: float = Field(
+        -23.0,
+        ge=-40,
+        le=-10,
+        description="Integrated loudness of every grid rendering (pyloudnorm).",
+    )
 
 
 class RenderConfig(_Section):
@@ -211,6 +241,10 @@ class RenderConfig(_Section):
         description="Recording chains every performance is rendered through (mess_ray.render.chains): "
         "'dry' (render.soundfont, nothing after it) or 'train-<seed>' (a sampled training-side chain). "
         "With only 'dry' track ids carry no chain suffix.",
+    )
+    style_grid: StyleGridConfig = Field(
+        default_factory=StyleGridConfig,
+        description="Style-parameter grid renderings (held-out values for evaluation).",
     )
     eval_chains: list[str] = Field(
         default_factory=list,

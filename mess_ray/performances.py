@@ -37,6 +37,7 @@ from mess_ray.segments import (
     window_samples,
 )
 from mess_ray.storage import Storage, make_filesystem
+from mess_ray.style_grid import is_grid_style
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +201,7 @@ def load_performance_set(
     with_audio: bool = True,
 ) -> PerformanceSet | None:
     """Held-out segments whose track has MIDI or beat annotations; None when no track has any.
+    Style-grid renderings (:mod:`mess_ray.style_grid`) are left out.
 
     The split is the benchmark's (:func:`mess_ray.segments.split_pieces` over every known piece),
     so a piece held out for style retrieval is held out here too. ``pieces="train"`` gives the
@@ -209,17 +211,18 @@ def load_performance_set(
     if pieces not in ("holdout", "train"):
         raise ValueError(f"pieces must be 'holdout' or 'train', got {pieces!r}")
     dataset = segments_dataset(storage, version)
-    meta = dataset.to_table(columns=["track_id", "piece_id", "metadata_json"])
+    meta = dataset.to_table(columns=["track_id", "piece_id", "style", "metadata_json"])
     all_pieces = [p for p in pc.unique(meta["piece_id"]).to_pylist() if p]
     if len(all_pieces) < 2:
         return None
     train_pieces, holdout_pieces = split_pieces(all_pieces, holdout_fraction, seed)
     first_meta: dict[str, tuple[str, str]] = {}
     wanted = set(holdout_pieces if pieces == "holdout" else train_pieces)
-    for tid, piece, blob in zip(
-        *(meta[c].to_pylist() for c in ("track_id", "piece_id", "metadata_json"))
+    for tid, piece, style, blob in zip(
+        *(meta[c].to_pylist() for c in ("track_id", "piece_id", "style", "metadata_json"))
     ):
-        if piece in wanted and tid not in first_meta:
+        # Style-grid renderings are the style_parameters task's own set (mess_ray.style_grid).
+        if piece in wanted and tid not in first_meta and not is_grid_style(style):
             first_meta[tid] = (piece, blob)
     tracks: dict[str, TrackData] = {}
     problems: dict[str, list[str]] = {}

@@ -653,3 +653,75 @@ class EagerDataset:
 
     def randomize_block_order(self, seed=None):
         return self
+
+
+def make_asap_folder_with_scores(root: Path, pieces: int = 3) -> Path:
+    """An ASAP-layout folder whose pieces have a ``midi_score.mid`` (the style grid's input):
+    two performances of each of ``pieces`` pieces."""
+    rows = []
+    for p in range(pieces):
+        folder = f"Composer{p}/Work{p}"
+        write_midi(root / folder / "midi_score.mid", bars=4, seed=10 + p)
+        for k, performer in enumerate(("Shi05M", "Lee01")):
+            write_midi(root / folder / f"{performer}.mid", bars=2, seed=p * 2 + k)
+            rows.append(
+                {
+                    "composer": f"Composer{p}",
+                    "title": f"Work{p}",
+                    "folder": folder,
+                    "midi_score": f"{folder}/midi_score.mid",
+                    "midi_performance": f"{folder}/{performer}.mid",
+                }
+            )
+    with open(root / "metadata.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def render_and_ingest_without_ray(cfg: MessRayConfig, storage: Storage, plan) -> list[dict]:
+    """Render ``plan`` ((ref, style, track id, chain) tuples) with the render task function
+    itself and publish render + ingest artifacts cut with cfg.audio's window and hop, as the
+    stages would (no Ray). Returns the render catalog rows."""
+    from mess_ray.ingest.catalog import catalog_from_render
+    from mess_ray.render.job import render_track, write_catalog
+    from mess_ray.render.sources import load_score
+
+    sr = cfg.render.sample_rate
+    if sr != cfg.audio.sample_rate:
+        raise ValueError("render at the ingest rate (no resampling here)")
+    version = new_version()
+    rows = [
+        render_track(load_score(ref), ref, style, tid, cfg.render, storage, version, chain)
+        for ref, style, tid, chain in plan
+    ]
+    write_catalog(storage, version, rows)
+    storage.publish("render", version, {"counts": {"tracks": len(rows)}})
+    win, hop = round(cfg.audio.window_s * sr), round(cfg.audio.hop_s * sr)
+    segments = []
+    for row in catalog_from_render(storage)[0]:
+        with storage.open(row["source_uri"].replace(storage.root.rstrip("/") + "/", ""), "rb") as f:
+            audio, _ = sf.read(f, dtype="float32")
+        for start in range(0, len(audio) - win + 1, hop):
+            segments.append(
+                {
+                    "segment_id": segment_id(row["track_id"], start),
+                    "track_id": row["track_id"],
+                    "piece_id": row["piece_id"],
+                    "style": row["style"],
+                    "start_s": start / sr,
+                    "end_s": (start + win) / sr,
+                    "start_sample": start,
+                    "num_samples": win,
+                    "sample_rate": sr,
+                    "source_uri": row["source_uri"],
+                    "metadata_json": row["metadata_json"],
+                    "audio": encode_audio(audio[start : start + win]),
+                }
+            )
+    ingest = new_version()
+    with storage.open(posixpath.join(segments_dir(ingest), "part-00000.parquet"), "wb") as f:
+        pq.write_table(pa.Table.from_pylist(segments, schema=SEGMENT_SCHEMA), f)
+    storage.publish("ingest", ingest, {"counts": {"segments": len(segments)}})
+    return rows

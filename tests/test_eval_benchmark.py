@@ -86,7 +86,7 @@ def test_system_order_and_headline():
     )
     assert (
         line
-        == "style retrieval mAP on 3 held-out pieces: finetune 0.71 vs descriptors 0.40 (chance 0.25)"
+        == "style retrieval mAP (preset sanity check) on 3 held-out pieces: finetune 0.71 vs descriptors 0.40 (chance 0.25)"
     )
 
 

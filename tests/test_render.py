@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 from helpers import make_asap_folder, make_score, write_midi
+from pydantic import ValidationError
 
 from mess_ray.config import RenderConfig, StyleSpec, load_config
 from mess_ray.render import expressive as ex
@@ -129,12 +130,17 @@ def test_pedal_adds_sustain_changes(mode):
     assert params["pedal_changes"] == (4 if mode == "bar" else 8)  # bass changes every half note
 
 
-def test_timbre_sets_program_and_brightness():
-    out, _ = ex.apply_style(make_score(), plain(program=40, brightness=100), 0)
+def test_timbre_sets_program_and_writes_no_cc74():
+    out, _ = ex.apply_style(make_score(), plain(program=40), 0)
     assert {inst.program for inst in out.instruments} == {40}
-    for inst in out.instruments:
-        cc74 = [c for c in inst.control_changes if c.number == 74]
-        assert len(cc74) == 1 and cc74[0].value == 100 and cc74[0].time == 0.0
+    assert not any(c.number == 74 for inst in out.instruments for c in inst.control_changes)
+
+
+def test_style_brightness_key_is_refused_with_the_reason():
+    with pytest.raises(ValidationError, match="brightness.*bit-identical.*brightness_centroid"):
+        StyleSpec(name="bright", brightness=100)
+    with pytest.raises(ValueError, match="brightness"):
+        load_config(overrides=["render.styles=[{name: a, brightness: 10}]"])
 
 
 def test_truncation_after_tempo_warp():

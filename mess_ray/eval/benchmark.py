@@ -1,7 +1,12 @@
 """The benchmark on held-out pieces (``run_evaluate``): task 1 here, tasks 2 and 3 in
-:mod:`mess_ray.eval.tasks` over :mod:`mess_ray.performances`.
+:mod:`mess_ray.eval.tasks` over :mod:`mess_ray.performances`; the protocol table
+(:mod:`mess_ray.eval.protocol`) is the yardstick.
 
-Task 1, style retrieval. Protocol: every held-out segment with a known style and piece is a query; candidates are
+Task 1, preset style retrieval, is a **renderer sanity check, not evidence**: its styles are the
+renderer's own presets, shared by training and held-out pieces, and a preset's tempo, level and
+instrument alone identify it. The non-circular style figure is the protocol's
+``style_parameters`` task (held-out parameter values, one instrument, loudness-normalised,
+Spearman with parameter distance). Protocol of the sanity check: every held-out segment with a known style and piece is a query; candidates are
 held-out segments of *other tracks*; a candidate is relevant when it has the query's style
 but comes from a different piece (so a system must match how music is played, not what is
 played); hard negatives are the same piece played in another style. Each model ref, the
@@ -19,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mess_ray import style_grid
 from mess_ray.config import MessRayConfig
 from mess_ray.descriptors import descriptor_embeddings
 from mess_ray.eval import metrics
@@ -137,7 +143,7 @@ def headline(system_metrics: dict[str, dict[str, float]], num_pieces: int) -> st
     parts = [f"{name} {m['map']:.2f}" for name, m in system_metrics.items()]
     chance = next(iter(system_metrics.values()))["chance"] if system_metrics else float("nan")
     return (
-        f"style retrieval mAP on {num_pieces} held-out pieces: "
+        f"style retrieval mAP (preset sanity check) on {num_pieces} held-out pieces: "
         + " vs ".join(parts)
         + f" (chance {chance:.2f})"
     )
@@ -181,7 +187,12 @@ def load_held_out(cfg: MessRayConfig, storage: Storage, version: str) -> HeldOut
         ),
     }
     # Read audio only for the rows that are evaluated (the filter is pushed into the scan).
-    row_filter = pc.field("piece_id").isin(holdout_pieces) & (pc.field("style") != "")
+    # Style-grid renderings are the protocol's style_parameters set, not preset styles.
+    row_filter = (
+        pc.field("piece_id").isin(holdout_pieces)
+        & (pc.field("style") != "")
+        & ~pc.starts_with(pc.field("style"), pattern=style_grid.PREFIX)
+    )
     table = dataset.to_table(columns=[*METADATA_COLUMNS, "audio"], filter=row_filter).sort_by(
         "segment_id"
     )

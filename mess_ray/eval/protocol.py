@@ -32,6 +32,9 @@ reference (``midi-reference``: the MIDI descriptors of the same segments, z-scor
 chain-normalised variants (``+rec-rel``: level columns relative to the recording's median) and
 the work-relative variants (``+work-rel``, :mod:`mess_ray.work_relative`) of the reference model,
 the descriptors, the descriptor head, the audio expression features and the MIDI reference.
+* ``style_parameters`` (on its own evaluated set, the evaluation side of the style grid; chain
+  ``dry-lufs``): Spearman between cosine similarity and minus the style-parameter distance over
+  the same passage's other renderings (:mod:`mess_ray.eval.tasks.style`); chance 0.
 """
 
 from __future__ import annotations
@@ -45,9 +48,11 @@ from typing import Any
 
 import numpy as np
 
+from mess_ray import style_grid
 from mess_ray.eval import metrics
 from mess_ray.eval.bootstrap import cluster_bootstrap, paired_difference, verdict
 from mess_ray.eval.tasks import agreement
+from mess_ray.eval.tasks import style as style_task
 from mess_ray.midi_descriptors import beat_time, expressive_matrix
 from mess_ray.splits import (
     TEST,
@@ -67,8 +72,18 @@ CHAIN_INVARIANCE = "chain_invariance"
 PASSAGE = "passage_retrieval"
 AGREEMENT = "expressive_agreement"
 PERFORMER_EXCERPT = "performer_identity_excerpt"
-TASKS = (PERFORMER, PERFORMER_UNSEEN, CHAIN_INVARIANCE, PASSAGE, AGREEMENT, PERFORMER_EXCERPT)
+STYLE = style_task.STYLE_PARAMETERS
+TASKS = (
+    PERFORMER,
+    PERFORMER_UNSEEN,
+    CHAIN_INVARIANCE,
+    PASSAGE,
+    AGREEMENT,
+    PERFORMER_EXCERPT,
+    STYLE,
+)
 HEADLINE = {
+    STYLE: "spearman",
     PERFORMER: "map",
     PERFORMER_EXCERPT: "map",
     PERFORMER_UNSEEN: "map",
@@ -348,6 +363,8 @@ def score_similarity(
     """Per-query values of every metric of the view's task for similarities [Q, len(rows)]."""
     if view.task == AGREEMENT:
         return {f"ndcg@{ndcg_k}": metrics.ndcg_at_k(sim, view.relevance, view.candidates, k=ndcg_k)}
+    if view.task == STYLE:
+        return {"spearman": style_task.spearman_per_query(sim, view.relevance, view.candidates)}
     out = {
         "map": metrics.average_precision(sim, view.relevance, view.candidates),
         "recall@1": metrics.recall_at_k(sim, view.relevance, view.candidates, k=1),
@@ -426,6 +443,8 @@ def score_table(
                     row["chance"] = (
                         float(np.nanmean(chance)) if np.isfinite(chance).any() else math.nan
                     )
+                elif metric == "spearman":
+                    row["chance"] = 0.0  # a random ranking's expected rank correlation
                 if view.task in (PERFORMER, PERFORMER_UNSEEN):
                     by_pianist = cluster_bootstrap(
                         per_query, view.pianists, n_boot=n_boot, seed=seed
@@ -580,49 +599,57 @@ def _read_audio(
     return np.stack([by_id[int(s)] for s in segment_ids]).astype(np.float32)
 
 
-def baseline_vectors(
-    cfg, storage, version: str, data: EvalData, train, seed: int = 0, expression=None
-) -> dict[str, np.ndarray]:
-    """Every baseline's vectors for the held-out segments (chroma, mfcc, descriptors, the learned
-    descriptor head trained on the training pieces, chance)."""
+def train_head(cfg, storage, version: str, train, seed: int = 0):
+    """The learned descriptor head trained on the training pieces: a function from raw
+    descriptor matrices to vectors (None when there are fewer than two training pieces)."""
     from mess_ray.descriptors import descriptor_matrix, zscore
     from mess_ray.eval import baselines as bl
 
     ecfg = cfg.eval
     sr = cfg.audio.sample_rate
-    audio = data.perf.audio
-    out: dict[str, np.ndarray] = {}
-    log.info("protocol baselines on %d held-out segments", len(audio))
-    held_desc = descriptor_matrix(list(audio), sr)
-    z, _, _ = zscore(held_desc)
-    out[bl.DESCRIPTORS] = z.astype(np.float32)
-    out[bl.CHROMA] = bl.feature_embeddings(bl.CHROMA, audio, sr)
-    out[bl.MFCC] = bl.feature_embeddings(bl.MFCC, audio, sr)
-    if train is not None and len(set(train.piece_ids)) >= 2:
-        rng = np.random.default_rng(seed)
-        take = np.sort(
-            rng.choice(len(train), min(len(train), ecfg.head_max_segments), replace=False)
-        )
-        train_audio = _read_audio(storage, version, train.segment_ids[take], sr, cfg.audio.window_s)
-        train_desc = descriptor_matrix(list(train_audio), sr)
-        train_z, mean, std = zscore(train_desc)
-        head = bl.train_descriptor_head(
-            train_z,
-            train.piece_ids[take],
-            np.where(train.has_midi[take, None], train.midi_descriptors[take], np.nan),
-            steps=ecfg.head_steps,
-            mine_clusters=cfg.finetune.mine_clusters,
-            midi_weight=max(cfg.finetune.midi_weight, 0.0),
-            temperature=cfg.finetune.temperature,
-            facet_temperature=cfg.finetune.facet_temperature,
-            midi_target_temperature=cfg.finetune.midi_target_temperature,
-            seed=seed,
-        )
-        out[bl.DESCRIPTOR_HEAD] = head((held_desc - mean) / np.where(std > 1e-12, std, 1.0))
-    else:
+    if train is None or len(set(train.piece_ids)) < 2:
         log.warning("no training pieces with segments: the learned descriptor head is left out")
+        return None
+    rng = np.random.default_rng(seed)
+    take = np.sort(rng.choice(len(train), min(len(train), ecfg.head_max_segments), replace=False))
+    train_audio = _read_audio(storage, version, train.segment_ids[take], sr, cfg.audio.window_s)
+    train_desc = descriptor_matrix(list(train_audio), sr)
+    train_z, mean, std = zscore(train_desc)
+    head = bl.train_descriptor_head(
+        train_z,
+        train.piece_ids[take],
+        np.where(train.has_midi[take, None], train.midi_descriptors[take], np.nan),
+        steps=ecfg.head_steps,
+        mine_clusters=cfg.finetune.mine_clusters,
+        midi_weight=max(cfg.finetune.midi_weight, 0.0),
+        temperature=cfg.finetune.temperature,
+        facet_temperature=cfg.finetune.facet_temperature,
+        midi_target_temperature=cfg.finetune.midi_target_temperature,
+        seed=seed,
+    )
+    return lambda desc: head((desc - mean) / np.where(std > 1e-12, std, 1.0))
+
+
+def feature_baselines(
+    audio: np.ndarray, sample_rate: int, head, seed: int = 0, desc: np.ndarray | None = None
+):
+    """Every baseline's vectors for one evaluated set of segments (feature baselines z-scored
+    over that set; ``head`` from :func:`train_head` or None; ``desc``: the segments' descriptor
+    matrix when already computed)."""
+    from mess_ray.descriptors import descriptor_matrix, zscore
+    from mess_ray.eval import baselines as bl
+
+    out: dict[str, np.ndarray] = {}
+    log.info("protocol baselines on %d segments", len(audio))
+    if desc is None:
+        desc = descriptor_matrix(list(audio), sample_rate)
+    z, _, _ = zscore(desc)
+    out[bl.DESCRIPTORS] = z.astype(np.float32)
+    out[bl.CHROMA] = bl.feature_embeddings(bl.CHROMA, audio, sample_rate)
+    out[bl.MFCC] = bl.feature_embeddings(bl.MFCC, audio, sample_rate)
+    if head is not None:
+        out[bl.DESCRIPTOR_HEAD] = head(desc)
     out[bl.CHANCE] = bl.chance_embeddings(len(audio), seed)
-    out.update(expression_vectors(data, held_desc, sr, expression))
     return out
 
 
@@ -736,6 +763,95 @@ def score_all(
     return rows
 
 
+def baseline_vectors(
+    cfg, storage, version: str, data: EvalData, train, seed: int = 0, head=None, expression=None
+) -> dict[str, np.ndarray]:
+    """Every baseline's vectors for the held-out segments (chroma, mfcc, descriptors, the learned
+    descriptor head trained on the training pieces, chance, the expression features and their
+    variants); ``head``: one already trained; ``expression``: precomputed expression features."""
+    from mess_ray.descriptors import descriptor_matrix
+
+    if head is None:
+        head = train_head(cfg, storage, version, train, seed)
+    sr = cfg.audio.sample_rate
+    desc = descriptor_matrix(list(data.perf.audio), sr)
+    out = feature_baselines(data.perf.audio, sr, head, seed, desc=desc)
+    out.update(expression_vectors(data, desc, sr, expression))
+    return out
+
+
+def build_style_views(style_set, hop_s: float = 2.0, splits=(VALIDATION, TEST)) -> list[View]:
+    """The style_parameters views (one per split) over a :class:`StyleGridSet`: queries with at
+    least ``MIN_CANDIDATES`` same-passage renderings; relevance = minus the parameter distance."""
+    views = []
+    for split in splits:
+        rows = np.flatnonzero(style_set.side == split)
+        if rows.size == 0:
+            continue
+        piece = style_set.piece_ids[rows]
+        cand = style_task.same_passage_candidates(
+            piece, style_set.track_ids[rows], style_set.start_s[rows], hop_s
+        )
+        target = style_task.negative_parameter_distance(
+            style_set.params[rows], style_set.params[rows]
+        )
+        q = np.flatnonzero(cand.sum(axis=1) >= style_task.MIN_CANDIDATES)
+        if q.size:
+            views.append(
+                View(
+                    STYLE,
+                    split,
+                    style_grid.CHAIN,
+                    rows,
+                    q,
+                    cand[q],
+                    target[q],
+                    piece[q],
+                    np.full(q.size, "", dtype=object),
+                )
+            )
+    return views
+
+
+def style_parameter_rows(
+    cfg, storage, version, split: dict, model_refs, embed_system, head, reference, skipped
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The style_parameters rows on the evaluation grid's segments (none when the ingest has no
+    evaluation-grid renderings) and a summary of what was scored."""
+    ecfg = cfg.eval
+    split_of = {p: s for s, pieces in split.items() for p in pieces}
+    style_set = style_task.load_style_grid_set(
+        storage, version, split_of, cfg.audio.sample_rate, cfg.audio.window_s
+    )
+    if style_set is None:
+        return [], {"skipped": "no evaluation-grid renderings (render.style_grid.eval_renders)"}
+    systems: dict[str, np.ndarray] = {}
+    for ref in model_refs:
+        if ref in skipped or ref in systems:
+            continue
+        systems[ref], _ = embed_system(cfg, storage, ref, style_set)
+    systems.update(feature_baselines(style_set.audio, cfg.audio.sample_rate, head, ecfg.seed))
+    views = build_style_views(style_set, hop_s=cfg.audio.hop_s)
+    rows = score_table(
+        views, systems, None, reference, n_boot=ecfg.bootstrap_samples, seed=ecfg.seed
+    )
+    summary = {
+        "segments": {s: int((style_set.side == s).sum()) for s in (VALIDATION, TEST)},
+        "renderings": {
+            s: int(len(set(style_set.track_ids[style_set.side == s]))) for s in (VALIDATION, TEST)
+        },
+        "queries": {v.split: int(v.queries.size) for v in views},
+        "parameters": list(style_grid.PARAMETERS),
+        "eval_values": {
+            n: list(style_grid.side_values(n, style_grid.EVAL)) for n in style_grid.LEVELS
+        },
+        "train_values": {
+            n: list(style_grid.side_values(n, style_grid.TRAIN)) for n in style_grid.LEVELS
+        },
+    }
+    return rows, summary
+
+
 def run_protocol(
     cfg,
     storage,
@@ -768,7 +884,8 @@ def run_protocol(
             systems[ref], _ = embed_system(cfg, storage, ref, data.perf)
         except FileNotFoundError as err:
             skipped[ref] = str(err)
-    systems.update(baseline_vectors(cfg, storage, version, data, train, ecfg.seed))
+    head = train_head(cfg, storage, version, train, ecfg.seed)
+    systems.update(baseline_vectors(cfg, storage, version, data, train, ecfg.seed, head=head))
     # Unseen pianists: nobody behind an evaluated system heard them (the training manifests say
     # whom each stage heard; the descriptor head trained here on what `train` kept).
     heard, heard_from = heard_pianists(
@@ -817,6 +934,18 @@ def run_protocol(
         data, hop_s=cfg.audio.hop_s, max_queries=ecfg.max_queries_per_chain, seed=ecfg.seed
     )
     rows = score_all(cfg, data, systems, reference, views=views)
+    style_rows, style_summary = style_parameter_rows(
+        cfg,
+        storage,
+        version,
+        data.split,
+        [r for r in [*model_refs, random_ref] if r in systems],
+        embed_system,
+        head,
+        reference,
+        skipped,
+    )
+    rows += style_rows
     summary = {
         "split": data.split,
         "reference": reference,
@@ -832,6 +961,8 @@ def run_protocol(
             for s in (VALIDATION, TEST)
         },
         "work_relative": cfg.work_relative.model_dump(mode="json"),
+        "views": len(views),
+        STYLE: style_summary,
         "bootstrap": {"samples": ecfg.bootstrap_samples, "over": "pieces", "level": 0.95},
         "unseen_pianists": {
             "test_pianist_fraction": ecfg.test_pianist_fraction,
@@ -881,6 +1012,7 @@ def markdown_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         f"Split (by piece): {json.dumps(summary['split'])}",
         f"Chains: {summary['chains']}; reference model for verdicts: {ref}; 95 % CIs from a "
         f"{summary['bootstrap']['samples']}-draw bootstrap over pieces (performer tasks also over pianists).",
+        *_style_note(summary),
         "",
         "| split | task | chains | metric | system | value | 95 % CI | pieces | queries | chance | "
         f"{ref} - system (CI) | {ref} verdict |",
@@ -949,6 +1081,20 @@ def _footnotes(summary: dict[str, Any]) -> list[str]:
                 f"{', '.join(unseen['left_out']) or 'nobody'}. Coverage: {cover or 'none'}."
             )
     return ["", *notes] if notes else []
+
+
+def _style_note(summary: dict[str, Any]) -> list[str]:
+    info = summary.get(STYLE) or {}
+    if "eval_values" not in info:
+        return []
+    return [
+        f"{STYLE} (chain {style_grid.CHAIN}: one piano, loudness-normalised): Spearman between "
+        "cosine similarity and minus the standardised style-parameter distance over the same "
+        "passage's other renderings (same piece, same start), chance 0. Evaluation values "
+        f"{json.dumps(info['eval_values'])}, never rendered for training (training values "
+        f"{json.dumps(info['train_values'])}); pedal on/off on both sides. Renderings "
+        f"{json.dumps(info['renderings'])}, queries {json.dumps(info['queries'])}."
+    ]
 
 
 def plot_table(rows: list[dict[str, Any]], path: str) -> None:

@@ -71,7 +71,9 @@ def best_system(results: list[SystemResult]) -> SystemResult | None:
 
 
 TASK_TITLES = {
-    "style_retrieval": "Task 1: style retrieval (same expressive profile, other piece)",
+    "style_retrieval": "Task 1: preset style retrieval (same preset, other piece): a renderer "
+    "sanity check, not evidence (presets are shared by training and test; the protocol table's "
+    "style_parameters task is the non-circular style figure)",
     "passage_retrieval": "Task 2: cross-performance passage retrieval (same beats, other performance)",
     "expressive_agreement": "Task 3: expressive agreement with MIDI descriptors (other pieces)",
 }

@@ -7,7 +7,7 @@ fixed by :func:`apply_style`:
 1. timing: global tempo, phrase-arch rubato and random-walk jitter become one monotonic
    time warp (``PrettyMIDI.adjust_times``) of notes, control changes and tempo events;
 2. articulation, then truncation to ``max_duration_s`` of *performed* time;
-3. dynamics (arc over the excerpt plus beat accents), pedal and timbre.
+3. dynamics (arc over the excerpt plus beat accents), pedal and timbre (the GM program).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ JITTER_REVERSION = 0.8
 ACCENT_VELOCITY = 14
 MIN_NOTE_S = 0.03
 PEDAL_LIFT_S = 0.06  # pedal goes back down this long after a change (syncopated pedalling)
-CC_SUSTAIN, CC_BRIGHTNESS = 64, 74
+CC_SUSTAIN = 64
 
 
 def _pitched(midi: pretty_midi.PrettyMIDI) -> list[pretty_midi.Instrument]:
@@ -248,17 +248,14 @@ def apply_pedal(
     return out, len(changes)
 
 
-def apply_timbre(
-    midi: pretty_midi.PrettyMIDI, program: int, brightness: int
-) -> pretty_midi.PrettyMIDI:
-    """Set the General MIDI program of every pitched part and CC74 (brightness) at time 0."""
-    if not 0 <= program <= 127 or not 0 <= brightness <= 127:
-        raise ValueError("program and brightness must be in 0..127")
+def apply_timbre(midi: pretty_midi.PrettyMIDI, program: int) -> pretty_midi.PrettyMIDI:
+    """Set the General MIDI program of every pitched part. (No CC74 "brightness": FluidSynth
+    renders it bit-identically with every chain SoundFont, benchmarks/brightness_centroid.py.)"""
+    if not 0 <= program <= 127:
+        raise ValueError("program must be in 0..127")
     out = copy.deepcopy(midi)
     for inst in _pitched(out):
         inst.program = program
-        inst.control_changes = [c for c in inst.control_changes if c.number != CC_BRIGHTNESS]
-        inst.control_changes.insert(0, pretty_midi.ControlChange(CC_BRIGHTNESS, brightness, 0.0))
     return out
 
 
@@ -297,7 +294,7 @@ def apply_style(
     if style.pedal:
         changes = to_performed(harmony_score if style.pedal_mode == "harmony" else downbeats_score)
         performed, pedal_changes = apply_pedal(performed, changes)
-    performed = apply_timbre(performed, style.program, style.brightness)
+    performed = apply_timbre(performed, style.program)
 
     params: dict[str, Any] = {
         "style": style.model_dump(mode="json"),

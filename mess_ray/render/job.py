@@ -30,8 +30,9 @@ import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 
+from mess_ray import style_grid
 from mess_ray.config import MessRayConfig, RenderConfig, StorageConfig, StyleSpec
-from mess_ray.render.chains import DRY, render_with_chain, resolve_chain
+from mess_ray.render.chains import DRY, ChainSpec, render_with_chain, resolve_chain
 from mess_ray.render.expressive import apply_style, as_played
 from mess_ray.render.sources import Score, ScoreRef, list_score_refs, load_score
 from mess_ray.render.synth import check_soundfont, fluidsynth_binary, render_to_wav
@@ -113,6 +114,62 @@ def chain_plan(
     return out
 
 
+def grid_score_ref(ref: ScoreRef) -> ScoreRef | None:
+    """Where a piece's score is, for the style grid: a score ref itself, an ASAP performance's
+    ``midi_score``; None for performances without one."""
+    if not ref.variant:
+        return ref
+    uri = ref.extra.get("midi_score_uri")
+    if not uri:
+        return None
+    return ScoreRef(
+        ref.piece_id,
+        ref.composer,
+        ref.title,
+        ref.source,
+        uri,
+        extra={"midi_score": ref.extra.get("midi_score", "")},
+    )
+
+
+def grid_plan(
+    refs: list[ScoreRef], cfg: RenderConfig, held_out_pieces: set[str]
+) -> list[tuple[ScoreRef, StyleSpec, str, str]]:
+    """Style-grid renderings (:mod:`mess_ray.style_grid`): for each piece with a score,
+    ``style_grid.eval_renders`` evaluation combinations if it is held out, else
+    ``style_grid.train_renders`` training combinations (the same ones for every training piece);
+    (score ref, style, track id, chain)."""
+    grid = cfg.style_grid
+    if not (grid.eval_renders or grid.train_renders):
+        return []
+    hits = style_grid.preset_collisions(cfg.styles)
+    if hits:
+        raise ValueError(
+            "render.styles use values of the held-out style grid (a model trained on them would "
+            f"have heard an evaluation value): {hits}"
+        )
+    out, seen = [], set()
+    for ref in refs:
+        score = None if ref.piece_id in seen else grid_score_ref(ref)
+        if score is None:
+            continue
+        seen.add(ref.piece_id)
+        side = style_grid.EVAL if ref.piece_id in held_out_pieces else style_grid.TRAIN
+        count = grid.eval_renders if side == style_grid.EVAL else grid.train_renders
+        # Training combinations are shared by every training piece: their style labels are
+        # fine-tuning classes, whose positives are other pieces. Evaluation ones vary by piece.
+        key = ref.piece_id if side == style_grid.EVAL else "train-pieces"
+        for combo in style_grid.sample_combinations(side, count, cfg.seed, key):
+            style = style_grid.style_spec(combo, side)
+            out.append((score, style, track_id(ref.piece_id, style.name), style_grid.CHAIN))
+    return out
+
+
+def grid_chain(cfg: RenderConfig) -> ChainSpec:
+    """The grid renderings' chain: render.soundfont, loudness-normalised, nothing else."""
+    return ChainSpec(name=style_grid.CHAIN, soundfont=cfg.soundfont, lufs=cfg.style_grid.lufs)
+
+
 def render_track(
     score: Score,
     ref: ScoreRef,
@@ -133,11 +190,22 @@ def render_track(
         params.update(ref.extra)
     else:
         midi, params = apply_style(score.midi, style, seed, cfg.max_duration_s)
+        if style_grid.is_grid_style(style.name):
+            side = style_grid.EVAL if style.name.startswith("grid-e") else style_grid.TRAIN
+            params[style_grid.PARAMETER_KEY] = {
+                "side": side,
+                "values": {n: getattr(style, n) for n in style_grid.PARAMETERS},
+                **ref.extra,
+            }
     rel = posixpath.join("audio", f"{tid}.wav")
     midi_rel = posixpath.join("audio", f"{tid}.mid")
     with tempfile.TemporaryDirectory(prefix="mess-ray-render-") as tmp:
         local = os.path.join(tmp, f"{tid}.wav")
-        chain = resolve_chain(chain_name, cfg.soundfont)
+        chain = (
+            grid_chain(cfg)
+            if chain_name == style_grid.CHAIN
+            else resolve_chain(chain_name, cfg.soundfont)
+        )
         if chain_name == DRY:
             duration = render_to_wav(midi, cfg, local)
             chain_params = chain.model_dump(mode="json")
@@ -235,7 +303,9 @@ def run_render(cfg: MessRayConfig, storage: Storage) -> dict:
     for name in [*rcfg.chains, *rcfg.eval_chains]:
         chain = resolve_chain(name, rcfg.soundfont)  # fail before starting any task
         check_soundfont(chain.soundfont or rcfg.soundfont)
+    grid = grid_plan(refs, rcfg, held_out)  # checks the presets before any task starts
     plan = chain_plan(plan_tracks(refs, rcfg.styles), rcfg.chains, rcfg.eval_chains, held_out)
+    plan += grid
     version = new_version()
     log.info("render %s: %d pieces, %d tracks", version, len({r.piece_id for r in refs}), len(plan))
 
@@ -243,6 +313,9 @@ def run_render(cfg: MessRayConfig, storage: Storage) -> dict:
     storage_cfg = _worker_storage_config(storage)
     # One parse per source file, shared by all of its style tasks through the object store.
     loaded = {(ref.piece_id, ref.variant): _load_task.remote(ref) for ref in refs}
+    for ref, _, _, _ in grid:
+        if (ref.piece_id, ref.variant) not in loaded:  # an ASAP piece's score
+            loaded[(ref.piece_id, ref.variant)] = _load_task.remote(ref)
     pending = [
         _render_task.remote(
             loaded[(ref.piece_id, ref.variant)], ref, style, tid, rcfg, storage_cfg, version, chain
@@ -279,6 +352,7 @@ def run_render(cfg: MessRayConfig, storage: Storage) -> dict:
             "soundfont": rcfg.soundfont,
             "chains": list(rcfg.chains),
             "eval_chains": list(rcfg.eval_chains),
+            "style_grid": rcfg.style_grid.model_dump(mode="json"),
             "config_digest": cfg.digest(),
         },
         "counts": {
@@ -287,6 +361,7 @@ def run_render(cfg: MessRayConfig, storage: Storage) -> dict:
             "tracks": len(rows),
             "failed": len(failures),
             "failed_pieces": len(failed_pieces),
+            "style_grid_tracks": sum(style_grid.is_grid_style(r["style"]) for r in rows),
         },
         "seconds_of_audio": round(sum(r["duration_s"] for r in rows), 3),
         "sample_rate": rcfg.sample_rate,
