@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from mess_ray import console
+
 
 def loadavg() -> list[float]:
     """1-, 5- and 15-minute load averages: other jobs on the same cores skew CPU figures."""
@@ -20,7 +22,7 @@ def emit(record: dict[str, Any] | None = None, out: Any = None, **fields: Any) -
     record is appended to, or an open text file the line is also written to."""
     record = {**(record or {}), **fields}
     line = json.dumps(record)
-    print(line, flush=True)
+    console.say(line)  # the terminal, also while a quiet console sends stdout to the log
     if isinstance(out, list):
         out.append(record)
     elif out is not None:

@@ -4,9 +4,12 @@ of every task x split x chain condition x system, with its 95 % CI over pieces a
 verdict of the first model against it; ``style_parameters`` on the held-out pieces' style-grid
 renderings, ``render.style_grid``).
 
-    python -m benchmarks.protocol                      # everything: ~15 min of stages on 2 shared
-                                                       # cores (render 256 s, ingest 25, pretrain 86,
-                                                       # finetune 100, evaluate 414; load 5-12)
+    python -m benchmarks.protocol                      # everything: about 45 min of stages on 2
+                                                       # shared cores, summed from two runs' stage
+                                                       # lines (render 595 s and, with the style
+                                                       # grid, +~350 s; ingest 59, pretrain 130,
+                                                       # finetune 158, evaluate 710 + style rows
+                                                       # ~800; load 7-16)
     python -m benchmarks.protocol --reuse render       # keep a published render
     python -m benchmarks.protocol --skip render ingest # reuse the corpus, retrain and evaluate
     python -m benchmarks.protocol --skip render ingest pretrain finetune   # evaluate only
@@ -17,6 +20,7 @@ PATH, once for all of them (several users of one machine take turns). Evaluate e
 driver when ``eval.ray_data_min_segments`` exceeds 100000 (configs/protocol.yaml) and then
 starts no Ray and takes no lock. A stage line gives its seconds and the 1-minute load
 average. Every setting is chosen on the validation pieces; the test rows are the report.
+Library and Ray logs go to ``<storage root>/logs`` as with the CLI (``--verbose``: terminal).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import sys
 import time
 from contextlib import contextmanager
 
+from mess_ray import console
 from mess_ray.config import load_config
 
 STAGES = ("render", "ingest", "pretrain", "finetune", "evaluate")
@@ -63,7 +68,7 @@ def stage_record(stage: str, t0: float, waited: float, manifest: dict) -> dict:
 
 
 def emit(record: dict) -> None:
-    print(json.dumps(record, default=float), flush=True)
+    console.say(json.dumps(record, default=float))
 
 
 def figure_lines(manifest: dict) -> list[dict]:
@@ -118,15 +123,26 @@ def main(argv: list[str] | None = None) -> int:
         choices=STAGES[:-1],
         help="stages not rerun when their artifact is already published (checked under the lock)",
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="library and Ray logs on the terminal (default: <storage root>/logs, as the CLI)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    cfg = load_config(args.config, args.set)
+    with console.quiet_console(cfg.storage.root, verbose=args.verbose):
+        return run(args, cfg)
+
+
+def run(args: argparse.Namespace, cfg) -> int:
+    """The stages and the figure lines (JSON lines and progress bars on the terminal)."""
     import ray
 
     from mess_ray.pipeline import run_stage
     from mess_ray.storage import Storage
 
-    cfg = load_config(args.config, args.set)
     started = time.time()
     manifest: dict = {}
     ray_stages = [s for s in STAGES[:-1] if s not in args.skip]
