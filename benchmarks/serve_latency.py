@@ -406,6 +406,11 @@ def run_upload_inference(
                 served, baseline = paired(upload, direct, args.requests)
         finally:
             serve.shutdown()
+        # CPU time of the direct call (this process, one thread): robust to the machine's load.
+        cpu_began = time.process_time()
+        for _ in range(20):
+            direct()
+        direct_cpu_ms = 1000 * (time.process_time() - cpu_began) / 20
         emit(
             {
                 "figure": "upload_inference",
@@ -416,6 +421,7 @@ def run_upload_inference(
                 **served,
                 "direct_p50_ms": baseline["p50_ms"],
                 "direct_p99_ms": baseline["p99_ms"],
+                "direct_cpu_ms_per_call": round(direct_cpu_ms, 3),
                 "load_avg_1m": round(os.getloadavg()[0], 1),
             },
             out,
