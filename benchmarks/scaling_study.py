@@ -6,7 +6,7 @@ which are all in :data:`ASSUMPTIONS` and printed with the result. Writes ``docs/
 table (``--markdown``), a PNG plot and prints one JSON line per (cluster, corpus size, stage).
 
     python -m benchmarks.embed_throughput --out docs/scaling/embed_throughput.jsonl
-    python -m benchmarks.ingest_throughput --files 4 --minutes 2 --memory-minutes "" --skip-s3 \\
+    python -m benchmarks.ingest_throughput --repeats 3 --memory-minutes "" \\
         | grep '^{' > docs/scaling/ingest_throughput.jsonl
     python -m benchmarks.scaling_study --markdown docs/scaling/table.md --plot docs/scaling/scaling.png
 
@@ -18,7 +18,7 @@ Model of each stage (per hour of audio, segments of ``window_s`` every ``hop_s``
   ``base`` encoder) x samples (5 epochs over the segment table, capped at the MERT-sized
   budget below), on the GPUs at an assumed MFU.
 - embed: forward FLOPs per segment (measured) x segments, on the GPUs at an assumed inference
-  MFU; the CPU alternative uses the measured segments/s per CPU worker.
+  MFU; the CPU alternative uses the measured segments per CPU second of one worker thread.
 - index: IVF build CPU seconds scaled from the measured 1e6-vector build (per vector cost
   grows with the number of lists, ~sqrt(N)); on the CPU workers.
 """
@@ -99,7 +99,7 @@ CLUSTERS = {
 class Measured:
     ingest_audio_s_per_cpu_s: float
     ingest_source: dict
-    embed_cpu_segments_per_s: float
+    embed_cpu_segments_per_cpu_s: float
     forward_flops_per_segment: float
     train_flops_per_sample: float
     embed_source: dict
@@ -131,7 +131,9 @@ def load_measured(folder: Path = MEASURED, size: str = "base") -> Measured:
     return Measured(
         ingest_audio_s_per_cpu_s=best_ingest["x_realtime_per_cpu_s"],
         ingest_source=best_ingest,
-        embed_cpu_segments_per_s=cpu["segments_per_s"],
+        # Per CPU second (process CPU time), as the ingest rate: on a dedicated vCPU that is the
+        # wall rate, while this machine's wall rate depends on what else runs on its cores.
+        embed_cpu_segments_per_cpu_s=cpu["segments_per_cpu_s"],
         forward_flops_per_segment=flops["forward_flops_per_segment"],
         train_flops_per_sample=flops["train_flops_per_sample"],
         embed_source={"cpu": cpu, "flops": flops},
@@ -203,7 +205,7 @@ def stage_hours(hours: float, m: Measured, cluster: dict, a: dict = ASSUMPTIONS)
         stage["cost_usd_all_on_demand"] = stage["wall_h"] * stage["nodes"] * inst["on_demand"]
     # Embedding on the CPU workers instead (measured per-worker rate), for comparison.
     out["embed_on_cpu_workers"] = {
-        "wall_h": segments / m.embed_cpu_segments_per_s / vcpus / 3600,
+        "wall_h": segments / m.embed_cpu_segments_per_cpu_s / vcpus / 3600,
         "nodes": cpu_nodes,
         "instance": cpu_type,
         "market": "spot",
@@ -324,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "figure": "inputs_measured",
                 "ingest_audio_s_per_cpu_s": m.ingest_audio_s_per_cpu_s,
-                "embed_cpu_segments_per_s": m.embed_cpu_segments_per_s,
+                "embed_cpu_segments_per_cpu_s": m.embed_cpu_segments_per_cpu_s,
                 "forward_flops_per_segment": m.forward_flops_per_segment,
                 "train_flops_per_sample": m.train_flops_per_sample,
             }

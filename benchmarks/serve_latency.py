@@ -15,6 +15,11 @@ figure, each compared with its in-process baseline measured in the same run:
   requests in flight on loopback for ``--duration`` seconds; requests/s, p50/p99 and the error
   count (must be 0).
 
+- ``upload_inference`` (``--only upload-inference``): the upload p50/p99 with the service
+  deployed with the embedding's fast CPU path off (``model.fast_inference=false``,
+  ``model.inference_precision=float32``: the path before the CPU embedding work), then with
+  today's defaults, each paired with the direct Embedder + search call in the same mode.
+
 - ``adversarial``: the same by-id load (second process) for ``--duration`` seconds twice:
   alone, then while ``--hostile`` threads of this process send hostile requests (a WAV
   declaring 1 Hz, an 8-channel 96 kHz 240 s FLAC of silence, a 64 MiB chunked body without
@@ -23,7 +28,8 @@ figure, each compared with its in-process baseline measured in the same run:
   phases) and the hostile requests' statuses.
 
 Run: ``python -m benchmarks.serve_latency [--tracks 40] [--track-s 30] [--requests 60]
-[--duration 20] [--concurrency 8] [--only adversarial] [--hostile 3] [--out FILE]``.
+[--duration 20] [--concurrency 8] [--only adversarial|upload-inference] [--hostile 3]
+[--out FILE]``.
 """
 
 from __future__ import annotations
@@ -353,6 +359,75 @@ def paired(served, direct, n: int, warmup: int = 3) -> tuple[dict[str, float], d
     return percentiles(a), percentiles(b)
 
 
+INFERENCE_MODES = {
+    # The inference path before the CPU embedding work: the plain float32 module forward.
+    "baseline": {"fast_inference": False, "inference_precision": "float32"},
+    # Today's defaults (model.fast_inference=true, model.inference_precision=auto).
+    "fast": {},
+}
+
+
+def run_upload_inference(
+    args: argparse.Namespace, cfg: Any, clip: np.ndarray, clip_path: str, out
+) -> None:
+    """``upload_inference`` figures: the service deployed with each of :data:`INFERENCE_MODES`
+    in turn (same corpus, same run), sequential 5 s WAV uploads (``POST /search``, no
+    explanations) paired with the direct call (Embedder + search) in the same mode."""
+    import httpx
+    import torch
+    from ray import serve
+
+    from mess_ray.serve import SearchService, run_service
+    from mess_ray.serve.client import wait_ready
+
+    torch.set_num_threads(1)  # as in a Serve replica
+    url = f"http://127.0.0.1:{cfg.serve.port}"
+    upload_body = open(clip_path, "rb").read()
+    for mode, overrides in INFERENCE_MODES.items():
+        mode_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update=overrides)})
+        service = SearchService.from_config(mode_cfg)
+
+        def direct(service=service) -> None:
+            service.index.search(service.embed_clip(clip), k=10)
+
+        run_service(mode_cfg, blocking=False)
+        try:
+            wait_ready(url, timeout_s=300)
+            with httpx.Client(timeout=120) as client:
+
+                def upload() -> None:
+                    r = client.post(
+                        f"{url}/search",
+                        params={"k": 10, "explain": False},
+                        files={"file": ("q.wav", upload_body)},
+                    )
+                    assert r.status_code == 200, r.text
+
+                served, baseline = paired(upload, direct, args.requests)
+        finally:
+            serve.shutdown()
+        # CPU time of the direct call (this process, one thread): robust to the machine's load.
+        cpu_began = time.process_time()
+        for _ in range(20):
+            direct()
+        direct_cpu_ms = 1000 * (time.process_time() - cpu_began) / 20
+        emit(
+            {
+                "figure": "upload_inference",
+                "mode": mode,
+                "model_size": mode_cfg.model.size,
+                "fast_inference": service.embedder.fast,
+                "front_end_dtype": str(service.embedder.front_end_dtype),
+                **served,
+                "direct_p50_ms": baseline["p50_ms"],
+                "direct_p99_ms": baseline["p99_ms"],
+                "direct_cpu_ms_per_call": round(direct_cpu_ms, 3),
+                "load_avg_1m": round(os.getloadavg()[0], 1),
+            },
+            out,
+        )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -373,9 +448,10 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument(
         "--only",
-        choices=["all", "adversarial"],
+        choices=["all", "adversarial", "upload-inference"],
         default="all",
-        help="adversarial: only the corpus and the adversarial-mix figures",
+        help="adversarial: only the corpus and the adversarial-mix figures; upload-inference: "
+        "only the corpus and POST /search p50 with the fast CPU embedding path off, then on",
     )
     parser.add_argument("--hostile", type=int, default=3, help="threads sending hostile requests")
     parser.add_argument(
@@ -425,6 +501,10 @@ def main() -> None:
     clip_path = os.path.join(work, "clip.wav")
     with open(clip_path, "wb") as f:
         f.write(wav_bytes(clip, rate))
+
+    if args.only == "upload-inference":
+        run_upload_inference(args, cfg, clip, clip_path, out)
+        return
 
     if args.only == "adversarial":
         from ray import serve

@@ -354,6 +354,13 @@ class ModelConfig(_Section):
         "model under bf16 autocast. benchmarks/embed_throughput.py measures recall@10 of "
         "each against float32 vectors.",
     )
+    fast_inference: bool = Field(
+        True,
+        description="CPU embedding through the fast path (the conv front end as cache-sized "
+        "GEMMs with its first GroupNorm folded in); false: the plain module forward, the "
+        "baseline of benchmarks/embed_throughput.py and benchmarks/serve_latency.py "
+        "--only upload-inference.",
+    )
 
 
 class TrainConfig(_Section):

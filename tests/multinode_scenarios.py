@@ -82,14 +82,20 @@ def read_records(folder: Path, kind: str) -> list[dict]:
     return sorted(out, key=lambda r: r["time"])
 
 
-def recording_ingest_batch(batch, settings, read_block_s, s3_endpoint_url, progress=None):
+def recording_ingest_batch(
+    batch, settings, read_block_s, s3_endpoint_url, storage, out_dir, progress=None
+):
     """The ingest UDF (mess_ray.ingest.job.ingest_batch), recording each file's node."""
-    from mess_ray.ingest.job import ingest_file
+    import pyarrow as pa
 
+    from mess_ray.ingest.job import FILES_SCHEMA, ingest_row
+
+    out = []
     for row in batch.to_pylist():
         time.sleep(0.4)
-        yield from ingest_file(row, settings, read_block_s, s3_endpoint_url)
+        out.append(ingest_row(row, settings, read_block_s, s3_endpoint_url, storage, out_dir))
         record("ingest", track_id=row["track_id"])
+    return pa.Table.from_pylist(out, schema=FILES_SCHEMA)
 
 
 def make_recording_embedder():

@@ -15,6 +15,7 @@ import soundfile as sf
 import soxr
 
 from mess_ray.config import MessRayConfig
+from mess_ray.ingest import job as ingest_job
 from mess_ray.ingest.catalog import (
     build_catalog,
     catalog_from_folder,
@@ -23,9 +24,9 @@ from mess_ray.ingest.catalog import (
     resolve_catalog_kind,
 )
 from mess_ray.ingest.decode import RejectError, decode_stream, sniff, wav_truncation
-from mess_ray.ingest.job import run_ingest
+from mess_ray.ingest.job import ShardWriter, ingest_file, ingest_row, run_ingest
 from mess_ray.ingest.segment import Segmenter, segment_blocks, segment_track, window_starts
-from mess_ray.segments import decode_audio, read_segment_table, segment_id
+from mess_ray.segments import SEGMENT_SCHEMA, decode_audio, read_segment_table, segment_id
 from mess_ray.storage import Storage
 
 SR = 16000
@@ -249,6 +250,60 @@ def test_truncated_mp3_from_ffmpeg_is_rejected(tmp_path):
     assert err.value.reason == "truncated"
 
 
+def reference_segments(rows: list[dict], cfg: MessRayConfig) -> pa.Table:
+    """The segment table computed without Ray or writing: segment_track on every file that it
+    does not reject, sorted by segment id."""
+    out = []
+    for row in rows:
+        try:
+            out += list(
+                segment_track(
+                    row,
+                    cfg.audio.sample_rate,
+                    cfg.audio.window_s,
+                    cfg.audio.hop_s,
+                    cfg.ingest.read_block_s,
+                    cfg.audio.min_duration_s,
+                )
+            )
+        except RejectError:
+            continue
+    return pa.Table.from_pylist(out, schema=SEGMENT_SCHEMA).sort_by("segment_id")
+
+
+def test_one_pass_writer_streams_row_groups_and_removes_a_track_cut_mid_stream(
+    tmp_path, monkeypatch
+):
+    """Tiny row groups: the shard is opened and written segment by segment, so a file whose
+    truncation shows only after segments were written must have its shard removed."""
+    monkeypatch.setattr(ingest_job, "OUTPUT_BATCH_BYTES", 1)
+    folder = tmp_path / "in"
+    write_audio(folder / "good.wav", 6.0, rate=44100, channels=2)
+    mp3 = make_mp3(tmp_path / "whole.mp3", 5.0)
+    (folder / "cut.mp3").write_bytes(mp3.read_bytes()[: mp3.stat().st_size * 2 // 3])
+    cfg = cfg_for(str(tmp_path / "store"), str(folder))
+    storage = Storage(cfg.storage.root)
+    rows = {
+        r["track_id"]: {**r, "fingerprint": r["track_id"]} for r in catalog_from_folder(str(folder))
+    }
+    settings = ingest_job.segmentation_settings(cfg)
+
+    cut = ingest_row(rows["cut"], settings, 0.7, None, storage, "segs")
+    assert (cut["status"], cut["reason"], cut["num_segments"]) == ("rejected", "truncated", 0)
+    assert not storage.exists("segs/part-cut.parquet")
+
+    good = ingest_row(rows["good"], settings, 0.7, None, storage, "segs")
+    shard = pq.ParquetFile(storage.open("segs/part-good.parquet"))
+    assert good["status"] == "segmented" and good["duration_s"] == pytest.approx(6.0)
+    assert shard.metadata.num_rows == good["num_segments"] == shard.num_row_groups == 5
+    written = shard.read().sort_by("segment_id")
+    assert written.equals(reference_segments([rows["good"]], cfg))
+
+    # Without a destination (the single-process baseline) nothing is written.
+    status = ingest_file(rows["good"], settings, 0.7, None, ShardWriter(None, None))
+    assert status["num_segments"] == 5 and storage.listdir("segs") == ["part-good.parquet"]
+
+
 # -- catalogs ------------------------------------------------------------------------------
 def test_catalog_kinds_and_manifest(tmp_path):
     assert resolve_catalog_kind(None, "auto") == "render"
@@ -337,6 +392,15 @@ def test_ray_ingest_local_folder_and_incremental(ray_local, tmp_path):
     cfg = cfg_for(storage.root, str(tmp_path / "in"))
     first = run_ingest(cfg, storage)
     table = _check_run(first, storage, expected)
+    # One pass, same rows: every column of every segment equals the Ray-free segmenter's
+    # output, and each segmented file has exactly one shard (rejected ones none).
+    rows, _ = build_catalog(cfg, storage)
+    written = read_segment_table(storage, first["version"], columns=SEGMENT_SCHEMA.names)
+    assert written.equals(reference_segments(rows, cfg))
+    files = pq.read_table(storage.open(f"ingest/{first['version']}/files.parquet")).to_pylist()
+    assert sorted(storage.listdir(f"ingest/{first['version']}/segments")) == sorted(
+        f"part-{f['fingerprint']}.parquet" for f in files if f["status"] == "segmented"
+    )
     assert first["counts"]["files_decoded"] == len(expected)
     assert first["inputs"]["source"] == str(tmp_path / "in")
     # The last segment of every track ends at the track end.

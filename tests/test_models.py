@@ -298,3 +298,23 @@ def test_window_relative_level_channel_makes_the_embedding_blind_to_the_chains_g
     assert torch.allclose(*out["window"], atol=1e-4)
     with pytest.raises(ValueError, match="level_reference"):
         EmbeddingModel(build_encoder("tiny", seed=0), level_reference="lufs")
+
+
+def test_fast_inference_off_in_the_config_gives_the_plain_forward(tmp_path):
+    """model.fast_inference=false (the serve benchmark's 'before' mode) reaches the Embedder."""
+    storage = Storage(str(tmp_path))
+    fast = Embedder.from_ref(load_config(None, [f"storage.root={tmp_path}"]), storage, "random")
+    plain_cfg = load_config(
+        None,
+        [
+            f"storage.root={tmp_path}",
+            "model.fast_inference=false",
+            "model.inference_precision=float32",
+        ],
+    )
+    plain = Embedder.from_ref(plain_cfg, storage, "random")
+    assert fast.fast and not plain.fast
+    audio = (0.1 * np.random.default_rng(4).standard_normal((3, fast.window_samples))).astype(
+        np.float32
+    )
+    assert np.abs(fast.embed(audio) - plain.embed(audio)).max() < 1e-3

@@ -1,10 +1,13 @@
-"""The ingest job: catalog -> Ray Data decode/segment -> segment table + rejects, versioned.
+"""The ingest job: catalog -> Ray Data decode/segment/write -> segment table + rejects, versioned.
 
 Every catalogued file ends up either segmented or rejected with a reason, and the manifest
-counts reconcile (``files_in == files_segmented + files_rejected``). Decoding runs as Ray Data
-tasks (one file per task input, output streamed in bounded batches). Each task emits segment
-rows and, last, one status row per file; a file that fails mid-stream gets a reject and its
-already-emitted segments are dropped before writing, so no partial track is ever published.
+counts reconcile (``files_in == files_segmented + files_rejected``). Ingest is one pass: each
+Ray Data task decodes its file in bounded blocks, cuts the segments and writes them straight
+to the file's own Parquet shard (``segments/part-<fingerprint>.parquet``, row groups of
+~16 MiB), returning only the file's status row. A file that fails mid-stream gets a reject and
+its shard is removed, so no partial track is ever published; a task retried after a lost node
+rewrites the same shard names, so a retry never duplicates segments. Nothing but status rows
+goes through Ray's object store, and the version is published only after every shard is written.
 
 Incremental runs: when the previous ingest version read the same source with the same
 segmentation settings, files whose catalog entry and size are unchanged are not decoded
@@ -18,8 +21,8 @@ import json
 import logging
 import os
 import posixpath
+import time
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -36,17 +39,6 @@ from mess_ray.storage import Storage, new_version
 
 log = logging.getLogger(__name__)
 
-FILE_FIELDS = [
-    ("file_track_id", pa.string()),
-    ("file_source_uri", pa.string()),
-    ("size", pa.int64()),
-    ("fingerprint", pa.string()),
-    ("status", pa.string()),
-    ("reason", pa.string()),
-    ("detail", pa.string()),
-    ("num_segments", pa.int64()),
-    ("duration_s", pa.float64()),
-]
 FILES_SCHEMA = pa.schema(
     [
         ("track_id", pa.string()),
@@ -60,8 +52,7 @@ FILES_SCHEMA = pa.schema(
         ("duration_s", pa.float64()),
     ]
 )
-# One stream carries both segment rows (kind="segment") and per-file status rows (kind="file").
-STREAM_SCHEMA = pa.schema([("kind", pa.string()), *SEGMENT_SCHEMA, *FILE_FIELDS])
+# Segment rows are written in row groups of about this many audio bytes: bounds a worker's memory.
 OUTPUT_BATCH_BYTES = 16 * 2**20
 STORAGE_ERROR_MODULES = {"botocore", "aiobotocore", "aiohttp", "urllib3", "requests"}
 
@@ -76,11 +67,69 @@ def segmentation_settings(cfg: MessRayConfig) -> dict[str, float]:
     }
 
 
-def _stream_table(segment_rows: list[dict[str, Any]], file_row: dict[str, Any] | None) -> pa.Table:
-    rows = [{"kind": "segment", **r} for r in segment_rows]
-    if file_row is not None:
-        rows.append({"kind": "file", **file_row})
-    return pa.Table.from_pylist(rows, schema=STREAM_SCHEMA)
+def shard_name(row: dict[str, Any]) -> str:
+    """The segment shard of one catalog row: deterministic, so a retried task overwrites it."""
+    return f"part-{row['fingerprint']}.parquet"
+
+
+class ShardWriter:
+    """Segment rows of one track -> one Parquet file, in row groups of ~OUTPUT_BATCH_BYTES.
+
+    The file is opened at the first row group (a file rejected before its first segment leaves
+    nothing behind) and :meth:`discard` removes it (a file rejected mid-stream publishes no
+    partial track). With ``storage=None`` the row groups are built and dropped (the
+    single-process baseline and the memory probe without a destination).
+    """
+
+    def __init__(self, storage: Storage | None, rel: str | None):
+        self.storage, self.rel = storage, rel
+        self.pending: list[dict[str, Any]] = []
+        self.pending_bytes = 0
+        self.count = 0
+        self._file = None
+        self._writer: pq.ParquetWriter | None = None
+
+    def add(self, seg: dict[str, Any]) -> None:
+        self.pending.append(seg)
+        self.pending_bytes += len(seg["audio"])
+        self.count += 1
+        if self.pending_bytes >= OUTPUT_BATCH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        table = pa.Table.from_pylist(self.pending, schema=SEGMENT_SCHEMA)
+        self.pending, self.pending_bytes = [], 0
+        if self.storage is None:
+            return
+        if self._writer is None:
+            self._file = self.storage.open(self.rel, "wb")
+            self._writer = pq.ParquetWriter(self._file, SEGMENT_SCHEMA)
+        self._writer.write_table(table)
+
+    def _close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def close(self) -> None:
+        """Write what is pending and close the file."""
+        self.flush()
+        self._close()
+
+    def discard(self) -> None:
+        """Close and remove the file (a rejected track)."""
+        self.pending, self.pending_bytes = [], 0
+        opened = self._writer is not None
+        try:
+            self._close()
+        finally:
+            if opened and self.storage.exists(self.rel):
+                self.storage.fs.rm(self.storage.path(self.rel))
 
 
 def ingest_file(
@@ -88,15 +137,16 @@ def ingest_file(
     settings: dict[str, float],
     read_block_s: float,
     s3_endpoint_url: str | None,
-) -> Iterator[pa.Table]:
-    """Stream tables for one catalog row: segment rows in bounded batches, then its status row."""
+    writer: ShardWriter,
+) -> dict[str, Any]:
+    """Decode, segment and write one catalog row in one pass; returns its :data:`FILES_SCHEMA` row.
+
+    Segments go to ``writer`` as they are cut (bounded memory whatever the file length); a
+    rejected file's shard is removed, so it contributes no segments, only its status row."""
     stats: dict[str, Any] = {}
-    pending: list[dict[str, Any]] = []
-    pending_bytes = 0
-    count = 0
     status = {
-        "file_track_id": row["track_id"],
-        "file_source_uri": row["source_uri"],
+        "track_id": row["track_id"],
+        "source_uri": row["source_uri"],
         "size": row["size"],
         "fingerprint": row["fingerprint"],
     }
@@ -111,53 +161,52 @@ def ingest_file(
             s3_endpoint_url,
             stats,
         ):
-            pending.append(seg)
-            pending_bytes += len(seg["audio"])
-            count += 1
-            if pending_bytes >= OUTPUT_BATCH_BYTES:
-                yield _stream_table(pending, None)
-                pending, pending_bytes = [], 0
+            writer.add(seg)
+        writer.close()
     except RejectError as err:
-        # Segments already emitted for this track are dropped by the job (status "rejected").
-        yield _stream_table(
-            [],
-            {
-                **status,
-                "status": "rejected",
-                "reason": err.reason,
-                "detail": err.detail,
-                "num_segments": 0,
-                "duration_s": float(stats.get("duration_s") or 0.0),
-            },
-        )
-        return
+        writer.discard()
+        return {
+            **status,
+            "status": "rejected",
+            "reason": err.reason,
+            "detail": err.detail,
+            "num_segments": 0,
+            "duration_s": float(stats.get("duration_s") or 0.0),
+        }
     except Exception as err:  # noqa: BLE001 - a decoder failure on one file must not fail the job
+        writer.discard()
         if type(err).__module__.split(".")[0] in STORAGE_ERROR_MODULES:
             raise  # the store is unreachable: retry/fail the task, do not blame the file
         log.warning("decode_error for %s: %r", row["source_uri"], err)
-        yield _stream_table(
-            [],
-            {
-                **status,
-                "status": "rejected",
-                "reason": "decode_error",
-                "detail": f"{type(err).__name__}: {err}",
-                "num_segments": 0,
-                "duration_s": 0.0,
-            },
-        )
-        return
-    yield _stream_table(
-        pending,
-        {
+        return {
             **status,
-            "status": "segmented",
-            "reason": "",
-            "detail": "",
-            "num_segments": count,
-            "duration_s": float(stats["duration_s"]),
-        },
-    )
+            "status": "rejected",
+            "reason": "decode_error",
+            "detail": f"{type(err).__name__}: {err}",
+            "num_segments": 0,
+            "duration_s": 0.0,
+        }
+    return {
+        **status,
+        "status": "segmented",
+        "reason": "",
+        "detail": "",
+        "num_segments": writer.count,
+        "duration_s": float(stats["duration_s"]),
+    }
+
+
+def ingest_row(
+    row: dict[str, Any],
+    settings: dict[str, float],
+    read_block_s: float,
+    s3_endpoint_url: str | None,
+    storage: Storage,
+    out_dir: str,
+) -> dict[str, Any]:
+    """One catalog row into its shard ``out_dir/part-<fingerprint>.parquet``; its status row."""
+    writer = ShardWriter(storage, posixpath.join(out_dir, shard_name(row)))
+    return ingest_file(row, settings, read_block_s, s3_endpoint_url, writer)
 
 
 def ingest_batch(
@@ -165,31 +214,21 @@ def ingest_batch(
     settings: dict[str, float],
     read_block_s: float,
     s3_endpoint_url: str | None,
+    storage: Storage,
+    out_dir: str,
     progress: Any = None,
-) -> Iterator[pa.Table]:
-    """Ray Data UDF: catalog rows in, stream tables out (see :func:`ingest_file`).
+) -> pa.Table:
+    """Ray Data UDF: catalog rows in, their status rows out; the segments are written as a side
+    effect, one shard per file (see :func:`ingest_file`), so nothing but status rows travels
+    through the object store.
 
     ``progress``: the console's progress actor (mess_ray.console), told of each finished file."""
+    out = []
     for row in batch.to_pylist():
-        yield from ingest_file(row, settings, read_block_s, s3_endpoint_url)
+        out.append(ingest_row(row, settings, read_block_s, s3_endpoint_url, storage, out_dir))
         if progress is not None:
             progress.update.remote(add=1)
-
-
-def select_segments(batch: pa.Table, rejected_tracks: list[str]) -> pa.Table:
-    """Segment rows of files that were not rejected, in :data:`SEGMENT_SCHEMA`."""
-    keep = pc.equal(batch["kind"], "segment")
-    if rejected_tracks:
-        keep = pc.and_(
-            keep, pc.invert(pc.is_in(batch["track_id"], pa.array(rejected_tracks, pa.string())))
-        )
-    return batch.filter(keep).select(SEGMENT_SCHEMA.names).cast(SEGMENT_SCHEMA)
-
-
-def select_file_rows(batch: pa.Table) -> pa.Table:
-    rows = batch.filter(pc.equal(batch["kind"], "file"))
-    rows = rows.select([name for name, _ in FILE_FIELDS])
-    return rows.rename_columns(FILES_SCHEMA.names).cast(FILES_SCHEMA)
+    return pa.Table.from_pylist(out, schema=FILES_SCHEMA)
 
 
 def keep_tracks(batch: pa.Table, track_ids: list[str]) -> pa.Table:
@@ -265,6 +304,15 @@ def run_ingest(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
     from mess_ray.raylocal import ensure_ray
     from mess_ray.segments import read_segments_ray
 
+    began = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(phase: str) -> None:
+        nonlocal began
+        now = time.perf_counter()
+        timings[phase] = round(now - began, 3)
+        began = now
+
     rows, source = build_catalog(cfg, storage)
     if not rows:
         raise ValueError(f"the ingest source ({source}) lists no files")
@@ -280,21 +328,27 @@ def run_ingest(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
         previous,
     )
 
+    lap("catalog")
     ensure_ray(cfg.ray)
+    lap("ray_connect")
     version = new_version()
     settings = segmentation_settings(cfg)
     cpus = cfg.ingest.cpus_per_task
     # Resolved on the driver: workers may have been started before AWS_ENDPOINT_URL was set.
     s3_endpoint_url = cfg.storage.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
 
+    out_dir = segments_dir(version)
+    if storage.protocol == "file":
+        storage.fs.makedirs(storage.path(out_dir), exist_ok=True)
     decoded_files = pa.Table.from_pylist([], schema=FILES_SCHEMA)
-    new_segments = None
     from mess_ray import console
 
     progress = console.progress_handle()
     console.report(progress, total=len(to_decode))
     if to_decode:
-        stream = (
+        # One pass: each task decodes, segments and writes its files' shards; only the small
+        # status rows come back to the driver.
+        file_rows = (
             ray.data.from_items(to_decode, override_num_blocks=min(len(to_decode), 256))
             .map_batches(
                 ingest_batch,
@@ -305,24 +359,15 @@ def run_ingest(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
                     "settings": settings,
                     "read_block_s": cfg.ingest.read_block_s,
                     "s3_endpoint_url": s3_endpoint_url,
+                    "storage": storage,
+                    "out_dir": out_dir,
                     "progress": progress,
                 },
             )
-            .materialize()
-        )  # decode once; the status rows and the segments are both read from it
-        file_rows = stream.map_batches(
-            select_file_rows, batch_format="pyarrow", num_cpus=cpus
-        ).take_all()
-        decoded_files = pa.Table.from_pylist(file_rows, schema=FILES_SCHEMA)
-        rejected_tracks = [
-            r["track_id"] for r in decoded_files.to_pylist() if r["status"] == "rejected"
-        ]
-        new_segments = stream.map_batches(
-            select_segments,
-            batch_format="pyarrow",
-            num_cpus=cpus,
-            fn_kwargs={"rejected_tracks": rejected_tracks},
+            .take_all()
         )
+        decoded_files = pa.Table.from_pylist(file_rows, schema=FILES_SCHEMA)
+    lap("decode_segment_write")
 
     carried_files = pa.Table.from_pylist(carried, schema=FILES_SCHEMA)
     files = pa.concat_tables([decoded_files, carried_files]).sort_by("track_id")
@@ -332,23 +377,16 @@ def run_ingest(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
         )
     counts = reconcile(files)
 
-    parts = [new_segments] if new_segments is not None else []
     carried_segmented = [r["track_id"] for r in carried if r["status"] == "segmented"]
     if carried_segmented:
-        parts.append(
-            read_segments_ray(storage, previous).map_batches(
-                keep_tracks,
-                batch_format="pyarrow",
-                num_cpus=cpus,
-                fn_kwargs={"track_ids": carried_segmented},
-            )
-        )
-
-    out_dir = segments_dir(version)
-    if counts["segments"] > 0:
-        segments = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-        segments.write_parquet(storage.path(out_dir), filesystem=storage.pyarrow_fs())
-    else:
+        read_segments_ray(storage, previous).map_batches(
+            keep_tracks,
+            batch_format="pyarrow",
+            num_cpus=cpus,
+            fn_kwargs={"track_ids": carried_segmented},
+        ).write_parquet(storage.path(out_dir), filesystem=storage.pyarrow_fs())
+    lap("carry_over")
+    if counts["segments"] == 0:
         # Readers open the folder as a dataset: an all-rejected run still has a (empty) table.
         _write_table(
             storage, posixpath.join(out_dir, "empty.parquet"), SEGMENT_SCHEMA.empty_table()
@@ -379,5 +417,8 @@ def run_ingest(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
             "files": posixpath.join("ingest", version, "files.parquet"),
         },
     }
+    lap("tables")
+    # Wall seconds by phase (not part of the result: the benchmark reports fixed costs from it).
+    manifest["timings_s"] = timings
     json.dumps(manifest)  # fail before publishing if anything is not serialisable
     return storage.publish("ingest", version, manifest)

@@ -4,7 +4,7 @@
 resident set size (``ru_maxrss``) belongs to that file alone, and reports it with the
 ``tracemalloc`` peak (Python and NumPy allocations). Mode ``"stream"`` is the worker path
 (:func:`mess_ray.ingest.job.ingest_file`: block decoding, soxr stream resampling, segmenting,
-16 MiB output batches, all discarded as produced); ``"whole_file"`` is the naive reading of the
+and writing the segments to a Parquet shard in ~16 MiB row groups, in a temporary folder); ``"whole_file"`` is the naive reading of the
 whole file followed by ``soxr.resample``, for comparison. :func:`write_long_wav` generates long
 test recordings block by block, so the generator itself stays small.
 """
@@ -72,7 +72,10 @@ def run_in_process(
     tracemalloc.start()
     began = time.perf_counter()
     if mode == "stream":
-        from mess_ray.ingest.job import ingest_file, select_file_rows
+        import tempfile
+
+        from mess_ray.ingest.job import ShardWriter, ingest_file
+        from mess_ray.storage import Storage
 
         row = {
             "source_uri": uri,
@@ -89,14 +92,10 @@ def run_in_process(
             "hop_s": hop_s,
             "min_duration_s": 0.0,
         }
-        status: dict[str, Any] = {}
-        segments = 0
-        for table in ingest_file(row, settings, read_block_s, None):
-            files = select_file_rows(table)
-            segments += table.num_rows - files.num_rows
-            if files.num_rows:
-                status = files.to_pylist()[0]
-            del table
+        with tempfile.TemporaryDirectory(prefix="ingest_probe_") as scratch:
+            writer = ShardWriter(Storage(scratch), "segments/part-probe.parquet")
+            status = ingest_file(row, settings, read_block_s, None, writer)
+        segments = int(status["num_segments"])
         if status.get("status") != "segmented":
             raise ValueError(
                 f"{uri} was not segmented: {status.get('reason')}: {status.get('detail')}"

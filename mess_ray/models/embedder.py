@@ -254,6 +254,7 @@ class Embedder:
                 window,
                 cfg.model.inference_batch_size,
                 cfg.model.inference_precision,
+                cfg.model.fast_inference,
             )
         # The recorded layer wins over the config: from_info must rebuild the same vectors.
         layer = info.get("layer", cfg.model.ssl_layer)
@@ -295,6 +296,7 @@ class Embedder:
             window,
             cfg.model.inference_batch_size,
             cfg.model.inference_precision,
+            cfg.model.fast_inference,
         )
 
 
