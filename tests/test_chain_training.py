@@ -120,7 +120,8 @@ def test_performance_rows_carry_a_partner_from_another_chain(tmp_path):
     version = write_chained_ingest(storage, pieces=2, per_track=3)
     items, counts = performance_items(storage, version, ["piece0"])
     assert counts == {"performances": 2, "performances_with_several_chains": 2, "tracks": 4}
-    batch = {k: np.array([it[k] for it in items[:1]], dtype=object) for k in ("tracks", "files")}
+    assert json.loads(items[0]["tracks"]) == ["piece0__legato__dry", "piece0__legato__train-1"]
+    batch = {k: np.array([it[k] for it in items[:1]]) for k in ("tracks", "files")}
     table = read_performance_rows(batch, storage.config().model_dump(), ["piece0"], None, None, 0)
     assert table.num_rows == 6  # 3 moments x 2 chains of one performance
     full = storage_rows(storage, version)

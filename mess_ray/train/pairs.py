@@ -83,7 +83,8 @@ def performance_items(
     storage: Storage, version: str, train_pieces: list[str]
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """One item per training performance: the segment files that hold its tracks (in any
-    chain) and those track ids; plus counts (performances, with several chains, tracks)."""
+    chain) and those track ids (JSON lists); plus counts (performances, with several chains,
+    tracks)."""
     from mess_ray.segments import segments_dataset
 
     dataset = segments_dataset(storage, version)
@@ -106,8 +107,13 @@ def performance_items(
             tracks_of[performance].add(tid)
             chains_of[performance].add(chain)
             files_of[performance].add(fragment.path)
+    # Lists travel as JSON text: Ray Data's numpy batches keep plain strings as they are.
     items = [
-        {"performance": p, "tracks": sorted(tracks_of[p]), "files": sorted(files_of[p])}
+        {
+            "performance": p,
+            "tracks": json.dumps(sorted(tracks_of[p])),
+            "files": json.dumps(sorted(files_of[p])),
+        }
         for p in sorted(tracks_of)
     ]
     counts = {
@@ -138,8 +144,8 @@ def read_performance_rows(
     columns = [*PAIR_COLUMNS, "audio"]
     schema = pa.schema([SEGMENT_SCHEMA.field(c) for c in columns])
     out = []
-    for tracks, files in zip(batch["tracks"], batch["files"]):
-        tracks = set(tracks)
+    for tracks_json, files_json in zip(batch["tracks"], batch["files"]):
+        tracks, files = set(json.loads(str(tracks_json))), json.loads(str(files_json))
         parts = [pq.read_table(path, columns=columns, filesystem=fs) for path in files]
         table = pa.concat_tables([p.cast(schema) for p in parts]) if parts else schema.empty_table()
         keep = pa.array([t in tracks for t in table["track_id"].to_pylist()], pa.bool_())
