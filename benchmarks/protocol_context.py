@@ -8,6 +8,7 @@ the unpooled model against each width). Test pieces are never embedded.
 
     python -m benchmarks.protocol_context --set storage.root=./protocol-data
     python -m benchmarks.protocol_context --model finetune --neighbours 1 2 4 --decay 0.7
+    python -m benchmarks.protocol_context --model finetune --compare <model folder> --neighbours
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/protocol.yaml")
     parser.add_argument("--set", action="append", default=[], help="config override key=value")
     parser.add_argument("--model", default="finetune")
-    parser.add_argument("--neighbours", nargs="+", type=int, default=[1, 2])
+    parser.add_argument(
+        "--compare",
+        nargs="*",
+        default=[],
+        help="further model refs (folders) scored on the same views, paired against --model",
+    )
+    parser.add_argument("--neighbours", nargs="*", type=int, default=[1, 2])
     parser.add_argument("--decay", type=float, default=0.7)
     args = parser.parse_args(argv)
 
@@ -54,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     full[validation] = vectors  # test rows stay zero: no view below reads them
     embedded_s = time.time() - started
     systems = {args.model: full}
+    for ref in args.compare:
+        other, _ = embed_system(cfg, storage, ref, data.perf.subset(validation))
+        systems[ref] = np.zeros((len(data.perf), other.shape[1]), dtype=np.float64)
+        systems[ref][validation] = other
     for k in args.neighbours:
         pooled = np.zeros_like(full)
         pooled[validation] = pool_neighbours(
