@@ -253,7 +253,17 @@ class RenderConfig(_Section):
         "of eval.holdout_fraction / eval.seed), so no training stage ever hears them.",
     )
 
-    @field_validator("chains", "eval_chains")
+    train_piece_chains: list[str] = Field(
+        default_factory=list,
+        description="Extra training-side chains ('train-<seed>') rendered for the training pieces "
+        "only (not the eval.holdout_fraction / eval.seed held-out pieces): pretraining and "
+        "fine-tuning hear every performance through several pianos, rooms and microphones, the "
+        "evaluation's chain conditions stay render.chains + render.eval_chains. Fine-tuning pairs "
+        "a segment with the same performance at the same time through another chain "
+        "(finetune.cross_chain_views).",
+    )
+
+    @field_validator("chains", "eval_chains", "train_piece_chains")
     @classmethod
     def _known_chains(cls, value: list[str]) -> list[str]:
         import re as _re
@@ -264,6 +274,21 @@ class RenderConfig(_Section):
             if name != "dry" and not _re.fullmatch(r"(train|eval)-\d+", name):
                 raise ValueError(f"unknown chain {name!r}: 'dry', 'train-<n>' or 'eval-<n>'")
         return value
+
+    @model_validator(mode="after")
+    def _chain_sides(self) -> RenderConfig:
+        wrong = [c for c in self.train_piece_chains if not c.startswith("train-")]
+        if wrong:
+            raise ValueError(
+                f"render.train_piece_chains takes training-side chains ('train-<n>') only, got {wrong}"
+            )
+        both = set(self.train_piece_chains) & set(self.chains)
+        if both:
+            raise ValueError(
+                f"{sorted(both)} is in render.chains already (every piece): drop it from "
+                "render.train_piece_chains"
+            )
+        return self
 
 
 class IngestConfig(_Section):
@@ -443,6 +468,21 @@ class PretrainConfig(TrainConfig):
         description="Leave the evaluation hold-out pieces (eval.holdout_fraction, eval.seed) out of "
         "pretraining too, so the benchmark measures the SSL encoder on audio it never saw.",
     )
+    chain_augment_prob: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Chance that a pretraining segment reaches the encoder recorded through a "
+        "training-side chain (mess_ray.render.chains.record_segment, as finetune.augment.chain_prob) "
+        "while its masked-prediction targets come from the clean segment: codes that survive the room, "
+        "microphone and codec. 0: off.",
+    )
+    chain_pool: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Chains the pretraining augmentation draws from (cached rooms).",
+    )
 
     @field_validator("targets")
     @classmethod
@@ -469,6 +509,22 @@ class AugmentConfig(_Section):
         0.5, ge=0, le=1, description="Chance that a view gets a reverb tail."
     )
     reverb_max_s: float = Field(0.4, ge=0, description="Longest synthetic reverb RT60.")
+    chain_prob: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Chance that an augmented view is recorded through a training-side recording "
+        "chain instead (mess_ray.render.chains.record_segment: the renderer's simulated room, "
+        "microphone EQ, level as a fixed gain, noise, MP3 codec; the SoundFont stays). 0: off.",
+    )
+    chain_pool: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Chains the augmentation draws from (train-1000 ... train-<999 + chain_pool>); "
+        "each worker simulates each room once and caches its impulse response, so a view costs a "
+        "convolution, three filters and an MP3 round trip.",
+    )
 
 
 # finetune.augment_<x> before the settings were nested: finetune.augment.<x>
@@ -538,6 +594,14 @@ class FinetuneConfig(TrainConfig):
         default_factory=AugmentConfig,
         description="Augmented views added as positives; these are the augmentation settings "
         "themselves (mess_ray.train.augment.augment_batch reads them).",
+    )
+    cross_chain_views: bool = Field(
+        False,
+        description="Positives across recording chains: every training segment is paired with the same "
+        "performance at the same time (same performance id and start sample) rendered through another "
+        "chain (render.chains / render.train_piece_chains), added as a positive view that shares its "
+        "label; the training data is then read one performance per block (mess_ray.train.pairs). "
+        "Segments whose moment no other chain holds get no partner.",
     )
     mine_clusters: int = Field(
         0,

@@ -139,3 +139,34 @@ def split_pieces(piece_ids, fraction: float, seed: int = 0) -> tuple[list[str], 
     n_holdout = sum(_piece_score(p, seed) < fraction for p in pieces)
     n_holdout = min(max(n_holdout, floor), n - floor)
     return sorted(pieces[n_holdout:]), sorted(pieces[:n_holdout])
+
+
+def pool_neighbours(
+    vectors: np.ndarray,
+    track_ids,
+    starts_s,
+    hop_s: float,
+    neighbours: int,
+    decay: float = 0.5,
+) -> np.ndarray:
+    """Phrase-level context: each segment's unit vector averaged with those of its
+    ``neighbours`` segments on each side *in the same recording* (weight ``decay`` ** steps
+    away), re-normalised. ``neighbours=0`` returns the unit vectors. Segments of other
+    recordings never mix."""
+    x = np.asarray(vectors, dtype=np.float64)
+    if x.ndim != 2 or len(x) != len(track_ids) or len(x) != len(starts_s):
+        raise ValueError("vectors, track ids and start times disagree on the number of segments")
+    if neighbours < 0 or hop_s <= 0 or not 0 <= decay <= 1:
+        raise ValueError("pool_neighbours needs neighbours >= 0, hop_s > 0 and 0 <= decay <= 1")
+    unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    if neighbours == 0:
+        return unit
+    tracks = np.asarray(track_ids, dtype=object)
+    steps = np.round(np.asarray(starts_s, dtype=np.float64) / hop_s).astype(np.int64)
+    out = np.zeros_like(unit)
+    for track in dict.fromkeys(tracks.tolist()):
+        rows = np.flatnonzero(tracks == track)
+        distance = np.abs(steps[rows, None] - steps[None, rows])
+        weights = np.where(distance <= neighbours, float(decay) ** distance, 0.0)
+        out[rows] = weights @ unit[rows]
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)

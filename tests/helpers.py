@@ -725,3 +725,57 @@ def render_and_ingest_without_ray(cfg: MessRayConfig, storage: Storage, plan) ->
         pq.write_table(pa.Table.from_pylist(segments, schema=SEGMENT_SCHEMA), f)
     storage.publish("ingest", ingest, {"counts": {"segments": len(segments)}})
     return rows
+
+
+def write_chained_ingest(
+    storage: Storage,
+    pieces: int = 4,
+    per_track: int = 3,
+    chains: tuple[str, ...] = ("dry", "train-1"),
+    version: str = "ing-chains",
+) -> str:
+    """Styled performances, each rendered through several recording chains (track
+    ``<performance>__<chain>``, catalog metadata with ``performance_id`` and ``chain_json`` as the
+    renderer writes them); chain k is the same notes at another level with added noise. One
+    parquet file per piece."""
+    total = 0
+    for piece in range(pieces):
+        rows = []
+        for style in STYLES[:2]:
+            performance = f"piece{piece}__{style}"
+            for k, chain in enumerate(chains):
+                track = f"{performance}__{chain}"
+                meta = json.dumps(
+                    {
+                        "performance_id": performance,
+                        "chain_json": json.dumps({"name": chain}),
+                        "chain_id": f"{chain}-000000",
+                    }
+                )
+                for i in range(per_track):
+                    start = i * SR
+                    audio = clip(piece, style, i)
+                    if k:
+                        noise = np.random.default_rng([piece, k, i]).standard_normal(len(audio))
+                        audio = (audio * (0.5 + 0.3 * k) + 0.01 * noise).astype(np.float32)
+                    rows.append(
+                        {
+                            "segment_id": segment_id(track, start),
+                            "track_id": track,
+                            "piece_id": f"piece{piece}",
+                            "style": style,
+                            "start_s": start / SR,
+                            "end_s": start / SR + 2.0,
+                            "start_sample": start,
+                            "num_samples": len(audio),
+                            "sample_rate": SR,
+                            "source_uri": f"mem://{track}.wav",
+                            "metadata_json": meta,
+                            "audio": encode_audio(audio),
+                        }
+                    )
+        total += len(rows)
+        with storage.open(f"ingest/{version}/segments/part-{piece:03d}.parquet", "wb") as f:
+            pq.write_table(pa.Table.from_pylist(rows, schema=SEGMENT_SCHEMA), f)
+    storage.publish("ingest", version, {"counts": {"segments": total}})
+    return version

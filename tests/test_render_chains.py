@@ -150,6 +150,38 @@ def test_chain_plan_renders_eval_chains_for_held_out_pieces_only(tmp_path):
     assert len(full) == 2 * len(plan) + sum(r.piece_id in held for r in refs)
 
 
+def test_train_piece_chains_render_training_pieces_only(tmp_path):
+    from mess_ray.render.sources import list_score_refs
+
+    root = make_asap_folder(tmp_path / "asap")
+    refs = list_score_refs(RenderConfig(source="asap", source_path=str(root)))
+    plan = plan_tracks(refs, [])
+    held = {refs[0].piece_id}
+    full = chain_plan(plan, [DRY], ["eval-1"], held, ["train-1", "train-2"])
+    for ref, _, tid, chain in full:
+        assert tid.endswith(f"__{chain}")
+        if chain.startswith("train-"):
+            assert ref.piece_id not in held
+        if chain.startswith("eval-"):
+            assert ref.piece_id in held
+    n_held = sum(r.piece_id in held for r in refs)
+    assert len(full) == len(plan) + n_held + 2 * (len(plan) - n_held)
+    # without eval chains, training-piece chains alone still give every track a chain suffix
+    assert all(
+        t.endswith(f"__{c}") for _, _, t, c in chain_plan(plan, [DRY], [], held, ["train-1"])
+    )
+
+
+def test_train_piece_chains_are_validated():
+    assert RenderConfig(train_piece_chains=["train-3"]).train_piece_chains == ["train-3"]
+    with pytest.raises(ValueError, match="training-side"):
+        RenderConfig(train_piece_chains=["eval-1"])
+    with pytest.raises(ValueError, match="training-side"):
+        RenderConfig(train_piece_chains=["dry"])
+    with pytest.raises(ValueError, match="already"):
+        RenderConfig(chains=["dry", "train-1"], train_piece_chains=["train-1"])
+
+
 def test_run_render_records_every_chain_in_the_catalog(ray_local, tmp_path):
     root = make_asap_folder(tmp_path / "asap")
     cfg = load_config(

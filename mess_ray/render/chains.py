@@ -20,6 +20,7 @@ is the codec. Order: synth -> room -> microphone EQ -> loudness -> noise -> code
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -93,8 +94,10 @@ def find_soundfont(file_name: str) -> str:
     )
 
 
-def sample_chain(side: str, seed: int) -> ChainSpec:
-    """A chain drawn from ``seed`` for the ``train`` or ``eval`` side (same seed, same chain)."""
+def sample_chain(side: str, seed: int, with_soundfont: bool = True) -> ChainSpec:
+    """A chain drawn from ``seed`` for the ``train`` or ``eval`` side (same seed, same chain).
+    ``with_soundfont=False`` leaves the SoundFont unresolved (``None``: effects only, for
+    on-the-fly augmentation of audio that is already synthesised)."""
     if side not in ("train", "eval"):
         raise ValueError(f"chain side must be 'train' or 'eval', got {side!r}")
     rng = np.random.default_rng([seed, 0 if side == "train" else 1])
@@ -121,7 +124,7 @@ def sample_chain(side: str, seed: int) -> ChainSpec:
     )
     return ChainSpec(
         name=f"{side}-{seed}",
-        soundfont=find_soundfont(font),
+        soundfont=find_soundfont(font) if with_soundfont else None,
         room=RoomSpec(rt60_s=round(rt60, 3), dims_m=dims, source_m=source, mic_m=mic, wet=1.0),
         eq=eq,
         lufs=round(float(rng.uniform(-30, -16)), 2),
@@ -150,8 +153,11 @@ def chain_side(name: str) -> str:
 
 
 # -- processing ----------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=32)
 def room_impulse_response(room: RoomSpec, sample_rate: int) -> np.ndarray:
-    """The simulated impulse response (pyroomacoustics: image sources + ray tracing), peak 1."""
+    """The simulated impulse response (pyroomacoustics: image sources + ray tracing), peak 1.
+    Cached per process (the simulation takes seconds; a room's response never changes): the
+    returned array is read-only."""
     import pyroomacoustics as pra
 
     absorption, _ = pra.inverse_sabine(room.rt60_s, list(room.dims_m))
@@ -172,7 +178,9 @@ def room_impulse_response(room: RoomSpec, sample_rate: int) -> np.ndarray:
     pra.random.seed(numpy=seed, libroom=seed)
     shoebox.compute_rir()
     rir = np.asarray(shoebox.rir[0][0], dtype=np.float64)
-    return rir / max(float(np.abs(rir).max()), 1e-12)
+    rir = rir / max(float(np.abs(rir).max()), 1e-12)
+    rir.setflags(write=False)
+    return rir
 
 
 def zlib_seed(text: str) -> int:
@@ -262,3 +270,38 @@ def render_with_chain(midi, cfg, chain: ChainSpec, wav_path: str) -> tuple[float
     params = chain.model_dump(mode="json")
     params["soundfont"] = synth_cfg.soundfont
     return len(audio) / cfg.sample_rate, params
+
+
+# -- on-the-fly augmentation ---------------------------------------------------------------------
+AUGMENT_CHAIN_SEED0 = (
+    1000  # augmentation chains are train-1000, train-1001, ... (not rendered ones)
+)
+REFERENCE_LUFS = -23.0  # EBU R128: a chain's loudness target, as a gain relative to this
+
+
+@functools.lru_cache(maxsize=256)
+def augmentation_chain(index: int) -> ChainSpec:
+    """The ``index``-th training-side chain of the augmentation pool (effects only)."""
+    if index < 0:
+        raise ValueError(f"augmentation chain index must be >= 0, got {index}")
+    return sample_chain("train", AUGMENT_CHAIN_SEED0 + index, with_soundfont=False)
+
+
+def record_segment(
+    audio: np.ndarray, sample_rate: int, chain: ChainSpec, noise_seed: int
+) -> np.ndarray:
+    """A segment of synthesised audio "recorded" through ``chain``'s effects after synthesis
+    (:func:`apply_chain`: room, microphone EQ, noise, codec), for on-the-fly augmentation.
+
+    Loudness normalisation is a property of a whole recording, so on a segment it becomes a
+    fixed gain (the chain's LUFS target relative to :data:`REFERENCE_LUFS`): the level
+    differences between segments of one recording (the player's dynamics) are kept. The noise
+    is drawn from ``noise_seed``. A silent segment (padding) is returned unchanged."""
+    x = np.asarray(audio, dtype=np.float32)
+    if x.ndim != 1:
+        raise ValueError("record_segment takes mono audio ([samples])")
+    if x.size == 0 or not np.any(x):
+        return x.copy()
+    gain = 1.0 if chain.lufs is None else 10.0 ** ((chain.lufs - REFERENCE_LUFS) / 20.0)
+    effects = chain.model_copy(update={"lufs": None, "noise_seed": int(noise_seed)})
+    return apply_chain(x * np.float32(gain), sample_rate, effects)

@@ -101,14 +101,17 @@ def chain_plan(
     chains: list[str],
     eval_chains: list[str],
     held_out_pieces: set[str],
+    train_piece_chains: list[str] | tuple[str, ...] = (),
 ) -> list[tuple[ScoreRef, StyleSpec | None, str, str]]:
     """Every planned track through every chain: (ref, style, track id, chain name). Only
     ``chains == ['dry']`` keeps the bare track ids; otherwise ``<track id>__<chain>``.
-    Evaluation-only chains render held-out pieces only."""
-    bare = list(chains) == [DRY] and not eval_chains
+    Evaluation-only chains render held-out pieces only; ``train_piece_chains`` the other
+    (training) pieces only."""
+    bare = list(chains) == [DRY] and not eval_chains and not train_piece_chains
     out = []
     for ref, style, tid in plan:
-        names = list(chains) + (list(eval_chains) if ref.piece_id in held_out_pieces else [])
+        held = ref.piece_id in held_out_pieces
+        names = list(chains) + list(eval_chains if held else train_piece_chains)
         for name in names:
             out.append((ref, style, tid if bare else f"{tid}__{name}", name))
     return out
@@ -300,11 +303,17 @@ def run_render(cfg: MessRayConfig, storage: Storage) -> dict:
             [r.piece_id for r in refs], cfg.eval.holdout_fraction, cfg.eval.seed
         ).held_out
     )
-    for name in [*rcfg.chains, *rcfg.eval_chains]:
+    for name in [*rcfg.chains, *rcfg.eval_chains, *rcfg.train_piece_chains]:
         chain = resolve_chain(name, rcfg.soundfont)  # fail before starting any task
         check_soundfont(chain.soundfont or rcfg.soundfont)
     grid = grid_plan(refs, rcfg, held_out)  # checks the presets before any task starts
-    plan = chain_plan(plan_tracks(refs, rcfg.styles), rcfg.chains, rcfg.eval_chains, held_out)
+    plan = chain_plan(
+        plan_tracks(refs, rcfg.styles),
+        rcfg.chains,
+        rcfg.eval_chains,
+        held_out,
+        rcfg.train_piece_chains,
+    )
     plan += grid
     version = new_version()
     log.info("render %s: %d pieces, %d tracks", version, len({r.piece_id for r in refs}), len(plan))
@@ -353,6 +362,7 @@ def run_render(cfg: MessRayConfig, storage: Storage) -> dict:
             "chains": list(rcfg.chains),
             "eval_chains": list(rcfg.eval_chains),
             "style_grid": rcfg.style_grid.model_dump(mode="json"),
+            "train_piece_chains": list(rcfg.train_piece_chains),
             "config_digest": cfg.digest(),
         },
         "counts": {

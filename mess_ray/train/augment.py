@@ -68,14 +68,56 @@ def synthetic_reverb(
     return match_rms(x + wet * match_rms(wet_signal, x), x)
 
 
+def chain_views(
+    x: torch.Tensor,
+    sample_rate: int,
+    prob: float,
+    pool: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Each row, with chance ``prob``, recorded through one of ``pool`` training-side recording
+    chains (:func:`mess_ray.render.chains.record_segment`: the renderer's own simulated room,
+    microphone EQ, level, noise and MP3 codec; the SoundFont stays); other rows unchanged.
+
+    The draws (which rows, which chain, the noise seed) come from ``generator``, so a seeded
+    generator gives the same views. Cost is bounded: each chain's room is simulated once per
+    process (cached), then a row costs a convolution, three filters and an MP3 round trip."""
+    from mess_ray.render.chains import augmentation_chain, record_segment
+
+    if x.dim() != 2:
+        raise ValueError(f"chain_views expects [batch, samples], got {tuple(x.shape)}")
+    if pool < 1:
+        raise ValueError(f"the chain pool must hold at least one chain, got {pool}")
+    b = x.shape[0]
+    chosen = torch.rand(b, generator=generator) < prob
+    which = torch.randint(pool, (b,), generator=generator)
+    noise_seeds = torch.randint(2**31 - 1, (b,), generator=generator)
+    if not chosen.any():
+        return x
+    out = x.clone()
+    for i in torch.nonzero(chosen).flatten().tolist():
+        recorded = record_segment(
+            x[i].detach().cpu().numpy(),
+            sample_rate,
+            augmentation_chain(int(which[i])),
+            int(noise_seeds[i]),
+        )
+        out[i] = torch.from_numpy(recorded).to(dtype=x.dtype, device=x.device)
+    return out
+
+
 def augment_batch(
     x: torch.Tensor, settings: AugmentConfig, sample_rate: int, generator: torch.Generator
 ) -> torch.Tensor:
     """One augmented view of every row (``sample_rate`` Hz): EQ tilt, then reverb (some rows),
-    then noise; ``settings`` is the ``finetune.augment`` block."""
+    then noise; ``settings`` is the ``finetune.augment`` block. With ``chain_prob`` > 0, that
+    share of rows is instead recorded through a training-side chain (:func:`chain_views`)."""
     if x.dim() != 2:
         raise ValueError(f"augment_batch expects [batch, samples], got {tuple(x.shape)}")
     b = x.shape[0]
+    recorded = None
+    if settings.chain_prob > 0:
+        recorded = chain_views(x, sample_rate, settings.chain_prob, settings.chain_pool, generator)
 
     def uniform(low: float, high: float) -> torch.Tensor:
         return low + (high - low) * torch.rand(b, generator=generator, dtype=x.dtype)
@@ -93,4 +135,8 @@ def augment_batch(
         out = add_noise(
             out, uniform(settings.noise_snr_db, settings.noise_snr_db + 20.0), generator
         )
+    if recorded is not None:
+        # rows that went through a chain keep that view (a chain has its own room and noise)
+        changed = (recorded != x).any(dim=-1, keepdim=True)
+        out = torch.where(changed, recorded, out)
     return out

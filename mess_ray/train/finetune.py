@@ -26,6 +26,7 @@ segments with neither a style, a mined label nor MIDI are skipped.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -49,6 +50,7 @@ from mess_ray.train.common import (
 )
 from mess_ray.train.finetune_settings import EmbeddingOptions, FinetuneLoop
 from mess_ray.train.losses import finetune_loss
+from mess_ray.train.pairs import performance_items, read_performance_rows
 from mess_ray.train.targets import (
     TrainingRows,
     facet_groups,
@@ -56,6 +58,8 @@ from mess_ray.train.targets import (
     select_training_rows,
     training_descriptor_stats,
 )
+
+log = logging.getLogger(__name__)
 
 
 # -- model ---------------------------------------------------------------------------------
@@ -125,13 +129,39 @@ def run_finetune(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
             left_out_tracks=rows.left_out_tracks,
         )
     loop = finetune_loop(cfg, init, inputs, rows, descriptor_stats)
-    dataset = (
-        read_segments_ray(
+    pairing = None
+    if ft.cross_chain_views:
+        import ray.data
+
+        # One performance (all of its chains) per block: each row's partner is at hand.
+        items, pairing = performance_items(storage, ingest_version, rows.train_pieces)
+        if not items:
+            raise ValueError("cross_chain_views: no training performance in the ingest version")
+        if pairing["performances_with_several_chains"] == 0:
+            log.warning(
+                "finetune.cross_chain_views: no training performance has two chains "
+                "(render.chains / render.train_piece_chains): no cross-chain positives"
+            )
+        dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            read_performance_rows,
+            batch_size=1,
+            fn_kwargs={
+                "storage_cfg": storage.config().model_dump(),
+                "train_pieces": rows.train_pieces,
+                "mined": rows.mined,
+                "with_midi": set(rows.midi_targets),
+                "left_out_tracks": rows.left_out_tracks,
+                "seed": ft.seed,
+            },
+            batch_format="numpy",
+            num_cpus=0.25,
+        )
+    else:
+        dataset = read_segments_ray(
             storage,
             ingest_version,
             columns=["segment_id", "audio", "style", "piece_id", "track_id"],
-        )
-        .map_batches(
+        ).map_batches(
             filter_training_rows,
             fn_kwargs={
                 "train_pieces": rows.train_pieces,
@@ -142,10 +172,9 @@ def run_finetune(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
             batch_format="pyarrow",
             num_cpus=0.25,
         )
-        # Files hold one track or piece each: visit them in random order, and each
-        # worker's local shuffle buffer (train.shuffle_buffer) mixes styles within batches.
-        .randomize_block_order(seed=ft.seed)
-    )
+    # Files (or performances) hold one track or piece each: visit them in random order, and
+    # each worker's local shuffle buffer (train.shuffle_buffer) mixes styles within batches.
+    dataset = dataset.randomize_block_order(seed=ft.seed)
     ft = with_run_name(cfg, "finetune", ft, inputs)
     result = fit(cfg, storage, FINETUNE_TASK, ft, dataset, loop)
     with_midi = bool(rows.midi_targets)
@@ -177,6 +206,8 @@ def run_finetune(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
             "facet_groups": loop.facet_groups,
             # Which pianists fine-tuning heard (the protocol's unseen-pianist rows read it here).
             "pianists": rows.pianists,
+            "cross_chain_views": pairing,
+            "augment": ft.augment.model_dump(mode="json"),
         },
     )
 
@@ -222,6 +253,7 @@ def finetune_loop(
             ),
         ),
         augment=ft.augment,
+        cross_chain_views=ft.cross_chain_views,
         descriptor_stats=descriptor_stats if facets_supervised else None,
         facet_groups=facet_groups() if facets_supervised else None,
         facet_weight=ft.facet_weight if facets_supervised else 0.0,

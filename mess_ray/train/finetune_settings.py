@@ -44,6 +44,8 @@ class FinetuneLoop:
     contrastive_target: Literal["full", "overall"] = "full"
     embedding: EmbeddingOptions = field(default_factory=EmbeddingOptions)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # the same performance at the same time through another chain as a positive view
+    cross_chain_views: bool = False
     # facet heads: z-scoring stats of the collate's descriptors (None: no facet targets)
     descriptor_stats: dict[str, Any] | None = None
     facet_groups: dict[str, list[int]] | None = None

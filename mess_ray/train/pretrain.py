@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from mess_ray.models.encoder import save_encoder as save_encoder_folder
 from mess_ray.segments import read_segments_ray, segments_dataset, split_pieces, window_samples
 from mess_ray.splits import pianist_holdout, read_track_pianists
 from mess_ray.storage import Storage
+from mess_ray.train.augment import chain_views
 from mess_ray.train.common import (
     TrainTask,
     decode_audio_column,
@@ -356,12 +358,19 @@ class HubertPretrainModel(nn.Module):
         )
         self.mask_prob, self.mask_length = mask_prob, mask_length
 
-    def forward(self, waveform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, waveform: torch.Tensor, clean: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``clean``: the audio the targets come from when ``waveform`` is an augmented view of
+        it (the encoder must predict the clean recording's codes through the chain)."""
         frames = num_frames(self.encoder, waveform.shape[1])
+        source = waveform if clean is None else clean
+        if source.shape != waveform.shape:
+            raise ValueError("clean and augmented audio disagree on their shape")
         # Targets in float32 even under bf16 autocast: they must match the driver's codebook.
         with torch.no_grad(), torch.autocast(device_type=waveform.device.type, enabled=False):
             targets = torch.stack(
-                [align_targets(book(waveform), frames) for book in self.codebooks.values()]
+                [align_targets(book(source), frames) for book in self.codebooks.values()]
             )
         mask = span_mask(waveform.shape[0], frames, self.mask_prob, self.mask_length).to(
             waveform.device
@@ -399,6 +408,9 @@ class PretrainLoop:
     mask_prob: float
     mask_length: int
     window_samples: int
+    chain_augment_prob: float = 0.0  # pretrain.chain_augment_prob
+    chain_pool: int = 8
+    seed: int = 0
 
 
 def build_pretrain_model(loop: PretrainLoop) -> nn.Module:
@@ -413,13 +425,24 @@ def build_pretrain_model(loop: PretrainLoop) -> nn.Module:
 
 
 def collate_audio(batch: dict, loop: PretrainLoop) -> dict[str, torch.Tensor]:
-    return {"audio": decode_audio_column(batch["audio"], loop.window_samples)}
+    """Decoded audio; with chain augmentation, the encoder's input is the audio recorded through
+    training-side chains (some rows) and the targets come from the clean audio (``clean``)."""
+    audio = decode_audio_column(batch["audio"], loop.window_samples)
+    if loop.chain_augment_prob <= 0:
+        return {"audio": audio}
+    # Seeded from the batch's content, so a resumed run sees the same views.
+    digest = zlib.crc32(b"".join(bytes(blob)[:64] for blob in batch["audio"]))
+    generator = torch.Generator().manual_seed(digest + loop.seed)
+    augmented = chain_views(
+        audio, loop.sample_rate, loop.chain_augment_prob, loop.chain_pool, generator
+    )
+    return {"audio": augmented, "clean": audio}
 
 
 def pretrain_loss(
     model: nn.Module, batch: dict, loop: PretrainLoop
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    logits, targets, mask = model(batch["audio"])
+    logits, targets, mask = model(batch["audio"], batch.get("clean"))
     loss, accuracy = masked_prediction_loss(logits, targets, mask)
     return loss, {"masked_accuracy": accuracy, "masked_fraction": float(mask.float().mean())}
 
@@ -579,6 +602,9 @@ def run_pretrain(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
         mask_prob=cfg.pretrain.mask_prob,
         mask_length=cfg.pretrain.mask_length,
         window_samples=window_samples(cfg.audio.window_s, cfg.audio.sample_rate),
+        chain_augment_prob=cfg.pretrain.chain_augment_prob,
+        chain_pool=cfg.pretrain.chain_pool,
+        seed=cfg.pretrain.seed,
     )
     if exclude or holdout.tracks:
         dataset = read_segments_ray(
