@@ -350,6 +350,7 @@ def test_run_render_music21_two_pieces_two_styles(ray_local, tmp_path):
         "tracks": 4,
         "failed": 0,
         "failed_pieces": 0,
+        "style_grid_tracks": 0,
     }
     catalog = _check_artifact(storage, manifest, 4)
     rows = catalog.to_pylist()
