@@ -73,36 +73,12 @@ def emit(record: dict) -> None:
 
 def figure_lines(manifest: dict) -> list[dict]:
     """The headline rows of the protocol table as JSON-line records."""
-    from mess_ray.eval.protocol import headline_rows
+    from mess_ray.eval.protocol import figure_fields, headline_rows
 
     protocol = manifest.get("protocol") or {}
     if "rows" not in protocol:
         raise RuntimeError(f"the evaluation wrote no protocol table: {protocol.get('skipped')}")
-    keys = (
-        "split",
-        "task",
-        "chains",
-        "metric",
-        "system",
-        "value",
-        "ci_low",
-        "ci_high",
-        "pieces",
-        "queries",
-        "chance",
-        "ci_low_pianists",
-        "ci_high_pianists",
-        "pianists",
-        "reference",
-        "diff",
-        "diff_low",
-        "diff_high",
-        "reference_verdict",
-    )
-    return [
-        {"figure": "protocol", **{k: r[k] for k in keys if k in r}}
-        for r in headline_rows(protocol["rows"])
-    ]
+    return [{"figure": "protocol", **figure_fields(r)} for r in headline_rows(protocol["rows"])]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from mess_ray.eval.protocol import (
         PASSAGE,
         build_views,
+        figure_fields,
         headline_rows,
         load_eval_data,
         score_table,
@@ -98,26 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         emit_with_load(
             figure="protocol_context",
             decay=args.decay,
-            **{
-                k: row[k]
-                for k in (
-                    "split",
-                    "task",
-                    "chains",
-                    "metric",
-                    "system",
-                    "value",
-                    "ci_low",
-                    "ci_high",
-                    "pieces",
-                    "queries",
-                    "diff",
-                    "diff_low",
-                    "diff_high",
-                    "reference_verdict",
-                )
-                if k in row
-            },
+            **figure_fields(row),
         )
     emit_with_load(
         figure="protocol_context_run",

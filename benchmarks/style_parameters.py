@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     import pyarrow.compute as pc
 
     from mess_ray.eval.benchmark import RANDOM, embed_system
-    from mess_ray.eval.protocol import STYLE, style_parameter_rows, train_head
+    from mess_ray.eval.protocol import STYLE, figure_fields, style_parameter_rows, train_head
     from mess_ray.performances import load_performance_set
     from mess_ray.pipeline import with_storage_resolved
     from mess_ray.segments import segments_dataset
@@ -72,26 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not rows:
         raise RuntimeError(f"no style_parameters rows: {summary.get('skipped')}")
-    keys = (
-        "split",
-        "task",
-        "chains",
-        "metric",
-        "system",
-        "value",
-        "ci_low",
-        "ci_high",
-        "pieces",
-        "queries",
-        "chance",
-        "reference",
-        "diff",
-        "diff_low",
-        "diff_high",
-        "reference_verdict",
-    )
     for row in rows:
-        emit({"figure": "protocol", **{k: row[k] for k in keys if k in row}})
+        emit({"figure": "protocol", **figure_fields(row)})
     emit(
         {
             "figure": "style_parameters_summary",

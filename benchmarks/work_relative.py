@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     for rec in feature_agreement(data, expression, args.split):
         emit_with_load(rec)
     if args.final:
-        from mess_ray.eval.protocol import headline_rows, markdown_table
+        from mess_ray.eval.protocol import figure_fields, headline_rows, markdown_table
 
         every = {
             **systems,
@@ -286,28 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         with open(args.final, "w") as f:
             f.write(markdown_table(rows, summary))
-        keep = (
-            "split",
-            "task",
-            "chains",
-            "metric",
-            "system",
-            "value",
-            "ci_low",
-            "ci_high",
-            "pieces",
-            "queries",
-            "chance",
-            "diff",
-            "diff_low",
-            "diff_high",
-            "reference_verdict",
-        )
         for r in headline_rows(rows):
             emit_with_load(
                 {
                     "figure": "work_relative_final",
-                    **{k: r[k] for k in keep if k in r},
+                    **figure_fields(r),
                     "work_relative": cfg.work_relative.model_dump(mode="json"),
                 }
             )

@@ -163,6 +163,26 @@ def clip(piece: int, style: str, index: int, seconds: float = 2.0) -> np.ndarray
     return (0.3 * tone + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
 
 
+def clip_row(
+    track: str, piece: int, style: str, start: int, audio: np.ndarray, meta: str = "{}"
+) -> dict:
+    """One ingest row of a 2 s clip of ``piece{piece}`` at ``start`` samples (SR)."""
+    return {
+        "segment_id": segment_id(track, start),
+        "track_id": track,
+        "piece_id": f"piece{piece}",
+        "style": style,
+        "start_s": start / SR,
+        "end_s": start / SR + 2.0,
+        "start_sample": start,
+        "num_samples": len(audio),
+        "sample_rate": SR,
+        "source_uri": f"mem://{track}.wav",
+        "metadata_json": meta,
+        "audio": encode_audio(audio),
+    }
+
+
 def write_tiny_ingest(
     storage: Storage, pieces: int = 4, per_style: int = 4, version: str = "ing1"
 ) -> str:
@@ -174,22 +194,7 @@ def write_tiny_ingest(
             for i in range(per_style):
                 start = i * SR
                 audio = clip(piece, style, i)
-                rows.append(
-                    {
-                        "segment_id": segment_id(track, start),
-                        "track_id": track,
-                        "piece_id": f"piece{piece}",
-                        "style": style,
-                        "start_s": start / SR,
-                        "end_s": start / SR + 2.0,
-                        "start_sample": start,
-                        "num_samples": len(audio),
-                        "sample_rate": SR,
-                        "source_uri": f"mem://{track}.wav",
-                        "metadata_json": "{}",
-                        "audio": encode_audio(audio),
-                    }
-                )
+                rows.append(clip_row(track, piece, style, start, audio))
         with storage.open(f"ingest/{version}/segments/part-{piece:03d}.parquet", "wb") as f:
             pq.write_table(pa.Table.from_pylist(rows, schema=SEGMENT_SCHEMA), f)
     storage.publish("ingest", version, {"counts": {"segments": pieces * len(STYLES) * per_style}})
@@ -758,22 +763,7 @@ def write_chained_ingest(
                     if k:
                         noise = np.random.default_rng([piece, k, i]).standard_normal(len(audio))
                         audio = (audio * (0.5 + 0.3 * k) + 0.01 * noise).astype(np.float32)
-                    rows.append(
-                        {
-                            "segment_id": segment_id(track, start),
-                            "track_id": track,
-                            "piece_id": f"piece{piece}",
-                            "style": style,
-                            "start_s": start / SR,
-                            "end_s": start / SR + 2.0,
-                            "start_sample": start,
-                            "num_samples": len(audio),
-                            "sample_rate": SR,
-                            "source_uri": f"mem://{track}.wav",
-                            "metadata_json": meta,
-                            "audio": encode_audio(audio),
-                        }
-                    )
+                    rows.append(clip_row(track, piece, style, start, audio, meta))
         total += len(rows)
         with storage.open(f"ingest/{version}/segments/part-{piece:03d}.parquet", "wb") as f:
             pq.write_table(pa.Table.from_pylist(rows, schema=SEGMENT_SCHEMA), f)

@@ -996,6 +996,35 @@ def run_protocol(
 
 
 # -- the report --------------------------------------------------------------------------------
+# What a benchmark prints of a table row (one JSON line per figure).
+FIGURE_KEYS = (
+    "split",
+    "task",
+    "chains",
+    "metric",
+    "system",
+    "value",
+    "ci_low",
+    "ci_high",
+    "pieces",
+    "queries",
+    "chance",
+    "ci_low_pianists",
+    "ci_high_pianists",
+    "pianists",
+    "reference",
+    "diff",
+    "diff_low",
+    "diff_high",
+    "reference_verdict",
+)
+
+
+def figure_fields(row: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`FIGURE_KEYS` a table row has (a benchmark's JSON line for that figure)."""
+    return {k: row[k] for k in FIGURE_KEYS if k in row}
+
+
 def headline_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         r
