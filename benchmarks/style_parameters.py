@@ -33,11 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     import pyarrow.compute as pc
 
     from mess_ray.eval.benchmark import RANDOM, embed_system
-    from mess_ray.eval.protocol import STYLE, figure_fields, style_parameter_rows, train_head
-    from mess_ray.performances import load_performance_set
+    from mess_ray.eval.protocol import (
+        STYLE,
+        figure_fields,
+        head_training_set,
+        style_parameter_rows,
+        train_head,
+    )
     from mess_ray.pipeline import with_storage_resolved
     from mess_ray.segments import segments_dataset
-    from mess_ray.splits import split_by_piece
+    from mess_ray.splits import split_by_piece, track_pianists
     from mess_ray.storage import Storage
 
     started = time.time()
@@ -46,24 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     ecfg = cfg.eval
     storage = Storage.from_config(cfg.storage)
     version = storage.require_latest("ingest")
-    pieces = [
-        p
-        for p in pc.unique(segments_dataset(storage, version).to_table(["piece_id"])["piece_id"])
-        if p.as_py()
-    ]
-    split = split_by_piece(
-        [p.as_py() for p in pieces], ecfg.holdout_fraction, ecfg.seed, ecfg.validation_share
+    meta = segments_dataset(storage, version).to_table(
+        columns=["segment_id", "track_id", "piece_id", "metadata_json"]
     )
-    train = load_performance_set(
-        storage,
-        version,
-        ecfg.holdout_fraction,
-        ecfg.seed,
-        cfg.audio.sample_rate,
-        cfg.audio.window_s,
-        pieces="train",
-        with_audio=False,
-    )
+    pieces = [p for p in pc.unique(meta["piece_id"]).to_pylist() if p]
+    split = split_by_piece(pieces, ecfg.holdout_fraction, ecfg.seed, ecfg.validation_share)
+    # The same head as evaluate's: test-side pianists left out (eval.test_pianist_fraction).
+    train = head_training_set(cfg, storage, version, track_pianists(meta))
     head = train_head(cfg, storage, version, train, ecfg.seed)
     refs = [r for r in args.models if storage.latest(r)] + [RANDOM]
     skipped = {r: "no artifact" for r in args.models if r not in refs}

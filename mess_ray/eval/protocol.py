@@ -526,6 +526,30 @@ def heard_pianists(
     return heard, sources
 
 
+def head_training_set(cfg, storage, version: str, tracks: dict[str, tuple[str, str]]):
+    """The training pieces' segments for the learned descriptor head (no audio: it reads the
+    audio of its sample only), the test-side pianists' tracks left out as training leaves them
+    out; None when nothing is left. ``tracks``: :func:`mess_ray.splits.track_pianists`."""
+    from mess_ray.performances import load_performance_set
+
+    ecfg = cfg.eval
+    train = load_performance_set(
+        storage,
+        version,
+        ecfg.holdout_fraction,
+        ecfg.seed,
+        cfg.audio.sample_rate,
+        cfg.audio.window_s,
+        pieces="train",
+        with_audio=False,
+    )
+    holdout = pianist_holdout(tracks, ecfg.test_pianist_fraction, ecfg.seed)
+    if train is not None and holdout.tracks:
+        kept = ~np.isin(train.track_ids, list(holdout.tracks))
+        train = train.subset(kept) if kept.any() else None
+    return train
+
+
 def load_eval_data(cfg, storage, version: str, validation_share: float = 0.5):
     """Held-out segments with their labels, the training pieces' segments (for the descriptor
     head; the test-side pianists' tracks left out as training leaves them out) and every track's
@@ -558,20 +582,7 @@ def load_eval_data(cfg, storage, version: str, validation_share: float = 0.5):
     meta_of = dict(zip(meta["segment_id"].to_pylist(), meta["metadata_json"].to_pylist()))
     metadata = [json.loads(meta_of[int(s)] or "{}") for s in perf.segment_ids]
     labels = labels_from_metadata(metadata, perf.track_ids, split_of, perf.piece_ids)
-    train = load_performance_set(
-        storage,
-        version,
-        ecfg.holdout_fraction,
-        ecfg.seed,
-        cfg.audio.sample_rate,
-        cfg.audio.window_s,
-        pieces="train",
-        with_audio=False,  # the descriptor head reads the audio of its sample only
-    )
-    holdout = pianist_holdout(tracks, ecfg.test_pianist_fraction, ecfg.seed)
-    if train is not None and holdout.tracks:
-        kept = ~np.isin(train.track_ids, list(holdout.tracks))
-        train = train.subset(kept) if kept.any() else None
+    train = head_training_set(cfg, storage, version, tracks)
     data = EvalData(perf, labels, split.as_dict(), None)
     return data, train, tracks
 
