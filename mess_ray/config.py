@@ -698,16 +698,20 @@ class IndexConfig(_Section):
         "FAISS sees a GPU; true: fail clearly without one). Needs the faiss-gpu build: pip install -e .[gpu].",
     )
     actor_max_restarts: int = Field(
-        -1,
+        16,
         ge=-1,
-        description="Embedding actors: how often Ray restarts a dead "
-        "actor (-1: always). A killed actor loses no segments: its batches are retried.",
+        description="Embedding actors: how often Ray restarts a dead actor (-1: always). A killed "
+        "actor loses no segments: its batches are retried. Bounded so a batch that kills every "
+        "actor it lands on fails the job instead of looping; a lost node costs each of its "
+        "actors one restart.",
     )
     actor_task_retries: int = Field(
-        3,
+        -1,
         ge=-1,
-        description="Embedding actors: retries of a batch whose actor died "
-        "(-1: unbounded; bounded so a batch that kills every actor fails the job).",
+        description="Embedding actors: retries of a batch whose actor died or is unreachable "
+        "(-1: until the actor is confirmed dead). Ray counts every failed RPC to an actor on a "
+        "lost node as a retry until the node is declared dead (ray-project/ray#25457, #44719), "
+        "so a small bound is used up by one node loss; actor_max_restarts is the bound on crashes.",
     )
 
 

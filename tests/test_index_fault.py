@@ -44,8 +44,25 @@ def crash_once_embedder(marker: str, after_batches: int) -> type:
     return CrashOnceEmbedder
 
 
+def poison_batch_embedder(attempts: str, poison_id: int) -> type:
+    """A SegmentEmbedder whose process dies on every batch holding ``poison_id`` (a batch that
+    OOM-kills any actor it lands on); each attempt appends a line to ``attempts``."""
+
+    class PoisonEmbedder(SegmentEmbedder):
+        def __call__(self, batch):
+            if poison_id in {int(s) for s in batch["segment_id"]}:
+                with open(attempts, "a") as f:
+                    f.write("attempt\n")
+                os._exit(1)
+            return super().__call__(batch)
+
+    return PoisonEmbedder
+
+
 def test_fault_tolerance_options_follow_config(tiny_cfg):
-    assert embedding_actor_fault_tolerance(tiny_cfg) == {"max_restarts": -1, "max_task_retries": 3}
+    # Retries unbounded (Ray counts calls to an actor on a not-yet-dead node as retries);
+    # restarts bounded, so a batch that kills every actor ends the job.
+    assert embedding_actor_fault_tolerance(tiny_cfg) == {"max_restarts": 16, "max_task_retries": -1}
     tiny_cfg.index.actor_max_restarts = 0
     # Ray rejects task retries on an actor that is never restarted.
     assert embedding_actor_fault_tolerance(tiny_cfg) == {"max_restarts": 0, "max_task_retries": 0}
@@ -102,3 +119,23 @@ def test_without_restarts_a_killed_actor_fails_the_job(ray_local, tmp_path, monk
     with pytest.raises(Exception):  # noqa: B017 - whichever error Ray raises for the dead actor
         run_index(cfg, storage, model_ref="random")
     assert storage.latest("index") is None  # nothing published
+
+
+def test_a_batch_that_kills_every_actor_fails_the_job_after_the_restart_bound(
+    ray_local, tmp_path, monkeypatch
+):
+    """Unbounded batch retries do not loop forever: the restart bound ends the job."""
+    cfg = tiny_config(str(tmp_path / "store"))
+    cfg.index.batch_size = 2
+    cfg.index.min_actors = cfg.index.max_actors = 1
+    cfg.index.actor_max_restarts = 1
+    storage = Storage.from_config(cfg.storage)
+    table = helpers.publish_tiny_ingest(cfg, storage, n_tracks=2, seconds=5.0, files=1)
+    attempts = tmp_path / "attempts"
+    poison = int(sorted(table.column("segment_id").to_pylist())[-1])
+    monkeypatch.setattr(job_mod, "SegmentEmbedder", poison_batch_embedder(str(attempts), poison))
+    with pytest.raises(Exception):  # noqa: B017 - whichever error Ray raises for the dead actor
+        run_index(cfg, storage, model_ref="random")
+    assert storage.latest("index") is None  # nothing published
+    # The first actor and its one restart both took the batch, then the job gave up.
+    assert attempts.read_text().count("attempt") >= 2

@@ -192,8 +192,9 @@ def embed_segments(
     ``only_ids``: embed just these segments (reindex), filtered in Ray tasks before the actors.
 
     Fault tolerance: a dead embedding actor (killed, OOM, its node gone) is restarted up to
-    ``index.actor_max_restarts`` times and the batches it held are re-submitted up to
-    ``index.actor_task_retries`` times. A retried batch replaces the lost attempt's output
+    ``index.actor_max_restarts`` times and the batches it held are re-submitted (up to
+    ``index.actor_task_retries`` times; unbounded by default, because Ray also counts the
+    failed calls to an actor whose node is not yet declared dead). A retried batch replaces the lost attempt's output
     object (Ray Data never emits both), and the Parquet write tasks name their files by
     task, so a retried write overwrites rather than adds: the callers' ``reconcile_ids``
     then proves no segment was lost or duplicated (tests/test_index_fault.py kills an actor).
