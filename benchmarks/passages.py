@@ -31,7 +31,14 @@ Figures:
   cyclically; candidate length 60 s and 300 s), alignment + curves + distance per candidate,
   p50/p90 over repeats, single thread (OMP/NUMBA threads = 1).
 
+- ``tuning`` (``--split train --grid JSON``): the content view's settings are chosen here, on
+  the TRAINING pieces only: one line per setting of the grid (``content.*`` keys, e.g.
+  ``dtw_step_weight``, ``coarse_factor``, ``feature_rate``, ``max_cost``) with retrieval, 4 s
+  and 10 s alignment errors (every ``--query-stride``-th segment as a query) and how well
+  ``max_cost`` separates same-piece from other-piece alignments (4 s and 10 s passages).
+
 Run: ``nice -n 10 python -m benchmarks.passages --config configs/asap-dev.yaml [--out FILE]``
+(``--split train`` gives the same figures on the training pieces; ``--grid`` only with it).
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
@@ -81,9 +89,11 @@ def pct(values, q) -> float:
 
 
 # -- data -----------------------------------------------------------------------------------
-def load_tracks(storage: Storage, cfg, pieces: set[str]) -> dict[str, dict[str, Any]]:
+def load_tracks(
+    storage: Storage, cfg, pieces: set[str], keep_audio: bool = False
+) -> dict[str, dict[str, Any]]:
     """Per track of ``pieces``: features, duration, beats (audio time, within the audio), MIDI,
-    and its segments (start, end)."""
+    and its segments (start, end); ``keep_audio``: the audio instead of the features."""
     dataset = segments_dataset(storage)
     table = dataset.to_table(
         columns=[
@@ -123,7 +133,11 @@ def load_tracks(storage: Storage, cfg, pieces: set[str]) -> dict[str, dict[str, 
             continue
         out[tid] = {
             "piece": t["piece"],
-            "features": track_features(audio, rate, cfg.content.feature_rate),
+            **(
+                {"audio": audio}
+                if keep_audio
+                else {"features": track_features(audio, rate, cfg.content.feature_rate)}
+            ),
             "duration": duration,
             "beats": beats,
             "midi": data.midi,
@@ -192,8 +206,12 @@ def ndcg(pred_dist: np.ndarray, gains: np.ndarray, k: int = 10) -> float:
 
 
 # -- figures --------------------------------------------------------------------------------
-def retrieval_and_errors(tracks: dict, cfg, out) -> None:
+def align_queries(tracks: dict, cfg, stride: int = 1) -> dict[str, Any]:
+    """Every ``stride``-th 4 s segment as a query, aligned in every other performance of its
+    piece (and a 10 s passage from the same start): the raw material of ``retrieval`` and
+    ``alignment_error``, so that several ``content.max_cost`` values score one alignment pass."""
     ids = sorted(tracks)
+    align = cfg.content.align_kwargs()
     seg_track, seg_span, seg_stats = [], [], []
     for tid in ids:
         for s, e in tracks[tid]["segments"]:
@@ -205,18 +223,14 @@ def retrieval_and_errors(tracks: dict, cfg, out) -> None:
     stats = np.stack(seg_stats)
     n = len(seg_track)
     base_sim = stats @ stats.T
-    hits = {"alignment": [], "chroma_stats": []}
-    aps = {"alignment": [], "chroma_stats": []}
-    recalls = {"alignment": [], "chroma_stats": []}
-    misses: dict[str, dict[str, int]] = {"alignment": {}, "chroma_stats": {}}
-    errs = {4: ([], []), 10: ([], [])}
+    queries = []
+    long_errs: list[tuple[float, float]] = []
     align_ms = []
-    for qi in range(n):
+    for qi in range(0, n, stride):
         tq = seg_track[qi]
         q = tracks[tq]
         qs, qe = seg_span[qi]
         # relevant: other performances of the piece, segments overlapping the truth span
-        cand = seg_track != tq
         relevant = np.zeros(n, dtype=bool)
         truths = {}
         for tc in ids:
@@ -231,26 +245,66 @@ def retrieval_and_errors(tracks: dict, cfg, out) -> None:
         if not relevant.any():
             continue
         query = q["features"].slice(qs, qe)
-        score = base_sim[qi].copy()
+        aligned = []
         for tc in ids:
             if tc == tq or tracks[tc]["piece"] != q["piece"]:
                 continue
             started = time.perf_counter()
-            al = align_passage(query, tracks[tc]["features"])
+            al = align_passage(query, tracks[tc]["features"], **align)
             align_ms.append(1000 * (time.perf_counter() - started))
-            if al.cost > cfg.content.max_cost:
+            aligned.append((tc, al.start_s, al.end_s, al.cost, truths.get(tc)))
+        queries.append({"qi": qi, "relevant": relevant, "aligned": aligned})
+        # 10 s passages starting at this segment
+        le = qs + LONG_QUERY_S
+        if le <= tracks[tq]["beats"][-1]:
+            query10 = q["features"].slice(qs, le)
+            for tc in truths:
+                truth = truth_span(q, tracks[tc], qs, le)
+                if truth is None:
+                    continue
+                al = align_passage(query10, tracks[tc]["features"], **align)
+                long_errs.append((abs(al.start_s - truth[0]), abs(al.end_s - truth[1])))
+    return {
+        "seg_track": seg_track,
+        "seg_span": seg_span,
+        "base_sim": base_sim,
+        "queries": queries,
+        "long_errs": long_errs,
+        "align_ms": align_ms,
+    }
+
+
+def score_queries(data: dict[str, Any], max_cost: float) -> dict[str, Any]:
+    """Retrieval (alignment vs chroma statistics) and 4 s alignment errors at ``max_cost``:
+    an alignment above it is no match (its performance falls back to chroma statistics and
+    its error is not counted, as in the service); ``*_all`` errors count every alignment."""
+    seg_track, seg_span, base_sim = data["seg_track"], data["seg_span"], data["base_sim"]
+    hits = {"alignment": [], "chroma_stats": []}
+    aps = {"alignment": [], "chroma_stats": []}
+    recalls = {"alignment": [], "chroma_stats": []}
+    misses: dict[str, dict[str, int]] = {"alignment": {}, "chroma_stats": {}}
+    kept: tuple[list[float], list[float]] = ([], [])
+    every: tuple[list[float], list[float]] = ([], [])
+    for rec in data["queries"]:
+        qi, relevant = rec["qi"], rec["relevant"]
+        tq = seg_track[qi]
+        cand = seg_track != tq
+        score = base_sim[qi].copy()
+        for tc, start, end, cost, truth in rec["aligned"]:
+            if truth is not None:
+                every[0].append(abs(start - truth[0]))
+                every[1].append(abs(end - truth[1]))
+            if cost > max_cost:
                 continue
             mask = seg_track == tc
             ov = np.clip(
-                np.minimum(seg_span[:, 1], al.end_s) - np.maximum(seg_span[:, 0], al.start_s),
-                0,
-                None,
+                np.minimum(seg_span[:, 1], end) - np.maximum(seg_span[:, 0], start), 0, None
             ) / (seg_span[:, 1] - seg_span[:, 0])
             boost = mask & (ov > 0)
-            score[boost] = 10.0 + ov[boost] - al.cost
-            if tc in truths:
-                errs[4][0].append(abs(al.start_s - truths[tc][0]))
-                errs[4][1].append(abs(al.end_s - truths[tc][1]))
+            score[boost] = 10.0 + ov[boost] - cost
+            if truth is not None:
+                kept[0].append(abs(start - truth[0]))
+                kept[1].append(abs(end - truth[1]))
         for name, sim in (("alignment", score), ("chroma_stats", base_sim[qi])):
             idx = np.flatnonzero(cand)
             order = idx[np.argsort(-sim[idx], kind="stable")]
@@ -261,25 +315,44 @@ def retrieval_and_errors(tracks: dict, cfg, out) -> None:
             recalls[name].append(rel[:10].sum() / rel.sum())
             prec = np.cumsum(rel) / np.arange(1, len(rel) + 1)
             aps[name].append(float((prec * rel).sum() / rel.sum()))
-        # 10 s passages starting at this segment
-        le = qs + LONG_QUERY_S
-        if le <= tracks[tq]["beats"][-1]:
-            query10 = q["features"].slice(qs, le)
-            for tc, _ in truths.items():
-                truth = truth_span(q, tracks[tc], qs, le)
-                if truth is None:
-                    continue
-                al = align_passage(query10, tracks[tc]["features"])
-                errs[10][0].append(abs(al.start_s - truth[0]))
-                errs[10][1].append(abs(al.end_s - truth[1]))
-    queries = len(hits["alignment"])
+    return {
+        "queries": len(hits["alignment"]),
+        "hits": hits,
+        "aps": aps,
+        "recalls": recalls,
+        "misses": misses,
+        "kept": kept,
+        "every": every,
+    }
+
+
+def error_stats(starts, ends) -> dict[str, Any]:
+    return {
+        "pairs": len(starts),
+        "start_median_s": round(pct(starts, 50), 3),
+        "start_p90_s": round(pct(starts, 90), 3),
+        "end_median_s": round(pct(ends, 50), 3),
+        "end_p90_s": round(pct(ends, 90), 3),
+        "met": bool(
+            pct(starts, 50) < 0.15
+            and pct(starts, 90) < 0.5
+            and pct(ends, 50) < 0.15
+            and pct(ends, 90) < 0.5
+        ),
+    }
+
+
+def retrieval_and_errors(tracks: dict, cfg, out, split: str) -> None:
+    data = align_queries(tracks, cfg)
+    scored = score_queries(data, cfg.content.max_cost)
+    hits, aps, recalls, misses = (scored[k] for k in ("hits", "aps", "recalls", "misses"))
     for name in hits:
         emit(
             {
                 "figure": "retrieval",
-                "split": "test (held-out pieces)",
+                "split": split,
                 "method": name,
-                "queries": queries,
+                "queries": scored["queries"],
                 "hit_at_10": round(float(np.mean(hits[name])), 4),
                 "mAP": round(float(np.mean(aps[name])), 4),
                 "recall_at_10": round(float(np.mean(recalls[name])), 4),
@@ -291,41 +364,36 @@ def retrieval_and_errors(tracks: dict, cfg, out) -> None:
             },
             out,
         )
-    for length, (starts, ends) in errs.items():
+    every = error_stats(*scored["every"])
+    for length, (starts, ends) in ((4, scored["kept"]), (10, zip(*data["long_errs"]))):
+        starts, ends = list(starts), list(ends)
         emit(
             {
                 "figure": "alignment_error",
-                "split": "test (held-out pieces)",
+                "split": split,
                 "query_s": length,
-                "pairs": len(starts),
-                "start_median_s": round(pct(starts, 50), 3),
-                "start_p90_s": round(pct(starts, 90), 3),
-                "end_median_s": round(pct(ends, 50), 3),
-                "end_p90_s": round(pct(ends, 90), 3),
+                **error_stats(starts, ends),
                 "target": "median < 0.15 s, p90 < 0.5 s",
-                "met": bool(
-                    pct(starts, 50) < 0.15
-                    and pct(starts, 90) < 0.5
-                    and pct(ends, 50) < 0.15
-                    and pct(ends, 90) < 0.5
-                ),
+                # 4 s: only alignments within content.max_cost count (the others are no
+                # match); the same figures over every alignment, for reference:
+                **({f"all_{k}": v for k, v in every.items() if k != "met"} if length == 4 else {}),
             },
             out,
         )
     emit(
         {
             "figure": "alignment_cost_per_candidate",
-            "split": "test (held-out pieces)",
+            "split": split,
             "query_s": 4,
-            "candidates": len(align_ms),
-            "p50_ms": round(pct(align_ms, 50), 2),
-            "p90_ms": round(pct(align_ms, 90), 2),
+            "candidates": len(data["align_ms"]),
+            "p50_ms": round(pct(data["align_ms"], 50), 2),
+            "p90_ms": round(pct(data["align_ms"], 90), 2),
         },
         out,
     )
 
 
-def plays_alike(tracks: dict, cfg, out, step_s: float = 5.0) -> None:
+def plays_alike(tracks: dict, cfg, out, split: str, step_s: float = 5.0) -> None:
     ids = sorted(tracks)
     res = {"aligned_curves": ([], []), "unaligned_curves": ([], []), "chance": ([], [])}
     rng = np.random.default_rng(0)
@@ -350,7 +418,7 @@ def plays_alike(tracks: dict, cfg, out, step_s: float = 5.0) -> None:
                 ccurve = beat_curves(cand, b[0], b[1])
                 if ccurve is None or len(ccurve[0]) != len(qcurve[0]):
                     continue
-                al = align_passage(query, cand["features"])
+                al = align_passage(query, cand["features"], **c.align_kwargs())
                 curves = expression_curves(query, cand["features"], al, c.curve_points, c.smooth_s)
                 d = curve_distance(own, curves, c.tempo_weight, c.loudness_weight)["combined"]
                 # unaligned: the same span scaled by the length ratio, a straight-line path
@@ -386,7 +454,7 @@ def plays_alike(tracks: dict, cfg, out, step_s: float = 5.0) -> None:
         emit(
             {
                 "figure": "plays_alike",
-                "split": "test (held-out pieces)",
+                "split": split,
                 "method": name,
                 "queries": queries,
                 "query_s": LONG_QUERY_S,
@@ -397,22 +465,39 @@ def plays_alike(tracks: dict, cfg, out, step_s: float = 5.0) -> None:
         )
 
 
-def calibration(tracks: dict, cfg, out) -> None:
-    """Alignment costs of 10 s passages in other performances of the same piece vs of other pieces
-    (training pieces): where ``content.max_cost`` separates them."""
+def calibration_costs(
+    tracks: dict, cfg, query_s: float = LONG_QUERY_S, track_stride: int = 2
+) -> tuple[list[float], list[float]]:
+    """Alignment costs of passages of every ``track_stride``-th track (two starts) in the other
+    performances of the same piece and in the performances of other pieces."""
     ids = sorted(tracks)
+    align = cfg.content.align_kwargs()
     same, other = [], []
-    for tq in ids[::2]:
+    for tq in ids[::track_stride]:
         q = tracks[tq]
         for qs in (q["beats"][0] + 5.0, q["beats"][0] + 25.0):
-            if qs + LONG_QUERY_S > q["duration"]:
+            if qs + query_s > q["duration"]:
                 continue
-            query = q["features"].slice(qs, qs + LONG_QUERY_S)
+            query = q["features"].slice(qs, qs + query_s)
             for tc in ids:
                 if tc == tq:
                     continue
-                cost = align_passage(query, tracks[tc]["features"]).cost
+                cost = align_passage(query, tracks[tc]["features"], **align).cost
                 (same if tracks[tc]["piece"] == q["piece"] else other).append(cost)
+    return same, other
+
+
+def cost_separation(same: list[float], other: list[float], max_cost: float) -> dict[str, Any]:
+    return {
+        "same_kept": round(float(np.mean(np.asarray(same) <= max_cost)), 4) if same else None,
+        "other_rejected": round(float(np.mean(np.asarray(other) > max_cost)), 4) if other else None,
+    }
+
+
+def calibration(tracks: dict, cfg, out) -> None:
+    """Alignment costs of 10 s passages in other performances of the same piece vs of other pieces
+    (training pieces): where ``content.max_cost`` separates them."""
+    same, other = calibration_costs(tracks, cfg)
     emit(
         {
             "figure": "calibration",
@@ -424,18 +509,83 @@ def calibration(tracks: dict, cfg, out) -> None:
             "pairs_same": len(same),
             "pairs_other": len(other),
             "max_cost": cfg.content.max_cost,
-            "same_kept": round(float(np.mean(np.asarray(same) <= cfg.content.max_cost)), 4)
-            if same
-            else None,
-            "other_rejected": round(float(np.mean(np.asarray(other) > cfg.content.max_cost)), 4)
-            if other
-            else None,
+            **cost_separation(same, other, cfg.content.max_cost),
         },
         out,
     )
 
 
-def latency(tracks: dict, cfg, out, repeats: int = 7) -> None:
+def grid_settings(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The cartesian product of a grid {config key: [values]} (keys in sorted order)."""
+    keys = sorted(grid)
+    for key in keys:
+        if not key.startswith("content.") or not isinstance(grid[key], list) or not grid[key]:
+            raise ValueError(f"--grid: {key!r} must be a content.* key with a non-empty list")
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def tune(
+    tracks: dict, args, grid: dict[str, list[Any]], out, stride: int, track_stride: int
+) -> None:
+    """One JSON line per setting of ``grid`` on the TRAINING pieces: retrieval and alignment
+    errors (every ``stride``-th 4 s segment as a query, plus its 10 s passage) and the cost
+    separation of same-piece vs other-piece alignments (4 s and 10 s passages of every
+    ``track_stride``-th track). ``content.max_cost`` values are scored on one alignment pass."""
+    grid = dict(grid)
+    max_costs = grid.pop("content.max_cost", None)
+    features: dict[float, dict[str, Features]] = {}
+    for setting in grid_settings(grid) if grid else [{}]:
+        cfg = load_config(
+            args.config, args.overrides + [f"{k}={json.dumps(v)}" for k, v in setting.items()]
+        )
+        rate = cfg.content.feature_rate
+        if rate not in features:
+            sr = cfg.audio.sample_rate
+            features[rate] = {
+                tid: track_features(t["audio"], sr, rate) for tid, t in tracks.items()
+            }
+        for tid, t in tracks.items():
+            t["features"] = features[rate][tid]
+        started = time.perf_counter()
+        data = align_queries(tracks, cfg, stride)
+        costs = {
+            length: calibration_costs(tracks, cfg, length, track_stride) for length in (4.0, 10.0)
+        }
+        seconds = time.perf_counter() - started
+        long_errs = error_stats(*(list(x) for x in zip(*data["long_errs"])))
+        for max_cost in max_costs or [cfg.content.max_cost]:
+            scored = score_queries(data, max_cost)
+            emit(
+                {
+                    "figure": "tuning",
+                    "split": "train (training pieces)",
+                    "setting": {**setting, "content.max_cost": max_cost},
+                    "queries": scored["queries"],
+                    "query_stride": stride,
+                    "hit_at_10": round(float(np.mean(scored["hits"]["alignment"])), 4),
+                    "mAP": round(float(np.mean(scored["aps"]["alignment"])), 4),
+                    "chroma_stats_mAP": round(float(np.mean(scored["aps"]["chroma_stats"])), 4),
+                    "error_4s": error_stats(*scored["kept"]),
+                    "error_4s_all": error_stats(*scored["every"]),
+                    "error_10s": long_errs,
+                    **{
+                        f"separation_{int(length)}s": {
+                            **cost_separation(same, other, max_cost),
+                            "same_p99": round(pct(same, 99), 3),
+                            "other_p1": round(pct(other, 1), 3),
+                            "pairs_same": len(same),
+                            "pairs_other": len(other),
+                        }
+                        for length, (same, other) in costs.items()
+                    },
+                    "align_ms_p50": round(pct(data["align_ms"], 50), 2),
+                    "seconds": round(seconds, 1),
+                },
+                out,
+            )
+
+
+def latency(tracks: dict, cfg, out, split: str, repeats: int = 7) -> None:
     feats = [t["features"] for t in tracks.values()]
     q = feats[0]
     start = q.duration_s / 3
@@ -460,7 +610,7 @@ def latency(tracks: dict, cfg, out, repeats: int = 7) -> None:
             for _ in range(repeats):
                 started = time.perf_counter()
                 for cand in pool[:n]:
-                    al = align_passage(query, cand)
+                    al = align_passage(query, cand, **c.align_kwargs())
                     curves = expression_curves(query, cand, al, c.curve_points, c.smooth_s)
                     curve_distance(own, curves)
                 times.append(time.perf_counter() - started)
@@ -468,7 +618,7 @@ def latency(tracks: dict, cfg, out, repeats: int = 7) -> None:
             emit(
                 {
                     "figure": "latency",
-                    "split": "test (held-out features, reused cyclically)",
+                    "split": f"{split}, features reused cyclically",
                     "query_s": LONG_QUERY_S,
                     "candidate_s": length,
                     "performances": n,
@@ -492,9 +642,35 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--out", default=None)
     parser.add_argument(
+        "--split",
+        choices=("test", "train"),
+        default="test",
+        help="pieces the figures run on: test (held-out, the reported figures) or train "
+        "(the pieces settings are chosen on); calibration is always on train",
+    )
+    parser.add_argument(
+        "--grid",
+        default=None,
+        help="tuning mode (only with --split train): JSON {content.key: [values], ...}; one "
+        "'tuning' line per setting of the cartesian product, e.g. "
+        '\'{"content.dtw_step_weight": [2, 6], "content.max_cost": [0.35, 0.45]}\'',
+    )
+    parser.add_argument(
+        "--query-stride",
+        type=int,
+        default=1,
+        help="tuning mode: every Nth 4 s segment is a query (speed)",
+    )
+    parser.add_argument(
+        "--track-stride",
+        type=int,
+        default=2,
+        help="tuning mode: cost separation from the passages of every Nth track",
+    )
+    parser.add_argument(
         "--exclude-tracks",
         default="",
-        help="comma-separated track ids left out of the test set (a sensitivity run; say why)",
+        help="comma-separated track ids left out of the evaluated set (a sensitivity run; say why)",
     )
     parser.add_argument(
         "--figures",
@@ -502,6 +678,19 @@ def main() -> None:
         help="comma-separated subset",
     )
     args = parser.parse_args()
+    grid = None
+    if args.grid is not None:
+        if args.split != "train":
+            parser.error("--grid tunes settings: only on the training pieces (--split train)")
+        try:
+            grid = json.loads(args.grid)
+            if not isinstance(grid, dict):
+                raise ValueError("expected a JSON object")
+            grid_settings(grid)
+        except ValueError as err:
+            parser.error(f"--grid: {err}")
+    if args.query_stride < 1 or args.track_stride < 1:
+        parser.error("--query-stride and --track-stride must be >= 1")
     cfg = load_config(args.config, args.overrides)
     storage = Storage.from_config(cfg.storage)
     meta = segments_dataset(storage).to_table(columns=["piece_id"])
@@ -516,30 +705,37 @@ def main() -> None:
             "train_pieces": len(train),
             "test_pieces": len(holdout),
             "feature_rate": cfg.content.feature_rate,
+            "content": cfg.content.model_dump(mode="json"),
         },
         out,
     )
+    excluded = [t for t in args.exclude_tracks.split(",") if t]
+    if grid is not None:
+        tracks = load_tracks(storage, cfg, set(train), keep_audio=True)
+        tracks = {k: v for k, v in tracks.items() if k not in excluded}
+        tune(tracks, args, grid, out, args.query_stride, args.track_stride)
+        return
     if "calibration" in figures:
         calibration(load_tracks(storage, cfg, set(train)), cfg, out)
-    test = load_tracks(storage, cfg, set(holdout))
-    excluded = [t for t in args.exclude_tracks.split(",") if t]
-    test = {k: v for k, v in test.items() if k not in excluded}
+    split = "test (held-out pieces)" if args.split == "test" else "train (training pieces)"
+    evaluated = load_tracks(storage, cfg, set(holdout if args.split == "test" else train))
+    evaluated = {k: v for k, v in evaluated.items() if k not in excluded}
     emit(
         {
-            "figure": "test_set",
-            "tracks": len(test),
-            "pieces": len({t["piece"] for t in test.values()}),
-            "hours": round(sum(t["duration"] for t in test.values()) / 3600, 3),
+            "figure": f"{args.split}_set",
+            "tracks": len(evaluated),
+            "pieces": len({t["piece"] for t in evaluated.values()}),
+            "hours": round(sum(t["duration"] for t in evaluated.values()) / 3600, 3),
             "excluded_tracks": excluded,
         },
         out,
     )
     if "retrieval" in figures:
-        retrieval_and_errors(test, cfg, out)
+        retrieval_and_errors(evaluated, cfg, out, split)
     if "plays_alike" in figures:
-        plays_alike(test, cfg, out)
+        plays_alike(evaluated, cfg, out, split)
     if "latency" in figures:
-        latency(test, cfg, out)
+        latency(evaluated, cfg, out, split)
 
 
 if __name__ == "__main__":

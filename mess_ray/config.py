@@ -815,6 +815,22 @@ class ContentConfig(_Section):
         description="Alignments with a higher mean cosine distance of centred chroma per step are "
         "not a match (0: identical, ~1: unrelated music).",
     )
+    dtw_step_weight: float = Field(
+        2.0,
+        ge=1,
+        le=100,
+        description="Alignment: cost multiplier of the subsequence DTW's tempo-change steps (1:2 and "
+        "2:1) relative to a 1:1 step; higher keeps the path nearer a constant tempo. Alignment "
+        "costs (and so max_cost) are on this weighting's scale.",
+    )
+    coarse_factor: int = Field(
+        4,
+        ge=1,
+        le=16,
+        description="Alignment: candidates longer than 30 s (and 4x the query) are first aligned at "
+        "1/coarse_factor of the frame rate, then at full rate around that span (1: full rate "
+        "everywhere, slower).",
+    )
     curve_points: int = Field(64, ge=8, le=1000, description="Samples per returned curve.")
     smooth_s: float = Field(
         1.0, gt=0, description="Smoothing of the tempo and onset curves (seconds of the query)."
@@ -831,6 +847,10 @@ class ContentConfig(_Section):
         description="For a query whose piece is unknown: the best tracks by chroma-shingle votes; "
         "they and every performance of their works are aligned.",
     )
+
+    def align_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`mess_ray.content.align_passage` from this section."""
+        return {"step_weight": self.dtw_step_weight, "coarse_factor": self.coarse_factor}
 
 
 class EvalConfig(_Section):

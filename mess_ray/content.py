@@ -153,16 +153,21 @@ class Alignment:
 
     start_s: float  # in the candidate (seconds from the candidate's start)
     end_s: float
-    cost: float  # mean cosine distance of centred chroma per path step (0 identical, ~1 unrelated)
+    # mean cosine distance of centred chroma per path step, tempo-change steps counted
+    # step_weight times (0 identical, ~1 unrelated)
+    cost: float
     path: np.ndarray  # int [L, 2]: (query frame, candidate frame), increasing
 
 
 # Steps (query, candidate): 1:1, and tempo changes up to 2x either way. The tempo-change steps
-# cost double: chosen on the asap-dev TRAINING pieces (benchmarks/passages.py's split), where
-# they lowered the p90 start error of 10 s passages from 0.30 s to 0.26 s against [1, 1, 1].
+# cost ``step_weight`` times the 1:1 step (content.dtw_step_weight), which keeps the path near
+# a constant tempo unless the music says otherwise; chosen on the asap-dev TRAINING pieces
+# (``python -m benchmarks.passages --split train --grid ...``, README "The same passage in
+# every performance").
 _STEPS = np.array([[1, 1], [1, 2], [2, 1]])
 _WEIGHTS_ADD = np.zeros(3)
-_WEIGHTS_MUL = np.array([1.0, 2.0, 2.0])
+DEFAULT_STEP_WEIGHT = 2.0
+DEFAULT_COARSE_FACTOR = 4
 
 
 def centred(chroma: np.ndarray) -> np.ndarray:
@@ -173,7 +178,7 @@ def centred(chroma: np.ndarray) -> np.ndarray:
 
 
 def _subsequence_dtw(
-    query_chroma: np.ndarray, candidate_chroma: np.ndarray
+    query_chroma: np.ndarray, candidate_chroma: np.ndarray, step_weight: float
 ) -> tuple[np.ndarray, float]:
     """Best subsequence path (query frame, candidate frame) and its accumulated cost."""
     import librosa
@@ -187,7 +192,7 @@ def _subsequence_dtw(
         subseq=True,
         step_sizes_sigma=_STEPS,
         weights_add=_WEIGHTS_ADD,
-        weights_mul=_WEIGHTS_MUL,
+        weights_mul=np.array([1.0, step_weight, step_weight]),
         backtrack=True,
     )
     path = np.asarray(wp[::-1], dtype=np.int64)
@@ -200,18 +205,27 @@ def _pool(chroma: np.ndarray, factor: int) -> np.ndarray:
 
 
 def align_passage(
-    query: Features, candidate: Features, coarse_factor: int = 4, coarse_above_s: float = 30.0
+    query: Features,
+    candidate: Features,
+    coarse_factor: int = DEFAULT_COARSE_FACTOR,
+    coarse_above_s: float = 30.0,
+    step_weight: float = DEFAULT_STEP_WEIGHT,
 ) -> Alignment:
     """Subsequence DTW of the query's chroma against the whole candidate; best span and path.
 
     The steps allow local tempo changes up to 2x either way, so the candidate needs at least
-    half as many frames as the query (ValueError otherwise). Candidates longer than
+    half as many frames as the query (ValueError otherwise); a tempo-change step costs
+    ``step_weight`` times a 1:1 step (>= 1). Candidates longer than
     ``coarse_above_s`` (and 4x the query) are first aligned at ``1/coarse_factor`` of the
     frame rate; the full-rate DTW then runs on that region plus a margin of half the query
     and 2 s each side (coarse-to-fine: the cost grows with the region, not the recording).
     On the asap-dev training pieces this gave the same start/end errors as full-rate DTW
     (median 0.053 s, p90 0.257 s for 10 s passages) in 41% of the time.
     """
+    if step_weight < 1 or coarse_factor < 1:
+        raise ValueError(
+            f"step_weight and coarse_factor must be >= 1, got {step_weight}, {coarse_factor}"
+        )
     if abs(query.rate - candidate.rate) > 1e-6:
         raise ValueError(f"feature rates differ: {query.rate} vs {candidate.rate}")
     n, m = query.frames, candidate.frames
@@ -228,13 +242,13 @@ def align_passage(
         and n >= 8 * coarse_factor
     ):
         rough, _ = _subsequence_dtw(
-            _pool(query.chroma, coarse_factor), _pool(chroma, coarse_factor)
+            _pool(query.chroma, coarse_factor), _pool(chroma, coarse_factor), step_weight
         )
         margin = n // 2 + int(2 * candidate.rate)
         offset = max(0, int(rough[0, 1]) * coarse_factor - margin)
         stop = min(m, (int(rough[-1, 1]) + 1) * coarse_factor + margin)
         chroma = chroma[:, offset:stop]
-    path, total = _subsequence_dtw(query.chroma, chroma)
+    path, total = _subsequence_dtw(query.chroma, chroma, step_weight)
     path[:, 1] += offset
     start, end = span_from_path(path, n, candidate.rate)
     return Alignment(

@@ -119,3 +119,33 @@ def test_coarse_to_fine_finds_the_same_span_in_a_long_recording(two_tempi):
     assert cand.duration_s > 30 and query.frames * 4 < cand.frames  # the coarse pass runs
     assert abs(coarse.start_s - (lead + fast_on[10])) < 0.15
     assert abs(coarse.start_s - fine.start_s) < 0.05 and abs(coarse.end_s - fine.end_s) < 0.05
+
+
+def test_the_configs_alignment_settings_are_align_passages_defaults():
+    # The service passes content.* explicitly; the baselines and tests use the defaults: one tuning.
+    import inspect
+
+    from mess_ray.config import ContentConfig
+
+    params = inspect.signature(align_passage).parameters
+    for name, value in ContentConfig().align_kwargs().items():
+        assert params[name].default == value, name
+
+
+def test_a_higher_step_weight_keeps_the_path_nearer_a_constant_tempo(two_tempi):
+    _, (slow, slow_on), (fast, fast_on) = two_tempi
+    query = track_features(slow, SR).slice(slow_on[10], slow_on[30])
+    cand = track_features(fast, SR)
+
+    def tempo_steps(path):
+        steps = np.diff(path, axis=0)
+        return int((steps[:, 0] != steps[:, 1]).sum())
+
+    free = align_passage(query, cand, step_weight=1.0)
+    stiff = align_passage(query, cand, step_weight=10.0)
+    assert tempo_steps(stiff.path) < tempo_steps(free.path)
+    assert abs(stiff.start_s - fast_on[10]) < 0.15 and abs(stiff.end_s - fast_on[30]) < 0.15
+    with pytest.raises(ValueError, match="step_weight"):
+        align_passage(query, cand, step_weight=0.5)
+    with pytest.raises(ValueError, match="coarse_factor"):
+        align_passage(query, cand, coarse_factor=0)

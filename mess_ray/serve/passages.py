@@ -248,7 +248,7 @@ class PassageFinder:
         for tid in candidates[: cfg.max_candidates]:
             cand = state.features[tid]
             try:
-                alignment = align_passage(query, cand)
+                alignment = align_passage(query, cand, **cfg.align_kwargs())
             except ValueError:  # a candidate recording too short for the passage
                 continue
             if alignment.cost > cfg.max_cost:
