@@ -166,8 +166,8 @@ class Alignment:
 # every performance").
 _STEPS = np.array([[1, 1], [1, 2], [2, 1]])
 _WEIGHTS_ADD = np.zeros(3)
-DEFAULT_STEP_WEIGHT = 2.0
-DEFAULT_COARSE_FACTOR = 4
+DEFAULT_STEP_WEIGHT = 10.0
+DEFAULT_COARSE_FACTOR = 2
 
 
 def centred(chroma: np.ndarray) -> np.ndarray:

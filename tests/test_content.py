@@ -122,7 +122,7 @@ def test_coarse_to_fine_finds_the_same_span_in_a_long_recording(two_tempi):
 
 
 def test_the_configs_alignment_settings_are_align_passages_defaults():
-    # The service passes content.* explicitly; the baselines and tests use the defaults: one tuning.
+    # The service and the benchmark pass content.*; other callers get the same tuning by default.
     import inspect
 
     from mess_ray.config import ContentConfig
