@@ -225,6 +225,7 @@ def align_queries(tracks: dict, cfg, stride: int = 1) -> dict[str, Any]:
     base_sim = stats @ stats.T
     queries = []
     long_errs: list[tuple[float, float]] = []
+    long_pieces: list[str] = []
     align_ms = []
     for qi in range(0, n, stride):
         tq = seg_track[qi]
@@ -253,7 +254,7 @@ def align_queries(tracks: dict, cfg, stride: int = 1) -> dict[str, Any]:
             al = align_passage(query, tracks[tc]["features"], **align)
             align_ms.append(1000 * (time.perf_counter() - started))
             aligned.append((tc, al.start_s, al.end_s, al.cost, truths.get(tc)))
-        queries.append({"qi": qi, "relevant": relevant, "aligned": aligned})
+        queries.append({"qi": qi, "piece": q["piece"], "relevant": relevant, "aligned": aligned})
         # 10 s passages starting at this segment
         le = qs + LONG_QUERY_S
         if le <= tracks[tq]["beats"][-1]:
@@ -264,12 +265,14 @@ def align_queries(tracks: dict, cfg, stride: int = 1) -> dict[str, Any]:
                     continue
                 al = align_passage(query10, tracks[tc]["features"], **align)
                 long_errs.append((abs(al.start_s - truth[0]), abs(al.end_s - truth[1])))
+                long_pieces.append(q["piece"])
     return {
         "seg_track": seg_track,
         "seg_span": seg_span,
         "base_sim": base_sim,
         "queries": queries,
         "long_errs": long_errs,
+        "long_pieces": long_pieces,
         "align_ms": align_ms,
     }
 
@@ -285,6 +288,7 @@ def score_queries(data: dict[str, Any], max_cost: float) -> dict[str, Any]:
     misses: dict[str, dict[str, int]] = {"alignment": {}, "chroma_stats": {}}
     kept: tuple[list[float], list[float]] = ([], [])
     every: tuple[list[float], list[float]] = ([], [])
+    kept_pieces: list[str] = []
     for rec in data["queries"]:
         qi, relevant = rec["qi"], rec["relevant"]
         tq = seg_track[qi]
@@ -305,6 +309,7 @@ def score_queries(data: dict[str, Any], max_cost: float) -> dict[str, Any]:
             if truth is not None:
                 kept[0].append(abs(start - truth[0]))
                 kept[1].append(abs(end - truth[1]))
+                kept_pieces.append(rec["piece"])
         for name, sim in (("alignment", score), ("chroma_stats", base_sim[qi])):
             idx = np.flatnonzero(cand)
             order = idx[np.argsort(-sim[idx], kind="stable")]
@@ -323,6 +328,7 @@ def score_queries(data: dict[str, Any], max_cost: float) -> dict[str, Any]:
         "misses": misses,
         "kept": kept,
         "every": every,
+        "kept_pieces": kept_pieces,
     }
 
 
@@ -339,6 +345,26 @@ def error_stats(starts, ends) -> dict[str, Any]:
             and pct(ends, 50) < 0.15
             and pct(ends, 90) < 0.5
         ),
+    }
+
+
+def per_piece_p90(starts, ends, pieces, min_pairs: int = 20) -> dict[str, Any]:
+    """Each piece's p90 errors (pieces with at least ``min_pairs`` pairs) and their median over
+    pieces: every piece counts once, however many performances and pairs it has."""
+    starts, ends, pieces = np.asarray(starts), np.asarray(ends), np.asarray(pieces, dtype=object)
+    by_piece = {
+        p: (round(pct(starts[pieces == p], 90), 3), round(pct(ends[pieces == p], 90), 3))
+        for p in sorted(set(pieces.tolist()))
+        if (pieces == p).sum() >= min_pairs
+    }
+    if not by_piece:
+        return {"pieces": 0}
+    arr = np.asarray(list(by_piece.values()))
+    return {
+        "pieces": len(by_piece),
+        "start_p90_median_s": round(float(np.median(arr[:, 0])), 3),
+        "end_p90_median_s": round(float(np.median(arr[:, 1])), 3),
+        "start_end_p90_by_piece": by_piece,
     }
 
 
@@ -568,6 +594,10 @@ def tune(
                     "error_4s": error_stats(*scored["kept"]),
                     "error_4s_all": error_stats(*scored["every"]),
                     "error_10s": long_errs,
+                    "error_4s_per_piece": per_piece_p90(*scored["kept"], scored["kept_pieces"]),
+                    "error_10s_per_piece": per_piece_p90(
+                        *(list(x) for x in zip(*data["long_errs"])), data["long_pieces"]
+                    ),
                     **{
                         f"separation_{int(length)}s": {
                             **cost_separation(same, other, max_cost),

@@ -809,14 +809,14 @@ class ContentConfig(_Section):
         50, ge=1, description="Most other performances aligned per query (the work's tracks first)."
     )
     max_cost: float = Field(
-        0.45,
+        0.35,
         gt=0,
         le=2,
         description="Alignments with a higher mean cosine distance of centred chroma per step are "
         "not a match (0: identical, ~1: unrelated music).",
     )
     dtw_step_weight: float = Field(
-        10.0,
+        2.0,
         ge=1,
         le=100,
         description="Alignment: cost multiplier of the subsequence DTW's tempo-change steps (1:2 and "
@@ -824,7 +824,7 @@ class ContentConfig(_Section):
         "costs (and so max_cost) are on this weighting's scale.",
     )
     coarse_factor: int = Field(
-        2,
+        4,
         ge=1,
         le=16,
         description="Alignment: candidates longer than 30 s (and 4x the query) are first aligned at "

@@ -41,6 +41,7 @@ def test_an_alignment_above_max_cost_is_no_match_and_its_error_is_not_counted():
         "queries": [
             {
                 "qi": 0,
+                "piece": "x",
                 "relevant": np.asarray([False, False, True, False]),
                 # aligned at 0.1..3.9 in b (truth 0..4), cost 0.3
                 "aligned": [("b", 0.1, 3.9, 0.3, (0.0, 4.0))],
@@ -56,3 +57,14 @@ def test_an_alignment_above_max_cost_is_no_match_and_its_error_is_not_counted():
     refused = passages.score_queries(data, max_cost=0.2)
     assert refused["aps"]["alignment"] == [0.5]  # back to chroma statistics
     assert refused["kept"] == ([], []) and np.allclose(refused["every"], ([0.1], [0.1]))
+
+
+def test_per_piece_errors_count_every_piece_once_however_many_pairs_it_has():
+    # a big piece aligned well (100 pairs at 0.1 s), two small ones badly (20 pairs at 1 and 2 s)
+    starts = [0.1] * 100 + [1.0] * 20 + [2.0] * 20
+    pieces = ["big"] * 100 + ["small"] * 20 + ["tiny"] * 20
+    macro = passages.per_piece_p90(starts, starts, pieces)
+    assert macro["pieces"] == 3 and macro["start_end_p90_by_piece"]["tiny"] == (2.0, 2.0)
+    assert macro["end_p90_median_s"] == pytest.approx(1.0)  # the median piece
+    assert passages.pct(starts, 90) == pytest.approx(2.0)  # pooled
+    assert passages.per_piece_p90(starts, starts, pieces, min_pairs=50)["pieces"] == 1
