@@ -3,8 +3,9 @@ most like this", and latency. One JSON line per figure.
 
 Data: the latest ingest of a rendered asap-dev corpus (``configs/asap-dev.yaml``), pieces split
 by the benchmark's split (:func:`mess_ray.segments.split_pieces` with ``eval.holdout_fraction``
-and ``eval.seed``): every figure except ``calibration`` is on the HELD-OUT (test) pieces;
-``calibration`` (the ``content.max_cost`` threshold) is measured on the TRAINING pieces.
+and ``eval.seed``): every figure except ``calibration`` is on the HELD-OUT (test) pieces
+(``--split train``: on the training pieces instead); ``calibration`` (the ``content.max_cost``
+threshold) and ``tuning`` are measured on the TRAINING pieces.
 Truth comes from ASAP's beat annotations and the performed MIDI; nothing here is tuned on
 held-out pieces. Tracks are stitched back from their ingest segments and turned into content
 features exactly as the index job does (:mod:`mess_ray.index.content_features`).
