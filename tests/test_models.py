@@ -367,6 +367,35 @@ def test_bf16_fast_path_on_a_wide_encoder_keeps_the_float32_vectors_and_neighbou
     assert np.mean([len(set(a) & set(b)) / 3 for a, b in zip(new, old)]) >= 0.9
 
 
+@pytest.mark.parametrize("pooling", ["attentive", "stats"])
+def test_bf16_fast_path_on_a_faceted_embedding_model_keeps_the_float32_vectors(
+    pooling, monkeypatch
+):
+    """A fine-tuned model (facet heads, level channel) on a wide encoder: 'auto' with native
+    bf16 gives the float32 vectors within bf16 rounding."""
+    from mess_ray.models import embedder as embedder_module
+
+    monkeypatch.setattr(embedder_module, "cpu_has_native_bf16", lambda: True)
+    rng = np.random.default_rng(7)
+    audio = (0.1 * rng.standard_normal((4, SR)) * rng.uniform(0.1, 2.0, (4, 1))).astype(np.float32)
+    vectors = {}
+    for precision in ("float32", "auto"):
+        torch.manual_seed(0)
+        model = EmbeddingModel(
+            build_encoder("small", seed=0), 32, pooling, facet_dim=8, level_channel=True
+        )
+        embedder = Embedder(model, model.embedding_dim, {}, SR, 2, precision)
+        assert embedder.dtype == (torch.float32 if precision == "float32" else torch.bfloat16)
+        vectors[precision] = embedder.embed(audio)
+    got, expected = vectors["auto"], vectors["float32"]
+    assert got.dtype == np.float32
+    cosine = np.sum(got * expected, axis=1) / (
+        np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1)
+    )
+    assert cosine.min() > 0.9999
+    assert np.abs(got - expected).max() < 1e-2
+
+
 def test_window_relative_level_channel_makes_the_embedding_blind_to_the_chains_gain(tmp_path):
     x = torch.randn(2, 2 * SR) * 0.1
     out = {}
