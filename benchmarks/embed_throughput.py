@@ -5,9 +5,11 @@ For each encoder size, prints JSON lines (one per figure):
 - ``embed_cpu_baseline``: the previous inference path (plain float32 module forward, the
   HuBERT conv front end as torch convolutions), ``Embedder(fast=False, precision="float32")``.
 - ``embed_cpu``: today's ``Embedder.embed`` (what each index actor and the service's upload
-  path run per batch): conv front end as GEMMs with the first layer's GroupNorm folded in, and
-  bf16 GEMMs where the CPU has native bf16 and the front end is wide (``--precision``, default
-  ``model.inference_precision: auto``; ``bfloat16`` also runs the transformer under autocast).
+  path run per batch): conv front end as GEMMs with the first layer's GroupNorm folded in, and,
+  where the CPU has native bf16 and the encoder is wide (``--precision``, default
+  ``model.inference_precision: auto``), bf16 GEMMs in the front end after its first layer and
+  the transformer under bf16 autocast (LayerNorm, softmax, residuals and the first conv layer
+  with its folded norm in float32); ``bfloat16`` does so for any encoder.
   Both on the same piano-like segments (varied notes, loudness and noise), one intra-op thread
   like one Ray CPU worker; each gives segments per CPU-second (process CPU time, robust to other
   load on the machine) and per wall second, and ``speedup_per_cpu_s`` = new / old.

@@ -373,11 +373,13 @@ class ModelConfig(_Section):
     )
     inference_precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
-        description="Embedder arithmetic on CPU: 'float32' throughout; 'auto' = the conv "
-        "front end's GEMMs in bf16 where the CPU has native bf16 (AVX512-BF16/AMX) and the "
-        "front end has >= 256 channels, the transformer in float32; 'bfloat16' = the whole "
-        "model under bf16 autocast. benchmarks/embed_throughput.py measures recall@10 of "
-        "each against float32 vectors.",
+        description="Embedder arithmetic on CPU: 'float32' throughout; 'bfloat16' = the conv "
+        "front end's GEMMs after its first layer in bf16 and the transformer under bf16 "
+        "autocast (GEMMs in bf16 with float32 accumulation; LayerNorm, softmax, residuals and "
+        "the first conv layer with its folded GroupNorm in float32); 'auto' = 'bfloat16' where "
+        "the CPU has native bf16 (AVX512-BF16/AMX) and the encoder is wide (front end and "
+        "hidden size >= 256, e.g. base), else 'float32'. benchmarks/embed_throughput.py "
+        "measures recall@10 of each against the plain float32 vectors.",
     )
     fast_inference: bool = Field(
         True,

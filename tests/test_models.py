@@ -278,6 +278,124 @@ def test_embedder_precisions_agree_with_the_plain_float32_forward():
         resolve_precision("fp8", cpu)
 
 
+def test_fast_front_end_keeps_float32_statistics_under_an_outer_bf16_autocast():
+    """The Embedder runs the transformer under bf16 autocast; the front end's first layer and
+    its folded GroupNorm statistics must not follow it (that cost recall@10 0.967 on base)."""
+    from mess_ray.models.encoder import fast_conv_features
+
+    encoder = build_encoder("small", seed=1).eval()
+    audio = torch.from_numpy(
+        (0.2 * np.random.default_rng(5).standard_normal((2, 16000))).astype(np.float32)
+    )
+    audio[0] += 0.3  # a DC offset: the worst case for second moment minus squared mean
+    with torch.inference_mode():
+        expected = fast_conv_features(encoder.feature_extractor, audio)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = fast_conv_features(encoder.feature_extractor, audio)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, expected, atol=1e-5 * expected.abs().max())
+
+
+def test_auto_precision_uses_bf16_only_for_wide_encoders_on_native_bf16_cpus(monkeypatch):
+    from mess_ray.models import embedder as embedder_module
+    from mess_ray.models.encoder import encoder_config
+
+    cpu = torch.device("cpu")
+
+    class Config:  # resolve_precision reads only the encoder's config
+        def __init__(self, size):
+            self.config = encoder_config(size)
+
+    bf16, f32 = (torch.bfloat16,) * 2, (torch.float32,) * 2
+    for native, small in ((True, bf16), (False, f32)):
+        monkeypatch.setattr(embedder_module, "cpu_has_native_bf16", lambda native=native: native)
+        assert embedder_module.resolve_precision("auto", cpu, Config("small")) == small
+        assert embedder_module.resolve_precision("auto", cpu, Config("base")) == small
+        assert embedder_module.resolve_precision("auto", cpu, Config("tiny")) == f32
+        assert embedder_module.resolve_precision("bfloat16", cpu, Config("tiny")) == bf16
+        assert embedder_module.resolve_precision("float32", cpu, Config("base")) == f32
+    # a GPU keeps float32 until its bf16 figures are measured
+    assert embedder_module.resolve_precision("auto", torch.device("cuda"), Config("base")) == f32
+
+
+def test_bf16_fast_path_on_a_wide_encoder_keeps_the_float32_vectors_and_neighbours(
+    tmp_path, monkeypatch
+):
+    """model.inference_precision reaches the Embedder; 'auto' on a wide encoder (bf16 front end
+    and transformer GEMMs) gives the plain float32 forward's vectors within bf16 rounding and
+    the same nearest neighbours."""
+    from mess_ray.models import embedder as embedder_module
+
+    monkeypatch.setattr(embedder_module, "cpu_has_native_bf16", lambda: True)
+    storage = Storage(str(tmp_path))
+    base = [f"storage.root={tmp_path}", "model.size=small", "audio.window_s=1.0", "audio.hop_s=0.5"]
+    embedders = {
+        name: Embedder.from_ref(load_config(None, base + overrides), storage, "random")
+        for name, overrides in (
+            ("plain", ["model.fast_inference=false", "model.inference_precision=float32"]),
+            ("float32", ["model.inference_precision=float32"]),
+            ("auto", []),
+        )
+    }
+    assert not embedders["plain"].fast and embedders["plain"].dtype == torch.float32
+    assert embedders["float32"].fast and embedders["float32"].dtype == torch.float32
+    assert embedders["auto"].fast and embedders["auto"].dtype == torch.bfloat16
+    assert embedders["auto"].front_end_dtype == torch.bfloat16
+    rng = np.random.default_rng(6)
+    window = embedders["plain"].window_samples
+    # clips of different loudness and spectra, so that their vectors are not collinear
+    audio = np.stack(
+        [
+            (0.05 + 0.1 * i) * np.sin(2 * np.pi * (110 * 1.5**i) * np.arange(window) / SR)
+            + 0.02 * rng.standard_normal(window)
+            for i in range(8)
+        ]
+    ).astype(np.float32)
+    vectors = {name: emb.embed(audio) for name, emb in embedders.items()}
+    assert np.abs(vectors["float32"] - vectors["plain"]).max() < 1e-4
+    cosine = np.sum(vectors["auto"] * vectors["plain"], axis=1)  # unit vectors
+    assert cosine.min() > 0.9999
+    assert np.abs(vectors["auto"] - vectors["plain"]).max() < 5e-3
+
+    def neighbours(v):
+        sims = v @ v.T
+        np.fill_diagonal(sims, -np.inf)
+        return np.argsort(-sims, axis=1)[:, :3]
+
+    new, old = neighbours(vectors["auto"]), neighbours(vectors["plain"])
+    assert (new[:, 0] == old[:, 0]).all()
+    assert np.mean([len(set(a) & set(b)) / 3 for a, b in zip(new, old)]) >= 0.9
+
+
+@pytest.mark.parametrize("pooling", ["attentive", "stats"])
+def test_bf16_fast_path_on_a_faceted_embedding_model_keeps_the_float32_vectors(
+    pooling, monkeypatch
+):
+    """A fine-tuned model (facet heads, level channel) on a wide encoder: 'auto' with native
+    bf16 gives the float32 vectors within bf16 rounding."""
+    from mess_ray.models import embedder as embedder_module
+
+    monkeypatch.setattr(embedder_module, "cpu_has_native_bf16", lambda: True)
+    rng = np.random.default_rng(7)
+    audio = (0.1 * rng.standard_normal((4, SR)) * rng.uniform(0.1, 2.0, (4, 1))).astype(np.float32)
+    vectors = {}
+    for precision in ("float32", "auto"):
+        torch.manual_seed(0)
+        model = EmbeddingModel(
+            build_encoder("small", seed=0), 32, pooling, facet_dim=8, level_channel=True
+        )
+        embedder = Embedder(model, model.embedding_dim, {}, SR, 2, precision)
+        assert embedder.dtype == (torch.float32 if precision == "float32" else torch.bfloat16)
+        vectors[precision] = embedder.embed(audio)
+    got, expected = vectors["auto"], vectors["float32"]
+    assert got.dtype == np.float32
+    cosine = np.sum(got * expected, axis=1) / (
+        np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1)
+    )
+    assert cosine.min() > 0.9999
+    assert np.abs(got - expected).max() < 1e-2
+
+
 def test_window_relative_level_channel_makes_the_embedding_blind_to_the_chains_gain(tmp_path):
     x = torch.randn(2, 2 * SR) * 0.1
     out = {}

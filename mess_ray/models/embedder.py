@@ -115,11 +115,14 @@ def resolve_precision(
 
     - ``float32``: everything in float32 (the same function as the module's own forward).
     - ``bfloat16``: the conv front end's GEMMs after its first layer in bf16, and the rest of
-      the model under bf16 autocast (fastest; neighbour rankings of nearly collinear vectors,
-      as a random ``tiny`` encoder makes, can move).
-    - ``auto``: the front end's GEMMs in bf16 where the CPU has native bf16 (AVX512-BF16 / AMX)
-      and the front end is wide enough (>= 256 channels) for it to pay, the transformer in
-      float32: recall@10 against float32 vectors >= 0.99 in benchmarks/embed_throughput.py.
+      the model under bf16 autocast, for any encoder (a narrow one such as `tiny` gains
+      nothing and its neighbour rankings of nearly collinear random vectors move).
+    - ``auto``: the same as ``bfloat16`` where the CPU has native bf16 (AVX512-BF16 / AMX) and
+      the encoder is wide (front end >= 256 channels, hidden size >= 256), else float32.
+      Under autocast the transformer's GEMMs (projections, FFN, attention, positional conv)
+      run in bf16 with float32 accumulation, while LayerNorm, softmax statistics, residual sums
+      and the front end's first layer with its folded GroupNorm stay float32: recall@10
+      against the plain float32 vectors >= 0.99 in benchmarks/embed_throughput.py.
     GPUs keep float32 until their bf16 figures are measured.
     """
     if precision not in ("auto", "float32", "bfloat16"):
@@ -128,9 +131,12 @@ def resolve_precision(
         return torch.float32, torch.float32
     if precision == "bfloat16":
         return torch.bfloat16, torch.bfloat16
-    widths = getattr(getattr(encoder, "config", None), "conv_dim", None) or (0,)
-    wide = min(widths) >= 256
-    return (torch.bfloat16 if wide and cpu_has_native_bf16() else torch.float32), torch.float32
+    config = getattr(encoder, "config", None)
+    widths = getattr(config, "conv_dim", None) or (0,)
+    wide = min(widths) >= 256 and int(getattr(config, "hidden_size", 0) or 0) >= 256
+    if wide and cpu_has_native_bf16():
+        return torch.bfloat16, torch.bfloat16
+    return torch.float32, torch.float32
 
 
 class Embedder:
@@ -138,7 +144,8 @@ class Embedder:
 
     On CPU, ``fast`` (default) computes the encoder's convolutional front end as cache-sized
     GEMMs (:func:`mess_ray.models.encoder.enable_fast_inference`; the same function up to float
-    rounding), and ``precision`` (see :func:`resolve_precision`) picks bf16 where it pays.
+    rounding), and ``precision`` (see :func:`resolve_precision`) picks bf16 where it pays: the
+    front end's later GEMMs, and the transformer under bf16 autocast.
     ``fast=False, precision="float32"`` is the plain module forward (the benchmarks' baseline).
     """
 
@@ -165,6 +172,9 @@ class Embedder:
             bool(fast) and self.device.type == "cpu" and enable_fast_inference(encoder, front_dtype)
         )
         self.front_end_dtype = front_dtype if self.fast else torch.float32
+        if precision == "auto" and not self.fast:
+            # 'auto' trades precision only where its recall was measured: on the fast path.
+            self.dtype = torch.float32
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         batch = np.asarray(batch, dtype=np.float32)
