@@ -15,6 +15,7 @@ import posixpath
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from mess_ray.storage import Storage
 
@@ -81,10 +82,30 @@ def segments_dir(version: str) -> str:
     return posixpath.join("ingest", version, "segments")
 
 
+def segment_files(storage: Storage, version: str) -> list[str]:
+    """The segment shards of an ingest version, as storage paths, in track-id order.
+
+    Readers get the rows in the catalog's (track-id) order whatever the shards are named: a
+    one-pass ingest names each file's shard by its fingerprint, which hashes the source URI
+    (storage root, render version), so a name order would change the training data order
+    (and the trained weights) from one identical run to the next. Shards not named after a
+    file record (carried-over tracks, older layouts) follow in name order."""
+    rel = segments_dir(version)
+    names = sorted(n for n in storage.listdir(rel) if n.endswith(".parquet"))
+    files_rel = posixpath.join("ingest", version, "files.parquet")
+    track_of: dict[str, str] = {}
+    if storage.exists(files_rel):
+        with storage.open(files_rel, "rb") as f:
+            records = pq.read_table(f, columns=["fingerprint", "track_id"]).to_pylist()
+        track_of = {f"part-{r['fingerprint']}.parquet": r["track_id"] for r in records}
+    names.sort(key=lambda n: (0, track_of[n], n) if n in track_of else (1, "", n))
+    return [storage.path(rel, n) for n in names]
+
+
 def segments_dataset(storage: Storage, version: str | None = None) -> pads.Dataset:
     version = version or storage.require_latest("ingest")
     return pads.dataset(
-        storage.path(segments_dir(version)),
+        segment_files(storage, version),
         format="parquet",
         filesystem=storage.pyarrow_fs(),
         schema=SEGMENT_SCHEMA,
@@ -109,7 +130,7 @@ def read_segments_ray(
 
     version = version or storage.require_latest("ingest")
     return ray.data.read_parquet(
-        storage.path(segments_dir(version)),
+        segment_files(storage, version),
         filesystem=storage.pyarrow_fs(),
         columns=columns,
         schema=SEGMENT_SCHEMA,
