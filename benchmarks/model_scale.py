@@ -127,11 +127,78 @@ def matches(storage, variant: Variant, steps: int) -> dict | None:
     return evaluation
 
 
+def evaluate(cfg, storage, refs: list[str], lock: str) -> dict:
+    """The evaluate stage on ``refs`` (every baseline comes along), as benchmarks.protocol runs
+    it: on the driver without Ray when ``eval.ray_data_min_segments`` exceeds the corpus."""
+    import ray
+
+    from benchmarks.protocol import DRIVER_ONLY, exclusive
+    from mess_ray.pipeline import run_stage
+
+    if cfg.eval.ray_data_min_segments <= DRIVER_ONLY:
+        with exclusive(lock):
+            manifest = run_stage("evaluate", cfg, model_refs=refs)
+            ray.shutdown()
+        return manifest
+    from mess_ray.eval import run_evaluate
+    from mess_ray.pipeline import with_storage_resolved
+
+    return run_evaluate(with_storage_resolved(cfg), storage, refs)
+
+
+def paired_rows(manifest: dict, names: dict[str, str]) -> list[dict]:
+    """The reported validation rows of the models ``names`` ({ref: variant}) from one
+    evaluation of them all, refs replaced by variant names (the reference too)."""
+    out = []
+    for row in validation_rows(manifest):
+        if row["system"] not in names:
+            continue
+        named = {**row, "system": names[row["system"]]}
+        if row.get("reference") in names:
+            named["reference"] = names[row["reference"]]
+        out.append(named)
+    return out
+
+
+def run_paired(args: argparse.Namespace, variants: list[Variant]) -> list[dict]:
+    """One evaluation of every variant's fine-tuned model on the same queries (store
+    ``<root>/paired``): the protocol's paired bootstrap then gives each variant's difference
+    from the first variant with a CI over pieces (the verdict columns)."""
+    from benchmarks.protocol import stage_record
+    from mess_ray.storage import Storage
+
+    names: dict[str, str] = {}
+    for variant in variants:
+        store_root = f"storage.root={Path(args.root) / variant.name}"
+        store = Storage.from_config(load_config(args.config, [*args.set, store_root]).storage)
+        version = store.require_latest("finetune")
+        names[store.url("finetune", version, "model")] = f"{variant.name}:finetune"
+    root = Path(args.root) / "paired"
+    link_corpus(Path(args.source), root)
+    cfg = load_config(args.config, [*args.set, f"storage.root={root}"])
+    storage = Storage.from_config(cfg.storage)
+    refs = list(names)
+    evaluation = None
+    if args.reuse and storage.latest("eval"):
+        latest = storage.manifest("eval")
+        if set(refs) <= set((latest.get("inputs") or {}).get("models") or {}):
+            evaluation = latest
+    if evaluation is None:
+        t1 = time.time()
+        evaluation = evaluate(cfg, storage, refs, args.lock)
+        record = stage_record("evaluate", t1, 0.0, evaluation)
+        emit({**record, "figure": "model_scale_stage", "variant": "paired"})
+    rows = paired_rows(evaluation, names)
+    for row in rows:
+        emit({"figure": "model_scale_paired", **row})
+    return rows
+
+
 def run_variant(args: argparse.Namespace, variant: Variant) -> dict:
     """Pretrain, fine-tune and evaluate one variant in its own store; its JSON lines."""
     import ray
 
-    from benchmarks.protocol import DRIVER_ONLY, exclusive, stage_record
+    from benchmarks.protocol import exclusive, stage_record
     from mess_ray.pipeline import run_stage
     from mess_ray.splits import pianist_holdout, read_pretrain_audio, read_track_pianists
     from mess_ray.storage import Storage
@@ -171,15 +238,7 @@ def run_variant(args: argparse.Namespace, variant: Variant) -> dict:
             seconds[stage] = record["seconds"]
             emit({**record, "figure": "model_scale_stage", "variant": variant.name})
         t1 = time.time()
-        if cfg.eval.ray_data_min_segments <= DRIVER_ONLY:
-            with exclusive(args.lock):
-                evaluation = run_stage("evaluate", cfg, model_refs=["finetune", "pretrain"])
-                ray.shutdown()
-        else:
-            from mess_ray.eval import run_evaluate
-            from mess_ray.pipeline import with_storage_resolved
-
-            evaluation = run_evaluate(with_storage_resolved(cfg), storage, ["finetune", "pretrain"])
+        evaluation = evaluate(cfg, storage, ["finetune", "pretrain"], args.lock)
         record = stage_record("evaluate", t1, 0.0, evaluation)
         seconds["evaluate"] = record["seconds"]
         emit({**record, "figure": "model_scale_stage", "variant": variant.name})
@@ -297,13 +356,26 @@ def main(argv: list[str] | None = None) -> int:
         "--reuse", action="store_true", help="read back variants already evaluated in their store"
     )
     parser.add_argument("--plot", default="", help="PNG of the tiny learning curve")
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="also evaluate every variant's fine-tuned model in one run (<root>/paired): paired "
+        "differences from the first variant with CIs over pieces",
+    )
+    parser.add_argument(
+        "--skip-variants",
+        action="store_true",
+        help="with --paired: only the paired evaluation (the variants' models must exist)",
+    )
     args = parser.parse_args(argv)
     variants = [parse_variant(v) for v in args.variants]
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     started = time.time()
     with console.quiet_console(args.root, verbose=False):
-        results = [run_variant(args, v) for v in variants]
+        results = [] if args.skip_variants else [run_variant(args, v) for v in variants]
+        if args.paired:
+            run_paired(args, variants)
         if args.plot and sum(r["size"] == "tiny" for r in results) > 1:
             plot_curve(results, args.plot)
         emit(

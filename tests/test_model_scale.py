@@ -179,3 +179,22 @@ def test_the_curve_orders_points_by_hours_of_pretraining_audio(tmp_path):
     ]
     bench.plot_curve(results, str(tmp_path / "curve.png"))
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_paired_rows_name_the_variants_and_their_reference():
+    first, second = "/runs/tiny-1.0/finetune/v1/model", "/runs/small-1.0/finetune/v2/model"
+    compared = {
+        **row("validation", "performer_identity", "dry", "map", second, 0.6),
+        "reference": first,
+        "diff": -0.1,
+    }
+    rows = [
+        row("validation", "performer_identity", "dry", "map", first),
+        compared,
+        {**row("validation", "performer_identity", "dry", "map", "descriptors"), "reference": first},
+    ]
+    got = bench.paired_rows(
+        {"protocol": {"rows": rows}}, {first: "tiny-1.0:finetune", second: "small-1.0:finetune"}
+    )
+    assert [r["system"] for r in got] == ["tiny-1.0:finetune", "small-1.0:finetune"]
+    assert got[1]["reference"] == "tiny-1.0:finetune" and got[1]["diff"] == -0.1
