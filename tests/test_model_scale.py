@@ -191,7 +191,10 @@ def test_paired_rows_name_the_variants_and_their_reference():
     rows = [
         row("validation", "performer_identity", "dry", "map", first),
         compared,
-        {**row("validation", "performer_identity", "dry", "map", "descriptors"), "reference": first},
+        {
+            **row("validation", "performer_identity", "dry", "map", "descriptors"),
+            "reference": first,
+        },
     ]
     got = bench.paired_rows(
         {"protocol": {"rows": rows}}, {first: "tiny-1.0:finetune", second: "small-1.0:finetune"}
