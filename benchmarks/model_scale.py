@@ -10,6 +10,12 @@ coordinator picks a setting.
         --set eval.holdout_fraction=0.34 --set eval.test_pianist_fraction=0 \\
         --plot docs/model_scale.png
 
+``--paired`` adds one evaluation of every variant's fine-tuned model (store ``<root>/paired``):
+each variant's difference from the first with a paired CI over pieces (``model_scale_paired``);
+``--paired --skip-variants`` runs only that, on models already trained. Measured (README,
+Pretraining): 2 shared cores, about 75 min of stages for the four variants plus 28 min for the
+paired evaluation at load 4-14.
+
 A variant is ``SIZE`` or ``SIZE@FRACTION`` (``pretrain.audio_fraction``). Each variant gets its
 own store ``<root>/<SIZE>-<FRACTION>`` whose ``render`` and ``ingest`` are links to the source
 store's (never written to), so pretrain -> finetune -> evaluate of one variant cannot pick up
