@@ -13,7 +13,7 @@ coordinator picks a setting.
 ``--paired`` adds one evaluation of every variant's fine-tuned model (store ``<root>/paired``):
 each variant's difference from the first with a paired CI over pieces (``model_scale_paired``);
 ``--paired --skip-variants`` runs only that, on models already trained. Measured (README,
-Pretraining): 2 shared cores, about 75 min of stages for the four variants plus 28 min for the
+Pretraining): 2 shared cores, about 94 min of stages for the four variants (summed) plus 28 min for the
 paired evaluation at load 4-14.
 
 A variant is ``SIZE`` or ``SIZE@FRACTION`` (``pretrain.audio_fraction``). Each variant gets its
