@@ -470,6 +470,15 @@ class PretrainConfig(TrainConfig):
         description="Leave the evaluation hold-out pieces (eval.holdout_fraction, eval.seed) out of "
         "pretraining too, so the benchmark measures the SSL encoder on audio it never saw.",
     )
+    audio_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Share of the eligible performances pretraining uses (learning curves, "
+        "benchmarks.model_scale): a performance (all its chains) is kept when its seeded hash "
+        "(pretrain.seed) is below the fraction, so smaller fractions keep nested subsets; the "
+        "manifest records the seconds of audio actually used (counts.pretrain_audio_s). 1: all.",
+    )
     chain_augment_prob: float = Field(
         0.0,
         ge=0,

@@ -185,3 +185,108 @@ def read_track_pianists(storage, version: str) -> dict[str, tuple[str, str]]:
         columns=["track_id", "piece_id", "metadata_json"]
     )
     return track_pianists(table)
+
+
+# -- pretraining on a fraction of the audio (learning curves) -----------------------------------
+@dataclass(frozen=True)
+class PretrainAudio:
+    """The audio a pretraining run uses: the tracks it keeps and leaves out (beyond the pieces
+    and tracks excluded for evaluation), how many segments they hold and how many seconds of
+    audio those segments cover (overlapping windows counted once)."""
+
+    fraction: float
+    kept_tracks: tuple[str, ...]
+    left_out_tracks: tuple[str, ...]
+    segments: int
+    seconds: float
+
+    def counts(self) -> dict:
+        return {
+            "audio_fraction": self.fraction,
+            "pretrain_tracks": len(self.kept_tracks),
+            "pretrain_segments": self.segments,
+            "pretrain_audio_s": round(self.seconds, 3),
+            "pretrain_audio_hours": round(self.seconds / 3600.0, 4),
+        }
+
+
+def covered_seconds(starts, ends) -> float:
+    """Seconds of one track's timeline covered by segments [start, end) (overlaps once)."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(zip(starts, ends)):
+        if end <= reach:
+            continue
+        total += end - max(start, reach)
+        reach = end
+    return total
+
+
+def pretrain_audio(
+    table,
+    fraction: float = 1.0,
+    seed: int = 0,
+    exclude_pieces=(),
+    exclude_tracks=(),
+) -> PretrainAudio:
+    """Which tracks pretraining keeps when it uses ``fraction`` of the eligible performances
+    (``pretrain.audio_fraction``, ``pretrain.seed``), from a segment table (pyarrow) holding
+    ``track_id``, ``piece_id``, ``start_s``, ``end_s`` and ``metadata_json``.
+
+    A performance (every chain of it, ``performance_id`` in the metadata; the track id when
+    there is none) is kept when its seeded hash is below ``fraction``, so the subsets are nested
+    (a smaller fraction keeps a subset of a larger one) and stable as the corpus grows; 1 keeps
+    every eligible track. Tracks of ``exclude_pieces`` / ``exclude_tracks`` are never kept nor
+    counted as left out (they were never eligible)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"audio_fraction must be in (0, 1], got {fraction}")
+    pieces, excluded = set(exclude_pieces), set(exclude_tracks)
+    spans: dict[str, tuple[list[float], list[float]]] = {}
+    group: dict[str, str] = {}
+    for tid, piece, start, end, blob in zip(
+        *(
+            table.column(c).to_pylist()
+            for c in ("track_id", "piece_id", "start_s", "end_s", "metadata_json")
+        )
+    ):
+        if tid in excluded or (piece and piece in pieces):
+            continue
+        if tid not in group:
+            meta = json.loads(blob or "{}")
+            group[tid] = str(meta.get("performance_id") or tid)
+            spans[tid] = ([], [])
+        spans[tid][0].append(float(start))
+        spans[tid][1].append(float(end))
+    kept = tuple(
+        sorted(
+            t for t, g in group.items() if fraction >= 1.0 or _score(g, seed, "audio") < fraction
+        )
+    )
+    if not kept:
+        raise ValueError(
+            f"audio_fraction {fraction} keeps none of the {len(group)} eligible tracks; raise it"
+        )
+    left_out = tuple(sorted(set(group) - set(kept)))
+    return PretrainAudio(
+        fraction=fraction,
+        kept_tracks=kept,
+        left_out_tracks=left_out,
+        segments=sum(len(spans[t][0]) for t in kept),
+        seconds=sum(covered_seconds(*spans[t]) for t in kept),
+    )
+
+
+def read_pretrain_audio(
+    storage,
+    version: str,
+    fraction: float = 1.0,
+    seed: int = 0,
+    exclude_pieces=(),
+    exclude_tracks=(),
+) -> PretrainAudio:
+    """:func:`pretrain_audio` of an ingest artifact."""
+    from mess_ray.segments import segments_dataset
+
+    table = segments_dataset(storage, version).to_table(
+        columns=["track_id", "piece_id", "start_s", "end_s", "metadata_json"]
+    )
+    return pretrain_audio(table, fraction, seed, exclude_pieces, exclude_tracks)

@@ -31,6 +31,11 @@ def test_pretrain_then_finetune_publish_models(ray_local, tiny_store):
     assert np.isfinite(manifest["losses"]["first"]) and np.isfinite(manifest["losses"]["last"])
     assert manifest["losses"]["first"] > 0  # cross-entropy over 8 clusters
     assert manifest["inputs"]["ingest"] == "ing1"
+    # Every track heard: 12 tracks of four overlapping 2 s clips at a 1 s hop = 5 s each.
+    assert manifest["counts"]["audio_fraction"] == 1.0
+    assert manifest["counts"]["pretrain_segments"] == 48
+    assert manifest["counts"]["pretrain_audio_s"] == pytest.approx(12 * 5.0)
+    assert "audio_fraction" not in manifest["inputs"]
     # Per-step phase timings (rank 0): the checkpoint at step 2 was saved and reported after
     # its step; steps 1 and 3 neither reported (report_every=10) nor saved anything.
     from mess_ray.train.common import TIMING_COLUMNS
@@ -61,6 +66,25 @@ def test_pretrain_then_finetune_publish_models(ray_local, tiny_store):
     assert embedder.info["facet_layout"]["overall"] == [0, cfg.model.embedding_dim]
     vectors = embedder.embed(np.stack([clip(0, s, 0) for s in STYLES]))
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_pretrain_on_a_share_of_the_audio_hears_only_the_kept_tracks(ray_local, tiny_store):
+    from mess_ray.splits import read_pretrain_audio
+    from mess_ray.train import run_pretrain
+
+    cfg = tiny_config(tiny_store.root, pretrain={"audio_fraction": 0.5, "steps": 2})
+    share = read_pretrain_audio(tiny_store, "ing1", 0.5, cfg.pretrain.seed)
+    assert 0 < len(share.kept_tracks) < 12
+    manifest = run_pretrain(cfg, tiny_store)
+    counts = manifest["counts"]
+    assert counts["pretrain_segments"] == 4 * len(share.kept_tracks) < 48
+    assert counts["pretrain_audio_s"] == pytest.approx(5.0 * len(share.kept_tracks))
+    left_out = manifest["inputs"]["audio_fraction"]["left_out_tracks"]
+    assert sorted(left_out) == sorted(share.left_out_tracks)
+    assert not set(left_out) & set(share.kept_tracks)
+    # A different share is a different run (its name derives from its inputs).
+    full = run_pretrain(tiny_config(tiny_store.root, pretrain={"steps": 2}), tiny_store)
+    assert full["version"] != manifest["version"] and full["counts"]["pretrain_segments"] == 48
 
 
 def test_finetune_resumes_from_checkpoint(ray_local, tiny_store):

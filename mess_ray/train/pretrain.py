@@ -48,7 +48,7 @@ from mess_ray.models.encoder import (
 )
 from mess_ray.models.encoder import save_encoder as save_encoder_folder
 from mess_ray.segments import read_segments_ray, segments_dataset, split_pieces, window_samples
-from mess_ray.splits import pianist_holdout, read_track_pianists
+from mess_ray.splits import pianist_holdout, read_pretrain_audio, read_track_pianists
 from mess_ray.storage import Storage
 from mess_ray.train.augment import chain_views
 from mess_ray.train.common import (
@@ -575,7 +575,17 @@ def run_pretrain(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
     exclude = excluded_pieces(cfg, storage, ingest_version)
     tracks = read_track_pianists(storage, ingest_version)
     holdout = pianist_holdout(tracks, cfg.eval.test_pianist_fraction, cfg.eval.seed)
-    frames = sample_frames(cfg, storage, ingest_version, hop, exclude, holdout.tracks)
+    audio = read_pretrain_audio(
+        storage,
+        ingest_version,
+        cfg.pretrain.audio_fraction,
+        cfg.pretrain.seed,
+        exclude,
+        holdout.tracks,
+    )
+    left_out = [*holdout.tracks, *audio.left_out_tracks]
+    unheard = set(audio.left_out_tracks)
+    frames = sample_frames(cfg, storage, ingest_version, hop, exclude, left_out)
     codebooks = {
         kind: fit_codebook(
             x, cfg.pretrain.num_clusters, cfg.pretrain.kmeans_iterations, cfg.pretrain.seed
@@ -593,6 +603,12 @@ def run_pretrain(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
         inputs["excluded_pieces"] = exclude
     if holdout.tracks:
         inputs["excluded_tracks"] = list(holdout.tracks)
+    if audio.left_out_tracks:
+        inputs["audio_fraction"] = {
+            "fraction": audio.fraction,
+            "seed": cfg.pretrain.seed,
+            "left_out_tracks": list(audio.left_out_tracks),
+        }
     loop = PretrainLoop(
         init=init,
         inputs=inputs,
@@ -606,12 +622,12 @@ def run_pretrain(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
         chain_pool=cfg.pretrain.chain_pool,
         seed=cfg.pretrain.seed,
     )
-    if exclude or holdout.tracks:
+    if exclude or left_out:
         dataset = read_segments_ray(
             storage, ingest_version, columns=["audio", "piece_id", "track_id"]
         ).map_batches(
             drop_excluded,
-            fn_kwargs={"pieces": exclude, "tracks": list(holdout.tracks)},
+            fn_kwargs={"pieces": exclude, "tracks": left_out},
             batch_format="pyarrow",
             num_cpus=0.25,
         )
@@ -634,11 +650,14 @@ def run_pretrain(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
             "segments": int(segments_dataset(storage, ingest_version).count_rows()),
             "excluded_pieces": len(exclude),
             "excluded_tracks": len(holdout.tracks),
+            # The audio this run actually heard (learning curves read it here).
+            **audio.counts(),
         },
         # Which pianists this encoder heard (the protocol's unseen-pianist rows read it here).
         extra={
             "pianists": holdout.record(
-                tracks, {piece for piece, _ in tracks.values()} - set(exclude)
+                {t: v for t, v in tracks.items() if t not in unheard},
+                {piece for piece, _ in tracks.values()} - set(exclude),
             )
         },
     )
