@@ -304,6 +304,34 @@ def single_process_stream(
     return seconds, time.perf_counter() - began
 
 
+def profile(paths: list[str], read_block_s: float, write_to: str, top: int) -> None:
+    """One ``figure=profile`` line per function among the ``top`` by own time (cProfile, which
+    measures wall time: run it on an idle machine) of a decode + segment + write pass."""
+    import cProfile
+    import pstats
+
+    single_process_stream(paths[:1], read_block_s)  # imports, not profiled
+    profiler = cProfile.Profile()
+    began = time.process_time()
+    profiler.enable()
+    seconds, _ = single_process_stream(paths, read_block_s, write_to)
+    profiler.disable()
+    cpu = time.process_time() - began
+    stats = pstats.Stats(profiler).stats
+    rows = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+    for (file, line, name), (_, calls, own, cumulative, _) in rows:
+        emit(
+            figure="profile",
+            function=f"{os.path.basename(file)}:{line}({name})",
+            calls=calls,
+            own_s=round(own, 3),
+            cumulative_s=round(cumulative, 3),
+            pass_cpu_s=round(cpu, 2),
+            seconds_audio=round(seconds, 1),
+            load_avg_1m=round(os.getloadavg()[0], 2),
+        )
+
+
 def start_moto() -> tuple[subprocess.Popen, str]:
     """moto's S3 server on 127.0.0.1 in its own process, so its CPU (an S3 service's, not the
     ingest's) is counted apart (role ``s3_server``) from the driver's."""
@@ -345,6 +373,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-s3", action="store_true")
     parser.add_argument(
         "--skip-naive", action="store_true", help="Leave out the librosa.load baselines."
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Only profile (cProfile, no Ray) one decode + segment + write pass of the corpus "
+        "in this process, the code a Ray task runs, and print its N most costly functions.",
     )
     parser.add_argument(
         "--repeats",
@@ -392,6 +428,9 @@ def main(argv: list[str] | None = None) -> None:
             bytes=sum(os.path.getsize(p) for p in paths),
             cores=n_cores,
         )
+        if args.profile:
+            profile(paths, args.read_block_s, str(workdir / "profile_store"), args.profile)
+            return
 
         # -- peak memory vs file length (fresh process per file) ------------------------------
         for minutes in [float(m) for m in args.memory_minutes.split(",") if m]:

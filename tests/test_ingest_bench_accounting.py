@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -68,3 +69,13 @@ def test_variants_parse_into_overrides_and_bad_settings_fail_before_any_run():
         bench.parse_variant("ingest.cpus_per_task=2")  # over the schema's bound
     with pytest.raises(ValueError):
         bench.parse_variant("ingest.no_such_setting=1")
+
+
+def test_profile_lists_the_costliest_functions_of_a_decode_and_write_pass(tmp_path, capsys):
+    bench.make_corpus(tmp_path / "corpus", 2, 0.1)
+    paths = sorted(str(p) for p in (tmp_path / "corpus").iterdir())
+    bench.profile(paths, 30.0, str(tmp_path / "store"), 5)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line[:1] == "{"]
+    assert len(lines) == 5 and all(line["figure"] == "profile" for line in lines)
+    assert lines[0]["own_s"] >= lines[-1]["own_s"] and lines[0]["seconds_audio"] == 12.0
+    assert len(list((tmp_path / "store" / "segments").iterdir())) == 2  # the shards were written
