@@ -117,7 +117,10 @@ def load_measured(folder: Path = MEASURED, size: str = "base") -> Measured:
     ingest = [
         r
         for r in read_jsonl(folder / "ingest_throughput.jsonl")
-        if r.get("figure") == "throughput" and str(r.get("path", "")).startswith("ray_ingest")
+        if r.get("figure") == "throughput"
+        and str(r.get("path", "")).startswith("ray_ingest")
+        # the shipped settings only (``--variant`` lines measure alternatives side by side)
+        and r.get("variant", "default") == "default"
     ]
     if not ingest:
         raise ValueError("ingest_throughput.jsonl has no ray_ingest throughput line")

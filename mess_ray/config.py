@@ -309,7 +309,17 @@ class IngestConfig(_Section):
         True, description="Reuse segments of unchanged files from the previous version."
     )
     cpus_per_task: float = Field(
-        0.5, gt=0, le=1, description="Ray CPUs per decode task (<= 0.5 on 2 cores)."
+        1.0,
+        gt=0,
+        le=1,
+        description="Ray CPUs per decode task. A task is single-threaded, so 1 (one worker "
+        "process per logical CPU); fractions start more workers than Ray keeps warm.",
+    )
+    max_concurrent_tasks: int | None = Field(
+        None,
+        ge=1,
+        description="Cap on decode tasks running at once (None: as many as the cluster's CPUs "
+        "and cpus_per_task allow).",
     )
 
 
@@ -1049,12 +1059,18 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a config must be a mapping of sections")
         tree = loaded
-    for item in overrides or []:
+    apply_overrides(tree, overrides or [])
+    return MessRayConfig.model_validate(tree)
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each ``section.key=value`` of ``overrides`` (values parsed as YAML) in ``tree``."""
+    for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
         _set_dotted(tree, key.strip(), load_yaml(raw, f"override {key.strip()}"))
-    return MessRayConfig.model_validate(tree)
+    return tree
 
 
 def dump_config(cfg: MessRayConfig) -> str:

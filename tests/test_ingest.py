@@ -304,6 +304,29 @@ def test_one_pass_writer_streams_row_groups_and_removes_a_track_cut_mid_stream(
     assert status["num_segments"] == 5 and storage.listdir("segs") == ["part-good.parquet"]
 
 
+def test_segment_shards_store_audio_plain_and_metadata_with_statistics(tmp_path):
+    """The audio column (float32 PCM, incompressible) is written without compression,
+    dictionary or statistics, which only cost CPU; the metadata columns keep Snappy and their
+    min/max statistics; the samples read back bit for bit."""
+    write_audio(tmp_path / "in" / "a.wav", 5.0, rate=44100, channels=2)
+    cfg = cfg_for(str(tmp_path / "store"), str(tmp_path / "in"))
+    storage = Storage(cfg.storage.root)
+    (row,) = catalog_from_folder(str(tmp_path / "in"))
+    row = {**row, "fingerprint": "a"}
+    status = ingest_row(row, ingest_job.segmentation_settings(cfg), 0.7, None, storage, "segs")
+    shard = pq.ParquetFile(storage.open("segs/part-a.parquet"))
+    group = shard.metadata.row_group(0)
+    columns = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
+    audio = columns["audio"]
+    assert audio.compression == "UNCOMPRESSED" and audio.statistics is None
+    assert not any("DICTIONARY" in encoding for encoding in audio.encodings)
+    start = columns["start_s"]
+    assert start.compression == "SNAPPY" and start.statistics.has_min_max
+    written = shard.read().sort_by("segment_id")
+    assert status["num_segments"] == written.num_rows
+    assert written.equals(reference_segments([row], cfg))
+
+
 # -- catalogs ------------------------------------------------------------------------------
 def test_catalog_kinds_and_manifest(tmp_path):
     assert resolve_catalog_kind(None, "auto") == "render"
@@ -421,7 +444,11 @@ def test_ray_ingest_local_folder_and_incremental(ray_local, tmp_path):
     write_audio(tmp_path / "in" / "good" / "wav16.wav", 4.5)
     expected = {**expected, "good/new": None}
     del expected["bad/notes"]
-    second = run_ingest(cfg, storage)
+    # The incremental run with at most one decode task at a time: same result, one task after
+    # the other (ingest.max_concurrent_tasks caps Ray Data's task pool).
+    second = run_ingest(
+        cfg_for(storage.root, str(tmp_path / "in"), max_concurrent_tasks=1), storage
+    )
     table2 = _check_run(second, storage, expected)
     assert (
         second["counts"]["files_decoded"] == 2

@@ -44,3 +44,28 @@ def test_missing_measurements_are_a_clear_error(tmp_path):
     (tmp_path / "ingest_throughput.jsonl").write_text(json.dumps({"figure": "corpus"}) + "\n")
     with pytest.raises(ValueError, match="no ray_ingest"):
         study.load_measured(tmp_path)
+
+
+def test_ingest_rate_comes_from_the_shipped_settings_not_from_measured_alternatives(tmp_path):
+    import shutil
+
+    shutil.copy(study.MEASURED / "embed_throughput.jsonl", tmp_path / "embed_throughput.jsonl")
+    lines = [
+        {"figure": "throughput", "path": "ray_ingest_local", "x_realtime_per_cpu_s": 600.0},
+        {
+            "figure": "throughput",
+            "path": "ray_ingest_s3",
+            "variant": "default",
+            "x_realtime_per_cpu_s": 400.0,
+        },
+        {  # a slower alternative measured side by side: not what ships
+            "figure": "throughput",
+            "path": "ray_ingest_local",
+            "variant": "ingest.cpus_per_task=0.5",
+            "x_realtime_per_cpu_s": 200.0,
+        },
+    ]
+    (tmp_path / "ingest_throughput.jsonl").write_text(
+        "".join(json.dumps(line) + "\n" for line in lines)
+    )
+    assert study.load_measured(tmp_path).ingest_audio_s_per_cpu_s == 400.0
