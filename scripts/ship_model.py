@@ -73,21 +73,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=shipped.DEFAULT_SHIPPED)
     parser.add_argument("--out", default=None, help="default: mess_ray/models/shipped/<name>")
     parser.add_argument("--skip-evaluate", action="store_true", help="quick reproducibility runs")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="library and Ray logs on the terminal (default: <storage root>/logs, as the CLI)",
+    )
     args = parser.parse_args(argv)
 
-    from ray.data import DataContext
-
-    from mess_ray import pipeline
+    from mess_ray import console, pipeline
     from mess_ray.storage import Storage
 
     cfg = pipeline.with_storage_resolved(load_config(args.config, args.overrides))
-    out = Path(args.out) if args.out else shipped.SHIPPED_ROOT / args.name
     storage = Storage.from_config(cfg.storage)
     root = Path(storage.url())
     if (
         storage.protocol == "file" and root.exists()
     ):  # a fresh store: no earlier artifact may leak into the recipe
         shutil.rmtree(root)
+    with console.quiet_console(cfg.storage.root, verbose=args.verbose):
+        return ship(args, cfg, storage)
+
+
+def ship(args: argparse.Namespace, cfg, storage) -> int:
+    """Train the recipe in ``storage`` and write the shipped folder (console: summary lines)."""
+    from ray.data import DataContext
+
+    from mess_ray import console, pipeline
+
+    out = Path(args.out) if args.out else shipped.SHIPPED_ROOT / args.name
     pipeline.ensure_ray(cfg.ray)
     DataContext.get_current().execution_options.preserve_order = True
     started, manifests = time.monotonic(), {}
@@ -153,10 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / shipped.MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    print(f"shipped model {args.name} -> {out} ({size / 1e6:.2f} MB, {train_s} s)")
-    print(f"weights sha256 {manifest['weights_sha256']}")
+    console.say(f"shipped model {args.name} -> {out} ({size / 1e6:.2f} MB, {train_s} s)")
+    console.say(f"weights sha256 {manifest['weights_sha256']}")
     if evaluate:
-        print(f"benchmark (test split): {evaluate.get('headline')}")
+        console.say(f"benchmark (test split): {evaluate.get('headline')}")
     pipeline.shutdown_ray()
     return 0
 
