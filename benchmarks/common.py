@@ -12,6 +12,15 @@ import numpy as np
 from mess_ray import console
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for servers and Ray ports the benchmarks start)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def loadavg() -> list[float]:
     """1-, 5- and 15-minute load averages: other jobs on the same cores skew CPU figures."""
     return [round(x, 2) for x in os.getloadavg()]

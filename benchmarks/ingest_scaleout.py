@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.pop("RAY_ADDRESS", None)
 
-from benchmarks.common import emit  # noqa: E402
+from benchmarks.common import emit, free_port  # noqa: E402
 from benchmarks.ingest_throughput import (  # noqa: E402
     consumed_cpu,
     cores,
@@ -40,12 +39,6 @@ from benchmarks.ingest_throughput import (  # noqa: E402
 from mess_ray.config import MessRayConfig  # noqa: E402
 from mess_ray.ingest.memory import write_long_wav  # noqa: E402
 from mess_ray.storage import Storage  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_cluster(nodes: int, temp_dir: str):

@@ -55,7 +55,7 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 
 
-from benchmarks.common import emit
+from benchmarks.common import emit, free_port
 from mess_ray.config import MessRayConfig, apply_overrides
 from mess_ray.ingest.job import ShardWriter, ingest_file, shard_name
 from mess_ray.ingest.memory import measure_peak_memory, write_long_wav
@@ -335,9 +335,7 @@ def profile(paths: list[str], read_block_s: float, write_to: str, top: int) -> N
 def start_moto() -> tuple[subprocess.Popen, str]:
     """moto's S3 server on 127.0.0.1 in its own process, so its CPU (an S3 service's, not the
     ingest's) is counted apart (role ``s3_server``) from the driver's."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,

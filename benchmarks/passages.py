@@ -225,7 +225,7 @@ def align_queries(tracks: dict, cfg, stride: int = 1) -> dict[str, Any]:
     n = len(seg_track)
     base_sim = stats @ stats.T
     queries = []
-    long_errs: list[tuple[float, float]] = []
+    long_errs: tuple[list[float], list[float]] = ([], [])  # start, end errors of 10 s passages
     long_pieces: list[str] = []
     align_ms = []
     for qi in range(0, n, stride):
@@ -265,7 +265,8 @@ def align_queries(tracks: dict, cfg, stride: int = 1) -> dict[str, Any]:
                 if truth is None:
                     continue
                 al = align_passage(query10, tracks[tc]["features"], **align)
-                long_errs.append((abs(al.start_s - truth[0]), abs(al.end_s - truth[1])))
+                long_errs[0].append(abs(al.start_s - truth[0]))
+                long_errs[1].append(abs(al.end_s - truth[1]))
                 long_pieces.append(q["piece"])
     return {
         "seg_track": seg_track,
@@ -392,7 +393,7 @@ def retrieval_and_errors(tracks: dict, cfg, out, split: str) -> None:
             out,
         )
     every = error_stats(*scored["every"])
-    for length, (starts, ends) in ((4, scored["kept"]), (10, zip(*data["long_errs"]))):
+    for length, (starts, ends) in ((4, scored["kept"]), (10, data["long_errs"])):
         starts, ends = list(starts), list(ends)
         emit(
             {
@@ -579,7 +580,7 @@ def tune(
             length: calibration_costs(tracks, cfg, length, track_stride) for length in (4.0, 10.0)
         }
         seconds = time.perf_counter() - started
-        long_errs = error_stats(*(list(x) for x in zip(*data["long_errs"])))
+        long_errs = error_stats(*data["long_errs"])
         for max_cost in max_costs or [cfg.content.max_cost]:
             scored = score_queries(data, max_cost)
             emit(
@@ -596,9 +597,7 @@ def tune(
                     "error_4s_all": error_stats(*scored["every"]),
                     "error_10s": long_errs,
                     "error_4s_per_piece": per_piece_p90(*scored["kept"], scored["kept_pieces"]),
-                    "error_10s_per_piece": per_piece_p90(
-                        *(list(x) for x in zip(*data["long_errs"])), data["long_pieces"]
-                    ),
+                    "error_10s_per_piece": per_piece_p90(*data["long_errs"], data["long_pieces"]),
                     **{
                         f"separation_{int(length)}s": {
                             **cost_separation(same, other, max_cost),

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     storage = Storage.from_config(cfg.storage)
     version = storage.require_latest("ingest")
     started = time.time()
-    data, _ = load_eval_data(cfg, storage, version, cfg.eval.validation_share)
+    data, _, _ = load_eval_data(cfg, storage, version, cfg.eval.validation_share)
     validation = data.labels.side == VALIDATION
     vectors, info = embed_system(cfg, storage, args.model, data.perf.subset(validation))
     full = np.zeros((len(data.perf), vectors.shape[1]), dtype=np.float64)

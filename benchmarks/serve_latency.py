@@ -38,7 +38,6 @@ import argparse
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import emit, percentiles
+from benchmarks.common import emit, free_port, percentiles
 
 CLIP_S = 5.0
 
@@ -426,12 +425,6 @@ def run_upload_inference(
             },
             out,
         )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

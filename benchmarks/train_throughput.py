@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from benchmarks.common import emit_with_load
+from benchmarks.common import emit_with_load, free_port
 from mess_ray.config import load_config
 from mess_ray.models.encoder import build_encoder
 from mess_ray.segments import SEGMENT_SCHEMA, encode_audio, segment_id, window_samples
@@ -188,13 +188,10 @@ def _ddp_worker(rank: int, world: int, port: int, spec: dict, out: str) -> None:
 
 def ddp_baseline(workers: int, spec: dict) -> list[dict]:
     """Step rows (rank 0) of the same loop in ``workers`` plain processes under torch DDP."""
-    import socket
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="mess-ray-ddp-") as tmp:
         out = str(Path(tmp) / "rows.json")
         mp.spawn(_ddp_worker, args=(workers, port, spec, out), nprocs=workers, join=True)

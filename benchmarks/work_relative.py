@@ -253,10 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         for rec in training_piece_study(cfg, storage, version, cache):
             emit_with_load(rec)
         return 0
-    data, train = load_eval_data(cfg, storage, version, cfg.eval.validation_share)
+    data, train, _ = load_eval_data(cfg, storage, version, cfg.eval.validation_share)
     expression = expression_raw(data, cfg.audio.sample_rate, cache)
     systems = cached_systems(cfg, storage, version, data, train, args.models, cache, expression)
     names = [m.split("=", 1)[0] for m in args.models]
+    bases = [*names, bl.DESCRIPTORS, bl.DESCRIPTOR_HEAD, AUDIO_EXPRESSION, MIDI_REFERENCE]
     for rec in feature_agreement(data, expression, args.split):
         emit_with_load(rec)
     if args.final:
@@ -264,18 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
         every = {
             **systems,
-            **work_relative_systems(
-                cfg,
-                data,
-                systems,
-                [
-                    *args.models,
-                    bl.DESCRIPTORS,
-                    bl.DESCRIPTOR_HEAD,
-                    AUDIO_EXPRESSION,
-                    MIDI_REFERENCE,
-                ],
-            ),
+            **work_relative_systems(cfg, data, systems, bases),
         }
         rows = score_all(cfg, data, every, names[0])
         summary = {
@@ -295,7 +285,6 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
         return 0
-    bases = [*names, bl.DESCRIPTORS, bl.DESCRIPTOR_HEAD, AUDIO_EXPRESSION, MIDI_REFERENCE]
     plain = {k: v for k, v in systems.items() if WORK_REL not in k}
     for mode, aligned, by_chain in itertools.product(
         ("center", "standardise"), (False, True), (False, True)

@@ -111,7 +111,9 @@ def test_cross_chain_partners_pair_the_same_performance_at_the_same_time_only():
     assert np.array_equal(partners, cross_chain_partners(performances, starts, chains, ids, 0))
     with pytest.raises(ValueError, match="length"):
         cross_chain_partners(performances, starts[:-1], chains, ids)
-    assert recording_of(json.dumps({"performance_id": "p", "chain_json": '{"name": "dry"}'}), "t")
+    assert recording_of(
+        json.dumps({"performance_id": "p", "chain_json": '{"name": "dry"}'}), "t"
+    ) == ("p", "dry")
     assert recording_of("{}", "track") == ("track", "track")
 
 

@@ -47,7 +47,7 @@ def test_an_alignment_above_max_cost_is_no_match_and_its_error_is_not_counted():
                 "aligned": [("b", 0.1, 3.9, 0.3, (0.0, 4.0))],
             }
         ],
-        "long_errs": [],
+        "long_errs": ([], []),
         "align_ms": [1.0],
     }
     matched = passages.score_queries(data, max_cost=0.4)

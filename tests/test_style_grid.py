@@ -70,7 +70,7 @@ def test_parameter_vector_standardises_each_parameter_over_its_levels():
         g.parameter_vector({"tempo_scale": 1.0})
 
 
-def test_presets_avoid_eval_values_and_a_colliding_preset_is_refused(tmp_path):
+def test_presets_avoid_eval_values_and_a_colliding_preset_is_refused():
     assert g.preset_collisions(default_styles()) == []
     assert g.preset_collisions(load_config("configs/m21-bench.yaml").render.styles) == []
     cfg = RenderConfig(

@@ -42,7 +42,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -143,7 +143,7 @@ class EvalData:
     split: dict[str, list[str]]
     # Pianists some training stage of an evaluated system heard (read from the training manifests,
     # :func:`heard_pianists`); None: unknown, and the unseen-pianist rows are left out.
-    heard_pianists: set[str] | None = field(default_factory=set)
+    heard_pianists: set[str] | None = None
 
 
 def _add_view(views, split, cond, rows, q_all, piece, pianist, task, qmask, cand, rel) -> None:

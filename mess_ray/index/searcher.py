@@ -518,11 +518,11 @@ class SearchIndex:
         allowed = self.filter_rows(filters)
         ids = self._cols["segment_id"]
         order = np.argsort(-scores, kind="stable")
-        candidates = [
+        candidates = (  # lazy: select_hits stops after k hits
             (int(ids[r]), float(scores[r]))
             for r in order
             if allowed is None or int(ids[r]) in allowed
-        ]
+        )
         kept = select_hits(
             candidates,
             self._rows,

@@ -153,7 +153,7 @@ def chain_side(name: str) -> str:
 
 
 # -- processing ----------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=256)  # as many rooms as the largest chain pool (config: chain_pool)
 def room_impulse_response(room: RoomSpec, sample_rate: int) -> np.ndarray:
     """The simulated impulse response (pyroomacoustics: image sources + ray tracing), peak 1.
     Cached per process (the simulation takes seconds; a room's response never changes): the

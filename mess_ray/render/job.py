@@ -194,10 +194,10 @@ def render_track(
     else:
         midi, params = apply_style(score.midi, style, seed, cfg.max_duration_s)
         if style_grid.is_grid_style(style.name):
-            side = style_grid.EVAL if style.name.startswith("grid-e") else style_grid.TRAIN
+            values = {n: getattr(style, n) for n in style_grid.PARAMETERS}
             params[style_grid.PARAMETER_KEY] = {
-                "side": side,
-                "values": {n: getattr(style, n) for n in style_grid.PARAMETERS},
+                "side": style_grid.combination_side(values),
+                "values": values,
                 **ref.extra,
             }
     rel = posixpath.join("audio", f"{tid}.wav")

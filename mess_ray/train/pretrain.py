@@ -492,16 +492,12 @@ def drop_excluded(batch, pieces: list[str], tracks: list[str] = ()):
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from mess_ray.train.targets import left_out
+
     listed = pc.fill_null(
         pc.is_in(batch.column("piece_id"), value_set=pa.array(list(pieces), pa.string())), False
     )
-    if len(tracks):
-        by_pianist = pc.fill_null(
-            pc.is_in(batch.column("track_id"), value_set=pa.array(list(tracks), pa.string())),
-            False,
-        )
-        listed = pc.or_(listed, by_pianist)
-    return batch.filter(pc.invert(listed))
+    return batch.filter(pc.invert(pc.or_(listed, left_out(batch, tracks))))
 
 
 def sample_frames(
