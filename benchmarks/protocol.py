@@ -4,12 +4,12 @@ of every task x split x chain condition x system, with its 95 % CI over pieces a
 verdict of the first model against it; ``style_parameters`` on the held-out pieces' style-grid
 renderings, ``render.style_grid``).
 
-    python -m benchmarks.protocol                      # everything: about 45 min of stages on 2
-                                                       # shared cores, summed from two runs' stage
-                                                       # lines (render 595 s and, with the style
-                                                       # grid, +~350 s; ingest 59, pretrain 130,
-                                                       # finetune 158, evaluate 710 + style rows
-                                                       # ~800; load 7-16)
+    python -m benchmarks.protocol                      # everything: about an hour of stages on 2
+                                                       # shared cores (many-chain recipe, style grid
+                                                       # off: render 571 s for 655 tracks, ingest
+                                                       # 45, pretrain 285, finetune 566, evaluate
+                                                       # 1,059 for three models; load 2-12; the
+                                                       # style grid adds ~350 s render, ~800 s rows)
     python -m benchmarks.protocol --reuse render       # keep a published render
     python -m benchmarks.protocol --skip render ingest # reuse the corpus, retrain and evaluate
     python -m benchmarks.protocol --skip render ingest pretrain finetune   # evaluate only

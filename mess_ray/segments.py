@@ -63,6 +63,20 @@ def segment_id(track_id: str, start_sample: int) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def mix_to_mono(block: np.ndarray) -> np.ndarray:
+    """The channel mean of a (frames, channels) float32 block, as a new contiguous array.
+
+    Bit-identical to ``block.mean(axis=1, dtype=np.float32)`` (the same float32 sums in the same
+    order, one division), but summed column by column: NumPy's reduction over a short inner axis
+    is a strided loop, 16x slower on a stereo block, and it was a quarter of ingest's CPU."""
+    mono = block[:, 0].copy()
+    for channel in range(1, block.shape[1]):
+        mono += block[:, channel]
+    if block.shape[1] > 1:
+        mono /= np.float32(block.shape[1])
+    return mono
+
+
 def encode_audio(samples: np.ndarray) -> bytes:
     return np.ascontiguousarray(samples, dtype="<f4").tobytes()
 

@@ -8,7 +8,14 @@ from pydantic import ValidationError
 
 from mess_ray import cli
 from mess_ray.config import MessRayConfig, dump_config, load_config
-from mess_ray.segments import decode_audio, encode_audio, fit_length, segment_id, split_pieces
+from mess_ray.segments import (
+    decode_audio,
+    encode_audio,
+    fit_length,
+    mix_to_mono,
+    segment_id,
+    split_pieces,
+)
 from mess_ray.storage import Storage, new_version
 
 
@@ -93,6 +100,16 @@ def test_segment_helpers():
     assert np.array_equal(decode_audio(encode_audio(audio)), audio)
     assert len(fit_length(audio, 150)) == 150 and fit_length(audio, 150)[-1] == 0
     assert np.array_equal(fit_length(audio, 10), audio[:10])
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 6])
+def test_mixdown_is_bit_identical_to_the_channel_mean(channels):
+    rng = np.random.default_rng(channels)
+    block = rng.uniform(-1, 1, size=(4097, channels)).astype(np.float32)
+    mono = mix_to_mono(block)
+    assert mono.dtype == np.float32 and mono.flags.c_contiguous and mono.shape == (4097,)
+    assert np.array_equal(mono, block.mean(axis=1, dtype=np.float32))
+    assert not np.shares_memory(mono, block)  # a new array: the caller may reuse its block
 
 
 def test_split_pieces_is_disjoint_and_stable():

@@ -20,6 +20,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from mess_ray.segments import mix_to_mono
 from mess_ray.storage import make_filesystem
 
 REJECT_REASONS = (
@@ -188,7 +189,7 @@ def mono_blocks(snd: sf.SoundFile, block_frames: int) -> Iterator[np.ndarray]:
         block = snd.read(frames=block_frames, dtype="float32", always_2d=True)
         if len(block) == 0:
             return
-        yield block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0].copy()
+        yield mix_to_mono(block)
 
 
 def resample_blocks(

@@ -38,7 +38,7 @@ from mess_ray.config import MessRayConfig
 from mess_ray.descriptors import describe
 from mess_ray.index.searcher import STAGE as INDEX_STAGE
 from mess_ray.index.searcher import Hit, SearchIndex, normalize
-from mess_ray.segments import window_samples
+from mess_ray.segments import mix_to_mono, window_samples
 from mess_ray.serve.explain import explain_hit
 from mess_ray.serve.metrics import ServiceMetrics
 from mess_ray.storage import Storage, make_filesystem
@@ -141,7 +141,7 @@ def decode_upload(
                 if len(chunk) == 0:
                     break
                 read += len(chunk)
-                pieces.append(chunk.mean(axis=1, dtype=np.float32) if channels > 1 else chunk[:, 0])
+                pieces.append(mix_to_mono(chunk))
             more = len(sound.read(1, dtype="float32", always_2d=True)) > 0 if read else False
         except (sf.LibsndfileError, RuntimeError, ValueError) as err:
             raise UnsupportedMedia(f"the upload's audio data is corrupt: {_plain(err)}") from None
@@ -372,7 +372,7 @@ def track_peaks(
             while i < n and total > 0:
                 j = int(np.searchsorted(edges, edges[i] + block_frames, side="right")) - 1
                 j = min(n, max(i + 1, j))
-                mono = _read_frames(sound, int(edges[i]), int(edges[j] - edges[i])).mean(axis=1)
+                mono = mix_to_mono(_read_frames(sound, int(edges[i]), int(edges[j] - edges[i])))
                 starts = edges[i:j] - edges[i]
                 lows[i:j] = np.minimum.reduceat(mono, starts)
                 highs[i:j] = np.maximum.reduceat(mono, starts)
@@ -922,7 +922,7 @@ class SearchService:
         self.sources.check(uri)
         with self.decoding():
             pcm, rate = read_passage_samples(uri, start_s, end_s, self.cfg.storage.s3_endpoint_url)
-        mono = pcm.mean(axis=1)
+        mono = mix_to_mono(pcm)
         if rate != self.cfg.audio.sample_rate:
             mono = soxr.resample(mono, rate, self.cfg.audio.sample_rate)
         return np.ascontiguousarray(mono, dtype=np.float32)
