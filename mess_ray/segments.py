@@ -67,8 +67,8 @@ def mix_to_mono(block: np.ndarray) -> np.ndarray:
     """The channel mean of a (frames, channels) float32 block, as a new contiguous array.
 
     Bit-identical to ``block.mean(axis=1, dtype=np.float32)`` (the same float32 sums in the same
-    order, one division), but summed column by column: NumPy's reduction over a short inner axis
-    is a strided loop, 16x slower on a stereo block, and it was a quarter of ingest's CPU."""
+    order, one division), but summed column by column: NumPy reduces a short inner axis with a
+    strided loop, which took a quarter of ingest's CPU (README, ``ingest_throughput --profile``)."""
     mono = block[:, 0].copy()
     for channel in range(1, block.shape[1]):
         mono += block[:, channel]

@@ -104,8 +104,10 @@ def run_in_process(
     else:
         import soxr
 
+        from mess_ray.segments import mix_to_mono
+
         data, rate = sf.read(uri, dtype="float32", always_2d=True)
-        mono = data.mean(axis=1)
+        mono = mix_to_mono(data)
         resampled = soxr.resample(mono, rate, sample_rate, quality="HQ")
         seconds, segments = len(data) / rate, 0
         del data, mono, resampled

@@ -20,6 +20,7 @@ import soundfile as sf
 
 from mess_ray.config import RenderConfig
 from mess_ray.render.expressive import last_note_end
+from mess_ray.segments import mix_to_mono
 
 FADE_OUT_S = 0.05
 
@@ -106,7 +107,7 @@ def render_midi(midi: pretty_midi.PrettyMIDI, cfg: RenderConfig) -> np.ndarray:
         audio, rate = sf.read(wav_path, dtype="float32", always_2d=True)
     if rate != cfg.sample_rate:
         raise RuntimeError(f"fluidsynth wrote {rate} Hz, asked for {cfg.sample_rate} Hz")
-    audio = audio.mean(axis=1) if cfg.channels == 1 else audio
+    audio = mix_to_mono(audio) if cfg.channels == 1 else audio
     return trim_tail(audio, rate, last_note_end(midi), cfg.tail_s, cfg.silence_db)
 
 
