@@ -117,3 +117,40 @@ def test_features_of_an_older_version_are_refused_on_load(tmp_path):
     old = {k: v for k, v in info.items() if k != "features_version"}  # written before version 2
     with pytest.raises(ContentIntegrityError, match="rebuild it"):
         load_content(storage, {"version": "v1", "content": old})
+
+
+def test_each_track_is_one_work_item_with_every_file_that_holds_it(tmp_path):
+    """The content pass needs no shuffle: a track spread over two files (not the ingest job's
+    layout, which writes one shard per track) is read whole by one item, and the rows equal
+    those of the track's grouped segments."""
+    import json
+
+    from helpers import publish_tiny_ingest, tiny_config
+
+    from mess_ray.index.content_features import features_of_items, track_items
+
+    cfg = tiny_config(str(tmp_path / "store"))
+    storage = Storage(cfg.storage.root)
+    table = publish_tiny_ingest(cfg, storage, n_tracks=3, seconds=6.0, files=2)
+    version = storage.latest("ingest")
+    items = track_items(storage, version)
+    tracks = [t for item in items for t in json.loads(item["tracks"])]
+    assert sorted(tracks) == ["track0", "track1", "track2"]  # every track in exactly one item
+    spread = [item for item in items if len(json.loads(item["files"])) == 2]
+    assert spread and all(len(json.loads(i["files"])) == 1 for i in items if i not in spread)
+
+    batch = {k: np.asarray([item[k] for item in items], dtype=object) for k in ("files", "tracks")}
+    rows = features_of_items(batch, storage.config().model_dump(), SR, 20.0)
+    assert sorted(rows.column("track_id").to_pylist()) == sorted(tracks)
+    for track in tracks:
+        mine = table.filter(pa.array([t == track for t in table.column("track_id").to_pylist()]))
+        expected = features_of_group(
+            {n: mine.column(n).to_numpy(zero_copy_only=False) for n in mine.column_names}, SR, 20.0
+        )
+        got = rows.filter(pa.array([t == track for t in rows.column("track_id").to_pylist()]))
+        assert got.column("features").to_pylist() == list(expected["features"])
+        assert got.column("segments_digest").to_pylist() == list(expected["segments_digest"])
+
+    only = track_items(storage, version, only_tracks=["track2"])
+    assert [json.loads(item["tracks"]) for item in only] == [["track2"]]
+    assert track_items(storage, version, only_tracks=[]) == []

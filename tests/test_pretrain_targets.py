@@ -223,7 +223,8 @@ def test_exclude_eval_holdout_keeps_held_out_pieces_out_of_pretraining(tmp_path)
 
     from mess_ray.segments import split_pieces
     from mess_ray.storage import Storage
-    from mess_ray.train.pretrain import drop_excluded, excluded_pieces, sample_frames
+    from mess_ray.train.pretrain import excluded_pieces, sample_frames
+    from mess_ray.train.targets import drop_excluded
 
     storage = Storage(str(tmp_path / "store"))
     write_tiny_ingest(storage, pieces=4, per_style=2)

@@ -1,4 +1,5 @@
-"""Content features of every indexed track, computed once in the index job (a Ray Data pass).
+"""Content features of every indexed track, computed once in the index job (a Ray Data pass,
+one task per track's segment files, no shuffle).
 
 Each track's audio is stitched back together from its ingest segments (``start_sample`` +
 samples; nothing is decoded again), and :func:`mess_ray.content.track_features` turns it
@@ -14,18 +15,20 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import posixpath
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mess_ray.config import MessRayConfig
 from mess_ray.content import FEATURES_VERSION, Features, track_features
 from mess_ray.index.faiss_index import sha256_bytes
-from mess_ray.segments import decode_audio, read_segments_ray
+from mess_ray.segments import SEGMENT_SCHEMA, decode_audio
 from mess_ray.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -99,9 +102,70 @@ def features_of_group(
     }
 
 
-def _keep_tracks(batch: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
-    mask = np.isin(np.asarray(batch["track_id"], dtype=object), np.asarray(wanted, dtype=object))
-    return {name: np.asarray(column)[mask] for name, column in batch.items()}
+def track_items(
+    storage: Storage, ingest_version: str, only_tracks: list[str] | None = None
+) -> list[dict[str, str]]:
+    """The content pass's work list: one item per set of segment files, naming the tracks held
+    wholly by those files (JSON lists; Ray Data's numpy batches keep plain strings as they are).
+
+    The ingest job writes each track to its own shard, so an item is normally one file and one
+    track; a track spread over several files (another writer's layout) gets one item with all
+    of them. Only the ``track_id`` column is read here."""
+    from mess_ray.segments import segments_dataset
+
+    wanted = None if only_tracks is None else set(only_tracks)
+    files_of: dict[str, set[str]] = {}
+    for fragment in segments_dataset(storage, ingest_version).get_fragments():
+        ids = fragment.to_table(columns=["track_id"]).column("track_id").unique().to_pylist()
+        for tid in ids:
+            if wanted is None or tid in wanted:
+                files_of.setdefault(tid, set()).add(fragment.path)
+    tracks_of: dict[tuple[str, ...], list[str]] = {}
+    for tid, files in files_of.items():
+        tracks_of.setdefault(tuple(sorted(files)), []).append(tid)
+    return [
+        {"files": json.dumps(list(files)), "tracks": json.dumps(sorted(tids))}
+        for files, tids in sorted(tracks_of.items())
+    ]
+
+
+def features_of_items(
+    batch: dict[str, np.ndarray],
+    storage_cfg: dict[str, Any],
+    sample_rate: int,
+    feature_rate: float,
+) -> pa.Table:
+    """Ray Data ``map_batches`` body over :func:`track_items`: read each item's files (metadata
+    and audio of its tracks only) and turn every track into one row of features."""
+    from mess_ray.config import StorageConfig
+
+    fs = Storage.from_config(StorageConfig(**storage_cfg)).pyarrow_fs()
+    columns = ["segment_id", "track_id", "start_sample", "sample_rate", "audio"]
+    rows = []
+    for files_json, tracks_json in zip(batch["files"], batch["tracks"]):
+        tracks = json.loads(str(tracks_json))
+        keep = pc.field("track_id").isin(tracks)
+        table = pa.concat_tables(
+            pq.read_table(path, columns=columns, filesystem=fs, filters=keep).cast(
+                pa.schema([SEGMENT_SCHEMA.field(c) for c in columns])
+            )
+            for path in json.loads(str(files_json))
+        )
+        ids = table.column("track_id").to_numpy(zero_copy_only=False)
+        for track in tracks:
+            group = table.filter(pa.array(ids == track))
+            rows.append(
+                features_of_group(
+                    {name: group.column(name).to_numpy(zero_copy_only=False) for name in columns},
+                    sample_rate,
+                    feature_rate,
+                )
+            )
+    if not rows:
+        return CONTENT_SCHEMA.empty_table()
+    return pa.table(
+        {name: np.concatenate([row[name] for row in rows]) for name in CONTENT_SCHEMA.names}
+    ).cast(CONTENT_SCHEMA)
 
 
 def compute_content(
@@ -111,22 +175,25 @@ def compute_content(
     out_rel: str,
     only_tracks: list[str] | None = None,
 ) -> None:
-    """Ray Data: segments grouped by track -> features rows -> Parquet files under ``out_rel``."""
-    dataset = read_segments_ray(
-        storage,
-        ingest_version,
-        columns=["segment_id", "track_id", "start_sample", "sample_rate", "audio"],
-    )
-    if only_tracks is not None:
-        dataset = dataset.map_batches(
-            _keep_tracks,
-            fn_kwargs={"wanted": sorted(only_tracks)},
-            batch_format="numpy",
-            num_cpus=0.5,
-        )
-    rows = dataset.groupby("track_id").map_groups(
-        features_of_group,
+    """Ray Data: one task per track's segment files -> features rows -> Parquet files under
+    ``out_rel``. No shuffle: each track's segments are read where the ingest job stored them
+    (a ``groupby("track_id")`` would move every segment's audio through the object store, and
+    its aggregator actors cost seconds to start even on a handful of tracks)."""
+    import ray.data
+
+    items = track_items(storage, ingest_version, only_tracks)
+    if not items:
+        return
+    # As many blocks as tasks can run at once (each task then takes its block's items one
+    # after the other): more blocks than that only starts more short-lived worker processes,
+    # each importing the feature stack again.
+    slots = int(ray.cluster_resources().get("CPU", 1) / cfg.content.cpus_per_task)
+    blocks = max(1, min(len(items), slots))
+    rows = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        features_of_items,
+        batch_size=1,
         fn_kwargs={
+            "storage_cfg": storage.config().model_dump(),
             "sample_rate": cfg.audio.sample_rate,
             "feature_rate": cfg.content.feature_rate,
         },

@@ -60,6 +60,7 @@ from mess_ray.train.common import (
     resolve_init,
     with_run_name,
 )
+from mess_ray.train.targets import drop_excluded
 
 log = logging.getLogger(__name__)
 CODEBOOK_FILE = (
@@ -484,20 +485,6 @@ def excluded_pieces(cfg: MessRayConfig, storage: Storage, version: str) -> list[
     ]
     _, held_out = split_pieces(pieces, cfg.eval.holdout_fraction, cfg.eval.seed)
     return held_out
-
-
-def drop_excluded(batch, pieces: list[str], tracks: list[str] = ()):
-    """Ray Data batch (pyarrow) without the rows of ``pieces`` or of ``tracks`` (the test-side
-    pianists' performances, :func:`mess_ray.splits.pianist_holdout`)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from mess_ray.train.targets import left_out
-
-    listed = pc.fill_null(
-        pc.is_in(batch.column("piece_id"), value_set=pa.array(list(pieces), pa.string())), False
-    )
-    return batch.filter(pc.invert(pc.or_(listed, left_out(batch, tracks))))
 
 
 def sample_frames(

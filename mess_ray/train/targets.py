@@ -120,6 +120,18 @@ def left_out(table: pa.Table, tracks) -> pa.Array:
     return pc.fill_null(listed, False)
 
 
+def drop_excluded(batch: pa.Table, pieces: list[str], tracks=()) -> pa.Table:
+    """Ray Data batch (pyarrow) without the rows of ``pieces`` or of ``tracks`` (the test-side
+    pianists' performances, :func:`mess_ray.splits.pianist_holdout`): pretraining's row filter.
+
+    It lives here, beside :func:`left_out`, so that the Ray tasks running it import Arrow and
+    NumPy only, not the training stack."""
+    listed = pc.fill_null(
+        pc.is_in(batch.column("piece_id"), value_set=pa.array(list(pieces), pa.string())), False
+    )
+    return batch.filter(pc.invert(pc.or_(listed, left_out(batch, tracks))))
+
+
 def filter_training_rows(
     batch: pa.Table,
     train_pieces: list[str],
