@@ -1,5 +1,5 @@
 """What the benchmarks share: JSON-line figures, the machine's load beside them, percentiles,
-moving averages and a paired cluster bootstrap."""
+moving averages, a paired cluster bootstrap, opening a protocol corpus and an array cache."""
 
 from __future__ import annotations
 
@@ -98,3 +98,30 @@ def cluster_bootstrap_ci(
         float(np.quantile(means, tail)),
         float(np.quantile(means, 1.0 - tail)),
     )
+
+
+def protocol_store(config: str, sets: list[str], boot: int | None = None):
+    """(config, storage, latest ingest version) of a protocol corpus for the benchmarks that
+    score on it (``--config``/``--set``; ``boot``: the bootstrap's draws)."""
+    from mess_ray.config import load_config
+    from mess_ray.pipeline import with_storage_resolved
+    from mess_ray.storage import Storage
+
+    extra = [] if boot is None else [f"eval.bootstrap_samples={boot}"]
+    cfg = with_storage_resolved(load_config(config, [*sets, *extra]))
+    storage = Storage.from_config(cfg.storage)
+    return cfg, storage, storage.require_latest("ingest")
+
+
+def cached_arrays(cache: str | None, name: str, make) -> dict[str, np.ndarray]:
+    """``make()`` (a dict of arrays), stored as ``<cache>/<name>.npz`` and read back from there
+    on the next call (``cache`` None: always made)."""
+    path = os.path.join(cache, f"{name}.npz") if cache else None
+    if path and os.path.exists(path):
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    out = make()
+    if path:
+        os.makedirs(cache, exist_ok=True)
+        np.savez(path, **out)
+    return out

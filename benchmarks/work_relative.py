@@ -23,8 +23,7 @@ import sys
 
 import numpy as np
 
-from benchmarks.common import emit_with_load
-from mess_ray.config import load_config
+from benchmarks.common import cached_arrays, emit_with_load, protocol_store
 
 PAIRS = (  # audio expression feature -> performed-MIDI descriptor that asks the same question
     ("tempo_bpm", "tempo_bpm"),
@@ -40,18 +39,6 @@ PAIRS = (  # audio expression feature -> performed-MIDI descriptor that asks the
 TASK_KEYS = ("performer_identity", "performer_identity_excerpt", "chain_invariance")
 
 
-def _cached(cache: str | None, name: str, make):
-    path = os.path.join(cache, f"{name}.npz") if cache else None
-    if path and os.path.exists(path):
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    out = make()
-    if path:
-        os.makedirs(cache, exist_ok=True)
-        np.savez(path, **out)
-    return out
-
-
 def cached_systems(cfg, storage, version, data, train, model_refs, cache, expression):
     """The baselines (cached per ingest version and segment set) and each model's vectors
     (cached per model version or folder)."""
@@ -59,7 +46,7 @@ def cached_systems(cfg, storage, version, data, train, model_refs, cache, expres
     from mess_ray.eval.protocol import baseline_vectors
 
     segs = hashlib.sha256(data.perf.segment_ids.tobytes()).hexdigest()[:10]
-    systems = _cached(
+    systems = cached_arrays(
         cache,
         f"baselines-{version}-{segs}",
         lambda: baseline_vectors(
@@ -70,7 +57,7 @@ def cached_systems(cfg, storage, version, data, train, model_refs, cache, expres
         name, ref = spec.split("=", 1) if "=" in spec else (spec, spec)
         stamp = storage.latest(ref) if ref in ("finetune", "pretrain") else ref
         key = hashlib.sha256(f"{stamp}|{segs}".encode()).hexdigest()[:10]
-        vectors = _cached(
+        vectors = cached_arrays(
             cache,
             f"model-{key}",
             lambda ref=ref: {ref: embed_system(cfg, storage, ref, data.perf)[0]},
@@ -181,7 +168,7 @@ def training_piece_study(cfg, storage, version, cache: str | None) -> list[dict]
         out.update(expression_vectors(data, desc, sr, expression_raw(data, sr, cache)))
         return out
 
-    systems = _cached(cache, f"train-features-{version}-{segs}", make)
+    systems = cached_arrays(cache, f"train-features-{version}-{segs}", make)
     systems = {k: v for k, v in systems.items() if "rec-rel" not in k}
     out = []
     for mode, aligned in itertools.product(("center", "standardise"), (False, True)):
@@ -240,14 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         score_all,
         work_relative_systems,
     )
-    from mess_ray.pipeline import with_storage_resolved
-    from mess_ray.storage import Storage
 
-    cfg = with_storage_resolved(
-        load_config(args.config, [*args.set, f"eval.bootstrap_samples={args.boot}"])
-    )
-    storage = Storage.from_config(cfg.storage)
-    version = storage.require_latest("ingest")
+    cfg, storage, version = protocol_store(args.config, args.set, args.boot)
     cache = args.cache or None
     if args.training_pieces:
         for rec in training_piece_study(cfg, storage, version, cache):

@@ -656,6 +656,22 @@ class FinetuneConfig(TrainConfig):
         description="Sharpness of the MIDI-descriptor neighbour targets (times the batch's median "
         "distance).",
     )
+    performer_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Performer positives (issue 20): weight of an InfoNCE term whose positives are "
+        "the same pianist in another training piece (mess_ray.train.losses.performer_infonce; "
+        "pianists from the catalog's performer tags, only those who play two or more training "
+        "pieces), against the batch and a memory of recent batches (finetune.performer_memory). "
+        "The evaluation's learned descriptor head gets the same term. 0: off.",
+    )
+    performer_memory: int = Field(
+        1024,
+        ge=0,
+        description="Rows of recent batches (detached vectors, pianist and piece) the performer "
+        "term also ranks against: a batch of a few segments seldom holds one pianist in two "
+        "pieces. 0: the batch only.",
+    )
 
 
 class IndexConfig(_Section):

@@ -350,6 +350,12 @@ ASAP_PIECES = ["bach-a", "bach-b", "chopin-c", "chopin-d"]
 ASAP_SECONDS = 8.0
 
 
+def asap_piece(index: int) -> str:
+    """The name of the ``index``-th piece of the ASAP-layout fixtures (beyond the named four:
+    ``extra-<index>``)."""
+    return ASAP_PIECES[index] if index < len(ASAP_PIECES) else f"extra-{index}"
+
+
 def write_performance(root, piece_index: int, perf_index: int):
     """A performance MIDI + its beats + the score's beats; the piece sets pitches, the performer
     tempo, loudness and articulation. Returns (midi, midi path, annotation paths)."""
@@ -365,7 +371,7 @@ def write_performance(root, piece_index: int, perf_index: int):
         pitch = 55 + (i * (piece_index + 2)) % 12 + 2 * piece_index
         piano.notes.append(pretty_midi.Note(velocity, pitch, i * beat, i * beat + hold * beat))
     midi.instruments.append(piano)
-    folder = root / ASAP_PIECES[piece_index]
+    folder = root / asap_piece(piece_index)
     folder.mkdir(parents=True, exist_ok=True)
     midi_path = folder / f"perf{perf_index}.mid"
     midi.write(str(midi_path))
@@ -390,12 +396,21 @@ def synth_sine_notes(midi: pretty_midi.PrettyMIDI) -> np.ndarray:
 
 
 def write_asap_ingest(
-    storage: Storage, root, window_s: float, hop_s: float, styled: bool = False
+    storage: Storage,
+    root,
+    window_s: float,
+    hop_s: float,
+    styled: bool = False,
+    pianists: bool = False,
+    pieces: int = len(ASAP_PIECES),
 ) -> str:
     """Performances with MIDI and beats; ``styled``: renderings instead, with a style per
-    performer and MIDI but no beat annotations."""
+    performer and MIDI but no beat annotations; ``pianists``: each performer's catalog tag
+    (``Slow01`` plays every piece slow and soft, ``Fast02`` fast and loud); ``pieces``: how many
+    pieces (:func:`asap_piece`)."""
     rows = []
-    for p, piece in enumerate(ASAP_PIECES):
+    for p in range(pieces):
+        piece = asap_piece(p)
         for k in range(2):
             midi, midi_path, folder = write_performance(root, p, k)
             audio = synth_sine_notes(midi)
@@ -418,6 +433,8 @@ def write_asap_ingest(
                         {"style": f"style{k}", "leading_silence_s": 0.0}
                     ),
                 }
+            if pianists:
+                meta["performer"] = ("Slow01", "Fast02")[k]
             win, hop = int(window_s * SR), int(hop_s * SR)
             for start in range(0, len(audio) - win + 1, hop):
                 rows.append(

@@ -17,7 +17,8 @@ def test_average_precision_hand_case():
     assert metrics.reciprocal_rank(sim, rel)[0] == pytest.approx(1.0)
     assert metrics.recall_at_k(sim, rel, k=1)[0] == 1.0
     assert metrics.recall_at_k(sim, rel, k=2, mode="fraction")[0] == pytest.approx(0.5)
-    assert metrics.chance_level(rel)[0] == pytest.approx(0.5)
+    # 2 relevant of 4: a random ranking's expected AP, not the fraction 0.5
+    assert metrics.chance_level(rel)[0] == pytest.approx(49 / 72)
 
 
 def test_candidate_mask_excludes_items():
@@ -28,7 +29,20 @@ def test_candidate_mask_excludes_items():
     assert metrics.average_precision(sim, rel, mask)[0] == pytest.approx(0.5)
     assert metrics.reciprocal_rank(sim, rel, mask)[0] == pytest.approx(0.5)
     assert metrics.recall_at_k(sim, rel, mask, k=1)[0] == 0.0
-    assert metrics.chance_level(rel, mask)[0] == pytest.approx(1 / 3)
+    assert metrics.chance_level(rel, mask)[0] == pytest.approx(11 / 18)  # H_3 / 3, one of 3
+
+
+def test_chance_is_the_mean_ap_over_every_ranking():
+    import itertools
+
+    for relevant in ([1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 1, 0], [1, 1, 1, 1, 1]):
+        rel = np.array([relevant], dtype=bool)
+        aps = [
+            metrics.average_precision(np.array([order], dtype=float), rel)[0]
+            for order in itertools.permutations(range(5))
+        ]
+        assert metrics.chance_level(rel)[0] == pytest.approx(np.mean(aps))
+    assert np.isnan(metrics.chance_level(np.zeros((1, 4), bool))[0])
 
 
 def test_queries_without_relevant_items_are_nan_and_left_out():

@@ -27,8 +27,11 @@ from mess_ray.train.augment import (
 from mess_ray.train.collate import collate_labelled
 from mess_ray.train.finetune_settings import FinetuneLoop
 from mess_ray.train.losses import (
+    PerformerMemory,
     batch_hard_triplet,
     multi_positive_infonce,
+    performer_codes,
+    performer_infonce,
     positive_mask,
     soft_neighbour_kl,
 )
@@ -38,6 +41,7 @@ from mess_ray.train.targets import (
     facet_groups,
     filter_training_rows,
     mine_descriptor_labels,
+    performer_batch,
     zscore_descriptors,
 )
 
@@ -195,6 +199,96 @@ def test_infonce_hard_negative_weight_targets_same_piece_pairs():
     assert multi_positive_infonce(emb, labels, 0.1, pieces, 4.0) > base
     with pytest.raises(ValueError, match="hard_negative_weight"):
         multi_positive_infonce(emb, labels, 0.1, pieces, 0.0)
+
+
+def test_performer_loss_pairs_a_pianist_only_across_pieces():
+    codes = performer_codes(["ann", "ann", "ann", "bob", "", None])
+    assert list(codes[:4]) == [0, 0, 0, 1] and codes[4] < 0 and codes[5] < 0
+    assert codes[4] != codes[5]  # two unknown pianists are not one
+    pieces = torch.tensor([0, 0, 1, 1, 2, 3])
+    labels = torch.from_numpy(codes)
+    # ann's rows 0 and 1 are one piece: only row 2 is their positive; bob has none
+    apart = F.normalize(torch.eye(6)[:, :4] + 0.01, dim=-1)
+    together = apart.clone()
+    together[2] = together[0] = F.normalize(torch.tensor([1.0, 0.0, 0.0, 1.0]), dim=0)
+    assert performer_infonce(together, labels, pieces, 0.1) < performer_infonce(
+        apart, labels, pieces, 0.1
+    )
+    # who is whose positive: ann's other piece only; bob and the unknown rows: nobody
+    mask = positive_mask(labels, pieces, mined_from=0)
+    assert mask[0].nonzero().flatten().tolist() == [2] and mask[2].nonzero().flatten().tolist() == [
+        0,
+        1,
+    ]
+    assert not mask[3:].any()
+
+
+def test_performer_memory_supplies_positives_the_batch_lacks():
+    # ann plays piece 0 in this batch; her piece-1 row is only in the memory
+    batch = F.normalize(torch.randn(3, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    performers, pieces = torch.tensor([0, 1, -3]), torch.tensor([0, 0, 0])
+    assert performer_infonce(batch, performers, pieces, 0.1).item() == 0.0  # no positive
+    memory = PerformerMemory(4)
+    memory.push(torch.stack([batch[0], -batch[0]]), torch.tensor([0, 0]), torch.tensor([1, 0]))
+    near = performer_infonce(batch, performers, pieces, 0.1, memory.bank())
+    memory_far = PerformerMemory(4)
+    memory_far.push(torch.stack([-batch[0], batch[0]]), torch.tensor([0, 0]), torch.tensor([1, 0]))
+    far = performer_infonce(batch, performers, pieces, 0.1, memory_far.bank())
+    # the memory's piece-1 row is the positive; its piece-0 row (ann, same piece) counts for
+    # nothing, so where it lies does not matter
+    assert near < far
+    memory.push(torch.zeros(5, 8), torch.full((5,), 2), torch.zeros(5, dtype=torch.long))
+    vectors, codes, _ = memory.bank()
+    assert vectors.shape == (4, 8) and codes.tolist() == [2, 2, 2, 2]  # oldest rows overwritten
+
+
+def test_finetune_loss_adds_the_performer_term_and_fills_the_memory():
+    from mess_ray.train.finetune import ContrastiveModel
+    from mess_ray.train.losses import finetune_loss
+
+    audio = _tones(4, seed=3).numpy()
+    batch = {
+        "segment_id": np.array([10, 11, 12, 13]),
+        "audio": np.array([encode_audio(a) for a in audio], dtype=object),
+        "style": np.array(["", "", "", ""], dtype=object),
+        "piece_id": np.array(["p1", "p2", "p1", "p2"], dtype=object),
+    }
+    loop = FinetuneLoop(
+        window_samples=SR,
+        sample_rate=SR,
+        augment=AugmentConfig(views=1),
+        performers={10: 0, 11: 0, 12: 1},  # segment 13: a pianist in one piece only
+        performer_weight=1.0,
+        performer_memory=16,
+    )
+    out = collate_labelled(batch, loop)
+    assert out["performers"][:4].tolist()[:3] == [0, 0, 1] and out["performers"][3] < 0
+    assert out["performers"][4:].tolist() == out["performers"][:4].tolist()  # views: same pianist
+    model = ContrastiveModel(
+        EmbeddingModel(build_encoder("tiny", seed=0), embedding_dim=16, pooling="mean"),
+        0.1,
+        False,
+        performer_memory=16,
+    )
+    loss, extra = finetune_loss(model, out, loop)
+    assert extra["performer_loss"] > 0 and torch.isfinite(loss)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert model.performer_memory.bank()[0].shape == (8, 16)
+    assert "performer_memory" not in str(list(model.state_dict()))  # never checkpointed
+
+
+def test_performer_batch_draws_each_pianist_from_two_pieces():
+    codes = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, -1])
+    pieces = np.array(["a", "a", "b", "c", "a", "a", "b", "c", "c", "b"], dtype=object)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        rows = performer_batch(rng, codes, pieces, players=4, per_player=4)
+        # pianist 1 plays one piece and row 9 has no pianist: never drawn
+        assert set(codes[rows]) == {0, 2} and rows.size == 8
+        for c in (0, 2):
+            assert len(set(pieces[rows[codes[rows] == c]])) == 2
+    assert performer_batch(rng, np.array([0, 0, -1]), np.array(["a", "a", "b"])).size == 0
 
 
 def test_triplet_mines_the_same_piece_negative_first():

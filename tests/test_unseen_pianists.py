@@ -77,7 +77,7 @@ def _capture_training(monkeypatch, module) -> dict:
         return EagerDataset(segments_dataset(storage, version).to_table(columns=columns))
 
     def fit(cfg, storage, task, tcfg, dataset, loop):
-        seen["rows"] = dataset.table
+        seen["rows"], seen["loop"] = dataset.table, loop
         return None
 
     def finish(cfg, storage, task, tcfg, result, loop, counts, extra=None):
@@ -146,6 +146,41 @@ def test_finetuning_never_reads_a_test_side_pianists_row(tmp_path, monkeypatch):
         pianist[t] for t in trained
     }  # what it heard is what it read
     assert extra["pianists"]["left_out_tracks"] == seen["counts"]["excluded_tracks"] > 0
+
+
+def test_performer_positives_label_each_heard_pianist_across_training_pieces(tmp_path, monkeypatch):
+    from mess_ray.train import finetune
+
+    cfg = _config(tmp_path)
+    cfg.finetune.performer_weight = 1.0
+    cfg.finetune.num_workers = 1
+    storage = Storage.from_config(cfg.storage)
+    table = publish_pianist_ingest(cfg, storage, pieces=6, seconds=5.0)
+    seen = _capture_training(monkeypatch, finetune)
+    finetune.run_finetune(cfg, storage)
+    loop = seen["loop"]
+    test_side = set(split_by_pianist([pianist_of(t) for t in PIANIST_TAGS], FRACTION, 0).test)
+    train_pieces = set(seen["extra"]["train_pieces"])
+    pianist_of_segment = {
+        sid: pianist_of(t.split("__")[1])
+        for sid, t in zip(table["segment_id"].to_pylist(), table["track_id"].to_pylist())
+    }
+    piece_of_segment = dict(zip(table["segment_id"].to_pylist(), table["piece_id"].to_pylist()))
+    expected = {
+        sid
+        for sid, p in pianist_of_segment.items()
+        if p not in test_side and piece_of_segment[sid] in train_pieces
+    }
+    assert set(loop.performers) == expected  # every heard pianist's training rows, no other
+    code_of = {}
+    for sid, code in loop.performers.items():
+        assert code_of.setdefault(pianist_of_segment[sid], code) == code  # one code per pianist
+    assert len(set(code_of.values())) == len(code_of) == seen["extra"]["performers"]["pianists"]
+    assert loop.performer_weight == 1.0 and loop.performer_memory == 1024
+    # the term off: no labels shipped to the workers
+    cfg.finetune.performer_weight = 0.0
+    finetune.run_finetune(cfg, storage)
+    assert seen["loop"].performers is None and seen["loop"].performer_weight == 0.0
 
 
 def _publish(storage, stage: str, manifest: dict) -> str:

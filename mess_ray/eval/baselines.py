@@ -224,19 +224,30 @@ def train_descriptor_head(
     midi_weight: float = 1.0,
     facet_temperature: float = 0.1,
     midi_target_temperature: float = 0.5,
+    performers: np.ndarray | None = None,
+    performer_weight: float = 0.0,
     seed: int = 0,
 ):
     """An MLP (descriptors -> ``dim``) trained on training-piece segments with fine-tuning's own
     losses (imported from :mod:`mess_ray.train.finetune`): multi-positive InfoNCE on labels mined
     by descriptor k-means (positives only across pieces) plus, where performed-MIDI descriptors
-    exist, the soft-neighbour KL toward them over other pieces (pair source b). Returns a function
-    mapping z-scored descriptors [N, D] to vectors [N, dim]."""
+    exist, the soft-neighbour KL toward them over other pieces (pair source b). With
+    ``performers`` (each segment's pianist, "" unknown) and ``performer_weight`` > 0, a further
+    InfoNCE term whose positives are the same pianist in *another piece*
+    (:func:`mess_ray.train.losses.performer_infonce`). Any feature matrix works as the input
+    (descriptors, performed-MIDI descriptors, a frozen model's vectors). Returns a function
+    mapping z-scored inputs [N, D] to vectors [N, dim]."""
     import torch
     import torch.nn.functional as F
     from torch import nn
 
-    from mess_ray.train.losses import multi_positive_infonce, soft_neighbour_kl
-    from mess_ray.train.targets import mine_descriptor_labels
+    from mess_ray.train.losses import (
+        multi_positive_infonce,
+        performer_codes,
+        performer_infonce,
+        soft_neighbour_kl,
+    )
+    from mess_ray.train.targets import mine_descriptor_labels, performer_batch
 
     x = np.asarray(descriptors_z, dtype=np.float32)
     pieces = np.asarray(piece_ids, dtype=object)
@@ -251,6 +262,11 @@ def train_descriptor_head(
         [label_names.index(mined[i]) if i in mined else -1 - i for i in range(x.shape[0])]
     )
     piece_codes = np.unique(pieces.astype(str), return_inverse=True)[1]
+    player = None
+    if performers is not None and performer_weight > 0:
+        if len(performers) != x.shape[0]:
+            raise ValueError("performers and descriptors disagree on the number of segments")
+        player = performer_codes(performers)
     midi = None
     if midi_targets is not None:
         midi = np.asarray(midi_targets, dtype=np.float64)
@@ -283,6 +299,16 @@ def train_descriptor_head(
                 midi_target_temperature,
                 exclude=same_piece,
             )
+        if player is not None:
+            # Its own batch: pianists who play two pieces, rows from two of them each.
+            pk = performer_batch(rng, player, pieces)
+            if pk.size:
+                loss = loss + performer_weight * performer_infonce(
+                    F.normalize(model(xt[pk]), dim=-1),
+                    torch.from_numpy(player[pk]),
+                    torch.from_numpy(piece_codes[pk]),
+                    temperature,
+                )
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()

@@ -122,17 +122,29 @@ def ndcg_at_k(similarity, relevance, candidates=None, k: int = 10) -> np.ndarray
 
 
 def chance_level(relevance, candidates=None) -> np.ndarray:
-    """Per-query fraction of candidates that are relevant (what a random ranking's AP approaches)."""
+    """Per-query expected average precision of a uniformly random ranking of the candidates:
+    with R relevant among N, ``H_N / N + (R - 1) (N - H_N) / (N (N - 1))`` (H_N the N-th harmonic
+    number). It is the fraction R / N only when R is large: for one relevant item among N it is
+    H_N / N (0.61 for N = 3, 0.031 for N = 190), so the fraction understates chance for tasks
+    with few relevant items per query (performer identity)."""
     relevance = np.asarray(relevance) > 0
     candidates = (
         np.ones(relevance.shape, bool) if candidates is None else np.asarray(candidates, bool)
     )
-    counts = candidates.sum(axis=1)
-    rel = (relevance & candidates).sum(axis=1)
+    n = candidates.sum(axis=1).astype(np.float64)
+    r = (relevance & candidates).sum(axis=1).astype(np.float64)
+    out = np.full(n.shape, np.nan)
+    ok = (n > 0) & (r > 0)
+    harmonic = np.array([_harmonic(int(k)) for k in n[ok]])
+    nn, rr = n[ok], r[ok]
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = rel / counts
-    out[(counts == 0) | (rel == 0)] = np.nan
+        rest = np.where(nn > 1, (rr - 1) * (nn - harmonic) / (nn * np.maximum(nn - 1, 1)), 0.0)
+    out[ok] = harmonic / nn + rest
     return out
+
+
+def _harmonic(n: int) -> float:
+    return float(np.sum(1.0 / np.arange(1, n + 1))) if n > 0 else 0.0
 
 
 def mean_pair_similarity(similarity, pairs_mask) -> float:

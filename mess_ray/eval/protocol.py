@@ -60,6 +60,7 @@ from mess_ray.splits import (
     VALIDATION,
     pianist_from_metadata,
     pianist_holdout,
+    read_track_pianists,
     split_by_piece,
     track_pianists,
 )
@@ -626,6 +627,13 @@ def train_head(cfg, storage, version: str, train, seed: int = 0):
     train_audio = _read_audio(storage, version, train.segment_ids[take], sr, cfg.audio.window_s)
     train_desc = descriptor_matrix(list(train_audio), sr)
     train_z, mean, std = zscore(train_desc)
+    performers = None
+    if cfg.finetune.performer_weight > 0:
+        # The same performer term as fine-tuning (its own batches of pianists in two pieces).
+        tracks = read_track_pianists(storage, version)
+        performers = np.array(
+            [tracks.get(t, ("", ""))[1] for t in train.track_ids[take]], dtype=object
+        )
     head = bl.train_descriptor_head(
         train_z,
         train.piece_ids[take],
@@ -636,6 +644,8 @@ def train_head(cfg, storage, version: str, train, seed: int = 0):
         temperature=cfg.finetune.temperature,
         facet_temperature=cfg.finetune.facet_temperature,
         midi_target_temperature=cfg.finetune.midi_target_temperature,
+        performers=performers,
+        performer_weight=cfg.finetune.performer_weight,
         seed=seed,
     )
     return lambda desc: head((desc - mean) / np.where(std > 1e-12, std, 1.0))

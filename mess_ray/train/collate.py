@@ -42,7 +42,8 @@ def collate_labelled(batch: dict, loop: FinetuneLoop) -> dict[str, torch.Tensor]
     time through another chain) appended as a positive; with augmentation, one augmented view
     of every row appended per ``augment.views`` (same label and piece: a positive); with facet
     heads, each row's z-scored descriptors (of the audio as the model sees it); with MIDI
-    targets, each row's z-scored MIDI descriptors and whether it has them."""
+    targets, each row's z-scored MIDI descriptors and whether it has them; with performer
+    positives, each row's pianist code."""
     vocabulary = {style: i for i, style in enumerate(loop.styles)}
     moments = batch.get("moment") if loop.cross_chain_views else None
     labels = batch_labels(batch["style"], vocabulary, moments)
@@ -78,6 +79,10 @@ def collate_labelled(batch: dict, loop: FinetuneLoop) -> dict[str, torch.Tensor]
             [r if r is not None else [0.0] * width for r in rows], dtype=torch.float32
         )[index]
         out["has_midi"] = torch.tensor([r is not None for r in rows], dtype=torch.bool)[index]
+    if loop.performers:
+        # Each row's pianist (pianists who play two training pieces; others: a code of their own)
+        codes = [loop.performers.get(int(s), -1 - i) for i, s in enumerate(batch["segment_id"])]
+        out["performers"] = torch.tensor(codes, dtype=torch.long)[index]
     if loop.descriptor_stats:
         raw = np.stack([descriptor_vector(row, loop.sample_rate) for row in audio.numpy()])
         out["raw_descriptors"] = torch.from_numpy(raw).float()

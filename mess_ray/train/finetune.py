@@ -17,6 +17,9 @@ segment whose recording has MIDI (renderings keep theirs, ASAP-layout corpora na
 the expressive MIDI descriptors of benchmark task 3 (tempo against the score, rubato, timing,
 velocity, articulation, pedal) give soft-neighbour targets for the searched vector over
 *other pieces'* passages; such segments take part even without a style (a label of their own).
+Performer positives (``finetune.performer_weight``): a further InfoNCE term whose positives are
+the same pianist in another training piece, ranked against the batch and a memory of recent
+rows (``finetune.performer_memory``; :func:`mess_ray.train.losses.performer_infonce`).
 Only *training pieces* are used (``split_pieces`` on ``eval.holdout_fraction``/``eval.seed``),
 so evaluation on the holdout pieces measures generalisation to unseen music, and with
 ``eval.test_pianist_fraction`` none of the test-side pianists' performances
@@ -49,7 +52,7 @@ from mess_ray.train.common import (
     with_run_name,
 )
 from mess_ray.train.finetune_settings import EmbeddingOptions, FinetuneLoop
-from mess_ray.train.losses import finetune_loss
+from mess_ray.train.losses import PerformerMemory, finetune_loss
 from mess_ray.train.pairs import performance_items, read_performance_rows
 from mess_ray.train.targets import (
     TrainingRows,
@@ -67,10 +70,16 @@ class ContrastiveModel(nn.Module):
     """EmbeddingModel plus the loss's own parameter (a learnable log-temperature)."""
 
     def __init__(
-        self, embedding: EmbeddingModel, temperature: float, learn_temperature: bool
+        self,
+        embedding: EmbeddingModel,
+        temperature: float,
+        learn_temperature: bool,
+        performer_memory: int = 0,
     ) -> None:
         super().__init__()
         self.embedding = embedding
+        # The performer term's memory of recent rows (finetune.performer_memory; not a parameter)
+        self.performer_memory = PerformerMemory(performer_memory) if performer_memory else None
         self.log_temperature = nn.Parameter(
             torch.tensor(math.log(temperature)), requires_grad=learn_temperature
         )
@@ -87,7 +96,8 @@ class ContrastiveModel(nn.Module):
 
 def build_finetune_model(loop: FinetuneLoop) -> nn.Module:
     embedding = EmbeddingModel(load_init_encoder(loop.init), **asdict(loop.embedding))
-    return ContrastiveModel(embedding, loop.temperature, loop.learn_temperature)
+    memory = loop.performer_memory if loop.performer_weight > 0 and loop.performers else 0
+    return ContrastiveModel(embedding, loop.temperature, loop.learn_temperature, memory)
 
 
 def save_embedding_model(model: nn.Module, folder: Path, loop: FinetuneLoop) -> None:
@@ -207,6 +217,7 @@ def run_finetune(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
             # Which pianists fine-tuning heard (the protocol's unseen-pianist rows read it here).
             "pianists": rows.pianists,
             "cross_chain_views": pairing,
+            "performers": rows.performer_counts or None,
             "augment": ft.augment.model_dump(mode="json"),
         },
     )
@@ -263,4 +274,7 @@ def finetune_loop(
         midi_target_names=tuple(rows.midi_names) if with_midi else (),
         midi_weight=ft.midi_weight if with_midi else 0.0,
         midi_target_temperature=ft.midi_target_temperature,
+        performers=rows.performers or None,
+        performer_weight=ft.performer_weight if rows.performers else 0.0,
+        performer_memory=ft.performer_memory,
     )

@@ -57,3 +57,8 @@ class FinetuneLoop:
     midi_target_names: tuple[str, ...] = ()
     midi_weight: float = 0.0
     midi_target_temperature: float = 0.5
+    # performer positives: segment id -> pianist code (pianists who play two or more training
+    # pieces; None: not used), the term's weight and the memory of recent rows it ranks against
+    performers: dict[int, int] | None = None
+    performer_weight: float = 0.0
+    performer_memory: int = 0

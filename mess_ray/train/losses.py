@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -80,6 +81,78 @@ def multi_positive_infonce(
         return embeddings.sum() * 0.0
     per_anchor = -(log_prob.masked_fill(~positives, 0.0).sum(dim=1)) / counts.clamp_min(1)
     return per_anchor[has_positive].mean()
+
+
+def performer_codes(performers) -> np.ndarray:
+    """Integer codes of each row's pianist ("" or None: unknown, a code of its own below 0, so
+    an unknown row is nobody's positive)."""
+    names = [str(p) if p else "" for p in performers]
+    known = sorted({n for n in names if n})
+    index = {n: i for i, n in enumerate(known)}
+    return np.array([index[n] if n else -1 - i for i, n in enumerate(names)], dtype=np.int64)
+
+
+def performer_infonce(
+    embeddings: torch.Tensor,
+    performers: torch.Tensor,
+    pieces: torch.Tensor,
+    temperature: torch.Tensor | float,
+    bank: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Multi-positive InfoNCE whose positives are the same pianist in *another piece*
+    (:func:`performer_codes`): the loss of the protocol's performer-identity task. The same
+    pianist in the *same* piece (one performance, its views and its other chains) is neither a
+    positive nor a negative: it shares the music, and the main loss already pulls it close.
+    ``bank``: (vectors, pianist codes, piece codes) of earlier rows (detached), ranked as further
+    candidates. Anchors without a positive do not count."""
+    vectors, codes, piece_codes = embeddings, performers, pieces
+    if bank is not None and bank[0].shape[0]:
+        vectors = torch.cat([embeddings, bank[0].to(embeddings.dtype)])
+        codes = torch.cat([performers, bank[1].to(performers.device)])
+        piece_codes = torch.cat([pieces, bank[2].to(pieces.device)])
+    n = embeddings.shape[0]
+    same_player = performers.unsqueeze(1) == codes.unsqueeze(0)
+    same_piece = pieces.unsqueeze(1) == piece_codes.unsqueeze(0)
+    own = torch.zeros(same_player.shape, dtype=torch.bool, device=embeddings.device)
+    own[:, :n] = torch.eye(n, dtype=torch.bool, device=embeddings.device)
+    left_out = own | (same_player & same_piece)
+    positives = same_player & ~same_piece & (performers >= 0).unsqueeze(1)
+    counts = positives.sum(dim=1)
+    has_positive = counts > 0
+    if not has_positive.any():
+        return embeddings.sum() * 0.0
+    # Only anchors with a positive: each row keeps a finite logit (no NaN gradients).
+    rows = has_positive.nonzero().flatten()
+    logits = (embeddings[rows] @ vectors.T / temperature).masked_fill(left_out[rows], float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    kept = positives[rows]
+    return (-(log_prob.masked_fill(~kept, 0.0).sum(dim=1)) / counts[rows]).mean()
+
+
+class PerformerMemory:
+    """The last ``size`` rows the performer term saw (detached vectors, pianist codes, piece
+    codes), per worker, oldest overwritten first; not checkpointed (a resumed run refills it)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.vectors: torch.Tensor | None = None
+        self.codes = torch.zeros(0, dtype=torch.long)
+        self.pieces = torch.zeros(0, dtype=torch.long)
+
+    def bank(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        if self.vectors is None:
+            return None
+        return self.vectors, self.codes, self.pieces
+
+    def push(self, vectors: torch.Tensor, codes: torch.Tensor, pieces: torch.Tensor) -> None:
+        if self.size <= 0:
+            return
+        vectors = vectors.detach()
+        if self.vectors is None:
+            self.vectors = vectors[:0]
+        self.vectors = torch.cat([self.vectors, vectors])[-self.size :]
+        self.codes = torch.cat([self.codes.to(codes.device), codes])[-self.size :]
+        self.pieces = torch.cat([self.pieces.to(pieces.device), pieces])[-self.size :]
 
 
 def batch_hard_triplet(
@@ -206,6 +279,20 @@ def finetune_loss(
         )
         extra["midi_loss"] = float(midi_loss.detach())
         loss = loss + loop.midi_weight * midi_loss
+    if loop.performer_weight > 0 and "performers" in batch:
+        # Performer positives: the same pianist in another piece, in the batch or the memory.
+        memory = getattr(inner, "performer_memory", None)
+        performer_loss = performer_infonce(
+            embeddings,
+            batch["performers"],
+            pieces,
+            inner.temperature(),
+            memory.bank() if memory is not None else None,
+        )
+        if memory is not None:
+            memory.push(embeddings, batch["performers"], pieces)
+        extra["performer_loss"] = float(performer_loss.detach())
+        loss = loss + loop.performer_weight * performer_loss
     anchors = float(positive_mask(labels, pieces, loop.mined_from).any(dim=1).float().mean())
     hard = float(hard_negative_mask(labels, pieces).any(dim=1).float().mean())
     return loss, {

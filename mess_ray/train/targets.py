@@ -162,6 +162,37 @@ def filter_training_rows(
     return batch.filter(pc.and_(keep, pc.invert(left_out(batch, left_out_tracks))))
 
 
+def performer_batch(
+    rng: np.random.Generator,
+    codes: np.ndarray,
+    pieces: np.ndarray,
+    players: int = 16,
+    per_player: int = 4,
+) -> np.ndarray:
+    """Row indices of a batch for the performer loss: ``players`` pianists who play two or more
+    pieces (codes >= 0, :func:`mess_ray.train.losses.performer_codes`), each with
+    ``per_player`` rows split over two of their pieces, so every row has a positive. Empty when
+    no pianist plays two pieces."""
+    codes = np.asarray(codes)
+    pieces = np.asarray(pieces, dtype=object).astype(str)
+    by_player: dict[int, dict[str, list[int]]] = {}
+    for i, (c, p) in enumerate(zip(codes, pieces)):
+        if c >= 0:
+            by_player.setdefault(int(c), {}).setdefault(p, []).append(i)
+    eligible = sorted(c for c, ps in by_player.items() if len(ps) >= 2)
+    if not eligible:
+        return np.zeros(0, dtype=np.int64)
+    chosen = rng.choice(eligible, size=min(players, len(eligible)), replace=False)
+    out: list[int] = []
+    for c in chosen:
+        two = rng.choice(sorted(by_player[int(c)]), size=2, replace=False)
+        for k, piece in enumerate(two):
+            rows = by_player[int(c)][piece]
+            take = per_player // 2 + (k < per_player % 2)
+            out.extend(rng.choice(rows, size=take, replace=len(rows) < take).tolist())
+    return np.asarray(out, dtype=np.int64)
+
+
 MINED_PREFIX = "mined:"
 
 
@@ -360,6 +391,37 @@ def training_midi_targets(
     return targets, names, counts
 
 
+def training_performers(
+    metadata: pa.Table,
+    tracks: dict[str, tuple[str, str]],
+    train_pieces: list[str],
+    left_out_tracks=(),
+) -> tuple[dict[int, int], dict[str, Any]]:
+    """Performer positives' labels: segment id -> pianist code for every training-piece segment
+    whose pianist (``tracks``: :func:`mess_ray.splits.read_track_pianists`) plays two or more
+    training pieces (only they have a positive), never a row of ``left_out_tracks``; and the
+    manifest's counts."""
+    in_train, left = set(train_pieces), set(left_out_tracks)
+    pieces_of: dict[str, set[str]] = {}
+    for tid, (piece, pianist) in tracks.items():
+        if pianist and piece in in_train and tid not in left:
+            pieces_of.setdefault(pianist, set()).add(piece)
+    eligible = sorted(p for p, ps in pieces_of.items() if len(ps) >= 2)
+    code = {p: i for i, p in enumerate(eligible)}
+    out: dict[int, int] = {}
+    for sid, tid, piece in zip(
+        *(metadata.column(c).to_pylist() for c in ("segment_id", "track_id", "piece_id"))
+    ):
+        pianist = tracks.get(tid, ("", ""))[1]
+        if pianist in code and piece in in_train and tid not in left:
+            out[int(sid)] = code[pianist]
+    return out, {
+        "pianists": len(eligible),
+        "pianists_in_one_piece": len(pieces_of) - len(eligible),
+        "segments": len(out),
+    }
+
+
 @dataclass
 class TrainingRows:
     """Which segments fine-tuning trains on, and with what targets."""
@@ -374,6 +436,8 @@ class TrainingRows:
     midi_counts: dict[str, Any] = field(default_factory=dict)
     left_out_tracks: list[str] = field(default_factory=list)  # test-side pianists' tracks
     pianists: dict[str, Any] = field(default_factory=dict)  # the manifest's record
+    performers: dict[int, int] = field(default_factory=dict)  # segment id -> pianist code
+    performer_counts: dict[str, Any] = field(default_factory=dict)
 
 
 def select_training_rows(
@@ -442,6 +506,14 @@ def select_training_rows(
             raise ValueError(
                 f"fine-tuning needs at least 2 styles or mined clusters, found {styles}"
             )
+    performers, performer_counts = {}, {}
+    if ft.performer_weight > 0:
+        performers, performer_counts = training_performers(metadata, tracks, train_pieces, left)
+        if not performers:
+            log.warning(
+                "finetune.performer_weight: no pianist plays two training pieces (performer tags "
+                "from the catalog): no performer positives"
+            )
     if train_rows < ft.batch_size * ft.num_workers:
         raise ValueError(
             f"{train_rows} labelled training segments cannot fill batch_size={ft.batch_size} "
@@ -458,4 +530,6 @@ def select_training_rows(
         midi_counts=midi_counts,
         left_out_tracks=left,
         pianists=holdout.record(tracks, train_pieces),
+        performers=performers,
+        performer_counts=performer_counts,
     )

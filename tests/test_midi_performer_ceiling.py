@@ -1,0 +1,63 @@
+"""The performed-MIDI performer-identity ceiling (benchmarks/midi_performer_ceiling.py) on a tiny
+ASAP-layout folder whose two pianists play every piece, each in their own manner."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from helpers import make_score
+
+from benchmarks import midi_performer_ceiling
+
+
+def _asap_folder(root):
+    rows = []
+    for p, work in enumerate(("Prelude", "Etude", "Sonata")):
+        for tag, velocity, held in (("Soft01", 40, 0.4), ("Loud02", 110, 1.0)):
+            midi = make_score(bars=4, seed=p)
+            for inst in midi.instruments:
+                for note in inst.notes:
+                    note.velocity = velocity
+                    note.end = note.start + held * (note.end - note.start)
+            folder = root / "Bach" / work
+            folder.mkdir(parents=True, exist_ok=True)
+            midi.write(str(folder / f"{tag}.mid"))
+            rows.append(
+                {
+                    "composer": "Bach",
+                    "title": work,
+                    "folder": f"Bach/{work}",
+                    "midi_score": "",
+                    "midi_performance": f"Bach/{work}/{tag}.mid",
+                    "performance_annotations": f"Bach/{work}/{tag}_annotations.txt",
+                    "midi_score_annotations": f"Bach/{work}/missing.txt",  # unreadable: no beats
+                }
+            )
+    with open(root / "metadata.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def test_pianists_with_their_own_dynamics_and_touch_are_found_in_every_other_piece(
+    tmp_path, capsys
+):
+    source = _asap_folder(tmp_path / "asap")
+    assert (
+        midi_performer_ceiling.main(
+            ["--source", str(source), "--seconds", "4", "0", "--boot", "100"]
+        )
+        == 0
+    )
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    by = {(r["seconds"], r["system"]): r for r in rows}
+    assert {r["seconds"] for r in rows} == {4, "whole performance"}
+    for seconds in (4, "whole performance"):
+        corpus = by[(seconds, "midi z-scored over the corpus")]
+        assert corpus["map"] == pytest.approx(1.0) and corpus["queries"] == 6
+        assert corpus["pianists"] == 2 and corpus["piece_count"] == 3
+        # two relevant of four candidates: a random ranking's expected AP
+        assert corpus["chance"] == pytest.approx(49 / 72, abs=1e-3)
