@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import numpy as np
 
@@ -117,8 +118,10 @@ def standardise(x: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
     for g in np.unique(groups):
         rows = groups == g
         block = x[rows][:, _expressive_index()]
-        mean = np.nanmean(block, axis=0)
-        std = np.nanstd(block, axis=0)
+        with warnings.catch_warnings():  # a column unknown for a whole piece stays NaN -> 0
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(block, axis=0)
+            std = np.nanstd(block, axis=0)
         z = (block - mean) / np.where(std > 1e-12, std, np.inf)
         out[rows] = np.where(np.isnan(z), 0.0, z)
     return out
