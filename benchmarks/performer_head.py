@@ -112,15 +112,12 @@ def extra_training_sample(cfg, root: str, base_tracks, size: int, seed: int):
 
 def fit_zscore(train_x: np.ndarray, held_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Both matrices z-scored by the training sample's statistics (NaN: the column mean)."""
-    from mess_ray.descriptors import impute_columns
+    from mess_ray.descriptors import impute_columns, zscore
 
-    a = impute_columns(np.asarray(train_x, dtype=np.float64))
-    mean = a.mean(axis=0)
-    std = a.std(axis=0)
-    std = np.where(std > 1e-12, std, 1.0)
-    b = np.asarray(held_x, dtype=np.float64)
-    b = np.where(np.isnan(b), mean, b)
-    return ((a - mean) / std).astype(np.float32), ((b - mean) / std).astype(np.float32)
+    train_z, mean, std = zscore(impute_columns(train_x))
+    held = np.asarray(held_x, dtype=np.float64)
+    held = (np.where(np.isnan(held), mean, held) - mean) / np.where(std > 1e-12, std, 1.0)
+    return train_z.astype(np.float32), held.astype(np.float32)
 
 
 def fit_map(vectors: np.ndarray, pianists: np.ndarray, pieces: np.ndarray) -> float:
@@ -260,19 +257,18 @@ def main(argv: list[str] | None = None) -> int:
     # the models' training leave out the same test-side pianists), and of --extra-train's.
     data = EvalData(data.perf, data.labels, data.split, heard)
     rows = score_all(cfg, data, systems, args.reference or None, splits=(args.split,))
+    pieces_of: dict[str, set[str]] = {}
+    for piece, pianist in zip(sample.piece_ids, pianists):
+        if pianist:
+            pieces_of.setdefault(pianist, set()).add(piece)
     emit_with_load(
         {
             "figure": "performer_head_setup",
             "split": args.split,
             "train_segments": len(sample),
-            "train_pianists": len({p for p in pianists if p}),
+            "train_pianists": len(pieces_of),
             "train_pieces": len(set(sample.piece_ids)),
-            "train_pianists_in_two_pieces": int(
-                sum(
-                    len({q for q, pp in zip(sample.piece_ids, pianists) if pp == p}) >= 2
-                    for p in {p for p in pianists if p}
-                )
-            ),
+            "train_pianists_in_two_pieces": sum(len(ps) >= 2 for ps in pieces_of.values()),
             "extra_train": args.extra_train or None,
             "held_segments": len(data.perf),
             "weights": args.weight,

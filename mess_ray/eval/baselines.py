@@ -247,7 +247,7 @@ def train_descriptor_head(
         performer_infonce,
         soft_neighbour_kl,
     )
-    from mess_ray.train.targets import mine_descriptor_labels, performer_batch
+    from mess_ray.train.targets import PerformerSampler, mine_descriptor_labels
 
     x = np.asarray(descriptors_z, dtype=np.float32)
     pieces = np.asarray(piece_ids, dtype=object)
@@ -262,11 +262,12 @@ def train_descriptor_head(
         [label_names.index(mined[i]) if i in mined else -1 - i for i in range(x.shape[0])]
     )
     piece_codes = np.unique(pieces.astype(str), return_inverse=True)[1]
-    player = None
+    player = sampler = None
     if performers is not None and performer_weight > 0:
         if len(performers) != x.shape[0]:
             raise ValueError("performers and descriptors disagree on the number of segments")
         player = performer_codes(performers)
+        sampler = PerformerSampler(player, pieces)
     midi = None
     if midi_targets is not None:
         midi = np.asarray(midi_targets, dtype=np.float64)
@@ -301,7 +302,7 @@ def train_descriptor_head(
             )
         if player is not None:
             # Its own batch: pianists who play two pieces, rows from two of them each.
-            pk = performer_batch(rng, player, pieces)
+            pk = sampler.draw(rng)
             if pk.size:
                 loss = loss + performer_weight * performer_infonce(
                     F.normalize(model(xt[pk]), dim=-1),

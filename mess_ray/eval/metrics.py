@@ -135,16 +135,13 @@ def chance_level(relevance, candidates=None) -> np.ndarray:
     r = (relevance & candidates).sum(axis=1).astype(np.float64)
     out = np.full(n.shape, np.nan)
     ok = (n > 0) & (r > 0)
-    harmonic = np.array([_harmonic(int(k)) for k in n[ok]])
     nn, rr = n[ok], r[ok]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rest = np.where(nn > 1, (rr - 1) * (nn - harmonic) / (nn * np.maximum(nn - 1, 1)), 0.0)
-    out[ok] = harmonic / nn + rest
+    # H_k for every k up to the largest candidate count, looked up per query
+    table = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, int(nn.max(initial=0)) + 1))])
+    harmonic = table[nn.astype(np.int64)]
+    # (R - 1) is 0 whenever N is 1: the max only keeps the denominator positive
+    out[ok] = harmonic / nn + (rr - 1) * (nn - harmonic) / (nn * np.maximum(nn - 1, 1))
     return out
-
-
-def _harmonic(n: int) -> float:
-    return float(np.sum(1.0 / np.arange(1, n + 1))) if n > 0 else 0.0
 
 
 def mean_pair_similarity(similarity, pairs_mask) -> float:

@@ -162,6 +162,36 @@ def filter_training_rows(
     return batch.filter(pc.and_(keep, pc.invert(left_out(batch, left_out_tracks))))
 
 
+class PerformerSampler:
+    """Batches for the performer loss over rows with pianist ``codes`` (>= 0 known,
+    :func:`mess_ray.train.losses.performer_codes`) and ``pieces``: the rows are grouped by
+    pianist and piece once, then each :meth:`draw` picks ``players`` pianists who play two or
+    more pieces, each with ``per_player`` rows split over two of their pieces, so every row has
+    a positive. A draw is empty when no pianist plays two pieces."""
+
+    def __init__(self, codes: np.ndarray, pieces: np.ndarray) -> None:
+        codes = np.asarray(codes)
+        pieces = np.asarray(pieces, dtype=object).astype(str)
+        self.by_player: dict[int, dict[str, list[int]]] = {}
+        for i, (c, p) in enumerate(zip(codes, pieces)):
+            if c >= 0:
+                self.by_player.setdefault(int(c), {}).setdefault(p, []).append(i)
+        self.eligible = sorted(c for c, ps in self.by_player.items() if len(ps) >= 2)
+
+    def draw(self, rng: np.random.Generator, players: int = 16, per_player: int = 4) -> np.ndarray:
+        if not self.eligible:
+            return np.zeros(0, dtype=np.int64)
+        chosen = rng.choice(self.eligible, size=min(players, len(self.eligible)), replace=False)
+        out: list[int] = []
+        for c in chosen:
+            two = rng.choice(sorted(self.by_player[int(c)]), size=2, replace=False)
+            for k, piece in enumerate(two):
+                rows = self.by_player[int(c)][piece]
+                take = per_player // 2 + (k < per_player % 2)
+                out.extend(rng.choice(rows, size=take, replace=len(rows) < take).tolist())
+        return np.asarray(out, dtype=np.int64)
+
+
 def performer_batch(
     rng: np.random.Generator,
     codes: np.ndarray,
@@ -169,28 +199,8 @@ def performer_batch(
     players: int = 16,
     per_player: int = 4,
 ) -> np.ndarray:
-    """Row indices of a batch for the performer loss: ``players`` pianists who play two or more
-    pieces (codes >= 0, :func:`mess_ray.train.losses.performer_codes`), each with
-    ``per_player`` rows split over two of their pieces, so every row has a positive. Empty when
-    no pianist plays two pieces."""
-    codes = np.asarray(codes)
-    pieces = np.asarray(pieces, dtype=object).astype(str)
-    by_player: dict[int, dict[str, list[int]]] = {}
-    for i, (c, p) in enumerate(zip(codes, pieces)):
-        if c >= 0:
-            by_player.setdefault(int(c), {}).setdefault(p, []).append(i)
-    eligible = sorted(c for c, ps in by_player.items() if len(ps) >= 2)
-    if not eligible:
-        return np.zeros(0, dtype=np.int64)
-    chosen = rng.choice(eligible, size=min(players, len(eligible)), replace=False)
-    out: list[int] = []
-    for c in chosen:
-        two = rng.choice(sorted(by_player[int(c)]), size=2, replace=False)
-        for k, piece in enumerate(two):
-            rows = by_player[int(c)][piece]
-            take = per_player // 2 + (k < per_player % 2)
-            out.extend(rng.choice(rows, size=take, replace=len(rows) < take).tolist())
-    return np.asarray(out, dtype=np.int64)
+    """One :meth:`PerformerSampler.draw` (row indices) without keeping the grouping."""
+    return PerformerSampler(codes, pieces).draw(rng, players, per_player)
 
 
 MINED_PREFIX = "mined:"
