@@ -86,6 +86,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument(
+        "--model", default="shipped", help="model ref (default: the shipped default)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mess-ray-quickstart-") as tmp:
         folder = Path(tmp) / "recordings"
@@ -99,6 +102,8 @@ def main() -> int:
             "--audio",
             str(folder),
             "--exit-after-ready",
+            "--model",
+            args.model,
             "--set",
             f"storage.root={tmp}/store",
             "--set",
@@ -114,6 +119,7 @@ def main() -> int:
             print(proc.stderr, file=sys.stderr)
             return proc.returncode
         result = {
+            "model": args.model,
             "audio_minutes": args.minutes,
             "files": files,
             "generate_s": round(gen_s, 1),

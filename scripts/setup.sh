@@ -7,13 +7,16 @@ cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 # The SoundFonts of the recording chains (mess_ray/render/chains.py): FluidR3_GM and TimGM6mb
-# on the training side, MuseScore_General_Lite for evaluation only.
-if ! command -v fluidsynth >/dev/null || [ ! -f /usr/share/sounds/sf2/FluidR3_GM.sf2 ] \
+# on the training side, MuseScore_General_Lite for evaluation only. ffmpeg writes the MP3 files
+# of the tests and of benchmarks/quickstart_time.py (ingest itself decodes without it).
+if ! command -v fluidsynth >/dev/null || ! command -v ffmpeg >/dev/null \
+  || [ ! -f /usr/share/sounds/sf2/FluidR3_GM.sf2 ] \
   || [ ! -f /usr/share/sounds/sf2/TimGM6mb.sf2 ] \
   || [ ! -f /usr/share/sounds/sf3/MuseScore_General_Lite.sf3 ]; then
   $SUDO apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    fluidsynth fluid-soundfont-gm timgm6mb-soundfont musescore-general-soundfont-small >/dev/null
+    fluidsynth fluid-soundfont-gm timgm6mb-soundfont musescore-general-soundfont-small ffmpeg \
+    >/dev/null
 fi
 
 PYTHON="${PYTHON:-python3.11}"

@@ -30,6 +30,34 @@ from mess_ray.config import load_config  # noqa: E402
 from mess_ray.models import shipped  # noqa: E402
 
 REFERENCE_SEEDS = (0, 1, 2)
+# The licence a training corpus puts on weights learned from it (recorded in the manifest).
+TRAINING_DATA_LICENCES = {
+    "music21": "the corpus bundled with music21 (distributed with music21 under BSD-3-Clause)",
+    "asap": "ASAP / asap-dev performances: CC BY-NC-SA 4.0 (non-commercial, share alike)",
+}
+
+
+def recipe_description(cfg) -> str:
+    """One line on what the shipped model is and what it heard, from its recipe."""
+    r = cfg.render
+    size = cfg.model.size
+    head = (
+        f"{size} HuBERT-style encoder (SSL-pretrained, then contrastively fine-tuned with facet "
+        "heads) trained on "
+    )
+    if r.source == "asap":
+        chains = [*r.chains, *r.train_piece_chains]
+        return head + (
+            f"the training pieces of {r.num_pieces} asap-dev pieces (human performances, first "
+            f"{r.max_duration_s:g} s, performed MIDI rendered through the recording chains "
+            f"{', '.join(chains)}; the held-out pieces and test-side pianists left out)"
+        )
+    if r.source == "music21":
+        return head + (
+            f"{r.num_pieces} music21 pieces x {len(r.styles)} synthetic expressive styles "
+            "(FluidSynth)"
+        )
+    return head + f"a {r.source} corpus ({r.source_path})"
 
 
 def weights_digest(model_dir: Path) -> str:
@@ -66,6 +94,70 @@ def reference_vectors(cfg, model_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(REFERENCE_SEEDS), embedder.embed(clips)
 
 
+PROTOCOL_ROW_KEYS = (
+    "split",
+    "task",
+    "chains",
+    "metric",
+    "system",
+    "value",
+    "ci_low",
+    "ci_high",
+    "pieces",
+    "queries",
+    "chance",
+    "diff",
+    "diff_low",
+    "diff_high",
+    "verdict",
+)
+
+
+def heard_record(storage) -> dict | None:
+    """The pianists the store's latest fine-tuning (its pretraining included) heard, from their
+    manifests; None when a manifest does not record them."""
+    from mess_ray.eval.protocol import heard_pianists
+
+    heard, sources = heard_pianists(storage, ["finetune"], {})
+    if heard is None or any("no pianists record" in v for v in sources.values()):
+        return None
+    return {"heard": sorted(heard), "from": sources}
+
+
+def protocol_benchmark(table: dict, system: str, command: str) -> dict:
+    """The shipped manifest's ``benchmark`` from a protocol table (``table.json``): the headline
+    rows of every system on both splits, the shipped model among them as ``system``, with
+    the split each row comes from (validation chose, test was reported once)."""
+    from mess_ray.eval.protocol import headline_rows
+
+    # Variants of a system (``+work-rel``, ``+rec-rel``) stay in the table; figures to 4 digits.
+    rows = [r for r in headline_rows(table["rows"]) if "+" not in r["system"]]
+    systems = {r["system"] for r in rows}
+    if system not in systems:
+        raise SystemExit(f"no system {system!r} in the table (systems: {sorted(systems)})")
+    summary = table.get("summary") or {}
+    return {
+        "split": "validation and test pieces of the protocol split (each row says which); "
+        "validation chose the default, test was computed once after that choice",
+        "command": command,
+        "shipped_as": system,
+        "reference": summary.get("reference"),
+        "held_out_pieces": summary.get("split"),
+        "rows": [{k: _round(r[k]) for k in PROTOCOL_ROW_KEYS if k in r} for r in rows],
+    }
+
+
+def _round(value):
+    return round(value, 4) if isinstance(value, float) else value
+
+
+def attach_protocol(out: Path, table_path: Path, system: str, command: str) -> None:
+    manifest_path = out / shipped.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["benchmark"] = protocol_benchmark(json.loads(table_path.read_text()), system, command)
+    manifest_path.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "shipped-tiny.yaml"))
@@ -74,11 +166,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="default: mess_ray/models/shipped/<name>")
     parser.add_argument("--skip-evaluate", action="store_true", help="quick reproducibility runs")
     parser.add_argument(
+        "--attach-protocol",
+        metavar="TABLE_JSON",
+        default=None,
+        help="train nothing: copy the headline rows of a protocol table (eval/<v>/protocol/"
+        "table.json of the recipe's store, the shipped model evaluated there as --system) into "
+        "the shipped folder's manifest as its benchmark",
+    )
+    parser.add_argument(
+        "--system", default="finetune", help="the shipped model's name in that table"
+    )
+    parser.add_argument(
+        "--protocol-command", default="", help="the command that produced that table (recorded)"
+    )
+    parser.add_argument(
         "--verbose",
         action="store_true",
         help="library and Ray logs on the terminal (default: <storage root>/logs, as the CLI)",
     )
     args = parser.parse_args(argv)
+    if args.attach_protocol:
+        out = Path(args.out) if args.out else shipped.SHIPPED_ROOT / args.name
+        attach_protocol(out, Path(args.attach_protocol), args.system, args.protocol_command)
+        print(f"{out / shipped.MANIFEST}: benchmark from {args.attach_protocol}")
+        return 0
 
     from mess_ray import console, pipeline
     from mess_ray.storage import Storage
@@ -122,12 +233,15 @@ def ship(args: argparse.Namespace, cfg, storage) -> int:
     seeds, vectors = reference_vectors(cfg, out / shipped.MODEL_DIR)
     np.savez(out / shipped.REFERENCE, seeds=seeds, vectors=vectors)
     evaluate = manifests.get("evaluate", {})
+    pianists = heard_record(storage)
     manifest = {
         "name": args.name,
-        "what": "tiny HuBERT-style encoder (SSL-pretrained, then contrastively fine-tuned with "
-        "facet heads) trained on 8 music21 pieces x 4 synthetic expressive styles (FluidSynth)",
+        "what": recipe_description(cfg),
+        "training_data_licence": TRAINING_DATA_LICENCES.get(cfg.render.source),
         "recipe": {
-            "command": "nice -n 10 .venv/bin/python scripts/ship_model.py",
+            "command": " ".join(
+                ["nice -n 10 .venv/bin/python scripts/ship_model.py", *sys.argv[1:]]
+            ),
             "config_file": str(Path(args.config).resolve().relative_to(ROOT))
             if Path(args.config).resolve().is_relative_to(ROOT)
             else args.config,
@@ -137,6 +251,8 @@ def ship(args: argparse.Namespace, cfg, storage) -> int:
             "wall_s": train_s,
         },
         "weights_sha256": weights_digest(out / shipped.MODEL_DIR),
+        # Who the training stages heard (the protocol's unseen-pianist rows read it).
+        **({"pianists": pianists} if pianists is not None else {}),
         "training": {
             stage: {
                 "version": manifests[stage].get("version"),
@@ -149,7 +265,7 @@ def ship(args: argparse.Namespace, cfg, storage) -> int:
         "benchmark": {
             "split": "test: the evaluate stage's held-out pieces (eval.holdout_fraction, "
             "eval.seed), never seen by pretraining (exclude_eval_holdout) nor fine-tuning",
-            "command": "mess-ray evaluate --config configs/shipped-tiny.yaml --models pretrain finetune",
+            "command": f"mess-ray evaluate --config {args.config} --models pretrain finetune",
             "headline": evaluate.get("headline"),
             "held_out_pieces": evaluate.get("held_out_pieces"),
             "train_pieces": evaluate.get("train_pieces"),

@@ -14,6 +14,7 @@ from helpers import tiny_config
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from quickstart_time import write_folder  # noqa: E402
 
+from mess_ray.models import shipped  # noqa: E402
 from mess_ray.quickstart import find_manifest, quickstart_config, run_quickstart  # noqa: E402
 
 
@@ -51,7 +52,7 @@ def test_quickstart_indexes_a_folder_with_the_shipped_model_and_serves_it(ray_lo
         result = run_quickstart(cfg, str(folder), block=False, say=said.append)
         url = result["service_url"]
         index = result["manifests"]["index"]
-        assert index["model"]["shipped"] == "tiny-m21-v1"
+        assert index["model"]["shipped"] == shipped.DEFAULT_SHIPPED
         ingest = result["manifests"]["ingest"]["counts"]
         assert ingest["files_in"] == ingest["files_segmented"] == 6
         assert said[-1].startswith("ready in ") and f"{url}/" in said[-1]

@@ -8,6 +8,7 @@ import pytest
 from helpers import PIANIST_TAGS, EagerDataset, publish_pianist_ingest, tiny_config
 
 from mess_ray.eval.protocol import heard_pianists
+from mess_ray.models import shipped
 from mess_ray.splits import (
     pianist_from_metadata,
     pianist_holdout,
@@ -214,5 +215,11 @@ def test_protocol_reads_heard_pianists_from_the_training_manifests(tmp_path):
         iter(sources.values())
     )
     # a model from elsewhere: unknown, never guessed
-    heard, sources = heard_pianists(storage, ["finetune", "shipped"], tracks)
-    assert heard is None and "unknown" in sources["shipped"]
+    heard, sources = heard_pianists(storage, ["finetune", "/some/model/folder"], tracks)
+    assert heard is None and "unknown" in sources["/some/model/folder"]
+    # a shipped model: whom its manifest says it heard (none for the music21 one)
+    heard, sources = heard_pianists(storage, ["shipped:tiny-m21-v1"], tracks)
+    assert heard == set() and "shipped manifest" in sources["shipped:tiny-m21-v1"]
+    recorded = set(shipped.shipped_manifest("tiny-asap-v1")["pianists"]["heard"])
+    heard, _ = heard_pianists(storage, ["shipped:tiny-asap-v1", "finetune"], tracks)
+    assert heard == recorded | {pianist_of(t) for t in PIANIST_TAGS} and len(recorded) > 50

@@ -489,11 +489,20 @@ def heard_pianists(
     pianists of the pieces it recorded training on (``train_pieces``; pretraining: every piece
     but ``inputs.excluded_pieces``), ``tracks`` being ``{track: (piece, pianist)}`` of the
     evaluated ingest. Returns (heard, where each part came from); heard is None when a ref is no
-    training artifact of this store (a shipped model, a folder): who it heard is unknown."""
+    training artifact of this store (a folder, a shipped model whose manifest has no
+    ``pianists.heard``): who it heard is unknown."""
+    from mess_ray.models import shipped
+
     heard: set[str] = set()
     sources: dict[str, str] = {}
     todo: list[tuple[str, str]] = []
     for ref in refs:
+        if shipped.is_shipped_ref(ref):
+            block = shipped.shipped_manifest(shipped.shipped_name(ref)).get("pianists")
+            if isinstance(block, dict) and "heard" in block:
+                heard.update(block["heard"])
+                sources[ref] = f"shipped manifest: {len(block['heard'])} pianists heard"
+                continue
         if ref not in ("pretrain", "finetune"):
             sources[ref] = (
                 "not a training artifact of this store: the pianists it heard are unknown"

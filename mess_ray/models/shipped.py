@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 SHIPPED_ROOT = Path(__file__).resolve().parent / "shipped"
-DEFAULT_SHIPPED = "tiny-m21-v1"
+DEFAULT_SHIPPED = "tiny-asap-v1"
 SHIPPED_PREFIX = "shipped"
 AUTO = "auto"
 MANIFEST = "manifest.json"
