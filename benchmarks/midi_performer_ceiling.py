@@ -12,6 +12,7 @@ figure; 95 % CIs by the bootstrap over pieces; chance is the expected AP of a ra
     python -m benchmarks.midi_performer_ceiling [--source ../shared/datasets/asap-dev]
         [--seconds 4 20 60 120 0]          # 0: the whole performance
         [--pieces all|protocol-heldout|protocol-validation|protocol-test]
+        [--ablate]                        # each MIDI system without one descriptor at a time
 
 ``protocol-*`` keeps the held-out (validation, test or both) pieces of ``configs/protocol.yaml``'s
 split, so the figures compare with its ``performer_identity_excerpt`` rows (20 s excerpts).
@@ -145,6 +146,19 @@ def performer_map(vectors: np.ndarray, pieces: np.ndarray, pianists: np.ndarray,
     return ci, float(np.nanmean(chance)), int(queries.sum()), len(set(pianists[queries]))
 
 
+def ablations(x: np.ndarray, pieces: np.ndarray) -> dict[str, np.ndarray]:
+    """Both MIDI z-scorings of descriptors ``x`` [N, D] without one expressive descriptor at a
+    time (its column blanked before standardising: over the corpus it is dropped, within a
+    piece it is 0)."""
+    out = {}
+    for column in EXPRESSIVE_MIDI_DESCRIPTORS:
+        blank = x.copy()
+        blank[:, MIDI_DESCRIPTOR_NAMES.index(column)] = np.nan
+        out[f"midi z-scored over the corpus without {column}"] = standardise(blank, None)
+        out[f"midi z-scored within each piece without {column}"] = standardise(blank, pieces)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="../shared/datasets/asap-dev")
@@ -156,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", default="configs/protocol.yaml")
     parser.add_argument("--boot", type=int, default=1000)
+    parser.add_argument(
+        "--ablate",
+        action="store_true",
+        help="also score each z-scoring without one descriptor at a time ('<system> without "
+        "<descriptor>'): which of them carry the pianist",
+    )
     args = parser.parse_args(argv)
 
     perfs = performances(args.source)
@@ -174,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             "midi z-scored within each piece": standardise(x[:, j], pieces),
             "random vectors": rng.normal(size=(len(perfs), 8)),
         }
+        if args.ablate:
+            systems |= ablations(x[:, j], pieces)
         for name, vectors in systems.items():
             ci, chance, queries, n_pianists = performer_map(vectors, pieces, pianists, args.boot)
             emit_with_load(
