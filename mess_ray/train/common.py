@@ -454,6 +454,13 @@ def fit(
     ensure_ray(cfg.ray)
     from mess_ray import console
 
+    if tcfg.deterministic:
+        # Reproducible weights need the rows in the same order every run: Ray Data otherwise
+        # hands out blocks as its parallel tasks finish (set here, on the driver that builds
+        # the dataset, so every entry point gets it, not only scripts/ship_model.py).
+        from ray.data import DataContext
+
+        DataContext.get_current().execution_options.preserve_order = True
     ingest = settings.inputs.get("ingest")
     if ingest is not None and 0 < ingest_size_mb(storage, ingest) <= tcfg.materialize_below_mb:
         # A small corpus is read once: each epoch then replays the object store's blocks (same

@@ -84,7 +84,11 @@ def performance_items(
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """One item per training performance: the segment files that hold its tracks (in any
     chain) and those track ids (JSON lists); plus counts (performances, with several chains,
-    tracks)."""
+    tracks). A performance's files are listed in the order of the tracks they hold, not of
+    their names: a one-pass ingest names a shard by its fingerprint, which hashes the source
+    URI (storage root, render version), so a name order would change the rows' order, and the
+    trained weights, from one identical run to the next (as :func:`mess_ray.segments.segment_files`
+    does for the other readers)."""
     from mess_ray.segments import segments_dataset
 
     dataset = segments_dataset(storage, version)
@@ -92,6 +96,7 @@ def performance_items(
     tracks_of: dict[str, set[str]] = defaultdict(set)
     chains_of: dict[str, set[str]] = defaultdict(set)
     files_of: dict[str, set[str]] = defaultdict(set)
+    first_track: dict[str, str] = {}  # file -> the smallest track id it holds
     for fragment in dataset.get_fragments():
         table = fragment.to_table(columns=["track_id", "piece_id", "metadata_json"])
         seen: set[str] = set()
@@ -107,12 +112,13 @@ def performance_items(
             tracks_of[performance].add(tid)
             chains_of[performance].add(chain)
             files_of[performance].add(fragment.path)
+            first_track[fragment.path] = min(first_track.get(fragment.path, tid), tid)
     # Lists travel as JSON text: Ray Data's numpy batches keep plain strings as they are.
     items = [
         {
             "performance": p,
             "tracks": json.dumps(sorted(tracks_of[p])),
-            "files": json.dumps(sorted(files_of[p])),
+            "files": json.dumps(sorted(files_of[p], key=lambda f: (first_track[f], f))),
         }
         for p in sorted(tracks_of)
     ]
