@@ -94,25 +94,6 @@ def reference_vectors(cfg, model_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(REFERENCE_SEEDS), embedder.embed(clips)
 
 
-PROTOCOL_ROW_KEYS = (
-    "split",
-    "task",
-    "chains",
-    "metric",
-    "system",
-    "value",
-    "ci_low",
-    "ci_high",
-    "pieces",
-    "queries",
-    "chance",
-    "diff",
-    "diff_low",
-    "diff_high",
-    "verdict",
-)
-
-
 def heard_record(storage) -> dict | None:
     """The pianists the store's latest fine-tuning (its pretraining included) heard, from their
     manifests; None when a manifest does not record them."""
@@ -128,7 +109,7 @@ def protocol_benchmark(table: dict, system: str, command: str) -> dict:
     """The shipped manifest's ``benchmark`` from a protocol table (``table.json``): the headline
     rows of every system on both splits, the shipped model among them as ``system``, with
     the split each row comes from (validation chose, test was reported once)."""
-    from mess_ray.eval.protocol import headline_rows
+    from mess_ray.eval.protocol import figure_fields, headline_rows
 
     # Variants of a system (``+work-rel``, ``+rec-rel``) stay in the table; figures to 4 digits.
     rows = [r for r in headline_rows(table["rows"]) if "+" not in r["system"]]
@@ -143,7 +124,7 @@ def protocol_benchmark(table: dict, system: str, command: str) -> dict:
         "shipped_as": system,
         "reference": summary.get("reference"),
         "held_out_pieces": summary.get("split"),
-        "rows": [{k: _round(r[k]) for k in PROTOCOL_ROW_KEYS if k in r} for r in rows],
+        "rows": [{k: _round(v) for k, v in figure_fields(r).items()} for r in rows],
     }
 
 

@@ -42,17 +42,17 @@ def _asap_folder(root):
     return root
 
 
+def _ceiling_rows(tmp_path, capsys, *args: str) -> list[dict]:
+    """The benchmark's JSON lines on the tiny folder, run with ``args``."""
+    source = _asap_folder(tmp_path / "asap")
+    assert midi_performer_ceiling.main(["--source", str(source), *args]) == 0
+    return [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+
+
 def test_pianists_with_their_own_dynamics_and_touch_are_found_in_every_other_piece(
     tmp_path, capsys
 ):
-    source = _asap_folder(tmp_path / "asap")
-    assert (
-        midi_performer_ceiling.main(
-            ["--source", str(source), "--seconds", "4", "0", "--boot", "100"]
-        )
-        == 0
-    )
-    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    rows = _ceiling_rows(tmp_path, capsys, "--seconds", "4", "0", "--boot", "100")
     by = {(r["seconds"], r["system"]): r for r in rows}
     assert {r["seconds"] for r in rows} == {4, "whole performance"}
     for seconds in (4, "whole performance"):
@@ -68,14 +68,7 @@ def test_ablation_leaves_out_each_descriptor_once_and_a_redundant_cue_still_find
 ):
     """The two pianists differ in velocity and articulation only: without either the other
     still finds them; the ablation rows name every expressive descriptor once per system."""
-    source = _asap_folder(tmp_path / "asap")
-    assert (
-        midi_performer_ceiling.main(
-            ["--source", str(source), "--seconds", "0", "--boot", "50", "--ablate"]
-        )
-        == 0
-    )
-    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    rows = _ceiling_rows(tmp_path, capsys, "--seconds", "0", "--boot", "50", "--ablate")
     names = {r["system"] for r in rows}
     for system in ("midi z-scored over the corpus", "midi z-scored within each piece"):
         for column in midi_performer_ceiling.EXPRESSIVE_MIDI_DESCRIPTORS:

@@ -126,7 +126,14 @@ def _ship_model():
 
 def test_protocol_benchmark_keeps_headline_rows_of_every_plain_system_on_both_splits():
     ship_model = _ship_model()
-    row = {"chains": "dry", "value": 0.123456789, "ci_low": 0.1, "ci_high": 0.2}
+    row = {
+        "chains": "dry",
+        "value": 0.123456789,
+        "ci_low": 0.1,
+        "ci_high": 0.2,
+        "reference_verdict": "wins",
+        "not_a_figure": 1,
+    }
     rows = [
         {**row, "split": split, "task": task, "metric": metric, "system": system}
         for split in ("validation", "test")
@@ -138,6 +145,8 @@ def test_protocol_benchmark_keeps_headline_rows_of_every_plain_system_on_both_sp
     assert out["shipped_as"] == "finetune" and out["command"] == "python -m benchmarks.protocol"
     assert {r["system"] for r in out["rows"]} == {"finetune", "chroma"}  # no variants, no mrr
     assert len(out["rows"]) == 8 and out["rows"][0]["value"] == 0.1235
+    # the figure's fields as the protocol's benchmarks print them, verdicts included
+    assert out["rows"][0]["reference_verdict"] == "wins" and "not_a_figure" not in out["rows"][0]
     with pytest.raises(SystemExit, match="no system 'nope'"):
         ship_model.protocol_benchmark(table, "nope", "")
 
