@@ -249,6 +249,48 @@ def test_content_baselines_shapes_and_errors():
         bl.chroma_statistics(np.zeros((0, 10)), sr)
 
 
+def _notes(onsets_s, pitches_hz, sr, seconds=4.0):
+    """Decaying piano-like tones (fundamental + 2 partials) starting at the given times."""
+    t = np.arange(int(sr * seconds)) / sr
+    y = np.zeros_like(t)
+    for on, f in zip(onsets_s, pitches_hz):
+        tt = np.clip(t - on, 0, None)
+        env = (t >= on) * np.exp(-8.0 * tt)
+        y += env * sum(np.sin(2 * np.pi * k * f * tt) / k for k in (1, 2, 3))
+    return (0.2 * y / np.abs(y).max()).astype(np.float32)
+
+
+def test_timeline_baselines_tell_apart_two_timings_of_the_same_notes_where_statistics_cannot():
+    from scipy.signal import lfilter
+
+    sr = 16000
+    rng = np.random.default_rng(0)
+    pitches = [261.6, 329.6, 392.0, 523.3, 392.0, 329.6, 293.7, 261.6]
+    even = np.arange(8) * 0.45 + 0.1
+    rubato = np.cumsum([0.3, 0.25, 0.55, 0.62, 0.30, 0.58, 0.28, 0.45])  # same notes, other timing
+    performance = _notes(even, pitches, sr)
+    other = _notes(rubato, pitches, sr)
+    # the first performance through another "chain": quieter, low-passed, a little noise
+    recorded = lfilter([0.6, 0.4], [1.0], 0.5 * performance).astype(np.float32)
+    recorded += 1e-3 * rng.standard_normal(recorded.size).astype(np.float32)
+    audio = np.stack([performance, recorded, other])
+
+    def cos(v, i, j):
+        v = v / np.linalg.norm(v, axis=1, keepdims=True)
+        return float(v[i] @ v[j])
+
+    for name in bl.TIMELINES:
+        v = bl.feature_embeddings(name, audio, sr)
+        assert v.shape[0] == 3 and np.isfinite(v).all()
+        # the same performance through another chain is closer than the same notes re-timed
+        assert cos(v, 0, 1) > cos(v, 0, 2) + 0.2, name
+    chroma = bl.chroma_statistics(audio, sr)  # order-free: the re-timing is nearly invisible
+    assert np.abs(chroma[0, :12] - chroma[2, :12]).max() < 0.15
+    assert bl.chroma_timeline(audio[:1], sr).shape[1] % 12 == 0
+    with pytest.raises(ValueError):
+        bl.onset_timeline(np.zeros((1, 100), np.float32) * np.nan, sr)
+
+
 def test_protocol_benchmark_prints_headline_figures_and_refuses_a_missing_table():
     from benchmarks.protocol import figure_lines
 
@@ -282,7 +324,9 @@ def test_mess_ray_evaluate_writes_the_protocol_table(tmp_path):
     summary = protocol["summary"]
     assert set(summary["split"]) == {"train", "validation", "test"}
     assert "finetune" in summary["skipped"] and "random" in summary["systems"]
-    assert {"chroma", "mfcc", "descriptors", "descriptor_head", "chance"} <= set(summary["systems"])
+    assert {"chroma", "mfcc", "descriptors", "descriptor_head", "chance", *bl.TIMELINES} <= set(
+        summary["systems"]
+    )
     passage = [r for r in protocol["rows"] if r["task"] == PASSAGE and r["metric"] == "map"]
     assert {r["split"] for r in passage} == {"validation", "test"}
     assert all(r["ci_low"] <= r["value"] <= r["ci_high"] for r in passage)

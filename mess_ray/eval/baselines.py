@@ -4,6 +4,13 @@
   pitch class: *what* is played (content), blind to how;
 * ``mfcc``: MFCC (librosa, on a log-mel spectrogram) mean and standard deviation: timbre and
   level, the recording chain's fingerprint;
+* ``chroma_timeline``: the same passage's chroma *in time order* (the content view's
+  :func:`mess_ray.content.track_features` at 20 frames per second, each frame centred and
+  unit-norm, flattened): what is played *and when*, so two performances of the same notes
+  differ by their timing; the recording-fingerprint baseline of chain invariance;
+* ``onset_timeline``: the onset-strength envelope in time order (log, smoothed over 60 ms,
+  centred): the rhythm of the attacks, blind to pitch; a strong, cheap baseline of expressive
+  agreement across chains;
 * ``descriptors``: the hand-crafted expressive descriptors (:mod:`mess_ray.descriptors`);
 * ``descriptor_head``: a small MLP on those descriptors trained on the training pieces with the
   fine-tuning losses (:func:`train_descriptor_head`), so a learned model's win over the
@@ -14,7 +21,9 @@
   candidate segments ranked by the alignment and their overlap with the matched span
   (:class:`CensDtw`). It has no vector, so it is n/a for the other tasks.
 
-Feature baselines are z-scored over the evaluated set (every dimension weighs the same).
+The statistics baselines are z-scored over the evaluated set (every dimension weighs the same);
+the timeline baselines are not (every frame already weighs the same). Their settings (frame
+rates, smoothing) were chosen on the protocol's validation pieces (README, "The protocol").
 """
 
 from __future__ import annotations
@@ -33,7 +42,12 @@ CHROMA, MFCC, DESCRIPTORS, DESCRIPTOR_HEAD, CHANCE, CENS_DTW = (
     "chance",
     "cens_dtw",
 )
+CHROMA_TIMELINE, ONSET_TIMELINE = "chroma_timeline", "onset_timeline"
+TIMELINES = (CHROMA_TIMELINE, ONSET_TIMELINE)
 N_MFCC = 20
+TIMELINE_CHROMA_RATE = 20.0  # frames per second (the content view's default)
+TIMELINE_ONSET_RATE = 50.0
+TIMELINE_ONSET_SMOOTH_S = 0.06
 
 
 def _zscore(x: np.ndarray) -> np.ndarray:
@@ -77,12 +91,53 @@ def mfcc_statistics(audio: np.ndarray, sample_rate: int) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64)
 
 
+def chroma_timeline(
+    audio: np.ndarray, sample_rate: int, rate: float = TIMELINE_CHROMA_RATE
+) -> np.ndarray:
+    """[N, 12 * frames]: each segment's chroma frames in time order, centred over the 12 pitch
+    classes and unit-norm per frame (:func:`mess_ray.content.centred`; near-silent frames 0)."""
+    from mess_ray.content import centred, track_features
+
+    audio = _check_audio(audio)
+    return np.stack(
+        [centred(track_features(x, sample_rate, rate).chroma).ravel() for x in audio]
+    ).astype(np.float32)
+
+
+def onset_timeline(
+    audio: np.ndarray,
+    sample_rate: int,
+    rate: float = TIMELINE_ONSET_RATE,
+    smooth_s: float = TIMELINE_ONSET_SMOOTH_S,
+) -> np.ndarray:
+    """[N, frames]: each segment's onset-strength envelope (librosa, 64-band mel) at ``rate``
+    frames per second in time order: log1p, Gaussian-smoothed over ``smooth_s`` (a few tens of
+    ms of tolerance to a chain's delay and smearing), minus its mean."""
+    import librosa
+    from scipy.ndimage import gaussian_filter1d
+
+    audio = _check_audio(audio)
+    hop = max(1, int(round(sample_rate / rate)))
+    sigma = smooth_s * sample_rate / hop
+    rows = []
+    for x in audio:
+        env = librosa.onset.onset_strength(y=x, sr=sample_rate, hop_length=hop, n_mels=64)
+        env = gaussian_filter1d(np.log1p(env), sigma) if sigma > 0 else np.log1p(env)
+        rows.append(env - env.mean())
+    return np.asarray(rows, dtype=np.float32)
+
+
 def feature_embeddings(name: str, audio: np.ndarray, sample_rate: int) -> np.ndarray:
-    """A content/timbre baseline's vectors, z-scored over the given segments."""
+    """A content/timbre baseline's vectors: the statistics z-scored over the given segments,
+    the timelines as they are."""
     if name == CHROMA:
         return _zscore(chroma_statistics(audio, sample_rate))
     if name == MFCC:
         return _zscore(mfcc_statistics(audio, sample_rate))
+    if name == CHROMA_TIMELINE:
+        return chroma_timeline(audio, sample_rate)
+    if name == ONSET_TIMELINE:
+        return onset_timeline(audio, sample_rate)
     raise ValueError(f"unknown feature baseline {name!r}")
 
 

@@ -677,6 +677,8 @@ def feature_baselines(
     out[bl.DESCRIPTORS] = z.astype(np.float32)
     out[bl.CHROMA] = bl.feature_embeddings(bl.CHROMA, audio, sample_rate)
     out[bl.MFCC] = bl.feature_embeddings(bl.MFCC, audio, sample_rate)
+    for name in bl.TIMELINES:
+        out[name] = bl.feature_embeddings(name, audio, sample_rate)
     if head is not None:
         out[bl.DESCRIPTOR_HEAD] = head(desc)
     out[bl.CHANCE] = bl.chance_embeddings(len(audio), seed)
