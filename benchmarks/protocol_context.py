@@ -9,6 +9,18 @@ the unpooled model against each width). Test pieces are never embedded.
     python -m benchmarks.protocol_context --set storage.root=./protocol-data
     python -m benchmarks.protocol_context --model finetune --neighbours 1 2 4 --decay 0.7
     python -m benchmarks.protocol_context --model finetune --compare <model folder> --neighbours
+    python -m benchmarks.protocol_context --model finetune --neighbours --timeline 16 32 \
+        --timeline-weight 0.25 0.5
+
+``--timeline K``: the model's encoder frames (the hidden states its overall head pools, weighted
+as it weights them) kept *in time order*: averaged into K equal bins, centred over the bins,
+flattened (:func:`mess_ray.models.embedding.timeline_pool`), and, per ``--timeline-weight w``,
+joined to the model's own vector (``sqrt(1 - w)`` times it beside ``sqrt(w)`` times the timeline,
+so a cosine is ``(1 - w) * model + w * timeline``). A model with a trained timeline part
+(``model.timeline_bins``) is also scored without it (``<ref>[no timeline]``: its search with
+the timeline weighed 0), on it alone (``<ref>[timeline]``) and re-weighted per
+``--timeline-weight`` (``<ref>[timeline@w]``). ``--baselines`` scores the protocol's chroma
+statistics and timeline baselines (``chroma_timeline``, ``onset_timeline``) on the same views.
 """
 
 from __future__ import annotations
@@ -21,6 +33,65 @@ import numpy as np
 
 from benchmarks.common import emit_with_load
 from mess_ray.config import load_config
+
+
+def timeline_systems(cfg, storage, ref, audio, model_full, rows, bins, weights):
+    """The model's time-ordered frames per bin count (and each joined to its vector per
+    weight), as full-size arrays (rows outside ``rows`` zero)."""
+    import torch
+
+    from mess_ray.models import Embedder
+    from mess_ray.models.embedding import EmbeddingModel, timeline_pool
+
+    model = Embedder.from_ref(cfg, storage, ref).model
+    if not isinstance(model, EmbeddingModel):
+        raise SystemExit(f"--timeline needs an EmbeddingModel folder; {ref!r} is not one")
+    out: dict[str, np.ndarray] = {}
+
+    def full(v: np.ndarray) -> np.ndarray:
+        f = np.zeros((len(model_full), v.shape[1]), dtype=np.float64)
+        f[rows] = v
+        return f
+
+    frames = []
+    with torch.inference_mode():
+        for start in range(0, len(audio), cfg.eval.batch_size):
+            chunk = torch.from_numpy(
+                np.ascontiguousarray(audio[start : start + cfg.eval.batch_size])
+            )
+            frames.append(model.frames(chunk).float())
+    frames = torch.cat(frames)
+    own = model_full[rows]
+    own = own / np.maximum(np.linalg.norm(own, axis=1, keepdims=True), 1e-12)
+    for k in bins:
+        tl = timeline_pool(frames, k).numpy().astype(np.float64)
+        out[f"{ref}+timeline{k}"] = full(tl)
+        for w in weights:
+            out[f"{ref}+timeline{k}@{w:g}"] = full(
+                np.concatenate([np.sqrt(1 - w) * own, np.sqrt(w) * tl], axis=1)
+            )
+    return out
+
+
+def timeline_part_systems(ref: str, vectors: np.ndarray, layout, weights) -> dict[str, np.ndarray]:
+    """A model with a timeline part: without it, on it alone, and re-weighted (the cosine
+    ``(1 - w) * rest + w * timeline``); {} for a model without one."""
+    from mess_ray.facets import TIMELINE
+
+    if not layout or TIMELINE not in layout:
+        return {}
+    start, end = layout[TIMELINE]
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    rest, timeline = unit(vectors[:, :start]), unit(vectors[:, start:end])
+    out = {f"{ref}[no timeline]": rest, f"{ref}[timeline]": timeline}
+    for w in weights:
+        out[f"{ref}[timeline@{w:g}]"] = np.concatenate(
+            [np.sqrt(1 - w) * rest, np.sqrt(w) * timeline], axis=1
+        )
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--neighbours", nargs="*", type=int, default=[1, 2])
     parser.add_argument("--decay", type=float, default=0.7)
+    parser.add_argument("--timeline", nargs="*", type=int, default=[], help="bins per segment")
+    parser.add_argument("--timeline-weight", nargs="*", type=float, default=[])
+    parser.add_argument(
+        "--baselines", action="store_true", help="also chroma statistics and the timelines"
+    )
     args = parser.parse_args(argv)
+    if any(k < 2 for k in args.timeline) or any(not 0 < w < 1 for w in args.timeline_weight):
+        parser.error("--timeline needs K >= 2 bins and --timeline-weight values in (0, 1)")
 
     from mess_ray.eval.benchmark import embed_system
     from mess_ray.eval.protocol import (
@@ -62,10 +140,26 @@ def main(argv: list[str] | None = None) -> int:
     full[validation] = vectors  # test rows stay zero: no view below reads them
     embedded_s = time.time() - started
     systems = {args.model: full}
+    parted = timeline_part_systems(
+        args.model, vectors, info.get("facet_layout"), args.timeline_weight
+    )
     for ref in args.compare:
-        other, _ = embed_system(cfg, storage, ref, data.perf.subset(validation))
+        other, other_info = embed_system(cfg, storage, ref, data.perf.subset(validation))
         systems[ref] = np.zeros((len(data.perf), other.shape[1]), dtype=np.float64)
         systems[ref][validation] = other
+        parted.update(
+            timeline_part_systems(ref, other, other_info.get("facet_layout"), args.timeline_weight)
+        )
+    for name, v in parted.items():
+        systems[name] = np.zeros((len(data.perf), v.shape[1]), dtype=np.float64)
+        systems[name][validation] = v
+    if args.baselines:
+        from mess_ray.eval import baselines as bl
+
+        for name in (bl.CHROMA, *bl.TIMELINES):
+            v = bl.feature_embeddings(name, data.perf.audio[validation], cfg.audio.sample_rate)
+            systems[name] = np.zeros((len(data.perf), v.shape[1]), dtype=np.float64)
+            systems[name][validation] = v
     for k in args.neighbours:
         pooled = np.zeros_like(full)
         pooled[validation] = pool_neighbours(
@@ -77,6 +171,19 @@ def main(argv: list[str] | None = None) -> int:
             args.decay,
         )
         systems[f"{args.model}+context{k}"] = pooled
+    if args.timeline:
+        systems.update(
+            timeline_systems(
+                cfg,
+                storage,
+                args.model,
+                data.perf.audio[validation],
+                systems[args.model],
+                validation,
+                args.timeline,
+                args.timeline_weight,
+            )
+        )
     views = build_views(
         data,
         splits=(VALIDATION,),

@@ -370,6 +370,16 @@ class ModelConfig(_Section):
         "z-scoring fitted on training segments and saved with the model) to every head next to the pooled "
         "frames.",
     )
+    timeline_bins: int = Field(
+        0,
+        ge=0,
+        description="A timeline part at the end of the fine-tuned embedding: the passage's frames "
+        "projected to timeline_dim each and kept in time order over this many bins (minus their "
+        "average), so the same performance through another recording chain lines up moment by "
+        "moment (the protocol's chain invariance). Trained on the cross-chain positives "
+        "(finetune.timeline_weight). 0: none; otherwise >= 2.",
+    )
+    timeline_dim: int = Field(8, ge=1, description="Width of each timeline bin.")
     seed: int = Field(
         0, description="Seed of randomly initialised encoders (the 'random' baseline)."
     )
@@ -664,6 +674,15 @@ class FinetuneConfig(TrainConfig):
         "pianists from the catalog's performer tags, only those who play two or more training "
         "pieces), against the batch and a memory of recent batches (finetune.performer_memory). "
         "The evaluation's learned descriptor head gets the same term. 0: off.",
+    )
+    timeline_weight: float = Field(
+        1.0,
+        ge=0,
+        description="With model.timeline_bins > 0: weight of an InfoNCE term on the timeline part "
+        "alone whose positives are a segment's own views (its cross-chain partner: the same "
+        "performance at the same time through another chain, and its augmented views) and whose "
+        "negatives are every other segment of the batch. The other losses then act on the "
+        "embedding without its timeline.",
     )
     performer_memory: int = Field(
         1024,

@@ -21,27 +21,37 @@ import numpy as np
 
 OVERALL = "overall"
 FACETS: tuple[str, ...] = ("tempo", "dynamics", "articulation", "timbre")
+# The timeline part (model.timeline_bins > 0): the passage's frames kept in time order, so the
+# same performance through another recording chain lines up moment by moment. It comes last.
+TIMELINE = "timeline"
 FACET_LABELS: dict[str, str] = {
     "tempo": "tempo and rubato",
     "dynamics": "dynamics",
     "articulation": "articulation",
     "timbre": "timbre",
+    TIMELINE: "the same moments (timeline)",
 }
 
 Layout = dict[str, tuple[int, int]]
 
 
-def make_layout(overall_dim: int, facet_dim: int, facets: tuple[str, ...] = FACETS) -> Layout:
-    """Contiguous ranges: ``overall`` first, then each facet."""
-    if overall_dim < 1 or facet_dim < 1:
+def make_layout(
+    overall_dim: int, facet_dim: int, facets: tuple[str, ...] = FACETS, timeline_dim: int = 0
+) -> Layout:
+    """Contiguous ranges: ``overall`` first, then each facet (none when ``facet_dim`` is 0 and
+    there is a timeline), then the ``timeline`` part when ``timeline_dim`` > 0."""
+    if overall_dim < 1 or facet_dim < (0 if timeline_dim > 0 else 1) or timeline_dim < 0:
         raise ValueError(
-            f"part sizes must be >= 1, got overall_dim={overall_dim}, facet_dim={facet_dim}"
+            f"part sizes must be >= 1, got overall_dim={overall_dim}, facet_dim={facet_dim}, "
+            f"timeline_dim={timeline_dim}"
         )
     layout: Layout = {OVERALL: (0, overall_dim)}
     start = overall_dim
-    for name in facets:
+    for name in facets if facet_dim else ():
         layout[name] = (start, start + facet_dim)
         start += facet_dim
+    if timeline_dim:
+        layout[TIMELINE] = (start, start + timeline_dim)
     return layout
 
 

@@ -29,3 +29,80 @@ def test_pool_neighbours_mixes_only_nearby_segments_of_the_same_recording():
         pool_neighbours(vectors, tracks[:-1], starts, 2.0, 1)
     with pytest.raises(ValueError):
         pool_neighbours(vectors, tracks, starts, 2.0, -1)
+
+
+def test_timeline_pool_keeps_the_order_that_mean_pooling_throws_away():
+    import torch
+
+    from mess_ray.models.embedding import timeline_pool
+
+    torch.manual_seed(0)
+    frames = torch.randn(1, 40, 6)
+    reversed_in_time = frames.flip(1)  # the same frames, the other way round
+    assert torch.allclose(frames.mean(1), reversed_in_time.mean(1), atol=1e-6)
+    a, b = timeline_pool(frames, 8), timeline_pool(reversed_in_time, 8)
+    assert a.shape == (1, 48) and torch.allclose(a.norm(dim=1), torch.ones(1))
+    assert float(a @ b.T) < 0.5
+    # a constant offset (a chain's gain or colour on every frame alike) cancels
+    assert torch.allclose(timeline_pool(frames + 3.0, 8), a, atol=1e-5)
+    with pytest.raises(ValueError):
+        timeline_pool(frames, 41)
+    with pytest.raises(ValueError):
+        timeline_pool(frames[0], 4)
+
+
+def test_embedding_model_frames_are_what_its_overall_head_pools():
+    import torch
+
+    from mess_ray.models import EmbeddingModel, build_encoder
+    from mess_ray.models.embedding import mean_pool
+
+    torch.manual_seed(0)
+    model = EmbeddingModel(build_encoder("tiny", seed=0), embedding_dim=8, pooling="mean").eval()
+    x = torch.randn(2, 16000)
+    with torch.no_grad():
+        frames = model.frames(x)
+        expected = model.projection(mean_pool(frames))
+        assert torch.allclose(torch.nn.functional.normalize(expected, dim=-1), model(x), atol=1e-5)
+    assert frames.shape[0] == 2 and frames.shape[2] == model.encoder.config.hidden_size
+    with pytest.raises(ValueError, match="shape"):
+        model.frames(torch.randn(16000))
+
+
+def test_context_benchmark_scores_a_models_timeline_beside_the_timeline_baselines(tmp_path, capsys):
+    import json
+
+    import torch
+    from helpers import SR, tiny_config, write_asap_ingest
+
+    from benchmarks import protocol_context
+    from mess_ray.models import EmbeddingModel, build_encoder
+    from mess_ray.storage import Storage
+
+    cfg = tiny_config(str(tmp_path / "store"), audio={"sample_rate": SR})
+    storage = Storage.from_config(cfg.storage)
+    write_asap_ingest(
+        storage, tmp_path / "asap", cfg.audio.window_s, cfg.audio.hop_s, pianists=True, pieces=8
+    )
+    torch.manual_seed(0)
+    folder = str(tmp_path / "model")
+    EmbeddingModel(
+        build_encoder("tiny", seed=0), embedding_dim=8, pooling="mean", timeline_bins=4
+    ).save(folder)
+    (tmp_path / "c.yaml").write_text("model:\n  size: tiny\n")
+    sets = [f"storage.root={cfg.storage.root}", f"audio.sample_rate={SR}"]
+    sets += [f"audio.window_s={cfg.audio.window_s}", f"audio.hop_s={cfg.audio.hop_s}"]
+    sets += ["eval.holdout_fraction=0.6", "eval.bootstrap_samples=100"]
+    args = ["--config", str(tmp_path / "c.yaml"), "--model", folder, "--neighbours"]
+    args += ["--timeline", "4", "--timeline-weight", "0.5", "--baselines"]
+    assert protocol_context.main([*args, *sum((["--set", s] for s in sets), [])]) == 0
+    rows = [
+        json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")
+    ]
+    systems = {r["system"] for r in rows if r["figure"] == "protocol_context"}
+    expected = {folder, f"{folder}+timeline4", f"{folder}+timeline4@0.5"}
+    expected |= {f"{folder}[no timeline]", f"{folder}[timeline]", f"{folder}[timeline@0.5]"}
+    assert expected | {"chroma", "chroma_timeline", "onset_timeline"} <= systems
+    assert {r["split"] for r in rows if r["figure"] == "protocol_context"} == {"validation"}
+    with pytest.raises(SystemExit):
+        protocol_context.main([*args[:4], "--timeline", "1"])

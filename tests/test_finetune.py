@@ -242,17 +242,22 @@ def test_performer_memory_supplies_positives_the_batch_lacks():
     assert vectors.shape == (4, 8) and codes.tolist() == [2, 2, 2, 2]  # oldest rows overwritten
 
 
+def _four_row_batch(segment_ids, styles, seed: int) -> dict:
+    """A Ray Data batch of four encoded tones, pieces p1 p2 p1 p2."""
+    audio = _tones(4, seed=seed).numpy()
+    return {
+        "segment_id": np.array(segment_ids),
+        "audio": np.array([encode_audio(a) for a in audio], dtype=object),
+        "style": np.array(styles, dtype=object),
+        "piece_id": np.array(["p1", "p2", "p1", "p2"], dtype=object),
+    }
+
+
 def test_finetune_loss_adds_the_performer_term_and_fills_the_memory():
     from mess_ray.train.finetune import ContrastiveModel
     from mess_ray.train.losses import finetune_loss
 
-    audio = _tones(4, seed=3).numpy()
-    batch = {
-        "segment_id": np.array([10, 11, 12, 13]),
-        "audio": np.array([encode_audio(a) for a in audio], dtype=object),
-        "style": np.array(["", "", "", ""], dtype=object),
-        "piece_id": np.array(["p1", "p2", "p1", "p2"], dtype=object),
-    }
+    batch = _four_row_batch([10, 11, 12, 13], ["", "", "", ""], seed=3)
     loop = FinetuneLoop(
         window_samples=SR,
         sample_rate=SR,
@@ -670,3 +675,90 @@ def test_removed_flat_augment_keys_name_the_augment_block():
         MessRayConfig.model_validate({"finetune": {"augment_views": 1}})
     cfg = MessRayConfig.model_validate({"finetune": {"augment": {"views": 2, "reverb_prob": 0}}})
     assert cfg.finetune.augment.views == 2 and cfg.finetune.augment.reverb_prob == 0
+
+
+def test_timeline_part_comes_last_in_the_layout_and_round_trips(tmp_path):
+    from mess_ray.facets import TIMELINE
+
+    torch.manual_seed(0)
+    model = EmbeddingModel(
+        build_encoder("tiny", seed=0),
+        embedding_dim=16,
+        pooling="mean",
+        facet_dim=4,
+        timeline_bins=4,
+        timeline_dim=3,
+    ).eval()
+    assert list(model.facet_layout) == [OVERALL, *FACETS, TIMELINE]
+    assert model.facet_layout[TIMELINE] == (32, 44) and model.embedding_dim == 44
+    x = _tones(3)
+    with torch.no_grad():
+        out = model(x)
+        parts = model.forward_parts(x)
+    assert out.shape == (3, 44) and torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(parts[TIMELINE].norm(dim=1), torch.ones(3), atol=1e-5)
+    model.save(tmp_path / "m")
+    loaded = EmbeddingModel.load(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), out, atol=1e-5)
+    plain = EmbeddingModel(build_encoder("tiny", seed=0), embedding_dim=16, timeline_bins=4)
+    assert list(plain.facet_layout) == [OVERALL, TIMELINE]
+    assert "timeline_bins" not in EmbeddingModel(build_encoder("tiny", seed=0)).options
+    with pytest.raises(ValueError, match="timeline_bins"):
+        EmbeddingModel(build_encoder("tiny", seed=0), timeline_bins=1)
+
+
+def test_timeline_term_trains_only_the_timeline_on_a_rows_own_views():
+    from mess_ray.facets import TIMELINE
+    from mess_ray.train.finetune import ContrastiveModel
+    from mess_ray.train.losses import finetune_loss
+
+    batch = _four_row_batch([1, 2, 3, 4], ["a", "a", "b", "b"], seed=5)
+    loop = FinetuneLoop(
+        styles=("a", "b"),
+        window_samples=SR,
+        sample_rate=SR,
+        augment=AugmentConfig(views=1),
+        timeline_weight=1.0,
+    )
+    out = collate_labelled(batch, loop)
+    assert out["instances"].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]  # each view: its own row
+
+    def model():
+        torch.manual_seed(0)
+        embedding = EmbeddingModel(
+            build_encoder("tiny", seed=0), embedding_dim=8, pooling="mean", timeline_bins=4
+        )
+        return ContrastiveModel(embedding, 0.1, False)
+
+    with_term = model()
+    loss, extra = finetune_loss(with_term, out, loop)
+    assert extra["timeline_loss"] > 0 and torch.isfinite(loss)
+    loss.backward()
+    head = with_term.embedding.timeline_head
+    assert head.projection.weight.grad.abs().sum() > 0
+    # without the term the other losses never reach the timeline part
+    without = model()
+    off = dataclasses.replace(loop, timeline_weight=0.0)
+    loss, extra = finetune_loss(without, collate_labelled(batch, off), off)
+    loss.backward()
+    assert "timeline_loss" not in extra
+    grad = without.embedding.timeline_head.projection.weight.grad
+    assert grad is None or grad.abs().sum() == 0
+    assert without.embedding.facet_layout[TIMELINE][1] == without.embedding.embedding_dim
+
+
+def test_a_timeline_without_views_is_refused_before_any_work(tmp_path):
+    from mess_ray.train.finetune import run_finetune
+
+    cfg = load_config(
+        None,
+        [
+            f"storage.root={tmp_path}",
+            "model.timeline_bins=8",
+            "finetune.cross_chain_views=false",
+            "finetune.augment.views=0",
+        ],
+    )
+    with pytest.raises(ValueError, match="timeline"):
+        run_finetune(cfg, Storage.from_config(cfg.storage))

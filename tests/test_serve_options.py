@@ -187,6 +187,11 @@ def test_by_track_with_facet_weights_filters_and_explanations(faceted):
         assert " vs " in facets["tempo"]["text"] and facets["dynamics"][
             "embedding_similarity"
         ] == round(parts["dynamics"], 4)
+    # the timeline weight reaches the index, which names the part its model lacks
+    refused = client.get(
+        "/search/by-track", params={"track_id": "track0", "start_s": 1.0, "w_timeline": 1}
+    )
+    assert refused.status_code == 422 and "timeline" in refused.text
 
 
 def test_descriptor_cache_makes_repeated_queries_cheap(faceted):

@@ -23,7 +23,15 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from mess_ray.facets import FACETS, OVERALL, Layout, layout_dim, make_layout, parse_layout
+from mess_ray.facets import (
+    FACETS,
+    OVERALL,
+    TIMELINE,
+    Layout,
+    layout_dim,
+    make_layout,
+    parse_layout,
+)
 from mess_ray.models.encoder import disable_layerdrop, encoder_input, load_encoder, save_encoder
 
 EMBEDDING_CONFIG = "embedding_config.json"
@@ -60,6 +68,20 @@ def stats_pool(frames: torch.Tensor) -> torch.Tensor:
     which a (weighted) mean alone averages away.
     """
     return torch.cat([frames.mean(dim=1), frames.std(dim=1, unbiased=False)], dim=-1)
+
+
+def timeline_pool(frames: torch.Tensor, bins: int) -> torch.Tensor:
+    """Frames [B, T, H] kept in time order: averaged into ``bins`` equal spans, centred over
+    the spans (what changes along the passage, not its average) and flattened, unit-norm:
+    [B, bins * H]. Two passages are close when the same things happen at the same moments."""
+    if frames.dim() != 3 or not 2 <= bins <= frames.shape[1]:
+        raise ValueError(
+            f"timeline_pool needs frames [B, T, H] and 2 <= bins <= T, got "
+            f"{tuple(frames.shape)} and {bins} bins"
+        )
+    binned = F.adaptive_avg_pool1d(frames.transpose(1, 2), bins).transpose(1, 2)  # [B, K, H]
+    binned = binned - binned.mean(dim=1, keepdim=True)
+    return F.normalize(binned.reshape(frames.shape[0], -1), dim=-1)
 
 
 def level_contour(waveform: torch.Tensor, hop: int, num_frames: int) -> torch.Tensor:
@@ -111,6 +133,25 @@ class _PartHead(nn.Module):
         return self.projection(pooled)
 
 
+class _TimelineHead(nn.Module):
+    """The timeline part: its own weighting over hidden states, a per-frame projection, then
+    :func:`timeline_pool` (time order kept, the passage's average removed: a chain's colour
+    and gain, which sit on every frame alike, cancel)."""
+
+    def __init__(self, num_states: int, in_dim: int, out_dim: int, bins: int) -> None:
+        super().__init__()
+        self.layer_logits = nn.Parameter(torch.zeros(num_states))
+        self.projection = nn.Linear(in_dim, out_dim)
+        self.bins = bins
+
+    def forward(self, states: torch.Tensor, level: torch.Tensor | None) -> torch.Tensor:
+        weights = self.layer_logits.softmax(dim=0).to(states.dtype).view(-1, 1, 1, 1)
+        frames = (weights * states).sum(dim=0)
+        if level is not None:
+            frames = torch.cat([frames, level.to(frames.dtype)], dim=-1)
+        return timeline_pool(self.projection(frames), self.bins)
+
+
 class EmbeddingModel(nn.Module):
     """Waveform [B, T] at ``sample_rate`` -> L2-normalised embedding [B, embedding_dim].
 
@@ -130,6 +171,11 @@ class EmbeddingModel(nn.Module):
     passage's z-scored descriptor vector next to its pooled frames: onset timing statistics
     over a whole passage are cheap to measure exactly and slow for a small encoder to learn,
     so the heads learn what to add to them (and how to weigh them) instead of re-deriving them.
+
+    With ``timeline_bins > 0`` the output has a last part, ``timeline``: the frames projected
+    to ``timeline_dim`` each and kept in time order over that many bins (``_TimelineHead``),
+    the part that tells the same performance through another chain from another performance
+    of the same notes. It is part of the layout, so a weighted search can weigh it up or to 0.
     """
 
     def __init__(
@@ -144,6 +190,8 @@ class EmbeddingModel(nn.Module):
         level_channel: bool = False,
         descriptor_stats: dict[str, list] | None = None,
         level_reference: Literal["absolute", "window"] = "absolute",
+        timeline_bins: int = 0,
+        timeline_dim: int = 8,
     ) -> None:
         super().__init__()
         if pooling not in ("mean", "attentive", "stats"):
@@ -154,6 +202,11 @@ class EmbeddingModel(nn.Module):
             )
         if facet_dim < 0:
             raise ValueError(f"facet_dim must be >= 0 (0 = no facet heads), got {facet_dim}")
+        if timeline_bins < 0 or timeline_bins == 1 or timeline_dim < 1:
+            raise ValueError(
+                f"timeline_bins must be 0 (no timeline) or >= 2 and timeline_dim >= 1, got "
+                f"{timeline_bins} and {timeline_dim}"
+            )
         self.encoder = disable_layerdrop(encoder)
         hidden = int(encoder.config.hidden_size)
         num_states = int(encoder.config.num_hidden_layers) + 1  # embeddings output + each layer
@@ -168,6 +221,8 @@ class EmbeddingModel(nn.Module):
             descriptor_stats=descriptor_stats,
             level_reference=level_reference,
         )
+        if timeline_bins:  # older folders have no such keys: they load as before
+            self.options.update(timeline_bins=timeline_bins, timeline_dim=timeline_dim)
         side_dim = self._init_descriptor_channel(descriptor_stats)
         self.encoder_input = encoder_input(encoder)
         # Samples of the *given* waveform per encoder frame (the level channel's hop).
@@ -193,8 +248,16 @@ class EmbeddingModel(nn.Module):
             if facet_dim
             else {}
         )
+        self.timeline_head = (
+            _TimelineHead(num_states, in_dim, timeline_dim, timeline_bins)
+            if timeline_bins
+            else None
+        )
+        timeline_width = timeline_bins * timeline_dim
         self.facet_layout: Layout | None = (
-            make_layout(embedding_dim, facet_dim) if facet_dim else None
+            make_layout(embedding_dim, facet_dim, timeline_dim=timeline_width)
+            if facet_dim or timeline_bins
+            else None
         )
         self.set_frozen(freeze_encoder, freeze_layers)
 
@@ -283,6 +346,27 @@ class EmbeddingModel(nn.Module):
             return self.pool(frames)
         return stats_pool(frames) if self.options["pooling"] == "stats" else mean_pool(frames)
 
+    def _hidden_states(self, waveform: torch.Tensor) -> torch.Tensor:
+        """Every hidden state of the encoder, [L+1, B, T, H] (state 0: the feature projection)."""
+        encoder_in = self.encoder_input.prepare(waveform, int(self.options["sample_rate"]))
+        out = self.encoder(encoder_in, output_hidden_states=True)
+        states = torch.stack(out.hidden_states, dim=0)
+        if states.shape[0] != self.layer_logits.shape[0]:
+            raise ValueError(
+                f"encoder returned {states.shape[0]} hidden states, expected {self.layer_logits.shape[0]}"
+            )
+        return states
+
+    def frames(self, waveform: torch.Tensor) -> torch.Tensor:
+        """The frames the overall head pools, before pooling: the hidden states weighted as it
+        weights them, [B, T, H] (the level channel left out)."""
+        if waveform.dim() != 2:
+            raise ValueError(
+                f"expected waveform of shape [batch, samples], got {tuple(waveform.shape)}"
+            )
+        states = self._hidden_states(waveform)
+        return (self.layer_weights().to(states.dtype).view(-1, 1, 1, 1) * states).sum(dim=0)
+
     def forward_parts(
         self, waveform: torch.Tensor, descriptors: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
@@ -292,13 +376,7 @@ class EmbeddingModel(nn.Module):
             raise ValueError(
                 f"expected waveform of shape [batch, samples], got {tuple(waveform.shape)}"
             )
-        encoder_in = self.encoder_input.prepare(waveform, int(self.options["sample_rate"]))
-        out = self.encoder(encoder_in, output_hidden_states=True)
-        states = torch.stack(out.hidden_states, dim=0)  # [L+1, B, T, H]
-        if states.shape[0] != self.layer_logits.shape[0]:
-            raise ValueError(
-                f"encoder returned {states.shape[0]} hidden states, expected {self.layer_logits.shape[0]}"
-            )
+        states = self._hidden_states(waveform)
         level = (
             level_contour(waveform.float(), self.hop, states.shape[2])
             if self.options.get("level_channel")
@@ -318,6 +396,8 @@ class EmbeddingModel(nn.Module):
         parts = {OVERALL: F.normalize(self.projection(pooled).float(), dim=-1)}
         for name, head in self.facet_heads.items():
             parts[name] = F.normalize(head(states, level, side).float(), dim=-1)
+        if self.timeline_head is not None:
+            parts[TIMELINE] = self.timeline_head(states, level).float()
         return parts
 
     def compose(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -230,6 +230,13 @@ def search_options(
         None, ge=0, le=1e6, description="Facet weight: articulation"
     ),
     w_timbre: float | None = Query(None, ge=0, le=1e6, description="Facet weight: timbre"),
+    w_timeline: float | None = Query(
+        None,
+        ge=0,
+        le=1e6,
+        description="Weight of the timeline part (models trained with model.timeline_bins): "
+        "the same moments, e.g. this very recording through another recording chain",
+    ),
     composer: str | None = Query(
         None, max_length=200, description="Metadata filter (substring, any case)"
     ),
@@ -262,6 +269,7 @@ def search_options(
             ("dynamics", w_dynamics),
             ("articulation", w_articulation),
             ("timbre", w_timbre),
+            ("timeline", w_timeline),
         )
         if value is not None
     }

@@ -43,7 +43,7 @@ def collate_labelled(batch: dict, loop: FinetuneLoop) -> dict[str, torch.Tensor]
     of every row appended per ``augment.views`` (same label and piece: a positive); with facet
     heads, each row's z-scored descriptors (of the audio as the model sees it); with MIDI
     targets, each row's z-scored MIDI descriptors and whether it has them; with performer
-    positives, each row's pianist code."""
+    positives, each row's pianist code; with a timeline term, which row each view is of."""
     vocabulary = {style: i for i, style in enumerate(loop.styles)}
     moments = batch.get("moment") if loop.cross_chain_views else None
     labels = batch_labels(batch["style"], vocabulary, moments)
@@ -72,6 +72,8 @@ def collate_labelled(batch: dict, loop: FinetuneLoop) -> dict[str, torch.Tensor]
     index = torch.tensor(origin, dtype=torch.long)
     audio = torch.cat(parts)
     out = {"audio": audio, "labels": labels[index], "pieces": pieces[index]}
+    if loop.timeline_weight > 0:
+        out["instances"] = index  # which batch row each output row is a view of
     if loop.midi_targets:
         width = len(loop.midi_target_names)
         rows = [loop.midi_targets.get(int(i)) for i in batch["segment_id"]]

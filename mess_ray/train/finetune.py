@@ -117,6 +117,13 @@ FINETUNE_TASK = TrainTask(
 def run_finetune(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
     """Contrastive fine-tuning on training pieces; publishes ``finetune/<run_name>``."""
     ft = cfg.finetune
+    if cfg.model.timeline_bins and ft.timeline_weight > 0:
+        if not (ft.cross_chain_views or ft.augment.views):
+            raise ValueError(
+                "model.timeline_bins: the timeline term's positives are a segment's own views; "
+                "set finetune.cross_chain_views: true (a corpus rendered through several chains) "
+                "or finetune.augment.views >= 1, or finetune.timeline_weight: 0"
+            )
     ingest_version = storage.require_latest("ingest")
     metadata = read_segment_table(
         storage, ingest_version, columns=["segment_id", "piece_id", "style", "track_id"]
@@ -257,6 +264,8 @@ def finetune_loop(
             facet_dim=cfg.model.facet_dim,
             level_channel=cfg.model.level_channel,
             level_reference=cfg.model.level_reference,
+            timeline_bins=cfg.model.timeline_bins,
+            timeline_dim=cfg.model.timeline_dim,
             descriptor_stats=(
                 {k: descriptor_stats[k] for k in ("names", "mean", "std")}
                 if cfg.model.descriptor_channel
@@ -277,4 +286,5 @@ def finetune_loop(
         performers=rows.performers or None,
         performer_weight=ft.performer_weight if rows.performers else 0.0,
         performer_memory=ft.performer_memory,
+        timeline_weight=ft.timeline_weight if cfg.model.timeline_bins else 0.0,
     )

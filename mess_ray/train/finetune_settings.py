@@ -23,6 +23,8 @@ class EmbeddingOptions:
     facet_dim: int = 0
     level_channel: bool = False
     level_reference: Literal["absolute", "window"] = "absolute"
+    timeline_bins: int = 0
+    timeline_dim: int = 8
     # mean/std/names of the training descriptors, with the model's descriptor channel
     descriptor_stats: dict[str, list] | None = None
 
@@ -62,3 +64,5 @@ class FinetuneLoop:
     performers: dict[int, int] | None = None
     performer_weight: float = 0.0
     performer_memory: int = 0
+    # the timeline part's own term (model.timeline_bins > 0): positives are a row's own views
+    timeline_weight: float = 0.0

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mess_ray.facets import OVERALL
+from mess_ray.facets import OVERALL, TIMELINE
 from mess_ray.train.finetune_settings import FinetuneLoop
 
 
@@ -224,7 +224,8 @@ def soft_neighbour_kl(
 def finetune_loss(
     model: nn.Module, batch: dict, loop: FinetuneLoop
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The contrastive loss (InfoNCE or triplet) plus the facet and MIDI soft-neighbour terms."""
+    """The contrastive loss (InfoNCE or triplet) plus the facet and MIDI soft-neighbour terms,
+    the performer term and the timeline part's own term."""
     inner = model.module if hasattr(model, "module") else model
     # Through the (DDP) wrapper's forward, so gradients are synchronised; parts are
     # sliced back out of the composed vector (each part is unit-norm / sqrt(n) there).
@@ -232,6 +233,13 @@ def finetune_loss(
     embeddings = model(batch["audio"], batch.get("raw_descriptors"))
     layout = inner.embedding.facet_layout
     labels, pieces = batch["labels"], batch.get("pieces")
+    timeline = None
+    if layout is not None and TIMELINE in layout:
+        # The timeline part answers "the same moment of the same performance" only; every other
+        # term acts on the rest of the vector (the timeline is the layout's last part).
+        start, end = layout[TIMELINE]
+        timeline = F.normalize(embeddings[:, start:end], dim=-1)
+        embeddings = F.normalize(embeddings[:, :start], dim=-1)
     contrast = embeddings
     if layout is not None and loop.contrastive_target == OVERALL:
         start, end = layout[OVERALL]
@@ -293,6 +301,13 @@ def finetune_loss(
             memory.push(embeddings, batch["performers"], pieces)
         extra["performer_loss"] = float(performer_loss.detach())
         loss = loss + loop.performer_weight * performer_loss
+    if timeline is not None and loop.timeline_weight > 0 and "instances" in batch:
+        # Instance discrimination on the timeline: positives are a row's own views (its
+        # cross-chain partner, its augmentations), negatives every other row, the same
+        # performance a few seconds away included.
+        timeline_loss = multi_positive_infonce(timeline, batch["instances"], inner.temperature())
+        extra["timeline_loss"] = float(timeline_loss.detach())
+        loss = loss + loop.timeline_weight * timeline_loss
     anchors = float(positive_mask(labels, pieces, loop.mined_from).any(dim=1).float().mean())
     hard = float(hard_negative_mask(labels, pieces).any(dim=1).float().mean())
     return loss, {
