@@ -20,7 +20,8 @@ so a cosine is ``(1 - w) * model + w * timeline``). A model with a trained timel
 (``model.timeline_bins``) is also scored without it (``<ref>[no timeline]``: its search with
 the timeline weighed 0), on it alone (``<ref>[timeline]``) and re-weighted per
 ``--timeline-weight`` (``<ref>[timeline@w]``). ``--baselines`` scores the protocol's chroma
-statistics and timeline baselines (``chroma_timeline``, ``onset_timeline``) on the same views.
+statistics and timeline baselines (``chroma_timeline``, ``onset_timeline``) on the same views;
+``--reference`` pairs every verdict against another scored system than ``--model``.
 """
 
 from __future__ import annotations
@@ -112,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--baselines", action="store_true", help="also chroma statistics and the timelines"
     )
+    parser.add_argument(
+        "--reference",
+        default=None,
+        help="the system every verdict is paired against (default: --model), e.g. "
+        "'<folder>[timeline]' or chroma_timeline",
+    )
     args = parser.parse_args(argv)
     if any(k < 2 for k in args.timeline) or any(not 0 < w < 1 for w in args.timeline_weight):
         parser.error("--timeline needs K >= 2 bins and --timeline-weight values in (0, 1)")
@@ -191,11 +198,14 @@ def main(argv: list[str] | None = None) -> int:
         max_queries=cfg.eval.max_queries_per_chain,
         seed=cfg.eval.seed,
     )
+    reference = args.reference or args.model
+    if reference not in systems:
+        raise SystemExit(f"--reference {reference!r} is not a scored system: {sorted(systems)}")
     rows = score_table(
         views,
         systems,
         data,
-        args.model,
+        reference,
         ndcg_k=cfg.eval.ndcg_k,
         n_boot=cfg.eval.bootstrap_samples,
         seed=cfg.eval.seed,

@@ -104,5 +104,19 @@ def test_context_benchmark_scores_a_models_timeline_beside_the_timeline_baseline
     expected |= {f"{folder}[no timeline]", f"{folder}[timeline]", f"{folder}[timeline@0.5]"}
     assert expected | {"chroma", "chroma_timeline", "onset_timeline"} <= systems
     assert {r["split"] for r in rows if r["figure"] == "protocol_context"} == {"validation"}
+    paired = [r for r in rows if r.get("reference")]
+    assert paired and {r["reference"] for r in paired} == {folder}
+    assert (
+        protocol_context.main(
+            [*args, "--reference", "chroma_timeline", *sum((["--set", s] for s in sets), [])]
+        )
+        == 0
+    )
+    again = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert {r["reference"] for r in again if r.get("reference")} == {"chroma_timeline"}
     with pytest.raises(SystemExit):
         protocol_context.main([*args[:4], "--timeline", "1"])
+    with pytest.raises(SystemExit):
+        protocol_context.main(
+            [*args, "--reference", "nope", *sum((["--set", s] for s in sets), [])]
+        )
