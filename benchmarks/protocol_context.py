@@ -36,6 +36,13 @@ from benchmarks.common import emit_with_load
 from mess_ray.config import load_config
 
 
+def _full(n: int, rows: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """[n, D] with ``v`` in ``rows`` and zeros elsewhere (test rows: no view reads them)."""
+    out = np.zeros((n, v.shape[1]), dtype=np.float64)
+    out[rows] = v
+    return out
+
+
 def timeline_systems(cfg, storage, ref, audio, model_full, rows, bins, weights):
     """The model's time-ordered frames per bin count (and each joined to its vector per
     weight), as full-size arrays (rows outside ``rows`` zero)."""
@@ -48,12 +55,6 @@ def timeline_systems(cfg, storage, ref, audio, model_full, rows, bins, weights):
     if not isinstance(model, EmbeddingModel):
         raise SystemExit(f"--timeline needs an EmbeddingModel folder; {ref!r} is not one")
     out: dict[str, np.ndarray] = {}
-
-    def full(v: np.ndarray) -> np.ndarray:
-        f = np.zeros((len(model_full), v.shape[1]), dtype=np.float64)
-        f[rows] = v
-        return f
-
     frames = []
     with torch.inference_mode():
         for start in range(0, len(audio), cfg.eval.batch_size):
@@ -66,10 +67,10 @@ def timeline_systems(cfg, storage, ref, audio, model_full, rows, bins, weights):
     own = own / np.maximum(np.linalg.norm(own, axis=1, keepdims=True), 1e-12)
     for k in bins:
         tl = timeline_pool(frames, k).numpy().astype(np.float64)
-        out[f"{ref}+timeline{k}"] = full(tl)
+        out[f"{ref}+timeline{k}"] = _full(len(model_full), rows, tl)
         for w in weights:
-            out[f"{ref}+timeline{k}@{w:g}"] = full(
-                np.concatenate([np.sqrt(1 - w) * own, np.sqrt(w) * tl], axis=1)
+            out[f"{ref}+timeline{k}@{w:g}"] = _full(
+                len(model_full), rows, np.concatenate([np.sqrt(1 - w) * own, np.sqrt(w) * tl], 1)
             )
     return out
 
@@ -152,21 +153,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     for ref in args.compare:
         other, other_info = embed_system(cfg, storage, ref, data.perf.subset(validation))
-        systems[ref] = np.zeros((len(data.perf), other.shape[1]), dtype=np.float64)
-        systems[ref][validation] = other
+        systems[ref] = _full(len(data.perf), validation, other)
         parted.update(
             timeline_part_systems(ref, other, other_info.get("facet_layout"), args.timeline_weight)
         )
     for name, v in parted.items():
-        systems[name] = np.zeros((len(data.perf), v.shape[1]), dtype=np.float64)
-        systems[name][validation] = v
+        systems[name] = _full(len(data.perf), validation, v)
     if args.baselines:
         from mess_ray.eval import baselines as bl
 
         for name in (bl.CHROMA, *bl.TIMELINES):
             v = bl.feature_embeddings(name, data.perf.audio[validation], cfg.audio.sample_rate)
-            systems[name] = np.zeros((len(data.perf), v.shape[1]), dtype=np.float64)
-            systems[name][validation] = v
+            systems[name] = _full(len(data.perf), validation, v)
     for k in args.neighbours:
         pooled = np.zeros_like(full)
         pooled[validation] = pool_neighbours(

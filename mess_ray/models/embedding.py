@@ -70,6 +70,12 @@ def stats_pool(frames: torch.Tensor) -> torch.Tensor:
     return torch.cat([frames.mean(dim=1), frames.std(dim=1, unbiased=False)], dim=-1)
 
 
+def weighted_states(layer_logits: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """Hidden states [L+1, B, T, H] summed with softmax(``layer_logits``) weights: [B, T, H]."""
+    weights = layer_logits.softmax(dim=0).to(states.dtype).view(-1, 1, 1, 1)
+    return (weights * states).sum(dim=0)
+
+
 def timeline_pool(frames: torch.Tensor, bins: int) -> torch.Tensor:
     """Frames [B, T, H] kept in time order: averaged into ``bins`` equal spans, centred over
     the spans (what changes along the passage, not its average) and flattened, unit-norm:
@@ -118,8 +124,7 @@ class _PartHead(nn.Module):
     def forward(
         self, states: torch.Tensor, level: torch.Tensor | None, side: torch.Tensor | None = None
     ) -> torch.Tensor:
-        weights = self.layer_logits.softmax(dim=0).to(states.dtype).view(-1, 1, 1, 1)
-        frames = (weights * states).sum(dim=0)  # [B, T, H]
+        frames = weighted_states(self.layer_logits, states)  # [B, T, H]
         if level is not None:
             frames = torch.cat([frames, level.to(frames.dtype)], dim=-1)
         if self.pooling == "attentive":
@@ -145,8 +150,7 @@ class _TimelineHead(nn.Module):
         self.bins = bins
 
     def forward(self, states: torch.Tensor, level: torch.Tensor | None) -> torch.Tensor:
-        weights = self.layer_logits.softmax(dim=0).to(states.dtype).view(-1, 1, 1, 1)
-        frames = (weights * states).sum(dim=0)
+        frames = weighted_states(self.layer_logits, states)
         if level is not None:
             frames = torch.cat([frames, level.to(frames.dtype)], dim=-1)
         return timeline_pool(self.projection(frames), self.bins)
@@ -364,8 +368,7 @@ class EmbeddingModel(nn.Module):
             raise ValueError(
                 f"expected waveform of shape [batch, samples], got {tuple(waveform.shape)}"
             )
-        states = self._hidden_states(waveform)
-        return (self.layer_weights().to(states.dtype).view(-1, 1, 1, 1) * states).sum(dim=0)
+        return weighted_states(self.layer_logits, self._hidden_states(waveform))
 
     def forward_parts(
         self, waveform: torch.Tensor, descriptors: torch.Tensor | None = None
@@ -385,8 +388,7 @@ class EmbeddingModel(nn.Module):
         if level is not None and self.options.get("level_reference") == "window":
             # relative to the passage's own median level: the chain's gain cancels
             level = level - level.median(dim=1, keepdim=True).values
-        weights = self.layer_weights().to(states.dtype).view(-1, 1, 1, 1)
-        frames = (weights * states).sum(dim=0)  # [B, T, H]
+        frames = weighted_states(self.layer_logits, states)  # [B, T, H]
         if level is not None:
             frames = torch.cat([frames, level.to(frames.dtype)], dim=-1)
         side = self.descriptor_input(waveform, descriptors)
