@@ -22,6 +22,11 @@ the timeline weighed 0), on it alone (``<ref>[timeline]``) and re-weighted per
 ``--timeline-weight`` (``<ref>[timeline@w]``). ``--baselines`` scores the protocol's chroma
 statistics and timeline baselines (``chroma_timeline``, ``onset_timeline``) on the same views;
 ``--reference`` pairs every verdict against another scored system than ``--model``.
+``--fuse NAME@w`` joins a baseline's vectors (``chroma_timeline``, ``onset_timeline``, ``chroma``,
+or ``timelines``: the two timelines side by side, equally weighted, at ``--timelines-rates``
+frames per second) to the model's the same way (``<model>+NAME@w``: a cosine is
+``(1 - w) * model + w * baseline``); with ``--baselines`` each joined baseline is scored on its
+own too.
 """
 
 from __future__ import annotations
@@ -64,15 +69,39 @@ def timeline_systems(cfg, storage, ref, audio, model_full, rows, bins, weights):
             frames.append(model.frames(chunk).float())
     frames = torch.cat(frames)
     own = model_full[rows]
-    own = own / np.maximum(np.linalg.norm(own, axis=1, keepdims=True), 1e-12)
     for k in bins:
         tl = timeline_pool(frames, k).numpy().astype(np.float64)
         out[f"{ref}+timeline{k}"] = _full(len(model_full), rows, tl)
         for w in weights:
             out[f"{ref}+timeline{k}@{w:g}"] = _full(
-                len(model_full), rows, np.concatenate([np.sqrt(1 - w) * own, np.sqrt(w) * tl], 1)
+                len(model_full), rows, joined([own, tl], [1 - w, w])
             )
     return out
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def joined(parts: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """Unit rows of each part scaled by ``sqrt(weight)`` side by side: a cosine of the result
+    is the weighted sum of the parts' cosines (weights summing to 1)."""
+    return np.concatenate([np.sqrt(w) * unit_rows(p) for p, w in zip(parts, weights)], axis=1)
+
+
+FUSABLE = ("chroma", "chroma_timeline", "onset_timeline", "timelines")
+
+
+def parse_fuse(text: str) -> tuple[str, float]:
+    name, _, weight = text.rpartition("@")
+    try:
+        w = float(weight)
+    except ValueError:
+        raise ValueError(f"--fuse takes NAME@w, got {text!r}") from None
+    if name not in FUSABLE or not 0 < w < 1:
+        raise ValueError(f"--fuse takes NAME@w, NAME one of {FUSABLE}, w in (0, 1); got {text!r}")
+    return name, w
 
 
 def timeline_part_systems(ref: str, vectors: np.ndarray, layout, weights) -> dict[str, np.ndarray]:
@@ -83,16 +112,10 @@ def timeline_part_systems(ref: str, vectors: np.ndarray, layout, weights) -> dic
     if not layout or TIMELINE not in layout:
         return {}
     start, end = layout[TIMELINE]
-
-    def unit(x: np.ndarray) -> np.ndarray:
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-    rest, timeline = unit(vectors[:, :start]), unit(vectors[:, start:end])
+    rest, timeline = unit_rows(vectors[:, :start]), unit_rows(vectors[:, start:end])
     out = {f"{ref}[no timeline]": rest, f"{ref}[timeline]": timeline}
     for w in weights:
-        out[f"{ref}[timeline@{w:g}]"] = np.concatenate(
-            [np.sqrt(1 - w) * rest, np.sqrt(w) * timeline], axis=1
-        )
+        out[f"{ref}[timeline@{w:g}]"] = joined([rest, timeline], [1 - w, w])
     return out
 
 
@@ -115,6 +138,21 @@ def main(argv: list[str] | None = None) -> int:
         "--baselines", action="store_true", help="also chroma statistics and the timelines"
     )
     parser.add_argument(
+        "--fuse",
+        nargs="*",
+        default=[],
+        help="NAME@w: a baseline (chroma_timeline, onset_timeline, chroma, timelines) joined "
+        "to the model's vector with weight w",
+    )
+    parser.add_argument(
+        "--timelines-rates",
+        nargs=2,
+        type=float,
+        default=[20.0, 50.0],
+        metavar=("CHROMA", "ONSET"),
+        help="frames per second of the joined 'timelines' (chroma, onset envelope)",
+    )
+    parser.add_argument(
         "--reference",
         default=None,
         help="the system every verdict is paired against (default: --model), e.g. "
@@ -123,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if any(k < 2 for k in args.timeline) or any(not 0 < w < 1 for w in args.timeline_weight):
         parser.error("--timeline needs K >= 2 bins and --timeline-weight values in (0, 1)")
+    try:
+        fuse = [parse_fuse(text) for text in args.fuse]
+    except ValueError as err:
+        parser.error(str(err))
 
     from mess_ray.eval.benchmark import embed_system
     from mess_ray.eval.protocol import (
@@ -159,12 +201,29 @@ def main(argv: list[str] | None = None) -> int:
         )
     for name, v in parted.items():
         systems[name] = _full(len(data.perf), validation, v)
-    if args.baselines:
-        from mess_ray.eval import baselines as bl
+    from mess_ray.eval import baselines as bl
 
-        for name in (bl.CHROMA, *bl.TIMELINES):
-            v = bl.feature_embeddings(name, data.perf.audio[validation], cfg.audio.sample_rate)
+    features: dict[str, np.ndarray] = {}
+    wanted = {name for name, _ in fuse} | ({bl.CHROMA, *bl.TIMELINES} if args.baselines else set())
+    validation_audio = data.perf.audio[validation]
+    for name in sorted(wanted - {"timelines"}):
+        features[name] = bl.feature_embeddings(name, validation_audio, cfg.audio.sample_rate)
+    if "timelines" in wanted:
+        chroma_rate, onset_rate = args.timelines_rates
+        features["timelines"] = joined(
+            [
+                bl.chroma_timeline(validation_audio, cfg.audio.sample_rate, rate=chroma_rate),
+                bl.onset_timeline(validation_audio, cfg.audio.sample_rate, rate=onset_rate),
+            ],
+            [0.5, 0.5],
+        )
+    if args.baselines:
+        for name, v in features.items():
             systems[name] = _full(len(data.perf), validation, v)
+    for name, w in fuse:
+        systems[f"{args.model}+{name}@{w:g}"] = _full(
+            len(data.perf), validation, joined([vectors, features[name]], [1 - w, w])
+        )
     for k in args.neighbours:
         pooled = np.zeros_like(full)
         pooled[validation] = pool_neighbours(

@@ -95,6 +95,7 @@ def test_context_benchmark_scores_a_models_timeline_beside_the_timeline_baseline
     sets += ["eval.holdout_fraction=0.6", "eval.bootstrap_samples=100"]
     args = ["--config", str(tmp_path / "c.yaml"), "--model", folder, "--neighbours"]
     args += ["--timeline", "4", "--timeline-weight", "0.5", "--baselines"]
+    args += ["--fuse", "timelines@0.25", "chroma@0.5", "--timelines-rates", "10", "25"]
     assert protocol_context.main([*args, *sum((["--set", s] for s in sets), [])]) == 0
     rows = [
         json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")
@@ -102,6 +103,7 @@ def test_context_benchmark_scores_a_models_timeline_beside_the_timeline_baseline
     systems = {r["system"] for r in rows if r["figure"] == "protocol_context"}
     expected = {folder, f"{folder}+timeline4", f"{folder}+timeline4@0.5"}
     expected |= {f"{folder}[no timeline]", f"{folder}[timeline]", f"{folder}[timeline@0.5]"}
+    expected |= {f"{folder}+timelines@0.25", f"{folder}+chroma@0.5", "timelines"}
     assert expected | {"chroma", "chroma_timeline", "onset_timeline"} <= systems
     assert {r["split"] for r in rows if r["figure"] == "protocol_context"} == {"validation"}
     paired = [r for r in rows if r.get("reference")]
@@ -116,7 +118,25 @@ def test_context_benchmark_scores_a_models_timeline_beside_the_timeline_baseline
     assert {r["reference"] for r in again if r.get("reference")} == {"chroma_timeline"}
     with pytest.raises(SystemExit):
         protocol_context.main([*args[:4], "--timeline", "1"])
+    for bad in ("mfcc@0.5", "timelines@1", "timelines"):
+        with pytest.raises(SystemExit):
+            protocol_context.main([*args[:4], "--fuse", bad])
     with pytest.raises(SystemExit):
         protocol_context.main(
             [*args, "--reference", "nope", *sum((["--set", s] for s in sets), [])]
         )
+
+
+def test_joined_vectors_score_the_weighted_sum_of_their_parts_cosines():
+    from benchmarks.protocol_context import joined
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((5, 8)), rng.standard_normal((5, 30)) * 7.0
+    both = joined([a, b], [0.7, 0.3])
+
+    def cos(x):
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        return x @ x.T
+
+    assert np.allclose(both @ both.T, 0.7 * cos(a) + 0.3 * cos(b))
+    assert np.allclose(np.linalg.norm(both, axis=1), 1.0)
