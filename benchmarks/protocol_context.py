@@ -39,6 +39,8 @@ import numpy as np
 
 from benchmarks.common import emit_with_load
 from mess_ray.config import load_config
+from mess_ray.content import timelines
+from mess_ray.facets import join
 
 
 def _full(n: int, rows: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -74,20 +76,9 @@ def timeline_systems(cfg, storage, ref, audio, model_full, rows, bins, weights):
         out[f"{ref}+timeline{k}"] = _full(len(model_full), rows, tl)
         for w in weights:
             out[f"{ref}+timeline{k}@{w:g}"] = _full(
-                len(model_full), rows, joined([own, tl], [1 - w, w])
+                len(model_full), rows, join([own, tl], [1 - w, w])
             )
     return out
-
-
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def joined(parts: list[np.ndarray], weights: list[float]) -> np.ndarray:
-    """Unit rows of each part scaled by ``sqrt(weight)`` side by side: a cosine of the result
-    is the weighted sum of the parts' cosines (weights summing to 1)."""
-    return np.concatenate([np.sqrt(w) * unit_rows(p) for p, w in zip(parts, weights)], axis=1)
 
 
 FUSABLE = ("chroma", "chroma_timeline", "onset_timeline", "timelines")
@@ -112,10 +103,10 @@ def timeline_part_systems(ref: str, vectors: np.ndarray, layout, weights) -> dic
     if not layout or TIMELINE not in layout:
         return {}
     start, end = layout[TIMELINE]
-    rest, timeline = unit_rows(vectors[:, :start]), unit_rows(vectors[:, start:end])
+    rest, timeline = join([vectors[:, :start]], [1.0]), join([vectors[:, start:end]], [1.0])
     out = {f"{ref}[no timeline]": rest, f"{ref}[timeline]": timeline}
     for w in weights:
-        out[f"{ref}[timeline@{w:g}]"] = joined([rest, timeline], [1 - w, w])
+        out[f"{ref}[timeline@{w:g}]"] = join([rest, timeline], [1 - w, w])
     return out
 
 
@@ -210,19 +201,15 @@ def main(argv: list[str] | None = None) -> int:
         features[name] = bl.feature_embeddings(name, validation_audio, cfg.audio.sample_rate)
     if "timelines" in wanted:
         chroma_rate, onset_rate = args.timelines_rates
-        features["timelines"] = joined(
-            [
-                bl.chroma_timeline(validation_audio, cfg.audio.sample_rate, rate=chroma_rate),
-                bl.onset_timeline(validation_audio, cfg.audio.sample_rate, rate=onset_rate),
-            ],
-            [0.5, 0.5],
+        features["timelines"] = timelines(
+            validation_audio, cfg.audio.sample_rate, chroma_rate, onset_rate
         )
     if args.baselines:
         for name, v in features.items():
             systems[name] = _full(len(data.perf), validation, v)
     for name, w in fuse:
         systems[f"{args.model}+{name}@{w:g}"] = _full(
-            len(data.perf), validation, joined([vectors, features[name]], [1 - w, w])
+            len(data.perf), validation, join([vectors, features[name]], [1 - w, w])
         )
     for k in args.neighbours:
         pooled = np.zeros_like(full)

@@ -11,7 +11,10 @@ track; the service aligns with them; the benchmark scores them):
   score position): local tempo relative to the query (the path's smoothed slope), loudness
   contour (RMS dB relative to the passage median), onset density and an articulation proxy;
 * :func:`curve_distance` - how differently two aligned versions shape tempo and loudness once
-  their global tempo and level are removed ("who plays this passage most like this").
+  their global tempo and level are removed ("who plays this passage most like this");
+* :func:`chroma_timeline`, :func:`onset_timeline`, :func:`timelines` - a fixed-length passage's
+  chroma frames and onset envelope kept in time order (the protocol's chain-invariance
+  baselines: the same moment of the same performance through another recording chain).
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ import numpy as np
 
 CQT_HOP_MULTIPLE = 64  # 7 octaves of CQT halve the signal 6 times: the hop must divide by 2**6
 CURVE_NAMES = ("tempo", "loudness_db", "onset_density", "articulation")
+TIMELINE_CHROMA_RATE = 20.0  # frames per second (the content view's default)
+TIMELINE_ONSET_RATE = 50.0
+TIMELINE_ONSET_SMOOTH_S = 0.06
 
 
 def feature_hop(sample_rate: int, feature_rate: float) -> int:
@@ -442,3 +448,66 @@ def shingles(features: Features, shingle_s: float = 4.0, hop_s: float = 2.0) -> 
         vec = np.concatenate([block.mean(axis=1), block.std(axis=1)])
         rows.append(vec / max(float(np.linalg.norm(vec)), 1e-9))
     return np.asarray(rows, dtype=np.float32)
+
+
+# -- time-ordered passage vectors --------------------------------------------------------------
+def check_segments(audio: np.ndarray) -> np.ndarray:
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim != 2 or audio.shape[0] == 0:
+        raise ValueError(f"audio must be [segments, samples] with segments > 0, got {audio.shape}")
+    if not np.all(np.isfinite(audio)):
+        raise ValueError("audio contains NaN or infinite samples")
+    return audio
+
+
+def chroma_timeline(
+    audio: np.ndarray, sample_rate: int, rate: float = TIMELINE_CHROMA_RATE
+) -> np.ndarray:
+    """[N, 12 * frames]: each segment's chroma frames in time order, centred over the 12 pitch
+    classes and unit-norm per frame (:func:`mess_ray.content.centred`; near-silent frames 0)."""
+    audio = check_segments(audio)
+    return np.stack(
+        [centred(track_features(x, sample_rate, rate).chroma).ravel() for x in audio]
+    ).astype(np.float32)
+
+
+def onset_timeline(
+    audio: np.ndarray,
+    sample_rate: int,
+    rate: float = TIMELINE_ONSET_RATE,
+    smooth_s: float = TIMELINE_ONSET_SMOOTH_S,
+) -> np.ndarray:
+    """[N, frames]: each segment's onset-strength envelope (librosa, 64-band mel) at ``rate``
+    frames per second in time order: log1p, Gaussian-smoothed over ``smooth_s`` (a few tens of
+    ms of tolerance to a chain's delay and smearing), minus its mean."""
+    import librosa
+    from scipy.ndimage import gaussian_filter1d
+
+    audio = check_segments(audio)
+    hop = max(1, int(round(sample_rate / rate)))
+    sigma = smooth_s * sample_rate / hop
+    rows = []
+    for x in audio:
+        env = librosa.onset.onset_strength(y=x, sr=sample_rate, hop_length=hop, n_mels=64)
+        env = gaussian_filter1d(np.log1p(env), sigma) if sigma > 0 else np.log1p(env)
+        rows.append(env - env.mean())
+    return np.asarray(rows, dtype=np.float32)
+
+
+def timelines(
+    audio: np.ndarray,
+    sample_rate: int,
+    chroma_rate: float = TIMELINE_CHROMA_RATE,
+    onset_rate: float = TIMELINE_ONSET_RATE,
+) -> np.ndarray:
+    """[N, D]: :func:`chroma_timeline` and :func:`onset_timeline` side by side, each unit-norm
+    and weighted equally (a cosine is the mean of the two timelines' cosines)."""
+    from mess_ray.facets import join
+
+    return join(
+        [
+            chroma_timeline(audio, sample_rate, rate=chroma_rate),
+            onset_timeline(audio, sample_rate, rate=onset_rate),
+        ],
+        [0.5, 0.5],
+    )

@@ -93,6 +93,22 @@ def compose(parts: Mapping[str, np.ndarray], layout: Layout) -> np.ndarray:
     return np.concatenate(blocks, axis=-1) / np.sqrt(len(layout), dtype=np.float32)
 
 
+def join(parts: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """[B, sum d_p]: each part's unit rows scaled by ``sqrt(w_p)`` side by side, so the inner
+    product of two joined rows is ``sum_p w_p * cos_p`` (unit-norm when the weights sum to 1).
+    :func:`compose` is this with equal weights and a layout."""
+    if len(parts) != len(weights) or not parts:
+        raise ValueError(f"join needs one weight per part, got {len(parts)} and {len(weights)}")
+    if any(not np.isfinite(w) or w < 0 for w in weights):
+        raise ValueError(f"join weights must be finite and >= 0, got {weights}")
+    blocks = []
+    for part, w in zip(parts, weights):
+        block = np.asarray(part, dtype=np.float64)
+        norms = np.linalg.norm(block, axis=-1, keepdims=True)
+        blocks.append(np.sqrt(w) * block / np.maximum(norms, 1e-12))
+    return np.concatenate(blocks, axis=-1)
+
+
 def normalize_weights(weights: Mapping[str, float] | None, layout: Layout) -> dict[str, float]:
     """Per-part weights summing to 1. Unnamed parts get 0 when any weight is given; no
     weights at all means equal weights (the plain embedding). Unknown names and negative or

@@ -128,11 +128,11 @@ def test_context_benchmark_scores_a_models_timeline_beside_the_timeline_baseline
 
 
 def test_joined_vectors_score_the_weighted_sum_of_their_parts_cosines():
-    from benchmarks.protocol_context import joined
+    from mess_ray.facets import join
 
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((5, 8)), rng.standard_normal((5, 30)) * 7.0
-    both = joined([a, b], [0.7, 0.3])
+    both = join([a, b], [0.7, 0.3])
 
     def cos(x):
         x = x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -140,3 +140,7 @@ def test_joined_vectors_score_the_weighted_sum_of_their_parts_cosines():
 
     assert np.allclose(both @ both.T, 0.7 * cos(a) + 0.3 * cos(b))
     assert np.allclose(np.linalg.norm(both, axis=1), 1.0)
+    with pytest.raises(ValueError, match="one weight per part"):
+        join([a, b], [1.0])
+    with pytest.raises(ValueError, match=">= 0"):
+        join([a], [-1.0])

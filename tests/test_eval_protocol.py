@@ -284,6 +284,13 @@ def test_timeline_baselines_tell_apart_two_timings_of_the_same_notes_where_stati
         assert v.shape[0] == 3 and np.isfinite(v).all()
         # the same performance through another chain is closer than the same notes re-timed
         assert cos(v, 0, 1) > cos(v, 0, 2) + 0.2, name
+    from mess_ray.content import timelines
+
+    for rates in ((20.0, 50.0), (5.0, 12.5)):  # the joined pair, full and a quarter size
+        v = timelines(audio, sr, *rates)
+        assert np.allclose(np.linalg.norm(v, axis=1), 1.0)
+        assert cos(v, 0, 1) > cos(v, 0, 2) + 0.2, rates
+    assert timelines(audio, sr, 5.0, 12.5).shape[1] < timelines(audio, sr).shape[1] / 3
     chroma = bl.chroma_statistics(audio, sr)  # order-free: the re-timing is nearly invisible
     assert np.abs(chroma[0, :12] - chroma[2, :12]).max() < 0.15
     assert bl.chroma_timeline(audio[:1], sr).shape[1] % 12 == 0

@@ -32,6 +32,9 @@ import logging
 
 import numpy as np
 
+from mess_ray.content import check_segments as _check_audio
+from mess_ray.content import chroma_timeline, onset_timeline
+
 log = logging.getLogger(__name__)
 
 CHROMA, MFCC, DESCRIPTORS, DESCRIPTOR_HEAD, CHANCE, CENS_DTW = (
@@ -45,24 +48,12 @@ CHROMA, MFCC, DESCRIPTORS, DESCRIPTOR_HEAD, CHANCE, CENS_DTW = (
 CHROMA_TIMELINE, ONSET_TIMELINE = "chroma_timeline", "onset_timeline"
 TIMELINES = (CHROMA_TIMELINE, ONSET_TIMELINE)
 N_MFCC = 20
-TIMELINE_CHROMA_RATE = 20.0  # frames per second (the content view's default)
-TIMELINE_ONSET_RATE = 50.0
-TIMELINE_ONSET_SMOOTH_S = 0.06
 
 
 def _zscore(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     std = x.std(axis=0)
     return ((x - x.mean(axis=0)) / np.where(std > 1e-12, std, 1.0)).astype(np.float32)
-
-
-def _check_audio(audio: np.ndarray) -> np.ndarray:
-    audio = np.asarray(audio, dtype=np.float32)
-    if audio.ndim != 2 or audio.shape[0] == 0:
-        raise ValueError(f"audio must be [segments, samples] with segments > 0, got {audio.shape}")
-    if not np.all(np.isfinite(audio)):
-        raise ValueError("audio contains NaN or infinite samples")
-    return audio
 
 
 def chroma_statistics(audio: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -89,42 +80,6 @@ def mfcc_statistics(audio: np.ndarray, sample_rate: int) -> np.ndarray:
         )
         rows.append(np.concatenate([mfcc.mean(axis=1), mfcc.std(axis=1)]))
     return np.asarray(rows, dtype=np.float64)
-
-
-def chroma_timeline(
-    audio: np.ndarray, sample_rate: int, rate: float = TIMELINE_CHROMA_RATE
-) -> np.ndarray:
-    """[N, 12 * frames]: each segment's chroma frames in time order, centred over the 12 pitch
-    classes and unit-norm per frame (:func:`mess_ray.content.centred`; near-silent frames 0)."""
-    from mess_ray.content import centred, track_features
-
-    audio = _check_audio(audio)
-    return np.stack(
-        [centred(track_features(x, sample_rate, rate).chroma).ravel() for x in audio]
-    ).astype(np.float32)
-
-
-def onset_timeline(
-    audio: np.ndarray,
-    sample_rate: int,
-    rate: float = TIMELINE_ONSET_RATE,
-    smooth_s: float = TIMELINE_ONSET_SMOOTH_S,
-) -> np.ndarray:
-    """[N, frames]: each segment's onset-strength envelope (librosa, 64-band mel) at ``rate``
-    frames per second in time order: log1p, Gaussian-smoothed over ``smooth_s`` (a few tens of
-    ms of tolerance to a chain's delay and smearing), minus its mean."""
-    import librosa
-    from scipy.ndimage import gaussian_filter1d
-
-    audio = _check_audio(audio)
-    hop = max(1, int(round(sample_rate / rate)))
-    sigma = smooth_s * sample_rate / hop
-    rows = []
-    for x in audio:
-        env = librosa.onset.onset_strength(y=x, sr=sample_rate, hop_length=hop, n_mels=64)
-        env = gaussian_filter1d(np.log1p(env), sigma) if sigma > 0 else np.log1p(env)
-        rows.append(env - env.mean())
-    return np.asarray(rows, dtype=np.float32)
 
 
 def feature_embeddings(name: str, audio: np.ndarray, sample_rate: int) -> np.ndarray:
