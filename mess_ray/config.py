@@ -380,6 +380,19 @@ class ModelConfig(_Section):
         "(finetune.timeline_weight). 0: none; otherwise >= 2.",
     )
     timeline_dim: int = Field(8, ge=1, description="Width of each timeline bin.")
+    content_timeline: bool = Field(
+        False,
+        description="Append the passage's chroma and onset timelines (mess_ray.content.timelines:"
+        " no learning; what tells the same performance through another recording chain from "
+        "the same notes played with other timing) to every embedding as a last 'timeline' part "
+        "with the share of one more part (w_timeline re-weights it at search time). Measured on "
+        "validation, not the default: README 'The chroma and onset timelines as a part of the "
+        "shipped vector'. Recorded in the embedder's info, so an index is searched as built.",
+    )
+    content_timeline_rates: tuple[float, float] = Field(
+        (20.0, 50.0),
+        description="Frames per second of the content timeline's chroma and onset envelope.",
+    )
     seed: int = Field(
         0, description="Seed of randomly initialised encoders (the 'random' baseline)."
     )

@@ -188,6 +188,56 @@ def test_embedder_from_folders_and_stage_refs(tmp_path):
         Embedder.from_ref(wrong_rate, storage, "finetune")
 
 
+def test_content_timeline_joins_the_passages_timelines_as_a_last_part_and_rebuilds_from_info(
+    tmp_path,
+):
+    from mess_ray.content import timelines
+    from mess_ray.facets import TIMELINE, parse_layout, weighted_query
+
+    cfg, storage = _cfg(tmp_path / "store"), Storage(str(tmp_path / "store"))
+    folder = tmp_path / "faceted"
+    EmbeddingModel(
+        build_encoder("tiny", seed=1), embedding_dim=16, pooling="mean", facet_dim=4
+    ).save(folder)
+    batch = np.random.default_rng(2).standard_normal((3, 2 * SR)).astype(np.float32)
+    plain = Embedder.from_ref(cfg, storage, str(folder))
+    on = _cfg(tmp_path / "store", "model.content_timeline=true")
+    joined = Embedder.from_ref(on, storage, str(folder))
+    assert plain.info["content_timeline"] is None
+    assert joined.info["content_timeline"] == {"chroma_rate": 20.0, "onset_rate": 50.0}
+    layout = parse_layout(joined.info["facet_layout"])
+    assert list(layout)[-1] == TIMELINE and len(layout) == 6
+    start, end = layout[TIMELINE]
+    vectors, before = joined.embed(batch), plain.embed(batch)
+    assert vectors.shape == (3, joined.dim) and joined.dim == end and start == plain.dim
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    # The model's parts keep their vectors, every part (the timeline too) a sixth of the cosine.
+    assert np.allclose(vectors[:, :start], before * np.sqrt(5 / 6), atol=1e-5)
+    expected = timelines(batch, SR)
+    assert np.allclose(vectors[:, start:] * np.sqrt(6), expected, atol=1e-5)
+    only_timeline = weighted_query(vectors, layout, {TIMELINE: 1.0}) @ vectors.T
+    assert np.allclose(only_timeline, expected @ expected.T, atol=1e-4)
+    # An index is searched as it was built: the record wins over the config, both ways.
+    assert np.allclose(
+        Embedder.from_info(cfg, storage, joined.info).embed(batch), vectors, atol=1e-5
+    )
+    assert Embedder.from_info(on, storage, plain.info).dim == plain.dim
+    quarter = _cfg(tmp_path / "store", "model.content_timeline=true")
+    quarter.model.content_timeline_rates = (5.0, 12.5)
+    small = Embedder.from_ref(quarter, storage, str(folder))
+    assert small.info["content_timeline"] == {"chroma_rate": 5.0, "onset_rate": 12.5}
+    assert small.dim < joined.dim
+    # A plain (unfaceted) encoder counts as one part: the timeline gets half.
+    random = Embedder.from_ref(on, storage, "random")
+    assert list(random.info["facet_layout"]) == ["overall", TIMELINE]
+    learned = tmp_path / "learned"
+    EmbeddingModel(
+        build_encoder("tiny", seed=1), embedding_dim=8, pooling="mean", timeline_bins=4
+    ).save(learned)
+    with pytest.raises(ValueError, match="already has a timeline part"):
+        Embedder.from_ref(on, storage, str(learned))
+
+
 def test_embedder_loads_from_s3(s3_bucket, tmp_path):
     root = f"{s3_bucket}/store"
     cfg, storage = _cfg(root), Storage(root)

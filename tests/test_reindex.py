@@ -61,6 +61,13 @@ def test_same_embedder_and_pending_key():
     assert not same_embedder(
         {"kind": "random", "seed": 0, "size": "tiny"}, {"kind": "random", "seed": 1, "size": "tiny"}
     )
+    timeline = {"chroma_rate": 20.0, "onset_rate": 50.0}
+    assert same_embedder({**a, "content_timeline": timeline}, {**a, "content_timeline": timeline})
+    assert not same_embedder(a, {**a, "content_timeline": timeline})  # an older record: none
+    assert not same_embedder(
+        {**a, "content_timeline": timeline},
+        {**a, "content_timeline": {**timeline, "onset_rate": 25}},
+    )
     ids = np.array([3, 1, 2])
     key = pending_key("v1", "i1", a, ids)
     assert key == pending_key(

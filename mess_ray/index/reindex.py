@@ -70,6 +70,7 @@ EMBEDDER_IDENTITY_KEYS = (
     "seed",
     "layer",
     "sample_rate",
+    "content_timeline",
 )
 
 
@@ -103,6 +104,9 @@ def same_embedder(a: dict[str, Any], b: dict[str, Any]) -> bool:
         {k: ia[k] for k in ia.keys() & ib.keys()} == {k: ib[k] for k in ia.keys() & ib.keys()}
         and ia.get("kind") == ib.get("kind")
         and ia.get("version") == ib.get("version")
+        # the content timeline part changes every vector (and its width): compared even when
+        # one record lacks it (an index from before the option has none)
+        and (a.get("content_timeline") or None) == (b.get("content_timeline") or None)
     )
 
 

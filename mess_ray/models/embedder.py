@@ -14,8 +14,9 @@
   ``model/`` works too).
 
 ``.info`` records what was loaded (ref, kind, stage, version, path, layer, and ``facet_layout``:
-the faceted embedding's part ranges as JSON lists, None without facet heads) so that a server or
-evaluator can rebuild exactly the same embedder with ``Embedder.from_info``.
+the faceted embedding's part ranges as JSON lists, None without facet heads; ``content_timeline``:
+the rates of the appended content timeline part, None without one, see ``model.content_timeline``)
+so that a server or evaluator can rebuild exactly the same embedder with ``Embedder.from_info``.
 """
 
 from __future__ import annotations
@@ -76,6 +77,58 @@ class MeanPooledEncoder(nn.Module):
         else:
             states = self.encoder(encoder_in, output_hidden_states=True).hidden_states[self.layer]
         return F.normalize(states.mean(dim=1).float(), dim=-1)
+
+
+class ContentTimelineJoined(nn.Module):
+    """A model's vectors with the passage's content timelines appended as a last ``timeline``
+    part (:func:`mess_ray.content.timelines`; computed on the CPU from the waveform, no
+    learning). The model's parts and the timeline each get ``1 / (parts + 1)`` of the cosine,
+    as the facets contract gives every part; a model without a layout counts as one
+    ``overall`` part. A model that already has a (learned) timeline part is refused."""
+
+    def __init__(
+        self, model: nn.Module, sample_rate: int, window: int, rates: tuple[float, float]
+    ) -> None:
+        from mess_ray.content import timelines
+        from mess_ray.facets import OVERALL, TIMELINE
+
+        super().__init__()
+        base = getattr(model, "facet_layout", None) or {OVERALL: (0, int(model.embedding_dim))}
+        if TIMELINE in base:
+            raise ValueError(
+                "model.content_timeline: this model already has a timeline part "
+                "(model.timeline_bins); use one or the other"
+            )
+        self.model = model
+        self.sample_rate = int(sample_rate)
+        self.rates = (float(rates[0]), float(rates[1]))
+        self._timelines = timelines
+        self.base_parts = len(base)
+        base_dim = int(model.embedding_dim)
+        width = timelines(np.zeros((1, int(window)), np.float32), self.sample_rate, *self.rates)
+        self.timeline_dim = int(width.shape[1])
+        self.embedding_dim = base_dim + self.timeline_dim
+        self.facet_layout = {**base, TIMELINE: (base_dim, self.embedding_dim)}
+
+    @property
+    def encoder(self) -> nn.Module | None:  # the fast CPU path and precision act on it
+        return getattr(self.model, "encoder", None)
+
+    @property
+    def layer(self) -> int | None:
+        return getattr(self.model, "layer", None)
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        base = F.normalize(self.model(waveform).float(), dim=-1)
+        audio = waveform.detach().float().cpu().numpy()
+        timeline = torch.from_numpy(
+            self._timelines(audio, self.sample_rate, *self.rates).astype(np.float32)
+        ).to(base.device)
+        parts = self.base_parts + 1
+        return torch.cat(
+            [base * float(np.sqrt((parts - 1) / parts)), timeline * float(np.sqrt(1 / parts))],
+            dim=-1,
+        )
 
 
 def _stops_early(encoder: nn.Module) -> bool:
@@ -214,26 +267,28 @@ class Embedder:
         if shipped.is_shipped_ref(ref):
             name = shipped.shipped_name(ref)
             shipped.shipped_dir(name)  # a clear error for an unknown name
-            return cls.from_info(cfg, storage, {"ref": ref, "shipped": name})
-        if ref == "random":
-            return cls.from_info(
-                cfg,
-                storage,
-                {"ref": "random", "kind": "random", "size": cfg.model.size, "seed": cfg.model.seed},
-            )
-        if ref in STAGE_REFS:
+            info: dict[str, Any] = {"ref": ref, "shipped": name}
+        elif ref == "random":
+            info = {
+                "ref": "random",
+                "kind": "random",
+                "size": cfg.model.size,
+                "seed": cfg.model.seed,
+            }
+        elif ref in STAGE_REFS:
             version = storage.require_latest(ref)
-            return cls.from_info(
-                cfg,
-                storage,
-                {
-                    "ref": ref,
-                    "stage": ref,
-                    "version": version,
-                    "path": storage.url(ref, version, MODEL_SUBDIR),
-                },
-            )
-        return cls.from_info(cfg, storage, {"ref": ref, "path": ref})
+            info = {
+                "ref": ref,
+                "stage": ref,
+                "version": version,
+                "path": storage.url(ref, version, MODEL_SUBDIR),
+            }
+        else:
+            info = {"ref": ref, "path": ref}
+        # A new embedder takes the content timeline from the config; a rebuilt one (from_info
+        # with a manifest's record) keeps what the record says.
+        info["content_timeline"] = configured_content_timeline(cfg)
+        return cls.from_info(cfg, storage, info)
 
     @classmethod
     def from_info(cls, cfg: MessRayConfig, storage: Storage, info: dict[str, Any]) -> Embedder:
@@ -246,6 +301,7 @@ class Embedder:
                 info.get("layer", cfg.model.ssl_layer),
                 cfg.audio.sample_rate,
             )
+            model, timeline = _with_content_timeline(cfg, model, info, window)
             full = {
                 "ref": info.get("ref", "random"),
                 "kind": "random",
@@ -255,7 +311,8 @@ class Embedder:
                 "path": None,
                 "layer": model.layer,
                 "sample_rate": cfg.audio.sample_rate,
-                "facet_layout": None,
+                "facet_layout": facet_layout_json(model),
+                "content_timeline": timeline,
             }
             return cls(
                 model,
@@ -288,6 +345,7 @@ class Embedder:
             raise ValueError(
                 f"embedder info needs kind='random', a stage+version or a path: {info}"
             )
+        model, timeline = _with_content_timeline(cfg, model, info, window)
         full = {
             "ref": info.get("ref"),
             "kind": kind,
@@ -298,6 +356,7 @@ class Embedder:
             "layer": getattr(model, "layer", None),
             "sample_rate": cfg.audio.sample_rate,
             "facet_layout": facet_layout_json(model),
+            "content_timeline": timeline,
         }
         return cls(
             model,
@@ -308,6 +367,27 @@ class Embedder:
             cfg.model.inference_precision,
             cfg.model.fast_inference,
         )
+
+
+def configured_content_timeline(cfg: MessRayConfig) -> dict[str, float] | None:
+    """The content timeline ``model.content_timeline`` asks for, as an embedder records it."""
+    if not cfg.model.content_timeline:
+        return None
+    chroma_rate, onset_rate = cfg.model.content_timeline_rates
+    return {"chroma_rate": float(chroma_rate), "onset_rate": float(onset_rate)}
+
+
+def _with_content_timeline(
+    cfg: MessRayConfig, model: nn.Module, info: dict[str, Any], window: int
+) -> tuple[nn.Module, dict[str, float] | None]:
+    """``model`` with the content timeline appended where ``info`` records one (an index is
+    searched as it was built; a record without the key, from before the option, has none)."""
+    recorded = info.get("content_timeline")
+    if not recorded:
+        return model, None
+    rates = (float(recorded["chroma_rate"]), float(recorded["onset_rate"]))
+    joined = ContentTimelineJoined(model, cfg.audio.sample_rate, window, rates)
+    return joined, {"chroma_rate": rates[0], "onset_rate": rates[1]}
 
 
 def facet_layout_json(model: nn.Module) -> dict[str, list[int]] | None:
