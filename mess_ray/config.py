@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_SOUNDFONT = "/usr/share/sounds/sf2/FluidR3_GM.sf2"
 
@@ -389,7 +396,7 @@ class ModelConfig(_Section):
         "validation, not the default: README 'The chroma and onset timelines as a part of the "
         "shipped vector'. Recorded in the embedder's info, so an index is searched as built.",
     )
-    content_timeline_rates: tuple[float, float] = Field(
+    content_timeline_rates: tuple[PositiveFloat, PositiveFloat] = Field(
         (20.0, 50.0),
         description="Frames per second of the content timeline's chroma and onset envelope.",
     )

@@ -227,6 +227,8 @@ def test_content_timeline_joins_the_passages_timelines_as_a_last_part_and_rebuil
     small = Embedder.from_ref(quarter, storage, str(folder))
     assert small.info["content_timeline"] == {"chroma_rate": 5.0, "onset_rate": 12.5}
     assert small.dim < joined.dim
+    with pytest.raises(ValueError, match="greater than 0"):
+        _cfg(tmp_path / "store", "model.content_timeline_rates=[0, 12.5]")
     # A plain (unfaceted) encoder counts as one part: the timeline gets half.
     random = Embedder.from_ref(on, storage, "random")
     assert list(random.info["facet_layout"]) == ["overall", TIMELINE]
