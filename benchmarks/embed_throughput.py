@@ -22,6 +22,9 @@ For each encoder size, prints JSON lines (one per figure):
 The scaling study (benchmarks/scaling_study.py) reads these lines. Defaults are the cluster
 config's audio (24 kHz, 5 s windows).
 ``python -m benchmarks.embed_throughput [--sizes tiny base] [--segments tiny=256 base=48]``
+``--content-timeline`` adds ``content_timeline`` (the shipped default's appended timelines, one
+segment per call against a batch per call) and ``embed_cpu_shipped`` (that embedder against its
+source model without the part).
 Every line carries ``os.getloadavg()``: other jobs on the same cores skew wall figures.
 """
 
@@ -226,6 +229,76 @@ def bench_size(size: str, args, out: list[dict]) -> None:
     )
 
 
+def bench_content_timeline(args, out: list[dict]) -> None:
+    """The shipped default's appended content timeline (``--content-timeline``), at the shipped
+    models' audio (16 kHz, 4 s): the timelines one segment per librosa call (the previous path:
+    the CQT filters built for every segment) against a batch per call (today's), the largest
+    difference between the two, and the shipped default embedder against its source model
+    (the same weights without the part), each in segments per CPU-second."""
+    from mess_ray.content import timelines
+    from mess_ray.models import shipped
+
+    name = shipped.DEFAULT_SHIPPED
+    rates = shipped.declared_content_timeline(name)
+    source = shipped.shipped_manifest(name).get("weights_of")
+    if not rates or not source:
+        raise SystemExit(f"--content-timeline: the default {name} declares no content timeline")
+    storage = Storage(str(Path(args.workdir) if args.workdir else Path.cwd() / ".bench-unused"))
+    cfg = load_config(None, [f"model.inference_batch_size={args.batch_size}"])
+    count = args.segments.get("timeline", 128)
+    segments = piano_like_segments(count, window(cfg), cfg.audio.sample_rate, seed=0)
+    pair = (rates["chroma_rate"], rates["onset_rate"])
+    common = {
+        "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "window_s": cfg.audio.window_s,
+        "sample_rate": cfg.audio.sample_rate,
+        "segments": count,
+        "rates": list(pair),
+    }
+    timelines(segments[:2], cfg.audio.sample_rate, *pair)  # imports, caches: untimed
+    cpu = time.process_time()
+    alone = np.concatenate([timelines(x[None], cfg.audio.sample_rate, *pair) for x in segments])
+    cpu_alone = time.process_time() - cpu
+    cpu = time.process_time()
+    batched = np.concatenate(
+        [
+            timelines(segments[i : i + args.batch_size], cfg.audio.sample_rate, *pair)
+            for i in range(0, count, args.batch_size)
+        ]
+    )
+    cpu_batched = time.process_time() - cpu
+    emit(
+        {
+            "figure": "content_timeline",
+            **common,
+            "per_segment_cpu_ms": round(1e3 * cpu_alone / count, 2),
+            "batched_cpu_ms": round(1e3 * cpu_batched / count, 2),
+            "speedup_per_cpu_s": round(cpu_alone / cpu_batched, 2),
+            "max_abs_difference": float(np.abs(alone - batched).max()),
+        },
+        out,
+    )
+    figures = {}
+    for ref in (source, name):
+        embedder = Embedder.from_ref(cfg, storage, f"shipped:{ref}")
+        _, cpu, wall = embed_all(embedder, segments, args.batch_size, args.warmup)
+        figures[ref] = cpu
+        emit(
+            {
+                "figure": "embed_cpu_shipped",
+                **common,
+                "model": ref,
+                "content_timeline": embedder.info["content_timeline"],
+                "cpu_s": round(cpu, 3),
+                "wall_s": round(wall, 3),
+                "segments_per_cpu_s": round(count / cpu, 3),
+                **({"cost_over_source": round(cpu / figures[source], 2)} if ref == name else {}),
+            },
+            out,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -253,6 +326,12 @@ def main() -> None:
     parser.add_argument(
         "--workdir", default=None, help="unused storage root for the random embedder"
     )
+    parser.add_argument(
+        "--content-timeline",
+        action="store_true",
+        help="also the shipped default's content timeline: batched vs per segment, and the "
+        "embedder against its source model (segments: timeline=N, default 128)",
+    )
     parser.add_argument("--out", default=None, help="also write the JSON lines to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -260,6 +339,8 @@ def main() -> None:
     out: list[dict] = []
     for size in args.sizes:
         bench_size(size, args, out)
+    if args.content_timeline:
+        bench_content_timeline(args, out)
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in out))
 

@@ -158,6 +158,21 @@ def main(argv: list[str] | None = None) -> int:
         "--system", default="finetune", help="the shipped model's name in that table"
     )
     parser.add_argument(
+        "--derive",
+        metavar="SHIPPED",
+        default=None,
+        help="train nothing: ship --name as SHIPPED's weights plus what --content-timeline adds "
+        "(the manifest names SHIPPED as weights_of; attach its protocol rows afterwards)",
+    )
+    parser.add_argument(
+        "--content-timeline",
+        nargs=2,
+        type=float,
+        default=None,
+        metavar=("CHROMA", "ONSET"),
+        help="with --derive: append the chroma and onset timelines at these frame rates",
+    )
+    parser.add_argument(
         "--protocol-command", default="", help="the command that produced that table (recorded)"
     )
     parser.add_argument(
@@ -172,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{out / shipped.MANIFEST}: benchmark from {args.attach_protocol}")
         return 0
 
+    if args.derive:
+        return derive(args)
+
     from mess_ray import console, pipeline
     from mess_ray.storage import Storage
 
@@ -184,6 +202,65 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root)
     with console.quiet_console(cfg.storage.root, verbose=args.verbose):
         return ship(args, cfg, storage)
+
+
+# What a derived model takes from its source's manifest unchanged (the same weights).
+INHERITED = ("training_data_licence", "recipe", "weights_sha256", "pianists", "training")
+
+
+def derive(args: argparse.Namespace) -> int:
+    """Write ``--name`` as ``--derive``'s weights with the content timeline appended: a manifest
+    naming the source (``weights_of``), the declaration, and reference vectors of its own. No
+    figures yet: ``--attach-protocol`` adds them (the shipped-model tests require them)."""
+    import tempfile
+
+    source = shipped.shipped_manifest(args.derive)
+    if source.get("weights_of"):
+        raise SystemExit(f"--derive {args.derive}: it is itself derived; derive from its source")
+    if not args.content_timeline or min(args.content_timeline) <= 0:
+        raise SystemExit("--derive needs --content-timeline CHROMA ONSET (positive frame rates)")
+    out = Path(args.out) if args.out else shipped.SHIPPED_ROOT / args.name
+    if out.resolve() == shipped.shipped_dir(args.derive).resolve():
+        raise SystemExit("--derive writes a new folder: give another --name or --out")
+    chroma, onset = args.content_timeline
+    config_file = ROOT / source["recipe"]["config_file"]
+    with tempfile.TemporaryDirectory() as scratch:
+        cfg = load_config(
+            str(config_file),
+            [
+                f"storage.root={scratch}",
+                "model.content_timeline=true",
+                f"model.content_timeline_rates=[{chroma}, {onset}]",
+            ],
+        )
+        seeds, vectors = reference_vectors(cfg, shipped.model_dir(args.derive))
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    np.savez(out / shipped.REFERENCE, seeds=seeds, vectors=vectors)
+    manifest = {
+        "name": args.name,
+        "what": f"{args.derive}'s weights (its manifest: {source['what']}), with the "
+        f"passage's chroma and onset timelines (mess_ray.content.timelines at {chroma:g} and "
+        f"{onset:g} frames per second, no learning) appended as a last 'timeline' part",
+        "weights_of": args.derive,
+        "content_timeline": {"chroma_rate": chroma, "onset_rate": onset},
+        **{key: source[key] for key in INHERITED if key in source},
+        "benchmark": {
+            "split": "none yet: attach the protocol table (--attach-protocol)",
+            "command": "",
+        },
+        "reference": {
+            "file": shipped.REFERENCE,
+            "clip": "mess_ray.models.shipped.reference_clip(seed, sample_rate, window_s)",
+            "seeds": list(REFERENCE_SEEDS),
+            "sample_rate": cfg.audio.sample_rate,
+            "window_s": cfg.audio.window_s,
+        },
+    }
+    (out / shipped.MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    print(f"{out}: {args.derive}'s weights + content timeline ({chroma:g}, {onset:g} fps)")
+    return 0
 
 
 def ship(args: argparse.Namespace, cfg, storage) -> int:

@@ -149,3 +149,43 @@ def test_a_higher_step_weight_keeps_the_path_nearer_a_constant_tempo(two_tempi):
         align_passage(query, cand, step_weight=0.5)
     with pytest.raises(ValueError, match="coarse_factor"):
         align_passage(query, cand, coarse_factor=0)
+
+
+def test_timelines_of_a_batch_equal_each_segment_computed_alone(monkeypatch):
+    """The time-ordered passage vectors are computed a batch of segments per librosa call (the
+    CQT filters are built once per call); every segment must come out as if computed alone,
+    loud, quiet and half-silent ones alike, across batch boundaries."""
+    import librosa
+    from scipy.ndimage import gaussian_filter1d
+
+    import mess_ray.content as content
+
+    monkeypatch.setattr(content, "TIMELINE_BATCH", 3)
+    rng = np.random.default_rng(0)
+    t = np.arange(int(2.0 * SR)) / SR
+    audio = np.stack(
+        [
+            sum(
+                np.sin(2 * np.pi * f * t) * np.exp(-t * (1 + i % 3))
+                for f in rng.uniform(60, 2e3, 4)
+            )
+            for i in range(7)
+        ]
+    ).astype(np.float32)
+    audio += 1e-3 * rng.standard_normal(audio.shape).astype(np.float32)
+    audio[1] *= 1e-3  # quiet: the silence floor is the segment's own, not the batch's
+    audio[4, : len(t) // 2] = 0.0
+
+    chroma = content.chroma_timeline(audio, SR, 20.0)
+    alone = [content.centred(track_features(x, SR, 20.0).chroma).ravel() for x in audio]
+    np.testing.assert_array_equal(chroma, np.stack(alone))
+
+    hop = round(SR / 50.0)
+    onset = content.onset_timeline(audio, SR, 50.0)
+    for x, row in zip(audio, onset):
+        env = librosa.onset.onset_strength(y=x, sr=SR, hop_length=hop, n_mels=64)
+        env = gaussian_filter1d(np.log1p(env), content.TIMELINE_ONSET_SMOOTH_S * SR / hop)
+        np.testing.assert_allclose(row, env - env.mean(), atol=1e-5)
+    assert np.abs(onset[1]).max() > 0.01  # the quiet segment keeps its own envelope
+    with pytest.raises(ValueError, match="too short"):
+        content.chroma_timeline(audio[:, :100], SR)

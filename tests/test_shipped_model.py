@@ -33,7 +33,12 @@ def test_every_shipped_model_is_small_and_documented(name):
     assert size < 2_000_000, size
     manifest = shipped.shipped_manifest(name)
     assert manifest["name"] == name
-    assert (folder / "model" / "embedding_config.json").exists()
+    assert (shipped.model_dir(name) / "embedding_config.json").exists()
+    if manifest.get("weights_of"):  # a derived model: the source's weights, untouched
+        source = shipped.shipped_manifest(manifest["weights_of"])
+        assert not (folder / "model").exists() and not source.get("weights_of")
+        assert manifest["weights_sha256"] == source["weights_sha256"]
+        assert manifest["content_timeline"]
     assert manifest["what"] and manifest["training_data_licence"]
     recipe = Path(__file__).resolve().parents[1] / manifest["recipe"]["config_file"]
     assert load_config(str(recipe)).model.size == manifest["recipe"]["config"]["model"]["size"]
@@ -56,6 +61,10 @@ def test_shipped_weights_embed_the_reference_clips_as_recorded(cfg, name):
     embedder = Embedder.from_ref(cfg, Storage.from_config(cfg.storage), ref)
     assert embedder.info["shipped"] == name
     assert embedder.info["kind"] == "embedding_model" and embedder.info["facet_layout"]
+    # A declared content timeline is part of the model's vectors, recorded as such.
+    declared = shipped.shipped_manifest(name).get("content_timeline")
+    assert embedder.info["content_timeline"] == declared
+    assert ("timeline" in embedder.info["facet_layout"]) == bool(declared)
     reference = np.load(shipped.shipped_dir(name) / shipped.REFERENCE)
     recorded = shipped.shipped_manifest(name)["reference"]
     assert recorded["sample_rate"] == cfg.audio.sample_rate
@@ -80,7 +89,7 @@ def test_auto_ref_prefers_a_local_finetune_and_falls_back_to_the_shipped_model(c
     with pytest.raises(FileNotFoundError, match="no shipped model 'nope'"):
         Embedder.from_ref(cfg, storage, "shipped:nope")
     # A finetune artifact published here wins over the shipped model.
-    storage.put_dir(str(shipped.shipped_dir() / "model"), "finetune/v1/model")
+    storage.put_dir(str(shipped.model_dir()), "finetune/v1/model")
     storage.publish("finetune", "v1", {"counts": {}})
     info = Embedder.from_ref(cfg, storage, "auto").info
     assert info["stage"] == "finetune" and info["version"] == "v1" and not info.get("shipped")
@@ -161,3 +170,53 @@ def test_recipe_description_says_what_the_model_heard():
     m21 = ship_model.recipe_description(load_config(str(configs / "shipped-tiny.yaml")))
     assert "8 music21 pieces" in m21
     assert "CC BY-NC-SA" in ship_model.TRAINING_DATA_LICENCES["asap"]
+
+
+def test_a_derived_shipped_model_embeds_as_its_source_plus_the_declared_timeline(cfg):
+    """``weights_of`` + ``content_timeline``: the source model's vectors in the source's parts
+    (scaled to their share), the passage's timelines as the last part; a config asking for no
+    timeline does not take it away, and one asking for it does not add it to the source."""
+    from mess_ray.content import timelines
+
+    derived = [n for n in shipped.available() if shipped.shipped_manifest(n).get("weights_of")]
+    assert derived
+    storage = Storage.from_config(cfg.storage)
+    clips = np.stack([shipped.reference_clip(seed, 16000, 4.0) for seed in (5, 6)])
+    for name in derived:
+        manifest = shipped.shipped_manifest(name)
+        source = Embedder.from_ref(cfg, storage, f"shipped:{manifest['weights_of']}")
+        assert source.info["content_timeline"] is None
+        model = Embedder.from_ref(cfg, storage, f"shipped:{name}")
+        v, base = model.embed(clips), source.embed(clips)
+        layout = model.info["facet_layout"]
+        start, end = layout["timeline"]
+        parts = len(layout)
+        np.testing.assert_allclose(
+            v[:, :start], base * np.sqrt((parts - 1) / parts), rtol=0, atol=1e-5
+        )
+        rates = manifest["content_timeline"]
+        expected = timelines(clips, 16000, rates["chroma_rate"], rates["onset_rate"])
+        np.testing.assert_allclose(v[:, start:end], expected * np.sqrt(1 / parts), atol=1e-5)
+        on = load_config(None, [f"storage.root={cfg.storage.root}", "model.content_timeline=true"])
+        again = Embedder.from_ref(on, storage, f"shipped:{name}")
+        assert again.info["content_timeline"] == model.info["content_timeline"]
+        with_timeline = Embedder.from_ref(on, storage, f"shipped:{manifest['weights_of']}")
+        assert with_timeline.info["content_timeline"]  # the config adds it to any model
+
+
+def test_the_timeline_cost_benchmark_compares_batched_with_per_segment_and_the_source(tmp_path):
+    """``benchmarks.embed_throughput --content-timeline``: the batched timelines equal the
+    per-segment ones, and the default embedder is timed against its source model."""
+    from argparse import Namespace
+
+    from benchmarks.embed_throughput import bench_content_timeline
+
+    out: list[dict] = []
+    args = Namespace(batch_size=4, segments={"timeline": 6}, warmup=1, workdir=str(tmp_path))
+    bench_content_timeline(args, out)
+    timeline = next(r for r in out if r["figure"] == "content_timeline")
+    assert timeline["max_abs_difference"] < 1e-5 and timeline["segments"] == 6
+    assert timeline["per_segment_cpu_ms"] > 0 and timeline["batched_cpu_ms"] > 0
+    models = [r for r in out if r["figure"] == "embed_cpu_shipped"]
+    assert [r["content_timeline"] is not None for r in models] == [False, True]
+    assert models[1]["model"] == shipped.DEFAULT_SHIPPED and "cost_over_source" in models[1]

@@ -264,10 +264,14 @@ class Embedder:
             )
         if ref == shipped.AUTO:
             ref = "finetune" if storage.latest("finetune") else shipped.SHIPPED_PREFIX
+        declared = None
         if shipped.is_shipped_ref(ref):
             name = shipped.shipped_name(ref)
-            shipped.shipped_dir(name)  # a clear error for an unknown name
+            shipped.model_dir(name)  # a clear error for an unknown name
             info: dict[str, Any] = {"ref": ref, "shipped": name}
+            # A shipped model that declares the content timeline has it whatever the config
+            # says (it is part of that model's vectors); any other takes it from the config.
+            declared = shipped.declared_content_timeline(name)
         elif ref == "random":
             info = {
                 "ref": "random",
@@ -285,9 +289,9 @@ class Embedder:
             }
         else:
             info = {"ref": ref, "path": ref}
-        # A new embedder takes the content timeline from the config; a rebuilt one (from_info
-        # with a manifest's record) keeps what the record says.
-        info["content_timeline"] = configured_content_timeline(cfg)
+        # A new embedder takes the content timeline from the config (or the shipped model's
+        # declaration); a rebuilt one (from_info with a manifest's record) keeps the record.
+        info["content_timeline"] = declared or configured_content_timeline(cfg)
         return cls.from_info(cfg, storage, info)
 
     @classmethod
@@ -327,9 +331,7 @@ class Embedder:
         layer = info.get("layer", cfg.model.ssl_layer)
         if info.get("shipped"):
             # By name, not path: every node resolves it inside its own installed package.
-            model, kind = _load_model_folder(
-                cfg, shipped.shipped_dir(info["shipped"]) / shipped.MODEL_DIR, layer
-            )
+            model, kind = _load_model_folder(cfg, shipped.model_dir(info["shipped"]), layer)
         elif info.get("stage"):
             rel = posixpath.join(info["stage"], info["version"], MODEL_SUBDIR)
             if not storage.exists(rel):

@@ -9,6 +9,11 @@ Each shipped model is a folder ``mess_ray/models/shipped/<name>/`` holding
 - ``reference.npz``: a generated clip's seed and the vectors this model gave for it when shipped
   (``tests/test_shipped_model.py`` checks the weights still embed it identically).
 
+A *derived* shipped model has no ``model/`` of its own: its manifest names the shipped model
+whose weights it uses (``weights_of``) and what it adds to that model's vectors
+(``content_timeline``: the passage's chroma and onset timelines appended as a last part, see
+``model.content_timeline``). Its reference vectors are its own.
+
 Refs: ``shipped`` (the default, :data:`DEFAULT_SHIPPED`) or ``shipped:<name>``; ``auto`` means the
 latest local ``finetune`` artifact if there is one, else the shipped default.
 """
@@ -22,7 +27,7 @@ from typing import Any
 import numpy as np
 
 SHIPPED_ROOT = Path(__file__).resolve().parent / "shipped"
-DEFAULT_SHIPPED = "tiny-asap-v1"
+DEFAULT_SHIPPED = "tiny-asap-v2"
 SHIPPED_PREFIX = "shipped"
 AUTO = "auto"
 MANIFEST = "manifest.json"
@@ -45,12 +50,12 @@ def shipped_name(ref: str) -> str:
 def available() -> list[str]:
     if not SHIPPED_ROOT.is_dir():
         return []
-    return sorted(p.name for p in SHIPPED_ROOT.iterdir() if (p / MODEL_DIR).is_dir())
+    return sorted(p.name for p in SHIPPED_ROOT.iterdir() if (p / MANIFEST).is_file())
 
 
 def shipped_dir(name: str = DEFAULT_SHIPPED) -> Path:
     folder = SHIPPED_ROOT / name
-    if not (folder / MODEL_DIR).is_dir() or "/" in name or name.startswith("."):
+    if not (folder / MANIFEST).is_file() or "/" in name or name.startswith("."):
         raise FileNotFoundError(
             f"no shipped model {name!r} in {SHIPPED_ROOT} (available: {available() or 'none'})"
         )
@@ -59,6 +64,31 @@ def shipped_dir(name: str = DEFAULT_SHIPPED) -> Path:
 
 def shipped_manifest(name: str = DEFAULT_SHIPPED) -> dict[str, Any]:
     return json.loads((shipped_dir(name) / MANIFEST).read_text())
+
+
+def model_dir(name: str = DEFAULT_SHIPPED) -> Path:
+    """The model folder a shipped model embeds with: its own, or that of the shipped model its
+    manifest names as ``weights_of`` (one level: a derived model's source has its own)."""
+    source = shipped_manifest(name).get("weights_of") or name
+    folder = shipped_dir(source) / MODEL_DIR
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"shipped model {name!r}: no model folder {folder}"
+            + (f" (weights_of {source!r})" if source != name else "")
+        )
+    return folder
+
+
+def declared_content_timeline(name: str = DEFAULT_SHIPPED) -> dict[str, float] | None:
+    """The content timeline a shipped model declares as part of its vectors (the rates, as an
+    embedder records them), or None."""
+    declared = shipped_manifest(name).get("content_timeline")
+    if not declared:
+        return None
+    return {
+        "chroma_rate": float(declared["chroma_rate"]),
+        "onset_rate": float(declared["onset_rate"]),
+    }
 
 
 def reference_clip(seed: int, sample_rate: int, seconds: float) -> np.ndarray:
