@@ -85,9 +85,9 @@ class HitModel(BaseModel):
     )
     closest_facet: str | None = Field(
         None,
-        description="The facet (tempo, dynamics, articulation, timbre) whose part of the embedding "
-        "ranks this hit highest against the same corpus sample: what made it close. None without "
-        "facet heads.",
+        description="The facet (tempo, dynamics, articulation, timbre, or timeline: the same "
+        "notes at the same moments) whose part of the embedding ranks this hit highest against "
+        "the same corpus sample: what made it close. None without facet heads.",
     )
     facet_percentiles: dict[str, float] = Field(
         default_factory=dict, description="Each facet part's percentile against the sample."
@@ -234,8 +234,10 @@ def search_options(
         None,
         ge=0,
         le=1e6,
-        description="Weight of the timeline part (models trained with model.timeline_bins): "
-        "the same moments, e.g. this very recording through another recording chain",
+        description="Weight of the timeline part (the passage's chroma and onset timelines of "
+        "the default model tiny-asap-v2 or model.content_timeline, or a part trained with "
+        "model.timeline_bins): the same notes at the same moments, e.g. this very recording "
+        "through another recording chain; 0 searches the other parts alone",
     ),
     composer: str | None = Query(
         None, max_length=200, description="Metadata filter (substring, any case)"
