@@ -85,6 +85,27 @@ def pianist_of(performer: str) -> str:
     return (match.group(1) if match else tag).lower()
 
 
+# ASAP piece ids name one piece of a larger work in two ways: the prelude and the fugue of one
+# BWV number (``bach-prelude-bwv-885``, ``bach-fugue-bwv-885``: one key), and the movements of a
+# numbered sonata (``beethoven-piano-sonatas-18-2``, ``haydn-keyboard-sonatas-50-1-no-repeat``).
+_BWV_PAIR = re.compile(r"^(?P<composer>[a-z]+)-(?:prelude|fugue)-bwv-(?P<number>\d+)")
+_SONATA_MOVEMENT = re.compile(r"^(?P<work>.*-sonatas?-\d+)-\d+(?:-.*)?$")
+
+
+def work_of(piece_id: str) -> str:
+    """The work a piece belongs to: the prelude and fugue of one BWV number are one work
+    (``bach-bwv-885``), the movements of one numbered sonata are one
+    (``beethoven-piano-sonatas-18``); any other piece is its own work. A pianist's other
+    *work* is then not the other half of the same pair, which shares its key and its material."""
+    if not isinstance(piece_id, str) or not piece_id:
+        raise ValueError(f"piece id must be a non-empty string, got {piece_id!r}")
+    pair = _BWV_PAIR.match(piece_id)
+    if pair:
+        return f"{pair.group('composer')}-bwv-{pair.group('number')}"
+    movement = _SONATA_MOVEMENT.match(piece_id)
+    return movement.group("work") if movement else piece_id
+
+
 @dataclass(frozen=True)
 class PianistSplit:
     train: tuple[str, ...]

@@ -12,6 +12,7 @@ from mess_ray.eval.protocol import (
     PASSAGE,
     PERFORMER,
     PERFORMER_UNSEEN,
+    PERFORMER_WORK,
     EvalData,
     SegmentLabels,
     build_views,
@@ -93,7 +94,7 @@ def test_views_cover_tasks_splits_and_chain_conditions():
     for v in views:
         q_piece = data.perf.piece_ids[v.rows][v.queries]
         cand_piece = data.perf.piece_ids[v.rows]
-        if v.task in (PERFORMER, PERFORMER_UNSEEN, AGREEMENT):
+        if v.task in (PERFORMER, PERFORMER_UNSEEN, PERFORMER_WORK, AGREEMENT):
             # candidates from other pieces only
             assert not (v.candidates & (q_piece[:, None] == cand_piece[None, :])).any()
         if v.task == CHAIN_INVARIANCE:
@@ -104,6 +105,46 @@ def test_views_cover_tasks_splits_and_chain_conditions():
     assert unseen and all("pianist0" not in set(v.pianists) for v in unseen)
     data.heard_pianists = None  # who the models heard is unknown: no unseen rows, not a guess
     assert not [v for v in build_views(data) if v.task == PERFORMER_UNSEEN]
+
+
+def test_a_pianists_other_work_is_not_the_other_half_of_a_prelude_and_fugue_or_a_sonata():
+    """performer_identity_other_work: the same pianist in another *work*. A prelude and the fugue
+    of its BWV number share a key (a key detector would find the pianist who played both), as
+    do a sonata's movements their material: neither counts as the pianist's other work."""
+    from mess_ray.splits import work_of
+
+    assert work_of("bach-prelude-bwv-885") == work_of("bach-fugue-bwv-885") == "bach-bwv-885"
+    assert work_of("bach-prelude-bwv-874") != work_of("bach-fugue-bwv-885")
+    assert work_of("haydn-keyboard-sonatas-50-1-no-repeat") == "haydn-keyboard-sonatas-50"
+    assert work_of("beethoven-piano-sonatas-18-2") == work_of("beethoven-piano-sonatas-18-3")
+    for own in ("scriabin-sonatas-5", "schumann-kreisleriana-7", "bach-italian-concerto"):
+        assert work_of(own) == own
+    with pytest.raises(ValueError):
+        work_of("")
+
+    data, _ = synthetic()
+    names = {
+        "piece0": "bach-prelude-bwv-885",
+        "piece1": "bach-fugue-bwv-885",
+        "piece2": "beethoven-piano-sonatas-18-2",
+        "piece3": "mozart-piano-sonatas-12-1",
+    }
+    data.perf.piece_ids = np.array([names[p] for p in data.perf.piece_ids], dtype=object)
+    views = build_views(data)
+    by_key = {(v.task, v.split, v.condition): v for v in views}
+    # Validation holds one work (the prelude and fugue): no pianist has another work there.
+    assert not [v for v in views if v.task == PERFORMER_WORK and v.split == "validation"]
+    assert (PERFORMER, "validation", "dry") in by_key  # another *piece* still counts there
+    # Test holds two works: the same candidates as performer identity.
+    for cond in ("dry", "eval-1", "dry->eval-1"):
+        work, piece = by_key[(PERFORMER_WORK, "test", cond)], by_key[(PERFORMER, "test", cond)]
+        np.testing.assert_array_equal(work.candidates, piece.candidates)
+        np.testing.assert_array_equal(work.relevance, piece.relevance)
+    for v in views:
+        if v.task == PERFORMER_WORK:
+            q = np.array([work_of(p) for p in data.perf.piece_ids[v.rows][v.queries]])
+            c = np.array([work_of(p) for p in data.perf.piece_ids[v.rows]])
+            assert not (v.candidates & (q[:, None] == c[None, :])).any()
 
 
 def test_scores_separate_a_pianist_model_from_chance_with_verdicts():

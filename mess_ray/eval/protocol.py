@@ -16,7 +16,11 @@ corpus in B != A):
   pieces only (mAP, R@1). Also on the queries whose pianist no training stage of any evaluated
   system heard (``performer_identity_unseen``): who was heard is read from the training
   manifests' ``pianists`` blocks (:func:`heard_pianists`), and ``eval.test_pianist_fraction``
-  leaves the test-side pianists out of training so that these rows have queries.
+  leaves the test-side pianists out of training so that these rows have queries. And with the
+  candidates from other *works* only (``performer_identity_other_work``,
+  :func:`mess_ray.splits.work_of`): not the other half of the same prelude and fugue nor another
+  movement of the same sonata, whose key and material give the pianist away in ASAP, where one
+  pianist often plays both.
 * ``chain_invariance`` (across chains only): the same passage of the same performance through
   chain B must come first among every segment of the query's piece in chain B (R@1, mAP).
 * ``passage_retrieval``: the same beats of the same piece played by another performance (mAP),
@@ -63,12 +67,14 @@ from mess_ray.splits import (
     read_track_pianists,
     split_by_piece,
     track_pianists,
+    work_of,
 )
 
 log = logging.getLogger(__name__)
 
 PERFORMER = "performer_identity"
 PERFORMER_UNSEEN = "performer_identity_unseen"
+PERFORMER_WORK = "performer_identity_other_work"
 CHAIN_INVARIANCE = "chain_invariance"
 PASSAGE = "passage_retrieval"
 AGREEMENT = "expressive_agreement"
@@ -77,6 +83,7 @@ STYLE = style_task.STYLE_PARAMETERS
 TASKS = (
     PERFORMER,
     PERFORMER_UNSEEN,
+    PERFORMER_WORK,
     CHAIN_INVARIANCE,
     PASSAGE,
     AGREEMENT,
@@ -88,6 +95,7 @@ HEADLINE = {
     PERFORMER: "map",
     PERFORMER_EXCERPT: "map",
     PERFORMER_UNSEEN: "map",
+    PERFORMER_WORK: "map",
     CHAIN_INVARIANCE: "recall@1",
     PASSAGE: "map",
     AGREEMENT: "ndcg@10",
@@ -182,6 +190,7 @@ def build_views(
         if rows.size == 0:
             continue
         piece = perf.piece_ids[rows]
+        work = np.array([work_of(str(p)) for p in piece], dtype=object)
         chain = lab.chain[rows]
         performance = lab.performance[rows]
         pianist = lab.pianist[rows]
@@ -213,6 +222,9 @@ def build_views(
                 cand = in_b[None, :] & other_piece
                 rel = cand & (pianist[None, :] == pianist[q_all, None]) & known[:, None]
                 add(PERFORMER, known, cand, rel)
+                other_work = work[q_all, None] != work[None, :]
+                cand_work = in_b[None, :] & other_work
+                add(PERFORMER_WORK, known, cand_work, rel & other_work)
                 if data.heard_pianists is not None:
                     heard = data.heard_pianists
                     unseen = known & np.array([p not in heard for p in pianist[q_all]], dtype=bool)
@@ -446,7 +458,7 @@ def score_table(
                     )
                 elif metric == "spearman":
                     row["chance"] = 0.0  # a random ranking's expected rank correlation
-                if view.task in (PERFORMER, PERFORMER_UNSEEN):
+                if view.task in (PERFORMER, PERFORMER_UNSEEN, PERFORMER_WORK):
                     by_pianist = cluster_bootstrap(
                         per_query, view.pianists, n_boot=n_boot, seed=seed
                     )
