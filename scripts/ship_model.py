@@ -208,6 +208,18 @@ def main(argv: list[str] | None = None) -> int:
 INHERITED = ("training_data_licence", "recipe", "weights_sha256", "pianists", "training")
 
 
+def reference_record(cfg) -> dict:
+    """The manifest's description of the reference clips' embeddings (what the auto-reference
+    check recomputes at load)."""
+    return {
+        "file": shipped.REFERENCE,
+        "clip": "mess_ray.models.shipped.reference_clip(seed, sample_rate, window_s)",
+        "seeds": list(REFERENCE_SEEDS),
+        "sample_rate": cfg.audio.sample_rate,
+        "window_s": cfg.audio.window_s,
+    }
+
+
 def derive(args: argparse.Namespace) -> int:
     """Write ``--name`` as ``--derive``'s weights with the content timeline appended: a manifest
     naming the source (``weights_of``), the declaration, and reference vectors of its own. No
@@ -250,13 +262,7 @@ def derive(args: argparse.Namespace) -> int:
             "split": "none yet: attach the protocol table (--attach-protocol)",
             "command": "",
         },
-        "reference": {
-            "file": shipped.REFERENCE,
-            "clip": "mess_ray.models.shipped.reference_clip(seed, sample_rate, window_s)",
-            "seeds": list(REFERENCE_SEEDS),
-            "sample_rate": cfg.audio.sample_rate,
-            "window_s": cfg.audio.window_s,
-        },
+        "reference": reference_record(cfg),
     }
     (out / shipped.MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     print(f"{out}: {args.derive}'s weights + content timeline ({chroma:g}, {onset:g} fps)")
@@ -330,13 +336,7 @@ def ship(args: argparse.Namespace, cfg, storage) -> int:
             "counts": evaluate.get("counts"),
             "tasks": evaluate.get("tasks"),
         },
-        "reference": {
-            "file": shipped.REFERENCE,
-            "clip": "mess_ray.models.shipped.reference_clip(seed, sample_rate, window_s)",
-            "seeds": list(REFERENCE_SEEDS),
-            "sample_rate": cfg.audio.sample_rate,
-            "window_s": cfg.audio.window_s,
-        },
+        "reference": reference_record(cfg),
     }
     (out / shipped.MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
