@@ -27,6 +27,11 @@ or ``timelines``: the two timelines side by side, equally weighted, at ``--timel
 frames per second) to the model's the same way (``<model>+NAME@w``: a cosine is
 ``(1 - w) * model + w * baseline``); with ``--baselines`` each joined baseline is scored on its
 own too.
+``--query-lags L ...``: the model (and each ``--compare``) whose vectors end in the content
+timeline also scored with its queries tried at lags up to +-L ms every ``--query-step`` ms, each
+candidate at its best lag (``<ref>@lags<L>``, :class:`mess_ray.eval.protocol.QueryVariants`, as
+``model.content_timeline_query_shift_ms`` searches); a model that declares lags is scored with
+them anyway.
 """
 
 from __future__ import annotations
@@ -149,7 +154,18 @@ def main(argv: list[str] | None = None) -> int:
         help="the system every verdict is paired against (default: --model), e.g. "
         "'<folder>[timeline]' or chroma_timeline",
     )
+    parser.add_argument(
+        "--query-lags",
+        nargs="*",
+        type=float,
+        default=[],
+        metavar="L",
+        help="also score models with a content timeline at query lags up to +-L ms",
+    )
+    parser.add_argument("--query-step", type=float, default=20.0, help="ms between query lags")
     args = parser.parse_args(argv)
+    if any(lag <= 0 for lag in args.query_lags) or args.query_step <= 0:
+        parser.error("--query-lags and --query-step take positive milliseconds")
     if any(k < 2 for k in args.timeline) or any(not 0 < w < 1 for w in args.timeline_weight):
         parser.error("--timeline needs K >= 2 bins and --timeline-weight values in (0, 1)")
     try:
@@ -165,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         headline_rows,
         load_eval_data,
         score_table,
+        with_query_variants,
     )
     from mess_ray.segments import pool_neighbours
     from mess_ray.splits import VALIDATION
@@ -181,12 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     full[validation] = vectors  # test rows stay zero: no view below reads them
     embedded_s = time.time() - started
     systems = {args.model: full}
+    infos = {args.model: info}
     parted = timeline_part_systems(
         args.model, vectors, info.get("facet_layout"), args.timeline_weight
     )
     for ref in args.compare:
         other, other_info = embed_system(cfg, storage, ref, data.perf.subset(validation))
         systems[ref] = _full(len(data.perf), validation, other)
+        infos[ref] = other_info
         parted.update(
             timeline_part_systems(ref, other, other_info.get("facet_layout"), args.timeline_weight)
         )
@@ -242,6 +261,20 @@ def main(argv: list[str] | None = None) -> int:
         max_queries=cfg.eval.max_queries_per_chain,
         seed=cfg.eval.seed,
     )
+    for ref, ref_info in list(infos.items()):
+        record = ref_info.get("content_timeline")
+        for lag in args.query_lags if record else ():
+            name = f"{ref}@lags{lag:g}"
+            systems[name] = systems[ref]
+            infos[name] = {
+                **ref_info,
+                "content_timeline": {
+                    **record,
+                    "query_shift_ms": lag,
+                    "query_step_ms": args.query_step,
+                },
+            }
+    with_query_variants(systems, infos, data, views, cfg.audio.sample_rate)
     reference = args.reference or args.model
     if reference not in systems:
         raise SystemExit(f"--reference {reference!r} is not a scored system: {sorted(systems)}")

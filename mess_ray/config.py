@@ -400,6 +400,19 @@ class ModelConfig(_Section):
         (20.0, 50.0),
         description="Frames per second of the content timeline's chroma and onset envelope.",
     )
+    content_timeline_query_shift_ms: float = Field(
+        0.0,
+        ge=0.0,
+        le=1000.0,
+        description="A query's content timeline is also tried moved up to this many ms earlier "
+        "and later (every content_timeline_query_step_ms), and each candidate is scored at its "
+        "best lag: a recording chain delays the sound (a far microphone, a codec), and the "
+        "timelines compare moments tens of ms apart. 0: one lag. Only queries pay (index "
+        "vectors are unchanged). Recorded with the timeline in the embedder's info.",
+    )
+    content_timeline_query_step_ms: PositiveFloat = Field(
+        20.0, description="Step between the lags tried (content_timeline_query_shift_ms)."
+    )
     seed: int = Field(
         0, description="Seed of randomly initialised encoders (the 'random' baseline)."
     )

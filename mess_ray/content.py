@@ -14,7 +14,10 @@ track; the service aligns with them; the benchmark scores them):
   their global tempo and level are removed ("who plays this passage most like this");
 * :func:`chroma_timeline`, :func:`onset_timeline`, :func:`timelines` - a fixed-length passage's
   chroma frames and onset envelope kept in time order (the protocol's chain-invariance
-  baselines: the same moment of the same performance through another recording chain).
+  baselines: the same moment of the same performance through another recording chain);
+  :func:`query_shifts_ms`, :func:`shift_segments`, :func:`timeline_variants` - the same timelines
+  of a query moved by a few tens of milliseconds either way, for a search that takes the best
+  lag (a recording chain delays the sound: a far microphone, a codec).
 """
 
 from __future__ import annotations
@@ -550,3 +553,57 @@ def timelines(
             ],
             [0.5, 0.5],
         )
+
+
+# -- lag-tolerant queries ----------------------------------------------------------------------
+def query_shifts_ms(max_ms: float, step_ms: float) -> tuple[float, ...]:
+    """The lags a query's timelines are tried at: 0 first, then +-step, +-2 step, ... up to
+    ``max_ms`` (() -> just (0.0,) when ``max_ms`` is 0)."""
+    if max_ms < 0 or step_ms <= 0:
+        raise ValueError(f"query shifts need max_ms >= 0 and step_ms > 0, got {max_ms}, {step_ms}")
+    out = [0.0]
+    k = 1
+    while k * step_ms <= max_ms + 1e-9:
+        out += [-k * step_ms, k * step_ms]
+        k += 1
+    return tuple(float(round(v, 6)) for v in out)
+
+
+def shift_segments(audio: np.ndarray, samples: int) -> np.ndarray:
+    """``audio`` [N, T] moved ``samples`` earlier (``samples`` < 0: later), zero-filled: a
+    positive shift lines up a query that lags behind a candidate recorded with less delay."""
+    audio = check_segments(audio)
+    if samples == 0:
+        return audio
+    out = np.zeros_like(audio)
+    n = audio.shape[1]
+    if abs(samples) >= n:
+        return out
+    if samples > 0:
+        out[:, : n - samples] = audio[:, samples:]
+    else:
+        out[:, -samples:] = audio[:, : n + samples]
+    return out
+
+
+def timeline_variants(
+    audio: np.ndarray,
+    sample_rate: int,
+    shifts_ms,
+    chroma_rate: float = TIMELINE_CHROMA_RATE,
+    onset_rate: float = TIMELINE_ONSET_RATE,
+) -> np.ndarray:
+    """[K, N, D]: :func:`timelines` of ``audio`` shifted by each of ``shifts_ms``
+    (:func:`shift_segments`, milliseconds, positive = earlier)."""
+    audio = check_segments(audio)
+    return np.stack(
+        [
+            timelines(
+                shift_segments(audio, int(round(ms * sample_rate / 1000.0))),
+                sample_rate,
+                chroma_rate,
+                onset_rate,
+            )
+            for ms in shifts_ms
+        ]
+    )

@@ -173,6 +173,15 @@ def main(argv: list[str] | None = None) -> int:
         help="with --derive: append the chroma and onset timelines at these frame rates",
     )
     parser.add_argument(
+        "--query-lags",
+        nargs=2,
+        type=float,
+        default=None,
+        metavar=("MAX_MS", "STEP_MS"),
+        help="with --content-timeline: queries are also tried with the timeline moved up to "
+        "+-MAX_MS every STEP_MS, each candidate scored at its best lag",
+    )
+    parser.add_argument(
         "--protocol-command", default="", help="the command that produced that table (recorded)"
     )
     parser.add_argument(
@@ -235,6 +244,17 @@ def derive(args: argparse.Namespace) -> int:
     if out.resolve() == shipped.shipped_dir(args.derive).resolve():
         raise SystemExit("--derive writes a new folder: give another --name or --out")
     chroma, onset = args.content_timeline
+    declared = {"chroma_rate": chroma, "onset_rate": onset}
+    what_lags = ""
+    if args.query_lags:
+        lag, step = args.query_lags
+        if lag <= 0 or step <= 0:
+            raise SystemExit("--query-lags takes positive MAX_MS and STEP_MS")
+        declared.update(query_shift_ms=lag, query_step_ms=step)
+        what_lags = (
+            f"; each query also tried with its timeline moved up to +-{lag:g} ms every "
+            f"{step:g} ms, a candidate scored at its best lag"
+        )
     config_file = ROOT / source["recipe"]["config_file"]
     with tempfile.TemporaryDirectory() as scratch:
         cfg = load_config(
@@ -254,9 +274,10 @@ def derive(args: argparse.Namespace) -> int:
         "name": args.name,
         "what": f"{args.derive}'s weights (its manifest: {source['what']}), with the "
         f"passage's chroma and onset timelines (mess_ray.content.timelines at {chroma:g} and "
-        f"{onset:g} frames per second, no learning) appended as a last 'timeline' part",
+        f"{onset:g} frames per second, no learning) appended as a last 'timeline' part"
+        + what_lags,
         "weights_of": args.derive,
-        "content_timeline": {"chroma_rate": chroma, "onset_rate": onset},
+        "content_timeline": declared,
         **{key: source[key] for key in INHERITED if key in source},
         "benchmark": {
             "split": "none yet: attach the protocol table (--attach-protocol)",

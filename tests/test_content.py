@@ -189,3 +189,35 @@ def test_timelines_of_a_batch_equal_each_segment_computed_alone(monkeypatch):
     assert np.abs(onset[1]).max() > 0.01  # the quiet segment keeps its own envelope
     with pytest.raises(ValueError, match="too short"):
         content.chroma_timeline(audio[:, :100], SR)
+
+
+def test_a_delayed_recording_lines_up_at_the_query_lag_that_undoes_the_delay():
+    """A recording chain delays the sound (a far microphone, a codec): the timelines of the
+    same passage recorded 60 ms later agree best once the query is moved by that lag, and
+    ``timeline_variants`` gives exactly the timelines of the shifted audio."""
+    import mess_ray.content as content
+
+    assert content.query_shifts_ms(60, 20) == (0.0, -20.0, 20.0, -40.0, 40.0, -60.0, 60.0)
+    assert content.query_shifts_ms(0, 20) == (0.0,)
+    with pytest.raises(ValueError):
+        content.query_shifts_ms(50, 0)
+    x = np.arange(1, 6, dtype=np.float32)[None]
+    np.testing.assert_array_equal(content.shift_segments(x, 2), [[3, 4, 5, 0, 0]])
+    np.testing.assert_array_equal(content.shift_segments(x, -2), [[0, 0, 1, 2, 3]])
+    np.testing.assert_array_equal(content.shift_segments(x, 9), [[0, 0, 0, 0, 0]])
+
+    y, _ = render_melody(melody(seed=3), 0.3)
+    n, lag = 4 * SR, int(0.06 * SR)
+    early = y[SR : SR + n].astype(np.float32)
+    late = y[SR - lag : SR - lag + n].astype(np.float32)  # the same moment 60 ms later
+    shifts = content.query_shifts_ms(100, 20)
+    variants = content.timeline_variants(late[None], SR, shifts)
+    assert variants.shape[:2] == (len(shifts), 1)
+    k = shifts.index(60.0)
+    np.testing.assert_array_equal(
+        variants[k], content.timelines(content.shift_segments(late[None], lag), SR)
+    )
+    target = content.timelines(early[None], SR)[0]
+    cos = variants[:, 0] @ target / np.linalg.norm(variants[:, 0], axis=1) / np.linalg.norm(target)
+    assert int(np.argmax(cos)) == k
+    assert cos[k] > cos[0] + 0.2

@@ -116,6 +116,15 @@ def test_context_benchmark_scores_a_models_timeline_beside_the_timeline_baseline
     )
     again = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert {r["reference"] for r in again if r.get("reference")} == {"chroma_timeline"}
+    # a model with the content timeline, also scored at its best query lag
+    lagged = ["--config", str(tmp_path / "c.yaml"), "--model", "shipped:tiny-asap-v2"]
+    lagged += ["--neighbours", "--query-lags", "40", "--query-step", "20"]
+    assert protocol_context.main([*lagged, *sum((["--set", s] for s in sets), [])]) == 0
+    out = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    lag_rows = [r for r in out if r.get("system") == "shipped:tiny-asap-v2@lags40"]
+    assert "passage_retrieval" in {r["task"] for r in lag_rows}  # one chain: no invariance row
+    with pytest.raises(SystemExit):
+        protocol_context.main([*lagged[:4], "--query-lags", "-5"])
     with pytest.raises(SystemExit):
         protocol_context.main([*args[:4], "--timeline", "1"])
     for bad in ("mfcc@0.5", "timelines@1", "timelines"):

@@ -177,6 +177,47 @@ def test_scores_separate_a_pianist_model_from_chance_with_verdicts():
     assert err["value"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_a_model_searching_at_several_query_lags_scores_each_candidate_at_its_best_lag():
+    """:class:`QueryVariants`: a candidate's similarity is its best over the query's variants
+    (one variant: the plain system's figures exactly); excerpt pooling uses the indexed vectors."""
+    from mess_ray.config import load_config
+    from mess_ray.eval.protocol import QueryVariants, score_all
+
+    data, systems = synthetic()
+    plain = systems["chance"]
+    track = data.perf.track_ids
+    # the second variant of each query is its counterpart through the other chain (what a lag
+    # that undoes the chain's delay would give): every chain-invariance query finds it first
+    other = {
+        (t.rsplit("__", 1)[0], t.rsplit("__", 1)[1], s): i
+        for i, (t, s) in enumerate(zip(track, data.perf.start_s))
+    }
+    swap = np.array(
+        [
+            other[(t.rsplit("__", 1)[0], "eval-1" if t.endswith("dry") else "dry", s)]
+            for t, s in zip(track, data.perf.start_s)
+        ]
+    )
+    systems = {
+        "plain": plain,
+        "one lag": QueryVariants(plain, plain[None]),
+        "lags": QueryVariants(plain, np.stack([plain, plain[swap]])),
+    }
+    rows = score_all(load_config(None), data, systems, reference="plain")
+    get = {(r["task"], r["split"], r["chains"], r["system"], r["metric"]): r for r in rows}
+    for split in ("validation", "test"):
+        key = (CHAIN_INVARIANCE, split, "dry->eval-1")
+        assert get[(*key, "lags", "recall@1")]["value"] == 1.0
+        assert get[(*key, "plain", "recall@1")]["value"] < 0.6
+        for task, metric in ((PERFORMER, "map"), (CHAIN_INVARIANCE, "recall@1")):
+            for cond in ("dry", "dry->eval-1"):
+                if (task, split, cond, "plain", metric) in get:
+                    one = get[(task, split, cond, "one lag", metric)]["value"]
+                    assert one == get[(task, split, cond, "plain", metric)]["value"]
+    excerpt = [r for r in rows if r["task"] == "performer_identity_excerpt"]
+    assert {r["system"] for r in excerpt} == set(systems)
+
+
 def test_no_verdict_from_too_few_pieces():
     data, systems = synthetic()
     rows = score_table(build_views(data), systems, data, reference="pianist_model", n_boot=50)

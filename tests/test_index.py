@@ -330,6 +330,28 @@ def test_publish_writes_checksummed_manifest_and_latest(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_query_with_variants_scores_each_passage_at_its_best_variant():
+    """[K, D] query variants (the same passage at several lags): every passage's similarity is
+    its highest to any variant, the ranking is by that, and a bad shape is refused."""
+    si, data = make_search_index()
+    x = data["x"]
+    variants = np.stack([x[3], x[9], 0.6 * x[1] + 0.8 * x[2]])
+    hits = si.search(variants, k=6)
+    unit = variants / np.linalg.norm(variants, axis=1, keepdims=True)
+    best = (x @ unit.T).max(axis=1)
+    order = np.argsort(-best, kind="stable")[:6]
+    assert {h.segment_id for h in hits} == {int(data["ids"][i]) for i in order}
+    assert {h.segment_id for h in hits[:2]} == {int(data["ids"][3]), int(data["ids"][9])}
+    by_id = dict(zip(data["ids"].tolist(), best))
+    for h in hits:
+        assert h.similarity == pytest.approx(float(by_id[h.segment_id]), abs=1e-5)
+    assert [h.similarity for h in hits] == sorted((h.similarity for h in hits), reverse=True)
+    single = si.search(x[3], k=6)
+    assert [h.segment_id for h in si.search(x[3][None], k=6)] == [h.segment_id for h in single]
+    with pytest.raises(ValueError, match="variants"):
+        si.search(np.ones((2, 2, x.shape[1])), k=1)
+
+
 def test_ivfpq_candidates_are_reranked_exactly():
     x, ids = unit_vectors(3000, 16, seed=5), big_ids(3000)
     spec = choose_index_spec(len(x), 16, "ivf", ivfpq_above=1000, nprobe=64)

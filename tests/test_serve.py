@@ -267,3 +267,29 @@ def test_serve_time_search_knobs_reach_the_loaded_index(tmp_path, kind):
         assert spec.ef_search == 16 and hnsw.hnsw.efSearch == 16
         spec, hnsw = searcher("index.ef_search=80")
         assert spec.ef_search == 80 and hnsw.hnsw.efSearch == 80
+
+
+def test_an_upload_is_searched_at_every_query_lag_of_the_model_and_scored_at_its_best(tmp_path):
+    """A model that tries its content timeline at several lags: an upload becomes one query
+    vector per lag, and each hit's similarity is its best over them (never below the unshifted
+    query's), the hit's timeline facet taken at that lag."""
+    cfg = tiny_config(
+        str(tmp_path / "store"),
+        model={"content_timeline": True, "content_timeline_query_shift_ms": 40.0},
+    )
+    publish_audio_index(cfg, tmp_path / "audio")
+    service = SearchService.from_config(cfg)
+    assert service._state.embedder.query_shifts_ms == (0.0, -20.0, 20.0, -40.0, 40.0)
+    delayed = np.concatenate([np.zeros(640, np.float32), track_audio(1, 16000)[16000:48000]])
+    (variants,), state = service.embed_clips([delayed])
+    assert variants.shape == (5, state.index.dim)
+    result = TestClient(create_app(service)).post(
+        "/search", params={"k": 3}, files={"file": ("q.wav", wav_bytes(delayed, 16000))}
+    )
+    assert result.status_code == 200, result.text
+    hits = result.json()["hits"]
+    assert hits[0]["track_id"] == "track1"
+    for hit in hits:
+        stored = state.index.vector(hit["segment_id"])
+        assert hit["similarity"] == pytest.approx(float(np.max(variants @ stored)), abs=1e-4)
+        assert hit["similarity"] >= float(variants[0] @ stored) - 1e-6

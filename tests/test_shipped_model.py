@@ -204,6 +204,46 @@ def test_a_derived_shipped_model_embeds_as_its_source_plus_the_declared_timeline
         assert with_timeline.info["content_timeline"]  # the config adds it to any model
 
 
+def test_an_embedder_with_query_lags_searches_with_its_timeline_moved_and_the_rest_unchanged(cfg):
+    """``model.content_timeline_query_shift_ms``: the query variants are the plain vectors with
+    only the timeline part recomputed on the audio moved by each lag (0 first); the record
+    travels in the info, so a rebuilt embedder tries the same lags; without it, one variant."""
+    from mess_ray.content import shift_segments, timelines
+    from mess_ray.models.embedder import query_variants_from_info
+
+    storage = Storage.from_config(cfg.storage)
+    clips = np.stack([shipped.reference_clip(seed, 16000, 4.0) for seed in (5, 6)])
+    root = f"storage.root={cfg.storage.root}"
+    on = load_config(
+        None, [root, "model.content_timeline=true", "model.content_timeline_query_shift_ms=40"]
+    )
+    model = Embedder.from_ref(on, storage, "shipped:tiny-asap-v1")
+    assert model.query_shifts_ms == (0.0, -20.0, 20.0, -40.0, 40.0)
+    assert model.info["content_timeline"]["query_shift_ms"] == 40.0
+    q = model.embed_query(clips)
+    plain = model.embed(clips)
+    assert q.shape == (5, *plain.shape)
+    np.testing.assert_allclose(q[0], plain, atol=1e-6)
+    start, end = model.info["facet_layout"]["timeline"]
+    parts = len(model.info["facet_layout"])
+    np.testing.assert_allclose(
+        q[:, :, :start], np.broadcast_to(plain[:, :start], q[..., :start].shape)
+    )
+    k = model.query_shifts_ms.index(40.0)
+    moved = timelines(shift_segments(clips, 640), 16000) * np.sqrt(1 / parts)
+    np.testing.assert_allclose(q[k, :, start:end], moved, atol=1e-5)
+    np.testing.assert_allclose(
+        query_variants_from_info(model.info, plain, clips, 16000), q, atol=1e-5
+    )
+    again = Embedder.from_info(on, storage, model.info)
+    assert again.query_shifts_ms == model.query_shifts_ms
+    one = Embedder.from_ref(
+        load_config(None, [root, "model.content_timeline=true"]), storage, "shipped:tiny-asap-v1"
+    )
+    assert one.query_shifts_ms == (0.0,) and one.embed_query(clips).shape[0] == 1
+    assert query_variants_from_info(one.info, plain, clips, 16000) is None
+
+
 def test_the_timeline_cost_benchmark_compares_batched_with_per_segment_and_the_source(tmp_path):
     """``benchmarks.embed_throughput --content-timeline``: the batched timelines equal the
     per-segment ones, and the default embedder is timed against its source model."""

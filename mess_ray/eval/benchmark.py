@@ -396,6 +396,7 @@ def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str] | N
     task_metrics: dict[str, dict[str, dict[str, float]]] = {}
     task_similarities: dict[str, dict[str, np.ndarray]] = {}
     perf_vectors: dict[str, np.ndarray] = {}  # reused by the protocol table (same segments)
+    perf_infos: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     for ref in systems:
         try:
@@ -426,7 +427,7 @@ def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str] | N
                 else:
                     vectors, info = embed_system(cfg, storage, ref, plan.perf)
                 if ref != DESCRIPTORS:
-                    perf_vectors[ref] = vectors
+                    perf_vectors[ref], perf_infos[ref] = vectors, info
                 if held_out is None:
                     results.append(
                         SystemResult(
@@ -530,6 +531,7 @@ def run_evaluate(cfg: MessRayConfig, storage: Storage, model_refs: list[str] | N
                 [r for r in systems if r not in (DESCRIPTORS, RANDOM)],
                 embed_system,
                 precomputed=perf_vectors,
+                precomputed_infos=perf_infos,
                 random_ref=RANDOM,
             )
         except ValueError as err:

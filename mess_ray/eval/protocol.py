@@ -316,6 +316,43 @@ def top_hit_time_errors(view: View, similarity: np.ndarray, data: EvalData) -> n
     return out
 
 
+@dataclass
+class QueryVariants:
+    """A model that searches with each query at several lags of its content timeline
+    (``Embedder.query_variants``): ``vectors`` [N, D] as indexed, ``queries`` [K, N, D] (the
+    first = ``vectors``; rows that are never queries may stay unshifted). A candidate's
+    similarity is its best over the K, as :meth:`SearchIndex.search` scores it. Excerpt pooling
+    and work-relative variants use ``vectors``."""
+
+    vectors: np.ndarray
+    queries: np.ndarray
+
+
+def plain_vectors(system):
+    """A system's indexed vectors (:class:`QueryVariants` -> its ``vectors``)."""
+    return system.vectors if isinstance(system, QueryVariants) else system
+
+
+def with_query_variants(
+    systems: dict[str, Any], infos: dict[str, dict], data: EvalData, views, sample_rate: int
+) -> None:
+    """Replace every model whose embedder tries its queries at several lags by its
+    :class:`QueryVariants` (shifted timelines computed for the rows some view queries)."""
+    from mess_ray.models.embedder import query_variants_from_info
+
+    asked = np.unique(np.concatenate([v.rows[v.queries] for v in views] or [np.zeros(0, int)]))
+    for name, info in infos.items():
+        vectors = systems.get(name)
+        if vectors is None or isinstance(vectors, (ContentScorer, QueryVariants)):
+            continue
+        part = query_variants_from_info(info, vectors[asked], data.perf.audio[asked], sample_rate)
+        if part is None:
+            continue
+        queries = np.repeat(np.asarray(vectors, dtype=np.float32)[None], len(part), 0)
+        queries[:, asked] = part
+        systems[name] = QueryVariants(np.asarray(vectors), queries)
+
+
 class ContentScorer:
     """A system without vectors that scores the views of some tasks itself (``scorer.scores(
     queries, rows, candidates) -> (similarity [Q, len(rows)], scored queries)``): n/a elsewhere."""
@@ -344,6 +381,11 @@ def score_view(
     view: View, unit: np.ndarray, data: EvalData, ndcg_k: int = 10
 ) -> dict[str, np.ndarray]:
     """Per-query values of every metric of the view's task for one system's unit vectors."""
+    if isinstance(unit, QueryVariants):
+        sub = unit.vectors[view.rows]
+        asked = view.rows[view.queries]
+        sim = np.max([q[asked] @ sub.T for q in unit.queries], axis=0)
+        return score_similarity(view, sim, data, ndcg_k)
     sub = unit[view.rows]
     return score_similarity(view, sub[view.queries] @ sub.T, data, ndcg_k)
 
@@ -408,7 +450,15 @@ def score_table(
     """One row per (task, split, condition, system, metric): value, 95 % CI over pieces, the
     paired difference to ``reference`` with its CI and verdict; performer tasks also carry the
     CI over pianists."""
-    units = {name: v if isinstance(v, ContentScorer) else _unit(v) for name, v in systems.items()}
+
+    def unit(v):
+        if isinstance(v, ContentScorer):
+            return v
+        if isinstance(v, QueryVariants):
+            return QueryVariants(_unit(v.vectors), np.stack([_unit(q) for q in v.queries]))
+        return _unit(v)
+
+    units = {name: unit(v) for name, v in systems.items()}
     rows: list[dict[str, Any]] = []
     for view in views:
         per_system = {}
@@ -757,7 +807,7 @@ def work_relative_systems(
     for name in names:
         if name not in systems:
             continue
-        x = np.asarray(systems[name], dtype=np.float64)
+        x = np.asarray(plain_vectors(systems[name]), dtype=np.float64)
         if wcfg.aligned:
             rel = aligned_relative(
                 x,
@@ -799,7 +849,7 @@ def score_all(
     rows = score_table(views, systems, data, reference, **kw)
     groups, first = excerpt_groups(data)
     pooled = {
-        name: pool_excerpts(v, groups, first.size)
+        name: pool_excerpts(plain_vectors(v), groups, first.size)
         for name, v in systems.items()
         if not isinstance(v, ContentScorer)
     }
@@ -904,6 +954,7 @@ def run_protocol(
     embed_system,
     precomputed: dict[str, np.ndarray] | None = None,
     random_ref: str = "random",
+    precomputed_infos: dict[str, dict] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The full table for ``model_refs`` (plus the random-init encoder ``random_ref``) and every
     baseline. ``embed_system(cfg, storage, ref, held_out) -> (vectors, info)`` embeds one model
@@ -916,6 +967,7 @@ def run_protocol(
     ecfg = cfg.eval
     data, train, tracks = load_eval_data(cfg, storage, version, ecfg.validation_share)
     systems: dict[str, Any] = {}
+    infos: dict[str, dict] = {}
     skipped: dict[str, str] = {}
     precomputed = precomputed or {}
     for ref in [*model_refs, random_ref]:
@@ -923,9 +975,10 @@ def run_protocol(
             continue
         if ref in precomputed and len(precomputed[ref]) == len(data.perf):
             systems[ref] = precomputed[ref]
+            infos[ref] = (precomputed_infos or {}).get(ref, {})
             continue
         try:
-            systems[ref], _ = embed_system(cfg, storage, ref, data.perf)
+            systems[ref], infos[ref] = embed_system(cfg, storage, ref, data.perf)
         except FileNotFoundError as err:
             skipped[ref] = str(err)
     head = train_head(cfg, storage, version, train, ecfg.seed)
@@ -977,6 +1030,7 @@ def run_protocol(
     views = build_views(
         data, hop_s=cfg.audio.hop_s, max_queries=ecfg.max_queries_per_chain, seed=ecfg.seed
     )
+    with_query_variants(systems, infos, data, views, cfg.audio.sample_rate)
     rows = score_all(cfg, data, systems, reference, views=views)
     style_rows, style_summary = style_parameter_rows(
         cfg,
@@ -994,6 +1048,12 @@ def run_protocol(
         "split": data.split,
         "reference": reference,
         "systems": list(systems),
+        # models scored at their best query lag (QueryVariants): their content timeline record
+        "query_lags": {
+            name: (infos.get(name) or {}).get("content_timeline")
+            for name, v in systems.items()
+            if isinstance(v, QueryVariants)
+        },
         "skipped": skipped,
         "chains": sorted(set(data.labels.chain)),
         "segments": {s: int((data.labels.side == s).sum()) for s in (VALIDATION, TEST)},

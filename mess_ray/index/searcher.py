@@ -395,7 +395,9 @@ class SearchIndex:
         mmr_lambda: float | None = None,
         mmr_pool: int = 50,
     ) -> list[Hit]:
-        """Nearest passages to one query vector, best first.
+        """Nearest passages to one query vector [D], best first; or to the best of a query's
+        variants [K, D] (the same passage at several lags, ``Embedder.query_variants``: each
+        candidate scores its highest similarity to any of them).
 
         ``facet_weights`` (needs a faceted index) rank by ``sum_p w_p cos_p``; ``filters`` keep
         only passages whose metadata match; ``mmr_lambda`` < 1 re-ranks a pool of
@@ -407,9 +409,13 @@ class SearchIndex:
             raise ValueError(f"min_gap_s must be >= 0, got {min_gap_s}")
         if mmr_lambda is not None and not 0 <= mmr_lambda <= 1:
             raise ValueError(f"mmr_lambda must be in [0, 1], got {mmr_lambda}")
-        q = normalize(np.asarray(query, dtype=np.float32).reshape(1, -1))
-        if q.shape[1] != self.dim:
-            raise ValueError(f"query has dimension {q.shape[1]}, the index {self.dim}")
+        q = np.asarray(query, dtype=np.float32)
+        if q.ndim not in (1, 2) or q.shape[-1] != self.dim or q.size == 0:
+            raise ValueError(
+                f"query must be [{self.dim}] or [variants, {self.dim}] (the index's dimension), "
+                f"got shape {q.shape}"
+            )
+        q = normalize(q.reshape(-1, self.dim))
         if facet_weights and self.facet_layout is None:
             raise ValueError(
                 "facet weights need a faceted index: this index's model has no facet heads "
@@ -463,12 +469,12 @@ class SearchIndex:
             )
         hits = [self._hit(rank, sid, score) for rank, (sid, score) in enumerate(kept, start=1)]
         if self.facet_layout is not None and hits:
-            parts = part_similarities(
-                plain[0], np.stack([self.vector(h.segment_id) for h in hits]), self.facet_layout
-            )
+            stored = np.stack([self.vector(h.segment_id) for h in hits])
+            best = np.argmax(stored @ q.T, axis=1)  # the variant each hit scored with
             for i, hit in enumerate(hits):
-                hit.facet_similarities = {name: round(float(v[i]), 6) for name, v in parts.items()}
-        self._add_percentiles(hits, q[0], plain[0])
+                parts = part_similarities(plain[best[i]], stored[i : i + 1], self.facet_layout)
+                hit.facet_similarities = {name: round(float(v[0]), 6) for name, v in parts.items()}
+        self._add_percentiles(hits, q, plain)
         return hits
 
     def work_of(self, segment_id: int) -> str:
@@ -508,7 +514,10 @@ class SearchIndex:
             )
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        raw = np.asarray(query, dtype=np.float64).reshape(1, -1)
+        raw = np.asarray(query, dtype=np.float64)
+        # Query variants [K, D] (lags of the content timeline): the work norm is taken of the
+        # passage as heard, the unshifted first variant.
+        raw = (raw[:1] if raw.ndim == 2 else raw).reshape(1, -1)
         if raw.shape[1] != self.dim:
             raise ValueError(f"query has dimension {raw.shape[1]}, the index {self.dim}")
         rel = self.work_norms.transform(raw, [work or ""])
@@ -555,19 +564,21 @@ class SearchIndex:
 
     def _add_percentiles(self, hits: list[Hit], query: np.ndarray, plain: np.ndarray) -> None:
         """Each hit's percentile among the query's similarities to the corpus sample, and per
-        facet part: which facet made it close."""
+        facet part: which facet made it close (``query`` / ``plain``: [D] or the variants
+        [K, D], scored as the search scores them: best variant per sample vector)."""
         sample = self.corpus_sample() if hits else None
         if sample is None:
             return
-        scores = np.sort(sample @ query)
-        part_scores = (
-            {
-                name: np.sort(v)
-                for name, v in part_similarities(plain, sample, self.facet_layout).items()
+        query = np.atleast_2d(query)
+        plain = np.atleast_2d(plain)
+        scores = np.sort((sample @ query.T).max(axis=1))
+        part_scores = {}
+        if self.facet_layout is not None:
+            per_variant = [part_similarities(p, sample, self.facet_layout) for p in plain]
+            part_scores = {
+                name: np.sort(np.max([v[name] for v in per_variant], axis=0))
+                for name in self.facet_layout
             }
-            if self.facet_layout is not None
-            else {}
-        )
         for hit in hits:
             hit.percentile = percentile_of(scores, hit.similarity)
             hit.facet_percentiles = {
@@ -630,14 +641,19 @@ class SearchIndex:
 
     # -- internals -----------------------------------------------------------------------
     def _candidates(self, q: np.ndarray, fetch: int) -> list[tuple[int, float]]:
+        """The ``fetch`` best (segment, score) for queries [K, D], a segment scoring its best
+        over the K (exact: a segment in the top ``fetch`` by its best score is in the top
+        ``fetch`` of the variant that gives it)."""
         scores, ids = self.index.search(q, fetch)
-        pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+        best: dict[int, float] = {}
+        for row_ids, row_scores in zip(ids, scores):
+            for i, score in zip(row_ids, row_scores):
+                if i >= 0 and float(score) > best.get(int(i), -np.inf):
+                    best[int(i)] = float(score)
         if self._rerank is not None:
             # IVF-PQ scores are approximate: re-score candidates exactly with the raw vectors.
-            pairs = sorted(
-                ((i, float(self._rerank[i] @ q[0])) for i, _ in pairs), key=lambda p: -p[1]
-            )
-        return pairs
+            best = {i: float(np.max(self._rerank[i] @ q.T)) for i in best}
+        return sorted(best.items(), key=lambda p: (-p[1], p[0]))[:fetch]
 
     def _row(self, segment_id: int) -> int:
         try:

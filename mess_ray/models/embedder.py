@@ -87,7 +87,12 @@ class ContentTimelineJoined(nn.Module):
     ``overall`` part. A model that already has a (learned) timeline part is refused."""
 
     def __init__(
-        self, model: nn.Module, sample_rate: int, window: int, rates: tuple[float, float]
+        self,
+        model: nn.Module,
+        sample_rate: int,
+        window: int,
+        rates: tuple[float, float],
+        query_shifts_ms: tuple[float, ...] = (0.0,),
     ) -> None:
         from mess_ray.content import timelines
         from mess_ray.facets import OVERALL, TIMELINE
@@ -102,6 +107,7 @@ class ContentTimelineJoined(nn.Module):
         self.model = model
         self.sample_rate = int(sample_rate)
         self.rates = (float(rates[0]), float(rates[1]))
+        self.query_shifts_ms = tuple(float(v) for v in query_shifts_ms) or (0.0,)
         self._timelines = timelines
         self.base_parts = len(base)
         base_dim = int(model.embedding_dim)
@@ -129,6 +135,51 @@ class ContentTimelineJoined(nn.Module):
             [base * float(np.sqrt((parts - 1) / parts)), timeline * float(np.sqrt(1 / parts))],
             dim=-1,
         )
+
+    def query_variants(self, vectors: np.ndarray, audio: np.ndarray) -> np.ndarray:
+        """[K, N, D]: ``vectors`` (this model's, of ``audio`` [N, T]) with the timeline part
+        recomputed at each of ``query_shifts_ms`` (the first is 0: ``vectors`` themselves)."""
+        return timeline_query_variants(
+            vectors, audio, self.sample_rate, self.rates, self.query_shifts_ms, self.facet_layout
+        )
+
+
+def timeline_query_variants(
+    vectors: np.ndarray,
+    audio: np.ndarray,
+    sample_rate: int,
+    rates: tuple[float, float],
+    shifts_ms: tuple[float, ...],
+    layout: dict,
+) -> np.ndarray:
+    """[K, N, D]: ``vectors`` of ``audio`` [N, T] (a model with the content timeline appended as
+    the last part of ``layout``) with that part recomputed at each lag of ``shifts_ms``
+    (:func:`mess_ray.content.timeline_variants`; a lag of 0 keeps ``vectors`` as they are)."""
+    from mess_ray.content import timeline_variants
+    from mess_ray.facets import TIMELINE
+
+    start, end = (int(v) for v in layout[TIMELINE])
+    out = np.repeat(np.asarray(vectors, dtype=np.float32)[None], len(shifts_ms), 0)
+    moved = [k for k, ms in enumerate(shifts_ms) if ms != 0]
+    if moved and len(out[0]):
+        shifted = timeline_variants(audio, sample_rate, [shifts_ms[k] for k in moved], *rates)
+        out[moved, :, start:end] = shifted * float(np.sqrt(1 / len(layout)))
+    return out
+
+
+def query_variants_from_info(
+    info: dict[str, Any], vectors: np.ndarray, audio: np.ndarray, sample_rate: int
+) -> np.ndarray | None:
+    """:func:`timeline_query_variants` for vectors an embedder described by ``info`` made
+    (e.g. on an embedding pool), None when it tries its queries at one lag only."""
+    from mess_ray.content import query_shifts_ms
+
+    record = info.get("content_timeline") or {}
+    if float(record.get("query_shift_ms") or 0) <= 0:
+        return None
+    shifts = query_shifts_ms(float(record["query_shift_ms"]), float(record["query_step_ms"]))
+    rates = (float(record["chroma_rate"]), float(record["onset_rate"]))
+    return timeline_query_variants(vectors, audio, sample_rate, rates, shifts, info["facet_layout"])
 
 
 def _stops_early(encoder: nn.Module) -> bool:
@@ -255,6 +306,27 @@ class Embedder:
 
     __call__ = embed
 
+    @property
+    def query_shifts_ms(self) -> tuple[float, ...]:
+        """The lags a query's content timeline is tried at ((0.0,): one)."""
+        return getattr(self.model, "query_shifts_ms", (0.0,))
+
+    def query_variants(self, vectors: np.ndarray, batch: np.ndarray) -> np.ndarray:
+        """[K, N, D]: the query vectors to search with for ``batch`` [N, T] whose embeddings
+        are ``vectors`` (one per lag of :attr:`query_shifts_ms`, the unshifted first); a
+        candidate's score is its best over the K (:meth:`SearchIndex.search` with [K, D])."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if len(self.query_shifts_ms) == 1:
+            return vectors[None]
+        batch = np.asarray(batch, dtype=np.float32)
+        if batch.shape[1] != self.window_samples:
+            batch = np.stack([fit_length(row, self.window_samples) for row in batch])
+        return self.model.query_variants(vectors, batch)
+
+    def embed_query(self, batch: np.ndarray) -> np.ndarray:
+        """[K, N, D]: :meth:`embed` of ``batch`` and its :meth:`query_variants`."""
+        return self.query_variants(self.embed(batch), batch)
+
     # -- construction ----------------------------------------------------------------------
     @classmethod
     def from_ref(cls, cfg: MessRayConfig, storage: Storage, ref: str) -> Embedder:
@@ -376,7 +448,11 @@ def configured_content_timeline(cfg: MessRayConfig) -> dict[str, float] | None:
     if not cfg.model.content_timeline:
         return None
     chroma_rate, onset_rate = cfg.model.content_timeline_rates
-    return {"chroma_rate": float(chroma_rate), "onset_rate": float(onset_rate)}
+    record = {"chroma_rate": float(chroma_rate), "onset_rate": float(onset_rate)}
+    if cfg.model.content_timeline_query_shift_ms > 0:
+        record["query_shift_ms"] = float(cfg.model.content_timeline_query_shift_ms)
+        record["query_step_ms"] = float(cfg.model.content_timeline_query_step_ms)
+    return record
 
 
 def _with_content_timeline(
@@ -387,9 +463,17 @@ def _with_content_timeline(
     recorded = info.get("content_timeline")
     if not recorded:
         return model, None
+    from mess_ray.content import query_shifts_ms
+
     rates = (float(recorded["chroma_rate"]), float(recorded["onset_rate"]))
-    joined = ContentTimelineJoined(model, cfg.audio.sample_rate, window, rates)
-    return joined, {"chroma_rate": rates[0], "onset_rate": rates[1]}
+    record = {"chroma_rate": rates[0], "onset_rate": rates[1]}
+    shifts: tuple[float, ...] = (0.0,)
+    if float(recorded.get("query_shift_ms") or 0) > 0:
+        record["query_shift_ms"] = float(recorded["query_shift_ms"])
+        record["query_step_ms"] = float(recorded.get("query_step_ms") or 20.0)
+        shifts = query_shifts_ms(record["query_shift_ms"], record["query_step_ms"])
+    joined = ContentTimelineJoined(model, cfg.audio.sample_rate, window, rates, shifts)
+    return joined, record
 
 
 def facet_layout_json(model: nn.Module) -> dict[str, list[int]] | None:

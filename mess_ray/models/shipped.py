@@ -85,10 +85,14 @@ def declared_content_timeline(name: str = DEFAULT_SHIPPED) -> dict[str, float] |
     declared = shipped_manifest(name).get("content_timeline")
     if not declared:
         return None
-    return {
+    record = {
         "chroma_rate": float(declared["chroma_rate"]),
         "onset_rate": float(declared["onset_rate"]),
     }
+    if float(declared.get("query_shift_ms") or 0) > 0:
+        record["query_shift_ms"] = float(declared["query_shift_ms"])
+        record["query_step_ms"] = float(declared.get("query_step_ms") or 20.0)
+    return record
 
 
 def reference_clip(seed: int, sample_rate: int, seconds: float) -> np.ndarray:

@@ -754,20 +754,23 @@ class SearchService:
     def embed_clips(self, clips: list[np.ndarray]) -> tuple[list[np.ndarray], IndexState]:
         """Query vectors of several clips in one model call, and the state whose embedder made them.
 
-        Each clip's vector is the mean of its window embeddings, re-normalised.
+        Each clip's vector is the mean of its window embeddings, re-normalised: [D]; or, for a
+        model that tries its content timeline at several lags (``Embedder.query_shifts_ms``),
+        one such vector per lag, [K, D] (the index scores each hit at its best lag).
         """
         state = self._state
         frames = [clip_windows(c, self.window, self.hop) for c in clips]
-        vectors = (
-            state.embedder.embed(np.concatenate(frames))
+        variants = (
+            state.embedder.embed_query(np.concatenate(frames))
             if frames
-            else np.zeros((0, state.index.dim))
+            else np.zeros((1, 0, state.index.dim))
         )
         self.stats.record_batch(len(clips))
         self.metrics.record_batch(len(clips))
         out, at = [], 0
         for f in frames:
-            out.append(normalize(vectors[at : at + len(f)].mean(axis=0)))
+            v = normalize(variants[:, at : at + len(f)].mean(axis=1))
+            out.append(v[0] if len(v) == 1 else v)
             at += len(f)
         return out, state
 
