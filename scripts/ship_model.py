@@ -274,8 +274,7 @@ def derive(args: argparse.Namespace) -> int:
         "name": args.name,
         "what": f"{args.derive}'s weights (its manifest: {source['what']}), with the "
         f"passage's chroma and onset timelines (mess_ray.content.timelines at {chroma:g} and "
-        f"{onset:g} frames per second, no learning) appended as a last 'timeline' part"
-        + what_lags,
+        f"{onset:g} frames per second, no learning) appended as a last 'timeline' part" + what_lags,
         "weights_of": args.derive,
         "content_timeline": declared,
         **{key: source[key] for key in INHERITED if key in source},
