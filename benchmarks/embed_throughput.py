@@ -24,7 +24,8 @@ config's audio (24 kHz, 5 s windows).
 ``python -m benchmarks.embed_throughput [--sizes tiny base] [--segments tiny=256 base=48]``
 ``--content-timeline`` adds ``content_timeline`` (the shipped default's appended timelines, one
 segment per call against a batch per call) and ``embed_cpu_shipped`` (that embedder against its
-source model without the part).
+source model without the part), and where the default declares query lags ``query_lags_shipped``
+(a query's CPU: its vectors at every lag, against embedding it for the index).
 Every line carries ``os.getloadavg()``: other jobs on the same cores skew wall figures.
 """
 
@@ -294,6 +295,31 @@ def bench_content_timeline(args, out: list[dict]) -> None:
                 "wall_s": round(wall, 3),
                 "segments_per_cpu_s": round(count / cpu, 3),
                 **({"cost_over_source": round(cpu / figures[source], 2)} if ref == name else {}),
+            },
+            out,
+        )
+    if len(embedder.query_shifts_ms) > 1:
+        # A query's cost at the default's lags: its vectors, then the timeline at every lag.
+        cpu = time.process_time()
+        variants = np.concatenate(
+            [
+                embedder.embed_query(segments[i : i + args.batch_size])
+                for i in range(0, count, args.batch_size)
+            ],
+            axis=1,
+        )
+        cpu_query = time.process_time() - cpu
+        emit(
+            {
+                "figure": "query_lags_shipped",
+                **common,
+                "model": name,
+                "lags": len(embedder.query_shifts_ms),
+                "lag_range_ms": [min(embedder.query_shifts_ms), max(embedder.query_shifts_ms)],
+                "query_cpu_ms_per_segment": round(1e3 * cpu_query / count, 2),
+                "index_cpu_ms_per_segment": round(1e3 * figures[name] / count, 2),
+                "query_cost_over_index": round(cpu_query / figures[name], 2),
+                "variants_shape": list(variants.shape),
             },
             out,
         )

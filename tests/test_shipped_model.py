@@ -176,7 +176,7 @@ def test_a_derived_shipped_model_embeds_as_its_source_plus_the_declared_timeline
     """``weights_of`` + ``content_timeline``: the source model's vectors in the source's parts
     (scaled to their share), the passage's timelines as the last part; a config asking for no
     timeline does not take it away, and one asking for it does not add it to the source."""
-    from mess_ray.content import timelines
+    from mess_ray.content import query_shifts_ms, timelines
 
     derived = [n for n in shipped.available() if shipped.shipped_manifest(n).get("weights_of")]
     assert derived
@@ -197,6 +197,9 @@ def test_a_derived_shipped_model_embeds_as_its_source_plus_the_declared_timeline
         rates = manifest["content_timeline"]
         expected = timelines(clips, 16000, rates["chroma_rate"], rates["onset_rate"])
         np.testing.assert_allclose(v[:, start:end], expected * np.sqrt(1 / parts), atol=1e-5)
+        lags = rates.get("query_shift_ms")
+        expected_lags = query_shifts_ms(lags, rates["query_step_ms"]) if lags else (0.0,)
+        assert model.query_shifts_ms == expected_lags
         on = load_config(None, [f"storage.root={cfg.storage.root}", "model.content_timeline=true"])
         again = Embedder.from_ref(on, storage, f"shipped:{name}")
         assert again.info["content_timeline"] == model.info["content_timeline"]
@@ -260,3 +263,9 @@ def test_the_timeline_cost_benchmark_compares_batched_with_per_segment_and_the_s
     models = [r for r in out if r["figure"] == "embed_cpu_shipped"]
     assert [r["content_timeline"] is not None for r in models] == [False, True]
     assert models[1]["model"] == shipped.DEFAULT_SHIPPED and "cost_over_source" in models[1]
+    lags = shipped.declared_content_timeline().get("query_shift_ms")
+    query = [r for r in out if r["figure"] == "query_lags_shipped"]
+    assert len(query) == (1 if lags else 0)
+    if lags:  # a query pays for its timeline at every lag, the index does not
+        assert query[0]["variants_shape"][:2] == [query[0]["lags"], 6]
+        assert query[0]["query_cost_over_index"] > 1

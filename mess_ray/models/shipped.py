@@ -12,7 +12,9 @@ Each shipped model is a folder ``mess_ray/models/shipped/<name>/`` holding
 A *derived* shipped model has no ``model/`` of its own: its manifest names the shipped model
 whose weights it uses (``weights_of``) and what it adds to that model's vectors
 (``content_timeline``: the passage's chroma and onset timelines appended as a last part, see
-``model.content_timeline``). Its reference vectors are its own.
+``model.content_timeline``, and optionally the query lags they are tried at,
+``query_shift_ms`` / ``query_step_ms``, see ``model.content_timeline_query_shift_ms``). Its
+reference vectors are its own.
 
 Refs: ``shipped`` (the default, :data:`DEFAULT_SHIPPED`) or ``shipped:<name>``; ``auto`` means the
 latest local ``finetune`` artifact if there is one, else the shipped default.
@@ -27,7 +29,7 @@ from typing import Any
 import numpy as np
 
 SHIPPED_ROOT = Path(__file__).resolve().parent / "shipped"
-DEFAULT_SHIPPED = "tiny-asap-v2"
+DEFAULT_SHIPPED = "tiny-asap-v3"
 SHIPPED_PREFIX = "shipped"
 AUTO = "auto"
 MANIFEST = "manifest.json"

@@ -235,9 +235,10 @@ def search_options(
         ge=0,
         le=1e6,
         description="Weight of the timeline part (the passage's chroma and onset timelines of "
-        "the default model tiny-asap-v2 or model.content_timeline, or a part trained with "
+        "the default model tiny-asap-v3 or model.content_timeline, or a part trained with "
         "model.timeline_bins): the same notes at the same moments, e.g. this very recording "
-        "through another recording chain; 0 searches the other parts alone",
+        "through another recording chain (tiny-asap-v3 scores it at the best query lag up to "
+        "+-140 ms); 0 searches the other parts alone",
     ),
     composer: str | None = Query(
         None, max_length=200, description="Metadata filter (substring, any case)"
