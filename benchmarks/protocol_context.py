@@ -31,7 +31,8 @@ own too.
 timeline also scored with its queries tried at lags up to +-L ms every ``--query-step`` ms, each
 candidate at its best lag (``<ref>@lags<L>``, :class:`mess_ray.eval.protocol.QueryVariants`, as
 ``model.content_timeline_query_shift_ms`` searches); a model that declares lags is scored with
-them anyway.
+them anyway; with ``--timeline-weight w`` each lagged model is also scored with its timeline
+part re-weighted to ``w`` (``<ref>@lags<L>[timeline@w]``).
 """
 
 from __future__ import annotations
@@ -115,6 +116,20 @@ def timeline_part_systems(ref: str, vectors: np.ndarray, layout, weights) -> dic
     return out
 
 
+def reweighted_variants(system, layout, w: float):
+    """A model searched at several query lags (:class:`QueryVariants`) with its timeline part
+    re-weighted to ``w`` of the cosine (the rest ``1 - w``), indexed vectors and every variant."""
+    from mess_ray.eval.protocol import QueryVariants
+    from mess_ray.facets import TIMELINE
+
+    start, end = layout[TIMELINE]
+
+    def rw(x: np.ndarray) -> np.ndarray:
+        return join([x[:, :start], x[:, start:end]], [1 - w, w])
+
+    return QueryVariants(rw(system.vectors), np.stack([rw(q) for q in system.queries]))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/protocol.yaml")
@@ -176,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     from mess_ray.eval.benchmark import embed_system
     from mess_ray.eval.protocol import (
         PASSAGE,
+        QueryVariants,
         build_views,
         figure_fields,
         headline_rows,
@@ -275,6 +291,12 @@ def main(argv: list[str] | None = None) -> int:
                 },
             }
     with_query_variants(systems, infos, data, views, cfg.audio.sample_rate)
+    for name in [n for n, v in systems.items() if isinstance(v, QueryVariants)]:
+        layout = infos[name].get("facet_layout")
+        if f"{name}[timeline]" in systems:  # the timeline alone, at the model's lags too
+            systems[f"{name}[timeline]"] = reweighted_variants(systems[name], layout, 1.0)
+        for w in args.timeline_weight:
+            systems[f"{name}[timeline@{w:g}]"] = reweighted_variants(systems[name], layout, w)
     reference = args.reference or args.model
     if reference not in systems:
         raise SystemExit(f"--reference {reference!r} is not a scored system: {sorted(systems)}")

@@ -118,11 +118,23 @@ def test_context_benchmark_scores_a_models_timeline_beside_the_timeline_baseline
     assert {r["reference"] for r in again if r.get("reference")} == {"chroma_timeline"}
     # a model with the content timeline, also scored at its best query lag
     lagged = ["--config", str(tmp_path / "c.yaml"), "--model", "shipped:tiny-asap-v2"]
-    lagged += ["--neighbours", "--query-lags", "40", "--query-step", "20"]
+    lagged += [
+        "--neighbours",
+        "--query-lags",
+        "40",
+        "--query-step",
+        "20",
+        "--timeline-weight",
+        "0.5",
+    ]
     assert protocol_context.main([*lagged, *sum((["--set", s] for s in sets), [])]) == 0
     out = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     lag_rows = [r for r in out if r.get("system") == "shipped:tiny-asap-v2@lags40"]
     assert "passage_retrieval" in {r["task"] for r in lag_rows}  # one chain: no invariance row
+    lagged_systems = {r.get("system") for r in out}
+    assert "shipped:tiny-asap-v2@lags40[timeline@0.5]" in lagged_systems
+    # and re-weighted without lags, as before
+    assert "shipped:tiny-asap-v2[timeline@0.5]" in lagged_systems
     with pytest.raises(SystemExit):
         protocol_context.main([*lagged[:4], "--query-lags", "-5"])
     with pytest.raises(SystemExit):
