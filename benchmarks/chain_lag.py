@@ -3,7 +3,8 @@
 
 For every validation segment recorded through two chains (the same performance, the same
 start), the lag of chain B behind chain A is where the cross-correlation of their onset
-envelopes (librosa, 64 mel bands, 200 frames per second) peaks within +-``--max-lag-ms``.
+envelopes (:func:`mess_ray.content.onset_timeline` at 200 frames per second, unsmoothed) peaks
+within +-``--max-lag-ms``.
 Then the protocol's chain-invariance R@1 of the content timelines alone
 (:func:`mess_ray.content.timelines`): as they are, with chain B's audio moved back by the
 median lag (an oracle: a search cannot know a recording's delay), and with the query tried at
@@ -27,21 +28,6 @@ from mess_ray.config import load_config
 ENVELOPE_RATE = 200.0
 
 
-def onset_envelopes(audio: np.ndarray, sample_rate: int) -> np.ndarray:
-    """[N, frames] log onset strength at :data:`ENVELOPE_RATE` frames per second."""
-    import librosa
-
-    hop = int(round(sample_rate / ENVELOPE_RATE))
-    out = []
-    for start in range(0, len(audio), 32):
-        block = audio[start : start + 32]
-        mel = librosa.feature.melspectrogram(y=block, sr=sample_rate, hop_length=hop, n_mels=64)
-        db = 10.0 * np.log10(np.maximum(mel, 1e-10))
-        db = np.maximum(db, db.max(axis=(-2, -1), keepdims=True) - 80.0)
-        out.extend(np.log1p(librosa.onset.onset_strength(S=db, sr=sample_rate, hop_length=hop)))
-    return np.asarray(out)
-
-
 def best_lag(a: np.ndarray, b: np.ndarray, max_frames: int) -> int:
     """Frames by which ``b`` lags ``a`` (positive: ``b`` later), by cross-correlation."""
     a, b = a - a.mean(), b - b.mean()
@@ -61,7 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--query-lags", type=float, default=140.0, help="+-ms, every 20 ms")
     args = parser.parse_args(argv)
 
-    from mess_ray.content import query_shifts_ms, shift_segments, timeline_variants, timelines
+    from mess_ray.content import (
+        onset_timeline,
+        query_shifts_ms,
+        shift_segments,
+        timeline_variants,
+        timelines,
+    )
     from mess_ray.eval.protocol import (
         CHAIN_INVARIANCE,
         QueryVariants,
@@ -85,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(chains) < 2:
         raise SystemExit("the validation segments come through one chain: no lag to measure")
     audio = data.perf.audio[rows]
-    env = onset_envelopes(audio, sr)
+    env = onset_timeline(audio, sr, rate=ENVELOPE_RATE, smooth_s=0.0)
     key = {
         (p, round(float(s), 3), c): i
         for i, (p, s, c) in enumerate(

@@ -558,7 +558,7 @@ def timelines(
 # -- lag-tolerant queries ----------------------------------------------------------------------
 def query_shifts_ms(max_ms: float, step_ms: float) -> tuple[float, ...]:
     """The lags a query's timelines are tried at: 0 first, then +-step, +-2 step, ... up to
-    ``max_ms`` (() -> just (0.0,) when ``max_ms`` is 0)."""
+    ``max_ms`` (just ``(0.0,)`` when ``max_ms`` is 0)."""
     if max_ms < 0 or step_ms <= 0:
         raise ValueError(f"query shifts need max_ms >= 0 and step_ms > 0, got {max_ms}, {step_ms}")
     out = [0.0]
@@ -567,6 +567,29 @@ def query_shifts_ms(max_ms: float, step_ms: float) -> tuple[float, ...]:
         out += [-k * step_ms, k * step_ms]
         k += 1
     return tuple(float(round(v, 6)) for v in out)
+
+
+DEFAULT_QUERY_STEP_MS = 20.0
+
+
+def timeline_record(raw: dict | None) -> dict[str, float] | None:
+    """A content timeline as an embedder records it (and a shipped manifest declares it): the
+    two frame rates, plus ``query_shift_ms`` / ``query_step_ms`` only when queries are tried
+    at more than one lag; None for no timeline."""
+    if not raw:
+        return None
+    record = {"chroma_rate": float(raw["chroma_rate"]), "onset_rate": float(raw["onset_rate"])}
+    if float(raw.get("query_shift_ms") or 0) > 0:
+        record["query_shift_ms"] = float(raw["query_shift_ms"])
+        record["query_step_ms"] = float(raw.get("query_step_ms") or DEFAULT_QUERY_STEP_MS)
+    return record
+
+
+def record_query_shifts(record: dict | None) -> tuple[float, ...]:
+    """The lags a :func:`timeline_record` tries queries at ((0.0,): one)."""
+    if not record or "query_shift_ms" not in record:
+        return (0.0,)
+    return query_shifts_ms(record["query_shift_ms"], record["query_step_ms"])
 
 
 def shift_segments(audio: np.ndarray, samples: int) -> np.ndarray:

@@ -226,13 +226,14 @@ def test_a_delayed_recording_lines_up_at_the_query_lag_that_undoes_the_delay():
 def test_the_chain_lag_benchmark_measures_a_known_delay_between_two_recordings():
     """``benchmarks.chain_lag``: the onset envelopes of a passage and of the same passage 35 ms
     later cross-correlate best at 35 ms (7 frames at 200 per second), whichever is first."""
-    from benchmarks.chain_lag import ENVELOPE_RATE, best_lag, onset_envelopes
+    from benchmarks.chain_lag import ENVELOPE_RATE, best_lag
+    from mess_ray.content import onset_timeline
 
     y, _ = render_melody(melody(seed=4), 0.3)
     n, lag = 4 * SR, int(0.035 * SR)
     early = y[SR : SR + n].astype(np.float32)
     late = y[SR - lag : SR - lag + n].astype(np.float32)
-    env = onset_envelopes(np.stack([early, late]), SR)
+    env = onset_timeline(np.stack([early, late]), SR, rate=ENVELOPE_RATE, smooth_s=0.0)
     frames = round(0.035 * ENVELOPE_RATE)
     assert best_lag(env[0], env[1], 40) == frames
     assert best_lag(env[1], env[0], 40) == -frames

@@ -172,13 +172,13 @@ def query_variants_from_info(
 ) -> np.ndarray | None:
     """:func:`timeline_query_variants` for vectors an embedder described by ``info`` made
     (e.g. on an embedding pool), None when it tries its queries at one lag only."""
-    from mess_ray.content import query_shifts_ms
+    from mess_ray.content import record_query_shifts, timeline_record
 
-    record = info.get("content_timeline") or {}
-    if float(record.get("query_shift_ms") or 0) <= 0:
+    record = timeline_record(info.get("content_timeline"))
+    shifts = record_query_shifts(record)
+    if len(shifts) == 1:
         return None
-    shifts = query_shifts_ms(float(record["query_shift_ms"]), float(record["query_step_ms"]))
-    rates = (float(record["chroma_rate"]), float(record["onset_rate"]))
+    rates = (record["chroma_rate"], record["onset_rate"])
     return timeline_query_variants(vectors, audio, sample_rate, rates, shifts, info["facet_layout"])
 
 
@@ -290,8 +290,7 @@ class Embedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         if not np.isfinite(batch).all():
             raise ValueError("audio contains NaN or infinite samples")
-        if batch.shape[1] != self.window_samples:
-            batch = np.stack([fit_length(row, self.window_samples) for row in batch])
+        batch = self._fit_window(batch)
         outputs = []
         autocast = torch.autocast(
             self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
@@ -318,10 +317,14 @@ class Embedder:
         vectors = np.asarray(vectors, dtype=np.float32)
         if len(self.query_shifts_ms) == 1:
             return vectors[None]
+        return self.model.query_variants(vectors, self._fit_window(batch))
+
+    def _fit_window(self, batch: np.ndarray) -> np.ndarray:
+        """``batch`` [B, T] as float32 rows of the model's window (cropped or padded)."""
         batch = np.asarray(batch, dtype=np.float32)
         if batch.shape[1] != self.window_samples:
             batch = np.stack([fit_length(row, self.window_samples) for row in batch])
-        return self.model.query_variants(vectors, batch)
+        return batch
 
     def embed_query(self, batch: np.ndarray) -> np.ndarray:
         """[K, N, D]: :meth:`embed` of ``batch`` and its :meth:`query_variants`."""
@@ -447,12 +450,17 @@ def configured_content_timeline(cfg: MessRayConfig) -> dict[str, float] | None:
     """The content timeline ``model.content_timeline`` asks for, as an embedder records it."""
     if not cfg.model.content_timeline:
         return None
+    from mess_ray.content import timeline_record
+
     chroma_rate, onset_rate = cfg.model.content_timeline_rates
-    record = {"chroma_rate": float(chroma_rate), "onset_rate": float(onset_rate)}
-    if cfg.model.content_timeline_query_shift_ms > 0:
-        record["query_shift_ms"] = float(cfg.model.content_timeline_query_shift_ms)
-        record["query_step_ms"] = float(cfg.model.content_timeline_query_step_ms)
-    return record
+    return timeline_record(
+        {
+            "chroma_rate": chroma_rate,
+            "onset_rate": onset_rate,
+            "query_shift_ms": cfg.model.content_timeline_query_shift_ms,
+            "query_step_ms": cfg.model.content_timeline_query_step_ms,
+        }
+    )
 
 
 def _with_content_timeline(
@@ -460,18 +468,13 @@ def _with_content_timeline(
 ) -> tuple[nn.Module, dict[str, float] | None]:
     """``model`` with the content timeline appended where ``info`` records one (an index is
     searched as it was built; a record without the key, from before the option, has none)."""
-    recorded = info.get("content_timeline")
-    if not recorded:
-        return model, None
-    from mess_ray.content import query_shifts_ms
+    from mess_ray.content import record_query_shifts, timeline_record
 
-    rates = (float(recorded["chroma_rate"]), float(recorded["onset_rate"]))
-    record = {"chroma_rate": rates[0], "onset_rate": rates[1]}
-    shifts: tuple[float, ...] = (0.0,)
-    if float(recorded.get("query_shift_ms") or 0) > 0:
-        record["query_shift_ms"] = float(recorded["query_shift_ms"])
-        record["query_step_ms"] = float(recorded.get("query_step_ms") or 20.0)
-        shifts = query_shifts_ms(record["query_shift_ms"], record["query_step_ms"])
+    record = timeline_record(info.get("content_timeline"))
+    if record is None:
+        return model, None
+    rates = (record["chroma_rate"], record["onset_rate"])
+    shifts = record_query_shifts(record)
     joined = ContentTimelineJoined(model, cfg.audio.sample_rate, window, rates, shifts)
     return joined, record
 

@@ -84,17 +84,9 @@ def model_dir(name: str = DEFAULT_SHIPPED) -> Path:
 def declared_content_timeline(name: str = DEFAULT_SHIPPED) -> dict[str, float] | None:
     """The content timeline a shipped model declares as part of its vectors (the rates, as an
     embedder records them), or None."""
-    declared = shipped_manifest(name).get("content_timeline")
-    if not declared:
-        return None
-    record = {
-        "chroma_rate": float(declared["chroma_rate"]),
-        "onset_rate": float(declared["onset_rate"]),
-    }
-    if float(declared.get("query_shift_ms") or 0) > 0:
-        record["query_shift_ms"] = float(declared["query_shift_ms"])
-        record["query_step_ms"] = float(declared.get("query_step_ms") or 20.0)
-    return record
+    from mess_ray.content import timeline_record
+
+    return timeline_record(shipped_manifest(name).get("content_timeline"))
 
 
 def reference_clip(seed: int, sample_rate: int, seconds: float) -> np.ndarray:
