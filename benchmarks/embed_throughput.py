@@ -25,7 +25,9 @@ config's audio (24 kHz, 5 s windows).
 ``--content-timeline`` adds ``content_timeline`` (the shipped default's appended timelines, one
 segment per call against a batch per call) and ``embed_cpu_shipped`` (that embedder against its
 source model without the part), and where the default declares query lags ``query_lags_shipped``
-(a query's CPU: its vectors at every lag, against embedding it for the index).
+(a query's CPU: its vectors at every lag, against embedding it for the index; and the timelines
+at the lags read from one computation on their grid against computed lag by lag, with the
+smallest and mean cosine between the two).
 Every line carries ``os.getloadavg()``: other jobs on the same cores skew wall figures.
 """
 
@@ -236,7 +238,7 @@ def bench_content_timeline(args, out: list[dict]) -> None:
     the CQT filters built for every segment) against a batch per call (today's), the largest
     difference between the two, and the shipped default embedder against its source model
     (the same weights without the part), each in segments per CPU-second."""
-    from mess_ray.content import timelines
+    from mess_ray.content import timeline_variants, timelines
     from mess_ray.models import shipped
 
     name = shipped.DEFAULT_SHIPPED
@@ -309,6 +311,29 @@ def bench_content_timeline(args, out: list[dict]) -> None:
             axis=1,
         )
         cpu_query = time.process_time() - cpu
+        # The timeline part alone, read from one computation on the lags' grid (what the query
+        # above did) against computing every lag on its own, on the same segments.
+        moved = [ms for ms in embedder.query_shifts_ms if ms != 0]
+        costs, parts = {}, {}
+        for on_grid in (False, True):
+            cpu = time.process_time()
+            parts[on_grid] = np.concatenate(
+                [
+                    timeline_variants(
+                        segments[i : i + args.batch_size],
+                        cfg.audio.sample_rate,
+                        moved,
+                        *pair,
+                        on_grid=on_grid,
+                    )
+                    for i in range(0, count, args.batch_size)
+                ],
+                axis=1,
+            )
+            costs[on_grid] = time.process_time() - cpu
+        cos = np.sum(parts[True] * parts[False], -1) / np.maximum(
+            np.linalg.norm(parts[True], axis=-1) * np.linalg.norm(parts[False], axis=-1), 1e-12
+        )
         emit(
             {
                 "figure": "query_lags_shipped",
@@ -320,6 +345,11 @@ def bench_content_timeline(args, out: list[dict]) -> None:
                 "index_cpu_ms_per_segment": round(1e3 * figures[name] / count, 2),
                 "query_cost_over_index": round(cpu_query / figures[name], 2),
                 "variants_shape": list(variants.shape),
+                "timeline_lag_by_lag_cpu_ms_per_segment": round(1e3 * costs[False] / count, 2),
+                "timeline_on_grid_cpu_ms_per_segment": round(1e3 * costs[True] / count, 2),
+                "on_grid_speedup_per_cpu_s": round(costs[False] / costs[True], 2),
+                "on_grid_vs_lag_by_lag_min_cosine": round(float(cos.min()), 5),
+                "on_grid_vs_lag_by_lag_mean_cosine": round(float(cos.mean()), 5),
             },
             out,
         )

@@ -194,7 +194,9 @@ def test_timelines_of_a_batch_equal_each_segment_computed_alone(monkeypatch):
 def test_a_delayed_recording_lines_up_at_the_query_lag_that_undoes_the_delay():
     """A recording chain delays the sound (a far microphone, a codec): the timelines of the
     same passage recorded 60 ms later agree best once the query is moved by that lag, and
-    ``timeline_variants`` gives exactly the timelines of the shifted audio."""
+    ``timeline_variants`` gives the timelines of the shifted audio: read from one padded
+    computation where the lags fit its grid (equal but for a window's edges), computed lag by
+    lag where they do not (exactly)."""
     import mess_ray.content as content
 
     assert content.query_shifts_ms(60, 20) == (0.0, -20.0, 20.0, -40.0, 40.0, -60.0, 60.0)
@@ -211,12 +213,28 @@ def test_a_delayed_recording_lines_up_at_the_query_lag_that_undoes_the_delay():
     early = y[SR : SR + n].astype(np.float32)
     late = y[SR - lag : SR - lag + n].astype(np.float32)  # the same moment 60 ms later
     shifts = content.query_shifts_ms(100, 20)
+    samples = [int(round(ms * SR / 1000)) for ms in shifts]
     variants = content.timeline_variants(late[None], SR, shifts)
     assert variants.shape[:2] == (len(shifts), 1)
     k = shifts.index(60.0)
-    np.testing.assert_array_equal(
-        variants[k], content.timelines(content.shift_segments(late[None], lag), SR)
+    each = np.stack([content.timelines(content.shift_segments(late[None], s), SR) for s in samples])
+    cos = (
+        np.sum(variants * each, -1)
+        / np.linalg.norm(variants, axis=-1)
+        / np.linalg.norm(each, axis=-1)
     )
+    assert cos.min() > 0.995, cos.ravel()
+    np.testing.assert_allclose(variants[0], each[0], atol=1e-3)
+    exact = content.timeline_variants(late[None], SR, shifts, on_grid=False)
+    np.testing.assert_allclose(exact, each, atol=1e-6)
+    # 20 ms lags at 16 kHz: both timelines on a grid (the CQT's every 64 samples, the onsets')
+    assert content._lagged_chroma(late[None], SR, samples, content.TIMELINE_CHROMA_RATE) is not None
+    assert content._lagged_onsets(late[None], SR, samples, content.TIMELINE_ONSET_RATE) is not None
+    # 7 ms lags fit no CQT grid (its hop divides by 64 samples): computed lag by lag, exactly.
+    odd = content.timeline_variants(late[None], SR, (0.0, 7.0, -7.0))
+    for v, ms in zip(odd, (0.0, 7.0, -7.0)):
+        moved = content.shift_segments(late[None], int(round(ms * SR / 1000)))
+        np.testing.assert_allclose(v, content.timelines(moved, SR), atol=1e-6)
     target = content.timelines(early[None], SR)[0]
     cos = variants[:, 0] @ target / np.linalg.norm(variants[:, 0], axis=1) / np.linalg.norm(target)
     assert int(np.argmax(cos)) == k

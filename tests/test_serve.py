@@ -293,3 +293,38 @@ def test_an_upload_is_searched_at_every_query_lag_of_the_model_and_scored_at_its
         stored = state.index.vector(hit["segment_id"])
         assert hit["similarity"] == pytest.approx(float(np.max(variants @ stored)), abs=1e-4)
         assert hit["similarity"] >= float(variants[0] @ stored) - 1e-6
+
+
+def test_a_track_and_time_query_is_searched_at_every_lag_from_the_tracks_audio(tmp_path):
+    """Search by track + time with a model that tries several lags: the span's audio is read
+    back from the source and its timeline recomputed at each lag (the unshifted variant is the
+    stored vectors' mean again), each hit scored at its best lag; with the source gone, the
+    stored vectors alone, and the response says why."""
+    cfg = tiny_config(
+        str(tmp_path / "store"),
+        model={"content_timeline": True, "content_timeline_query_shift_ms": 40.0},
+    )
+    publish_audio_index(cfg, tmp_path / "audio")
+    service = SearchService.from_config(cfg)
+    state = service._state
+    vector, ids, lags = service._track_query(state, "track1", 1.0, 3.0)
+    stored, _ = state.index.span_vector("track1", 1.0, 3.0)
+    assert vector.shape == (5, state.index.dim) and lags == {"query_lags": 5}
+    assert float(vector[0] @ stored) > 0.999  # the audio read back embeds as it was indexed
+    assert not np.allclose(vector[1:], vector[0])
+    client = TestClient(create_app(service))
+    result = client.get("/search/by-track", params={"track_id": "track1", "start_s": 1.0, "k": 3})
+    assert result.status_code == 200, result.text
+    body = result.json()
+    assert body["query"]["query_lags"] == 5
+    assert not set(body["query"]["segment_ids"]) & {h["segment_id"] for h in body["hits"]}
+    variants, _, _ = service._track_query(state, "track1", 1.0, None)
+    for hit in body["hits"]:
+        score = float(np.max(variants @ state.index.vector(hit["segment_id"])))
+        assert hit["similarity"] == pytest.approx(score, abs=1e-4)
+    (tmp_path / "audio" / "track1.wav").unlink()
+    gone = client.get("/search/by-track", params={"track_id": "track1", "start_s": 1.0, "k": 3})
+    assert gone.status_code == 200, gone.text
+    query = gone.json()["query"]
+    assert query["query_lags"] == 1 and "track1.wav" in query["query_lags_skipped"]
+    assert len(gone.json()["hits"]) == 3

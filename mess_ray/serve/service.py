@@ -38,7 +38,7 @@ from mess_ray.config import MessRayConfig
 from mess_ray.descriptors import describe
 from mess_ray.index.searcher import STAGE as INDEX_STAGE
 from mess_ray.index.searcher import Hit, SearchIndex, normalize
-from mess_ray.segments import mix_to_mono, window_samples
+from mess_ray.segments import fit_length, mix_to_mono, window_samples
 from mess_ray.serve.explain import explain_hit
 from mess_ray.serve.metrics import ServiceMetrics
 from mess_ray.storage import Storage, make_filesystem
@@ -836,9 +836,11 @@ class SearchService:
             hits = self._work_relative(
                 state, vector, state.index.track(track_id)["piece_id"], options, segment_ids
             )
+            lags = {}
         else:
-            segment_ids, hits = state.index.search_by_track(
-                track_id, start_s, end_s, **options.search_kwargs(self.cfg.serve)
+            vector, segment_ids, lags = self._track_query(state, track_id, start_s, end_s)
+            hits = state.index.search(
+                vector, exclude_segments=segment_ids, **options.search_kwargs(self.cfg.serve)
             )
         query = {
             "kind": "track",
@@ -846,6 +848,7 @@ class SearchService:
             "start_s": start_s,
             "end_s": end_s,
             "segment_ids": segment_ids,
+            **lags,
         }
         query_samples = None
         if options.explain:
@@ -856,6 +859,34 @@ class SearchService:
             except (FileNotFoundError, ValueError):
                 query_samples = None  # the query's audio is gone: results without explanations
         return self._response(state, query, hits, query_samples, started)
+
+    def _track_query(
+        self, state: IndexState, track_id: str, start_s: float, end_s: float | None
+    ) -> tuple[np.ndarray, list[int], dict[str, Any]]:
+        """The query of a span of an indexed track: its segments' stored vectors averaged [D];
+        for a model that tries queries at several lags, one such vector per lag [K, D], the
+        timeline part recomputed from the segments' audio read back from the source (as an
+        upload's is). If that audio cannot be read, the stored vectors alone, and the reason."""
+        vector, ids = state.index.span_vector(track_id, start_s, end_s)
+        shifts = state.embedder.query_shifts_ms
+        if len(shifts) == 1:
+            return vector, ids, {}
+        rows = [state.index.segment(s) for s in ids]
+        try:
+            audio = [self._passage(r["source_uri"], r["start_s"], r["end_s"]) for r in rows]
+        except (FileNotFoundError, ValueError) as err:  # SourceNotAllowed among them
+            where = self.sources.display(rows[0]["source_uri"])
+            return (
+                vector,
+                ids,
+                {"query_lags": 1, "query_lags_skipped": f"{where}: {type(err).__name__}"},
+            )
+        stored = np.stack([state.index.vector(s) for s in ids])
+        window = state.embedder.window_samples
+        variants = state.embedder.query_variants(
+            stored, np.stack([fit_length(a, window) for a in audio])
+        )
+        return normalize(variants.mean(axis=1)), ids, {"query_lags": len(shifts)}
 
     # -- audio -----------------------------------------------------------------------------
     def _source(self, track_id: str) -> str:
