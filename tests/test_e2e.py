@@ -109,11 +109,8 @@ def check_pipeline(cfg, result) -> None:
     audio, rate = sf.read(io.BytesIO(resp.content))
     assert len(audio) / rate == pytest.approx(target["end_s"] - target["start_s"], abs=0.05)
 
-    # Training lowered its loss; evaluation wrote a report with an mAP for every system.
-    for stage in ("pretrain", "finetune"):
-        assert manifests[stage]["counts"]["steps"] == getattr(cfg, stage).steps
-        losses = manifests[stage]["losses"]
-        assert np.isfinite(losses["first"]) and np.isfinite(losses["last"])
+    check_training(cfg, storage, manifests, segments)
+    # Evaluation wrote a report with an mAP for every system.
     evaluation = manifests["evaluate"]
     assert storage.exists("eval", evaluation["version"], "report.md")
     systems = evaluation["metrics"]
@@ -121,6 +118,70 @@ def check_pipeline(cfg, result) -> None:
         assert 0.0 <= systems[name]["map"] <= 1.0
         assert systems[name]["map"] >= systems[name]["chance"] * 0.5
     assert "mAP" in evaluation["headline"]
+
+
+def check_training(cfg, storage: Storage, manifests: dict, segments: list[dict]) -> None:
+    """Pretraining and fine-tuning published models the next stages load, with what they
+    heard, their losses and per-step timings in their manifests."""
+    from mess_ray.models import Embedder
+    from mess_ray.segments import split_pieces
+    from mess_ray.splits import covered_seconds
+    from mess_ray.train.common import TIMING_COLUMNS
+
+    for stage in ("pretrain", "finetune"):
+        assert manifests[stage]["counts"]["steps"] == getattr(cfg, stage).steps
+        losses = manifests[stage]["losses"]
+        assert np.isfinite(losses["first"]) and np.isfinite(losses["last"])
+    pre = manifests["pretrain"]
+    version = pre["version"]
+    # No run_name configured: derived from the inputs, so re-submitting resumes this run.
+    assert version.startswith("pretrain-") and storage.latest("pretrain") == version
+    assert pre["inputs"]["ingest"] == manifests["ingest"]["version"]
+    assert len(pre["losses"]["history"]) == cfg.pretrain.steps
+    assert pre["losses"]["first"] > 0  # cross-entropy over the clusters
+    # Every track heard but those of the held-out pieces (and test-side pianists, if any).
+    pieces = sorted({s["piece_id"] for s in segments})
+    train_pieces, holdout = split_pieces(pieces, cfg.eval.holdout_fraction, cfg.eval.seed)
+    if cfg.pretrain.exclude_eval_holdout:
+        assert sorted(pre["inputs"].get("excluded_pieces", [])) == sorted(holdout)
+    else:
+        holdout = []
+    left_out = set(pre["inputs"].get("excluded_tracks", []))
+    heard: dict[str, list[dict]] = {}
+    for row in segments:
+        if row["piece_id"] not in holdout and row["track_id"] not in left_out:
+            heard.setdefault(row["track_id"], []).append(row)
+    counts = pre["counts"]
+    assert counts["audio_fraction"] == 1.0 and "audio_fraction" not in pre["inputs"]
+    assert counts["pretrain_segments"] == sum(len(rows) for rows in heard.values())
+    seconds = sum(
+        covered_seconds([r["start_s"] for r in rows], [r["end_s"] for r in rows])
+        for rows in heard.values()
+    )
+    assert counts["pretrain_audio_s"] == pytest.approx(seconds, abs=0.01)
+    # Per-step phase timings (rank 0): the checkpoint at step 2 was saved and reported after
+    # its step; steps 1 and 3 neither reported (report_every=10) nor saved anything.
+    rows = [dict(zip(TIMING_COLUMNS, r, strict=True)) for r in pre["step_timings"]]
+    assert [r["step_s"] > 0 for r in rows] == [True] * cfg.pretrain.steps
+    assert rows[1]["checkpoint_s"] > 0 and rows[1]["report_s"] > 0
+    assert all(rows[i]["report_s"] == rows[i]["checkpoint_s"] == 0 for i in (0, 2))
+    assert all(r["forward_s"] > 0 and r["backward_s"] > 0 for r in rows)
+    assert storage.exists("pretrain", version, "model", "config.json")
+    with storage.open(f"pretrain/{version}/model/kmeans_codebook.npz") as f:
+        assert np.load(f)["centroids"].shape == (cfg.pretrain.num_clusters, cfg.pretrain.n_mels)
+    pretrained = Embedder.from_ref(cfg, storage, "pretrain")
+    assert pretrained.info["version"] == version and pretrained.dim == 64
+
+    ft = manifests["finetune"]
+    assert ft["inputs"]["pretrain"] == version
+    assert set(ft["train_pieces"]) <= set(train_pieces) and not set(holdout) & set(
+        ft["train_pieces"]
+    )
+    assert ft["styles"] == sorted({s["style"] for s in segments})
+    embedder = Embedder.from_ref(cfg, storage, "finetune")
+    # The default model has facet heads: overall part + 4 facet parts, laid out as recorded.
+    assert embedder.dim == cfg.model.embedding_dim + 4 * cfg.model.facet_dim
+    assert embedder.info["facet_layout"]["overall"] == [0, cfg.model.embedding_dim]
 
 
 def run_pipeline(cfg) -> dict:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import STYLES, clip, tiny_config, write_tiny_ingest
+from helpers import clip, tiny_config, write_tiny_ingest
 
 from mess_ray.models import Embedder
-from mess_ray.segments import split_pieces
 from mess_ray.storage import Storage
 
 
@@ -16,56 +15,6 @@ def tiny_store(tmp_path):
     storage = Storage(str(tmp_path / "store"))
     write_tiny_ingest(storage)
     return storage
-
-
-def test_pretrain_then_finetune_publish_models(ray_local, tiny_store):
-    from mess_ray.train import run_finetune, run_pretrain
-
-    cfg = tiny_config(tiny_store.root, finetune={"batch_size": 4})
-    manifest = run_pretrain(cfg, tiny_store)
-    # No run_name configured: derived from the inputs, so re-submitting resumes this run.
-    pre_version = manifest["version"]
-    assert pre_version.startswith("pretrain-") and tiny_store.latest("pretrain") == pre_version
-    assert manifest["counts"]["steps"] == cfg.pretrain.steps
-    assert len(manifest["losses"]["history"]) == cfg.pretrain.steps
-    assert np.isfinite(manifest["losses"]["first"]) and np.isfinite(manifest["losses"]["last"])
-    assert manifest["losses"]["first"] > 0  # cross-entropy over 8 clusters
-    assert manifest["inputs"]["ingest"] == "ing1"
-    # Every track heard: 12 tracks of four overlapping 2 s clips at a 1 s hop = 5 s each.
-    assert manifest["counts"]["audio_fraction"] == 1.0
-    assert manifest["counts"]["pretrain_segments"] == 48
-    assert manifest["counts"]["pretrain_audio_s"] == pytest.approx(12 * 5.0)
-    assert "audio_fraction" not in manifest["inputs"]
-    # Per-step phase timings (rank 0): the checkpoint at step 2 was saved and reported after
-    # its step; steps 1 and 3 neither reported (report_every=10) nor saved anything.
-    from mess_ray.train.common import TIMING_COLUMNS
-
-    rows = [dict(zip(TIMING_COLUMNS, r, strict=True)) for r in manifest["step_timings"]]
-    assert [r["step_s"] > 0 for r in rows] == [True] * 4
-    assert rows[1]["checkpoint_s"] > 0 and rows[1]["report_s"] > 0
-    assert all(rows[i]["report_s"] == rows[i]["checkpoint_s"] == 0 for i in (0, 2))
-    assert all(r["forward_s"] > 0 and r["backward_s"] > 0 for r in rows)
-    assert tiny_store.exists("pretrain", pre_version, "model", "config.json")
-    with tiny_store.open(f"pretrain/{pre_version}/model/kmeans_codebook.npz") as f:
-        assert np.load(f)["centroids"].shape == (cfg.pretrain.num_clusters, cfg.pretrain.n_mels)
-    pre = Embedder.from_ref(cfg, tiny_store, "pretrain")
-    assert pre.info["version"] == pre_version and pre.dim == 64
-
-    ft = run_finetune(cfg, tiny_store)
-    assert ft["inputs"]["pretrain"] == pre_version and ft["counts"]["steps"] == cfg.finetune.steps
-    train_pieces, holdout = split_pieces(
-        [f"piece{i}" for i in range(4)], cfg.eval.holdout_fraction, cfg.eval.seed
-    )
-    assert sorted(ft["train_pieces"]) == sorted(train_pieces) and not set(holdout) & set(
-        ft["train_pieces"]
-    )
-    assert ft["styles"] == sorted(STYLES)
-    embedder = Embedder.from_ref(cfg, tiny_store, "finetune")
-    # The default model has facet heads: overall part + 4 facet parts, laid out as the manifest says.
-    assert embedder.dim == cfg.model.embedding_dim + 4 * cfg.model.facet_dim
-    assert embedder.info["facet_layout"]["overall"] == [0, cfg.model.embedding_dim]
-    vectors = embedder.embed(np.stack([clip(0, s, 0) for s in STYLES]))
-    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
 
 def test_pretrain_on_a_share_of_the_audio_hears_only_the_kept_tracks(ray_local, tiny_store):
@@ -84,7 +33,7 @@ def test_pretrain_on_a_share_of_the_audio_hears_only_the_kept_tracks(ray_local, 
     assert not set(left_out) & set(share.kept_tracks)
     # The run's name derives from its inputs (the share's left-out tracks among them): the same
     # settings on the whole corpus are a different run, not a resume of this one. (Pretraining
-    # on every track is test_pretrain_then_finetune_publish_models: 48 segments.)
+    # on every track is checked in tests/test_e2e.py's check_training.)
     from mess_ray.train.common import with_run_name
 
     def run_name(inputs: dict) -> str:
