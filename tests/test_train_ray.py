@@ -44,8 +44,10 @@ def test_pretrain_on_a_share_of_the_audio_hears_only_the_kept_tracks(ray_local, 
     assert run_name(whole) != manifest["version"]
 
 
-def test_finetune_resumes_from_checkpoint(ray_local, tiny_store):
+def test_finetune_resumes_from_checkpoint(ray_local, tiny_store, monkeypatch):
+    import mess_ray.train.finetune as finetune_stage
     from mess_ray.train import run_finetune
+    from mess_ray.train.common import finished_run
 
     cfg = tiny_config(
         tiny_store.root,
@@ -69,9 +71,28 @@ def test_finetune_resumes_from_checkpoint(ray_local, tiny_store):
     runs = tiny_store.listdir("finetune/runs/resume-me")
     assert any(name.startswith("checkpoint_") for name in runs)
     assert tiny_store.latest("finetune") == "resume-me"
-    # Re-running a finished run trains no further and republishes the same model.
+
+    # Re-running a finished run republishes the same model at once: no Ray Train run at all.
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run started Ray Train again")
+
+    monkeypatch.setattr(finetune_stage, "fit", no_training)
     third = run_finetune(cfg, tiny_store)
     assert third["counts"]["steps"] == 4 and third["losses"]["history"] == history
+    assert (
+        third["model_path"] == second["model_path"] and third["created_at"] >= second["created_at"]
+    )
+    assert tiny_store.latest("finetune") == "resume-me"
+    # ... but not when a setting that shapes the model changed, or it is asked for more steps.
+    inputs = second["inputs"]
+    for change in ({"lr": cfg.finetune.lr * 2}, {"steps": 5}):
+        changed = cfg.finetune.model_copy(update=change)
+        assert finished_run(cfg, tiny_store, "finetune", changed, inputs) is None
+    assert (
+        finished_run(cfg, tiny_store, "finetune", cfg.finetune, {**inputs, "ingest": "x"}) is None
+    )
+    assert finished_run(cfg, tiny_store, "finetune", cfg.finetune, inputs) is not None
+    monkeypatch.undo()
     # New data under the same run_name must not silently continue the old run.
     write_tiny_ingest(tiny_store, pieces=4, per_style=2, version="ing2")
     with pytest.raises(ValueError, match="new run_name"):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import posixpath
@@ -43,6 +44,8 @@ from torch import nn
 from mess_ray.config import MessRayConfig, TrainConfig
 from mess_ray.segments import decode_audio, fit_length
 from mess_ray.storage import Storage
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 HISTORY_FILE = "train_state.json"
@@ -418,7 +421,7 @@ def with_run_name(
             k: v
             for k, v in train_settings(tcfg).items()
             # Settings that do not shape the model leave the name (and resuming) alone.
-            if k not in ("run_name", "test_fail_at_step", "materialize_below_mb")
+            if k not in _NOT_SHAPING
         },
         "model": cfg.model.model_dump(mode="json"),
         "audio": cfg.audio.model_dump(mode="json"),
@@ -429,6 +432,46 @@ def with_run_name(
 
 def train_settings(tcfg: TrainConfig) -> dict[str, Any]:
     return tcfg.model_dump(mode="json")
+
+
+# Settings that do not change what a run trains (its name, fault injection, data caching).
+_NOT_SHAPING = ("run_name", "test_fail_at_step", "materialize_below_mb")
+
+
+def finished_run(
+    cfg: MessRayConfig, storage: Storage, stage: str, tcfg: TrainConfig, inputs: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The run ``tcfg.run_name`` published again, when it already trained to ``tcfg.steps`` on
+    the same inputs and settings: re-submitting a finished job then answers at once, instead of
+    starting a Ray Train worker group only to find nothing left to do (tens of seconds on a
+    small machine). None otherwise: a new, unfinished or changed run goes through :func:`fit`,
+    which resumes it or refuses a change of inputs."""
+    try:
+        manifest = storage.manifest(stage, tcfg.run_name)
+    except (FileNotFoundError, KeyError, ValueError):
+        return None
+
+    def shaping(settings: dict) -> dict:
+        return {k: v for k, v in settings.items() if k not in _NOT_SHAPING}
+
+    config = manifest.get("config", {})
+    same = (
+        manifest.get("counts", {}).get("steps") == tcfg.steps
+        and manifest.get("inputs") == json.loads(json.dumps(inputs, default=str))
+        and shaping(config.get(stage) or {}) == shaping(train_settings(tcfg))
+        and config.get("model") == cfg.model.model_dump(mode="json")
+        and config.get("audio") == cfg.audio.model_dump(mode="json")
+        and storage.exists(stage, tcfg.run_name, MODEL_SUBDIR)
+    )
+    if not same:
+        return None
+    log.info(
+        "%s run %s already trained %d steps: published again", stage, tcfg.run_name, tcfg.steps
+    )
+    kept = {
+        k: v for k, v in manifest.items() if k not in ("stage", "version", "created_at", "host")
+    }
+    return storage.publish(stage, tcfg.run_name, kept)
 
 
 def fit(

@@ -46,6 +46,7 @@ from mess_ray.train.collate import collate_labelled
 from mess_ray.train.common import (
     TrainTask,
     finish,
+    finished_run,
     fit,
     load_init_encoder,
     resolve_init,
@@ -133,6 +134,10 @@ def run_finetune(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
     inputs = {"ingest": ingest_version, "init": {k: v for k, v in init.items() if k != "storage"}}
     if init["kind"] == "artifact":
         inputs["pretrain"] = init["version"]
+    ft = with_run_name(cfg, "finetune", ft, inputs)
+    done = finished_run(cfg, storage, "finetune", ft, inputs)
+    if done is not None:
+        return done
     descriptor_stats = None
     if (cfg.model.facet_dim > 0 and ft.facet_weight > 0) or cfg.model.descriptor_channel:
         descriptor_stats = training_descriptor_stats(
@@ -192,7 +197,6 @@ def run_finetune(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
     # Files (or performances) hold one track or piece each: visit them in random order, and
     # each worker's local shuffle buffer (train.shuffle_buffer) mixes styles within batches.
     dataset = dataset.randomize_block_order(seed=ft.seed)
-    ft = with_run_name(cfg, "finetune", ft, inputs)
     result = fit(cfg, storage, FINETUNE_TASK, ft, dataset, loop)
     with_midi = bool(rows.midi_targets)
     return finish(

@@ -55,6 +55,7 @@ from mess_ray.train.common import (
     TrainTask,
     decode_audio_column,
     finish,
+    finished_run,
     fit,
     load_init_encoder,
     resolve_init,
@@ -568,6 +569,21 @@ def run_pretrain(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
     )
     left_out = [*holdout.tracks, *audio.left_out_tracks]
     unheard = set(audio.left_out_tracks)
+    inputs = {"ingest": ingest_version, "init": {k: v for k, v in init.items() if k != "storage"}}
+    if exclude:
+        inputs["excluded_pieces"] = exclude
+    if holdout.tracks:
+        inputs["excluded_tracks"] = list(holdout.tracks)
+    if audio.left_out_tracks:
+        inputs["audio_fraction"] = {
+            "fraction": audio.fraction,
+            "seed": cfg.pretrain.seed,
+            "left_out_tracks": list(audio.left_out_tracks),
+        }
+    tcfg = with_run_name(cfg, "pretrain", cfg.pretrain, inputs)
+    done = finished_run(cfg, storage, "pretrain", tcfg, inputs)
+    if done is not None:
+        return done
     frames = sample_frames(cfg, storage, ingest_version, hop, exclude, left_out)
     codebooks = {
         kind: fit_codebook(
@@ -581,17 +597,6 @@ def run_pretrain(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
         cfg.pretrain.num_clusters,
         len(next(iter(frames.values()))),
     )
-    inputs = {"ingest": ingest_version, "init": {k: v for k, v in init.items() if k != "storage"}}
-    if exclude:
-        inputs["excluded_pieces"] = exclude
-    if holdout.tracks:
-        inputs["excluded_tracks"] = list(holdout.tracks)
-    if audio.left_out_tracks:
-        inputs["audio_fraction"] = {
-            "fraction": audio.fraction,
-            "seed": cfg.pretrain.seed,
-            "left_out_tracks": list(audio.left_out_tracks),
-        }
     loop = PretrainLoop(
         init=init,
         inputs=inputs,
@@ -617,7 +622,6 @@ def run_pretrain(cfg: MessRayConfig, storage: Storage) -> dict[str, Any]:
     else:
         dataset = read_segments_ray(storage, ingest_version, columns=["audio"])
     dataset = dataset.randomize_block_order(seed=cfg.pretrain.seed)
-    tcfg = with_run_name(cfg, "pretrain", cfg.pretrain, inputs)
     result = fit(cfg, storage, PRETRAIN_TASK, tcfg, dataset, loop)
     return finish(
         cfg,
