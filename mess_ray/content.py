@@ -681,20 +681,14 @@ def timeline_variants(
         onsets = _lagged_onsets(audio, sample_rate, shifts, onset_rate) if on_grid else None
         rows = []
         for k, s in enumerate(shifts):
-            moved = None if chroma is not None and onsets is not None else shift_segments(audio, s)
-            rows.append(
-                join(
-                    [
-                        chroma[k]
-                        if chroma is not None
-                        else chroma_timeline(moved, sample_rate, chroma_rate),
-                        onsets[k]
-                        if onsets is not None
-                        else onset_timeline(moved, sample_rate, onset_rate),
-                    ],
-                    [0.5, 0.5],
-                )
+            moved = shift_segments(audio, s) if chroma is None or onsets is None else None
+            c = (
+                chroma[k]
+                if chroma is not None
+                else chroma_timeline(moved, sample_rate, chroma_rate)
             )
+            o = onsets[k] if onsets is not None else onset_timeline(moved, sample_rate, onset_rate)
+            rows.append(join([c, o], [0.5, 0.5]))  # as timelines() joins them
     return np.stack(rows).astype(np.float32)
 
 
@@ -755,12 +749,14 @@ def _lagged_onsets(
         block = np.pad(audio[b0 : b0 + TIMELINE_BATCH], ((0, 0), (pad, pad)))
         rows = len(block)
         full = _mel(block, sample_rate, hop)
-        ends = [pad + s for s in shifts]  # where each moved window starts in the padded rows
-        head = _mel(np.concatenate([block[:, e : e + head_len] for e in ends]), sample_rate, hop)[
+        starts = [pad + s for s in shifts]  # each moved window's first sample in the padded rows
+        head = _mel(np.concatenate([block[:, e : e + head_len] for e in starts]), sample_rate, hop)[
             ..., :heads
         ]
-        end = _mel(np.concatenate([block[:, e + tail_at : e + n] for e in ends]), sample_rate, hop)
-        mel = np.stack([full[..., e // hop : e // hop + frames] for e in ends])  # [K, B, 64, F]
+        end = _mel(
+            np.concatenate([block[:, e + tail_at : e + n] for e in starts]), sample_rate, hop
+        )
+        mel = np.stack([full[..., e // hop : e // hop + frames] for e in starts])  # [K, B, 64, F]
         mel[..., :heads] = head.reshape(len(shifts), rows, *head.shape[1:])
         mel[..., tail:] = end.reshape(len(shifts), rows, *end.shape[1:])[
             ..., tail - tail_at // hop :
