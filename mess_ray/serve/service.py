@@ -868,7 +868,7 @@ class SearchService:
         timeline part recomputed from the segments' audio read back from the source (as an
         upload's is). If that audio cannot be read, the stored vectors alone, and the reason."""
         vector, ids = state.index.span_vector(track_id, start_s, end_s)
-        shifts = state.embedder.query_shifts_ms
+        shifts = getattr(state.embedder, "query_shifts_ms", (0.0,))  # any embedder: one lag
         if len(shifts) == 1:
             return vector, ids, {}
         rows = [state.index.segment(s) for s in ids]
