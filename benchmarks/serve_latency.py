@@ -20,6 +20,10 @@ figure, each compared with its in-process baseline measured in the same run:
   ``model.inference_precision=float32``: the path before the CPU embedding work), then with
   today's defaults, each paired with the direct Embedder + search call in the same mode.
 
+- ``query_lags`` (``--only query-lags``): upload and track + time p50/p99 with the content
+  timeline searched at one lag, then at the shipped model's 15 (``tiny-asap-v3``: +-140 ms every
+  20 ms), each paired with the same search called in this process.
+
 - ``adversarial``: the same by-id load (second process) for ``--duration`` seconds twice:
   alone, then while ``--hostile`` threads of this process send hostile requests (a WAV
   declaring 1 Hz, an 8-channel 96 kHz 240 s FLAC of silence, a 64 MiB chunked body without
@@ -28,8 +32,8 @@ figure, each compared with its in-process baseline measured in the same run:
   phases) and the hostile requests' statuses.
 
 Run: ``python -m benchmarks.serve_latency [--tracks 40] [--track-s 30] [--requests 60]
-[--duration 20] [--concurrency 8] [--only adversarial|upload-inference] [--hostile 3]
-[--out FILE]``.
+[--duration 20] [--concurrency 8] [--only adversarial|upload-inference|query-lags]
+[--hostile 3] [--out FILE]``.
 """
 
 from __future__ import annotations
@@ -427,6 +431,100 @@ def run_upload_inference(
         )
 
 
+# The shipped model's lags (tiny-asap-v3: +-140 ms every 20 ms, 15 lags) against one lag, on
+# the same content timeline (20 and 50 frames per second) and the same vectors.
+LAG_MODES = {
+    "one_lag": {"content_timeline": True, "content_timeline_query_shift_ms": 0.0},
+    "lags": {
+        "content_timeline": True,
+        "content_timeline_query_shift_ms": 140.0,
+        "content_timeline_query_step_ms": 20.0,
+    },
+}
+
+
+def run_query_lags(args: argparse.Namespace, cfg: Any, clip_path: str, work: str, out) -> None:
+    """``query_lags`` figures: the corpus indexed with the content timeline and searched at one
+    lag, then at the shipped model's 15 (same vectors: lags change only the query), each
+    deployed in turn; sequential 5 s WAV uploads and track + time queries (4 s windows, so a
+    3-segment span), no explanations, each paired with the same call in this process
+    (``search_upload`` / ``search_by_track``: decoding, embedding, lags and search, no HTTP)."""
+    import torch
+
+    torch.set_num_threads(1)  # as in a Serve replica
+    for mode, overrides in LAG_MODES.items():
+        mode_cfg = cfg.model_copy(
+            update={
+                "model": cfg.model.model_copy(update=overrides),
+                "storage": cfg.storage.model_copy(update={"root": f"{work}/store-{mode}"}),
+            }
+        )
+        build_corpus(mode_cfg, work, args.tracks, args.track_s)
+        emit(
+            {"figure": "query_lags", "mode": mode, **lag_mode_latency(args, mode_cfg, clip_path)},
+            out,
+        )
+
+
+def lag_mode_latency(args: argparse.Namespace, cfg: Any, clip_path: str) -> dict[str, Any]:
+    """One ``query_lags`` line: the service deployed on ``cfg``'s index, HTTP paired with
+    in-process calls."""
+    import httpx
+    from ray import serve
+
+    from mess_ray.serve import SearchService, run_service
+    from mess_ray.serve.client import wait_ready
+    from mess_ray.serve.service import SearchOptions
+
+    url = f"http://127.0.0.1:{cfg.serve.port}"
+    upload_body = open(clip_path, "rb").read()
+    options = SearchOptions(k=10, explain=False)
+    service = SearchService.from_config(cfg)
+    lags = len(service.embedder.query_shifts_ms)
+    track = service.index.tracks()[min(7, args.tracks - 1)]["track_id"]
+    by_id = {"track_id": track, "start_s": 4.0, "end_s": 12.0, "k": 10, "explain": False}
+    run_service(cfg, blocking=False)
+    try:
+        wait_ready(url, timeout_s=300)
+        with httpx.Client(timeout=120) as client:
+
+            def upload() -> None:
+                r = client.post(
+                    f"{url}/search",
+                    params={"k": 10, "explain": False},
+                    files={"file": ("q.wav", upload_body)},
+                )
+                assert r.status_code == 200, r.text
+
+            def by_track() -> None:
+                r = client.get(f"{url}/search/by-track", params=by_id)
+                assert r.status_code == 200, r.text
+                assert r.json()["query"].get("query_lags", 1) == lags, r.json()["query"]
+
+            served_upload, direct_upload = paired(
+                upload, lambda: service.search_upload(upload_body, options), args.requests
+            )
+            served_track, direct_track = paired(
+                by_track,
+                lambda: service.search_by_track(track, 4.0, 12.0, options),
+                args.requests,
+            )
+    finally:
+        serve.shutdown()
+    return {
+        "query_lags": lags,
+        "model_size": cfg.model.size,
+        "window_s": cfg.audio.window_s,
+        "upload_p50_ms": served_upload["p50_ms"],
+        "upload_p99_ms": served_upload["p99_ms"],
+        "upload_direct_p50_ms": direct_upload["p50_ms"],
+        "by_track_p50_ms": served_track["p50_ms"],
+        "by_track_p99_ms": served_track["p99_ms"],
+        "by_track_direct_p50_ms": direct_track["p50_ms"],
+        "load_avg_1m": round(os.getloadavg()[0], 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tracks", type=int, default=40)
@@ -441,10 +539,12 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument(
         "--only",
-        choices=["all", "adversarial", "upload-inference"],
+        choices=["all", "adversarial", "upload-inference", "query-lags"],
         default="all",
         help="adversarial: only the corpus and the adversarial-mix figures; upload-inference: "
-        "only the corpus and POST /search p50 with the fast CPU embedding path off, then on",
+        "only the corpus and POST /search p50 with the fast CPU embedding path off, then on; "
+        "query-lags: uploads and track + time queries at one lag, then at the shipped 15 "
+        "(4 s windows, a corpus per mode)",
     )
     parser.add_argument("--hostile", type=int, default=3, help="threads sending hostile requests")
     parser.add_argument(
@@ -475,6 +575,18 @@ def main() -> None:
             f"serve.source_prefixes=[{work}]",  # the recordings lie beside the store
         ],
     )
+    if args.only == "query-lags":
+        # The shipped model's windows; each mode indexes its own corpus.
+        cfg = cfg.model_copy(
+            update={"audio": cfg.audio.model_copy(update={"window_s": 4.0, "hop_s": 2.0})}
+        )
+        rate = cfg.audio.sample_rate
+        clip = recording(3, CLIP_S + 2, rate)[rate : rate + int(CLIP_S * rate)]
+        clip_path = os.path.join(work, "clip.wav")
+        with open(clip_path, "wb") as f:
+            f.write(wav_bytes(clip, rate))
+        run_query_lags(args, cfg, clip_path, work, out)
+        return
     started = time.perf_counter()
     manifest = build_corpus(cfg, work, args.tracks, args.track_s)
     emit(

@@ -43,6 +43,7 @@ import json
 import statistics
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -454,6 +455,57 @@ def bench_size(size: str, args, root: str) -> None:
     emit_with_load(record)
 
 
+def parquet_listing(root: str, args) -> None:
+    """``parquet_listing``: what reading the benchmark's corpus into the object store costs
+    (``read_segments_ray(...).materialize()``, as ``fit`` does for a small corpus) with Ray
+    Data's default pool of 32 footer-reading actors and with the pool ``read_segments_ray``
+    sizes to the files (``segments.footer_readers``), alternating, after one read that warms
+    the workers up. Both read the same blocks in the same order (compared here)."""
+    import os
+
+    from mess_ray.segments import FOOTER_ACTORS_ENV, footer_readers, read_segments_ray
+
+    storage = Storage(f"{root}/listing")
+    version = write_synthetic_ingest(storage, args.segments, args.window_s, 16000)
+
+    def read(actors: int | None) -> tuple[float, list]:
+        if actors is not None:
+            os.environ[FOOTER_ACTORS_ENV] = str(actors)
+        try:
+            t = time.perf_counter()
+            dataset = read_segments_ray(storage, version, columns=["audio"]).materialize()
+            elapsed = time.perf_counter() - t
+        finally:
+            os.environ.pop(FOOTER_ACTORS_ENV, None)
+        # Each block's rows and a checksum of its audio, in the order the dataset yields them.
+        return elapsed, [
+            (len(b["audio"]), zlib.crc32(b"".join(b["audio"])))
+            for b in dataset.iter_batches(batch_size=None, batch_format="numpy")
+        ]
+
+    read(None)
+    default, sized, blocks = [], [], set()
+    for _ in range(args.listing_repeats):
+        for actors, times in ((32, default), (None, sized)):
+            elapsed, shape = read(actors)
+            times.append(elapsed)
+            blocks.add(tuple(shape))
+    emit_with_load(
+        {
+            "figure": "parquet_listing",
+            "segments": args.segments,
+            "files": 1,
+            "repeats": args.listing_repeats,
+            "baseline_ray_default_actors": 32,
+            "baseline_s_median": round(statistics.median(default), 2),
+            "sized_actors": footer_readers(1),
+            "sized_s_median": round(statistics.median(sized), 2),
+            "baseline_over_sized": round(statistics.median(default) / statistics.median(sized), 2),
+            "same_blocks": len(blocks) == 1,
+        }
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -480,6 +532,12 @@ def main() -> None:
     parser.add_argument(
         "--peak-tflops", type=float, default=0.0, help="device peak for MFU (H100 bf16: 989)"
     )
+    parser.add_argument(
+        "--listing-repeats",
+        type=int,
+        default=3,
+        help="reads of the corpus per footer-pool size for parquet_listing (0: skip)",
+    )
     args = parser.parse_args()
     if args.steps <= args.warmup + 1:
         parser.error("--steps must exceed --warmup + 1")
@@ -487,6 +545,8 @@ def main() -> None:
 
     ensure_ray(load_config(None, []).ray)
     with tempfile.TemporaryDirectory(prefix="mess-ray-train-bench-") as root:
+        if args.listing_repeats:
+            parquet_listing(root, args)
         for size in args.sizes:
             bench_size(size, args, root)
 

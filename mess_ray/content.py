@@ -706,8 +706,9 @@ def _lagged_chroma(
 ) -> np.ndarray | None:
     """[K, N, 12 * frames]: :func:`chroma_timeline` of ``audio`` moved by each of ``shifts``
     (samples) read from one CQT on the finer grid; None where that grid is not a hop the CQT
-    accepts or would cost more than one CQT per lag (a CQT with g times the frames costs about
-    g / 2 of them: 64-sample hop against 768 at 16 kHz, 5.6x on 4 s segments)."""
+    accepts or would cost more than one CQT per lag (the rule assumes a CQT with g times the
+    frames costs about g / 2 of them; what the shipped lags cost on the grid and lag by lag:
+    ``python -m benchmarks.embed_throughput --content-timeline``, ``query_lags_shipped``)."""
     hop = feature_hop(sample_rate, rate)
     _check_length(audio.shape[1], hop, sample_rate)
     grid = _lag_grid(hop, shifts)

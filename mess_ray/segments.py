@@ -9,7 +9,10 @@ are read on their own (``columns=``) when the audio is not needed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
+import os
 import posixpath
 
 import numpy as np
@@ -143,12 +146,41 @@ def read_segments_ray(
     import ray.data
 
     version = version or storage.require_latest("ingest")
-    return ray.data.read_parquet(
-        segment_files(storage, version),
-        filesystem=storage.pyarrow_fs(),
-        columns=columns,
-        schema=SEGMENT_SCHEMA,
-    )
+    files = segment_files(storage, version)
+    with _footer_readers(len(files)):
+        return ray.data.read_parquet(
+            files, filesystem=storage.pyarrow_fs(), columns=columns, schema=SEGMENT_SCHEMA
+        )
+
+
+# Ray Data lists a Parquet read by reading the files' footers on a pool of actors, 32 of them
+# unless RAY_DATA_PARQUET_FOOTER_NUM_ACTORS says otherwise, each a new process that imports
+# Ray Data. For the few shards of a small corpus, starting them costs more than the read
+# itself (benchmarks/train_throughput.py, `parquet_listing`). Ray hands the actors footers in
+# batches of RAY_DATA_PARQUET_FOOTER_BATCH_SIZE files (10): more actors than batches idle.
+FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+_FOOTER_BATCH_FILES = 10
+_FOOTER_ACTORS_MAX = 32
+
+
+def footer_readers(num_files: int) -> int:
+    """How many footer-reading actors a Parquet read of ``num_files`` files needs: one per
+    batch of footers, at least one, at most Ray's default pool."""
+    return max(1, min(_FOOTER_ACTORS_MAX, math.ceil(num_files / _FOOTER_BATCH_FILES)))
+
+
+@contextlib.contextmanager
+def _footer_readers(num_files: int):
+    """Size Ray Data's footer-reader pool for one read (Ray reads the variable when the read
+    is planned, on this process); a value the user set in the environment wins."""
+    if FOOTER_ACTORS_ENV in os.environ:
+        yield
+        return
+    os.environ[FOOTER_ACTORS_ENV] = str(footer_readers(num_files))
+    try:
+        yield
+    finally:
+        os.environ.pop(FOOTER_ACTORS_ENV, None)
 
 
 def _piece_score(piece_id: str, seed: int) -> float:

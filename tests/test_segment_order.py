@@ -53,3 +53,40 @@ def test_shards_without_file_records_keep_name_order(tmp_path):
     version = storage.require_latest("ingest")
     names = [posixpath.basename(p) for p in segment_files(storage, version)]
     assert names == ["part-0.parquet", "part-1.parquet"]
+
+
+def test_a_parquet_read_gets_one_footer_reader_per_batch_of_ten_files_up_to_32():
+    from mess_ray.segments import footer_readers
+
+    assert [footer_readers(n) for n in (0, 1, 10, 11, 95, 320, 5000)] == [1, 1, 1, 2, 10, 32, 32]
+
+
+def test_the_footer_pool_is_sized_for_each_read_and_a_users_setting_wins(tmp_path, monkeypatch):
+    """``read_segments_ray`` sets Ray Data's footer-pool variable while the read is planned
+    (Ray's indexer reads it then) and takes it away after; a value the user set stays."""
+    import os
+
+    import ray.data
+    from ray.data._internal.datasource_v2.formats.parquet.footer_file_indexer import (
+        FooterFileIndexer,
+    )
+
+    from mess_ray.segments import FOOTER_ACTORS_ENV, read_segments_ray
+
+    cfg = tiny_config(str(tmp_path / "store"))
+    storage = Storage.from_config(cfg.storage)
+    publish_tiny_ingest(cfg, storage, n_tracks=3, seconds=3.0, files=1)
+    planned = []
+
+    def plan(paths, **kwargs):
+        # What Ray's footer indexer would start for this read, planned here.
+        planned.append((len(paths), FooterFileIndexer(ignore_missing_paths=False)._num_actors))
+        return "dataset"
+
+    monkeypatch.setattr(ray.data, "read_parquet", plan)
+    monkeypatch.delenv(FOOTER_ACTORS_ENV, raising=False)
+    assert read_segments_ray(storage) == "dataset"
+    assert planned[-1][1] == 1 and FOOTER_ACTORS_ENV not in os.environ
+    monkeypatch.setenv(FOOTER_ACTORS_ENV, "7")
+    read_segments_ray(storage)
+    assert planned[-1][1] == 7 and os.environ[FOOTER_ACTORS_ENV] == "7"

@@ -307,18 +307,37 @@ def test_a_track_and_time_query_is_searched_at_every_lag_from_the_tracks_audio(t
     publish_audio_index(cfg, tmp_path / "audio")
     service = SearchService.from_config(cfg)
     state = service._state
-    vector, ids, lags = service._track_query(state, "track1", 1.0, 3.0)
+    reads = []
+    passage = service._passage
+    service._passage = lambda uri, start_s, end_s: (
+        reads.append((start_s, end_s)) or passage(uri, start_s, end_s)
+    )
+    vector, ids, lags, audio = service._track_query(state, "track1", 1.0, 3.0)
     stored, _ = state.index.span_vector("track1", 1.0, 3.0)
     assert vector.shape == (5, state.index.dim) and lags == {"query_lags": 5}
     assert float(vector[0] @ stored) > 0.999  # the audio read back embeds as it was indexed
     assert not np.allclose(vector[1:], vector[0])
+    # Overlapping segments: their span is read once, and that audio comes back for explanations.
+    rows = [state.index.segment(s) for s in ids]
+    assert len(rows) > 1 and all(b["start_s"] < a["end_s"] for a, b in zip(rows, rows[1:]))
+
+    def _span_of(segment_ids):
+        rows = [state.index.segment(s) for s in segment_ids]
+        return min(r["start_s"] for r in rows), max(r["end_s"] for r in rows)
+
+    span = _span_of(ids)
+    assert reads == [span] and len(audio) == round((span[1] - span[0]) * cfg.audio.sample_rate)
     client = TestClient(create_app(service))
+    reads.clear()
     result = client.get("/search/by-track", params={"track_id": "track1", "start_s": 1.0, "k": 3})
     assert result.status_code == 200, result.text
     body = result.json()
     assert body["query"]["query_lags"] == 5
     assert not set(body["query"]["segment_ids"]) & {h["segment_id"] for h in body["hits"]}
-    variants, _, _ = service._track_query(state, "track1", 1.0, None)
+    # The explanations read each hit's passage, and the query's span no more than once.
+    query_span = _span_of(body["query"]["segment_ids"])
+    assert body["hits"][0]["explanation"] and reads.count(query_span) == 1
+    variants, _, _, _ = service._track_query(state, "track1", 1.0, None)
     for hit in body["hits"]:
         score = float(np.max(variants @ state.index.vector(hit["segment_id"])))
         assert hit["similarity"] == pytest.approx(score, abs=1e-4)

@@ -565,6 +565,11 @@ class ServiceStats:
         }
 
 
+def _span(rows: list[dict[str, Any]]) -> tuple[float, float]:
+    """The time span (s) that indexed segments cover together."""
+    return min(r["start_s"] for r in rows), max(r["end_s"] for r in rows)
+
+
 class SearchService:
     """A loaded index + embedder answering search requests (thread-safe; hot-reloadable)."""
 
@@ -836,9 +841,11 @@ class SearchService:
             hits = self._work_relative(
                 state, vector, state.index.track(track_id)["piece_id"], options, segment_ids
             )
-            lags = {}
+            lags, query_samples = {}, None
         else:
-            vector, segment_ids, lags = self._track_query(state, track_id, start_s, end_s)
+            vector, segment_ids, lags, query_samples = self._track_query(
+                state, track_id, start_s, end_s
+            )
             hits = state.index.search(
                 vector, exclude_segments=segment_ids, **options.search_kwargs(self.cfg.serve)
             )
@@ -850,43 +857,45 @@ class SearchService:
             "segment_ids": segment_ids,
             **lags,
         }
-        query_samples = None
-        if options.explain:
+        if not options.explain:
+            query_samples = None
+        elif query_samples is None:
             rows = [state.index.segment(s) for s in segment_ids]
-            span = (min(r["start_s"] for r in rows), max(r["end_s"] for r in rows))
             try:
-                query_samples = self._passage(rows[0]["source_uri"], *span)
+                query_samples = self._passage(rows[0]["source_uri"], *_span(rows))
             except (FileNotFoundError, ValueError):
                 query_samples = None  # the query's audio is gone: results without explanations
         return self._response(state, query, hits, query_samples, started)
 
     def _track_query(
         self, state: IndexState, track_id: str, start_s: float, end_s: float | None
-    ) -> tuple[np.ndarray, list[int], dict[str, Any]]:
+    ) -> tuple[np.ndarray, list[int], dict[str, Any], np.ndarray | None]:
         """The query of a span of an indexed track: its segments' stored vectors averaged [D];
         for a model that tries queries at several lags, one such vector per lag [K, D], the
         timeline part recomputed from the segments' audio read back from the source (as an
-        upload's is). If that audio cannot be read, the stored vectors alone, and the reason."""
+        upload's is). If that audio cannot be read, the stored vectors alone, and the reason.
+        Also the span's audio when it was read (once, for all its overlapping segments; the
+        explanations use it too), else None."""
         vector, ids = state.index.span_vector(track_id, start_s, end_s)
         shifts = getattr(state.embedder, "query_shifts_ms", (0.0,))  # any embedder: one lag
         if len(shifts) == 1:
-            return vector, ids, {}
+            return vector, ids, {}, None
         rows = [state.index.segment(s) for s in ids]
+        span = _span(rows)
         try:
-            audio = [self._passage(r["source_uri"], r["start_s"], r["end_s"]) for r in rows]
+            passage = self._passage(rows[0]["source_uri"], *span)
         except (FileNotFoundError, ValueError) as err:  # SourceNotAllowed among them
             where = self.sources.display(rows[0]["source_uri"])
-            return (
-                vector,
-                ids,
-                {"query_lags": 1, "query_lags_skipped": f"{where}: {type(err).__name__}"},
-            )
+            lags = {"query_lags": 1, "query_lags_skipped": f"{where}: {type(err).__name__}"}
+            return vector, ids, lags, None
         stored = np.stack([state.index.vector(s) for s in ids])
-        window = state.embedder.window_samples
-        variants = state.embedder.query_variants(
-            stored, np.stack([fit_length(a, window) for a in audio])
-        )
-        return normalize(variants.mean(axis=1)), ids, {"query_lags": len(shifts)}
+        window, rate = state.embedder.window_samples, self.cfg.audio.sample_rate
+        windows = [
+            fit_length(passage[max(0, round((r["start_s"] - span[0]) * rate)) :][:window], window)
+            for r in rows
+        ]
+        variants = state.embedder.query_variants(stored, np.stack(windows))
+        return normalize(variants.mean(axis=1)), ids, {"query_lags": len(shifts)}, passage
 
     # -- audio -----------------------------------------------------------------------------
     def _source(self, track_id: str) -> str:
