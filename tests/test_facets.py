@@ -55,6 +55,23 @@ def test_weighted_query_scores_equal_the_weighted_sum_of_part_cosines():
     np.testing.assert_allclose(weighted_query(e[0], layout, None), e[0])
 
 
+def test_timeline_facet_weight_ranks_as_the_timeline_reweighted_to_its_share():
+    """README's opt-in: facet weights 1 for the five other parts and W = 5w / (1 - w) for the
+    timeline score exactly as the timeline part re-weighted to share w of the cosine (the
+    ``[timeline@w]`` variant of ``benchmarks.protocol_context``)."""
+    from mess_ray.facets import TIMELINE, join
+
+    rng = np.random.default_rng(2)
+    layout = {**make_layout(8, 4), TIMELINE: (24, 40)}
+    e = _random_faceted(rng, layout, 40)
+    start, end = layout[TIMELINE]
+    for w in (0.35, 0.5):
+        reweighted = join([e[:, :start], e[:, start:end]], [1 - w, w])
+        weights = {name: 1.0 for name in layout} | {TIMELINE: 5 * w / (1 - w)}
+        q = weighted_query(e[0], layout, weights)
+        np.testing.assert_allclose(e @ q, reweighted @ reweighted[0], rtol=1e-4, atol=1e-5)
+
+
 def test_bad_weights_are_named():
     layout = make_layout(8, 4)
     with pytest.raises(ValueError, match="unknown facet"):
