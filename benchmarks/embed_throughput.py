@@ -62,24 +62,9 @@ def forward_flops(model: torch.nn.Module, batch: torch.Tensor) -> float:
 
 def train_flops(size: str, cfg, samples: int) -> float:
     """Forward+backward FLOPs per sample of the pretraining model (train_throughput's counter)."""
-    from benchmarks.train_throughput import flops_per_sample
-    from mess_ray.train.pretrain import HubertPretrainModel
+    from benchmarks.train_throughput import flops_per_sample, make_model, random_codebook
 
-    n_mels, k = cfg.pretrain.n_mels, cfg.pretrain.num_clusters
-    # FLOPs do not depend on the codebook's values, only on its shape.
-    codebook = {
-        "centroids": np.random.default_rng(0).standard_normal((k, n_mels)).astype(np.float32),
-        "mean": np.zeros(n_mels, np.float32),
-        "std": np.ones(n_mels, np.float32),
-    }
-    model = HubertPretrainModel(
-        build_encoder(size, seed=0),
-        codebook,
-        cfg.audio.sample_rate,
-        n_mels,
-        cfg.pretrain.mask_prob,
-        cfg.pretrain.mask_length,
-    )
+    model = make_model(size, random_codebook(cfg), cfg)
     audio = torch.from_numpy(
         (0.1 * np.random.default_rng(2).standard_normal((samples, window(cfg)))).astype(np.float32)
     )

@@ -55,6 +55,10 @@ ASSUMPTIONS = {
         "(issue 7 note; not re-run here)",
     },
     "vcpu_per_core_equivalent": 1.0,  # a cloud vCPU counted as one of this machine's cores
+    # Datasheet peaks. The MFU values apply only without gpu_throughput.jsonl: with it, every
+    # GPU runs at the MFU measured on the H200 (same compute as an H100 SXM; 1.4x its memory
+    # bandwidth, so memory-bound work runs somewhat slower on an H100), the L40S included,
+    # which is an assumption (no L40S was measured).
     "gpus": {
         "H100-SXM": {"bf16_dense_tflops": 989.0, "train_mfu": 0.35, "infer_mfu": 0.25},
         "L40S": {"bf16_dense_tflops": 362.0, "train_mfu": 0.30, "infer_mfu": 0.25},
@@ -103,6 +107,10 @@ class Measured:
     forward_flops_per_segment: float
     train_flops_per_sample: float
     embed_source: dict
+    # Measured on a GPU (gpu_throughput.jsonl, benchmarks/gpu_throughput.py), when present:
+    # the MFU of bf16 pretraining and of the Embedder's GPU default (TF32), each with the FLOPs
+    # counted on that GPU for the same model. None: the MFU assumptions below apply.
+    gpu: dict | None = None
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -111,6 +119,53 @@ def read_jsonl(path: Path) -> list[dict]:
             f"{path} is missing: run the benchmark named in {Path(__file__).name}'s docstring"
         )
     return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+
+
+def load_gpu(folder: Path, size: str, audio: dict) -> dict | None:
+    """The measured GPU figures for ``size`` at the study's audio settings, or None without
+    ``gpu_throughput.jsonl``: the fastest bf16 pretraining step and the fastest ``Embedder.embed``
+    in TF32 (the GPU default, host round trip included), each as MFU of the datasheet peak the
+    benchmark was given, with its FLOPs."""
+    path = folder / "gpu_throughput.jsonl"
+    if not path.exists():
+        return None
+    lines = read_jsonl(path)
+    rows = [
+        r
+        for r in lines
+        if r.get("size") == size
+        and r.get("sample_rate") == audio["sample_rate"]
+        and r.get("window_s") == audio["window_s"]
+        and "error" not in r
+    ]
+    train = [
+        r
+        for r in rows
+        if r["figure"] == "gpu_pretrain_step" and r.get("precision") == "bf16-autocast"
+    ]
+    embed = [r for r in rows if r["figure"] == "gpu_embed" and r.get("precision") == "tf32"]
+    ceiling = next((r for r in lines if r.get("figure") == "gpu_ceiling"), None)
+    if not train or not embed or ceiling is None:
+        raise ValueError(
+            f"{path.name} has no bf16 gpu_pretrain_step, tf32 gpu_embed or gpu_ceiling lines "
+            f"for size {size!r} at {audio['sample_rate']} Hz, {audio['window_s']} s windows"
+        )
+    t = max(train, key=lambda r: r["samples_per_s"])
+    e = max(embed, key=lambda r: r["embed_segments_per_s"])
+    peak = t["achieved_tflops"] / t["mfu_datasheet"]  # the peak the benchmark was given
+    forward = e["forward_flops_per_segment"]
+    return {
+        "gpu": ceiling.get("gpu", "?"),
+        "datasheet_tflops": round(peak, 1),
+        "train_batch": t["batch"],
+        "train_samples_per_s": t["samples_per_s"],
+        "train_flops_per_sample": t["train_flops_per_sample"],
+        "train_mfu": t["mfu_datasheet"],
+        "embed_batch": e["batch"],
+        "embed_segments_per_s": e["embed_segments_per_s"],
+        "forward_flops_per_segment": forward,
+        "infer_mfu": round(forward * e["embed_segments_per_s"] / (peak * 1e12), 4),
+    }
 
 
 def load_measured(folder: Path = MEASURED, size: str = "base") -> Measured:
@@ -140,6 +195,7 @@ def load_measured(folder: Path = MEASURED, size: str = "base") -> Measured:
         forward_flops_per_segment=flops["forward_flops_per_segment"],
         train_flops_per_sample=flops["train_flops_per_sample"],
         embed_source={"cpu": cpu, "flops": flops},
+        gpu=load_gpu(folder, size, ASSUMPTIONS["audio"]),
     )
 
 
@@ -152,7 +208,12 @@ def stage_hours(hours: float, m: Measured, cluster: dict, a: dict = ASSUMPTIONS)
     cpu_type, cpu_nodes = cluster["cpu"]
     gpu_type, gpu_nodes = cluster["gpu"]
     cpu_inst, gpu_inst = a["instances"][cpu_type], a["instances"][gpu_type]
-    gpu = a["gpus"][gpu_inst["gpu"]]
+    gpu = dict(a["gpus"][gpu_inst["gpu"]])
+    train_flops, forward_flops = m.train_flops_per_sample, m.forward_flops_per_segment
+    if m.gpu is not None:  # measured MFU, with the FLOPs it was measured with
+        gpu.update(train_mfu=m.gpu["train_mfu"], infer_mfu=m.gpu["infer_mfu"])
+        train_flops = m.gpu["train_flops_per_sample"]
+        forward_flops = m.gpu["forward_flops_per_segment"]
     vcpus = cpu_nodes * cpu_inst["vcpus"] * a["vcpu_per_core_equivalent"]
     n_gpus = gpu_nodes * gpu_inst["gpus"]
     segments = segments_for(hours, a["audio"])
@@ -162,15 +223,9 @@ def stage_hours(hours: float, m: Measured, cluster: dict, a: dict = ASSUMPTIONS)
         segments_for(min(hours, a["pretrain_cap_hours"]), a["audio"]) * a["pretrain_epochs"]
     )
     pretrain_gpu_s = (
-        m.train_flops_per_sample
-        * pretrain_segments
-        / (gpu["bf16_dense_tflops"] * 1e12 * gpu["train_mfu"])
+        train_flops * pretrain_segments / (gpu["bf16_dense_tflops"] * 1e12 * gpu["train_mfu"])
     )
-    embed_gpu_s = (
-        m.forward_flops_per_segment
-        * segments
-        / (gpu["bf16_dense_tflops"] * 1e12 * gpu["infer_mfu"])
-    )
+    embed_gpu_s = forward_flops * segments / (gpu["bf16_dense_tflops"] * 1e12 * gpu["infer_mfu"])
     build = a["index_build"]
     scale = segments / build["vectors"]
     index_cpu_s = build["build_s"] * build["cores"] * scale * math.sqrt(max(scale, 1.0))
@@ -306,7 +361,7 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[0].set_ylabel("wall-clock hours per stage (log)")
     axes[0].legend()
     fig.suptitle(
-        "mess-ray scaling on paper: measured per-worker rates x assumed GPU peak, MFU and prices",
+        "mess-ray scaling on paper: measured CPU and H200 rates x datasheet peaks and prices",
         fontsize=10,
     )
     fig.tight_layout()
@@ -332,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                 "embed_cpu_segments_per_cpu_s": m.embed_cpu_segments_per_cpu_s,
                 "forward_flops_per_segment": m.forward_flops_per_segment,
                 "train_flops_per_sample": m.train_flops_per_sample,
+                "gpu": m.gpu,
             }
         )
     )

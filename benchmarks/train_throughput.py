@@ -94,6 +94,17 @@ def write_synthetic_ingest(storage: Storage, segments: int, window_s: float, sr:
     return "bench"
 
 
+def random_codebook(cfg) -> dict[str, np.ndarray]:
+    """A k-means codebook of the configured shape with random centroids: model FLOPs and step
+    times depend on its shape, not its values."""
+    n_mels, k = cfg.pretrain.n_mels, cfg.pretrain.num_clusters
+    return {
+        "centroids": np.random.default_rng(0).standard_normal((k, n_mels)).astype(np.float32),
+        "mean": np.zeros(n_mels, np.float32),
+        "std": np.ones(n_mels, np.float32),
+    }
+
+
 def make_model(size: str, codebook: dict, cfg) -> HubertPretrainModel:
     return HubertPretrainModel(
         build_encoder(size, seed=0),

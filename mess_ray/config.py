@@ -432,7 +432,10 @@ class ModelConfig(_Section):
         "the first conv layer with its folded GroupNorm in float32); 'auto' = 'bfloat16' where "
         "the CPU has native bf16 (AVX512-BF16/AMX) and the encoder is wide (front end and "
         "hidden size >= 256, e.g. base), else 'float32'. benchmarks/embed_throughput.py "
-        "measures recall@10 of each against the plain float32 vectors.",
+        "measures recall@10 of each against the plain float32 vectors. On a GPU: 'auto' = "
+        "float32 tensors with TF32 matrix products and convolutions, 'bfloat16' = bf16 "
+        "autocast with the positional conv in float32, 'float32' = no TF32 "
+        "(benchmarks/gpu_throughput.py).",
     )
     fast_inference: bool = Field(
         True,

@@ -69,3 +69,32 @@ def test_ingest_rate_comes_from_the_shipped_settings_not_from_measured_alternati
         "".join(json.dumps(line) + "\n" for line in lines)
     )
     assert study.load_measured(tmp_path).ingest_audio_s_per_cpu_s == 400.0
+
+
+def test_gpu_stages_run_at_the_rates_measured_on_the_gpu(tmp_path):
+    """With gpu_throughput.jsonl the H100 rows run at the H200's measured rates (same peak);
+    without it the MFU assumptions apply."""
+    import shutil
+
+    m = study.load_measured()
+    assert m.gpu is not None and m.gpu["gpu"] == "NVIDIA H200"
+    name, cluster = next((n, c) for n, c in study.CLUSTERS.items() if "H100" in n)
+    hours = 10_000
+    stages = study.stage_hours(hours, m, cluster)
+    gpus = cluster["gpu"][1] * study.ASSUMPTIONS["instances"][cluster["gpu"][0]]["gpus"]
+    segments = study.segments_for(hours, study.ASSUMPTIONS["audio"])
+    epochs = study.ASSUMPTIONS["pretrain_epochs"]
+    expected = segments * epochs / m.gpu["train_samples_per_s"] / gpus / 3600
+    assert stages["pretrain"]["wall_h"] == pytest.approx(expected, rel=2e-3)
+    expected = segments / m.gpu["embed_segments_per_s"] / gpus / 3600
+    assert stages["embed"]["wall_h"] == pytest.approx(expected, rel=2e-3)
+
+    for name in ("embed_throughput.jsonl", "ingest_throughput.jsonl"):
+        shutil.copy(study.MEASURED / name, tmp_path / name)
+    assumed = study.load_measured(tmp_path)
+    assert assumed.gpu is None
+    at_assumed_mfu = study.stage_hours(hours, assumed, cluster)
+    assert at_assumed_mfu["pretrain"]["wall_h"] < stages["pretrain"]["wall_h"]  # 0.35 > 0.185
+    (tmp_path / "gpu_throughput.jsonl").write_text(json.dumps({"figure": "gpu_ceiling"}) + "\n")
+    with pytest.raises(ValueError, match="no bf16 gpu_pretrain_step"):
+        study.load_measured(tmp_path)

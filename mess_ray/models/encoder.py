@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -488,3 +489,40 @@ def enable_fast_inference(encoder: torch.nn.Module, dtype: torch.dtype = torch.f
     feature_encoder.forward = forward
     feature_encoder._fast_inference = True
     return True
+
+
+# -- GPU: the positional convolution outside bf16 autocast -----------------------------------
+# HuBERT's positional embedding is a grouped convolution (768 channels in 16 groups, kernel 128
+# for `base`): about 2 % of a forward's FLOPs, but under CUDA's bf16 autocast cuDNN runs it on
+# direct, non-tensor-core kernels (``implicit_convolve_sgemm``/``precomputed_convolve_sgemm``
+# on bf16): about half of `base`'s bf16 forward and a quarter of a bf16 pretraining step on an
+# H200 (benchmarks/gpu_throughput.py --profile), while in float32 it runs on TF32 tensor-core
+# kernels (cuDNN's default) in a fraction of that time.
+
+
+def _float32_pos_conv_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    if hidden_states.is_cuda and torch.is_autocast_enabled("cuda"):
+        with torch.autocast("cuda", enabled=False):
+            return type(self).forward(self, hidden_states.float())
+    return type(self).forward(self, hidden_states)
+
+
+def float32_positional_conv(model: torch.nn.Module, enabled: bool = True) -> int:
+    """Run every waveform encoder's positional convolution inside ``model`` in float32 when it
+    meets CUDA tensors under autocast (in place; weights, state dict and CPU behaviour
+    untouched), or with ``enabled=False`` as the module's own code again. Returns how many
+    modules changed."""
+    changed = 0
+    for module in model.modules():
+        if not type(module).__name__.endswith("PositionalConvEmbedding"):
+            continue
+        if not all(hasattr(module, a) for a in ("conv", "padding", "activation")):
+            continue
+        patched = "forward" in vars(module)
+        if enabled and not patched:
+            module.forward = types.MethodType(_float32_pos_conv_forward, module)
+            changed += 1
+        elif not enabled and patched:
+            del module.forward
+            changed += 1
+    return changed
