@@ -256,7 +256,9 @@ def resolve_precision(
 @contextlib.contextmanager
 def allow_tf32(enabled: bool) -> Iterator[None]:
     """CUDA matrix products and cuDNN convolutions in TF32 inside the block (when ``enabled``),
-    the process's settings restored after."""
+    the process's settings restored after. The flags are process-wide: two blocks overlapping in
+    threads (a replica serving concurrent requests) can end each other's TF32 early, which
+    costs speed, never correctness beyond TF32's own rounding."""
     if not enabled:
         yield
         return
