@@ -432,6 +432,78 @@ def bench_compiled(encoder, common, segments, device, args, peaks, out) -> None:
     )
 
 
+def plot(records: list[dict], path: str | Path, size: str = "base") -> None:
+    """Two panels for ``size``: pretraining samples/s (and MFU) against batch, and embedding
+    segments/s per precision against batch (the model alone, solid; ``Embedder.embed``, dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, seen = [], set()
+    for r in records:  # the first line per figure, precision and batch (later runs repeat some)
+        key = (r.get("figure"), r.get("precision"), r.get("batch"))
+        if r.get("size") == size and "error" not in r and key not in seen:
+            seen.add(key)
+            rows.append(r)
+    fig, (train_ax, embed_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for precision, color in (("bf16-autocast", "#dd8452"), ("float32", "#4c72b0")):
+        steps = sorted(
+            (r["batch"], r["samples_per_s"], r["mfu_datasheet"])
+            for r in rows
+            if r["figure"] == "gpu_pretrain_step" and r["precision"] == precision
+        )
+        if steps:
+            batches, rates, mfus = zip(*steps)
+            train_ax.plot(batches, rates, "o-", color=color, label=precision)
+            for b, rate, m in steps:
+                train_ax.annotate(
+                    f"MFU {m:.3f}", (b, rate), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                )
+    train_ax.set(
+        xscale="log",
+        xlabel="batch",
+        ylabel="samples / s",
+        title=f"{size}: pretraining step (one GPU)",
+    )
+    colors = {"float32": "#4c72b0", "tf32": "#55a868", "bf16-autocast": "#dd8452"}
+    for precision, color in colors.items():
+        embeds = sorted(
+            (r["batch"], r["model_segments_per_s"], r["embed_segments_per_s"])
+            for r in rows
+            if r["figure"] == "gpu_embed" and r["precision"] == precision
+        )
+        if embeds:
+            batches, model_rates, embed_rates = zip(*embeds)
+            embed_ax.plot(batches, model_rates, "o-", color=color, label=f"{precision}, model")
+            embed_ax.plot(
+                batches,
+                embed_rates,
+                "o--",
+                color=color,
+                alpha=0.6,
+                label=f"{precision}, Embedder.embed",
+            )
+    embed_ax.set(
+        xscale="log", xlabel="batch", ylabel="segments / s", title=f"{size}: embedding (one GPU)"
+    )
+    for ax in (train_ax, embed_ax):
+        batches = sorted({r["batch"] for r in rows if "batch" in r})
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    sample = next((r for r in rows if "sample_rate" in r), {})
+    fig.suptitle(
+        f"{records[0].get('gpu', '')} {sample.get('sample_rate', '?')} Hz, "
+        f"{sample.get('window_s', '?')} s segments (benchmarks/gpu_throughput.py)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/cluster.yaml")
@@ -471,7 +543,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--skip", nargs="*", default=[], choices=["pretrain", "embed"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="", help="also append the JSON lines to this file")
+    parser.add_argument(
+        "--plot", default="", help="write a PNG of the lines (with --plot-from: those, no run)"
+    )
+    parser.add_argument("--plot-from", nargs="*", default=[], help="JSON-lines files to plot")
     args = parser.parse_args(argv)
+    if args.plot_from:
+        lines = [ln for f in args.plot_from for ln in Path(f).read_text().splitlines()]
+        records = [json.loads(ln) for ln in lines if ln.startswith("{")]
+        plot(records, args.plot or "gpu_throughput.png", args.sizes[0])
+        return records
     device = torch.device(args.device)
     cfg = load_config(args.config if args.config else None, args.set)
     records: list[dict] = []
@@ -500,6 +581,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             sink.close()
     if args.out:
         records = [json.loads(line) for line in Path(args.out).read_text().splitlines()]
+    if args.plot and records:
+        plot(records, args.plot, args.sizes[0])
     return records
 
 

@@ -91,8 +91,9 @@ def test_gpu_benchmark_runs_on_the_cpu_and_reports_every_figure(tmp_path):
     out = tmp_path / "gpu.jsonl"
     args = ["--device", "cpu", "--sizes", "tiny", "--train-batches", "2", "--embed-batches"]
     args += ["4", "--segments", "12", "--steps", "2", "--warmup", "1", "--repeats", "1"]
-    args += ["--pos-conv", "both", "--out", str(out)]
+    args += ["--pos-conv", "both", "--out", str(out), "--plot", str(tmp_path / "gpu.png")]
     records = gpu_throughput.main(args)
+    assert (tmp_path / "gpu.png").stat().st_size > 10_000  # the PNG of those lines
     assert records == [json.loads(line) for line in out.read_text().splitlines()]
     figures = [r["figure"] for r in records]
     assert figures[0] == "gpu_ceiling" and "error" not in json.dumps(records)
