@@ -446,13 +446,20 @@ def plot(records: list[dict], path: str | Path, size: str = "base") -> None:
         if r.get("size") == size and "error" not in r and key not in seen:
             seen.add(key)
             rows.append(r)
-    fig, (train_ax, embed_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for precision, color in (("bf16-autocast", "#dd8452"), ("float32", "#4c72b0")):
-        steps = sorted(
-            (r["batch"], r["samples_per_s"], r["mfu_datasheet"])
+
+    def points(figure: str, precision: str, *keys: str) -> list[tuple]:
+        """(batch, *keys) of one figure and precision, in batch order."""
+        return sorted(
+            (r["batch"], *(r[k] for k in keys))
             for r in rows
-            if r["figure"] == "gpu_pretrain_step" and r["precision"] == precision
+            if r["figure"] == figure and r["precision"] == precision
         )
+
+    fig, (train_ax, embed_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {"float32": "#4c72b0", "tf32": "#55a868", "bf16-autocast": "#dd8452"}
+    for precision in ("bf16-autocast", "float32"):
+        color = colors[precision]
+        steps = points("gpu_pretrain_step", precision, "samples_per_s", "mfu_datasheet")
         if steps:
             batches, rates, mfus = zip(*steps)
             train_ax.plot(batches, rates, "o-", color=color, label=precision)
@@ -466,13 +473,8 @@ def plot(records: list[dict], path: str | Path, size: str = "base") -> None:
         ylabel="samples / s",
         title=f"{size}: pretraining step (one GPU)",
     )
-    colors = {"float32": "#4c72b0", "tf32": "#55a868", "bf16-autocast": "#dd8452"}
     for precision, color in colors.items():
-        embeds = sorted(
-            (r["batch"], r["model_segments_per_s"], r["embed_segments_per_s"])
-            for r in rows
-            if r["figure"] == "gpu_embed" and r["precision"] == precision
-        )
+        embeds = points("gpu_embed", precision, "model_segments_per_s", "embed_segments_per_s")
         if embeds:
             batches, model_rates, embed_rates = zip(*embeds)
             embed_ax.plot(batches, model_rates, "o-", color=color, label=f"{precision}, model")
