@@ -319,7 +319,7 @@ def bench_embed(size, cfg, segments, device, args, peaks, out) -> None:
     """``gpu_embed`` (and ``gpu_embed_compiled``) lines for one size."""
     encoder = MeanPooledEncoder(
         build_encoder(size, seed=0), cfg.model.ssl_layer, cfg.audio.sample_rate
-    )
+    ).eval()  # as embedded: in eval mode the encoder stops at its embedding layer
     count = len(segments)
     flops = forward_flops(encoder.to(device), torch.from_numpy(segments[:1]).to(device))
     common = {

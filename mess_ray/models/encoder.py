@@ -493,7 +493,7 @@ def enable_fast_inference(encoder: torch.nn.Module, dtype: torch.dtype = torch.f
 
 # -- GPU: the positional convolution outside bf16 autocast -----------------------------------
 # HuBERT's positional embedding is a grouped convolution (768 channels in 16 groups, kernel 128
-# for `base`): about 2 % of a forward's FLOPs, but under CUDA's bf16 autocast cuDNN runs it on
+# for `base`): 3-5 % of the FLOPs, but under CUDA's bf16 autocast cuDNN runs it on
 # direct, non-tensor-core kernels (``implicit_convolve_sgemm``/``precomputed_convolve_sgemm``
 # on bf16): about half of `base`'s bf16 forward and a quarter of a bf16 pretraining step on an
 # H200 (benchmarks/gpu_throughput.py --profile), while in float32 it runs on TF32 tensor-core
