@@ -14,8 +14,8 @@ the index actors' ``Embedder.embed``. Prints JSON lines (one per figure):
   second, achieved TFLOP/s (model FLOPs per sample counted with ``torch.utils.flop_counter`` on
   the device), MFU and peak memory. The baseline, same run: the same step in float32 (TF32 off).
 - ``gpu_embed``: per size and batch, ``Embedder.embed`` (to device, forward, back to host) and
-  the model's forward alone on device-resident batches, in float32 (today's GPU default), TF32
-  and bf16 autocast; recall@10 of each one's cosine neighbours against float32's and the
+  the model's forward alone on device-resident batches, in float32 (TF32 off), TF32 (the GPU
+  default, ``inference_precision: auto``) and bf16 autocast; recall@10 of each one's cosine neighbours against float32's and the
   smallest cosine, over the same piano-like segments.
 - ``gpu_embed_compiled`` (``--compile``): ``torch.compile`` of the bf16 forward, with its
   compile time, against the eager forward at the same batch.
@@ -49,7 +49,13 @@ import torch
 
 from benchmarks.common import emit_with_load as emit
 from benchmarks.embed_throughput import forward_flops, piano_like_segments, recall_at_k, window
-from benchmarks.train_throughput import baseline, flops_per_sample, make_model, random_codebook
+from benchmarks.train_throughput import (
+    baseline,
+    flops_per_sample,
+    make_model,
+    plain_step,
+    random_codebook,
+)
 from mess_ray.config import load_config
 from mess_ray.models import Embedder, MeanPooledEncoder
 from mess_ray.models.encoder import build_encoder, float32_positional_conv
@@ -283,23 +289,10 @@ def bench_pretrain(size, cfg, audio, device, args, peaks, out) -> None:
 
 
 def training_step(model, audio: torch.Tensor, batch: int, device: torch.device):
-    """One bf16 pretraining step as a closure (the loop of ``train_throughput.baseline``)."""
-    from mess_ray.train.pretrain import masked_prediction_loss
-
-    model = model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
+    """One bf16 pretraining step on a fixed random batch, as a closure (``plain_step``)."""
+    step = plain_step(model, device, bf16=True)
     x = audio[torch.randint(0, len(audio), (batch,))].to(device)
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            logits, targets, mask = model(x)
-            loss, _ = masked_prediction_loss(logits, targets, mask)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    return lambda: step(x)
 
 
 def inference(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype):
@@ -329,7 +322,8 @@ def bench_embed(size, cfg, segments, device, args, peaks, out) -> None:
         "segments": count,
         "forward_flops_per_segment": flops,
     }
-    variants = [("float32", "float32", False), ("tf32", "float32", True)]
+    # (name, Embedder precision, TF32 for the model-alone timing): 'auto' is TF32 on CUDA
+    variants = [("float32", "float32", False), ("tf32", "auto", True)]
     variants.append(("bf16-autocast", "bfloat16", False))
     reference = None
     # float32 first, always: the reference the others' recall is measured against.

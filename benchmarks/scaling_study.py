@@ -108,8 +108,8 @@ class Measured:
     train_flops_per_sample: float
     embed_source: dict
     # Measured on a GPU (gpu_throughput.jsonl, benchmarks/gpu_throughput.py), when present:
-    # the MFU of bf16 pretraining and of the Embedder's GPU default (TF32), each with the FLOPs
-    # counted on that GPU for the same model. None: the MFU assumptions below apply.
+    # the rates of bf16 pretraining and of the Embedder's GPU default (TF32), with their MFU
+    # for the record. None: the MFU assumptions apply.
     gpu: dict | None = None
 
 
@@ -124,8 +124,8 @@ def read_jsonl(path: Path) -> list[dict]:
 def load_gpu(folder: Path, size: str, audio: dict) -> dict | None:
     """The measured GPU figures for ``size`` at the study's audio settings, or None without
     ``gpu_throughput.jsonl``: the fastest bf16 pretraining step and the fastest ``Embedder.embed``
-    in TF32 (the GPU default, host round trip included), each as MFU of the datasheet peak the
-    benchmark was given, with its FLOPs."""
+    in TF32 (the GPU default, host round trip included), with the datasheet peak the benchmark
+    was given and the MFU against it."""
     path = folder / "gpu_throughput.jsonl"
     if not path.exists():
         return None
@@ -208,12 +208,7 @@ def stage_hours(hours: float, m: Measured, cluster: dict, a: dict = ASSUMPTIONS)
     cpu_type, cpu_nodes = cluster["cpu"]
     gpu_type, gpu_nodes = cluster["gpu"]
     cpu_inst, gpu_inst = a["instances"][cpu_type], a["instances"][gpu_type]
-    gpu = dict(a["gpus"][gpu_inst["gpu"]])
-    train_flops, forward_flops = m.train_flops_per_sample, m.forward_flops_per_segment
-    if m.gpu is not None:  # measured MFU, with the FLOPs it was measured with
-        gpu.update(train_mfu=m.gpu["train_mfu"], infer_mfu=m.gpu["infer_mfu"])
-        train_flops = m.gpu["train_flops_per_sample"]
-        forward_flops = m.gpu["forward_flops_per_segment"]
+    gpu = a["gpus"][gpu_inst["gpu"]]
     vcpus = cpu_nodes * cpu_inst["vcpus"] * a["vcpu_per_core_equivalent"]
     n_gpus = gpu_nodes * gpu_inst["gpus"]
     segments = segments_for(hours, a["audio"])
@@ -222,10 +217,15 @@ def stage_hours(hours: float, m: Measured, cluster: dict, a: dict = ASSUMPTIONS)
     pretrain_segments = (
         segments_for(min(hours, a["pretrain_cap_hours"]), a["audio"]) * a["pretrain_epochs"]
     )
-    pretrain_gpu_s = (
-        train_flops * pretrain_segments / (gpu["bf16_dense_tflops"] * 1e12 * gpu["train_mfu"])
-    )
-    embed_gpu_s = forward_flops * segments / (gpu["bf16_dense_tflops"] * 1e12 * gpu["infer_mfu"])
+    if m.gpu is not None:
+        # The measured GPU's rates, scaled by peak: the same MFU on this GPU.
+        speed = gpu["bf16_dense_tflops"] / m.gpu["datasheet_tflops"]
+        pretrain_gpu_s = pretrain_segments / (m.gpu["train_samples_per_s"] * speed)
+        embed_gpu_s = segments / (m.gpu["embed_segments_per_s"] * speed)
+    else:  # assumed MFU
+        peak = gpu["bf16_dense_tflops"] * 1e12
+        pretrain_gpu_s = m.train_flops_per_sample * pretrain_segments / (peak * gpu["train_mfu"])
+        embed_gpu_s = m.forward_flops_per_segment * segments / (peak * gpu["infer_mfu"])
     build = a["index_build"]
     scale = segments / build["vectors"]
     index_cpu_s = build["build_s"] * build["cores"] * scale * math.sqrt(max(scale, 1.0))

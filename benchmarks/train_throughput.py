@@ -127,6 +127,29 @@ def flops_per_sample(model: torch.nn.Module, batch: torch.Tensor) -> float:
     return counter.get_total_flops() / batch.shape[0]
 
 
+def plain_step(model: torch.nn.Module, device: torch.device, bf16: bool):
+    """One plain training step of the pretraining model as a closure over its own AdamW state
+    (the Ray loop's optimiser and clipping; bf16 autocast when ``bf16``): ``step(batch)`` returns
+    the ``perf_counter`` marks after the forward (with the loss) and after the backward."""
+    model = model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def step(batch: torch.Tensor) -> tuple[float, float]:
+        with autocast:
+            logits, targets, mask = model(batch)
+            loss, _ = masked_prediction_loss(logits, targets, mask)
+        backward_at = time.perf_counter()
+        loss.backward()
+        optimizer_at = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return backward_at, optimizer_at
+
+    return step
+
+
 def baseline(
     model: torch.nn.Module,
     audio: torch.Tensor,
@@ -137,24 +160,14 @@ def baseline(
     bf16: bool,
 ) -> list[float]:
     """Step times of a plain single-process loop over the same model and batch size."""
-    model = model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    step_fn = plain_step(model, device, bf16)
     rows_out = []
     for step in range(warmup + steps):
         rows = torch.randint(0, len(audio), (batch_size,))
         started = time.perf_counter()
         batch = audio[rows].to(device)
         forward_at = time.perf_counter()
-        with autocast:
-            logits, targets, mask = model(batch)
-            loss, _ = masked_prediction_loss(logits, targets, mask)
-        backward_at = time.perf_counter()
-        loss.backward()
-        optimizer_at = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        backward_at, optimizer_at = step_fn(batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
         ended = time.perf_counter()
