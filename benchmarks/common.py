@@ -125,3 +125,23 @@ def cached_arrays(cache: str | None, name: str, make) -> dict[str, np.ndarray]:
         os.makedirs(cache, exist_ok=True)
         np.savez(path, **out)
     return out
+
+
+def emit_protocol_rows(cfg, views, systems, data, reference: str, figure: str, **fields) -> None:
+    """Score ``systems`` on the protocol ``views`` (paired verdicts against ``reference``) and
+    print one JSON line per headline row as ``figure`` (the passage's top-hit error left out)."""
+    from mess_ray.eval.protocol import PASSAGE, figure_fields, headline_rows, score_table
+
+    rows = score_table(
+        views,
+        systems,
+        data,
+        reference,
+        ndcg_k=cfg.eval.ndcg_k,
+        n_boot=cfg.eval.bootstrap_samples,
+        seed=cfg.eval.seed,
+    )
+    for row in headline_rows(rows):
+        if row["task"] == PASSAGE and row["metric"] == "top_hit_error_s":
+            continue
+        emit_with_load(figure=figure, **fields, **figure_fields(row))

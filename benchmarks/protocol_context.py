@@ -43,7 +43,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import emit_with_load
+from benchmarks.common import emit_protocol_rows, emit_with_load
 from mess_ray.config import load_config
 from mess_ray.content import timelines
 from mess_ray.facets import join
@@ -190,13 +190,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from mess_ray.eval.benchmark import embed_system
     from mess_ray.eval.protocol import (
-        PASSAGE,
         QueryVariants,
         build_views,
-        figure_fields,
-        headline_rows,
         load_eval_data,
-        score_table,
         with_query_variants,
     )
     from mess_ray.segments import pool_neighbours
@@ -300,23 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = args.reference or args.model
     if reference not in systems:
         raise SystemExit(f"--reference {reference!r} is not a scored system: {sorted(systems)}")
-    rows = score_table(
-        views,
-        systems,
-        data,
-        reference,
-        ndcg_k=cfg.eval.ndcg_k,
-        n_boot=cfg.eval.bootstrap_samples,
-        seed=cfg.eval.seed,
-    )
-    for row in headline_rows(rows):
-        if row["task"] == PASSAGE and row["metric"] == "top_hit_error_s":
-            continue
-        emit_with_load(
-            figure="protocol_context",
-            decay=args.decay,
-            **figure_fields(row),
-        )
+    emit_protocol_rows(cfg, views, systems, data, reference, "protocol_context", decay=args.decay)
     emit_with_load(
         figure="protocol_context_run",
         model=info.get("version"),

@@ -682,9 +682,11 @@ def _read_audio(
     return np.stack([by_id[int(s)] for s in segment_ids]).astype(np.float32)
 
 
-def train_head(cfg, storage, version: str, train, seed: int = 0):
+def train_head(cfg, storage, version: str, train, seed: int = 0, audio_transform=None):
     """The learned descriptor head trained on the training pieces: a function from raw
-    descriptor matrices to vectors (None when there are fewer than two training pieces)."""
+    descriptor matrices to vectors (None when there are fewer than two training pieces).
+    ``audio_transform(audio [N, T], track_ids [N]) -> audio``: what the training segments go
+    through before their descriptors (the same as the evaluated segments went through)."""
     from mess_ray.descriptors import descriptor_matrix, zscore
     from mess_ray.eval import baselines as bl
 
@@ -696,6 +698,8 @@ def train_head(cfg, storage, version: str, train, seed: int = 0):
     rng = np.random.default_rng(seed)
     take = np.sort(rng.choice(len(train), min(len(train), ecfg.head_max_segments), replace=False))
     train_audio = _read_audio(storage, version, train.segment_ids[take], sr, cfg.audio.window_s)
+    if audio_transform is not None:
+        train_audio = audio_transform(train_audio, train.track_ids[take])
     train_desc = descriptor_matrix(list(train_audio), sr)
     train_z, mean, std = zscore(train_desc)
     performers = None
