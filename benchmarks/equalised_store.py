@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from mess_ray.segments import decode_audio, encode_audio, segment_files, segments_dir
-from mess_ray.spectral_eq import equalise_tracks, long_term_db
+from mess_ray.spectral_eq import apply_gain_db, gain_to_reference, long_term_db
 from mess_ray.storage import Storage, new_version
 
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     version = source.require_latest("ingest")
     manifest = source.read_json(posixpath.join("ingest", version, "manifest.json"))
     files = segment_files(source, version)
-    ltas: dict[str, list[np.ndarray]] = {}
+    ltas: dict[str, list[np.ndarray]] = {}  # each recording's spectrum, per shard it is in
     for path in tqdm(files, desc="long-term spectra", unit="file"):
         table = pq.read_table(path)
         audio, tracks, sr = _track_audio(table)
@@ -59,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
             ltas.setdefault(track, []).append(
                 long_term_db(audio[tracks == track], sr, args.per_octave)
             )
-    # A track split over several files (not what ingest writes) would be equalised per file.
-    reference = np.mean([np.mean(v, axis=0) for v in ltas.values()], axis=0)
+    # one spectrum per recording (the mean over its shards, should ingest ever split one)
+    track_db = {t: np.mean(v, axis=0) for t, v in ltas.items()}
+    reference = np.mean(list(track_db.values()), axis=0)
 
     os.makedirs(args.dest)
     os.symlink(os.path.abspath(source.path("render")), os.path.join(args.dest, "render"))
@@ -68,10 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     out_version = new_version()
     for path in tqdm(files, desc="equalise", unit="file"):
         table = pq.read_table(path)
-        audio, tracks, sr = _track_audio(table)
-        eq, _ = equalise_tracks(
-            audio, tracks, sr, reference, args.per_octave, max_gain_db=args.max_gain_db
-        )
+        audio, tracks, _ = _track_audio(table)
+        eq = np.empty_like(audio)
+        for track in dict.fromkeys(tracks.tolist()):  # the spectra measured above, not again
+            rows = tracks == track
+            gain = gain_to_reference(track_db[track], reference, args.max_gain_db)
+            eq[rows] = apply_gain_db(audio[rows], gain)
         blobs = pa.array([encode_audio(a) for a in eq], type=table.schema.field("audio").type)
         table = table.set_column(table.schema.get_field_index("audio"), "audio", blobs)
         target = posixpath.join(segments_dir(out_version), posixpath.basename(path))

@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=cfg.eval.seed,
     )
     all_audio = data.perf.audio
+    lagged_audio = all_audio.copy()  # the audio the query lags read: each variant's in turn
     heads = {}
     if not args.no_head:
         heads[""] = train_head(cfg, storage, version, train, cfg.eval.seed)
@@ -130,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             vectors, infos[f"{ref}{suffix}"] = embed_system(cfg, storage, ref, subset)
             systems[f"{ref}{suffix}"] = full(vectors)
         # the models' declared query lags, their shifted timelines taken from this variant's audio
-        data.perf.audio = all_audio.copy()
-        data.perf.audio[side] = audio
+        lagged_audio[side] = audio
+        data.perf.audio = lagged_audio
         with_query_variants(systems, infos, data, views, sr)
         data.perf.audio = all_audio
         base = feature_baselines(audio, sr, heads.get(suffix), cfg.eval.seed)

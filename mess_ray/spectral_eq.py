@@ -15,24 +15,30 @@ not apply it.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 N_FFT = 1024
 HOP = 256
 
 
+@functools.lru_cache(maxsize=8)
 def band_matrix(
     n_fft: int, sample_rate: int, per_octave: float, low_hz: float = 40.0
 ) -> np.ndarray:
     """[bins, bins] row-stochastic smoothing: each STFT bin averaged (in dB) over the bins
-    within +-1/(2 * per_octave) octave of it (below ``low_hz`` over the band at ``low_hz``)."""
+    within +-1/(2 * per_octave) octave of it (below ``low_hz`` over the band at ``low_hz``).
+    Built once per setting (read-only: every recording's spectrum shares it)."""
     freqs = np.fft.rfftfreq(n_fft, 1.0 / sample_rate)
     centre = np.maximum(freqs, low_hz)
     half = 2.0 ** (0.5 / per_octave)
     lo, hi = centre / half, centre * half
     weights = ((freqs[None, :] >= lo[:, None]) & (freqs[None, :] <= hi[:, None])).astype(np.float64)
     weights[np.diag_indices_from(weights)] = 1.0  # a bin always counts in its own band
-    return weights / weights.sum(axis=1, keepdims=True)
+    weights /= weights.sum(axis=1, keepdims=True)
+    weights.flags.writeable = False
+    return weights
 
 
 def _power(audio: np.ndarray, n_fft: int, hop: int) -> np.ndarray:
@@ -65,6 +71,14 @@ def apply_gain_db(audio: np.ndarray, gain_db: np.ndarray, n_fft: int = N_FFT, ho
     return out.astype(audio.dtype, copy=False)
 
 
+def gain_to_reference(
+    ltas_db: np.ndarray, reference_db: np.ndarray, max_gain_db: float = 24.0
+) -> np.ndarray:
+    """The filter (dB per STFT bin) taking a recording's long-term spectrum to the reference,
+    clipped to +-``max_gain_db``."""
+    return np.clip(np.asarray(reference_db) - ltas_db, -max_gain_db, max_gain_db)
+
+
 def equalise_tracks(
     audio: np.ndarray,
     track_ids,
@@ -89,6 +103,7 @@ def equalise_tracks(
         reference_db = np.mean(np.stack(list(ltas.values())), axis=0)
     out = np.empty_like(audio)
     for t, r in rows.items():
-        gain = np.clip(reference_db - ltas[t], -max_gain_db, max_gain_db)
-        out[r] = apply_gain_db(audio[r], gain, n_fft)
+        out[r] = apply_gain_db(
+            audio[r], gain_to_reference(ltas[t], reference_db, max_gain_db), n_fft
+        )
     return out, np.asarray(reference_db)
