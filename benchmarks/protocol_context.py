@@ -4,7 +4,8 @@ view, each segment's vector pooled with its neighbours in the same recording
 
 One trained model is embedded once on the validation segments; every pooling width is scored on
 the same views against the unpooled vectors (paired difference over pieces, 95 % CI, verdict of
-the unpooled model against each width). Test pieces are never embedded.
+the unpooled model against each width). Test pieces are embedded only with ``--split test``: the
+chosen setting's one report.
 
     python -m benchmarks.protocol_context --set storage.root=./protocol-data
     python -m benchmarks.protocol_context --model finetune --neighbours 1 2 4 --decay 0.7
@@ -22,11 +23,14 @@ the timeline weighed 0), on it alone (``<ref>[timeline]``) and re-weighted per
 ``--timeline-weight`` (``<ref>[timeline@w]``). ``--baselines`` scores the protocol's chroma
 statistics and timeline baselines (``chroma_timeline``, ``onset_timeline``) on the same views;
 ``--reference`` pairs every verdict against another scored system than ``--model``.
-``--fuse NAME@w`` joins a baseline's vectors (``chroma_timeline``, ``onset_timeline``, ``chroma``,
-or ``timelines``: the two timelines side by side, equally weighted, at ``--timelines-rates``
-frames per second) to the model's the same way (``<model>+NAME@w``: a cosine is
-``(1 - w) * model + w * baseline``); with ``--baselines`` each joined baseline is scored on its
-own too.
+``--baselines`` also scores the descriptor family (``descriptors``, ``descriptors+rec-rel``,
+``descriptor_head`` unless ``--no-head``, ``audio-expression``, ``audio-expression+rec-rel``, as
+the protocol computes them). ``--fuse NAME@w`` joins a baseline's vectors (``chroma_timeline``,
+``onset_timeline``, ``chroma``, ``timelines``: the two timelines side by side, equally weighted,
+at ``--timelines-rates`` frames per second, or one of the descriptor family) to the model's the
+same way (``<model>+NAME@w``: a cosine is ``(1 - w) * model + w * baseline``; a model searched at
+query lags keeps them, the baseline's vector computed once per window); with ``--baselines``
+each joined baseline is scored on its own too.
 ``--query-lags L ...``: the model (and each ``--compare``) whose vectors end in the content
 timeline also scored with its queries tried at lags up to +-L ms every ``--query-step`` ms, each
 candidate at its best lag (``<ref>@lags<L>``, :class:`mess_ray.eval.protocol.QueryVariants`, as
@@ -87,7 +91,16 @@ def timeline_systems(cfg, storage, ref, audio, model_full, rows, bins, weights):
     return out
 
 
-FUSABLE = ("chroma", "chroma_timeline", "onset_timeline", "timelines")
+#: the descriptor family: hand-crafted statistics, their learned head (trained on the training
+#: pieces) and the audio expression features, each as the protocol scores it
+DESCRIPTOR_FAMILY = (
+    "descriptors",
+    "descriptors+rec-rel",
+    "descriptor_head",
+    "audio-expression",
+    "audio-expression+rec-rel",
+)
+FUSABLE = ("chroma", "chroma_timeline", "onset_timeline", "timelines", *DESCRIPTOR_FAMILY)
 
 
 def parse_fuse(text: str) -> tuple[str, float]:
@@ -130,11 +143,53 @@ def reweighted_variants(system, layout, w: float):
     return QueryVariants(rw(system.vectors), np.stack([rw(q) for q in system.queries]))
 
 
+def fused(system, feature: np.ndarray, w: float):
+    """``system`` (vectors, or a :class:`QueryVariants` searched at several query lags) joined
+    to a baseline's ``feature`` vectors: a cosine is ``(1 - w) * system + w * feature``, the
+    feature unchanged at every lag (it is computed once per window)."""
+    from mess_ray.eval.protocol import QueryVariants
+
+    if isinstance(system, QueryVariants):
+        return QueryVariants(
+            join([system.vectors, feature], [1 - w, w]),
+            np.stack([join([q, feature], [1 - w, w]) for q in system.queries]),
+        )
+    return join([system, feature], [1 - w, w])
+
+
+def descriptor_family(cfg, storage, version, perf, train, wanted, no_head: bool):
+    """The descriptor family's vectors for ``perf`` (the split's segments), as the protocol
+    scores them (z-scored over the evaluated set; the head trained on the training pieces)."""
+    from mess_ray.descriptors import descriptor_matrix, zscore
+    from mess_ray.eval import baselines as bl
+    from mess_ray.eval.protocol import expression_vectors, train_head
+
+    sr = cfg.audio.sample_rate
+    desc = descriptor_matrix(list(perf.audio), sr)
+    out = {bl.DESCRIPTORS: zscore(desc)[0].astype(np.float32)}
+    if bl.DESCRIPTOR_HEAD in wanted:
+        if no_head:
+            raise SystemExit("--fuse descriptor_head needs the head: leave out --no-head")
+        head = train_head(cfg, storage, version, train, cfg.eval.seed)
+        if head is None:
+            raise SystemExit("no training pieces: the descriptor head cannot be trained")
+        out[bl.DESCRIPTOR_HEAD] = head(desc)
+    if wanted & {"descriptors+rec-rel", "audio-expression", "audio-expression+rec-rel"}:
+        out.update(expression_vectors(perf, desc, sr))
+    return {k: v for k, v in out.items() if k in wanted}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/protocol.yaml")
     parser.add_argument("--set", action="append", default=[], help="config override key=value")
     parser.add_argument("--model", default="finetune")
+    parser.add_argument(
+        "--split",
+        choices=["validation", "test"],
+        default="validation",
+        help="validation chooses; test is scored once, after the choice",
+    )
     parser.add_argument(
         "--compare",
         nargs="*",
@@ -146,14 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeline", nargs="*", type=int, default=[], help="bins per segment")
     parser.add_argument("--timeline-weight", nargs="*", type=float, default=[])
     parser.add_argument(
-        "--baselines", action="store_true", help="also chroma statistics and the timelines"
+        "--baselines",
+        action="store_true",
+        help="also chroma statistics, the timelines and the descriptor family",
     )
     parser.add_argument(
         "--fuse",
         nargs="*",
         default=[],
-        help="NAME@w: a baseline (chroma_timeline, onset_timeline, chroma, timelines) joined "
-        "to the model's vector with weight w",
+        help="NAME@w: a baseline (chroma_timeline, onset_timeline, chroma, timelines, or the "
+        "descriptor family: descriptors, descriptors+rec-rel, descriptor_head, audio-expression, "
+        "audio-expression+rec-rel) joined to the model's vector with weight w",
     )
     parser.add_argument(
         "--timelines-rates",
@@ -178,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also score models with a content timeline at query lags up to +-L ms",
     )
     parser.add_argument("--query-step", type=float, default=20.0, help="ms between query lags")
+    parser.add_argument(
+        "--no-head",
+        action="store_true",
+        help="with --baselines, leave the descriptor head out (it is trained on the training pieces)",
+    )
     args = parser.parse_args(argv)
     if any(lag <= 0 for lag in args.query_lags) or args.query_step <= 0:
         parser.error("--query-lags and --query-step take positive milliseconds")
@@ -196,18 +259,17 @@ def main(argv: list[str] | None = None) -> int:
         with_query_variants,
     )
     from mess_ray.segments import pool_neighbours
-    from mess_ray.splits import VALIDATION
     from mess_ray.storage import Storage
 
     cfg = load_config(args.config, args.set)
     storage = Storage.from_config(cfg.storage)
     version = storage.require_latest("ingest")
     started = time.time()
-    data, _, _ = load_eval_data(cfg, storage, version, cfg.eval.validation_share)
-    validation = data.labels.side == VALIDATION
-    vectors, info = embed_system(cfg, storage, args.model, data.perf.subset(validation))
+    data, train, _ = load_eval_data(cfg, storage, version, cfg.eval.validation_share)
+    side = data.labels.side == args.split
+    vectors, info = embed_system(cfg, storage, args.model, data.perf.subset(side))
     full = np.zeros((len(data.perf), vectors.shape[1]), dtype=np.float64)
-    full[validation] = vectors  # test rows stay zero: no view below reads them
+    full[side] = vectors  # the other split's rows stay zero: no view below reads them
     embedded_s = time.time() - started
     systems = {args.model: full}
     infos = {args.model: info}
@@ -215,39 +277,45 @@ def main(argv: list[str] | None = None) -> int:
         args.model, vectors, info.get("facet_layout"), args.timeline_weight
     )
     for ref in args.compare:
-        other, other_info = embed_system(cfg, storage, ref, data.perf.subset(validation))
-        systems[ref] = _full(len(data.perf), validation, other)
+        other, other_info = embed_system(cfg, storage, ref, data.perf.subset(side))
+        systems[ref] = _full(len(data.perf), side, other)
         infos[ref] = other_info
         parted.update(
             timeline_part_systems(ref, other, other_info.get("facet_layout"), args.timeline_weight)
         )
     for name, v in parted.items():
-        systems[name] = _full(len(data.perf), validation, v)
+        systems[name] = _full(len(data.perf), side, v)
     from mess_ray.eval import baselines as bl
 
     features: dict[str, np.ndarray] = {}
-    wanted = {name for name, _ in fuse} | ({bl.CHROMA, *bl.TIMELINES} if args.baselines else set())
-    validation_audio = data.perf.audio[validation]
-    for name in sorted(wanted - {"timelines"}):
-        features[name] = bl.feature_embeddings(name, validation_audio, cfg.audio.sample_rate)
+    wanted = {name for name, _ in fuse}
+    if args.baselines:
+        wanted |= {bl.CHROMA, *bl.TIMELINES, *DESCRIPTOR_FAMILY}
+        if args.no_head:
+            wanted.discard(bl.DESCRIPTOR_HEAD)
+    side_audio = data.perf.audio[side]
+    for name in sorted(wanted - {"timelines", *DESCRIPTOR_FAMILY}):
+        features[name] = bl.feature_embeddings(name, side_audio, cfg.audio.sample_rate)
+    if wanted & set(DESCRIPTOR_FAMILY):
+        features.update(
+            descriptor_family(
+                cfg, storage, version, data.perf.subset(side), train, wanted, args.no_head
+            )
+        )
     if "timelines" in wanted:
         chroma_rate, onset_rate = args.timelines_rates
         features["timelines"] = timelines(
-            validation_audio, cfg.audio.sample_rate, chroma_rate, onset_rate
+            side_audio, cfg.audio.sample_rate, chroma_rate, onset_rate
         )
     if args.baselines:
         for name, v in features.items():
-            systems[name] = _full(len(data.perf), validation, v)
-    for name, w in fuse:
-        systems[f"{args.model}+{name}@{w:g}"] = _full(
-            len(data.perf), validation, join([vectors, features[name]], [1 - w, w])
-        )
+            systems[name] = _full(len(data.perf), side, v)
     for k in args.neighbours:
         pooled = np.zeros_like(full)
-        pooled[validation] = pool_neighbours(
+        pooled[side] = pool_neighbours(
             vectors,
-            data.perf.track_ids[validation],
-            data.perf.start_s[validation],
+            data.perf.track_ids[side],
+            data.perf.start_s[side],
             cfg.audio.hop_s,
             k,
             args.decay,
@@ -259,16 +327,16 @@ def main(argv: list[str] | None = None) -> int:
                 cfg,
                 storage,
                 args.model,
-                data.perf.audio[validation],
+                data.perf.audio[side],
                 systems[args.model],
-                validation,
+                side,
                 args.timeline,
                 args.timeline_weight,
             )
         )
     views = build_views(
         data,
-        splits=(VALIDATION,),
+        splits=(args.split,),
         hop_s=cfg.audio.hop_s,
         max_queries=cfg.eval.max_queries_per_chain,
         seed=cfg.eval.seed,
@@ -293,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
             systems[f"{name}[timeline]"] = reweighted_variants(systems[name], layout, 1.0)
         for w in args.timeline_weight:
             systems[f"{name}[timeline@{w:g}]"] = reweighted_variants(systems[name], layout, w)
+    for name, w in fuse:  # after the lags: a lagged model is fused at every query lag
+        systems[f"{args.model}+{name}@{w:g}"] = fused(
+            systems[args.model], _full(len(data.perf), side, features[name]), w
+        )
     reference = args.reference or args.model
     if reference not in systems:
         raise SystemExit(f"--reference {reference!r} is not a scored system: {sorted(systems)}")
@@ -301,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         figure="protocol_context_run",
         model=info.get("version"),
         ingest=version,
-        validation_segments=int(validation.sum()),
+        split=args.split,
+        segments=int(side.sum()),
         embed_seconds=round(embedded_s, 1),
         seconds=round(time.time() - started, 1),
     )

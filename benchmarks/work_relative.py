@@ -165,7 +165,7 @@ def training_piece_study(cfg, storage, version, cache: str | None) -> list[dict]
     def make():
         desc = descriptor_matrix(list(audio), sr)
         out = {"descriptors": zscore(desc)[0]}
-        out.update(expression_vectors(data, desc, sr, expression_raw(data, sr, cache)))
+        out.update(expression_vectors(data.perf, desc, sr, expression_raw(data, sr, cache)))
         return out
 
     systems = cached_arrays(cache, f"train-features-{version}-{segs}", make)

@@ -95,7 +95,8 @@ def test_context_benchmark_scores_a_models_timeline_beside_the_timeline_baseline
     sets += ["eval.holdout_fraction=0.6", "eval.bootstrap_samples=100"]
     args = ["--config", str(tmp_path / "c.yaml"), "--model", folder, "--neighbours"]
     args += ["--timeline", "4", "--timeline-weight", "0.5", "--baselines"]
-    args += ["--fuse", "timelines@0.25", "chroma@0.5", "--timelines-rates", "10", "25"]
+    args += ["--fuse", "timelines@0.25", "chroma@0.5", "descriptor_head@0.3"]
+    args += ["--timelines-rates", "10", "25"]
     assert protocol_context.main([*args, *sum((["--set", s] for s in sets), [])]) == 0
     rows = [
         json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")
@@ -104,7 +105,8 @@ def test_context_benchmark_scores_a_models_timeline_beside_the_timeline_baseline
     expected = {folder, f"{folder}+timeline4", f"{folder}+timeline4@0.5"}
     expected |= {f"{folder}[no timeline]", f"{folder}[timeline]", f"{folder}[timeline@0.5]"}
     expected |= {f"{folder}+timelines@0.25", f"{folder}+chroma@0.5", "timelines"}
-    assert expected | {"chroma", "chroma_timeline", "onset_timeline"} <= systems
+    expected |= {f"{folder}+descriptor_head@0.3", "descriptor_head", "audio-expression+rec-rel"}
+    assert expected | {"chroma", "chroma_timeline", "onset_timeline", "descriptors"} <= systems
     assert {r["split"] for r in rows if r["figure"] == "protocol_context"} == {"validation"}
     paired = [r for r in rows if r.get("reference")]
     assert paired and {r["reference"] for r in paired} == {folder}
@@ -116,6 +118,13 @@ def test_context_benchmark_scores_a_models_timeline_beside_the_timeline_baseline
     )
     again = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert {r["reference"] for r in again if r.get("reference")} == {"chroma_timeline"}
+    # the chosen setting's one test report scores the test pieces only
+    once = ["--config", str(tmp_path / "c.yaml"), "--model", folder, "--neighbours", "--split"]
+    once += ["test", "--fuse", "descriptors+rec-rel@0.3"]
+    assert protocol_context.main([*once, *sum((["--set", s] for s in sets), [])]) == 0
+    test_rows = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert {r["split"] for r in test_rows if r["figure"] == "protocol_context"} == {"test"}
+    assert f"{folder}+descriptors+rec-rel@0.3" in {r.get("system") for r in test_rows}
     # a model with the content timeline, also scored at its best query lag
     lagged = ["--config", str(tmp_path / "c.yaml"), "--model", "shipped:tiny-asap-v2"]
     lagged += [
@@ -146,6 +155,24 @@ def test_context_benchmark_scores_a_models_timeline_beside_the_timeline_baseline
         protocol_context.main(
             [*args, "--reference", "nope", *sum((["--set", s] for s in sets), [])]
         )
+
+
+def test_a_baseline_fused_to_a_lagged_model_adds_its_cosine_at_every_query_lag():
+    from benchmarks.protocol_context import fused
+    from mess_ray.eval.protocol import QueryVariants
+
+    rng = np.random.default_rng(1)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    vectors = unit(rng.standard_normal((6, 5)))
+    queries = np.stack([vectors, unit(rng.standard_normal((6, 5)))])
+    feature = rng.standard_normal((6, 3)) * 4.0
+    out = fused(QueryVariants(vectors, queries), feature, 0.25)
+    assert isinstance(out, QueryVariants) and out.queries.shape == (2, 6, 8)
+    f = unit(feature)
+    for k in range(2):
+        want = 0.75 * unit(queries[k]) @ vectors.T + 0.25 * f @ f.T
+        np.testing.assert_allclose(out.queries[k] @ out.vectors.T, want, atol=1e-9)
+    np.testing.assert_allclose(fused(vectors, feature, 0.25), out.vectors)
 
 
 def test_joined_vectors_score_the_weighted_sum_of_their_parts_cosines():

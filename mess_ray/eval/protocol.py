@@ -758,12 +758,12 @@ REC_REL = "+rec-rel"
 
 
 def expression_vectors(
-    data: EvalData, held_desc: np.ndarray, sr: int, expression: np.ndarray | None = None
+    perf, held_desc: np.ndarray, sr: int, expression: np.ndarray | None = None
 ) -> dict[str, np.ndarray]:
     """The audio expression features and the performed-MIDI reference (z-scored over the
-    evaluated set, NaN imputed by the column mean), and the chain-normalised ``+rec-rel``
-    variants of the descriptors and the expression features (level columns relative to the
-    recording's median)."""
+    evaluated set ``perf``, a PerformanceSet, NaN imputed by the column mean), and the
+    chain-normalised ``+rec-rel`` variants of the descriptors and the expression features (level
+    columns relative to the recording's median)."""
     from mess_ray.descriptors import (
         CHAIN_LEVEL_DESCRIPTORS,
         CHAIN_LEVEL_EXPRESSION,
@@ -775,7 +775,6 @@ def expression_vectors(
     )
     from mess_ray.work_relative import recording_relative
 
-    perf = data.perf
     out: dict[str, np.ndarray] = {}
     if expression is None:  # [N, len(EXPRESSION_NAMES)] raw features, NaN unknown
         expression = expression_matrix(list(perf.audio), sr, progress=True)
@@ -874,7 +873,7 @@ def baseline_vectors(
     sr = cfg.audio.sample_rate
     desc = descriptor_matrix(list(data.perf.audio), sr)
     out = feature_baselines(data.perf.audio, sr, head, seed, desc=desc)
-    out.update(expression_vectors(data, desc, sr, expression))
+    out.update(expression_vectors(data.perf, desc, sr, expression))
     return out
 
 
