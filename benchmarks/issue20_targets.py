@@ -173,7 +173,7 @@ def check(rows, model: str, eval_chains: list[str], ssl: str | None) -> list[dic
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", required=True, help="JSON-lines files or manifests")
-    parser.add_argument("--model", default="shipped:tiny-asap-v3")
+    parser.add_argument("--model", default="shipped:tiny-asap-v4")
     parser.add_argument("--split", choices=["validation", "test"], default="test")
     parser.add_argument("--eval-chains", nargs="*", default=["eval-1", "eval-2"])
     parser.add_argument(

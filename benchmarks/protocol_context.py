@@ -31,6 +31,9 @@ at ``--timelines-rates`` frames per second, or one of the descriptor family) to 
 same way (``<model>+NAME@w``: a cosine is ``(1 - w) * model + w * baseline``; a model searched at
 query lags keeps them, the baseline's vector computed once per window); with ``--baselines``
 each joined baseline is scored on its own too.
+``--facet-weights NAME=W,...``: the model also searched with per-part query weights, as the
+service's facet weights (``<model>[facets NAME=W,...]``; unnamed parts weigh 0; a model with
+query lags keeps them).
 ``--query-lags L ...``: the model (and each ``--compare``) whose vectors end in the content
 timeline also scored with its queries tried at lags up to +-L ms every ``--query-step`` ms, each
 candidate at its best lag (``<ref>@lags<L>``, :class:`mess_ray.eval.protocol.QueryVariants`, as
@@ -179,6 +182,32 @@ def descriptor_family(cfg, storage, version, perf, train, wanted, no_head: bool)
     return {k: v for k, v in out.items() if k in wanted}
 
 
+def parse_facet_weights(text: str) -> dict[str, float]:
+    """``name=w,name=w``: per-part query weights as the service takes them (unnamed parts 0)."""
+    weights = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--facet-weights takes name=w,name=w,..., got {text!r}") from None
+    return weights
+
+
+def facet_weighted(system, layout, weights: dict[str, float]):
+    """``system`` searched with per-part query weights (:func:`mess_ray.facets.weighted_query`,
+    as the service's facet weights search): every query variant scaled, the indexed vectors
+    unchanged."""
+    from mess_ray.eval.protocol import QueryVariants
+    from mess_ray.facets import weighted_query
+
+    if isinstance(system, QueryVariants):
+        vectors, queries = system.vectors, system.queries
+    else:
+        vectors, queries = system, np.asarray(system)[None]
+    return QueryVariants(vectors, np.stack([weighted_query(q, layout, weights) for q in queries]))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/protocol.yaml")
@@ -237,6 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--query-step", type=float, default=20.0, help="ms between query lags")
     parser.add_argument(
+        "--facet-weights",
+        nargs="*",
+        default=[],
+        metavar="NAME=W,...",
+        help="the model searched with these per-part query weights (unnamed parts 0), as the "
+        "service's facet weights",
+    )
+    parser.add_argument(
         "--no-head",
         action="store_true",
         help="with --baselines, leave the descriptor head out (it is trained on the training pieces)",
@@ -248,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--timeline needs K >= 2 bins and --timeline-weight values in (0, 1)")
     try:
         fuse = [parse_fuse(text) for text in args.fuse]
+        facet_weights = [parse_facet_weights(text) for text in args.facet_weights]
     except ValueError as err:
         parser.error(str(err))
 
@@ -365,6 +403,21 @@ def main(argv: list[str] | None = None) -> int:
         systems[f"{args.model}+{name}@{w:g}"] = fused(
             systems[args.model], _full(len(data.perf), side, features[name]), w
         )
+    for text, weights in zip(args.facet_weights, facet_weights):
+        layout = info.get("facet_layout")
+        if not layout:
+            raise SystemExit(f"--facet-weights: {args.model} has no facet layout")
+        if info.get("query_facet_weights"):
+            raise SystemExit(
+                f"--facet-weights: {args.model} searches with its own query weights; give the "
+                "model without them (e.g. shipped:tiny-asap-v3 for shipped:tiny-asap-v4)"
+            )
+        try:
+            systems[f"{args.model}[facets {text}]"] = facet_weighted(
+                systems[args.model], layout, weights
+            )
+        except ValueError as err:
+            raise SystemExit(f"--facet-weights {text}: {err}") from None
     reference = args.reference or args.model
     if reference not in systems:
         raise SystemExit(f"--reference {reference!r} is not a scored system: {sorted(systems)}")

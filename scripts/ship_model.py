@@ -139,6 +139,41 @@ def attach_protocol(out: Path, table_path: Path, system: str, command: str) -> N
     manifest_path.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
 
+def rows_benchmark(paths: list[Path], system: str, command: str) -> dict:
+    """The shipped manifest's ``benchmark`` from protocol rows in JSON lines (every system's rows
+    of both splits, paired against ``system``)."""
+    from mess_ray.eval.protocol import figure_fields, headline_rows
+
+    rows = []
+    for path in paths:
+        for line in path.read_text().splitlines():
+            if line.startswith("{"):
+                row = json.loads(line)
+                if row.get("task") and row.get("system"):
+                    rows.append(row)
+    rows = headline_rows(rows)
+    mine = [r for r in rows if r["system"] == system]
+    if {r["split"] for r in mine} != {"validation", "test"}:
+        raise SystemExit(f"--attach-rows needs {system!r} on both splits")
+    if {r.get("reference") for r in rows if r.get("reference")} != {system}:
+        raise SystemExit(f"--attach-rows needs rows paired against {system!r}")
+    return {
+        "split": "validation and test pieces of the protocol split (each row says which); "
+        "validation chose the default, test was computed once after that choice",
+        "command": command,
+        "shipped_as": system,
+        "reference": system,
+        "rows": [{k: _round(v) for k, v in figure_fields(r).items()} for r in rows],
+    }
+
+
+def attach_rows(out: Path, paths: list[Path], system: str, command: str) -> None:
+    manifest_path = out / shipped.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["benchmark"] = rows_benchmark(paths, system, command)
+    manifest_path.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "shipped-tiny.yaml"))
@@ -182,6 +217,22 @@ def main(argv: list[str] | None = None) -> int:
         "+-MAX_MS every STEP_MS, each candidate scored at its best lag",
     )
     parser.add_argument(
+        "--query-facet-weights",
+        default=None,
+        metavar="NAME=W,...",
+        help="with --derive: the per-part weights its queries are searched with when a query "
+        "names none (the service's facet weights; unnamed parts 0)",
+    )
+    parser.add_argument(
+        "--attach-rows",
+        nargs="+",
+        default=None,
+        metavar="JSONL",
+        help="train nothing: the protocol rows of these JSON-lines files (benchmarks."
+        "protocol_context on both splits, the shipped model as --system and paired reference) "
+        "as the manifest's benchmark",
+    )
+    parser.add_argument(
         "--protocol-command", default="", help="the command that produced that table (recorded)"
     )
     parser.add_argument(
@@ -196,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{out / shipped.MANIFEST}: benchmark from {args.attach_protocol}")
         return 0
 
+    if args.attach_rows:
+        out = Path(args.out) if args.out else shipped.SHIPPED_ROOT / args.name
+        attach_rows(out, [Path(p) for p in args.attach_rows], args.system, args.protocol_command)
+        print(f"{out / shipped.MANIFEST}: benchmark from {' '.join(args.attach_rows)}")
+        return 0
     if args.derive:
         return derive(args)
 
@@ -266,6 +322,17 @@ def derive(args: argparse.Namespace) -> int:
             ],
         )
         seeds, vectors = reference_vectors(cfg, shipped.model_dir(args.derive))
+    weights, what_weights = None, ""
+    if args.query_facet_weights:
+        weights = {}
+        for item in args.query_facet_weights.split(","):
+            part, _, value = item.partition("=")
+            weights[part.strip()] = float(value)
+        what_weights = (
+            "; queries searched with the parts weighted "
+            + ", ".join(f"{k} {v:g}" for k, v in weights.items())
+            + " (the indexed vectors unchanged)"
+        )
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -274,9 +341,12 @@ def derive(args: argparse.Namespace) -> int:
         "name": args.name,
         "what": f"{args.derive}'s weights (its manifest: {source['what']}), with the "
         f"passage's chroma and onset timelines (mess_ray.content.timelines at {chroma:g} and "
-        f"{onset:g} frames per second, no learning) appended as a last 'timeline' part" + what_lags,
+        f"{onset:g} frames per second, no learning) appended as a last 'timeline' part"
+        + what_lags
+        + what_weights,
         "weights_of": args.derive,
         "content_timeline": declared,
+        **({"query_facet_weights": weights} if weights else {}),
         **{key: source[key] for key in INHERITED if key in source},
         "benchmark": {
             "split": "none yet: attach the protocol table (--attach-protocol)",

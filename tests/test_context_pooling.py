@@ -135,6 +135,8 @@ def test_context_benchmark_scores_a_models_timeline_beside_the_timeline_baseline
         "20",
         "--timeline-weight",
         "0.5",
+        "--facet-weights",
+        "timeline=1",
     ]
     assert protocol_context.main([*lagged, *sum((["--set", s] for s in sets), [])]) == 0
     out = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
@@ -142,6 +144,7 @@ def test_context_benchmark_scores_a_models_timeline_beside_the_timeline_baseline
     assert "passage_retrieval" in {r["task"] for r in lag_rows}  # one chain: no invariance row
     lagged_systems = {r.get("system") for r in out}
     assert "shipped:tiny-asap-v2@lags40[timeline@0.5]" in lagged_systems
+    assert "shipped:tiny-asap-v2[facets timeline=1]" in lagged_systems
     # and re-weighted without lags, as before
     assert "shipped:tiny-asap-v2[timeline@0.5]" in lagged_systems
     with pytest.raises(SystemExit):
@@ -173,6 +176,28 @@ def test_a_baseline_fused_to_a_lagged_model_adds_its_cosine_at_every_query_lag()
         want = 0.75 * unit(queries[k]) @ vectors.T + 0.25 * f @ f.T
         np.testing.assert_allclose(out.queries[k] @ out.vectors.T, want, atol=1e-9)
     np.testing.assert_allclose(fused(vectors, feature, 0.25), out.vectors)
+
+
+def test_facet_weights_rank_by_the_weighted_part_cosines_at_every_query_lag():
+    from benchmarks.protocol_context import facet_weighted, parse_facet_weights
+    from mess_ray.eval.protocol import QueryVariants
+    from mess_ray.facets import compose
+
+    rng = np.random.default_rng(2)
+    layout = {"overall": (0, 4), "timbre": (4, 7)}
+    a, b = rng.standard_normal((6, 4)), rng.standard_normal((6, 3))
+    vectors = compose({"overall": a, "timbre": b}, layout)
+    moved = compose({"overall": rng.standard_normal((6, 4)), "timbre": b}, layout)
+    system = QueryVariants(vectors, np.stack([vectors, moved]))
+    out = facet_weighted(system, layout, parse_facet_weights("overall=1,timbre=0"))
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    np.testing.assert_allclose(out.queries[0] @ out.vectors.T, unit(a) @ unit(a).T, atol=1e-6)
+    equal = facet_weighted(vectors, layout, parse_facet_weights("overall=1,timbre=1"))
+    np.testing.assert_allclose(equal.queries[0] @ equal.vectors.T, vectors @ vectors.T, atol=1e-6)
+    with pytest.raises(ValueError):
+        parse_facet_weights("overall=x")
+    with pytest.raises(ValueError):
+        facet_weighted(vectors, layout, {"tempo": 1.0})
 
 
 def test_joined_vectors_score_the_weighted_sum_of_their_parts_cosines():

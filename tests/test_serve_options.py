@@ -123,6 +123,34 @@ def test_facet_weights_rank_by_the_chosen_facet():
         index.search(query, k=3, facet_weights={"rubato": 1.0})
 
 
+def test_the_models_declared_query_weights_rank_a_search_that_names_none():
+    index, vectors = _faceted_index()
+    declared = {"tempo": 1.0, "timbre": 3.0}
+    weighted = SearchIndex(
+        index.index,
+        pa.table({k: v for k, v in index._cols.items()}),
+        index.spec,
+        {**index.manifest, "model": {"query_facet_weights": declared}},
+    )
+    query = vectors[0] + 0.01
+    default = weighted.search(query, k=5)
+    named = index.search(query, k=5, facet_weights=declared)
+    assert [h.segment_id for h in default] == [h.segment_id for h in named]
+    np.testing.assert_allclose([h.similarity for h in default], [h.similarity for h in named])
+    # explicit weights replace the declared ones
+    mine = weighted.search(query, k=5, facet_weights={"tempo": 1.0})
+    assert [h.segment_id for h in mine] == [
+        h.segment_id for h in index.search(query, k=5, facet_weights={"tempo": 1.0})
+    ]
+    with pytest.raises(ValueError, match="unknown facet"):
+        SearchIndex(
+            index.index,
+            pa.table({k: v for k, v in index._cols.items()}),
+            index.spec,
+            {**index.manifest, "model": {"query_facet_weights": {"rubato": 1.0}}},
+        )
+
+
 def test_facet_weights_without_a_layout_are_refused_clearly():
     index, vectors = _faceted_index()
     plain = SearchIndex(

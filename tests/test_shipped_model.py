@@ -160,6 +160,38 @@ def test_protocol_benchmark_keeps_headline_rows_of_every_plain_system_on_both_sp
         ship_model.protocol_benchmark(table, "nope", "")
 
 
+def test_attached_rows_are_the_headline_rows_of_both_splits_paired_against_the_model(tmp_path):
+    ship_model = _ship_model()
+
+    def row(split, system, metric="map", **extra):
+        return {
+            "figure": "protocol_context",
+            "split": split,
+            "task": "performer_identity",
+            "chains": "dry",
+            "metric": metric,
+            "system": system,
+            "value": 0.123456,
+            **extra,
+        }
+
+    lines = [row(s, "m") for s in ("validation", "test")]
+    lines += [row("test", "chroma", reference="m", reference_verdict="wins")]
+    lines += [row("test", "m", metric="mrr"), {"figure": "protocol_context_run", "seconds": 1.0}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    out = ship_model.rows_benchmark([path], "m", "cmd")
+    assert out["shipped_as"] == out["reference"] == "m" and out["command"] == "cmd"
+    assert len(out["rows"]) == 3 and {r["metric"] for r in out["rows"]} == {"map"}
+    assert out["rows"][0]["value"] == 0.1235 and "figure" not in out["rows"][0]
+    with pytest.raises(SystemExit, match="both splits"):
+        ship_model.rows_benchmark([path], "chroma", "")
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({**r, "reference": "x"}) + "\n" for r in lines[:3]))
+    with pytest.raises(SystemExit, match="paired against"):
+        ship_model.rows_benchmark([other], "m", "")
+
+
 def test_recipe_description_says_what_the_model_heard():
     from pathlib import Path
 
@@ -205,6 +237,42 @@ def test_a_derived_shipped_model_embeds_as_its_source_plus_the_declared_timeline
         assert again.info["content_timeline"] == model.info["content_timeline"]
         with_timeline = Embedder.from_ref(on, storage, f"shipped:{manifest['weights_of']}")
         assert with_timeline.info["content_timeline"]  # the config adds it to any model
+
+
+def test_a_shipped_models_query_weights_travel_with_its_info_and_weigh_the_protocols_queries(
+    cfg,
+):
+    """``query_facet_weights``: the same vectors as the model without them, the declaration in
+    the embedder's info (and a rebuilt one's), and the protocol's queries weighted by it."""
+    from types import SimpleNamespace
+
+    from mess_ray.eval.protocol import QueryVariants, with_query_variants
+    from mess_ray.facets import parse_layout, weighted_query
+
+    declaring = [n for n in shipped.available() if shipped.declared_query_facet_weights(n)]
+    assert declaring
+    storage = Storage.from_config(cfg.storage)
+    clips = np.stack([shipped.reference_clip(seed, 16000, 4.0) for seed in (5, 6, 7)])
+    for name in declaring:
+        model = Embedder.from_ref(cfg, storage, f"shipped:{name}")
+        weights = shipped.shipped_manifest(name)["query_facet_weights"]
+        assert model.info["query_facet_weights"] == weights
+        assert Embedder.from_info(cfg, storage, model.info).info["query_facet_weights"] == weights
+        plain = model.embed(clips)
+        info = {**model.info, "content_timeline": None}  # weights alone, no lags
+        views = [SimpleNamespace(rows=np.arange(3), queries=np.array([0, 2]))]
+        data = SimpleNamespace(perf=SimpleNamespace(audio=clips))
+        systems = {name: plain}
+        with_query_variants(systems, {name: info}, data, views, 16000)
+        assert isinstance(systems[name], QueryVariants)
+        np.testing.assert_allclose(systems[name].vectors, plain)
+        layout = parse_layout(model.info["facet_layout"])
+        np.testing.assert_allclose(
+            systems[name].queries[0], weighted_query(plain, layout, weights), atol=1e-6
+        )
+    assert (
+        Embedder.from_ref(cfg, storage, "shipped:tiny-asap-v3").info["query_facet_weights"] is None
+    )
 
 
 def test_an_embedder_with_query_lags_searches_with_its_timeline_moved_and_the_rest_unchanged(cfg):

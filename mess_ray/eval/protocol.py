@@ -336,8 +336,10 @@ def plain_vectors(system):
 def with_query_variants(
     systems: dict[str, Any], infos: dict[str, dict], data: EvalData, views, sample_rate: int
 ) -> None:
-    """Replace every model whose embedder tries its queries at several lags by its
-    :class:`QueryVariants` (shifted timelines computed for the rows some view queries)."""
+    """Replace every model whose embedder tries its queries at several lags, or weighs its
+    query's parts (``query_facet_weights``), by its :class:`QueryVariants` (shifted timelines
+    computed for the rows some view queries; every variant weighted as the index weighs it)."""
+    from mess_ray.facets import parse_layout, weighted_query
     from mess_ray.models.embedder import query_variants_from_info
 
     asked = np.unique(np.concatenate([v.rows[v.queries] for v in views] or [np.zeros(0, int)]))
@@ -346,10 +348,15 @@ def with_query_variants(
         if vectors is None or isinstance(vectors, (ContentScorer, QueryVariants)):
             continue
         part = query_variants_from_info(info, vectors[asked], data.perf.audio[asked], sample_rate)
-        if part is None:
+        weights = info.get("query_facet_weights")
+        if part is None and not weights:
             continue
-        queries = np.repeat(np.asarray(vectors, dtype=np.float32)[None], len(part), 0)
-        queries[:, asked] = part
+        k = 1 if part is None else len(part)
+        queries = np.repeat(np.asarray(vectors, dtype=np.float32)[None], k, 0)
+        if part is not None:
+            queries[:, asked] = part
+        if weights:
+            queries = weighted_query(queries, parse_layout(info["facet_layout"]), weights)
         systems[name] = QueryVariants(np.asarray(vectors), queries)
 
 

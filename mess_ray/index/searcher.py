@@ -26,6 +26,7 @@ from mess_ray.facets import (
     OVERALL,
     Layout,
     compose,
+    normalize_weights,
     parse_layout,
     part_similarities,
     weighted_query,
@@ -225,6 +226,15 @@ class SearchIndex:
                 f"facet layout covers {max(e for _, e in self.facet_layout.values())} dims, "
                 f"the index has {self.dim}"
             )
+        # The model's own query weights (a shipped model's declaration): used when a search
+        # names none; explicit facet weights replace them.
+        self.default_facet_weights: dict[str, float] | None = (
+            self.manifest.get("model") or {}
+        ).get("query_facet_weights") or None
+        if self.default_facet_weights is not None:
+            if self.facet_layout is None:
+                raise ValueError("the index's model declares query_facet_weights but no layout")
+            normalize_weights(self.default_facet_weights, self.facet_layout)
 
     # -- loading -------------------------------------------------------------------------
     @classmethod
@@ -399,7 +409,8 @@ class SearchIndex:
         variants [K, D] (the same passage at several lags, ``Embedder.query_variants``: each
         candidate scores its highest similarity to any of them).
 
-        ``facet_weights`` (needs a faceted index) rank by ``sum_p w_p cos_p``; ``filters`` keep
+        ``facet_weights`` (needs a faceted index) rank by ``sum_p w_p cos_p`` (None: the
+        model's own, :attr:`default_facet_weights`, or equal weights); ``filters`` keep
         only passages whose metadata match; ``mmr_lambda`` < 1 re-ranks a pool of
         ``max(mmr_pool, 4k)`` filtered candidates for diversity (maximal marginal relevance).
         """
@@ -416,6 +427,8 @@ class SearchIndex:
                 f"got shape {q.shape}"
             )
         q = normalize(q.reshape(-1, self.dim))
+        if facet_weights is None:
+            facet_weights = self.default_facet_weights
         if facet_weights and self.facet_layout is None:
             raise ValueError(
                 "facet weights need a faceted index: this index's model has no facet heads "

@@ -15,8 +15,9 @@
 
 ``.info`` records what was loaded (ref, kind, stage, version, path, layer, and ``facet_layout``:
 the faceted embedding's part ranges as JSON lists, None without facet heads; ``content_timeline``:
-the rates of the appended content timeline part, None without one, see ``model.content_timeline``)
-so that a server or evaluator can rebuild exactly the same embedder with ``Embedder.from_info``.
+the rates of the appended content timeline part, None without one, see ``model.content_timeline``;
+``query_facet_weights``: the per-part weights its queries are searched with when a query names
+none, a shipped model's declaration, None: equal) so that a server or evaluator can rebuild exactly the same embedder with ``Embedder.from_info``.
 """
 
 from __future__ import annotations
@@ -456,6 +457,18 @@ class Embedder:
                 f"embedder info needs kind='random', a stage+version or a path: {info}"
             )
         model, timeline = _with_content_timeline(cfg, model, info, window)
+        weights = (
+            shipped.declared_query_facet_weights(info["shipped"])
+            if info.get("shipped")
+            else info.get("query_facet_weights")
+        )
+        if weights:  # a clear error now rather than at the first query
+            from mess_ray.facets import normalize_weights, parse_layout
+
+            layout = parse_layout(facet_layout_json(model))
+            if layout is None:
+                raise ValueError("query_facet_weights need a model with facet parts")
+            normalize_weights(weights, layout)
         full = {
             "ref": info.get("ref"),
             "kind": kind,
@@ -467,6 +480,7 @@ class Embedder:
             "sample_rate": cfg.audio.sample_rate,
             "facet_layout": facet_layout_json(model),
             "content_timeline": timeline,
+            "query_facet_weights": weights or None,
         }
         return cls(
             model,

@@ -13,7 +13,9 @@ A *derived* shipped model has no ``model/`` of its own: its manifest names the s
 whose weights it uses (``weights_of``) and what it adds to that model's vectors
 (``content_timeline``: the passage's chroma and onset timelines appended as a last part, see
 ``model.content_timeline``, and optionally the query lags they are tried at,
-``query_shift_ms`` / ``query_step_ms``, see ``model.content_timeline_query_shift_ms``). Its
+``query_shift_ms`` / ``query_step_ms``, see ``model.content_timeline_query_shift_ms``), and
+optionally the per-part weights its queries are searched with by default
+(``query_facet_weights``: the indexed vectors stay those of the model without them). Its
 reference vectors are its own.
 
 Refs: ``shipped`` (the default, :data:`DEFAULT_SHIPPED`) or ``shipped:<name>``; ``auto`` means the
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 
 SHIPPED_ROOT = Path(__file__).resolve().parent / "shipped"
-DEFAULT_SHIPPED = "tiny-asap-v3"
+DEFAULT_SHIPPED = "tiny-asap-v4"
 SHIPPED_PREFIX = "shipped"
 AUTO = "auto"
 MANIFEST = "manifest.json"
@@ -87,6 +89,14 @@ def declared_content_timeline(name: str = DEFAULT_SHIPPED) -> dict[str, float] |
     from mess_ray.content import timeline_record
 
     return timeline_record(shipped_manifest(name).get("content_timeline"))
+
+
+def declared_query_facet_weights(name: str = DEFAULT_SHIPPED) -> dict[str, float] | None:
+    """The per-part weights a shipped model's queries are searched with when a query names
+    none (``query_facet_weights`` in its manifest, as the service's facet weights; the indexed
+    vectors are unchanged), or None: every part weighs the same."""
+    raw = shipped_manifest(name).get("query_facet_weights")
+    return {str(k): float(v) for k, v in raw.items()} if raw else None
 
 
 def reference_clip(seed: int, sample_rate: int, seconds: float) -> np.ndarray:

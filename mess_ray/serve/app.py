@@ -235,10 +235,11 @@ def search_options(
         ge=0,
         le=1e6,
         description="Weight of the timeline part (the passage's chroma and onset timelines of "
-        "the default model tiny-asap-v3 or model.content_timeline, or a part trained with "
-        "model.timeline_bins): the same notes at the same moments, e.g. this very recording "
-        "through another recording chain (tiny-asap-v3 scores it at the best query lag up to "
-        "+-140 ms); 0 searches the other parts alone",
+        "the shipped models tiny-asap-v3 and v4 or model.content_timeline, or a part trained "
+        "with model.timeline_bins): the same notes at the same moments, e.g. this very "
+        "recording through another recording chain (they score it at the best query lag up to "
+        "+-140 ms); 0 searches the other parts alone. Any facet weight given replaces the "
+        "model's own query weights (tiny-asap-v4: timbre 0.5, the other parts 1)",
     ),
     composer: str | None = Query(
         None, max_length=200, description="Metadata filter (substring, any case)"
