@@ -184,14 +184,9 @@ def descriptor_family(cfg, storage, version, perf, train, wanted, no_head: bool)
 
 def parse_facet_weights(text: str) -> dict[str, float]:
     """``name=w,name=w``: per-part query weights as the service takes them (unnamed parts 0)."""
-    weights = {}
-    for item in text.split(","):
-        name, _, value = item.partition("=")
-        try:
-            weights[name.strip()] = float(value)
-        except ValueError:
-            raise ValueError(f"--facet-weights takes name=w,name=w,..., got {text!r}") from None
-    return weights
+    from mess_ray.facets import parse_weight_items
+
+    return parse_weight_items(text.split(","), "--facet-weights")
 
 
 def facet_weighted(system, layout, weights: dict[str, float]):

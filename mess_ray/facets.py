@@ -15,7 +15,7 @@ without facet heads have no layout; callers must then refuse facet weights clear
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -107,6 +107,24 @@ def join(parts: list[np.ndarray], weights: list[float]) -> np.ndarray:
         norms = np.linalg.norm(block, axis=-1, keepdims=True)
         blocks.append(np.sqrt(w) * block / np.maximum(norms, 1e-12))
     return np.concatenate(blocks, axis=-1)
+
+
+def parse_weight_items(items: Iterable[str], flag: str = "--facet") -> dict[str, float]:
+    """``["tempo=2", "timbre=0.5"]`` -> ``{"tempo": 2.0, "timbre": 0.5}``: per-part weights as
+    a command line gives them (the CLI's ``--facet``, the benchmarks' and ``ship_model``'s
+    ``name=w,...``). A malformed item is an error that names it and ``flag``; whether the
+    names and values suit a layout is :func:`normalize_weights`' business."""
+    weights: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise ValueError(f"{flag} {item!r} must look like tempo=2")
+        weights[name.strip()] = weight
+    return weights
 
 
 def normalize_weights(weights: Mapping[str, float] | None, layout: Layout) -> dict[str, float]:

@@ -69,14 +69,10 @@ def search_options(args: argparse.Namespace) -> dict:
         "min_gap_s": args.min_gap_s,
         "mmr_lambda": args.mmr,
     }
-    for item in args.facet:
-        name, sep, weight = item.partition("=")
-        try:
-            options[f"w_{name.strip()}"] = float(weight)
-        except ValueError:
-            sep = ""
-        if not sep or not name.strip():
-            raise ValueError(f"--facet {item!r} must look like tempo=2")
+    from mess_ray.facets import parse_weight_items
+
+    for name, weight in parse_weight_items(args.facet, "--facet").items():
+        options[f"w_{name}"] = weight
     if args.filter:
         if any("=" not in item for item in args.filter):
             raise ValueError(f"--filter values must look like field=value, got {args.filter}")

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mess_ray.config import load_config  # noqa: E402
+from mess_ray.facets import parse_weight_items  # noqa: E402
 from mess_ray.models import shipped  # noqa: E402
 
 REFERENCE_SEEDS = (0, 1, 2)
@@ -324,10 +325,7 @@ def derive(args: argparse.Namespace) -> int:
         seeds, vectors = reference_vectors(cfg, shipped.model_dir(args.derive))
     weights, what_weights = None, ""
     if args.query_facet_weights:
-        weights = {}
-        for item in args.query_facet_weights.split(","):
-            part, _, value = item.partition("=")
-            weights[part.strip()] = float(value)
+        weights = parse_weight_items(args.query_facet_weights.split(","), "--query-facet-weights")
         what_weights = (
             "; queries searched with the parts weighted "
             + ", ".join(f"{k} {v:g}" for k, v in weights.items())

@@ -11,6 +11,7 @@ from mess_ray.facets import (
     make_layout,
     normalize_weights,
     parse_layout,
+    parse_weight_items,
     part_similarities,
     weighted_query,
 )
@@ -82,3 +83,11 @@ def test_bad_weights_are_named():
         normalize_weights({"tempo": 0.0}, layout)
     with pytest.raises(ValueError, match="dim"):
         weighted_query(np.zeros(5), layout, None)
+
+
+def test_weight_strings_parse_to_floats_and_malformed_items_name_the_flag():
+    assert parse_weight_items([" tempo=2", "timbre =0.5"]) == {"tempo": 2.0, "timbre": 0.5}
+    assert parse_weight_items([]) == {}
+    for item in ["tempo", "tempo=fast", "=1", "tempo="]:
+        with pytest.raises(ValueError, match=f"--query-facet-weights '{item}' must look like"):
+            parse_weight_items([item], "--query-facet-weights")
